@@ -1,0 +1,43 @@
+"""Captions <-> token ids with open_clip's bundled CLIP BPE, plus one pad token appended to the vocabulary.
+
+Layout of a tokenised caption: [BOS, w1, ..., wn, EOS, PAD, ...]; BOS/EOS are CLIP's <start_of_text>/<end_of_text>.
+"""
+from __future__ import annotations
+
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+
+
+class CaptionTokenizer:
+    def __init__(self):
+        self.bpe = SimpleTokenizer()  # ships inside open_clip: no download
+        self.bos = self.bpe.sot_token_id
+        self.eos = self.bpe.eot_token_id
+        self.pad = len(self.bpe.encoder)  # 49408: one past CLIP's vocabulary
+        self.vocab_size = self.pad + 1
+
+    def encode(self, text: str, max_tokens: int) -> list[int]:
+        """BOS + BPE + EOS, the words truncated so that the whole fits in max_tokens."""
+        ids = self.bpe.encode(text)[: max_tokens - 2]
+        return [self.bos, *ids, self.eos]
+
+    def batch(self, texts: list[str], max_tokens: int) -> torch.Tensor:
+        rows = [self.encode(t, max_tokens) for t in texts]
+        out = torch.full((len(rows), max(map(len, rows))), self.pad, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r)
+        return out
+
+    def decode(self, ids) -> str:
+        """Words between BOS and the first EOS/PAD."""
+        words = []
+        for t in ids.tolist() if torch.is_tensor(ids) else ids:
+            if t == self.bos:
+                continue
+            if t in (self.eos, self.pad):
+                break
+            words.append(t)
+        return self.bpe.decode(words).strip()
+
+    def decode_batch(self, ids: torch.Tensor) -> list[str]:
+        return [self.decode(row) for row in ids]

@@ -1,0 +1,48 @@
+"""open_clip models built offline: extra model configs registered from a folder, weights only from local files."""
+from __future__ import annotations
+
+import logging
+import os
+
+import open_clip
+import torch
+
+from ..config import ConfigError
+
+_registered: set[str] = set()
+
+
+def register_model_configs(folder: str) -> None:
+    """Registers the open_clip JSON model configs of `folder` (tiny demo models live in configs/clip/)."""
+    if folder and folder not in _registered and os.path.isdir(folder):
+        open_clip.add_model_config(folder)
+        _registered.add(folder)
+
+
+def create_clip(name: str, weights: str = ""):
+    """(model, eval preprocess) for an open_clip model name; weights from a local file or random init.
+
+    The file may be an open_clip state dict, an OpenAI-layout CLIP state dict under 'state_dict' (PAC-S), or one
+    with a 'module.' prefix; open_clip's own loader unwraps all three.
+    """
+    if name not in open_clip.list_models():
+        raise ConfigError(f"unknown open_clip model '{name}' (not built in, not in the registered config folder)")
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # silence 'randomly initialised'
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    # DeepSpeed broadcasts parameters as byte views, which 0-d tensors cannot give; open_clip's loader reshapes
+    # a checkpoint's scalar logit_scale to the model's shape.
+    model.logit_scale = torch.nn.Parameter(model.logit_scale.detach().reshape(1))
+    if weights:
+        try:
+            open_clip.load_checkpoint(model, weights, strict=True)
+        except Exception as e:
+            msg = str(e).splitlines()[0][:300]
+            raise ConfigError(f"cannot load CLIP weights '{weights}' into {name}: {type(e).__name__}: {msg}") from None
+    return model, preprocess
+
+
+def save_clip(model: torch.nn.Module, path: str) -> None:
+    """Writes weights in the layout create_clip reads back (as PAC-S does: a dict holding 'state_dict')."""
+    tmp = f"{path}.tmp"
+    torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,40 @@
+"""The frozen CLIP-based evaluator: CLIP-S = 2.5 * max(cos, 0), PAC-S = 2.0 * max(cos, 0)."""
+from __future__ import annotations
+
+import open_clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import EvaluatorConfig
+from .clip import create_clip
+
+METRIC_WEIGHTS = {"clips": 2.5, "pacs": 2.0}
+
+
+class Evaluator(nn.Module):
+    def __init__(self, cfg: EvaluatorConfig, trainable: bool = False):
+        super().__init__()
+        self.clip, self.preprocess = create_clip(cfg.model, cfg.weights)
+        self.tokenizer = open_clip.get_tokenizer(cfg.model)
+        self.weight = METRIC_WEIGHTS[cfg.metric]
+        self.prefix = cfg.caption_prefix
+        if not trainable:
+            self.clip.requires_grad_(False)
+            self.clip.eval()
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        device = next(self.clip.parameters()).device
+        return self.tokenizer([self.prefix + c for c in captions]).to(device)
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_image(pixels).float(), dim=-1)
+
+    def text_features(self, captions: list[str]) -> torch.Tensor:
+        return F.normalize(self.clip.encode_text(self.tokenize(captions)).float(), dim=-1)
+
+    @torch.no_grad()
+    def score(self, image_features: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Score of caption i against image_features[i]: weight * max(cos, 0)."""
+        cos = (image_features * self.text_features(captions)).sum(-1)
+        return self.weight * cos.clamp(min=0)

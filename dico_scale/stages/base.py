@@ -1,0 +1,79 @@
+"""What a stage gives the training loop: a trainable module, preprocessing, `step` and `validate`.
+
+The loop knows nothing about DiCO: it moves batches, calls `step(engine, batch) -> StepOutput`, backpropagates the
+loss through DeepSpeed and logs what comes back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import Config
+from ..data.tokenizer import CaptionTokenizer
+from ..engine import load_weights
+from ..models.captioner import Captioner
+from ..models.evaluator import Evaluator
+from ..validate import caption_metrics, caption_split, gather_records
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    images: int = 0
+    tokens: int = 0
+
+
+class Stage:
+    name = "base"
+    module: torch.nn.Module  # what DeepSpeed trains
+    preprocess = None  # image transform of the trainable model
+    eval_preprocess = None  # evaluator's transform when it differs from `preprocess`
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.tokenizer = CaptionTokenizer()
+
+    def setup(self, engine) -> None:
+        """Called once DeepSpeed has wrapped (and maybe cast) the module."""
+        self.dtype = next(engine.module.parameters()).dtype
+
+    def step(self, engine, batch: dict) -> StepOutput:
+        raise NotImplementedError
+
+    def validate(self, engine, loader) -> tuple[dict[str, float], dict]:
+        """(metrics, artifacts) on every rank; collective: all ranks call it together."""
+        return {}, {}
+
+
+def _evaluator_preprocess(evaluator: Evaluator, preprocess):
+    return None if repr(evaluator.preprocess) == repr(preprocess) else evaluator.preprocess
+
+
+class CaptionerStage(Stage):
+    """Shared by xe and dico: the captioner, an optional frozen evaluator, caption validation."""
+
+    def __init__(self, cfg: Config, device: torch.device, need_evaluator: bool):
+        super().__init__(cfg, device)
+        self.module = Captioner(cfg.captioner, self.tokenizer, max_positions=cfg.data.max_caption_tokens
+                                + cfg.generation.max_len + 1)
+        if cfg.train.init_from:
+            load_weights(self.module, cfg.train.init_from)
+        self.preprocess = self.module.preprocess
+        self.evaluator = None
+        if need_evaluator or cfg.evaluator.weights:
+            self.evaluator = Evaluator(cfg.evaluator).to(device)
+            self.eval_preprocess = _evaluator_preprocess(self.evaluator, self.preprocess)
+
+    def validate(self, engine, loader):
+        g = self.cfg.generation
+        limit = self.cfg.train.val_max_images
+        if limit:
+            limit = max(1, limit // torch.distributed.get_world_size())
+        records = caption_split(engine.module, self.tokenizer, loader, g.beam_size, g.max_len, self.device,
+                                self.dtype, self.evaluator, limit)
+        records = gather_records(records)
+        if torch.distributed.get_rank() != 0:
+            return {}, {}
+        return caption_metrics(records), {"val_captions.json": records}

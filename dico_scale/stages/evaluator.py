@@ -1,0 +1,74 @@
+"""Evaluator: contrastive (CLIP loss) fine-tuning of the evaluator CLIP on image-caption shards.
+
+The demo needs it: a randomly initialised CLIP gives DiCO a meaningless reward. Validation reports image<->text
+retrieval recall over the val split (first reference caption per image).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+
+from ..engine import load_weights
+from ..models.evaluator import Evaluator
+from .base import Stage, StepOutput
+
+
+class EvaluatorStage(Stage):
+    name = "evaluator"
+
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        self.evaluator = Evaluator(cfg.evaluator, trainable=True)
+        self.module = self.evaluator.clip  # DeepSpeed trains (and exports) the plain open_clip model
+        if cfg.train.init_from:
+            load_weights(self.module, cfg.train.init_from)
+        self.preprocess = self.evaluator.preprocess
+        # Features of all ranks enter the loss (gradients through the gather), as open_clip's trainer does.
+        self.loss = ClipLoss(gather_with_grad=True, rank=dist.get_rank(), world_size=dist.get_world_size())
+
+    def step(self, engine, batch) -> StepOutput:
+        pixels = batch["pixels"].to(self.device, self.dtype)
+        text = self._texts(batch)
+        image_features, text_features, logit_scale = engine(pixels, text)[:3]
+        logit_scale = logit_scale.clamp(max=100.0)  # CLIP's cap on the temperature
+        loss = self.loss(image_features, text_features, logit_scale)
+        return StepOutput(loss, {"evaluator/logit_scale": logit_scale.detach()}, images=pixels.size(0),
+                          tokens=int((text != 0).sum()))
+
+    def _texts(self, batch) -> torch.Tensor:
+        # The caption the pipeline sampled for this image, re-tokenised for CLIP's text tower.
+        captions = [self.tokenizer.decode(row) for row in batch["tokens"]]
+        return self.evaluator.tokenize(captions)
+
+    @torch.no_grad()
+    def validate(self, engine, loader):
+        self.module.eval()
+        feats = []
+        for batch in loader:
+            img = F.normalize(self.module.encode_image(batch["pixels"].to(self.device, self.dtype)).float(), dim=-1)
+            txt = self.evaluator.text_features([refs[0] for refs in batch["refs"]])
+            feats += [(k, i.cpu(), t.cpu()) for k, i, t in zip(batch["keys"], img, txt)]
+        self.module.train()
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, feats)
+        if dist.get_rank() != 0:
+            return {}, {}
+        rows = sorted({k: (i, t) for part in parts for k, i, t in part}.items())
+        if not rows:
+            return {}, {}
+        images = torch.stack([i for _, (i, _) in rows])
+        texts = torch.stack([t for _, (_, t) in rows])
+        sim = images @ texts.T  # [images, texts]; the match of image n is text n
+        return retrieval_recall(sim), {}
+
+
+def retrieval_recall(sim: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    target = torch.arange(sim.size(0)).unsqueeze(1)
+    out = {}
+    for name, s in (("i2t", sim), ("t2i", sim.T)):
+        rank = (s.argsort(dim=1, descending=True) == target).float().argmax(dim=1)
+        for k in ks:
+            out[f"{name}_r{k}"] = float((rank < k).float().mean())
+    return out

@@ -1,0 +1,76 @@
+"""MLflow run tracking from rank 0 only; a resumed job continues the same run."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from .config import Config, flatten, to_yaml
+
+
+def tracking_uri(cfg: Config) -> str:
+    """Config key, else MLFLOW_TRACKING_URI, else MLflow 3's embedded default: sqlite mlflow.db in the working dir."""
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+class Tracker:
+    """No-op off rank 0 or when disabled, so the training loop never branches on the rank."""
+
+    def __init__(self, cfg: Config, rank: int, resume_run_id: str | None = None):
+        self.run_id = None
+        self.active = cfg.tracking.enabled and rank == 0
+        if not self.active:
+            return
+        from mlflow.tracking import MlflowClient
+
+        uri = tracking_uri(cfg)
+        self.client = MlflowClient(tracking_uri=uri)
+        exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
+        if exp is None:
+            artifacts = None
+            if uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in ./mlruns of the cwd
+                artifacts = Path(uri[len("sqlite:///"):]).resolve().parent.joinpath("mlartifacts").as_uri()
+            exp_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
+        else:
+            exp_id = exp.experiment_id
+        if resume_run_id:
+            self.run_id = resume_run_id
+            self.client.update_run(resume_run_id, status="RUNNING")
+            return
+        name = cfg.tracking.run_name or f"{cfg.train.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.run_id = self.client.create_run(exp_id, run_name=name, tags={"stage": cfg.train.stage}).info.run_id
+        self.log_params(flatten(cfg))
+        self.log_text(to_yaml(cfg), "config.yaml")
+
+    def log_params(self, params: dict) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.active or not metrics:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.active:
+            self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, obj, artifact_file: str) -> None:
+        if self.active:
+            self.client.log_dict(self.run_id, obj, artifact_file)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        if self.active:
+            self.client.log_artifact(self.run_id, path, artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.active:
+            self.client.set_terminated(self.run_id, status=status)

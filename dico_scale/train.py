@@ -1,0 +1,140 @@
+"""Entry point: `deepspeed dico_scale/train.py --config configs/demo/dico.yaml [key=value ...]`.
+
+The config is loaded and checked before anything heavy is imported or any process group starts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make the package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dico_scale.config import Config, ConfigError, load_config, to_yaml  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> Config:
+    parser = argparse.ArgumentParser(prog="dico_scale.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML file (may `extends:` a base file)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides (dotted keys)")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ConfigError(f"unknown command-line argument '{unknown[0]}' (overrides are key=value)")
+    return load_config(args.config, args.overrides)
+
+
+def data_shards(cfg: Config) -> dict[str, str]:
+    """Shard specs per split; the synthetic demo set is generated first when it is missing."""
+    if cfg.data.synthetic.enabled:
+        from dico_scale.data.synthetic import ensure_synthetic_dataset
+
+        s = cfg.data.synthetic
+        return ensure_synthetic_dataset(cfg.data.root, seed=s.seed, n_train=s.n_train, n_val=s.n_val,
+                                        n_test=s.n_test, image_size=s.image_size,
+                                        samples_per_shard=s.samples_per_shard)
+    return {"train": cfg.data.train_shards, "val": cfg.data.val_shards, "test": cfg.data.test_shards}
+
+
+def run(cfg: Config) -> dict:
+    """Trains one stage on this rank; returns a summary (step reached, last validation metrics)."""
+    from dico_scale.engine import setup_environment
+
+    setup_environment(cfg)
+    import torch
+    import torch.distributed as dist
+
+    from dico_scale.data.pipeline import Collate, eval_loader, train_loader
+    from dico_scale.engine import build_engine, complete_tags, export_weights, init_distributed, load_checkpoint
+    from dico_scale.loop import LoopState, train_loop
+    from dico_scale.models.clip import register_model_configs
+    from dico_scale.stages import build_stage
+    from dico_scale.tracking import Tracker
+
+    device = init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(cfg.train.seed)
+    register_model_configs(cfg.clip_model_configs)
+    shards = data_shards(cfg)
+    stage = build_stage(cfg, device)
+    engine = build_engine(cfg, stage.module, on_gpu=device.type == "cuda")
+    stage.setup(engine)
+
+    state = LoopState()
+    resume_from = cfg.train.resume
+    if resume_from == "auto":
+        tags = complete_tags(os.path.join(cfg.train.output_dir, "checkpoints"))
+        resume_from = str(tags[-1]) if tags else "none"
+    if resume_from != "none":
+        cs = load_checkpoint(engine, resume_from)
+        # A fresh epoch after resuming: never a replay of the data from the start.
+        state = LoopState(epoch=cs.get("epoch", 0) + 1, samples_seen=cs.get("samples_seen", 0),
+                          nonfinite_skipped=cs.get("nonfinite_skipped", 0), mlflow_run_id=cs.get("mlflow_run_id"))
+        if rank == 0:
+            print(f"resumed from {resume_from} at step {engine.global_steps}", flush=True)
+
+    tracker = Tracker(cfg, rank, state.mlflow_run_id)
+    state.mlflow_run_id = tracker.run_id
+    run_ids = [None] * world
+    dist.all_gather_object(run_ids, tracker.run_id)  # every rank writes the run id into its checkpoint state
+    state.mlflow_run_id = run_ids[0]
+    if rank == 0:
+        os.makedirs(cfg.train.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.train.output_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
+
+    d = cfg.data
+    collate_args = (stage.preprocess, stage.eval_preprocess, stage.tokenizer, d.max_caption_tokens)
+
+    def make_train_loader(epoch: int):
+        seed = cfg.train.seed * 100_003 + epoch
+        collate = Collate(*collate_args, seed=seed + rank)
+        return train_loader(shards["train"], collate, cfg.train.micro_batch_size, d.samples_per_epoch, world,
+                            d.num_workers, d.shuffle_buffer, seed)[0]
+
+    def make_val_loader():
+        if not shards.get("val"):
+            return None
+        return eval_loader(shards["val"], Collate(*collate_args, seed=0), cfg.train.micro_batch_size, d.num_workers)
+
+    try:
+        summary = train_loop(cfg, stage, engine, tracker, make_train_loader, make_val_loader, state)
+        export_weights(engine, os.path.join(cfg.train.output_dir, "model.pt"),
+                       {"config": to_yaml(cfg), "stage": cfg.train.stage, "step": summary["step"]})
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    summary.update(rank=rank, world_size=world, mlflow_run_id=state.mlflow_run_id, engine=engine, stage=stage)
+    return summary
+
+
+def shutdown() -> None:
+    """A final barrier, then tear the group down: ZeRO-3 ranks have aborted at exit without it."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as e:
+        print(f"dico_scale: config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = run(cfg)
+    except ConfigError as e:  # bad input found while building (weights files, model names)
+        print(f"dico_scale: config error: {e}", file=sys.stderr)
+        return 2
+    if summary["rank"] == 0:
+        print(f"done: stage={cfg.train.stage} step={summary['step']} val={summary['val']}", flush=True)
+    shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+import io, json, multiprocessing as mp, random, re
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from dico_scale.data import synthetic as syn
+
+SMALL = dict(n_train=60, n_val=10, n_test=7, samples_per_shard=25)
+
+
+def read_split(pattern):
+    return list(wds.WebDataset(pattern, shardshuffle=False).decode("pil"))
+
+
+def shard_bytes(d):
+    return {p.name: p.read_bytes() for p in sorted(d.glob("*.tar"))}
+
+
+def test_deterministic(tmp_path):
+    syn.write_synthetic_dataset(tmp_path / "a", seed=3, **SMALL)
+    syn.write_synthetic_dataset(tmp_path / "b", seed=3, **SMALL)
+    syn.write_synthetic_dataset(tmp_path / "c", seed=4, **SMALL)
+    a, b, c = (shard_bytes(tmp_path / x) for x in "abc")
+    assert list(a) == ["test-00000.tar", "train-00000.tar", "train-00001.tar", "train-00002.tar", "val-00000.tar"]
+    assert a == b
+    assert all(a[k] != c[k] for k in a)
+    # each split has its own RNG: changing n_train leaves val/test untouched
+    syn.write_synthetic_dataset(tmp_path / "d", seed=3, **{**SMALL, "n_train": 30})
+    d = shard_bytes(tmp_path / "d")
+    assert d["val-00000.tar"] == a["val-00000.tar"] and d["test-00000.tar"] == a["test-00000.tar"]
+
+
+def test_read_back(tmp_path):
+    patterns = syn.write_synthetic_dataset(tmp_path, seed=0, **SMALL)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert patterns["train"] == str(tmp_path.resolve() / "train-{00000..00002}.tar")
+    assert manifest["args"]["n_train"] == 60
+    for split in syn.SPLITS:
+        samples = read_split(patterns[split])
+        assert len(samples) == manifest["splits"][split]["num_samples"] == SMALL[f"n_{split}"]
+        assert [s["__key__"] for s in samples] == [f"{split}_{i:06d}" for i in range(len(samples))]
+        for s in samples:
+            assert s["jpg"].size == (64, 64) and s["jpg"].mode == "RGB"
+            caps = s["json"]
+            assert isinstance(caps, list) and len(caps) == 5
+            for c in caps:
+                assert isinstance(c, str) and c and len(c.split()) <= syn.MAX_WORDS
+                assert re.fullmatch(r"[a-z ,:]+", c), c  # lowercase words, no digits
+
+
+def test_grounding():
+    rng = random.Random(123)
+    colours, shapes = set(syn.COLOURS), set(syn.SHAPES)
+    for _ in range(30):
+        scene = syn.make_scene(rng, 64)
+        caps = syn.scene_captions(scene, rng)
+        words = [set(re.findall(r"[a-z]+", c)) for c in caps]
+        for w in words:  # no caption mentions a colour or shape that is not drawn
+            assert w & colours <= {s.colour for s in scene.shapes}
+            assert w & shapes <= {s.shape for s in scene.shapes}
+        for s in scene.shapes:  # every drawn shape is named, with its colour, in some caption
+            assert any(f"{s.colour} {s.shape}" in c for c in caps)
+        if len(scene.shapes) < 3:  # the first caption locates every shape
+            assert all(s.loc in caps[0] for s in scene.shapes)
+        # pixel at each shape centre has that shape's colour after a JPEG round trip
+        buf = io.BytesIO()
+        syn.draw_scene(scene).save(buf, "JPEG", quality=90, subsampling=0)
+        px = np.asarray(Image.open(buf).convert("RGB")).astype(int)
+        for s in scene.shapes:
+            got = px[int(s.cy), int(s.cx)]
+            dist = {name: np.abs(got - np.array(rgb)).max() for name, rgb in syn.COLOURS.items()}
+            assert min(dist, key=dist.get) == s.colour and dist[s.colour] < 60, (s, got)
+
+
+def test_diversity():
+    rng = random.Random(0)
+    samples = [syn.render_sample(rng, 64)[1] for _ in range(200)]
+    assert len({caps[0] for caps in samples}) > 150
+    assert len({c for caps in samples for c in caps}) > 800
+    assert all(len(set(caps)) == 5 for caps in samples)
+    for size in (32, 256):  # image size is configurable
+        assert syn.render_sample(rng, size)[0].size == (size, size)
+
+
+def test_ensure_reuses_and_regenerates(tmp_path):
+    out = tmp_path / "ds"
+    p1 = syn.ensure_synthetic_dataset(out, **SMALL)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    p2 = syn.ensure_synthetic_dataset(out, **SMALL)
+    assert p1 == p2 and {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    p3 = syn.ensure_synthetic_dataset(out, **{**SMALL, "n_train": 10})
+    assert p3["train"] == str(out.resolve() / "train-00000.tar")
+    assert len(read_split(p3["train"])) == 10
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "test-00000.tar", "train-00000.tar", "val-00000.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ds.lock", "ds"]  # no temp folders left behind
+
+
+def _counting_write(*args, **kwargs):  # patched in before fork: counts how many processes generate
+    with open(kwargs.pop("_counter"), "a") as f:
+        f.write("x")
+    return _real_write(*args, **kwargs)
+
+
+_real_write = syn.write_synthetic_dataset
+
+
+def _ensure_worker(out, counter, q):
+    syn.write_synthetic_dataset = lambda *a, **k: _counting_write(*a, _counter=counter, **k)
+    q.put(syn.ensure_synthetic_dataset(out, **{**SMALL, "n_train": 300}))
+
+
+def test_ensure_concurrent(tmp_path):
+    ctx = mp.get_context("fork")
+    out, counter, q = tmp_path / "ds", tmp_path / "count", ctx.Queue()
+    procs = [ctx.Process(target=_ensure_worker, args=(out, counter, q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert counter.read_text() == "x"  # exactly one process generated, the other waited and reused
+    assert results[0] == results[1]
+    assert len(read_split(results[0]["train"])) == 300
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ds.lock", "count", "ds"]
+
+
+@pytest.mark.parametrize("name,value", [("n_train", -1), ("n_val", -5), ("image_size", 16), ("samples_per_shard", 0),
+                                        ("jpeg_quality", 101)])
+def test_bad_arguments(tmp_path, name, value):
+    with pytest.raises(ValueError, match=name):
+        syn.write_synthetic_dataset(tmp_path, **{name: value})
+    with pytest.raises(ValueError, match=name):
+        syn.ensure_synthetic_dataset(tmp_path / "x", **{name: value})
+    with pytest.raises(ValueError, match=name):
+        syn.main([str(tmp_path / "y"), "--" + name.replace("_", "-"), str(value)])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_cli(tmp_path, capsys):
+    syn.main([str(tmp_path / "ds"), "--n-train", "5", "--n-val", "2", "--n-test", "0", "--seed", "7"])
+    lines = capsys.readouterr().out.split("\n")
+    assert lines[0] == f"train {(tmp_path / 'ds').resolve() / 'train-00000.tar'}"
+    assert lines[2] == "test "  # empty split: no shards
+    assert len(read_split(str(tmp_path / "ds" / "train-00000.tar"))) == 5
