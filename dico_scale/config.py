@@ -53,6 +53,7 @@ class CaptionerConfig:
     width: int = 512
     heads: int = 8
     dropout: float = 0.1
+    max_positions: int = 64  # decoder positions: must cover data.max_caption_tokens and generation.max_len + 1
 
 
 @dataclass
@@ -226,6 +227,8 @@ def validate(c: Config) -> None:
     _check(c.captioner.width % c.captioner.heads == 0, "captioner.width", "must be divisible by captioner.heads")
     _check(0.0 <= c.captioner.dropout < 1.0, "captioner.dropout", "must lie in [0, 1)")
     _check(c.dico.beta > 0, "dico.beta", "must be > 0")
+    _check(c.captioner.max_positions >= max(d.max_caption_tokens, c.generation.max_len + 1), "captioner.max_positions",
+           f"{c.captioner.max_positions} < data.max_caption_tokens or generation.max_len + 1")
     if t.stage == "dico":
         _check(c.generation.beam_size >= 2, "generation.beam_size", "dico needs at least 2 candidates per image")
     _check(t.resume in ("none", "auto") or Path(t.resume).is_dir(), "train.resume",

@@ -144,7 +144,7 @@ def export_weights(engine, path: str | Path, extra: dict) -> None:
 
 
 def load_weights(module: torch.nn.Module, path: str) -> None:
-    """Weights from an exported file (export_weights) or a DeepSpeed checkpoint tag folder."""
+    """Weights from an exported file (export_weights) or a DeepSpeed checkpoint tag folder; strict."""
     try:
         if os.path.isdir(path):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -152,6 +152,14 @@ def load_weights(module: torch.nn.Module, path: str) -> None:
             state = get_fp32_state_dict_from_zero_checkpoint(str(p.parent), tag=p.name)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state, strict=True)
     except Exception as e:
-        raise ConfigError(f"cannot load weights '{path}': {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+        raise ConfigError(f"cannot read weights '{path}': {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    own = module.state_dict()
+    problems = [f"missing {k}" for k in own if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in own]
+    problems += [f"{k} has shape {list(v.shape)}, model wants {list(own[k].shape)}"
+                 for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if problems:
+        raise ConfigError(f"weights '{path}' do not fit the configured model ({len(problems)} problems): "
+                          + "; ".join(problems[:3]))
+    module.load_state_dict(state, strict=True)

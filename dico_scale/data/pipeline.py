@@ -10,11 +10,13 @@ Evaluation reads each shard once, split by node and worker, never dropping or re
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections import Counter
 
 import torch
+import torch.distributed as dist
 import webdataset as wds
 
 from .tokenizer import CaptionTokenizer
@@ -56,9 +58,12 @@ def _valid(sample) -> bool:
     return ok
 
 
+def _shared_seed() -> int:
+    return 0
+
+
 def _decode_stages():
     return [
-        wds.tarfile_to_samples(handler=skip_fault),
         wds.decode("pilrgb", handler=skip_fault),
         wds.to_tuple("jpg", "json", "__key__", handler=skip_fault),
         wds.select(_valid),
@@ -71,25 +76,36 @@ def train_loader(spec: str, collate: Collate, batch_size: int, samples_per_epoch
     batches = max(1, samples_per_epoch // (world_size * batch_size))
     stages = [
         # One shard sequence shared by all ranks and workers (worker_seed constant), then partitioned.
-        wds.ResampledShards(spec, seed=seed, worker_seed=lambda: 0, deterministic=True),
+        wds.ResampledShards(spec, seed=seed, worker_seed=_shared_seed, deterministic=True),
         wds.split_by_node,
         wds.split_by_worker,
-        *_decode_stages()[:1],
+        wds.tarfile_to_samples(handler=skip_fault),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed)),
-        *_decode_stages()[1:],
+        *_decode_stages(),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     ]
     loader = wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=num_workers)
     return loader.with_epoch(batches), batches
 
 
+def _split_samples(src):
+    """Sample-level split for splits with fewer shards than readers: every reader reads all, keeps its share."""
+    rank, world, worker, workers = wds.utils.pytorch_worker_info()
+    yield from itertools.islice(src, rank * workers + worker, None, world * workers)
+
+
 def eval_loader(spec: str, collate: Collate, batch_size: int, num_workers: int = 0):
-    """Every sample of the split exactly once across all ranks and workers."""
-    stages = [
-        wds.SimpleShardList(spec),
-        wds.split_by_node,
-        wds.split_by_worker,
-        *_decode_stages(),
-        wds.batched(batch_size, collation_fn=collate, partial=True),
-    ]
+    """Every sample of the split exactly once across all ranks and workers.
+
+    Shards are split by node and worker when there are enough of them; otherwise samples are.
+    """
+    urls = wds.shardlists.expand_urls(spec)
+    readers = (dist.get_world_size() if dist.is_initialized() else 1) * max(1, num_workers)
+    if len(urls) >= readers:
+        stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
+                  wds.tarfile_to_samples(handler=skip_fault), *_decode_stages()]
+    else:
+        stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=skip_fault), _split_samples,
+                  *_decode_stages()]
+    stages.append(wds.batched(batch_size, collation_fn=collate, partial=True))
     return wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=num_workers)

@@ -13,7 +13,7 @@ from .clip import create_clip
 
 
 class Captioner(nn.Module):
-    def __init__(self, cfg: CaptionerConfig, tokenizer: CaptionTokenizer, max_positions: int):
+    def __init__(self, cfg: CaptionerConfig, tokenizer: CaptionTokenizer):
         super().__init__()
         clip, self.preprocess = create_clip(cfg.image_encoder, cfg.image_encoder_weights)
         self.image_encoder = clip.visual
@@ -27,15 +27,14 @@ class Captioner(nn.Module):
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, cfg.encoder_layers, enable_nested_tensor=False)
         self.decoder = GPT2Model(GPT2Config(
-            vocab_size=tokenizer.vocab_size, n_positions=max_positions, n_embd=cfg.width, n_layer=cfg.decoder_layers,
+            vocab_size=tokenizer.vocab_size, n_positions=cfg.max_positions, n_embd=cfg.width, n_layer=cfg.decoder_layers,
             n_head=cfg.heads, add_cross_attention=True, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
             attn_pdrop=cfg.dropout, bos_token_id=tokenizer.bos, eos_token_id=tokenizer.eos,
             pad_token_id=tokenizer.pad))
-        self.max_positions = max_positions
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.frozen_image_encoder:
+        if self.frozen_image_encoder and self.image_encoder is not None:
             self.image_encoder.eval()
         return self
 

@@ -56,8 +56,7 @@ class CaptionerStage(Stage):
 
     def __init__(self, cfg: Config, device: torch.device, need_evaluator: bool):
         super().__init__(cfg, device)
-        self.module = Captioner(cfg.captioner, self.tokenizer, max_positions=cfg.data.max_caption_tokens
-                                + cfg.generation.max_len + 1)
+        self.module = Captioner(cfg.captioner, self.tokenizer)
         if cfg.train.init_from:
             load_weights(self.module, cfg.train.init_from)
         self.preprocess = self.module.preprocess

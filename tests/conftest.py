@@ -1,0 +1,47 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_clip_configs():
+    """The demo's tiny open_clip models (configs/clip) are registered for every test."""
+    from dico_scale.models.clip import register_model_configs
+
+    register_model_configs(str(REPO / "configs" / "clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> dict:
+    """A small synthetic dataset as real tar shards: {split: brace pattern}."""
+    from dico_scale.data.synthetic import write_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("shapes")
+    return write_synthetic_dataset(out, seed=0, n_train=64, n_val=10, n_test=10, image_size=64,
+                                   samples_per_shard=16)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No distributed variables inherited from the caller."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR"):
+        monkeypatch.delenv(k, raising=False)
+    return os.environ

@@ -1,0 +1,22 @@
+"""Run under `deepspeed --num_gpus 2`: trains one stage through dico_scale.train.run, then writes what this rank
+holds (optimizer steps taken, a digest of every parameter) to <output_dir>/rank<r>.json for the test to compare."""
+import hashlib
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from dico_scale.train import parse_args, run, shutdown  # noqa: E402
+
+cfg = parse_args(sys.argv[1:])
+summary = run(cfg)
+engine = summary["engine"]
+report = {
+    "rank": summary["rank"], "world_size": summary["world_size"], "global_steps": engine.global_steps,
+    "val": summary["val"], "mlflow_run_id": summary["mlflow_run_id"],
+    "digest": {n: hashlib.sha256(p.detach().float().cpu().numpy().tobytes()).hexdigest()
+               for n, p in engine.module.named_parameters()},
+}
+with open(os.path.join(cfg.train.output_dir, f"rank{summary['rank']}.json"), "w") as f:
+    json.dump(report, f)
+shutdown()

@@ -1,0 +1,119 @@
+"""DeepSpeed with 2 CPU gloo ranks: the evaluator -> xe -> dico chain, ZeRO-2 replicas, kill + resume on one MLflow run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.distributed
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _common(tmp: Path) -> list[str]:
+    return [f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "data.synthetic.n_train=200",
+            "data.synthetic.n_val=12", "data.synthetic.n_test=12", "data.synthetic.samples_per_shard=50",
+            "train.log_every=1", "data.samples_per_epoch=64", "data.shuffle_buffer=50"]
+
+
+def _launch(script: str, config: str, overrides: list[str], timeout=600, **kw):
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), script, "--config", config, *overrides]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Evaluator then XE, 2 ranks each, a few steps: the weights the dico stage starts from."""
+    tmp = tmp_path_factory.mktemp("chain")
+    _ok(_launch("dico_scale/train.py", "configs/demo/evaluator.yaml",
+                _common(tmp) + [f"train.output_dir={tmp}/evaluator", "train.max_steps=3", "train.micro_batch_size=8"]))
+    weights = [f"evaluator.weights={tmp}/evaluator/model.pt", f"captioner.image_encoder_weights={tmp}/evaluator/model.pt"]
+    _ok(_launch("dico_scale/train.py", "configs/demo/xe.yaml",
+                _common(tmp) + weights + [f"train.output_dir={tmp}/xe", "train.max_steps=3",
+                                          "train.micro_batch_size=4", "train.val_max_images=4"]))
+    return tmp, weights
+
+
+def test_dico_zero2_two_ranks_step_and_stay_identical(chain):
+    tmp, weights = chain
+    out = tmp / "dico"
+    proc = _ok(_launch("tests/distributed/replica_check.py", "configs/demo/dico.yaml",
+                       _common(tmp) + weights + [f"train.output_dir={out}", f"train.init_from={tmp}/xe/model.pt",
+                                                 "train.max_steps=4", "train.micro_batch_size=2",
+                                                 "generation.beam_size=3", "generation.max_len=6",
+                                                 "train.val_max_images=4", "optim.lr=1e-3"]))
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert (r0["world_size"], r1["world_size"], r0["rank"], r1["rank"]) == (2, 2, 0, 1)
+    assert r0["global_steps"] == r1["global_steps"] == 4
+    assert r0["digest"] == r1["digest"]  # ZeRO-2 replicas agree after the steps
+    # ... and the steps moved the trainable weights away from the XE starting point
+    start = torch.load(tmp / "xe" / "model.pt", weights_only=True)["state_dict"]
+    end = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    moved = [k for k in end if not k.startswith("image_encoder.") and not torch.equal(start[k], end[k])]
+    frozen = [k for k in end if k.startswith("image_encoder.") and not torch.equal(start[k], end[k])]
+    assert len(moved) > 10 and not frozen
+    assert "cider" in r0["val"] and "evaluator_score" in r0["val"]
+    assert "rewards/accuracy" in proc.stdout or (out / "checkpoints").is_dir()
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    run = client.get_run(r0["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["train.stage"] == "dico"
+    for key in ("train/loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
+                "score/winner", "score/mean", "train/lr", "train/images_per_s", "train/tokens_per_s", "val/cider"):
+        assert key in run.data.metrics, key
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
+
+
+def test_killed_run_resumes_at_next_step_on_same_mlflow_run(chain):
+    tmp, weights = chain
+    out, db = tmp / "resume", tmp / "resume.db"
+    args = _common(tmp) + weights + [f"train.output_dir={out}", f"tracking.uri=sqlite:///{db}", "train.save_every=2",
+                                     "train.micro_batch_size=4", "train.keep_checkpoints=5", "train.val_every=0"]
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "dico_scale/train.py",
+           "--config", "configs/demo/xe.yaml", *args, "train.max_steps=1000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu"}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "checkpoints" / "step_00000004" / "complete"
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, launcher and both ranks, with no chance to clean up
+    proc.wait()
+    assert marker.exists(), "no checkpoint at step 4 before the deadline"
+    tags = sorted(p.name for p in (out / "checkpoints").glob("step_*") if (p / "complete").exists())
+    resumed_from = int(tags[-1].split("_")[1])
+    stop = resumed_from + 3
+
+    second = _ok(_launch("dico_scale/train.py", "configs/demo/xe.yaml", args + ["train.resume=auto",
+                                                                             f"train.max_steps={stop}"]))
+    assert f"at step {resumed_from}" in second.stdout
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id])
+    assert len(runs) == 1  # the resumed job continued the same run
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/loss")})
+    assert steps[0] == 1 and steps[-1] == stop
+    assert set(range(1, stop + 1)) <= set(steps)  # both segments: before the kill and after the resume
+    state = torch.load(out / "checkpoints" / f"step_{stop:08d}" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert state["mlflow_run_id"] == run.info.run_id and state["step"] == stop
+    assert state["epoch"] >= 1  # a fresh data epoch after the resume, not a replay from the start
+    assert (out / "checkpoints" / f"step_{stop:08d}" / "config.yaml").is_file()
