@@ -105,6 +105,7 @@ def train_loop(cfg: Config, stage, engine, tracker, make_train_loader, make_val_
                                              f"(train.max_nonfinite_steps={t.max_nonfinite_steps})")
                 continue
             consecutive_bad = 0
+            lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on inside engine.step)
             engine.backward(out.loss)
             engine.step()
             window.add(out.loss.detach(), out.metrics, out.images, out.tokens)
@@ -115,7 +116,7 @@ def train_loop(cfg: Config, stage, engine, tracker, make_train_loader, make_val_
             bar.update(1)
             if step % t.log_every == 0 or step == t.max_steps:
                 metrics = window.read(device)
-                metrics.update({"train/lr": engine.get_lr()[0], "train/epoch": state.epoch,
+                metrics.update({"train/lr": lr, "train/epoch": state.epoch,
                                 "train/samples_seen": state.samples_seen})
                 tracker.log_metrics(metrics, step)
                 bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")

@@ -78,7 +78,7 @@ def test_dico_zero2_two_ranks_step_and_stay_identical(chain):
     for key in ("train/loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
                 "score/winner", "score/mean", "train/lr", "train/images_per_s", "train/tokens_per_s", "val/cider"):
         assert key in run.data.metrics, key
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [1, 2, 3, 4]
 
 
 def test_killed_run_resumes_at_next_step_on_same_mlflow_run(chain):

@@ -1,0 +1,43 @@
+"""The training loop's non-finite guard, with a real single-rank DeepSpeed engine and a real MLflow store."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(tmp_path, bad: str, *overrides) -> dict:
+    proc = subprocess.run([sys.executable, "tests/distributed/nonfinite_check.py", str(tmp_path), bad, *overrides],
+                          cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((tmp_path / "result.json").read_text())
+
+
+def test_nonfinite_losses_are_skipped_counted_and_logged(tmp_path):
+    result = _run(tmp_path, "2,3,7")
+    assert result["step"] == 6 and result["skipped"] == 3  # 9 calls: 6 good steps + 3 skipped
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    history = client.get_metric_history(result["run_id"], "train/nonfinite_skipped")
+    assert sorted(m.value for m in history) == [1, 2, 3]
+    assert sorted(m.step for m in client.get_metric_history(result["run_id"], "train/loss")) == [1, 2, 3, 4, 5, 6]
+
+
+def test_too_many_nonfinite_losses_in_a_row_stop_the_run(tmp_path):
+    result = _run(tmp_path, "from:4")
+    assert result["step"] == 3
+    assert result["error"].startswith("3 non-finite losses in a row at step 3")
+    assert "\n" not in result["error"]
+
+
+def test_gradient_accumulation_and_warmup(tmp_path):
+    result = _run(tmp_path, "2", "optim.grad_accum=2", "optim.warmup_steps=3", "optim.lr=0.3",
+                  "optim.schedule=constant")
+    assert result["step"] == 6 and result["calls"] == 13  # 2 micro-steps per optimizer step + 1 skipped
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    history = sorted(client.get_metric_history(result["run_id"], "train/lr"), key=lambda m: m.step)
+    lrs = [m.value for m in history]
+    assert lrs[0] < lrs[1] < lrs[2] == lrs[3] == lrs[5] and abs(lrs[2] - 0.3) < 1e-9
