@@ -155,8 +155,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()):
     return OmegaConf.merge(_read_yaml(path.parent / str(base), seen + (path,)), node)
 
 
-def _one_line(e: OmegaConfBaseException, source: str) -> ConfigError:
-    key = getattr(e, "full_key", None) or "?"
+def _one_line(e: OmegaConfBaseException, source: str, fallback_key: str = "") -> ConfigError:
+    key = getattr(e, "full_key", None) or fallback_key or "?"
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
     if "not in" in first or "Missing key" in first:
         return ConfigError(f"unknown config key '{key}' ({source})")
@@ -179,7 +179,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
-            raise _one_line(e, f"override {item}") from None
+            raise _one_line(e, f"override {item}", item.split("=", 1)[0]) from None
     try:
         OmegaConf.resolve(cfg)
         obj: Config = OmegaConf.to_object(cfg)
@@ -215,13 +215,14 @@ def validate(c: Config) -> None:
                      ("train.log_every", t.log_every), ("optim.grad_accum", o.grad_accum),
                      ("generation.beam_size", c.generation.beam_size), ("generation.max_len", c.generation.max_len),
                      ("data.samples_per_epoch", d.samples_per_epoch), ("train.max_nonfinite_steps", t.max_nonfinite_steps),
-                     ("data.max_caption_tokens", d.max_caption_tokens), ("train.keep_checkpoints", t.keep_checkpoints)]:
+                     ("train.keep_checkpoints", t.keep_checkpoints)]:
         _check(val > 0, key, f"{val} must be > 0")
     for key, val in [("train.val_every", t.val_every), ("train.save_every", t.save_every), ("data.num_workers", d.num_workers),
                      ("optim.warmup_steps", o.warmup_steps), ("optim.weight_decay", o.weight_decay),
                      ("optim.grad_clip", o.grad_clip), ("train.threads", t.threads), ("train.val_max_images", t.val_max_images)]:
         _check(val >= 0, key, f"{val} must be >= 0")
     _check(o.lr > 0, "optim.lr", f"{o.lr} must be > 0")
+    _check(d.max_caption_tokens >= 3, "data.max_caption_tokens", f"{d.max_caption_tokens} leaves no room for BOS, a word and EOS")
     _check(o.schedule in ("constant", "cosine"), "optim.schedule", f"'{o.schedule}' is not constant or cosine")
     _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must lie in [0, 1]")
     _check(c.loss.kernel in ("auto", "triton", "torch"), "loss.kernel", f"'{c.loss.kernel}' is not auto, triton or torch")

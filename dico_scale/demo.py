@@ -11,11 +11,16 @@ import sys
 import time
 
 STAGES = ("evaluator", "xe", "dico")
+from .config import REPO_ROOT
+
+
+def demo_config(stage: str) -> str:
+    return os.path.join(REPO_ROOT, "configs", "demo", f"{stage}.yaml")
 
 
 def train_stage(stage: str, ranks: int, overrides: list[str]) -> None:
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "dico_scale/train.py", "--config", f"configs/demo/{stage}.yaml",
-           *overrides]
+    cmd = ["deepspeed", "--num_gpus", str(ranks), os.path.join(REPO_ROOT, "dico_scale", "train.py"),
+           "--config", demo_config(stage), *overrides]
     print(f"\n=== {stage}: {' '.join(cmd)}", flush=True)
     start = time.time()
     subprocess.run(cmd, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
@@ -32,11 +37,11 @@ def compare(overrides: list[str]) -> dict:
     from .engine import load_weights
     from .models.captioner import Captioner
     from .models.clip import register_model_configs
-    from .models.evaluator import Evaluator
+    from .models.evaluator import Evaluator, distinct_preprocess
     from .train import data_shards
     from .validate import caption_metrics, caption_split
 
-    cfg = load_config("configs/demo/dico.yaml", overrides)
+    cfg = load_config(demo_config("dico"), overrides)
     register_model_configs(cfg.clip_model_configs)
     shards = data_shards(cfg)
     evaluator, tok = Evaluator(cfg.evaluator), CaptionTokenizer()
@@ -44,7 +49,7 @@ def compare(overrides: list[str]) -> dict:
     for name, stage_dir in (("XE", "xe"), ("DiCO", "dico")):
         captioner = Captioner(cfg.captioner, tok)
         load_weights(captioner, os.path.join(os.path.dirname(cfg.train.output_dir), stage_dir, "model.pt"))
-        eval_pre = None if repr(evaluator.preprocess) == repr(captioner.preprocess) else evaluator.preprocess
+        eval_pre = distinct_preprocess(evaluator, captioner.preprocess)
         loader = eval_loader(shards["test"], Collate(captioner.preprocess, eval_pre, tok, cfg.data.max_caption_tokens, seed=0), 25)
         records = caption_split(captioner, tok, loader, cfg.generation.beam_size, cfg.generation.max_len,
                                 torch.device("cpu"), torch.float32, evaluator)
@@ -68,9 +73,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="dico_scale.demo", description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=int, default=2, help="CPU ranks per stage")
     p.add_argument("--keep", action="store_true", help="keep runs/demo from an earlier demo instead of starting over")
+    p.add_argument("--workdir", default=".", help="where runs/demo and data/demo go (default: here)")
     p.add_argument("overrides", nargs="*", help="key=value overrides passed to every stage")
     args = p.parse_args(argv)
-    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the demo configs use repo paths
+    os.chdir(args.workdir)
     if not args.keep:
         shutil.rmtree("runs/demo", ignore_errors=True)
     start = time.time()

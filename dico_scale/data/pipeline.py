@@ -28,7 +28,8 @@ faults: Counter = Counter()  # data faults seen by this process, by exception ty
 def skip_fault(exn: Exception) -> bool:
     """webdataset handler: count and log a bad sample or shard, then keep going."""
     faults[type(exn).__name__] += 1
-    log.warning("skipping bad data: %s: %s", type(exn).__name__, str(exn).splitlines()[0][:200])
+    text = str(exn) or repr(exn.__cause__ or exn)  # webdataset's DecodingError has an empty message
+    log.warning("skipping bad data: %s: %s", type(exn).__name__, (text.splitlines() or [""])[0][:200])
     return True
 
 

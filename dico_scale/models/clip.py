@@ -27,8 +27,13 @@ def create_clip(name: str, weights: str = ""):
     """
     if name not in open_clip.list_models():
         raise ConfigError(f"unknown open_clip model '{name}' (not built in, not in the registered config folder)")
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # silence 'randomly initialised'
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))  # open_clip warns 'initialized randomly' on every random init
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    finally:
+        root.setLevel(level)
     # DeepSpeed broadcasts parameters as byte views, which 0-d tensors cannot give; open_clip's loader reshapes
     # a checkpoint's scalar logit_scale to the model's shape.
     model.logit_scale = torch.nn.Parameter(model.logit_scale.detach().reshape(1))

@@ -38,3 +38,8 @@ class Evaluator(nn.Module):
         """Score of caption i against image_features[i]: weight * max(cos, 0)."""
         cos = (image_features * self.text_features(captions)).sum(-1)
         return self.weight * cos.clamp(min=0)
+
+
+def distinct_preprocess(evaluator: Evaluator, preprocess):
+    """The evaluator's image transform when it differs from the captioner's, else None (one tensor serves both)."""
+    return None if repr(evaluator.preprocess) == repr(preprocess) else evaluator.preprocess

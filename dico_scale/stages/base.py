@@ -13,7 +13,7 @@ from ..config import Config
 from ..data.tokenizer import CaptionTokenizer
 from ..engine import load_weights
 from ..models.captioner import Captioner
-from ..models.evaluator import Evaluator
+from ..models.evaluator import Evaluator, distinct_preprocess
 from ..validate import caption_metrics, caption_split, gather_records
 
 
@@ -47,10 +47,6 @@ class Stage:
         return {}, {}
 
 
-def _evaluator_preprocess(evaluator: Evaluator, preprocess):
-    return None if repr(evaluator.preprocess) == repr(preprocess) else evaluator.preprocess
-
-
 class CaptionerStage(Stage):
     """Shared by xe and dico: the captioner, an optional frozen evaluator, caption validation."""
 
@@ -63,7 +59,7 @@ class CaptionerStage(Stage):
         self.evaluator = None
         if need_evaluator or cfg.evaluator.weights:
             self.evaluator = Evaluator(cfg.evaluator).to(device)
-            self.eval_preprocess = _evaluator_preprocess(self.evaluator, self.preprocess)
+            self.eval_preprocess = distinct_preprocess(self.evaluator, self.preprocess)
 
     def validate(self, engine, loader):
         g = self.cfg.generation
