@@ -6,6 +6,7 @@ Every problem is raised as ConfigError with a one-line message naming the key.
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +112,8 @@ class TrainConfig:
     resume: str = "none"  # none | auto | path to a checkpoint tag folder
     init_from: str = ""  # model weights to start from (file written by an earlier stage, or a checkpoint tag)
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops
+    preempt_signal: str = "SIGUSR1"  # on it: checkpoint at the next step, exit with code 3 (empty: ignore signals)
+    requeue_on_preempt: bool = True  # under Slurm, rank 0 then runs `scontrol requeue $SLURM_JOB_ID`
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads per rank on CPU; 0 = cores / local ranks
@@ -236,6 +239,8 @@ def validate(c: Config) -> None:
            f"{c.captioner.max_positions} < data.max_caption_tokens or generation.max_len + 1")
     if t.stage == "dico":
         _check(c.generation.beam_size >= 2, "generation.beam_size", "dico needs at least 2 candidates per image")
+    _check(t.preempt_signal == "" or t.preempt_signal in signal.Signals.__members__, "train.preempt_signal",
+           f"'{t.preempt_signal}' is not a signal name such as SIGUSR1")
     _check(t.resume in ("none", "auto") or Path(t.resume).is_dir(), "train.resume",
            f"'{t.resume}' is not none, auto or an existing checkpoint folder")
     if not d.synthetic.enabled:

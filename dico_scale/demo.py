@@ -23,7 +23,9 @@ def train_stage(stage: str, ranks: int, overrides: list[str]) -> None:
            "--config", demo_config(stage), *overrides]
     print(f"\n=== {stage}: {' '.join(cmd)}", flush=True)
     start = time.time()
-    subprocess.run(cmd, check=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    code = subprocess.run(cmd, env={**os.environ, "DS_ACCELERATOR": "cpu"}).returncode
+    if code != 0:
+        raise SystemExit(f"dico_scale.demo: stage {stage} failed with exit code {code} (its output is above)")
     print(f"=== {stage} done in {time.time() - start:.0f} s", flush=True)
 
 

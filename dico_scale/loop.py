@@ -2,6 +2,7 @@
 non-finite guards, logging, validation, checkpoints and the data position."""
 from __future__ import annotations
 
+import signal
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -15,8 +16,37 @@ from .config import Config, to_yaml
 from .engine import save_checkpoint
 
 
+PREEMPTED_EXIT = 3  # exit code of a run that checkpointed because it was told to stop (slurm/launch.sh knows it)
+
+
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint of a run asked to stop (signal or approaching time limit) has been written."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted at step {step}; checkpoint saved")
+        self.step = step
+
+
+class StopFlag:
+    """Set by a signal handler, which does nothing else: saving inside a handler has hung trainers.
+    The loop reads it after each optimizer step; the ranks agree on it so they all checkpoint together."""
+
+    def __init__(self, signal_name: str):
+        self.raised = False
+        if signal_name:
+            signal.signal(signal.Signals[signal_name], self._handler)
+
+    def _handler(self, signum, frame):
+        self.raised = True
+
+    def agreed(self, device) -> bool:
+        flag = torch.tensor([float(self.raised)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 @dataclass
@@ -85,7 +115,7 @@ def train_loop(cfg: Config, stage, engine, tracker, make_train_loader, make_val_
     ckpt_dir = str(Path(t.output_dir) / "checkpoints")
     device, rank = next(engine.module.parameters()).device, dist.get_rank()
     step, last_saved, last_val, val_metrics = engine.global_steps, engine.global_steps, -1, {}
-    consecutive_bad, window = 0, MetricWindow()
+    consecutive_bad, window, stop = 0, MetricWindow(), StopFlag(t.preempt_signal)
     bar = tqdm(total=t.max_steps, initial=step, disable=rank != 0, desc=f"{stage.name}", dynamic_ncols=True)
 
     def save():
@@ -125,6 +155,11 @@ def train_loop(cfg: Config, stage, engine, tracker, make_train_loader, make_val_
             if t.save_every and step % t.save_every == 0:
                 save()
                 last_saved = step
+            if stop.agreed(device):
+                if last_saved != step:
+                    save()
+                bar.close()
+                raise Preempted(step)
             if step >= t.max_steps:
                 break
         else:

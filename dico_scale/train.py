@@ -47,7 +47,7 @@ def run(cfg: Config) -> dict:
 
     from dico_scale.data.pipeline import Collate, eval_loader, train_loader
     from dico_scale.engine import build_engine, complete_tags, export_weights, init_distributed, load_checkpoint
-    from dico_scale.loop import LoopState, train_loop
+    from dico_scale.loop import LoopState, Preempted, train_loop
     from dico_scale.models.clip import register_model_configs
     from dico_scale.stages import build_stage
     from dico_scale.tracking import Tracker
@@ -102,12 +102,28 @@ def run(cfg: Config) -> dict:
         summary = train_loop(cfg, stage, engine, tracker, make_train_loader, make_val_loader, state)
         export_weights(engine, os.path.join(cfg.train.output_dir, "model.pt"),
                        {"config": to_yaml(cfg), "stage": cfg.train.stage, "step": summary["step"]})
+    except Preempted as p:
+        tracker.finish("KILLED")  # the requeued job sets it back to RUNNING when it resumes
+        summary = {"step": p.step, "val": {}, "preempted": True}
+        if rank == 0:
+            print(f"preempted: checkpoint saved at step {p.step}", flush=True)
     except BaseException:
         tracker.finish("FAILED")
         raise
-    tracker.finish()
+    else:
+        tracker.finish()
     summary.update(rank=rank, world_size=world, mlflow_run_id=state.mlflow_run_id, engine=engine, stage=stage)
     return summary
+
+
+def requeue_slurm_job() -> None:
+    """Puts this Slurm job back in the queue; it resumes from the checkpoint with train.resume=auto."""
+    import subprocess
+
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        print(f"requeueing Slurm job {job}", flush=True)
+        subprocess.run(["scontrol", "requeue", job], check=False)
 
 
 def shutdown() -> None:
@@ -130,9 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # bad input found while building (weights files, model names)
         print(f"dico_scale: config error: {e}", file=sys.stderr)
         return 2
-    if summary["rank"] == 0:
+    preempted = summary.get("preempted", False)
+    if summary["rank"] == 0 and not preempted:
         print(f"done: stage={cfg.train.stage} step={summary['step']} val={summary['val']}", flush=True)
     shutdown()
+    if preempted:
+        from dico_scale.loop import PREEMPTED_EXIT
+
+        if summary["rank"] == 0 and cfg.train.requeue_on_preempt:
+            requeue_slurm_job()
+        return PREEMPTED_EXIT
     return 0
 
 

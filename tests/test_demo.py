@@ -26,3 +26,13 @@ def test_demo_runs_all_stages_and_prints_the_table(tmp_path):
     for stage in ("evaluator", "xe", "dico"):
         assert (tmp_path / "runs" / "demo" / stage / "model.pt").is_file()
     assert (tmp_path / "runs" / "demo" / "mlflow.db").is_file()
+
+
+def test_demo_bad_override_fails_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dico_scale.demo", "--workdir", str(tmp_path), "optim.lrr=1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert "unknown config key 'optim.lrr'" in proc.stderr
+    assert lines[-1] == "dico_scale.demo: stage evaluator failed with exit code 2 (its output is above)"
+    assert "Traceback" not in proc.stderr

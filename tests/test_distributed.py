@@ -117,3 +117,58 @@ def test_killed_run_resumes_at_next_step_on_same_mlflow_run(chain):
     assert state["mlflow_run_id"] == run.info.run_id and state["step"] == stop
     assert state["epoch"] >= 1  # a fresh data epoch after the resume, not a replay from the start
     assert (out / "checkpoints" / f"step_{stop:08d}" / "config.yaml").is_file()
+
+
+def test_signal_checkpoints_all_ranks_and_exits_for_requeue(chain):
+    """SIGUSR1 to one rank only: the ranks agree at the next step, all checkpoint, exit 3; resume continues."""
+    tmp, weights = chain
+    out, db = tmp / "preempt", tmp / "preempt.db"
+    args = _common(tmp) + weights + [f"train.output_dir={out}", f"tracking.uri=sqlite:///{db}",
+                                     "train.micro_batch_size=4", "train.val_every=0", "train.save_every=1000"]
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "dico_scale/train.py",
+           "--config", "configs/demo/xe.yaml", *args, "train.max_steps=1000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu"}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        rank1 = None
+        while time.time() < deadline and proc.poll() is None:
+            found = subprocess.run(["pgrep", "-f", f"local_rank=1 .*output_dir={out}"], capture_output=True,
+                                   text=True).stdout.split()
+            if found and _steps_logged(db) >= 2:
+                rank1 = int(found[0])
+                break
+            time.sleep(0.5)
+        assert rank1, "rank 1 never started training"
+        os.kill(rank1, signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 3, output[-3000:]
+    saved = int(output.split("preempted: checkpoint saved at step ")[1].split()[0])
+    tag = out / "checkpoints" / f"step_{saved:08d}"
+    assert (tag / "complete").is_file()
+    assert {p.name for p in tag.glob("zero_pp_rank_*_optim_states.pt")} == {
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+
+    second = _ok(_launch("dico_scale/train.py", "configs/demo/xe.yaml",
+                         args + ["train.resume=auto", f"train.max_steps={saved + 2}"]))
+    assert f"at step {saved}" in second.stdout
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id])
+    assert run.info.status == "FINISHED"
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert set(range(1, saved + 3)) <= steps
+
+
+def _steps_logged(db: Path) -> int:
+    import sqlite3
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db) as c:
+            return c.execute("select count(*) from metrics where key='train/loss'").fetchone()[0]
+    except sqlite3.Error:
+        return 0

@@ -1,0 +1,35 @@
+#!/bin/bash
+# Any stage on one node, all of its GPUs (or one CPU rank); CONFIG is required.
+#   sbatch slurm/single_node.sh [key=value ...]            (from the repository root; mkdir -p logs first)
+#   CONFIG=configs/coco/xe.yaml sbatch slurm/single_node.sh train.max_steps=100
+#   CONFIG=configs/demo/xe.yaml sbatch --gpus-per-node=0 slurm/single_node.sh     (a CPU-only node)
+# Edit the #SBATCH lines for your cluster (CPUs, time limit, partition/account); see slurm/README.md.
+#SBATCH --job-name=dico-1node
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+##SBATCH --time=24:00:00
+##SBATCH --partition=gpu
+##SBATCH --account=myproject
+##SBATCH --exclusive
+##SBATCH --mem=0
+
+if [[ -z ${CONFIG:-} ]]; then echo "single_node.sh: set CONFIG, e.g. CONFIG=configs/coco/xe.yaml sbatch slurm/single_node.sh" >&2; exit 2; fi
+# This copy of the script runs from Slurm's spool directory: find the repository (DICO_ROOT, the submission
+# directory, or the folder the submitted script came from).
+ROOT=${DICO_ROOT:-${SLURM_SUBMIT_DIR:-.}}
+if [[ ! -f $ROOT/slurm/launch.sh ]]; then
+    script=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
+    ROOT=$(cd "$(dirname "$script")/.." 2>/dev/null && pwd) || ROOT=.
+fi
+if [[ ! -f $ROOT/slurm/launch.sh ]]; then
+    echo "single_node.sh: cannot find the dico-scale repository: submit from it or set DICO_ROOT" >&2
+    exit 2
+fi
+cd "$ROOT"
+exec bash slurm/launch.sh "$@"

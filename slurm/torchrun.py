@@ -1,0 +1,31 @@
+"""`torchrun` (torch.distributed.run) for the Slurm launcher, with two differences that preemption needs.
+
+1. It does not die of the preemption signal ($PREEMPT_SIGNAL, default USR1). Slurm delivers a signal sent to a job
+   step to every process of it: the ranks get it directly and checkpoint; torchrun itself must outlive them (its
+   default action for SIGUSR1 would be to terminate, killing the job step mid-checkpoint). Only torchrun's own
+   disposition changes: the handler is reset when it starts the ranks.
+2. Its exit code is $PREEMPTED_EXIT (3) when a rank exited with that code ("preempted, checkpoint saved");
+   plain torchrun reports every rank failure as 1.
+
+Usage: exactly torchrun's (python slurm/torchrun.py --nnodes ... script.py args).
+"""
+import os
+import signal
+import sys
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main
+
+PREEMPTED_EXIT = int(os.environ.get("PREEMPTED_EXIT", "3"))
+PREEMPT_SIGNAL = "SIG" + os.environ.get("PREEMPT_SIGNAL", "USR1").upper().removeprefix("SIG")
+
+if __name__ == "__main__":
+    sig = getattr(signal, PREEMPT_SIGNAL, None)
+    if sig is not None and sig not in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL):
+        signal.signal(sig, lambda signum, frame: None)  # torchrun handles TERM/INT itself (it stops the ranks)
+    try:
+        main(sys.argv[1:])
+    except ChildFailedError as e:
+        print(e.format_msg() if hasattr(e, "format_msg") else str(e), file=sys.stderr, flush=True)
+        codes = {f.exitcode for f in e.failures.values()}
+        sys.exit(PREEMPTED_EXIT if PREEMPTED_EXIT in codes else 1)
