@@ -13,6 +13,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .config import Config, to_yaml
+from .data.pipeline import faults as data_faults
 from .engine import save_checkpoint
 
 
@@ -85,14 +86,16 @@ class MetricWindow:
         self.count, self.images, self.tokens = self.count + 1, self.images + images, self.tokens + tokens
 
     def read(self, device) -> dict[str, float]:
+        """Means over the window and the ranks, throughput and data faults summed over the ranks."""
         keys = sorted(self.sums)
-        t = torch.tensor([self.sums[k] / max(1, self.count) for k in keys] + [self.images, self.tokens],
-                         dtype=torch.float64, device=device)
+        t = torch.tensor([self.sums[k] / max(1, self.count) for k in keys]
+                         + [self.images, self.tokens, sum(data_faults.values())], dtype=torch.float64, device=device)
         dist.all_reduce(t)
         world, elapsed = dist.get_world_size(), max(1e-9, time.perf_counter() - self.start)
-        out = {k: float(v) / world for k, v in zip(keys, t[:-2].tolist())}
-        out["train/images_per_s"] = float(t[-2]) / elapsed
-        out["train/tokens_per_s"] = float(t[-1]) / elapsed
+        out = {k: float(v) / world for k, v in zip(keys, t[:-3].tolist())}
+        out["train/images_per_s"] = float(t[-3]) / elapsed
+        out["train/tokens_per_s"] = float(t[-2]) / elapsed
+        out["data/faults"] = float(t[-1])  # this process's loaders (workers keep their own counts)
         self.reset()
         return out
 
