@@ -12,6 +12,14 @@ from .models.generation import beam_search
 
 
 @torch.no_grad()
+def generate(captioner, tokenizer, pixels: torch.Tensor, beam_size: int, max_len: int) -> list[str]:
+    """The best beam's caption for each image; the caller chooses the mode (eval for inference)."""
+    memory = captioner.encode(captioner.encode_image(pixels))
+    tokens, _ = beam_search(captioner, memory, beam_size, max_len, tokenizer.bos, tokenizer.eos, tokenizer.pad)
+    return tokenizer.decode_batch(tokens[:, 0])
+
+
+@torch.no_grad()
 def caption_split(captioner, tokenizer, loader, beam_size: int, max_len: int, device, dtype,
                   evaluator=None, max_images: int = 0) -> list[dict]:
     """Best beam per image, with the evaluator's score when an evaluator is given. Runs locally (no collectives)."""
@@ -19,10 +27,7 @@ def caption_split(captioner, tokenizer, loader, beam_size: int, max_len: int, de
     captioner.eval()
     records = []
     for batch in loader:
-        pixels = batch["pixels"].to(device, dtype)
-        memory = captioner.encode(captioner.encode_image(pixels))
-        tokens, _ = beam_search(captioner, memory, beam_size, max_len, tokenizer.bos, tokenizer.eos, tokenizer.pad)
-        captions = tokenizer.decode_batch(tokens[:, 0])
+        captions = generate(captioner, tokenizer, batch["pixels"].to(device, dtype), beam_size, max_len)
         scores = [None] * len(captions)
         if evaluator is not None:
             eval_pixels = batch.get("eval_pixels", batch["pixels"]).to(device)

@@ -16,8 +16,9 @@
 #   GPUS_PER_NODE   ranks per node; default: the GPUs Slurm gave the step (SLURM_GPUS_ON_NODE), else
 #                   `nvidia-smi -L | wc -l`, else 1 CPU rank (and DS_ACCELERATOR=cpu)
 #   MASTER_PORT     rendezvous port on the first node; default 15000 + SLURM_JOB_ID % 20000
-#   RESUME          prepended as train.resume=$RESUME (default auto, so a requeued job resumes; empty: nothing)
-#   PREEMPT_SIGNAL  the signal #SBATCH --signal=B:<SIG>@<secs> sends to this shell (default USR1)
+#   RESUME          passed as train.resume=$RESUME (default auto, so a requeued job resumes; empty: nothing)
+#   PREEMPT_SIGNAL  the signal #SBATCH --signal=B:<SIG>@<secs> sends to this shell (default USR1); the trainer
+#                   gets train.preempt_signal=SIG$PREEMPT_SIGNAL train.requeue_on_preempt=false (this shell requeues)
 #   LOG_DIR         per-node logs, $LOG_DIR/<job name>-<job id>-node<i>-<host>.out (default logs)
 #   RDZV_CONF       torchrun --rdzv_conf (default join_timeout=900,read_timeout=300)
 #   SRUN_ARGS       extra srun options (word-split), e.g. "--cpu-bind=none"
@@ -88,10 +89,13 @@ export CONFIG RDZV_CONF=${RDZV_CONF:-join_timeout=900,read_timeout=300}
 export PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-1}
 LOG_DIR=${LOG_DIR:-logs}
 mkdir -p "$LOG_DIR"
+LOG_DIR=$(cd "$LOG_DIR" && pwd)
 
-overrides=()
+# Put first, so that the same keys given as arguments win. The trainer catches the same signal as this shell, and
+# this shell, not rank 0, requeues the job: it sees how the whole job step ended.
+overrides=("train.preempt_signal=SIG$PREEMPT_SIGNAL" "train.requeue_on_preempt=false")
 RESUME=${RESUME-auto}
-[[ -n $RESUME ]] && overrides+=("train.resume=$RESUME")  # first, so an explicit train.resume=... wins
+[[ -n $RESUME ]] && overrides=("train.resume=$RESUME" "${overrides[@]}")
 
 srun_args=(--nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1
            --kill-on-bad-exit=1 --export=ALL --open-mode=append --output="$LOG_DIR/%x-%j-node%n-%N.out")

@@ -1,0 +1,103 @@
+"""Captions image files: `python -m dico_scale.caption --checkpoint PATH images... [--beam-size 5 --max-len 20]`.
+
+Prints "path<TAB>caption" per image, in the order given (a folder: its .jpg/.jpeg/.png files, sorted, not recursive).
+Runs on the CPU by default; a model.pt export needs no DeepSpeed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dico_scale.config import ConfigError  # noqa: E402
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def image_paths(items: list[str]) -> list[str]:
+    paths = []
+    for item in items:
+        if os.path.isdir(item):
+            paths += sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_EXTENSIONS))
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise ConfigError(f"no such image file or folder: {item}")
+    return paths
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="dico_scale.caption", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="model.pt export or checkpoint tag folder")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--beam-size", type=int, default=0, help="default: the checkpoint's generation.beam_size")
+    p.add_argument("--max-len", type=int, default=0, help="generated tokens; default: generation.max_len")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    return p.parse_args(argv)
+
+
+def caption_files(captioner, tok, paths, cfg, device, batch_size: int):
+    """Yields (path, caption or None, error or None) in order; an unreadable image is reported, not fatal."""
+    import torch
+    from PIL import Image
+
+    from dico_scale.validate import generate
+
+    g = cfg.generation
+    for start in range(0, len(paths), batch_size):
+        chunk, pixels, failed = paths[start:start + batch_size], [], {}
+        for path in chunk:
+            try:
+                with Image.open(path) as im:
+                    pixels.append(captioner.preprocess(im.convert("RGB")))
+            except Exception as e:
+                failed[path] = f"{type(e).__name__}: {str(e)[:200]}"
+        captions = iter(generate(captioner, tok, torch.stack(pixels).to(device), g.beam_size, g.max_len)
+                        if pixels else [])
+        for path in chunk:
+            yield (path, None, failed[path]) if path in failed else (path, next(captions), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        from dico_scale.export import checkpoint_meta, load_run_config
+
+        paths = image_paths(args.images)
+        meta = checkpoint_meta(args.checkpoint)
+        overrides = ["evaluator.weights="]  # no evaluator is needed here
+        if args.beam_size:
+            overrides.append(f"generation.beam_size={args.beam_size}")
+        if args.max_len:
+            overrides.append(f"generation.max_len={args.max_len}")
+        cfg = load_run_config(meta, overrides)
+        import torch
+
+        from dico_scale.export import load_captioner
+
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ConfigError(f"--device '{args.device}' is not a torch device (cpu, cuda, cuda:1, ...)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {args.device}: CUDA is not available here")
+        captioner, tok = load_captioner(cfg, meta, device)
+    except ConfigError as e:
+        print(f"dico_scale.caption: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    code = 0
+    for path, caption, error in caption_files(captioner, tok, paths, cfg, device, args.batch_size):
+        if error:
+            print(f"dico_scale.caption: skipping {path}: {error}", file=sys.stderr)
+            code = 1
+        else:
+            print(f"{path}\t{caption}", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""Evaluates a captioner checkpoint over a split: BLEU, METEOR, ROUGE-L, CIDEr, SPICE (pycocoevalcap), CLIP-S / PAC-S
+and their Ref- variants, retrieval with the generated captions, caption statistics; one JSON, logged to MLflow.
+
+  python -m dico_scale.evaluate --checkpoint PATH [--shards SPEC] [options] [key=value ...]
+  deepspeed --num_gpus N dico_scale/evaluate.py --checkpoint PATH [--shards SPEC] [options] [key=value ...]
+
+Every rank captions its share of the split; rank 0 gathers the records (one per image key, however the shards were
+split) and computes every metric, since CIDEr's document frequencies and retrieval need the whole split.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make the package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dico_scale.config import ConfigError, EvaluatorConfig  # noqa: E402
+
+PREFIX = "A photo depicts "  # what the official CLIP-S and PAC-S tools put before every text they encode
+SPLITS = ("train", "val", "test")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dico_scale.evaluate", description="Evaluates a captioner checkpoint over a "
+                                "split (see docs/evaluation.md).")
+    p.add_argument("--checkpoint", required=True, help="model.pt export or checkpoint tag folder")
+    p.add_argument("--shards", default="test", help="a split of the run's config (val, test) or a webdataset spec")
+    p.add_argument("--split", default="", help="split label for file and metric names (default: derived from --shards)")
+    p.add_argument("--out", default="", help="result JSON (default: <checkpoint dir>/eval_<split>.json)")
+    p.add_argument("--train-shards", default="", help="training shards for the novelty statistic "
+                   "(default: the config's training split; none: skipped)")
+    p.add_argument("--clip", default="", metavar="MODEL[:WEIGHTS]", help="CLIP-S evaluator (replaces the config's "
+                   "if that one is CLIP-S, else adds to it)")
+    p.add_argument("--pacs", default="", metavar="MODEL[:WEIGHTS]", help="PAC-S evaluator, e.g. "
+                   "ViT-B-32-quickgelu:/models/pacs_clip_ViT-B-32.pth")
+    p.add_argument("--no-prefix", action="store_true", help=f"encode texts without '{PREFIX}' (as the DiCO code)")
+    p.add_argument("--no-spice", action="store_true", help="skip SPICE (slow: minutes on COCO)")
+    p.add_argument("--ngrams", default="1,2,3,4", help="n of the repeated-n-gram rates (comma-separated)")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="images per rank per batch (default: train.micro_batch_size)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config")
+    return p
+
+
+def parse_args(argv):
+    """(args, cfg, meta): everything checked before any model is built or a process group starts."""
+    from dico_scale.export import checkpoint_meta, load_run_config
+
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        raise ConfigError(f"unknown command-line argument '{unknown[0]}' (overrides are key=value)")
+    try:
+        args.ngrams = tuple(int(n) for n in args.ngrams.split(","))
+        assert all(n > 0 for n in args.ngrams)
+    except (ValueError, AssertionError):
+        raise ConfigError(f"--ngrams '{args.ngrams}' is not a comma-separated list of positive integers") from None
+    if args.batch_size < 0:
+        raise ConfigError(f"--batch-size {args.batch_size} must be >= 0 (0: train.micro_batch_size)")
+    meta = checkpoint_meta(args.checkpoint)
+    cfg = load_run_config(meta, args.overrides)
+    args.evaluators = evaluator_configs(args, cfg)
+    args.spec, split = resolve_shards(args.shards, cfg)
+    args.split = args.split or split
+    check_shards(args.spec, "--shards")
+    args.train_spec, args.train_note = "", "novelty skipped: --train-shards none"
+    if args.train_shards and args.train_shards != "none":
+        args.train_spec = args.train_shards
+        check_shards(args.train_spec, "--train-shards")  # asked for explicitly: must be right
+    elif not args.train_shards:
+        try:
+            args.train_spec = resolve_shards("train", cfg, required=False)[0]
+            check_shards(args.train_spec, "the config's training split")
+        except ConfigError as e:  # the training data may be gone: the statistic is skipped, not the evaluation
+            args.train_spec, args.train_note = "", f"novelty skipped: {e}"
+    return args, cfg, meta
+
+
+def evaluator_configs(args, cfg) -> dict[str, EvaluatorConfig]:
+    """{metric: config}: the run's evaluator under the metric it names, then --clip / --pacs."""
+    prefix = "" if args.no_prefix else PREFIX
+    e = cfg.evaluator
+    out = {e.metric: EvaluatorConfig(e.model, e.weights, e.metric, prefix)}
+    for metric, spec in (("clips", args.clip), ("pacs", args.pacs)):
+        if spec:
+            model, _, weights = spec.partition(":")
+            if weights and not os.path.exists(weights):
+                raise ConfigError(f"--{metric.replace('clips', 'clip')} weights '{weights}' do not exist")
+            out[metric] = EvaluatorConfig(model, weights, metric, prefix)
+    return out
+
+
+def resolve_shards(arg: str, cfg, required: bool = True) -> tuple[str, str]:
+    """(webdataset spec, split label) of a split name of the config or of a spec given as is."""
+    if arg not in SPLITS:
+        return arg, split_label(arg)
+    from dico_scale.train import data_shards
+
+    spec = data_shards(cfg).get(arg, "")
+    if not spec and required:
+        raise ConfigError(f"the checkpoint's config has no {arg} shards (data.{arg}_shards is empty); "
+                          f"pass --shards SPEC")
+    return spec, arg
+
+
+def split_label(spec: str) -> str:
+    """'/data/coco/val-{00000..00004}.tar' -> 'val'."""
+    name = re.sub(r"\.tar$", "", os.path.basename(spec.split("::")[0]))
+    return re.sub(r"[-_.]*(\{[^}]*\}|\d+)$", "", name) or "custom"
+
+
+def check_shards(spec: str, option: str) -> list[str]:
+    import webdataset as wds
+
+    try:
+        urls = wds.shardlists.expand_urls(spec)
+    except Exception as e:
+        raise ConfigError(f"bad shard spec '{spec}' ({option}): {type(e).__name__}: {e}") from None
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not os.path.isfile(u)]
+    if missing:
+        raise ConfigError(f"bad shard spec '{spec}' ({option}): {len(missing)} of {len(urls)} shards not found, "
+                          f"e.g. '{missing[0]}'")
+    return urls
+
+
+# ---- distributed captioning ------------------------------------------------------------------------------------------
+
+def init_ranks(cfg):
+    """(rank, world, device). Under a launcher: a gloo group (only Python objects travel, on CPU or GPU runs alike);
+    alone: no process group at all."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // local_world))
+    return rank, world, torch.device("cpu")
+
+
+class EvalCollate:
+    """Captioner pixels plus each evaluator's own pixels (their transforms may differ); equal transforms run once."""
+
+    def __init__(self, preprocess, eval_preprocess: dict):
+        self.preprocess, self.eval_preprocess = preprocess, eval_preprocess
+
+    def __call__(self, samples):
+        import torch
+
+        images, refs, keys = zip(*samples)
+        done = {}
+
+        def pixels(transform):
+            if repr(transform) not in done:
+                done[repr(transform)] = torch.stack([transform(im) for im in images])
+            return done[repr(transform)]
+        return {"pixels": pixels(self.preprocess), "refs": list(refs), "keys": list(keys),
+                "eval_pixels": {n: pixels(t) for n, t in self.eval_preprocess.items()}}
+
+
+def caption_records(captioner, tok, evaluators: dict, loader, cfg, device) -> list[dict]:
+    """This rank's images: key, caption, refs and each evaluator's normalised image feature (CPU)."""
+    import torch
+
+    from dico_scale.validate import generate
+
+    g, records = cfg.generation, []
+    with torch.no_grad():
+        for batch in loader:
+            captions = generate(captioner, tok, batch["pixels"].to(device), g.beam_size, g.max_len)
+            feats = {n: ev.image_features(batch["eval_pixels"][n].to(device)).cpu() for n, ev in evaluators.items()}
+            for i, (key, caption, refs) in enumerate(zip(batch["keys"], captions, batch["refs"])):
+                # clone: a row view would pickle the whole batch's storage into the gather
+                records.append({"key": key, "caption": caption, "refs": refs,
+                                "feats": {n: f[i].clone() for n, f in feats.items()}})
+    return records
+
+
+def training_captions(spec: str, rank: int, world: int) -> set[str]:
+    """Normalised reference captions of the training shards; each rank reads its share, all get the union."""
+    import torch.distributed as dist
+    import webdataset as wds
+
+    from dico_scale.data.pipeline import skip_fault
+    from dico_scale.metrics import normalise
+
+    seen = set()
+    mine = wds.shardlists.expand_urls(spec)[rank::world]
+    if mine:
+        for sample in wds.DataPipeline(wds.SimpleShardList(mine), wds.tarfile_to_samples(handler=skip_fault)):
+            refs = json.loads(sample["json"]) if "json" in sample else []
+            seen.update(normalise(r) for r in refs if isinstance(r, str))
+    if dist.is_initialized() and world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, seen)
+        seen = set().union(*parts)
+    return seen
+
+
+# ---- scoring on rank 0 -----------------------------------------------------------------------------------------------
+
+def score(records: list[dict], evaluators: dict, seen, args) -> tuple[dict, dict, list[dict]]:
+    """(metrics, errors, per-image entries)."""
+    import torch
+
+    from dico_scale.metrics import SCORE_NAMES, caption_stats, clip_scores, coco_scores, recall_at_k
+
+    metrics, errors = coco_scores(records, spice=not args.no_spice)
+    captions, refs = [r["caption"] for r in records], [r["refs"] for r in records]
+    per_image = [{"key": r["key"], "caption": r["caption"], "refs": r["refs"]} for r in records]
+    for name, ev in evaluators.items():
+        image_feats = torch.stack([r["feats"][name] for r in records])
+        s, ref_s, cand = clip_scores(ev, image_feats, captions, refs, ev.weight)
+        plain, with_refs = SCORE_NAMES[name]
+        metrics[plain], metrics[with_refs] = float(s.mean()), float(ref_s.mean())
+        metrics.update({f"{plain}/{k}": v for k, v in recall_at_k(image_feats, cand).items()})
+        for entry, a, b in zip(per_image, s.tolist(), ref_s.tolist()):
+            entry[plain], entry[with_refs] = a, b
+    metrics.update(caption_stats(captions, seen, args.ngrams))
+    metrics["images"] = len(records)
+    return metrics, errors, per_image
+
+
+def default_out(meta: dict, split: str) -> Path:
+    folder = Path(meta["path"]) if meta["is_tag"] else Path(meta["path"]).parent
+    return folder / f"eval_{split}.json"
+
+
+def mlflow_run(cfg, meta: dict, split: str):
+    """(client, run id, whether it is the checkpoint's training run); a new run 'eval-...' when that is unknown."""
+    from mlflow.tracking import MlflowClient
+
+    from dico_scale.tracking import Tracker, tracking_uri
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    if meta["mlflow_run_id"]:
+        try:
+            client.get_run(meta["mlflow_run_id"])
+            return client, meta["mlflow_run_id"], True
+        except Exception:  # another store, or the run was deleted
+            pass
+    cfg.tracking.run_name = f"eval-{meta['stage']}-step{meta['step']}-{split}"
+    tracker = Tracker(cfg, rank=0)  # creates the experiment if needed, logs the config as params
+    tracker.finish()
+    return tracker.client, tracker.run_id, False
+
+
+def log_mlflow(client, run_id: str, split: str, metrics: dict, step, out: Path) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(f"eval/{split}/{k}", float(v), now, int(step or 0)) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and math.isfinite(v)]
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i:i + 500])
+    client.log_text(run_id, out.read_text(), f"eval/step_{int(step or 0):08d}/eval_{split}.json")
+
+
+def _finite(x):
+    """JSON has no NaN: None instead."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+def run(args, cfg, meta) -> int:
+    import torch
+
+    from dico_scale.data.pipeline import eval_loader
+    from dico_scale.export import load_captioner
+    from dico_scale.models.evaluator import Evaluator
+    from dico_scale.validate import gather_records
+
+    rank, world, device = init_ranks(cfg)
+    torch.manual_seed(cfg.train.seed)  # random-init evaluators (tests, demos) must be alike on every rank
+    captioner, tok = load_captioner(cfg, meta, device)
+    evaluators = {}
+    for name, ev_cfg in args.evaluators.items():
+        torch.manual_seed(cfg.train.seed)
+        evaluators[name] = Evaluator(ev_cfg).to(device)
+    collate = EvalCollate(captioner.preprocess, {n: ev.preprocess for n, ev in evaluators.items()})
+    loader = eval_loader(args.spec, collate, args.batch_size or cfg.train.micro_batch_size, cfg.data.num_workers)
+    records = gather_records(caption_records(captioner, tok, evaluators, loader, cfg, device))
+    seen = training_captions(args.train_spec, rank, world) if args.train_spec else None
+    if not records:
+        raise ConfigError(f"no valid samples in '{args.spec}'")
+    if rank != 0:
+        return 0
+
+    metrics, errors, per_image = score(records, evaluators, seen, args)
+    notes = [f"{n}: random weights (no evaluator weights file)" for n, c in args.evaluators.items() if not c.weights]
+    if seen is None:
+        notes.append(args.train_note)
+    if args.no_spice:
+        notes.append("SPICE skipped: --no-spice")
+    out = Path(args.out) if args.out else default_out(meta, args.split)
+    client = run_id = None
+    if cfg.tracking.enabled:
+        try:
+            client, run_id, same = mlflow_run(cfg, meta, args.split)
+            notes.append(f"MLflow: {'training run' if same else 'new run'} {run_id}")
+        except Exception as e:  # the results still go to the JSON
+            errors["MLflow"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+    result = {"checkpoint": meta["path"], "stage": meta["stage"], "step": meta["step"], "split": args.split,
+              "shards": args.spec, "images": len(records), "mlflow_run_id": run_id,
+              "settings": {"beam_size": cfg.generation.beam_size, "max_len": cfg.generation.max_len,
+                           "caption_prefix": "" if args.no_prefix else PREFIX, "ngrams": list(args.ngrams),
+                           "evaluators": {n: {"model": c.model, "weights": c.weights}
+                                          for n, c in args.evaluators.items()}},
+              "metrics": metrics, "errors": errors, "notes": notes, "captions": per_image}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_finite(result), indent=1))
+    for k, v in metrics.items():
+        print(f"{k}\t{'null' if v is None else round(v, 4) if isinstance(v, float) else v}")
+    for k, v in errors.items():
+        print(f"dico_scale.evaluate: {k} not computed: {v}", file=sys.stderr)
+    print(f"wrote {out}")
+    if client is not None:
+        try:
+            log_mlflow(client, run_id, args.split, metrics, meta["step"], out)
+        except Exception as e:
+            print(f"dico_scale.evaluate: MLflow logging failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, cfg, meta = parse_args(argv)
+        code = run(args, cfg, meta)
+    except ConfigError as e:
+        print(f"dico_scale.evaluate: error: {e}", file=sys.stderr)
+        code = 2
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Checkpoints without DeepSpeed's engine.
+
+`python -m dico_scale.export --checkpoint TAG_DIR --out model.pt` consolidates a training checkpoint (ZeRO shards)
+into one fp32 file laid out as engine.export_weights writes it: {"state_dict", "config", "stage", "step",
+"mlflow_run_id"}. The helpers below read either form (export file or tag folder) for evaluate and caption.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+if __package__ in (None, ""):  # run as a script: make the package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dico_scale.config import Config, ConfigError, load_config  # noqa: E402
+
+# Overrides applied before the user's: evaluation needs neither the training start point nor the tower's source
+# weights (the checkpoint holds the whole model), and those paths may be gone.
+EVAL_OVERRIDES = ["train.init_from=", "train.resume=none", "captioner.image_encoder_weights="]
+
+
+def _client_state(tag: Path) -> dict:
+    """DeepSpeed's model-states file of a tag (client state included), memory-mapped: only the small keys are read."""
+    import torch
+
+    f = tag / "mp_rank_00_model_states.pt"
+    if not f.is_file():
+        raise ConfigError(f"checkpoint folder {tag} has no mp_rank_00_model_states.pt")
+    return torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+
+
+def _sibling_run_id(export: Path, step) -> str | None:
+    """The run id of the newest complete checkpoint beside an export file, if it is the same step (same run)."""
+    from dico_scale.engine import complete_tags
+
+    tags = complete_tags(export.parent / "checkpoints")
+    if not tags:
+        return None
+    state = _client_state(tags[-1])
+    return state.get("mlflow_run_id") if state.get("step") == step else None
+
+
+def checkpoint_meta(path: str) -> dict:
+    """{"path", "is_tag", "config" (YAML text), "stage", "step", "mlflow_run_id"} of an export file or tag folder."""
+    import torch
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"checkpoint not found: {path}")
+    if p.is_dir():
+        if not (p / "complete").is_file():
+            raise ConfigError(f"checkpoint folder {path} is not a complete training checkpoint (no 'complete' marker)")
+        if not (p / "config.yaml").is_file():
+            raise ConfigError(f"checkpoint folder {path} has no config.yaml")
+        state = _client_state(p)
+        step = state.get("step", state.get("global_steps"))
+        meta = {"config": (p / "config.yaml").read_text(), "step": step, "mlflow_run_id": state.get("mlflow_run_id")}
+    else:
+        try:
+            blob = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise ConfigError(f"cannot read checkpoint '{path}': {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        if not isinstance(blob, dict) or "state_dict" not in blob or "config" not in blob:
+            raise ConfigError(f"checkpoint '{path}' is not a dico_scale export (needs 'state_dict' and 'config')")
+        meta = {"config": blob["config"], "step": blob.get("step"), "mlflow_run_id": blob.get("mlflow_run_id")}
+        if meta["mlflow_run_id"] is None:  # exports written before the run id was stored
+            meta["mlflow_run_id"] = _sibling_run_id(p, meta["step"])
+    meta.update(path=str(p.resolve()), is_tag=p.is_dir())
+    return meta
+
+
+def load_run_config(meta: dict, overrides: list[str] = ()) -> Config:
+    """The checkpoint's resolved config with EVAL_OVERRIDES and then the user's key=value overrides on top."""
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / "config.yaml"
+        f.write_text(meta["config"])
+        cfg = load_config(str(f), EVAL_OVERRIDES + list(overrides))
+    stage = cfg.train.stage
+    if stage not in ("xe", "dico"):
+        raise ConfigError(f"checkpoint {meta['path']} is a '{stage}'-stage model, not a captioner (xe or dico)")
+    meta["stage"] = stage
+    return cfg
+
+
+def load_captioner(cfg: Config, meta: dict, device):
+    """(captioner in eval mode on device, tokenizer) with the checkpoint's weights."""
+    import torch
+
+    from dico_scale.data.tokenizer import CaptionTokenizer
+    from dico_scale.engine import load_weights
+    from dico_scale.models.captioner import Captioner
+    from dico_scale.models.clip import register_model_configs
+
+    if meta["is_tag"] and not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator at import
+    register_model_configs(cfg.clip_model_configs)
+    tok = CaptionTokenizer()
+    captioner = Captioner(cfg.captioner, tok)
+    with contextlib.redirect_stdout(sys.stderr):  # zero_to_fp32 prints progress; stdout may carry results
+        load_weights(captioner, meta["path"])
+    return captioner.to(device).eval(), tok
+
+
+def consolidate(tag_dir: str) -> dict:
+    """The fp32 export of a training checkpoint tag, as engine.export_weights would have written it."""
+    meta = checkpoint_meta(tag_dir)
+    if not meta["is_tag"]:
+        raise ConfigError(f"{tag_dir} is already an exported file, not a checkpoint folder")
+    if not os.environ.get("DS_ACCELERATOR"):
+        import torch
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    p = Path(meta["path"])
+    with contextlib.redirect_stdout(sys.stderr):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(p.parent), tag=p.name)
+    stage = OmegaConf.create(meta["config"]).train.stage  # read, not validated: its paths may be gone by now
+    return {"state_dict": {k: v.float().contiguous() for k, v in state.items()}, "config": meta["config"],
+            "stage": stage, "step": meta["step"], "mlflow_run_id": meta["mlflow_run_id"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dico_scale.export", description=__doc__.splitlines()[2])
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint tag folder, e.g. <output_dir>/checkpoints/step_00000100")
+    parser.add_argument("--out", required=True, help="the file to write (fp32, whole model, with its config)")
+    args = parser.parse_args(argv)
+    try:
+        blob = consolidate(args.checkpoint)
+    except ConfigError as e:
+        print(f"dico_scale.export: error: {e}", file=sys.stderr)
+        return 2
+    import torch
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = f"{args.out}.tmp"
+    torch.save(blob, tmp)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}: {len(blob['state_dict'])} tensors, stage={blob['stage']} step={blob['step']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

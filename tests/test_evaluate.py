@@ -1,0 +1,251 @@
+"""Evaluation suite, caption CLI and checkpoint export: metric definitions against independent recomputations,
+2-rank evaluation == 1-rank, a real ZeRO-2 checkpoint exported == the engine's own export, one-line input errors."""
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dico_scale import metrics
+from dico_scale.config import EvaluatorConfig
+from dico_scale.models.evaluator import Evaluator
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+RECORDS = [  # fixed candidates and references (ids as strings, punctuation and case for the PTB tokenizer)
+    {"key": "a", "caption": "A red circle on the left.", "refs": ["a red circle on the left", "a small red circle",
+                                                                  "there is a red circle at the left"]},
+    {"key": "b", "caption": "two blue squares", "refs": ["two blue squares on a dark background", "two squares"]},
+    {"key": "c", "caption": "a green star", "refs": ["a yellow star in the center", "a star, yellow and large"]},
+    {"key": "d", "caption": "", "refs": ["an orange cross at the top", "one orange cross"]},
+]
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """2 XE steps on 2 ranks (ZeRO-2): <tmp>/xe/model.pt (the engine's export) and its checkpoint tag; 7 test images
+    in shards of 4 + 3, so the 2 ranks get unequal shares."""
+    tmp = tmp_path_factory.mktemp("evaluate")
+    overrides = [f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "data.synthetic.n_train=32",
+                 "data.synthetic.n_val=2", "data.synthetic.n_test=7", "data.synthetic.samples_per_shard=4",
+                 "data.samples_per_epoch=16", "data.shuffle_buffer=8", "train.max_steps=2", "train.micro_batch_size=4",
+                 "train.val_max_images=2", "evaluator.weights=", "captioner.image_encoder_weights=",
+                 f"train.output_dir={tmp}/xe", "generation.max_len=8", "generation.beam_size=3"]
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "dico_scale/train.py",
+           "--config", "configs/demo/xe.yaml", *overrides]
+    _ok(subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600))
+    (tag,) = (tmp / "xe" / "checkpoints").glob("step_*")
+    return {"tmp": tmp, "model": tmp / "xe" / "model.pt", "tag": tag, "db": f"sqlite:///{tmp}/mlflow.db"}
+
+
+# ---- metric definitions ----------------------------------------------------------------------------------------------
+
+def test_coco_scores_equal_pycocoevalcap_and_spice_fails_alone(monkeypatch, tmp_path):
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    monkeypatch.setattr(metrics, "spice_lib", lambda: str(tmp_path))  # no CoreNLP jars there
+    scores, errors = metrics.coco_scores(RECORDS, spice=True)
+
+    tok = PTBTokenizer()
+    gts = tok.tokenize({r["key"]: [{"caption": c} for c in r["refs"]] for r in RECORDS})
+    res = tok.tokenize({r["key"]: [{"caption": r["caption"]}] for r in RECORDS})
+    bleu, _ = Bleu(4).compute_score(gts, res)
+    cider, _ = Cider().compute_score(gts, res)
+    assert [scores[f"BLEU-{n}"] for n in (1, 2, 3, 4)] == pytest.approx(bleu, abs=1e-12)
+    assert scores["CIDEr"] == pytest.approx(float(cider), abs=1e-12) and scores["CIDEr"] > 0
+    assert 0 < scores["METEOR"] < 1 and 0 < scores["ROUGE-L"] < 1  # computed although SPICE is not
+    assert scores["SPICE"] is None and set(errors) == {"SPICE"}
+    msg = errors["SPICE"]
+    assert "\n" not in msg and "stanford-corenlp-3.6.0.jar" in msg and "stanford-corenlp-3.6.0-models.jar" in msg
+    assert str(tmp_path) in msg and "get_stanford_models" in msg
+
+
+def test_spice_message_names_only_missing_jars(tmp_path):
+    (tmp_path / "stanford-corenlp-3.6.0.jar").write_bytes(b"")
+    msg = metrics.spice_missing(str(tmp_path))
+    assert "stanford-corenlp-3.6.0-models.jar" in msg and "stanford-corenlp-3.6.0.jar," not in msg
+    (tmp_path / "stanford-corenlp-3.6.0-models.jar").write_bytes(b"")
+    assert metrics.spice_missing(str(tmp_path)) is None
+
+
+CAPTIONS = ["a red circle", "a large blue square at the top left", "two shapes on a dark background", "a star"]
+REFS = [["a red circle", "a small red circle on the left"], ["a blue square"],
+        ["two shapes", "a circle and a star", "two shapes on a light background"], ["an orange cross"]]
+
+
+@pytest.mark.parametrize("metric,w", [("clips", 2.5), ("pacs", 2.0)])
+def test_clip_scores_equal_float64_recomputation(metric, w):
+    prefix = "A photo depicts "
+    torch.manual_seed(2)  # a random CLIP whose cosines here are positive for some images, negative for another
+    ev = Evaluator(EvaluatorConfig(model="dico-tiny", weights="", metric=metric, caption_prefix=prefix))
+    pixels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        score, ref_score, _ = metrics.clip_scores(ev, ev.image_features(pixels), CAPTIONS, REFS, ev.weight)
+
+    # float64, written from the definitions: w*max(cos,0); H-mean with max(max_r cos(c, r), 0), texts prefixed
+    clip = copy.deepcopy(ev.clip).double().eval()
+    tokenize = open_clip.get_tokenizer("dico-tiny")
+    with torch.no_grad():
+        img = F.normalize(clip.encode_image(pixels.double()), dim=-1)
+        txt = lambda texts: F.normalize(clip.encode_text(tokenize([prefix + t for t in texts])), dim=-1)  # noqa: E731
+        cand = txt(CAPTIONS)
+    expected, expected_ref = [], []
+    for i in range(len(CAPTIONS)):
+        s = w * max(float(img[i] @ cand[i]), 0.0)
+        r = max(max(float(cand[i] @ ref) for ref in txt(REFS[i])), 0.0)
+        expected.append(s)
+        expected_ref.append(2 * s * r / (s + r) if s + r > 0 else 0.0)
+    assert score.tolist() == pytest.approx(expected, abs=2e-5)
+    assert ref_score.tolist() == pytest.approx(expected_ref, abs=2e-5)
+    assert (score > 0).sum() == 3 and (score == 0).sum() == 1 and (ref_score > score).all() == False  # noqa: E712
+
+
+def test_recall_counts_ties_against_the_match():
+    images = torch.eye(3)
+    texts = torch.stack([torch.eye(3)[0], torch.eye(3)[0], torch.eye(3)[2]])  # captions 0 and 1 are the same text
+    r = metrics.recall_at_k(images, texts, ks=(1, 2, 3))
+    # i2t ranks: image 0 ties with caption 1 -> 1; image 1 scores 0 everywhere -> 2; image 2 -> 0
+    assert (r["i2t_R1"], r["i2t_R2"], r["i2t_R3"]) == pytest.approx((1 / 3, 2 / 3, 1.0))
+    # t2i ranks: caption 0 -> 0; caption 1 (its image scores 0, image 0 scores 1) -> 2; caption 2 -> 0
+    assert (r["t2i_R1"], r["t2i_R2"], r["t2i_R3"]) == pytest.approx((2 / 3, 2 / 3, 1.0))
+
+
+def test_caption_stats():
+    s = metrics.caption_stats(["A dog, a dog.", "a red circle", "two cats"], seen={"a red circle"}, ngrams=(1, 2, 3))
+    assert s == {"vocab_size": 6, "mean_length": 3.0, "novelty": pytest.approx(2 / 3),
+                 "repeat_1": pytest.approx(1 / 3), "repeat_2": pytest.approx(1 / 3), "repeat_3": 0.0}
+    assert metrics.caption_stats(["a b"])["novelty"] is None
+
+
+# ---- end to end ------------------------------------------------------------------------------------------------------
+
+def _close(a, b):
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, abs=1e-5)
+    return a == b
+
+
+@pytest.mark.distributed
+def test_two_ranks_equal_one_rank(trained, monkeypatch, tmp_path):
+    from dico_scale import evaluate
+
+    tmp = trained["tmp"]
+    args = ["--checkpoint", str(trained["model"]), "--shards", "test", "--batch-size", "2"]
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "dico_scale/evaluate.py", *args,
+           "--no-spice", "--out", str(tmp / "eval2.json")]
+    _ok(subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600))
+
+    monkeypatch.setattr(metrics, "spice_lib", lambda: str(tmp_path))  # SPICE fails alone, also if jars exist here
+    assert evaluate.main(args + ["--out", str(tmp / "eval1.json")]) == 0
+    one, two = (json.loads((tmp / f"eval{n}.json").read_text()) for n in (1, 2))
+
+    assert one["images"] == two["images"] == 7
+    assert [c["key"] for c in two["captions"]] == [f"test_{i:06d}" for i in range(7)]
+    for a, b in zip(one["captions"], two["captions"]):
+        assert a["caption"] == b["caption"] and a["refs"] == b["refs"]
+        assert a["CLIP-S"] == pytest.approx(b["CLIP-S"], abs=1e-5)
+        assert a["RefCLIP-S"] == pytest.approx(b["RefCLIP-S"], abs=1e-5)
+    assert one["metrics"]["SPICE"] is None and "get_stanford_models" in one["errors"]["SPICE"]
+    assert two["metrics"]["SPICE"] is None and "SPICE" not in two["errors"]
+    for k, v in two["metrics"].items():
+        assert _close(one["metrics"][k], v), (k, one["metrics"][k], v)
+    for k in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "CLIP-S", "RefCLIP-S", "CLIP-S/t2i_R1", "CLIP-S/i2t_R10",
+              "vocab_size", "mean_length", "novelty", "repeat_4"):
+        assert isinstance(two["metrics"][k], (int, float)), k
+
+    # logged on the checkpoint's training run (model.pt holds no run id: the sibling checkpoint's is used)
+    from mlflow.tracking import MlflowClient
+    state = torch.load(trained["tag"] / "mp_rank_00_model_states.pt", weights_only=False)
+    assert one["mlflow_run_id"] == two["mlflow_run_id"] == state["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=trained["db"])
+    run = client.get_run(state["mlflow_run_id"])
+    assert run.data.metrics["eval/test/CLIP-S"] == pytest.approx(one["metrics"]["CLIP-S"])
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "eval/step_00000002")] == [
+        "eval/step_00000002/eval_test.json"]
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    from dico_scale import export
+
+    out = trained["tmp"] / "exported.pt"
+    with pytest.MonkeyPatch.context() as mp:  # DeepSpeed reads it at import; not left behind for other tests
+        mp.setenv("DS_ACCELERATOR", "cpu")
+        assert export.main(["--checkpoint", str(trained["tag"]), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.distributed
+def test_export_equals_engine_export(trained, exported):
+    ours = torch.load(exported, weights_only=True)
+    engine = torch.load(trained["model"], weights_only=True)
+    assert list(ours["state_dict"]) == list(engine["state_dict"])
+    for k, v in engine["state_dict"].items():
+        assert ours["state_dict"][k].dtype == torch.float32 and torch.equal(ours["state_dict"][k], v), k
+    assert (ours["config"], ours["stage"], ours["step"]) == (engine["config"], engine["stage"], engine["step"])
+    state = torch.load(trained["tag"] / "mp_rank_00_model_states.pt", weights_only=False)
+    assert ours["mlflow_run_id"] == state["mlflow_run_id"] and ours["mlflow_run_id"]
+
+
+@pytest.mark.distributed
+def test_caption_cli_on_a_folder(trained, exported, tmp_path):
+    from PIL import Image
+
+    from dico_scale.export import checkpoint_meta, load_captioner, load_run_config
+    from dico_scale.validate import generate
+
+    rng = np.random.default_rng(0)
+    for name in ("b.jpg", "a.png", "c.jpeg"):
+        Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    cmd = [sys.executable, "-m", "dico_scale.caption", "--checkpoint", str(exported), str(tmp_path),
+           "--beam-size", "2", "--max-len", "6"]
+    lines = _ok(subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)).stdout.splitlines()
+    paths = [str(tmp_path / n) for n in ("a.png", "b.jpg", "c.jpeg")]
+    assert [line.split("\t")[0] for line in lines] == paths
+
+    meta = checkpoint_meta(str(trained["model"]))  # the engine's export: same weights, same captions
+    cfg = load_run_config(meta, ["evaluator.weights=", "generation.beam_size=2", "generation.max_len=6"])
+    captioner, tok = load_captioner(cfg, meta, torch.device("cpu"))
+    pixels = torch.stack([captioner.preprocess(Image.open(p).convert("RGB")) for p in paths])
+    assert [line.split("\t", 1)[1] for line in lines] == generate(captioner, tok, pixels, 2, 6)
+
+
+@pytest.mark.distributed
+def test_bad_input_is_one_line_and_exit_2(trained):
+    model = str(trained["model"])
+    cases = {
+        "checkpoint not found": ["dico_scale.evaluate", "--checkpoint", "/nonexistent/model.pt"],
+        "bad shard spec": ["dico_scale.evaluate", "--checkpoint", model, "--shards", "/nonexistent/x-{0..3}.tar"],
+        "UnbalancedBraces": ["dico_scale.evaluate", "--checkpoint", model, "--shards", "/tmp/x-{0.."],
+        "generation.beam_sizee": ["dico_scale.evaluate", "--checkpoint", model, "generation.beam_sizee=3"],
+        "not a checkpoint folder": ["dico_scale.export", "--checkpoint", model, "--out", "/tmp/x.pt"],
+        "no such image": ["dico_scale.caption", "--checkpoint", model, "/nonexistent.jpg"],
+    }
+    procs = {k: subprocess.Popen([sys.executable, "-m", *argv], cwd=REPO, env=ENV, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k, argv in cases.items()}
+    for expected, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (expected, out, err)
+        assert "\n" not in err.strip() and expected in err and "Traceback" not in err, (expected, err)
