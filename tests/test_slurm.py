@@ -187,7 +187,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes_on_the_same_run(slurm_cl
         subprocess.run(["scancel", str(job)], capture_output=True)
     batch = (logs / f"pre-{job}.out").read_text()
     assert _job_field(job, "JobState") in ("COMPLETED", ""), batch[-3000:]
-    assert "preempted (exit 3): requeueing job" in batch and "restart 1" in batch, batch[-3000:]
+    # srun reports 3, or 143 when --kill-on-bad-exit ended the other node's task first (after its checkpoint)
+    assert re.search(r"preempted \(exit (3|143)\): requeueing job", batch) and "restart 1" in batch, batch[-3000:]
     assert "job step finished with exit code 0" in batch, batch[-3000:]
     node_text = "".join(p.read_text() for p in logs.glob(f"pre-{job}-node*.out"))
     saved = int(re.search(r"preempted: checkpoint saved at step (\d+)", node_text).group(1))
