@@ -3,11 +3,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import check_ok, free_port
 import torch
 
 pytestmark = pytest.mark.distributed
@@ -21,31 +21,19 @@ def _common(tmp: Path) -> list[str]:
 
 
 def _launch(script: str, config: str, overrides: list[str], timeout=600, **kw):
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), script, "--config", config, *overrides]
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), script, "--config", config, *overrides]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     """Evaluator then XE, 2 ranks each, a few steps: the weights the dico stage starts from."""
     tmp = tmp_path_factory.mktemp("chain")
-    _ok(_launch("dico_scale/train.py", "configs/demo/evaluator.yaml",
+    check_ok(_launch("dico_scale/train.py", "configs/demo/evaluator.yaml",
                 _common(tmp) + [f"train.output_dir={tmp}/evaluator", "train.max_steps=3", "train.micro_batch_size=8"]))
     weights = [f"evaluator.weights={tmp}/evaluator/model.pt", f"captioner.image_encoder_weights={tmp}/evaluator/model.pt"]
-    _ok(_launch("dico_scale/train.py", "configs/demo/xe.yaml",
+    check_ok(_launch("dico_scale/train.py", "configs/demo/xe.yaml",
                 _common(tmp) + weights + [f"train.output_dir={tmp}/xe", "train.max_steps=3",
                                           "train.micro_batch_size=4", "train.val_max_images=4"]))
     return tmp, weights
@@ -54,7 +42,7 @@ def chain(tmp_path_factory):
 def test_dico_zero2_two_ranks_step_and_stay_identical(chain):
     tmp, weights = chain
     out = tmp / "dico"
-    proc = _ok(_launch("tests/distributed/replica_check.py", "configs/demo/dico.yaml",
+    proc = check_ok(_launch("tests/distributed/replica_check.py", "configs/demo/dico.yaml",
                        _common(tmp) + weights + [f"train.output_dir={out}", f"train.init_from={tmp}/xe/model.pt",
                                                  "train.max_steps=4", "train.micro_batch_size=2",
                                                  "generation.beam_size=3", "generation.max_len=6",
@@ -86,7 +74,7 @@ def test_killed_run_resumes_at_next_step_on_same_mlflow_run(chain):
     out, db = tmp / "resume", tmp / "resume.db"
     args = _common(tmp) + weights + [f"train.output_dir={out}", f"tracking.uri=sqlite:///{db}", "train.save_every=2",
                                      "train.micro_batch_size=4", "train.keep_checkpoints=5", "train.val_every=0"]
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "dico_scale/train.py",
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "dico_scale/train.py",
            "--config", "configs/demo/xe.yaml", *args, "train.max_steps=1000"]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu"}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -101,7 +89,7 @@ def test_killed_run_resumes_at_next_step_on_same_mlflow_run(chain):
     resumed_from = int(tags[-1].split("_")[1])
     stop = resumed_from + 3
 
-    second = _ok(_launch("dico_scale/train.py", "configs/demo/xe.yaml", args + ["train.resume=auto",
+    second = check_ok(_launch("dico_scale/train.py", "configs/demo/xe.yaml", args + ["train.resume=auto",
                                                                              f"train.max_steps={stop}"]))
     assert f"at step {resumed_from}" in second.stdout
     from mlflow.tracking import MlflowClient
@@ -125,7 +113,7 @@ def test_signal_checkpoints_all_ranks_and_exits_for_requeue(chain):
     out, db = tmp / "preempt", tmp / "preempt.db"
     args = _common(tmp) + weights + [f"train.output_dir={out}", f"tracking.uri=sqlite:///{db}",
                                      "train.micro_batch_size=4", "train.val_every=0", "train.save_every=1000"]
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "dico_scale/train.py",
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "dico_scale/train.py",
            "--config", "configs/demo/xe.yaml", *args, "train.max_steps=1000"]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu"}, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -152,7 +140,7 @@ def test_signal_checkpoints_all_ranks_and_exits_for_requeue(chain):
     assert {p.name for p in tag.glob("zero_pp_rank_*_optim_states.pt")} == {
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
 
-    second = _ok(_launch("dico_scale/train.py", "configs/demo/xe.yaml",
+    second = check_ok(_launch("dico_scale/train.py", "configs/demo/xe.yaml",
                          args + ["train.resume=auto", f"train.max_steps={saved + 2}"]))
     assert f"at step {saved}" in second.stdout
     from mlflow.tracking import MlflowClient

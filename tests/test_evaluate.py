@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import pytest
+from helpers import check_ok, free_port
 import torch
 import torch.nn.functional as F
 
@@ -28,18 +29,6 @@ RECORDS = [  # fixed candidates and references (ids as strings, punctuation and 
 ]
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """2 XE steps on 2 ranks (ZeRO-2): <tmp>/xe/model.pt (the engine's export) and its checkpoint tag; 7 test images
@@ -50,9 +39,9 @@ def trained(tmp_path_factory):
                  "data.samples_per_epoch=16", "data.shuffle_buffer=8", "train.max_steps=2", "train.micro_batch_size=4",
                  "train.val_max_images=2", "evaluator.weights=", "captioner.image_encoder_weights=",
                  f"train.output_dir={tmp}/xe", "generation.max_len=8", "generation.beam_size=3"]
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "dico_scale/train.py",
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "dico_scale/train.py",
            "--config", "configs/demo/xe.yaml", *overrides]
-    _ok(subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600))
+    check_ok(subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600))
     (tag,) = (tmp / "xe" / "checkpoints").glob("step_*")
     return {"tmp": tmp, "model": tmp / "xe" / "model.pt", "tag": tag, "db": f"sqlite:///{tmp}/mlflow.db"}
 
@@ -152,9 +141,9 @@ def test_two_ranks_equal_one_rank(trained, monkeypatch, tmp_path):
 
     tmp = trained["tmp"]
     args = ["--checkpoint", str(trained["model"]), "--shards", "test", "--batch-size", "2"]
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "dico_scale/evaluate.py", *args,
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "dico_scale/evaluate.py", *args,
            "--no-spice", "--out", str(tmp / "eval2.json")]
-    _ok(subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600))
+    check_ok(subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600))
 
     monkeypatch.setattr(metrics, "spice_lib", lambda: str(tmp_path))  # SPICE fails alone, also if jars exist here
     assert evaluate.main(args + ["--out", str(tmp / "eval1.json")]) == 0
@@ -221,7 +210,7 @@ def test_caption_cli_on_a_folder(trained, exported, tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     cmd = [sys.executable, "-m", "dico_scale.caption", "--checkpoint", str(exported), str(tmp_path),
            "--beam-size", "2", "--max-len", "6"]
-    lines = _ok(subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)).stdout.splitlines()
+    lines = check_ok(subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)).stdout.splitlines()
     paths = [str(tmp_path / n) for n in ("a.png", "b.jpg", "c.jpeg")]
     assert [line.split("\t")[0] for line in lines] == paths
 

@@ -8,11 +8,11 @@ task per node, each starting torchrun with one CPU rank, joined by a c10d rendez
 import os
 import re
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parent.parent
@@ -34,12 +34,6 @@ def slurm_cluster():
     subprocess.run(["bash", str(CLUSTER), "down"], capture_output=True, text=True, timeout=120)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tiny(tmp: Path) -> list[str]:
     return [f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "data.synthetic.n_train=100",
             "data.synthetic.n_val=8", "data.synthetic.n_test=8", "data.synthetic.samples_per_shard=25",
@@ -52,7 +46,7 @@ def _sbatch(script: str, config: str, tmp: Path, name: str, overrides: list[str]
     """sbatch --wait on 2 nodes x 1 CPU rank; returns the job id and the log folder."""
     logs = tmp / "logs"
     logs.mkdir(exist_ok=True)
-    env = {**os.environ, "CONFIG": config, "LOG_DIR": str(logs), "MASTER_PORT": str(_free_port()),
+    env = {**os.environ, "CONFIG": config, "LOG_DIR": str(logs), "MASTER_PORT": str(free_port()),
            "LOGLEVEL": "INFO",  # torchrun logs its rendezvous result: the ranks each node got
            "PYTHONUNBUFFERED": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "DS_ACCELERATOR"):
@@ -162,7 +156,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_on_the_same_run(slurm_cl
     logs.mkdir()
     overrides = _tiny(tmp_path) + [f"train.output_dir={out}", "train.max_steps=14", "train.save_every=1000",
                                    "train.val_every=0"]
-    env = {**os.environ, "CONFIG": "configs/demo/xe.yaml", "LOG_DIR": str(logs), "MASTER_PORT": str(_free_port()),
+    env = {**os.environ, "CONFIG": "configs/demo/xe.yaml", "LOG_DIR": str(logs), "MASTER_PORT": str(free_port()),
            "PYTHONUNBUFFERED": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "DS_ACCELERATOR"):
         env.pop(k, None)
