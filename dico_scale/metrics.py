@@ -1,6 +1,6 @@
 """Caption metrics: the COCO set through pycocoevalcap, CLIP-based scores, retrieval with the captions, statistics.
 
-Definitions follow the official tools (see docs/evaluation.md for the evidence):
+Definitions follow the official tools (the README section "Evaluation, inference and export" gives the evidence):
   CLIP-S  = 2.5 * max(cos(image, caption), 0)                       (jmhessel/clipscore, w = 2.5)
   PAC-S   = 2.0 * max(cos(image, caption), 0)                       (aimagelab/pacscore, w = 2.0)
   Ref-X   = harmonic mean of X and max(max_r cos(caption, reference r), 0); the text-text cosine is not scaled by w.
