@@ -75,7 +75,6 @@ def run(cfg: Config) -> dict:
             print(f"resumed from {resume_from} at step {engine.global_steps}", flush=True)
 
     tracker = Tracker(cfg, rank, state.mlflow_run_id)
-    state.mlflow_run_id = tracker.run_id
     run_ids = [None] * world
     dist.all_gather_object(run_ids, tracker.run_id)  # every rank writes the run id into its checkpoint state
     state.mlflow_run_id = run_ids[0]
