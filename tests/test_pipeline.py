@@ -63,7 +63,7 @@ def test_train_batches(tiny_shards, preprocess, tok, clean_env):
     known = set(all_keys(tiny_shards["train"]))
     verbatim = 0
     for b in batches:
-        assert set(b) == {"pixels", "refs", "keys", "tokens"}
+        assert set(b) == {"pixels", "refs", "keys", "captions", "tokens"}
         assert b["pixels"].shape == (4, 3, 64, 64) and b["pixels"].dtype == torch.float32
         assert torch.isfinite(b["pixels"]).all() and b["pixels"].std() > 0.1
         assert len(b["refs"]) == 4 and all(len(r) == 5 and all(isinstance(c, str) and c for c in r)
@@ -72,7 +72,8 @@ def test_train_batches(tiny_shards, preprocess, tok, clean_env):
         t = b["tokens"]
         assert t.dtype == torch.long and t.dim() == 2 and t.size(0) == 4 and t.size(1) <= MAX_TOKENS
         assert (t[:, 0] == tok.bos).all()
-        for row, refs in zip(t.tolist(), b["refs"]):
+        for row, refs, picked in zip(t.tolist(), b["refs"], b["captions"]):
+            assert picked in refs and tok.decode(row) == tok.decode(tok.encode(picked, MAX_TOKENS))
             end = row.index(tok.eos)
             assert all(x == tok.pad for x in row[end + 1:]) and tok.pad not in row[:end]
             caption = tok.decode(row)

@@ -2,7 +2,7 @@
 
 A sample on disk is `<key>.jpg` + `<key>.json` (a list of reference captions). A batch is a dict:
   pixels [B, 3, H, W] (captioner preprocessing), eval_pixels (evaluator preprocessing, only when it differs),
-  refs (list of caption lists), keys, tokens [B, L] (one reference per image, tokenised with a pad token).
+  refs (list of caption lists), keys, captions (one reference per image) and their tokens [B, L] (with a pad token).
 
 Training streams resample shards from one seeded sequence that every rank and worker draws alike, then split it by
 node and by worker, so ranks read different shards and every rank yields exactly the same number of batches per epoch.
@@ -46,8 +46,8 @@ class Collate:
         batch = {"pixels": torch.stack([self.preprocess(im) for im in images]), "refs": list(refs), "keys": list(keys)}
         if self.eval_preprocess is not None:
             batch["eval_pixels"] = torch.stack([self.eval_preprocess(im) for im in images])
-        picked = [self.rng.choice(r) for r in refs]
-        batch["tokens"] = self.tokenizer.batch(picked, self.max_tokens)
+        batch["captions"] = [self.rng.choice(r) for r in refs]
+        batch["tokens"] = self.tokenizer.batch(batch["captions"], self.max_tokens)
         return batch
 
 

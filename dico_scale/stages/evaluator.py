@@ -30,17 +30,12 @@ class EvaluatorStage(Stage):
 
     def step(self, engine, batch) -> StepOutput:
         pixels = batch["pixels"].to(self.device, self.dtype)
-        text = self._texts(batch)
+        text = self.evaluator.tokenize(batch["captions"])  # the reference the pipeline sampled for each image
         image_features, text_features, logit_scale = engine(pixels, text)[:3]
         logit_scale = logit_scale.clamp(max=100.0)  # CLIP's cap on the temperature
         loss = self.loss(image_features, text_features, logit_scale)
         return StepOutput(loss, {"evaluator/logit_scale": logit_scale.detach()}, images=pixels.size(0),
                           tokens=int((text != 0).sum()))
-
-    def _texts(self, batch) -> torch.Tensor:
-        # The caption the pipeline sampled for this image, re-tokenised for CLIP's text tower.
-        captions = [self.tokenizer.decode(row) for row in batch["tokens"]]
-        return self.evaluator.tokenize(captions)
 
     @torch.no_grad()
     def validate(self, engine, loader):
