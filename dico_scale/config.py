@@ -80,7 +80,7 @@ class DicoConfig:
 
 @dataclass
 class LossConfig:
-    kernel: str = "auto"  # auto | triton | torch
+    kernel: str = "auto"  # auto: Triton on CUDA, torch on CPU | triton (on CPU only with TRITON_INTERPRET=1) | torch
 
 
 @dataclass
@@ -229,8 +229,6 @@ def validate(c: Config) -> None:
     _check(o.schedule in ("constant", "cosine"), "optim.schedule", f"'{o.schedule}' is not constant or cosine")
     _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must lie in [0, 1]")
     _check(c.loss.kernel in ("auto", "triton", "torch"), "loss.kernel", f"'{c.loss.kernel}' is not auto, triton or torch")
-    # Only the torch reference exists so far; `auto` will pick Triton on CUDA once the kernels land.
-    _check(c.loss.kernel != "triton", "loss.kernel", "the Triton kernels are not in this version yet (use auto or torch)")
     _check(c.evaluator.metric in ("pacs", "clips"), "evaluator.metric", f"'{c.evaluator.metric}' is not pacs or clips")
     _check(c.captioner.width % c.captioner.heads == 0, "captioner.width", "must be divisible by captioner.heads")
     _check(0.0 <= c.captioner.dropout < 1.0, "captioner.dropout", "must lie in [0, 1)")
