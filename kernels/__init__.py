@@ -1,7 +1,60 @@
-"""Loss kernels for DiCO training (installed as ``dico_scale.kernels``)."""
+"""Loss kernels for DiCO training (installed as ``dico_scale.kernels``).
 
-# Plain-torch versions for now; a dispatcher will pick the Triton kernels on
-# CUDA later, keeping these names and signatures.
-from .reference import dico_loss, sequence_logprobs
+Each entry point takes `kernel`: "triton" runs the Triton kernel (CUDA tensors, or CPU tensors under
+TRITON_INTERPRET=1), "torch" the plain-torch reference in reference.py, "auto" Triton for CUDA tensors and the
+reference otherwise. The Triton modules are imported on first use, so a CPU-only install never compiles anything.
+"""
+from __future__ import annotations
 
-__all__ = ["sequence_logprobs", "dico_loss"]
+import os
+
+from torch import Tensor
+
+from . import reference
+
+KERNELS = ("auto", "triton", "torch")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(kernel: str, tensor: Tensor) -> bool:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    if kernel == "auto":
+        return tensor.is_cuda
+    if kernel == "triton" and not tensor.is_cuda and not interpreting():
+        raise ValueError("kernel='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to interpret on the CPU)")
+    return kernel == "triton"
+
+
+def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor, kernel: str = "auto") -> Tensor:
+    """[N] sums of masked log-softmax(logits)[labels]; logits [N, T, V]."""
+    if use_triton(kernel, logits):
+        from .logprobs import sequence_logprobs_triton
+        return sequence_logprobs_triton(logits, labels, mask)
+    return reference.sequence_logprobs(logits, labels, mask)
+
+
+def fused_linear_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor,
+                                   kernel: str = "auto") -> Tensor:
+    """The same from decoder states hidden [N, T, H] and the output head weight [V, H]; the Triton kernel never
+    materialises the [N*T, V] logits."""
+    if use_triton(kernel, hidden):
+        from .fused_linear import fused_linear_sequence_logprobs_triton
+        return fused_linear_sequence_logprobs_triton(hidden, weight, labels, mask)
+    return reference.fused_linear_sequence_logprobs(hidden, weight, labels, mask)
+
+
+def dico_loss(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, beta: float = 0.2, tau: float = 300.0,
+              kernel: str = "auto"):
+    """(scalar loss, detached metrics) of DiCO over [B, k] candidates; see reference.dico_loss."""
+    if use_triton(kernel, policy_logps):
+        from .dico_loss import dico_loss_triton
+        return dico_loss_triton(policy_logps, ref_logps, rewards, beta=beta, tau=tau)
+    return reference.dico_loss(policy_logps, ref_logps, rewards, beta=beta, tau=tau)
+
+
+__all__ = ["KERNELS", "sequence_logprobs", "fused_linear_sequence_logprobs", "dico_loss", "use_triton",
+           "interpreting"]

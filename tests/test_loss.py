@@ -113,7 +113,19 @@ def _check_against_ref(pi, ref, r, beta, tau, rtol=1e-10, atol=1e-10):
 # ---------------------------------------------------------------------------
 
 def test_exports():
-    assert set(kernels.__all__) == {"sequence_logprobs", "dico_loss"}
+    assert {"sequence_logprobs", "fused_linear_sequence_logprobs", "dico_loss"} <= set(kernels.__all__)
+
+
+def test_dispatch_picks_the_reference_on_cpu_and_checks_the_kernel_name(monkeypatch):
+    x = torch.zeros(2, 3)
+    assert not kernels.use_triton("auto", x) and not kernels.use_triton("torch", x)
+    with pytest.raises(ValueError, match="kernel must be one of auto, triton, torch, got 'cuda'"):
+        kernels.use_triton("cuda", x)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.use_triton("triton", x)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        kernels.use_triton("triton", x)
 
 
 @pytest.mark.parametrize("k", [2, 3, 5, 8])

@@ -59,17 +59,21 @@ class Captioner(nn.Module):
         return F.linear(hidden, self.lm_head_weight)
 
     def forward(self, tokens: torch.Tensor, pixels: torch.Tensor | None = None,
-                visual_tokens: torch.Tensor | None = None, repeats: int = 1) -> torch.Tensor:
+                visual_tokens: torch.Tensor | None = None, repeats: int = 1,
+                return_hidden: bool = False) -> torch.Tensor:
         """Teacher-forced logits [N, T-1, V] predicting tokens[:, 1:]; each image serves `repeats` rows of tokens.
 
         Pass pixels, or visual_tokens already computed (the frozen tower's output, shared with the reference model).
+        return_hidden: the decoder states [N, T-1, width] instead, for the fused head + log-prob kernel, which never
+        materialises the logits.
         """
         if visual_tokens is None:
             visual_tokens = self.encode_image(pixels)
         memory = self.encode(visual_tokens)
         if repeats > 1:
             memory = memory.repeat_interleave(repeats, dim=0)
-        return self.logits(self.decode(tokens[:, :-1], memory))
+        hidden = self.decode(tokens[:, :-1], memory)
+        return hidden if return_hidden else self.logits(hidden)
 
 
 def disable_dropout(model: nn.Module) -> None:

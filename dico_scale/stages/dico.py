@@ -6,7 +6,8 @@ import copy
 
 import torch
 
-from ..kernels import dico_loss, sequence_logprobs
+from ..config import ConfigError
+from ..kernels import dico_loss, fused_linear_sequence_logprobs, interpreting, sequence_logprobs
 from ..models.captioner import disable_dropout
 from ..models.generation import beam_search
 from .base import CaptionerStage, StepOutput
@@ -17,6 +18,12 @@ class DicoStage(CaptionerStage):
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device, need_evaluator=True)
+        self.kernel = cfg.loss.kernel
+        if self.kernel == "triton" and device.type != "cuda" and not interpreting():
+            raise ConfigError("loss.kernel=triton needs CUDA (or TRITON_INTERPRET=1 to interpret the kernels on the CPU)")
+        # The fused head + log-prob kernel never materialises [B*k, T, V] logits; the torch path does, as the
+        # DiCO reference code.
+        self.fused = self.kernel == "triton" or (self.kernel == "auto" and device.type == "cuda")
         if cfg.dico.disable_dropout:
             disable_dropout(self.module)
         # The reference is the starting captioner without its (frozen, shared) image tower.
@@ -40,6 +47,15 @@ class DicoStage(CaptionerStage):
         policy.train()
         return tokens.flatten(0, 1)
 
+    def _logprobs(self, forward, model, candidates, visual_tokens, labels, mask) -> torch.Tensor:
+        """[B*k] summed log-probs of the candidates under `forward` (the engine or the reference model)."""
+        k = self.cfg.generation.beam_size
+        if self.fused:
+            hidden = forward(candidates, visual_tokens=visual_tokens, repeats=k, return_hidden=True)
+            return fused_linear_sequence_logprobs(hidden, model.lm_head_weight, labels, mask, kernel="triton")
+        logits = forward(candidates, visual_tokens=visual_tokens, repeats=k)
+        return sequence_logprobs(logits, labels, mask, kernel=self.kernel)
+
     def step(self, engine, batch) -> StepOutput:
         policy, k, pad = engine.module, self.cfg.generation.beam_size, self.tokenizer.pad
         with torch.no_grad():
@@ -54,11 +70,11 @@ class DicoStage(CaptionerStage):
 
         labels = candidates[:, 1:]
         mask = labels != pad  # tokens after BOS up to and including EOS
-        logits = engine(candidates, visual_tokens=visual_tokens, repeats=k)
-        policy_logps = sequence_logprobs(logits, labels, mask).view(B, k)
-        with torch.no_grad():
-            ref_logits = self.reference(candidates, visual_tokens=visual_tokens, repeats=k)
-            ref_logps = sequence_logprobs(ref_logits, labels, mask).view(B, k)
-        loss, metrics = dico_loss(policy_logps, ref_logps, rewards, beta=self.cfg.dico.beta, tau=self.cfg.dico.tau)
+        policy_logps = self._logprobs(engine, policy, candidates, visual_tokens, labels, mask).view(B, k)
+        with torch.no_grad():  # the reference's forward-only path saves nothing
+            ref_logps = self._logprobs(self.reference, self.reference, candidates, visual_tokens, labels,
+                                       mask).view(B, k)
+        loss, metrics = dico_loss(policy_logps, ref_logps, rewards, beta=self.cfg.dico.beta, tau=self.cfg.dico.tau,
+                                  kernel=self.kernel)
         metrics["dico/candidate_len"] = mask.sum(-1).float().mean()
         return StepOutput(loss, metrics, images=B, tokens=int(mask.sum()))
