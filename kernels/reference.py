@@ -104,3 +104,21 @@ def dico_loss(
             "score/mean": r.mean(),
         }
     return loss, metrics
+
+
+def fused_linear_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor,
+                                   chunk_rows: int = 64) -> Tensor:
+    """sequence_logprobs(hidden @ weight.T, labels, mask), a few sequences at a time.
+
+    hidden [N, T, H], weight [V, H] (the lm_head). Chunking over sequences bounds the
+    logits held at once to chunk_rows * T * V; the result is the same as one big call.
+    """
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [N, T, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"weight must be [V, {hidden.shape[2]}], got shape {tuple(weight.shape)}")
+    parts = [sequence_logprobs(h @ weight.T, lab, m) for h, lab, m in
+             zip(hidden.split(chunk_rows), labels.split(chunk_rows), mask.split(chunk_rows))]
+    if not parts:  # N == 0
+        return hidden.new_zeros(0, dtype=_compute_dtype(hidden))
+    return torch.cat(parts)
