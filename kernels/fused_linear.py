@@ -210,7 +210,7 @@ def _plan(h2: Tensor, labels: Tensor, mask: Tensor, dedup) -> _Plan:
 def _num_splits(U: int, V: int, device: torch.device) -> int:
     # Enough (row tile, split) programs to fill the GPU: ~4 per SM, splits of >= 1024 columns.
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return max(1, min(triton.cdiv(4 * sms, triton.cdiv(U, 128)), triton.cdiv(V, 1024)))
+    return max(1, min(triton.cdiv(4 * sms, max(1, triton.cdiv(U, 128))), triton.cdiv(V, 1024)))
 
 
 def _flags(x: Tensor) -> dict:

@@ -43,14 +43,14 @@ def _fwd_kernel(x_ptr, labels_ptr, mask_ptr, lse_ptr, tok_ptr, T, V, stride_n, s
         # int64 offsets: N*T*V passes 2^31 at the shapes.
         base = x_ptr + (row // T).to(tl.int64) * stride_n + (row % T).to(tl.int64) * stride_t
         cols = tl.arange(0, BLOCK)
-        m = tl.full([BLOCK], float("-inf"), tl.float32)  # per-lane running max
-        s = tl.zeros([BLOCK], tl.float32)  # per-lane running sum of exp(x - m)
+        # Per-lane running max and sum of exp(x - m). A finite start keeps lanes past V (and
+        # -inf logits) at exp(-inf) = 0 instead of exp(-inf - -inf) = nan.
+        m = tl.full([BLOCK], -1e30, tl.float32)
+        s = tl.zeros([BLOCK], tl.float32)
         for v0 in range(0, V, BLOCK):
             x = tl.load(base + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, x)
-            # Lanes that have only seen -inf keep s = 0 (avoid -inf - -inf = nan).
-            scale = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
-            s = s * scale + tl.where(m_new == float("-inf"), 0.0, tl.exp(x - m_new))
+            s = s * tl.exp(m - m_new) + tl.exp(x - m_new)
             m = m_new
         mx = tl.max(m, 0)
         lse = mx + tl.log(tl.sum(s * tl.exp(m - mx), 0))
