@@ -13,11 +13,12 @@ from pathlib import Path
 import open_clip
 import pytest
 import webdataset as wds
+import yaml
 from PIL import Image
 
 from dico_scale.data.pipeline import Collate, eval_loader
 from dico_scale.data.tokenizer import CaptionTokenizer
-from dico_scale.data.write_shards import main
+from dico_scale.data.write_shards import brace_spec, main, parser
 
 SIZES = [(320, 240), (240, 320), (200, 150), (150, 200), (256, 256), (300, 100),
          (100, 300), (180, 120), (120, 180), (224, 168), (168, 224), (288, 216)]
@@ -254,3 +255,14 @@ def test_module_cli(coco, tmp_path):
     p = subprocess.run(cmd + ["--splits", "nope"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         "write_shards: error: unknown split 'nope'; the source has: train, val, test"]
+
+
+@pytest.mark.parametrize("path,images", [("coco/base.yaml", {"train": 113287, "val": 5000, "test": 5000}),
+                                         ("flickr30k/base.yaml", {"train": 29000, "val": 1014, "test": 1000})])
+def test_config_specs_follow_writer_naming(repo, path, images):
+    """The shipped configs name exactly the shards the writer makes for the standard splits with its defaults."""
+    data = yaml.safe_load((repo / "configs" / path).read_text())["data"]
+    per = parser().parse_args(["jsonl", "--input", "x", "--out", "y"]).samples_per_shard
+    for split, n in images.items():
+        assert data[f"{split}_shards"] == "${data.root}/" + brace_spec([f"{split}-{i:06d}.tar" for i in range(-(-n // per))])
+    assert data["samples_per_epoch"] == images["train"]
