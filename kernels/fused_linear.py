@@ -10,7 +10,6 @@ has the design.
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import triton
@@ -132,7 +131,14 @@ def _bwd_kernel(h_ptr, urow_ptr, w_ptr, lse_ptr, coef_ptr, g_ptr, d_ptr, U, H, v
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp(x - lse[:, None]), 0.0)
     coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
-    pc = p * coef[:, None]
+    # Both probability operands are cast once, to the input dtype (bf16 on GPU: tensor cores,
+    # half the registers), before the H loop; fp32 accumulate. The interpreter keeps fp32.
+    if UPCAST:
+        p_in = p
+        pct_in = tl.trans(p * coef[:, None])
+    else:
+        p_in = p.to(w_ptr.dtype.element_ty)
+        pct_in = tl.trans(p * coef[:, None]).to(h_ptr.dtype.element_ty)
     rows64 = rows.to(tl.int64)
     dcols = (cols - v_begin).to(tl.int64)
     for k0 in range(0, H, BLOCK_K):
@@ -143,10 +149,9 @@ def _bwd_kernel(h_ptr, urow_ptr, w_ptr, lse_ptr, coef_ptr, g_ptr, d_ptr, U, H, v
         if UPCAST:
             hk = hk.to(tl.float32)
             wk = wk.to(tl.float32)
-        # Probabilities go into the tensor cores in the input dtype (bf16 on GPU), fp32 accumulate.
-        g = tl.dot(p.to(wk.dtype), wk, input_precision=PRECISION)
+        g = tl.dot(p_in, wk, input_precision=PRECISION)
         tl.atomic_add(g_ptr + rows64[:, None] * H + ks[None, :], g, mask=row_ok[:, None] & k_ok[None, :])
-        d = tl.dot(tl.trans(pc).to(hk.dtype), hk, input_precision=PRECISION)
+        d = tl.dot(pct_in, hk, input_precision=PRECISION)
         tl.atomic_add(d_ptr + dcols[:, None] * H + ks[None, :], d, mask=col_ok[:, None] & k_ok[None, :])
 
 
@@ -238,8 +243,9 @@ def _forward(h2: Tensor, weight: Tensor, plan: _Plan, N: int, T: int):
     if Rt:
         _label_logit_kernel[(Rt,)](h2, plan.trow, weight, plan.lab, plan.tmask, z, H, h2.stride(0),
                                    weight.stride(0), BLOCK_H=min(1024, triton.next_power_of_2(H)))
-    tok = torch.zeros(N * T, device=dev, dtype=torch.float32)
-    tok[plan.trow] = plan.tmask * (z - lse[plan.inv])  # unique indices: deterministic scatter
+    tok = plan.tmask * (z - lse[plan.inv])
+    if Rt != N * T:  # compacted: scatter back (unique indices, so deterministic)
+        tok = torch.zeros(N * T, device=dev, dtype=torch.float32).index_put_((plan.trow,), tok)
     return tok.view(N, T).sum(1), lse
 
 
