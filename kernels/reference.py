@@ -112,12 +112,16 @@ def fused_linear_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tenso
 
     hidden [N, T, H], weight [V, H] (the lm_head). Chunking over sequences bounds the
     logits held at once to chunk_rows * T * V; the result is the same as one big call.
+    Half-precision inputs are upcast before the matmul (fp32 logits, as in the Triton kernel).
     """
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [N, T, H], got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
         raise ValueError(f"weight must be [V, {hidden.shape[2]}], got shape {tuple(weight.shape)}")
-    parts = [sequence_logprobs(h @ weight.T, lab, m) for h, lab, m in
+    # Logits in fp32 (fp64 for fp64), as the Triton kernel accumulates them: bf16 logits would lose bits.
+    dtype = _compute_dtype(hidden)
+    w = weight.to(dtype)
+    parts = [sequence_logprobs(h.to(dtype) @ w.T, lab, m) for h, lab, m in
              zip(hidden.split(chunk_rows), labels.split(chunk_rows), mask.split(chunk_rows))]
     if not parts:  # N == 0
         return hidden.new_zeros(0, dtype=_compute_dtype(hidden))
