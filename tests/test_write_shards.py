@@ -18,7 +18,7 @@ from PIL import Image
 
 from dico_scale.data.pipeline import Collate, eval_loader
 from dico_scale.data.tokenizer import CaptionTokenizer
-from dico_scale.data.write_shards import brace_spec, main, parser
+from dico_scale.data.write_shards import ShardSink, brace_spec, main, parser
 
 SIZES = [(320, 240), (240, 320), (200, 150), (150, 200), (256, 256), (300, 100),
          (100, 300), (180, 120), (120, 180), (224, 168), (168, 224), (288, 216)]
@@ -214,6 +214,14 @@ def test_max_shard_size(coco, tmp_path):
     files = m["splits"]["train"]["files"]
     assert len(files) > 1 and sum(f["samples"] for f in files) == 8
     assert all(f["bytes"] <= 300_000 for f in files)
+
+
+def test_unfinished_shard_never_has_a_final_name(coco, tmp_path):
+    sink = ShardSink(str(tmp_path), "train", 10, 10**9)
+    sink.write("k1", b"\xff\xd8 not checked here", b'["a"]')
+    assert os.listdir(tmp_path) == [".train-000000.tar.tmp"]  # a crash now leaves only the temporary file
+    write(coco, tmp_path, "--splits", "test", "--overwrite")  # a rerun clears it
+    assert sorted(os.listdir(tmp_path)) == ["manifest.json", "test-000000.tar"]
 
 
 def _error(capsys, args):
