@@ -263,6 +263,9 @@ def test_module_cli(coco, tmp_path):
     p = subprocess.run(cmd + ["--splits", "nope"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         "write_shards: error: unknown split 'nope'; the source has: train, val, test"]
+    p = subprocess.run(cmd + ["--max-shard-size", "1XB"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "write_shards: error: argument --max-shard-size: not a size: '1XB' (e.g. 1GB, 500MB)"]
 
 
 @pytest.mark.parametrize("path,images", [("coco/base.yaml", {"train": 113287, "val": 5000, "test": 5000}),
