@@ -41,6 +41,10 @@ class DataConfig:
     shuffle_buffer: int = 500
     num_workers: int = 0
     max_caption_tokens: int = 24  # including BOS and EOS
+    # Bad samples and shards are skipped and counted; the run stops (exit 4) when the skipped share of the samples
+    # read (all ranks, whole run) passes max_skipped_share, once at least skipped_share_min_samples were read.
+    max_skipped_share: float = 0.01  # 1.0 never stops
+    skipped_share_min_samples: int = 1000
     synthetic: SyntheticData = field(default_factory=SyntheticData)
 
 
@@ -225,6 +229,9 @@ def validate(c: Config) -> None:
                      ("optim.grad_clip", o.grad_clip), ("train.threads", t.threads), ("train.val_max_images", t.val_max_images)]:
         _check(val >= 0, key, f"{val} must be >= 0")
     _check(o.lr > 0, "optim.lr", f"{o.lr} must be > 0")
+    _check(0.0 <= d.max_skipped_share <= 1.0, "data.max_skipped_share", f"{d.max_skipped_share} must lie in [0, 1]")
+    _check(d.skipped_share_min_samples >= 0, "data.skipped_share_min_samples",
+           f"{d.skipped_share_min_samples} must be >= 0")
     _check(d.max_caption_tokens >= 3, "data.max_caption_tokens", f"{d.max_caption_tokens} leaves no room for BOS, a word and EOS")
     _check(o.schedule in ("constant", "cosine"), "optim.schedule", f"'{o.schedule}' is not constant or cosine")
     _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must lie in [0, 1]")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import signal
 import time
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,11 +13,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .config import Config, to_yaml
-from .data.pipeline import faults as data_faults
+from .data.pipeline import KINDS, DataError
 from .engine import save_checkpoint
 
 
 PREEMPTED_EXIT = 3  # exit code of a run that checkpointed because it was told to stop (slurm/launch.sh knows it)
+DATA_ERROR_EXIT = 4  # exit code of a run stopped because too much of its data was bad (data.max_skipped_share)
+DATA_FIELDS = ("read", "skipped", *KINDS)  # counts carried by batch["data_stats"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,13 +56,62 @@ class StopFlag:
 class LoopState:
     """What a checkpoint must carry besides DeepSpeed's own state."""
     epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed (the same on every rank)
     samples_seen: int = 0  # images, all ranks together
     nonfinite_skipped: int = 0
+    data: Counter = field(default_factory=Counter)  # DATA_FIELDS summed over ranks and over the run's segments
     mlflow_run_id: str | None = None
 
     def client_state(self, step: int) -> dict:
-        return {"step": step, "epoch": self.epoch, "samples_seen": self.samples_seen,
-                "nonfinite_skipped": self.nonfinite_skipped, "mlflow_run_id": self.mlflow_run_id}
+        return {"step": step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "samples_seen": self.samples_seen, "nonfinite_skipped": self.nonfinite_skipped,
+                "data": dict(self.data), "mlflow_run_id": self.mlflow_run_id}
+
+    @classmethod
+    def from_client_state(cls, cs: dict) -> "LoopState":
+        """Continues the saved epoch where it stopped; a checkpoint without the position starts the next epoch."""
+        known = "batch_in_epoch" in cs
+        return cls(epoch=cs.get("epoch", 0) + (not known), batch_in_epoch=cs.get("batch_in_epoch", 0),
+                   samples_seen=cs.get("samples_seen", 0), nonfinite_skipped=cs.get("nonfinite_skipped", 0),
+                   data=Counter(cs.get("data", {})), mlflow_run_id=cs.get("mlflow_run_id"))
+
+
+class DataCounts:
+    """Reads and faults of this rank's batches since the last flush; flushed into the run totals, summed over ranks."""
+
+    def __init__(self):
+        self.pending = Counter()
+
+    def add(self, batch) -> None:
+        if isinstance(batch, dict):
+            self.pending.update(batch.get("data_stats", {}))
+
+    def flush(self, totals: Counter, device) -> None:
+        """A collective: every rank calls it at the same step."""
+        t = torch.tensor([float(self.pending[k]) for k in DATA_FIELDS], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        totals.update({k: int(v) for k, v in zip(DATA_FIELDS, t.tolist()) if v})
+        self.pending.clear()
+
+
+def data_metrics(totals: Counter) -> dict[str, float]:
+    out = {"data/faults": float(sum(totals[k] for k in KINDS)), "data/skipped_share": skipped_share(totals)}
+    out.update({f"data/faults/{k}": float(totals[k]) for k in KINDS})
+    return out
+
+
+def skipped_share(totals: Counter) -> float:
+    return totals["skipped"] / max(1, totals["read"])
+
+
+def check_data_bound(totals: Counter, bound: float, min_samples: int) -> None:
+    """Raises DataError on every rank at once (totals are all-reduced) when too much data was skipped."""
+    share = skipped_share(totals)
+    if totals["read"] < min_samples or share <= bound:
+        return
+    kind = max(KINDS, key=lambda k: totals[k])
+    raise DataError(f"skipped {share:.2%} of {totals['read']} samples read, past data.max_skipped_share={bound} "
+                    f"(most common fault: {kind}, {totals[kind]} times)", agreed=True)
 
 
 def all_finite(loss: torch.Tensor) -> bool:
@@ -88,14 +139,13 @@ class MetricWindow:
     def read(self, device) -> dict[str, float]:
         """Means over the window and the ranks, throughput and data faults summed over the ranks."""
         keys = sorted(self.sums)
-        t = torch.tensor([self.sums[k] / max(1, self.count) for k in keys]
-                         + [self.images, self.tokens, sum(data_faults.values())], dtype=torch.float64, device=device)
+        t = torch.tensor([self.sums[k] / max(1, self.count) for k in keys] + [self.images, self.tokens],
+                         dtype=torch.float64, device=device)
         dist.all_reduce(t)
         world, elapsed = dist.get_world_size(), max(1e-9, time.perf_counter() - self.start)
-        out = {k: float(v) / world for k, v in zip(keys, t[:-3].tolist())}
-        out["train/images_per_s"] = float(t[-3]) / elapsed
-        out["train/tokens_per_s"] = float(t[-2]) / elapsed
-        out["data/faults"] = float(t[-1])  # this process's loaders (workers keep their own counts)
+        out = {k: float(v) / world for k, v in zip(keys, t[:-2].tolist())}
+        out["train/images_per_s"] = float(t[-2]) / elapsed
+        out["train/tokens_per_s"] = float(t[-1]) / elapsed
         self.reset()
         return out
 
@@ -114,20 +164,24 @@ def run_validation(stage, engine, make_val_loader, tracker, step: int) -> dict[s
 
 
 def train_loop(cfg: Config, stage, engine, tracker, make_train_loader, make_val_loader, state: LoopState) -> dict:
+    """make_train_loader(epoch, start_batch) yields the epoch's batches after its first start_batch ones."""
     t = cfg.train
     ckpt_dir = str(Path(t.output_dir) / "checkpoints")
     device, rank = next(engine.module.parameters()).device, dist.get_rank()
     step, last_saved, last_val, val_metrics = engine.global_steps, engine.global_steps, -1, {}
-    consecutive_bad, window, stop = 0, MetricWindow(), StopFlag(t.preempt_signal)
+    consecutive_bad, window, stop, data = 0, MetricWindow(), StopFlag(t.preempt_signal), DataCounts()
     bar = tqdm(total=t.max_steps, initial=step, disable=rank != 0, desc=f"{stage.name}", dynamic_ncols=True)
 
     def save():
+        data.flush(state.data, device)  # the totals in the checkpoint include this rank's latest batches
         save_checkpoint(engine, ckpt_dir, step, state.client_state(step), to_yaml(cfg), t.keep_checkpoints)
 
     while step < t.max_steps:
         batches = 0
-        for batch in make_train_loader(state.epoch):
+        for batch in make_train_loader(state.epoch, state.batch_in_epoch):
             batches += 1
+            state.batch_in_epoch += 1
+            data.add(batch)
             out = stage.step(engine, batch)
             if not all_finite(out.loss):
                 state.nonfinite_skipped += 1
@@ -149,10 +203,12 @@ def train_loop(cfg: Config, stage, engine, tracker, make_train_loader, make_val_
             bar.update(1)
             if step % t.log_every == 0 or step == t.max_steps:
                 metrics = window.read(device)
+                data.flush(state.data, device)
                 metrics.update({"train/lr": lr, "train/epoch": state.epoch,
-                                "train/samples_seen": state.samples_seen})
+                                "train/samples_seen": state.samples_seen, **data_metrics(state.data)})
                 tracker.log_metrics(metrics, step)
                 bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+                check_data_bound(state.data, cfg.data.max_skipped_share, cfg.data.skipped_share_min_samples)
             if t.val_every and step % t.val_every == 0:
                 val_metrics, last_val = run_validation(stage, engine, make_val_loader, tracker, step), step
             if t.save_every and step % t.save_every == 0:
@@ -166,12 +222,13 @@ def train_loop(cfg: Config, stage, engine, tracker, make_train_loader, make_val_
             if step >= t.max_steps:
                 break
         else:
-            if batches == 0:
+            if batches == 0 and state.batch_in_epoch == 0:
                 raise RuntimeError(f"epoch {state.epoch} of data.train_shards yielded no batch on rank {rank}")
-            state.epoch += 1
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0  # also when a resume found the epoch complete
     bar.close()
     if last_val != step:
         val_metrics = run_validation(stage, engine, make_val_loader, tracker, step)
     if last_saved != step:
         save()
-    return {"step": step, "val": val_metrics, "epoch": state.epoch, "nonfinite_skipped": state.nonfinite_skipped}
+    return {"step": step, "val": val_metrics, "epoch": state.epoch, "nonfinite_skipped": state.nonfinite_skipped,
+            "batch_in_epoch": state.batch_in_epoch, "samples_seen": state.samples_seen, "data": dict(state.data)}

@@ -37,6 +37,19 @@ def data_shards(cfg: Config) -> dict[str, str]:
     return {"train": cfg.data.train_shards, "val": cfg.data.val_shards, "test": cfg.data.test_shards}
 
 
+def training_shards(cfg: Config, rank: int) -> tuple[dict[str, list[str]], int]:
+    """Shard lists of the train and val splits without the local shards that are missing (each logged once, on
+    rank 0), and how many were missing. ConfigError when no shard of a split exists."""
+    from dico_scale.data.pipeline import check_local_shards
+
+    specs, shards, missing = data_shards(cfg), {}, 0
+    for split in ("train", "val"):
+        if specs.get(split):
+            shards[split], gone = check_local_shards(specs[split], f"data.{split}_shards", rank == 0)
+            missing += len(gone)
+    return shards, missing
+
+
 def run(cfg: Config) -> dict:
     """Trains one stage on this rank; returns a summary (step reached, last validation metrics)."""
     from dico_scale.engine import setup_environment
@@ -56,7 +69,7 @@ def run(cfg: Config) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.train.seed)
     register_model_configs(cfg.clip_model_configs)
-    shards = data_shards(cfg)
+    shards, missing_shards = training_shards(cfg, rank)
     stage = build_stage(cfg, device)
     engine = build_engine(cfg, stage.module, on_gpu=device.type == "cuda")
     stage.setup(engine)
@@ -67,12 +80,13 @@ def run(cfg: Config) -> dict:
         tags = complete_tags(os.path.join(cfg.train.output_dir, "checkpoints"))
         resume_from = str(tags[-1]) if tags else "none"
     if resume_from != "none":
-        cs = load_checkpoint(engine, resume_from)
-        # A fresh epoch after resuming: never a replay of the data from the start.
-        state = LoopState(epoch=cs.get("epoch", 0) + 1, samples_seen=cs.get("samples_seen", 0),
-                          nonfinite_skipped=cs.get("nonfinite_skipped", 0), mlflow_run_id=cs.get("mlflow_run_id"))
+        # The saved epoch goes on for its remaining batches, freshly shuffled: never a replay from its start.
+        state = LoopState.from_client_state(load_checkpoint(engine, resume_from))
         if rank == 0:
-            print(f"resumed from {resume_from} at step {engine.global_steps}", flush=True)
+            print(f"resumed from {resume_from} at step {engine.global_steps} (epoch {state.epoch}, "
+                  f"batch {state.batch_in_epoch})", flush=True)
+    else:
+        state.data["missing_shard"] += missing_shards  # counted once per run: a resumed run has them in its totals
 
     tracker = Tracker(cfg, rank, state.mlflow_run_id)
     run_ids = [None] * world
@@ -86,11 +100,11 @@ def run(cfg: Config) -> dict:
     d = cfg.data
     collate_args = (stage.preprocess, stage.eval_preprocess, stage.tokenizer, d.max_caption_tokens)
 
-    def make_train_loader(epoch: int):
+    def make_train_loader(epoch: int, start_batch: int = 0):
         seed = cfg.train.seed * 100_003 + epoch
-        collate = Collate(*collate_args, seed=seed + rank)
+        collate = Collate(*collate_args, seed=seed * 1_009 + start_batch * 31 + rank)
         return train_loader(shards["train"], collate, cfg.train.micro_batch_size, d.samples_per_epoch, world,
-                            d.num_workers, d.shuffle_buffer, seed)[0]
+                            d.num_workers, d.shuffle_buffer, seed, start_batch=start_batch)[0]
 
     def make_val_loader():
         if not shards.get("val"):
@@ -141,11 +155,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"dico_scale: config error: {e}", file=sys.stderr)
         return 2
+    from dico_scale.data.pipeline import DataError, one_line
+
     try:
         summary = run(cfg)
-    except ConfigError as e:  # bad input found while building (weights files, model names)
+    except ConfigError as e:  # bad input found while building (weights files, model names, no shard exists)
         print(f"dico_scale: config error: {e}", file=sys.stderr)
         return 2
+    except DataError as e:
+        from dico_scale.loop import DATA_ERROR_EXIT
+
+        print(f"dico_scale: data error: {one_line(e)}", file=sys.stderr)
+        if e.agreed:  # all ranks stopped at the same step; a rank alone must not wait for the others here
+            shutdown()
+        return DATA_ERROR_EXIT
     preempted = summary.get("preempted", False)
     if summary["rank"] == 0 and not preempted:
         print(f"done: stage={cfg.train.stage} step={summary['step']} val={summary['val']}", flush=True)

@@ -2,34 +2,74 @@
 
 A sample on disk is `<key>.jpg` + `<key>.json` (a list of reference captions). A batch is a dict:
   pixels [B, 3, H, W] (captioner preprocessing), eval_pixels (evaluator preprocessing, only when it differs),
-  refs (list of caption lists), keys, captions (one reference per image) and their tokens [B, L] (with a pad token).
+  refs (list of caption lists), keys, captions (one reference per image) and their tokens [B, L] (with a pad token),
+  data_stats: what the reader that built the batch read and skipped since its previous batch (see `stats`).
 
 Training streams resample shards from one seeded sequence that every rank and worker draws alike, then split it by
 node and by worker, so ranks read different shards and every rank yields exactly the same number of batches per epoch.
 Evaluation reads each shard once, split by node and worker, never dropping or repeating a sample.
+Bad data never stops a loader: each bad sample or shard is logged once (one warning line), counted by kind, skipped.
 """
 from __future__ import annotations
 
+import functools
+import io
 import itertools
+import json
 import logging
+import os
 import random
 from collections import Counter
 
 import torch
-import torch.distributed as dist
 import webdataset as wds
+from PIL import Image
 
+from ..config import ConfigError
 from .tokenizer import CaptionTokenizer
 
 log = logging.getLogger(__name__)
-faults: Counter = Counter()  # data faults seen by this process, by exception type
+
+KINDS = ("corrupt_image", "bad_json", "empty_captions", "truncated_tar", "missing_shard", "other")
+MAX_EMPTY_SHARDS = 100  # shards in a row without a single file: the stream is dead, not unlucky
+
+# Reads and faults of this process since its last batch. In a DataLoader worker this is the worker's own copy, so the
+# counts travel to the trainer inside the batches (batch["data_stats"]), never through this global.
+# "read": samples read (good or bad) + shards that failed at read time; "skipped": those dropped; per kind: faults.
+stats: Counter = Counter()
+
+
+class DataError(RuntimeError):
+    """Too much bad data: the run stops with this one-line message."""
+
+    def __init__(self, msg: str, agreed: bool = False):
+        super().__init__(msg)
+        self.agreed = agreed  # every rank raised it at the same step (decided on all-reduced numbers)
+
+
+def one_line(e: DataError) -> str:
+    """The message, also when a DataLoader worker raised it (torch re-raises it with the worker's traceback)."""
+    return str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]
+
+
+def record(kind: str, where: str, why=None, shard: bool = False) -> None:
+    """Counts one fault and logs it on one line; a failed shard also counts as one unit read."""
+    stats[kind] += 1
+    stats["skipped"] += 1
+    stats["read"] += shard
+    why = (str(why) or type(why).__name__).splitlines()[0][:200] if isinstance(why, Exception) else why
+    log.warning("data fault %s: %s%s", kind, where, f" ({why})" if why else "")
+
+
+def take_stats() -> dict[str, int]:
+    out = dict(stats)
+    stats.clear()
+    return out
 
 
 def skip_fault(exn: Exception) -> bool:
-    """webdataset handler: count and log a bad sample or shard, then keep going."""
-    faults[type(exn).__name__] += 1
-    text = str(exn) or repr(exn.__cause__ or exn)  # webdataset's DecodingError has an empty message
-    log.warning("skipping bad data: %s: %s", type(exn).__name__, (text.splitlines() or [""])[0][:200])
+    """webdataset handler for pipelines built elsewhere (evaluate.py): count, log, keep going."""
+    record("other", type(exn).__name__, exn)
     return True
 
 
@@ -48,41 +88,129 @@ class Collate:
             batch["eval_pixels"] = torch.stack([self.eval_preprocess(im) for im in images])
         batch["captions"] = [self.rng.choice(r) for r in refs]
         batch["tokens"] = self.tokenizer.batch(batch["captions"], self.max_tokens)
+        batch["data_stats"] = take_stats()  # runs in the reader (worker) that built the batch
         return batch
 
 
-def _valid(sample) -> bool:
-    image, refs, key = sample
-    ok = isinstance(refs, list) and len(refs) > 0 and all(isinstance(r, str) and r.strip() for r in refs)
-    if not ok:
-        skip_fault(ValueError(f"sample {key}: reference captions must be a non-empty list of strings"))
-    return ok
+# ---- reading -----------------------------------------------------------------------------------------------------
+
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def check_local_shards(spec: str, key: str = "shards", log_missing: bool = True) -> tuple[list[str], list[str]]:
+    """(shards to read, local shards missing) of a spec (brace patterns, `::`-joined sources).
+    URLs and pipe: commands are not checked here: their failures are counted when they are read."""
+    urls = wds.shardlists.expand_urls(spec)
+    missing = [u for u in urls if is_local(u) and not os.path.exists(u)]
+    if len(missing) == len(urls):
+        raise ConfigError(f"bad value for config key '{key}': no shard of '{spec}' exists")
+    for u in missing if log_missing else ():
+        log.warning("data fault missing_shard: %s (dropped from the shard list)", u)
+    gone = set(missing)
+    return [u for u in urls if u not in gone], missing
+
+
+def _read_shards(src, shared: bool = False):
+    """{url} dicts -> tar members; a shard that cannot be opened or read to its end is one fault, never a crash.
+    A shard failing before its first member counts as missing (a failed `pipe:` or URL), after it as truncated.
+    shared: every reader reads every shard (sample split), so only the first reader counts shard faults."""
+    rank, _, worker, _ = wds.utils.pytorch_worker_info()
+    counts = not shared or rank == worker == 0
+    empty_in_a_row = 0
+    for shard in src:
+        url, files, error = shard["url"], 0, None
+        try:
+            stream = wds.gopen(url)
+        except Exception as e:
+            stream, error = None, e
+        if stream is not None:
+            try:
+                for member in wds.tariterators.tar_file_iterator(stream):  # the default handler re-raises
+                    files += 1
+                    member["__url__"] = url
+                    yield member
+            except Exception as e:
+                error = e
+            try:
+                stream.close()  # a pipe: command's exit status is checked here
+            except Exception as e:
+                error = error or e
+        if error is not None and counts:
+            record("truncated_tar" if files else "missing_shard", url, error, shard=True)
+        empty_in_a_row = 0 if files else empty_in_a_row + 1
+        if empty_in_a_row >= MAX_EMPTY_SHARDS:
+            raise DataError(f"no data in the last {MAX_EMPTY_SHARDS} shards read (last: {url})")
+        yield {}  # end of shard: group_by_keys never joins samples across shards
+
+
+def _group(src):
+    return wds.tariterators.group_by_keys(src, handler=skip_fault)
+
+
+def _decode(src):
+    """Samples -> (RGB image, captions, key); a bad one is counted under its kind and skipped."""
+    for s in src:
+        stats["read"] += 1
+        key = s["__key__"]
+        where = f"{key} in {s.get('__url__')}"
+        try:
+            refs = json.loads(s["json"])
+        except (KeyError, ValueError) as e:
+            record("bad_json", where, "no .json" if isinstance(e, KeyError) else e)
+            continue
+        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+            record("bad_json", where, "not a list of caption strings")
+            continue
+        if not refs or not all(r.strip() for r in refs):
+            record("empty_captions", where, "empty caption list" if not refs else "a blank caption")
+            continue
+        try:
+            with Image.open(io.BytesIO(s["jpg"])) as im:
+                image = im.convert("RGB")  # decodes the whole file: a truncated JPEG fails here
+        except Exception as e:
+            record("corrupt_image", where, "no .jpg" if isinstance(e, KeyError) else e)
+            continue
+        yield image, refs, key
+
+
+def _reader_shuffle(bufsize: int, seed: int):
+    """Sample shuffle buffer seeded per (seed, rank, worker) when iterated: no two readers shuffle alike."""
+    def stage(src):
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = random.Random(f"{seed}/{rank}/{worker}")  # a str seed is hashed with sha512: same in every process
+        return wds.shuffle(bufsize, initial=min(bufsize, 100), rng=rng)(src)
+    return stage
 
 
 def _shared_seed() -> int:
     return 0
 
 
-def _decode_stages():
-    return [
-        wds.decode("pilrgb", handler=skip_fault),
-        wds.to_tuple("jpg", "json", "__key__", handler=skip_fault),
-        wds.select(_valid),
-    ]
+def _urls(spec) -> list[str]:
+    return list(spec) if isinstance(spec, (list, tuple)) else wds.shardlists.expand_urls(spec)
 
 
-def train_loader(spec: str, collate: Collate, batch_size: int, samples_per_epoch: int, world_size: int,
-                 num_workers: int, shuffle_buffer: int, seed: int):
-    """An endless-by-epochs loader: each epoch yields samples_per_epoch // (world_size * batch_size) batches per rank."""
-    batches = max(1, samples_per_epoch // (world_size * batch_size))
+def train_loader(spec, collate: Collate, batch_size: int, samples_per_epoch: int, world_size: int,
+                 num_workers: int, shuffle_buffer: int, seed: int, start_batch: int = 0):
+    """An epoch of samples_per_epoch // (world_size * batch_size) batches per rank; returns (loader, batches).
+
+    start_batch > 0 resumes inside an epoch: only the remaining batches, from a fresh shard and sample order
+    (seed mixed with start_batch), never a replay of the epoch's first batches. spec: a webdataset spec or a list.
+    """
+    batches = max(1, samples_per_epoch // (world_size * batch_size)) - start_batch
+    if batches <= 0:
+        return [], 0
+    if start_batch:
+        seed = (seed * 1_000_003 + start_batch) % 2**62
     stages = [
         # One shard sequence shared by all ranks and workers (worker_seed constant), then partitioned.
-        wds.ResampledShards(spec, seed=seed, worker_seed=_shared_seed, deterministic=True),
+        wds.ResampledShards(_urls(spec), seed=seed, worker_seed=_shared_seed, deterministic=True),
         wds.split_by_node,
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=skip_fault),
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed)),
-        *_decode_stages(),
+        _read_shards, _group,
+        _reader_shuffle(shuffle_buffer, seed),
+        _decode,
         wds.batched(batch_size, collation_fn=collate, partial=False),
     ]
     loader = wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=num_workers)
@@ -95,18 +223,18 @@ def _split_samples(src):
     yield from itertools.islice(src, rank * workers + worker, None, world * workers)
 
 
-def eval_loader(spec: str, collate: Collate, batch_size: int, num_workers: int = 0):
+def eval_loader(spec, collate: Collate, batch_size: int, num_workers: int = 0):
     """Every sample of the split exactly once across all ranks and workers.
 
     Shards are split by node and worker when there are enough of them; otherwise samples are.
     """
-    urls = wds.shardlists.expand_urls(spec)
-    readers = (dist.get_world_size() if dist.is_initialized() else 1) * max(1, num_workers)
+    urls = _urls(spec)
+    world = wds.utils.pytorch_worker_info()[1]  # as split_by_node sees it: RANK/WORLD_SIZE first, then the group
+    readers = world * max(1, num_workers)
     if len(urls) >= readers:
-        stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
-                  wds.tarfile_to_samples(handler=skip_fault), *_decode_stages()]
+        stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker, _read_shards, _group, _decode]
     else:
-        stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=skip_fault), _split_samples,
-                  *_decode_stages()]
+        stages = [wds.SimpleShardList(urls), functools.partial(_read_shards, shared=True), _group, _split_samples,
+                  _decode]
     stages.append(wds.batched(batch_size, collation_fn=collate, partial=True))
     return wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=num_workers)

@@ -42,7 +42,7 @@ stage.setup(engine)
 tracker = Tracker(cfg, rank=0)
 result = {"run_id": tracker.run_id}
 try:
-    summary = train_loop(cfg, stage, engine, tracker, lambda epoch: [{}] * 4, lambda: None, LoopState())
+    summary = train_loop(cfg, stage, engine, tracker, lambda epoch, start_batch: [{}] * 4, lambda: None, LoopState())
     result.update(step=summary["step"], skipped=summary["nonfinite_skipped"], calls=stage.calls)
 except NonFiniteLossError as e:
     result.update(error=str(e), step=engine.global_steps)

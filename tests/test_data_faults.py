@@ -1,0 +1,194 @@
+"""Data faults injected into real tar shards: each is skipped, counted under its kind in the batches' data_stats
+(in-process and in DataLoader workers), logged on one line; the skipped-share bound stops a real 2-rank run."""
+import io
+import json
+import logging
+import os
+import random
+import re
+import subprocess
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from helpers import free_port
+from torchvision import transforms
+
+from dico_scale.data import pipeline
+from dico_scale.data.pipeline import Collate, DataError, eval_loader, train_loader
+from dico_scale.data.synthetic import render_sample
+from dico_scale.data.tokenizer import CaptionTokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_FAULTS = {"corrupt_image": 2, "bad_json": 3, "empty_captions": 2}
+
+
+@pytest.fixture(scope="module")
+def collate():
+    pre = transforms.Compose([transforms.Resize(32), transforms.ToTensor()])
+    return Collate(pre, None, CaptionTokenizer(), 24, seed=0)
+
+
+def _add(tar, name, data: bytes):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write(path, samples):
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                _add(tar, f"{key}.{ext}", data)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """faults.tar: 7 bad samples, then 6 good ones; trunc.tar: 8 good, cut inside a JPEG past half of the file;
+    good.tar: 4 good; missing.tar: never written."""
+    tmp, rng = tmp_path_factory.mktemp("faults"), random.Random(0)
+
+    def good(key):
+        img, caps = render_sample(rng, 64)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        return key, {"jpg": buf.getvalue(), "json": json.dumps(caps).encode()}
+
+    jpg = good("x")[1]["jpg"]
+    bad = [("bad_jpg", {"jpg": bytes(rng.getrandbits(8) for _ in range(3000)), "json": b'["a red circle"]'}),
+           ("cut_jpg", {"jpg": jpg[: len(jpg) // 2], "json": b'["a red circle"]'}),
+           ("no_json", {"jpg": jpg}),
+           ("bad_json", {"jpg": jpg, "json": b'["a red circle", "unterminated'}),
+           ("not_a_list", {"jpg": jpg, "json": b'"a red circle"'}),
+           ("empty_refs", {"jpg": jpg, "json": b"[]"}),
+           ("blank_caption", {"jpg": jpg, "json": b'["a red circle", "  "]'})]
+    goods = [good(f"f_good_{i}") for i in range(6)]
+    _write(tmp / "faults.tar", bad + goods)
+    _write(tmp / "good.tar", [good(f"g_{i}") for i in range(4)])
+    full = [good(f"t_{i}") for i in range(8)]
+    _write(tmp / "full.tar", full)
+    data = (tmp / "full.tar").read_bytes()
+    with tarfile.open(tmp / "full.tar") as tar:
+        cut = next(m for m in tar.getmembers() if m.name.endswith(".jpg") and m.offset_data + m.size > len(data) // 2)
+    (tmp / "trunc.tar").write_bytes(data[: cut.offset_data + cut.size // 2])
+    before_cut = [k for k, _ in full][: [k for k, _ in full].index(cut.name[:-4])]
+    assert len(before_cut) >= 2
+    p = {n: str(tmp / f"{n}.tar") for n in ("faults", "trunc", "missing")}
+    return {**p, "clean": str(tmp / "good.tar"), "bad": [k for k, _ in bad],
+            "good": [k for k, _ in goods] + [f"g_{i}" for i in range(4)] + before_cut}
+
+
+def _sum_stats(batches) -> Counter:
+    total = Counter()
+    for b in batches:
+        total.update(b["data_stats"])
+    return total
+
+
+def _eval(spec, collate, workers):
+    batches = list(eval_loader(spec, collate, batch_size=64, num_workers=workers))  # one partial batch per reader:
+    return [k for b in batches for k in b["keys"]], _sum_stats(batches)  # it carries all the reader's counts
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_fault_counted_once_by_kind(shards, collate, workers, clean_env):
+    spec = [shards["missing"], shards["trunc"], shards["faults"], shards["clean"]]  # 2 workers: 2 shards each
+    keys, stats = _eval(spec, collate, workers)
+    assert sorted(keys) == sorted(shards["good"])
+    assert stats == {**SAMPLE_FAULTS, "truncated_tar": 1, "missing_shard": 1, "skipped": 9,
+                     "read": 13 + len(shards["good"]) - 6 + 2}  # samples read + failed shards
+
+
+def test_sample_split_counts_shard_faults_once(shards, collate, clean_env, monkeypatch):
+    """Fewer shards than 2 ranks x 2 workers: every reader reads every shard, only one counts its failure."""
+    keys, stats = [], Counter()
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        k, s = _eval([shards["faults"], shards["missing"]], collate, 2)
+        keys, stats = keys + k, stats + s
+    assert sorted(keys) == sorted(k for k in shards["good"] if k.startswith("f_"))
+    assert stats == {**SAMPLE_FAULTS, "missing_shard": 1, "skipped": 8, "read": 14}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_loader_counts_every_kind(shards, collate, workers, clean_env):
+    spec = [shards["missing"], shards["trunc"], shards["faults"], shards["clean"]]
+    loader, n = train_loader(spec, collate, batch_size=4, samples_per_epoch=96, world_size=1, num_workers=workers,
+                             shuffle_buffer=8, seed=0)
+    batches = list(loader)
+    stats = _sum_stats(batches)
+    assert len(batches) == n == 24
+    assert set(k for b in batches for k in b["keys"]) <= set(shards["good"])
+    assert all(stats[k] > 0 for k in ("corrupt_image", "bad_json", "empty_captions", "truncated_tar",
+                                      "missing_shard")), stats
+    assert stats["skipped"] == sum(stats[k] for k in pipeline.KINDS) and stats["other"] == 0
+    assert stats["bad_json"] >= stats["corrupt_image"]  # 3 and 2 per pass over faults.tar (less in the last one)
+    assert stats["read"] >= 96 + stats["skipped"]
+
+
+def test_each_fault_logged_on_one_line_with_key_or_shard(shards, collate, caplog, clean_env):
+    spec = [shards["missing"], shards["trunc"], shards["faults"], shards["clean"]]
+    with caplog.at_level(logging.WARNING, logger="dico_scale.data.pipeline"):
+        _eval(spec, collate, 0)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 9 and all("\n" not in m and m.startswith("data fault ") for m in lines)
+    for key in shards["bad"]:
+        assert sum(f" {key} in " in m for m in lines) == 1, key
+    assert sum(m.startswith(f"data fault missing_shard: {shards['missing']}") for m in lines) == 1
+    assert sum(m.startswith(f"data fault truncated_tar: {shards['trunc']}") for m in lines) == 1
+
+
+def test_pipe_sources_read_and_fail_at_read_time(shards, collate, clean_env):
+    """pipe: commands are read the webdataset way; one that fails before any data is a missing shard."""
+    keys, stats = _eval([f"pipe:cat {shards['clean']}", "pipe:cat /nowhere/x.tar"], collate, 0)
+    assert sorted(keys) == [f"g_{i}" for i in range(4)]
+    assert stats == {"read": 4 + 1, "missing_shard": 1, "skipped": 1}
+
+
+def test_a_dead_stream_raises_instead_of_spinning(shards, collate, clean_env):
+    pipeline.stats.clear()
+    loader, _ = train_loader("pipe:cat /nowhere/x.tar", collate, 2, 8, 1, 0, 4, 0)
+    with pytest.raises(DataError, match=f"no data in the last {pipeline.MAX_EMPTY_SHARDS} shards read"):
+        list(loader)
+    assert pipeline.stats["missing_shard"] == pipeline.MAX_EMPTY_SHARDS
+    pipeline.stats.clear()
+
+
+def test_skipped_share_bound_stops_both_ranks(shards, tmp_path):
+    """A real 2-rank XE run on bad shards: both ranks stop at the same log point with the one-line error, exit 4;
+    the counts are in MLflow, the startup check counted the missing local shard."""
+    from mlflow.tracking import MlflowClient
+
+    spec = "::".join([shards["faults"], shards["clean"], shards["trunc"], shards["missing"]])
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "dico_scale/train.py",
+           "--config", "configs/demo/xe.yaml", "data.synthetic.enabled=false", f"data.train_shards={spec}",
+           "data.val_shards=", f"train.output_dir={tmp_path}/out", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+           "evaluator.weights=", "captioner.image_encoder_weights=", "train.max_steps=50", "train.log_every=2",
+           "train.micro_batch_size=4", "data.samples_per_epoch=64", "data.shuffle_buffer=8",
+           "data.max_skipped_share=0.2", "data.skipped_share_min_samples=30", "data.num_workers=2"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 4, out[-4000:]
+    errors = [line[line.index("dico_scale: data error:"):] for line in out.splitlines()
+              if "dico_scale: data error:" in line]
+    assert len(errors) == 2 and errors[0] == errors[1], errors  # both ranks, the same decision
+    found = re.fullmatch(r"dico_scale: data error: skipped ([\d.]+)% of (\d+) samples read, past "
+                         r"data.max_skipped_share=0.2 \(most common fault: (\w+), (\d+) times\)", errors[0])
+    assert found, errors[0]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id])
+    m = run.data.metrics
+    assert run.info.status == "FAILED"
+    assert m["data/skipped_share"] > 0.2
+    assert m["data/faults/missing_shard"] == 1  # found at startup, dropped from the list, never read
+    assert m["data/faults"] == sum(m[f"data/faults/{k}"] for k in pipeline.KINDS) >= 0.2 * 30 + 1
+    steps = [x.step for x in client.get_metric_history(run.info.run_id, "data/skipped_share")]
+    assert max(steps) < 50 and max(steps) % 2 == 0  # stopped early, at a log point
+    # the message names the numbers logged at that point
+    share, read, kind, times = found.groups()
+    assert float(share) == pytest.approx(100 * m["data/skipped_share"], abs=0.01) and int(read) >= 30
+    assert m[f"data/faults/{kind}"] == int(times) == max(m[f"data/faults/{k}"] for k in pipeline.KINDS)
