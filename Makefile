@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo test test-gpu clean
+.PHONY: install demo test test-gpu bench-wheels gpu-check bench-data clean
 
 install:
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
@@ -16,6 +16,17 @@ test: install
 
 test-gpu: install
 	$(PYTHON) -m pytest -q -m gpu tests
+
+# Benchmark peers as wheels, for the GPU machine that has no registry (run here, before the GPU check).
+bench-wheels:
+	bash benchmarks/fetch_wheels.sh
+
+# On the lent GPU machine: the kernels' GPU tests and benchmarks/kernels.py, results under $$OUT.
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+bench-data: install
+	$(PYTHON) benchmarks/data.py --json runs/bench/data.json
 
 clean:
 	rm -rf runs data/demo mlflow.db mlartifacts

@@ -18,7 +18,12 @@ setup(
         "omegaconf>=2.3,<3",
         "mlflow>=3.0,<4",
         "pycocoevalcap>=1.2",
+        "triton",  # pinned by torch; the kernels in kernels/ (interpreted on the CPU in tests)
         "tqdm",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout"]},
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout"],
+        # peers the kernel benchmark compares against (pure Python + Triton; need a GPU to run)
+        "bench": ["liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"],
+    },
 )

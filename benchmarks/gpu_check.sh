@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU check in one command, for the lent GPU machine (a bare image with torch + triton and no network):
+#   bash benchmarks/gpu_check.sh            (results under $OUT, else benchmarks/results)
+# benchmarks/wheels/ is git-ignored: carry it to the GPU machine along with the working tree.
+# 1. installs this package without dependencies (the kernels need only torch + triton) and the benchmark peers'
+#    wheels (benchmarks/fetch_wheels.sh fetches them beforehand on a machine with a registry);
+# 2. the kernels' GPU tests (marker gpu): float64 agreement, poisoned outputs, CUDA-graph capture;
+# 3. benchmarks/kernels.py: ours vs naive fp32, half log_softmax, torch.compile, Liger, Cut Cross-Entropy.
+# The training GPU test (tests/test_gpu.py) needs the full dependency set: `make test-gpu` where it installs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+if ls benchmarks/wheels/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-deps --no-index benchmarks/wheels/*.whl || echo "peer wheels failed to install"
+else
+    echo "no peer wheels in benchmarks/wheels: Liger and Cut Cross-Entropy are skipped"
+fi
+# --noconftest: tests/conftest.py imports open_clip for the model tests, which this image lacks.
+python3 -m pytest -q --noconftest -p no:cacheprovider -m gpu tests/test_gpu_kernels.py tests/test_kernel_dico_loss.py \
+    2>&1 | tee "$OUT/gpu_tests.txt"
+tests_rc=${PIPESTATUS[0]}
+python3 benchmarks/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.md"
+bench_rc=${PIPESTATUS[0]}
+echo "gpu tests rc=$tests_rc benchmark rc=$bench_rc"
+exit $(( tests_rc || bench_rc ))
