@@ -5,7 +5,8 @@
 # 1. installs this package without dependencies (the kernels need only torch + triton) and the benchmark peers'
 #    wheels (benchmarks/fetch_wheels.sh fetches them beforehand on a machine with a registry);
 # 2. the kernels' GPU tests (marker gpu): float64 agreement, poisoned outputs, CUDA-graph capture;
-# 3. benchmarks/kernels.py: ours vs naive fp32, half log_softmax, torch.compile, Liger, Cut Cross-Entropy.
+# 3. benchmarks/kernels.py: ours vs naive fp32, half log_softmax, torch.compile, Liger, Cut Cross-Entropy;
+# 4. benchmarks/dico_step.py: images/s of a whole DiCO step at the COCO model sizes, fused head vs materialised logits.
 # The training GPU test (tests/test_gpu.py) needs the full dependency set: `make test-gpu` where it installs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,5 +27,7 @@ python3 -m pytest -q --noconftest -p no:cacheprovider -m gpu tests/test_gpu_kern
 tests_rc=${PIPESTATUS[0]}
 python3 benchmarks/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.md"
 bench_rc=${PIPESTATUS[0]}
-echo "gpu tests rc=$tests_rc benchmark rc=$bench_rc"
-exit $(( tests_rc || bench_rc ))
+python3 benchmarks/dico_step.py --json "$OUT/dico_step.json" 2>&1 | tee "$OUT/dico_step.md"
+step_rc=${PIPESTATUS[0]}
+echo "gpu tests rc=$tests_rc kernel benchmark rc=$bench_rc step benchmark rc=$step_rc"
+exit $(( tests_rc || bench_rc || step_rc ))

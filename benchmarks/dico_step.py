@@ -1,0 +1,115 @@
+"""Images/s of one DiCO training step on one device: beam search, evaluator rewards, policy and reference log-probs,
+loss, backward and an optimizer step, on random images (no loader, no DeepSpeed, no communication). It is what a
+data loader must feed per device; benchmarks/data.py measures what the loader delivers.
+
+    python benchmarks/dico_step.py                                     # the COCO model sizes (GPU)
+    python benchmarks/dico_step.py --config configs/demo/dico.yaml     # the demo's tiny models (CPU)
+
+Each `--kernels` entry is timed in the same run (auto: the fused Triton head on CUDA; torch: materialised logits).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from dico_scale.config import load_config  # noqa: E402
+from dico_scale.models.clip import register_model_configs  # noqa: E402
+from dico_scale.stages.dico import DicoStage  # noqa: E402
+
+# Random weights: the step's cost does not depend on them, and no checkpoint is needed.
+RANDOM_WEIGHTS = ["train.init_from=", "captioner.image_encoder_weights=", "evaluator.weights="]
+
+
+class Local:
+    """The part of a DeepSpeed engine the stage uses: `module` and a forward call."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(config: str, overrides: list[str], kernel: str, batch: int, steps: int, warmup: int, device) -> dict:
+    cfg = load_config(config, RANDOM_WEIGHTS + overrides + [f"loss.kernel={kernel}", f"train.micro_batch_size={batch}"])
+    register_model_configs(cfg.clip_model_configs)
+    torch.manual_seed(0)
+    stage = DicoStage(cfg, device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as DeepSpeed's bf16 config casts it
+    stage.module.to(device, dtype)
+    stage.evaluator.to(device)
+    engine = Local(stage.module)
+    stage.setup(engine)
+    params = [p for p in stage.module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    size = stage.module.image_encoder.image_size
+    size = size if isinstance(size, int) else size[0]
+    pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    times, tokens = [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        sync(device)
+        t0 = time.perf_counter()
+        out = stage.step(engine, {"pixels": pixels})
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            tokens.append(out.tokens)
+    med = statistics.median(times)
+    row = {"kernel": kernel, "fused_head": stage.fused, "batch_images": batch, "median_step_s": med,
+           "images_per_s": batch / med, "candidate_tokens_per_step": statistics.mean(tokens)}
+    if device.type == "cuda":
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/coco/dico.yaml")
+    p.add_argument("--kernels", default="auto,torch", help="comma-separated loss.kernel values to time")
+    p.add_argument("--batch", type=int, default=8, help="images per step (x beam_size candidates)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("overrides", nargs="*", help="config key=value overrides")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    rows = [time_steps(a.config, a.overrides, k, a.batch, a.steps, a.warmup, device) for k in a.kernels.split(",")]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"device: {name}; torch {torch.__version__}; config {a.config}; "
+          f"{a.steps} timed steps after {a.warmup} warm-up")
+    print("| loss.kernel | fused head | images/step | median step | images/s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['kernel']} | {r['fused_head']} | {r['batch_images']} | {r['median_step_s'] * 1e3:.1f} ms "
+              f"| {r['images_per_s']:.1f} |")
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump({"device": name, "platform": platform.platform(), "torch": torch.__version__,
+                       "config": a.config, "overrides": a.overrides, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""benchmarks/dico_step.py runs end to end (tiny models, CPU) and reports what it measured."""
+import json
+import subprocess
+import sys
+
+
+def test_dico_step_benchmark_smoke(repo, tmp_path):
+    out = tmp_path / "step.json"
+    cmd = [sys.executable, "benchmarks/dico_step.py", "--config", "configs/demo/dico.yaml", "--kernels", "torch",
+           "--batch", "2", "--steps", "2", "--warmup", "1", "--json", str(out), "generation.beam_size=2",
+           "generation.max_len=4"]
+    p = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "| torch | False | 2 |" in p.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["images_per_s"] > 0 and rows[0]["candidate_tokens_per_step"] > 0
