@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,3 +42,24 @@ def test_gradient_accumulation_and_warmup(tmp_path):
     history = sorted(client.get_metric_history(result["run_id"], "train/lr"), key=lambda m: m.step)
     lrs = [m.value for m in history]
     assert lrs[0] < lrs[1] < lrs[2] == lrs[3] == lrs[5] and abs(lrs[2] - 0.3) < 1e-9
+
+
+@pytest.mark.parametrize("stop,position", [(8, (1, 2)), (12, (1, 6))])  # 12: the epoch's end, the next not begun
+def test_resume_continues_the_saved_epoch(tmp_path, tiny_shards, stop, position):
+    """6 batches per epoch. A stops after `stop` steps, B resumes it to 15, C runs to 15 uninterrupted."""
+    proc = subprocess.run([sys.executable, "tests/distributed/resume_check.py", str(tmp_path), tiny_shards["train"],
+                           str(stop), "15"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "result.json").read_text())
+    a, b, c = r["A"], r["B"], r["C"]
+    assert (a["epoch"], a["batch_in_epoch"], a["samples_seen"]) == (*position, 4 * stop)
+    epoch, start, keys = b["loaders"][0]
+    assert (epoch, start) == (a["epoch"], a["batch_in_epoch"])
+    assert len(keys) == 6 - start  # exactly the rest of the epoch
+    if keys:  # ... freshly shuffled, not the batches the uninterrupted run read there
+        assert keys != c["loaders"][epoch][2][start:]
+    assert [(e, s, len(k)) for e, s, k in b["loaders"][1:]] == [(2, 0, 3)]
+    for key in ("step", "epoch", "batch_in_epoch", "samples_seen"):
+        assert b[key] == c[key], key
+    assert (c["epoch"], c["batch_in_epoch"], c["samples_seen"]) == (2, 3, 60)
+    assert b["data"]["read"] > a["data"]["read"] > 0  # the data totals were restored and kept counting
