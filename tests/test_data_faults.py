@@ -148,12 +148,17 @@ def test_pipe_sources_read_and_fail_at_read_time(shards, collate, clean_env):
     assert stats == {"read": 4 + 1, "missing_shard": 1, "skipped": 1}
 
 
-def test_a_dead_stream_raises_instead_of_spinning(shards, collate, clean_env):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_dead_stream_raises_instead_of_spinning(collate, workers, clean_env):
+    """Every shard fails (a remote source gone): the resampled stream would spin forever; it raises DataError,
+    whose message is one line also when torch re-raises it from a worker with the worker's traceback."""
     pipeline.stats.clear()
-    loader, _ = train_loader("pipe:cat /nowhere/x.tar", collate, 2, 8, 1, 0, 4, 0)
-    with pytest.raises(DataError, match=f"no data in the last {pipeline.MAX_EMPTY_SHARDS} shards read"):
+    loader, _ = train_loader("pipe:cat /nowhere/x.tar", collate, 2, 8, 1, workers, 4, 0)
+    with pytest.raises(DataError) as e:
         list(loader)
-    assert pipeline.stats["missing_shard"] == pipeline.MAX_EMPTY_SHARDS
+    n = pipeline.MAX_EMPTY_SHARDS
+    assert pipeline.one_line(e.value) == f"no data in the last {n} shards read (last: pipe:cat /nowhere/x.tar)"
+    assert pipeline.stats["missing_shard"] == (n if workers == 0 else 0)  # a worker's counts stay in the worker
     pipeline.stats.clear()
 
 

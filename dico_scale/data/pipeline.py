@@ -9,6 +9,8 @@ Training streams resample shards from one seeded sequence that every rank and wo
 node and by worker, so ranks read different shards and every rank yields exactly the same number of batches per epoch.
 Evaluation reads each shard once, split by node and worker, never dropping or repeating a sample.
 Bad data never stops a loader: each bad sample or shard is logged once (one warning line), counted by kind, skipped.
+The counts ride in the batches; a reader's faults after its last batch are logged but not counted (this only
+happens at the end of an evaluation pass: training streams never end).
 """
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ def record(kind: str, where: str, why=None, shard: bool = False) -> None:
     """Counts one fault and logs it on one line; a failed shard also counts as one unit read."""
     stats[kind] += 1
     stats["skipped"] += 1
-    stats["read"] += shard
+    if shard:
+        stats["read"] += 1
     why = (str(why) or type(why).__name__).splitlines()[0][:200] if isinstance(why, Exception) else why
     log.warning("data fault %s: %s%s", kind, where, f" ({why})" if why else "")
 
@@ -117,6 +120,8 @@ def _read_shards(src, shared: bool = False):
     shared: every reader reads every shard (sample split), so only the first reader counts shard faults."""
     rank, _, worker, _ = wds.utils.pytorch_worker_info()
     counts = not shared or rank == worker == 0
+    if torch.utils.data.get_worker_info() is not None:
+        stats.clear()  # a forked worker starts with a copy of its parent's counts: they are not its own
     empty_in_a_row = 0
     for shard in src:
         url, files, error = shard["url"], 0, None
