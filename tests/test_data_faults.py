@@ -12,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import webdataset as wds
 from helpers import free_port
 from torchvision import transforms
 

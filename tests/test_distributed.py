@@ -103,7 +103,10 @@ def test_killed_run_resumes_at_next_step_on_same_mlflow_run(chain):
     assert set(range(1, stop + 1)) <= set(steps)  # both segments: before the kill and after the resume
     state = torch.load(out / "checkpoints" / f"step_{stop:08d}" / "mp_rank_00_model_states.pt", weights_only=False)
     assert state["mlflow_run_id"] == run.info.run_id and state["step"] == stop
-    assert state["epoch"] >= 1  # a fresh data epoch after the resume, not a replay from the start
+    # The resumed epoch went on for its remaining batches only: 64 samples / (2 ranks x 4) = 8 batches per epoch,
+    # one per step, so the data position is the step (not a replay from the epoch's start, not a skipped epoch).
+    assert state["epoch"] * 8 + state["batch_in_epoch"] == stop
+    assert state["data"]["read"] >= 4 * 2 * stop and state["data"].get("skipped", 0) == 0
     assert (out / "checkpoints" / f"step_{stop:08d}" / "config.yaml").is_file()
 
 
@@ -160,3 +163,29 @@ def _steps_logged(db: Path) -> int:
             return c.execute("select count(*) from metrics where key='train/loss'").fetchone()[0]
     except sqlite3.Error:
         return 0
+
+
+def test_eval_two_ranks_two_workers_read_each_sample_once(tmp_path):
+    """2 gloo ranks x 2 workers: disjoint keys per reader, all of them together, for both eval_loader branches."""
+    import sys
+    import tarfile
+
+    import webdataset as wds
+    from dico_scale.data.synthetic import write_synthetic_dataset
+
+    many = write_synthetic_dataset(tmp_path / "many", n_train=0, n_val=11, n_test=0, samples_per_shard=2)["val"]
+    one = write_synthetic_dataset(tmp_path / "one", n_train=0, n_val=9, n_test=0, samples_per_shard=16)["val"]
+    assert len(wds.shardlists.expand_urls(many)) == 6 and len(wds.shardlists.expand_urls(one)) == 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "tests/distributed/eval_split_check.py", str(tmp_path), many, one]
+    check_ok(subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300))
+    result = json.loads((tmp_path / "eval_split.json").read_text())
+    for spec in (many, one):
+        expected = set()
+        for url in wds.shardlists.expand_urls(spec):
+            with tarfile.open(url) as tar:
+                expected |= {m.name.rsplit(".", 1)[0] for m in tar.getmembers()}
+        readers = result[spec]
+        assert sorted(readers) == ["0/0", "0/1", "1/0", "1/1"], readers  # every reader got a share
+        keys = [k for ks in readers.values() for k in ks]
+        assert len(keys) == len(set(keys)) and set(keys) == expected, (spec, readers)
