@@ -196,3 +196,29 @@ def test_skipped_share_bound_stops_both_ranks(shards, tmp_path):
     share, read, kind, times = found.groups()
     assert float(share) == pytest.approx(100 * m["data/skipped_share"], abs=0.01) and int(read) >= 30
     assert m[f"data/faults/{kind}"] == int(times) == max(m[f"data/faults/{k}"] for k in pipeline.KINDS)
+
+
+def test_bound_applies_after_the_minimum_and_names_the_commonest_fault():
+    from collections import Counter
+
+    from dico_scale.loop import check_data_bound, data_metrics
+
+    totals = Counter(read=99, skipped=5, bad_json=2, corrupt_image=3, missing_shard=4)  # 4 found at startup
+    check_data_bound(totals, 0.01, 100)  # 5 % skipped, but fewer than 100 samples read yet
+    totals["read"] += 1
+    with pytest.raises(DataError) as e:
+        check_data_bound(totals, 0.01, 100)
+    assert str(e.value) == ("skipped 5.00% of 100 samples read, past data.max_skipped_share=0.01 "
+                            "(most common fault: missing_shard, 4 times)") and e.value.agreed
+    check_data_bound(totals, 0.05, 100)  # at the bound is not past it
+    m = data_metrics(totals)
+    assert m["data/faults"] == 9 and m["data/skipped_share"] == 0.05 and m["data/faults/empty_captions"] == 0
+
+
+@pytest.mark.parametrize("override", ["data.max_skipped_share=1.5", "data.max_skipped_share=-0.1",
+                                      "data.skipped_share_min_samples=-1"])
+def test_bound_config_is_checked(override):
+    from dico_scale.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=f"'{override.split('=')[0]}'"):
+        load_config("configs/demo/xe.yaml", ["evaluator.weights=", "captioner.image_encoder_weights=", override])

@@ -63,3 +63,14 @@ def test_resume_continues_the_saved_epoch(tmp_path, tiny_shards, stop, position)
         assert b[key] == c[key], key
     assert (c["epoch"], c["batch_in_epoch"], c["samples_seen"]) == (2, 3, 60)
     assert b["data"]["read"] > a["data"]["read"] > 0  # the data totals were restored and kept counting
+
+
+def test_checkpoint_without_data_position_resumes_at_the_next_epoch():
+    from dico_scale.loop import LoopState
+
+    old = LoopState.from_client_state({"epoch": 3, "samples_seen": 96, "mlflow_run_id": "r"})
+    assert (old.epoch, old.batch_in_epoch, old.samples_seen, old.mlflow_run_id) == (4, 0, 96, "r")
+    state = LoopState(epoch=3, batch_in_epoch=5, samples_seen=96)
+    state.data.update(read=10, skipped=1, bad_json=1)
+    back = LoopState.from_client_state(state.client_state(step=12))
+    assert back == state and back.data == {"read": 10, "skipped": 1, "bad_json": 1}
