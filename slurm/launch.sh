@@ -23,7 +23,8 @@
 #   RDZV_CONF       torchrun --rdzv_conf (default join_timeout=900,read_timeout=300)
 #   SRUN_ARGS       extra srun options (word-split), e.g. "--cpu-bind=none"
 #   PYTHON          the Python that has torch and dico_scale (default python3)
-# Exit codes: the trainer's; PREEMPTED_EXIT (3) from the ranks = "preempted, checkpoint saved" -> requeue, exit 0.
+# Exit codes: the trainer's; PREEMPTED_EXIT (3) from the ranks = "preempted, checkpoint saved" -> requeue, exit 0;
+# 4 = too much bad data (data.max_skipped_share): not requeued, the job fails with it.
 set -euo pipefail
 
 PREEMPTED_EXIT=3
