@@ -32,7 +32,7 @@ import time
 import torch
 
 from dico_scale.kernels import reference
-from dico_scale.kernels.dico_loss import dico_loss_triton
+from dico_scale.kernels.loss import dico_loss_triton
 
 V_FULL = 49409
 SHAPES = [(40, 20, 512), (320, 30, 1024), (640, 32, 2048)]

@@ -51,7 +51,7 @@ def dico_loss(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, beta: fl
               kernel: str = "auto"):
     """(scalar loss, detached metrics) of DiCO over [B, k] candidates; see reference.dico_loss."""
     if use_triton(kernel, policy_logps):
-        from .dico_loss import dico_loss_triton
+        from .loss import dico_loss_triton
         return dico_loss_triton(policy_logps, ref_logps, rewards, beta=beta, tau=tau)
     return reference.dico_loss(policy_logps, ref_logps, rewards, beta=beta, tau=tau)
 

@@ -1,4 +1,4 @@
-"""Triton DiCO loss (kernels/dico_loss.py) against the torch reference run in float64.
+"""Triton DiCO loss (kernels/loss.py) against the torch reference run in float64.
 
 On CPU the kernels run through the Triton interpreter (conftest sets TRITON_INTERPRET=1);
 the `gpu` tests repeat the checks on CUDA with fresh random inputs.
@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-import dico_scale.kernels.dico_loss as dl
-from dico_scale.kernels.dico_loss import METRIC_NAMES, dico_loss_triton
+import dico_scale.kernels.loss as dl
+from dico_scale.kernels.loss import METRIC_NAMES, dico_loss_triton
 from dico_scale.kernels.reference import dico_loss
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
