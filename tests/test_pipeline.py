@@ -222,6 +222,30 @@ def test_clean_data_reports_reads_and_no_faults(tiny_shards, preprocess, tok, cl
     assert not any(set(s) - {"read"} for s in stats)
 
 
+class CountingCollate(Collate):
+    """Counts the batches built in any process (a shared-memory counter inherited by the forked workers)."""
+
+    def __init__(self, counter, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.counter = counter
+
+    def __call__(self, samples):
+        with self.counter.get_lock():
+            self.counter.value += 1
+        return super().__call__(samples)
+
+
+def test_workers_build_exactly_the_epochs_batches(tiny_shards, preprocess, tok, clean_env):
+    """7 batches over 2 workers (4 + 3): none built ahead and thrown away at the epoch's end."""
+    import multiprocessing
+
+    built = multiprocessing.Value("i", 0)
+    loader, n = train_loader(tiny_shards["train"], CountingCollate(built, preprocess, None, tok, MAX_TOKENS, seed=0),
+                             batch_size=4, samples_per_epoch=28, world_size=1, num_workers=2, shuffle_buffer=8, seed=0)
+    assert n == 7 and len(list(loader)) == 7
+    assert built.value == 7
+
+
 def _shuffled(monkeypatch, rank, worker, seed=7):
     from dico_scale.data.pipeline import _reader_shuffle
 

@@ -192,6 +192,15 @@ def _shared_seed() -> int:
     return 0
 
 
+def _worker_share(batches: int):
+    """Each reader stops after its share of the epoch's batches (the DataLoader takes them round-robin), so no
+    worker decodes batches that the epoch's end would throw away."""
+    def stage(src):
+        _, _, worker, workers = wds.utils.pytorch_worker_info()
+        yield from itertools.islice(src, batches // workers + (worker < batches % workers))
+    return stage
+
+
 def _urls(spec) -> list[str]:
     return list(spec) if isinstance(spec, (list, tuple)) else wds.shardlists.expand_urls(spec)
 
@@ -217,6 +226,7 @@ def train_loader(spec, collate: Collate, batch_size: int, samples_per_epoch: int
         _reader_shuffle(shuffle_buffer, seed),
         _decode,
         wds.batched(batch_size, collation_fn=collate, partial=False),
+        _worker_share(batches),
     ]
     loader = wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=num_workers)
     return loader.with_epoch(batches), batches
