@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .reference import check_dico_inputs
+
 METRIC_NAMES = (
     "rewards/chosen",
     "rewards/rejected",
@@ -141,18 +143,6 @@ def _dico_bwd_kernel(pi_ptr, ref_ptr, r_ptr, gout_ptr, dpi_ptr,
     tl.store(dpi_ptr + rows[:, None] * K + cols[None, :], d.to(dpi_ptr.dtype.element_ty), mask=ok)
 
 
-def _check_shapes(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor) -> None:
-    # Same messages as the torch reference, so callers can switch paths freely.
-    if policy_logps.dim() != 2:
-        raise ValueError(f"policy_logps must be [B, k], got shape {tuple(policy_logps.shape)}")
-    if policy_logps.shape[1] < 2:
-        raise ValueError(f"policy_logps needs k >= 2 candidates per image, got k={policy_logps.shape[1]}")
-    if ref_logps.shape != policy_logps.shape:
-        raise ValueError(f"ref_logps shape {tuple(ref_logps.shape)} != policy_logps shape {tuple(policy_logps.shape)}")
-    if rewards.shape != policy_logps.shape:
-        raise ValueError(f"rewards shape {tuple(rewards.shape)} != policy_logps shape {tuple(policy_logps.shape)}")
-
-
 def _launch_args(pi: Tensor, ref: Tensor, r: Tensor, beta: float, tau: float):
     B, K = pi.shape
     block_k = max(2, triton.next_power_of_2(K))
@@ -208,7 +198,7 @@ def dico_loss_triton(
     fp64). Gradient flows into policy_logps only. Metrics are 0-dim detached views of
     one device buffer written by the forward kernel.
     """
-    _check_shapes(policy_logps, ref_logps, rewards)
+    check_dico_inputs(policy_logps, ref_logps, rewards)
     ref, r = ref_logps.detach(), rewards.detach()
     if torch.is_grad_enabled() and policy_logps.requires_grad:
         loss, metrics = _DicoLossFn.apply(policy_logps, ref, r, beta, tau)

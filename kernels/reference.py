@@ -39,6 +39,18 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
     return (token_logps * mask.to(x.dtype)).sum(-1)
 
 
+def check_dico_inputs(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor) -> None:
+    """Shape checks shared with the Triton kernel, so both paths fail alike."""
+    if policy_logps.dim() != 2:
+        raise ValueError(f"policy_logps must be [B, k], got shape {tuple(policy_logps.shape)}")
+    if policy_logps.shape[1] < 2:
+        raise ValueError(f"policy_logps needs k >= 2 candidates per image, got k={policy_logps.shape[1]}")
+    if ref_logps.shape != policy_logps.shape:
+        raise ValueError(f"ref_logps shape {tuple(ref_logps.shape)} != policy_logps shape {tuple(policy_logps.shape)}")
+    if rewards.shape != policy_logps.shape:
+        raise ValueError(f"rewards shape {tuple(rewards.shape)} != policy_logps shape {tuple(policy_logps.shape)}")
+
+
 def dico_loss(
     policy_logps: Tensor,
     ref_logps: Tensor,
@@ -52,15 +64,7 @@ def dico_loss(
     the k-1 losers are weighted by gamma = softmax(tau * (r_w - r_l)). Gradients
     flow into policy_logps only. Returns (scalar loss, dict of detached metrics).
     """
-    if policy_logps.dim() != 2:
-        raise ValueError(f"policy_logps must be [B, k], got shape {tuple(policy_logps.shape)}")
-    if policy_logps.shape[1] < 2:
-        raise ValueError(f"policy_logps needs k >= 2 candidates per image, got k={policy_logps.shape[1]}")
-    if ref_logps.shape != policy_logps.shape:
-        raise ValueError(f"ref_logps shape {tuple(ref_logps.shape)} != policy_logps shape {tuple(policy_logps.shape)}")
-    if rewards.shape != policy_logps.shape:
-        raise ValueError(f"rewards shape {tuple(rewards.shape)} != policy_logps shape {tuple(policy_logps.shape)}")
-
+    check_dico_inputs(policy_logps, ref_logps, rewards)
     dtype = _compute_dtype(policy_logps)
     pi = policy_logps.to(dtype)
     ref = ref_logps.detach().to(dtype)  # frozen reference model: constant

@@ -7,6 +7,7 @@ Every buffer the kernels get from torch.empty / empty_like is NaN-filled first.
 
 import pytest
 import torch
+from helpers import poison_empty
 
 import dico_scale.kernels.fused_linear as fl
 from dico_scale.kernels.fused_linear import fused_linear_sequence_logprobs_triton
@@ -22,13 +23,7 @@ CHUNK = 2048  # float64 reference rows per step: 2048 x V x 8 B = 0.8 GB
 
 @pytest.fixture(autouse=True)
 def poisoned_empty(monkeypatch):
-    real_empty, real_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(2**30)
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_like(*a, **k)))
+    poison_empty(monkeypatch)
 
 
 def batch(N, T, H, dtype, seed):

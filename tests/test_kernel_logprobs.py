@@ -6,6 +6,7 @@ on the same (possibly half-precision) inputs upcast to float64.
 
 import pytest
 import torch
+from helpers import poison_empty
 
 import dico_scale.kernels.fused_linear as fl
 from dico_scale.kernels.fused_linear import fused_linear_sequence_logprobs_triton
@@ -40,14 +41,7 @@ def make_batch(N, T, V, seed):
 
 @pytest.fixture
 def poisoned_empty(monkeypatch):
-    """torch.empty / empty_like hand out NaN (floats) or huge (ints) buffers, so an unwritten element shows."""
-    real_empty, real_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(2**30)
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_like(*a, **k)))
+    poison_empty(monkeypatch)
 
 
 # --------------------------------------------------------------------------- logits kernel
