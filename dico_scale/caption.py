@@ -40,10 +40,17 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def load_pixels(preprocess, path: str):
+    """One image file as the captioner's (open_clip) eval transform sees it, in the official CLIP-S / PAC-S order:
+    resize and crop the image in its own mode, convert to RGB last (images.for_eval)."""
+    from dico_scale.data.images import for_eval, open_image
+
+    return preprocess(for_eval(open_image(path)))
+
+
 def caption_files(captioner, tok, paths, cfg, device, batch_size: int):
     """Yields (path, caption or None, error or None) in order; an unreadable image is reported, not fatal."""
     import torch
-    from PIL import Image
 
     from dico_scale.validate import generate
 
@@ -52,8 +59,7 @@ def caption_files(captioner, tok, paths, cfg, device, batch_size: int):
         chunk, pixels, failed = paths[start:start + batch_size], [], {}
         for path in chunk:
             try:
-                with Image.open(path) as im:
-                    pixels.append(captioner.preprocess(im.convert("RGB")))
+                pixels.append(load_pixels(captioner.preprocess, path))
             except Exception as e:
                 failed[path] = f"{type(e).__name__}: {str(e)[:200]}"
         captions = iter(generate(captioner, tok, torch.stack(pixels).to(device), g.beam_size, g.max_len)

@@ -102,7 +102,7 @@ def test_image_layout_round_trip(coco, collate, tmp_path):
             data = (tmp_path / f["name"]).read_bytes()
             assert f["bytes"] == len(data) and f["sha256"] == hashlib.sha256(data).hexdigest()
     assert m["splits"]["train"]["images"] == 8  # 5 train + 3 restval folded in
-    # --max-side 0 copies the original JPEG bytes
+    # plain RGB JPEGs within the default --max-side (640) are copied byte for byte
     first = tar_members(tmp_path / "train-000000.tar")
     assert first["coco-500.jpg"] == (Path(coco["root"]) / coco["images"][0]["filepath"] /
                                      coco["images"][0]["filename"]).read_bytes()

@@ -15,7 +15,6 @@ happens at the end of an evaluation pass: training streams never end).
 from __future__ import annotations
 
 import functools
-import io
 import itertools
 import json
 import logging
@@ -25,14 +24,14 @@ from collections import Counter
 
 import torch
 import webdataset as wds
-from PIL import Image
 
 from ..config import ConfigError
+from .images import ImageTooLarge, for_eval, open_image, to_rgb
 from .tokenizer import CaptionTokenizer
 
 log = logging.getLogger(__name__)
 
-KINDS = ("corrupt_image", "bad_json", "empty_captions", "truncated_tar", "missing_shard", "other")
+KINDS = ("corrupt_image", "image_too_large", "bad_json", "empty_captions", "truncated_tar", "missing_shard", "other")
 MAX_EMPTY_SHARDS = 100  # shards in a row without a single file: the stream is dead, not unlucky
 
 # Reads and faults of this process since its last batch. In a DataLoader worker this is the worker's own copy, so the
@@ -86,13 +85,25 @@ class Collate:
 
     def __call__(self, samples):
         images, refs, keys = zip(*samples)
-        batch = {"pixels": torch.stack([self.preprocess(im) for im in images]), "refs": list(refs), "keys": list(keys)}
+        batch = {"pixels": _pixels(self.preprocess, images), "refs": list(refs), "keys": list(keys)}
         if self.eval_preprocess is not None:
-            batch["eval_pixels"] = torch.stack([self.eval_preprocess(im) for im in images])
+            batch["eval_pixels"] = _pixels(self.eval_preprocess, images)
         batch["captions"] = [self.rng.choice(r) for r in refs]
         batch["tokens"] = self.tokenizer.batch(batch["captions"], self.max_tokens)
         batch["data_stats"] = take_stats()  # runs in the reader (worker) that built the batch
         return batch
+
+
+def _pixels(transform, images) -> torch.Tensor:
+    """Evaluation images keep their own mode (see _decode); open_clip's and the official transforms convert to RGB
+    themselves, after the crop. A transform without that step gets the image through to_rgb first."""
+    out = []
+    for im in images:
+        x = transform(im)
+        if im.mode != "RGB" and x.shape[-3] != 3:
+            x = transform(to_rgb(im))
+        out.append(x)
+    return torch.stack(out)
 
 
 # ---- reading -----------------------------------------------------------------------------------------------------
@@ -153,8 +164,11 @@ def _group(src):
     return wds.tariterators.group_by_keys(src, handler=skip_fault)
 
 
-def _decode(src):
-    """Samples -> (RGB image, captions, key); a bad one is counted under its kind and skipped."""
+def _decode(src, evaluation: bool = False):
+    """Samples -> (image, captions, key); a bad one is counted under its kind and skipped.
+
+    Training images go through to_rgb. Evaluation images keep their own mode (for_eval), so that the transform
+    resizes and crops first and converts to RGB last, as the official CLIP-S / PAC-S tools do."""
     for s in src:
         stats["read"] += 1
         key = s["__key__"]
@@ -171,8 +185,11 @@ def _decode(src):
             record("empty_captions", where, "empty caption list" if not refs else "a blank caption")
             continue
         try:
-            with Image.open(io.BytesIO(s["jpg"])) as im:
-                image = im.convert("RGB")  # decodes the whole file: a truncated JPEG fails here
+            im = open_image(s["jpg"])  # decodes the whole file: a truncated JPEG fails here
+            image = for_eval(im) if evaluation else to_rgb(im)
+        except ImageTooLarge as e:
+            record("image_too_large", where, e)
+            continue
         except Exception as e:
             record("corrupt_image", where, "no .jpg" if isinstance(e, KeyError) else e)
             continue
@@ -247,9 +264,9 @@ def eval_loader(spec, collate: Collate, batch_size: int, num_workers: int = 0):
     world = wds.utils.pytorch_worker_info()[1]  # as split_by_node sees it: RANK/WORLD_SIZE first, then the group
     readers = world * max(1, num_workers)
     if len(urls) >= readers:
-        stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker, _read_shards, _group, _decode]
+        stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker, _read_shards, _group]
     else:
-        stages = [wds.SimpleShardList(urls), functools.partial(_read_shards, shared=True), _group, _split_samples,
-                  _decode]
+        stages = [wds.SimpleShardList(urls), functools.partial(_read_shards, shared=True), _group, _split_samples]
+    stages.append(functools.partial(_decode, evaluation=True))
     stages.append(wds.batched(batch_size, collation_fn=collate, partial=True))
     return wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=num_workers)

@@ -5,6 +5,8 @@
 
 A sample is `<key>.jpg` + `<key>.json` (a list of captions). Layout "image": one sample per image with all its
 captions (DiCO, evaluation); layout "caption": one sample per caption, json a one-element list (XE).
+Images are stored as upright RGB (or greyscale) JPEGs at most --max-side on the longer side: plain JPEGs are copied,
+anything else goes through images.to_rgb (alpha over white, EXIF rotation, 16-bit greyscale scaled) and is re-encoded.
 Shards are `<split>-000000.tar, ...`; each is written under a hidden temporary name and renamed when complete.
 `manifest.json`, written last, records the source, options, counts, shards with sha256, and skipped items.
 The output depends only on the source and the options, never on --workers (results are consumed in source order).
@@ -27,11 +29,13 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from .images import ImageTooLarge, exif_orientation, open_image, to_rgb
 from .sources import Item, SourceError, check_unique, read_jsonl, read_karpathy, sanitize
 
 SPLIT_ORDER = ("train", "restval", "val", "test")
 SHARD_NAME = re.compile(r"[A-Za-z0-9_]+-\d{6}\.tar")
 TAR_END = 1024 + 10240  # end-of-archive blocks plus the worst-case padding to tarfile's record size
+MAX_SIDE = 640  # COCO's size: COCO images are copied, larger ones shrunk to it
 
 
 def parse_size(text: str) -> int:
@@ -44,7 +48,8 @@ def parse_size(text: str) -> int:
 
 
 def load_image(path: str, max_side: int, quality: int) -> tuple[bytes | None, str]:
-    """(JPEG bytes, "") or (None, why it was skipped). A JPEG within max_side (0: any size) is copied as is."""
+    """(JPEG bytes, "") or (None, why it was skipped). A plain RGB or greyscale JPEG, upright (no EXIF rotation)
+    and within max_side (0: any size), is copied as is; anything else is converted by to_rgb and re-encoded."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -53,14 +58,16 @@ def load_image(path: str, max_side: int, quality: int) -> tuple[bytes | None, st
     except OSError as e:
         return None, f"unreadable image: {e.strerror or e}"
     try:
-        im = Image.open(io.BytesIO(raw))
-        im.load()  # a full decode: catches truncated or corrupt files, not only bad headers
+        im = open_image(raw)  # a full decode: catches truncated or corrupt files, not only bad headers
+        if (im.format == "JPEG" and im.mode in ("RGB", "L") and exif_orientation(im) == 1
+                and (max_side == 0 or max(im.size) <= max_side)):
+            return raw, ""
+        im = to_rgb(im)  # CMYK, rotated, alpha, 16-bit, ...
+    except ImageTooLarge as e:
+        return None, str(e)
     except Exception as e:  # PIL raises many types for bad files
         return None, f"unreadable image: {type(e).__name__}: {e}"
     w, h = im.size
-    if im.format == "JPEG" and (max_side == 0 or max(w, h) <= max_side):
-        return raw, ""
-    im = im.convert("RGB")
     if max_side and max(w, h) > max_side:
         s = max_side / max(w, h)
         im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BICUBIC)
@@ -174,7 +181,7 @@ def _encoded(items: list[Item], max_side: int, quality: int, workers: int):
             pool.terminate()
 
 
-def write_shards(items: list[Item], out: str, *, splits: list[str], layout: str = "image", max_side: int = 0,
+def write_shards(items: list[Item], out: str, *, splits: list[str], layout: str = "image", max_side: int = MAX_SIDE,
                  quality: int = 90, samples_per_shard: int = 1000, max_shard_size: int = 10**9, workers: int = 1,
                  source: dict | None = None, options: dict | None = None, overwrite: bool = False,
                  progress: bool = True) -> dict:
@@ -229,7 +236,7 @@ def summary(manifest: dict, out: str) -> str:
             lines.append(f"  {s} shards: {spec} (join specs with '::' to read several)")
     reasons = {}
     for x in manifest["skipped"]:
-        r = x["reason"].split(":")[0]
+        r = re.split(r"\s*[:(]", x["reason"])[0]  # 'unreadable image: ...', 'image too large (N pixels, ...)'
         reasons[r] = reasons.get(r, 0) + 1
     if reasons:
         lines.append("skipped: " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())) +
@@ -258,7 +265,9 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--splits", help="comma-separated splits to write (default: all in the source)")
     common.add_argument("--layout", choices=["image", "caption"], default="image",
                         help="image: one sample per image with all captions (DiCO, eval); caption: one per caption (XE)")
-    common.add_argument("--max-side", type=int, default=0, help="resize so the longer side is at most N (0: keep)")
+    common.add_argument("--max-side", type=int, default=MAX_SIDE,
+                        help=f"shrink so the longer side is at most N (default {MAX_SIDE}, COCO's size; 0: keep the "
+                             "size and copy plain JPEGs byte for byte)")
     common.add_argument("--quality", type=int, default=90, choices=range(1, 101), metavar="1..100",
                         help="JPEG quality when re-encoding")
     common.add_argument("--samples-per-shard", type=_positive, default=1000)
