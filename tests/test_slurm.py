@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -138,8 +139,16 @@ def _job_field(job: int, field: str) -> str:
     return m.group(1) if m else ""
 
 
+def _restartable(job: int) -> bool:
+    """The requeued job is pending, none of its steps is left and both nodes are idle (not completing)."""
+    if _job_field(job, "JobState") != "PENDING":
+        return False
+    steps = subprocess.run(["squeue", "-h", "-s", "-j", str(job)], capture_output=True, text=True).stdout
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True).stdout.split()
+    return not steps.strip() and dict(zip(nodes[::2], nodes[1::2])) == {n: "idle" for n in NODES}
+
+
 def _wait_for(cond, timeout: float, what: str):
-    import time
     deadline = time.time() + timeout
     while time.time() < deadline:
         if cond():
@@ -175,7 +184,11 @@ def test_preempted_job_checkpoints_requeues_and_resumes_on_the_same_run(slurm_cl
         _wait_for(lambda: steps_logged() >= 3, 300, "3 training steps")
         subprocess.run(["scancel", "--signal=USR1", "--full", str(job)], check=True)
         _wait_for(lambda: _job_field(job, "Restarts") == "1", 240, "the requeue")
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)  # skip the requeue delay
+        # Skip the requeue delay, but only once a restart can succeed: a start forced while the old step is still
+        # being torn down is killed by slurmd ("Job credential revoked") and the job ends FAILED.
+        _wait_for(lambda: _restartable(job), 240, "the requeued job to be pending on idle nodes")
+        time.sleep(2)  # slurmd rejects credentials created in the same second as the old one's revocation
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
         _wait_for(lambda: _job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", ""), 400, "the end")
     finally:
         subprocess.run(["scancel", str(job)], capture_output=True)
