@@ -5,9 +5,11 @@ Every problem is raised as ConfigError with a one-line message naming the key.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -20,15 +22,18 @@ class ConfigError(ValueError):
     """A bad config value or file; the message is one line and names the key."""
 
 
+# Ranges of the numeric keys are in the comments ([a, b] closed, (a, b) open); `validate` checks each of them, and
+# every float must be finite.
+
 @dataclass
 class SyntheticData:
     enabled: bool = False  # generate the shapes dataset into data.root when it is missing
-    seed: int = 0
-    n_train: int = 2000
-    n_val: int = 100
-    n_test: int = 100
-    image_size: int = 64
-    samples_per_shard: int = 250
+    seed: int = 0  # >= 0
+    n_train: int = 2000  # >= 1
+    n_val: int = 100  # >= 0
+    n_test: int = 100  # >= 0
+    image_size: int = 64  # >= 16 (the shapes need room)
+    samples_per_shard: int = 250  # >= 1
 
 
 @dataclass
@@ -37,14 +42,14 @@ class DataConfig:
     train_shards: str = ""  # webdataset spec, e.g. /data/coco/train-{00000..00099}.tar
     val_shards: str = ""
     test_shards: str = ""
-    samples_per_epoch: int = 10000  # per epoch over all ranks (resampled training stream)
-    shuffle_buffer: int = 500
-    num_workers: int = 0
-    max_caption_tokens: int = 24  # including BOS and EOS
+    samples_per_epoch: int = 10000  # >= 1; per epoch over all ranks (resampled training stream)
+    shuffle_buffer: int = 500  # >= 0 (0: no sample shuffle)
+    num_workers: int = 0  # >= 0
+    max_caption_tokens: int = 24  # >= 3; including BOS and EOS
     # Bad samples and shards are skipped and counted; the run stops (exit 4) when the skipped share of the samples
     # read (all ranks, whole run) passes max_skipped_share, once at least skipped_share_min_samples were read.
-    max_skipped_share: float = 0.01  # 1.0 never stops
-    skipped_share_min_samples: int = 1000
+    max_skipped_share: float = 0.01  # [0, 1]; 1.0 never stops
+    skipped_share_min_samples: int = 1000  # >= 0
     synthetic: SyntheticData = field(default_factory=SyntheticData)
 
 
@@ -53,12 +58,12 @@ class CaptionerConfig:
     image_encoder: str = "ViT-L-14"  # open_clip model name whose visual tower encodes images
     image_encoder_weights: str = ""  # local open_clip / OpenAI-layout checkpoint; empty = random init
     freeze_image_encoder: bool = True
-    encoder_layers: int = 3
-    decoder_layers: int = 3
-    width: int = 512
-    heads: int = 8
-    dropout: float = 0.1
-    max_positions: int = 64  # decoder positions: must cover data.max_caption_tokens and generation.max_len + 1
+    encoder_layers: int = 3  # >= 0 (0: the visual tokens go to the decoder as they are)
+    decoder_layers: int = 3  # >= 1
+    width: int = 512  # >= 1, a multiple of heads
+    heads: int = 8  # >= 1
+    dropout: float = 0.1  # [0, 1)
+    max_positions: int = 64  # >= 1; decoder positions: must cover data.max_caption_tokens and generation.max_len + 1
 
 
 @dataclass
@@ -71,15 +76,16 @@ class EvaluatorConfig:
 
 @dataclass
 class GenerationConfig:
-    beam_size: int = 5
-    max_len: int = 20  # generated tokens after BOS
+    beam_size: int = 5  # >= 1 (>= 2 for dico)
+    max_len: int = 20  # >= 1; generated tokens after BOS
 
 
 @dataclass
 class DicoConfig:
-    beta: float = 0.2
-    tau: float = 300.0
+    beta: float = 0.2  # (0, inf): DPO temperature of the implicit reward
+    tau: float = 300.0  # [0, inf): sharpness of the loser weights softmax(tau * (r_win - r_loser)); 0 = uniform
     disable_dropout: bool = True  # as TRL's DPO; the DiCO reference code keeps dropout on
+    reward_clamp: bool = False  # reward w*max(cos, 0) as CLIP-S / PAC-S; false: w*cos, as the DiCO code
 
 
 @dataclass
@@ -89,38 +95,41 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    warmup_steps: int = 0
+    lr: float = 1e-4  # (0, inf)
+    weight_decay: float = 0.0  # >= 0
+    beta1: float = 0.9  # [0, 1)
+    beta2: float = 0.999  # [0, 1)
+    eps: float = 1e-8  # (0, inf)
+    warmup_steps: int = 0  # >= 0
     schedule: str = "constant"  # constant | cosine (after warmup)
-    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
-    grad_clip: float = 1.0  # 0 disables
-    grad_accum: int = 1
+    min_lr_ratio: float = 0.0  # [0, 1]; cosine floor as a fraction of lr
+    grad_clip: float = 1.0  # >= 0; 0 disables
+    grad_accum: int = 1  # >= 1
 
 
 @dataclass
 class TrainConfig:
     stage: str = "xe"
     output_dir: str = "runs/default"
-    max_steps: int = 1000  # optimizer steps
-    micro_batch_size: int = 16  # images per rank per micro step
-    seed: int = 0
-    log_every: int = 10
-    val_every: int = 0  # 0: validate only at the end
-    val_max_images: int = 0  # 0: the whole val split
-    save_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
+    max_steps: int = 1000  # >= 1; optimizer steps
+    micro_batch_size: int = 16  # >= 1; images per rank per micro step
+    seed: int = 0  # >= 0
+    log_every: int = 10  # >= 1
+    val_every: int = 0  # >= 0; 0: validate only at the end
+    val_max_images: int = 0  # >= 0; 0: the whole val split
+    save_every: int = 0  # >= 0; 0: only at the end
+    keep_checkpoints: int = 2  # >= 1
     resume: str = "none"  # none | auto | path to a checkpoint tag folder
     init_from: str = ""  # model weights to start from (file written by an earlier stage, or a checkpoint tag)
-    max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops
+    max_nonfinite_steps: int = 5  # >= 1; consecutive non-finite losses before the run stops
     preempt_signal: str = "SIGUSR1"  # on it: checkpoint at the next step, exit with code 3 (empty: ignore signals)
+    # SIGTERM, and the launcher (deepspeed, torchrun) dying, are handled like preempt_signal; a rank that has not
+    # checkpointed and exited stop_timeout_s seconds later exits anyway (exit 1).
+    stop_timeout_s: float = 300.0  # (0, inf)
     requeue_on_preempt: bool = True  # under Slurm, rank 0 then runs `scontrol requeue $SLURM_JOB_ID`
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch intra-op threads per rank on CPU; 0 = cores / local ranks
+    threads: int = 0  # >= 0; torch intra-op threads per rank on CPU; 0 = cores / local ranks
 
 
 @dataclass
@@ -129,6 +138,10 @@ class TrackingConfig:
     uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/../mlflow.db
     experiment: str = "dico-scale"
     run_name: str = ""
+    # An http(s) tracking server is asked for its health before anything is built: a server that does not answer
+    # within connect_timeout_s stops the run with one line (exit 2), or, with required=false, disables tracking.
+    required: bool = True
+    connect_timeout_s: float = 10.0  # (0, inf)
 
 
 @dataclass
@@ -214,32 +227,86 @@ def _check(cond: bool, key: str, msg: str):
         raise ConfigError(f"bad value for config key '{key}': {msg}")
 
 
+def _floats_finite(node, prefix: str = "") -> None:
+    """nan and inf parse as floats and pass comparisons that a typo should fail (lr=inf > 0)."""
+    for f in fields(node):
+        val = getattr(node, f.name)
+        if is_dataclass(val):
+            _floats_finite(val, f"{prefix}{f.name}.")
+        elif isinstance(val, float):
+            _check(math.isfinite(val), f"{prefix}{f.name}", f"{val} is not a finite number")
+
+
+# (key, lowest value, whether the lowest is excluded, highest value or None, whether the highest is excluded)
+RANGES = [
+    ("data.synthetic.seed", 0, False, None, False), ("data.synthetic.n_train", 1, False, None, False),
+    ("data.synthetic.n_val", 0, False, None, False), ("data.synthetic.n_test", 0, False, None, False),
+    ("data.synthetic.image_size", 16, False, None, False), ("data.synthetic.samples_per_shard", 1, False, None, False),
+    ("data.samples_per_epoch", 1, False, None, False), ("data.shuffle_buffer", 0, False, None, False),
+    ("data.num_workers", 0, False, None, False), ("data.max_caption_tokens", 3, False, None, False),
+    ("data.max_skipped_share", 0, False, 1, False), ("data.skipped_share_min_samples", 0, False, None, False),
+    ("captioner.encoder_layers", 0, False, None, False), ("captioner.decoder_layers", 1, False, None, False),
+    ("captioner.width", 1, False, None, False), ("captioner.heads", 1, False, None, False),
+    ("captioner.dropout", 0, False, 1, True), ("captioner.max_positions", 1, False, None, False),
+    ("generation.beam_size", 1, False, None, False), ("generation.max_len", 1, False, None, False),
+    ("dico.beta", 0, True, None, False), ("dico.tau", 0, False, None, False),
+    ("optim.lr", 0, True, None, False), ("optim.weight_decay", 0, False, None, False),
+    ("optim.beta1", 0, False, 1, True), ("optim.beta2", 0, False, 1, True), ("optim.eps", 0, True, None, False),
+    ("optim.warmup_steps", 0, False, None, False), ("optim.min_lr_ratio", 0, False, 1, False),
+    ("optim.grad_clip", 0, False, None, False), ("optim.grad_accum", 1, False, None, False),
+    ("train.max_steps", 1, False, None, False), ("train.micro_batch_size", 1, False, None, False),
+    ("train.seed", 0, False, None, False), ("train.log_every", 1, False, None, False),
+    ("train.val_every", 0, False, None, False), ("train.val_max_images", 0, False, None, False),
+    ("train.save_every", 0, False, None, False), ("train.keep_checkpoints", 1, False, None, False),
+    ("train.max_nonfinite_steps", 1, False, None, False), ("train.stop_timeout_s", 0, True, None, False),
+    ("train.threads", 0, False, None, False), ("tracking.connect_timeout_s", 0, True, None, False),
+]
+
+
+def _get(c: Config, key: str):
+    for part in key.split("."):
+        c = getattr(c, part)
+    return c
+
+
+def _check_range(c: Config, key: str, lo, lo_open: bool, hi, hi_open: bool) -> None:
+    val = _get(c, key)
+    if lo_open or hi is not None:
+        ok = (val > lo if lo_open else val >= lo) and (hi is None or (val < hi if hi_open else val <= hi))
+        want = f"in {'(' if lo_open else '['}{lo}, {'inf)' if hi is None else f'{hi}' + (')' if hi_open else ']')}"
+        _check(ok, key, f"{val} must lie {want}")
+    else:
+        _check(val >= lo, key, f"{val} must be >= {lo}")
+
+
+def read_deepspeed_config(path: str) -> dict:
+    """The JSON object of train.deepspeed_config; ConfigError naming the file and the JSON fault."""
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.deepspeed_config '{path}': invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except OSError as e:
+        raise ConfigError(f"train.deepspeed_config '{path}': cannot read it ({e.strerror or e})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"train.deepspeed_config '{path}': not a JSON object")
+    stage = ds.get("zero_optimization", {}).get("stage", 0) if isinstance(ds.get("zero_optimization", {}), dict) else None
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.deepspeed_config '{path}': zero_optimization.stage {stage!r} is not 0, 1, 2 or 3")
+    return ds
+
+
 def validate(c: Config) -> None:
     t, o, d = c.train, c.optim, c.data
     _check(t.stage in STAGES, "train.stage", f"'{t.stage}' is not one of {', '.join(STAGES)}")
     _check(t.device in ("auto", "cpu", "cuda"), "train.device", f"'{t.device}' is not auto, cpu or cuda")
-    for key, val in [("train.max_steps", t.max_steps), ("train.micro_batch_size", t.micro_batch_size),
-                     ("train.log_every", t.log_every), ("optim.grad_accum", o.grad_accum),
-                     ("generation.beam_size", c.generation.beam_size), ("generation.max_len", c.generation.max_len),
-                     ("data.samples_per_epoch", d.samples_per_epoch), ("train.max_nonfinite_steps", t.max_nonfinite_steps),
-                     ("train.keep_checkpoints", t.keep_checkpoints)]:
-        _check(val > 0, key, f"{val} must be > 0")
-    for key, val in [("train.val_every", t.val_every), ("train.save_every", t.save_every), ("data.num_workers", d.num_workers),
-                     ("optim.warmup_steps", o.warmup_steps), ("optim.weight_decay", o.weight_decay),
-                     ("optim.grad_clip", o.grad_clip), ("train.threads", t.threads), ("train.val_max_images", t.val_max_images)]:
-        _check(val >= 0, key, f"{val} must be >= 0")
-    _check(o.lr > 0, "optim.lr", f"{o.lr} must be > 0")
-    _check(0.0 <= d.max_skipped_share <= 1.0, "data.max_skipped_share", f"{d.max_skipped_share} must lie in [0, 1]")
-    _check(d.skipped_share_min_samples >= 0, "data.skipped_share_min_samples",
-           f"{d.skipped_share_min_samples} must be >= 0")
-    _check(d.max_caption_tokens >= 3, "data.max_caption_tokens", f"{d.max_caption_tokens} leaves no room for BOS, a word and EOS")
+    _floats_finite(c)
+    for rng in RANGES:
+        _check_range(c, *rng)
     _check(o.schedule in ("constant", "cosine"), "optim.schedule", f"'{o.schedule}' is not constant or cosine")
-    _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must lie in [0, 1]")
     _check(c.loss.kernel in ("auto", "triton", "torch"), "loss.kernel", f"'{c.loss.kernel}' is not auto, triton or torch")
     _check(c.evaluator.metric in ("pacs", "clips"), "evaluator.metric", f"'{c.evaluator.metric}' is not pacs or clips")
     _check(c.captioner.width % c.captioner.heads == 0, "captioner.width", "must be divisible by captioner.heads")
-    _check(0.0 <= c.captioner.dropout < 1.0, "captioner.dropout", "must lie in [0, 1)")
-    _check(c.dico.beta > 0, "dico.beta", "must be > 0")
     _check(c.captioner.max_positions >= max(d.max_caption_tokens, c.generation.max_len + 1), "captioner.max_positions",
            f"{c.captioner.max_positions} < data.max_caption_tokens or generation.max_len + 1")
     if t.stage == "dico":
@@ -248,12 +315,19 @@ def validate(c: Config) -> None:
            f"'{t.preempt_signal}' is not a signal name such as SIGUSR1")
     _check(t.resume in ("none", "auto") or Path(t.resume).is_dir(), "train.resume",
            f"'{t.resume}' is not none, auto or an existing checkpoint folder")
+    _check(bool(t.output_dir), "train.output_dir", "empty")
     if not d.synthetic.enabled:
         _check(bool(d.train_shards), "data.train_shards", "empty (and data.synthetic.enabled is false)")
     for key, val in [("train.init_from", t.init_from), ("evaluator.weights", c.evaluator.weights),
                      ("captioner.image_encoder_weights", c.captioner.image_encoder_weights),
                      ("train.deepspeed_config", t.deepspeed_config)]:
         _check(not val or os.path.exists(val), key, f"'{val}' does not exist")
+    from .models.weights import sniff_weights_format  # reads headers only: a file of the wrong kind fails here
+    for key, val in [("evaluator.weights", c.evaluator.weights),
+                     ("captioner.image_encoder_weights", c.captioner.image_encoder_weights)]:
+        if val:
+            sniff_weights_format(val, key)
+    read_deepspeed_config(t.deepspeed_config)
 
 
 def to_yaml(c: Config) -> str:

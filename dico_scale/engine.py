@@ -1,20 +1,18 @@
-"""DeepSpeed set-up (gloo on CPU, nccl on GPU), LR schedule, checkpoints and weight export.
+"""DeepSpeed set-up (gloo on CPU, nccl on GPU), LR schedule and weight export (checkpoints: checkpoint.py).
 
 Import order matters: `setup_environment` runs before deepspeed is first imported, since DeepSpeed picks its
 accelerator (DS_ACCELERATOR) at import time.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import socket
 from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, read_deepspeed_config
 
 
 def setup_environment(cfg: Config) -> None:
@@ -48,8 +46,7 @@ def init_distributed() -> torch.device:
 
 def ds_config(cfg: Config, on_gpu: bool) -> dict:
     """The JSON of train.deepspeed_config with batch, accumulation, clipping and precision filled from the config."""
-    with open(cfg.train.deepspeed_config) as f:
-        ds = json.load(f)
+    ds = read_deepspeed_config(cfg.train.deepspeed_config)
     ds.update(train_micro_batch_size_per_gpu=cfg.train.micro_batch_size,
               gradient_accumulation_steps=cfg.optim.grad_accum,
               gradient_clipping=cfg.optim.grad_clip,
@@ -87,44 +84,6 @@ def build_engine(cfg: Config, module: torch.nn.Module, on_gpu: bool):
     return engine
 
 
-# ---- checkpoints: one fresh tag per save, a `complete` marker written last so a crash mid-save is never resumed
-
-def _tag(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def complete_tags(ckpt_dir: str | Path) -> list[Path]:
-    root = Path(ckpt_dir)
-    return sorted(p for p in root.glob("step_*") if (p / "complete").is_file()) if root.is_dir() else []
-
-
-def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, config_yaml: str, keep: int) -> Path:
-    import torch.distributed as dist
-
-    tag = _tag(step)
-    # universal_checkpoint_info lets ds_to_universal.py convert this ZeRO-2 checkpoint to another world size
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={**client_state, "universal_checkpoint_info": {}})
-    path = Path(ckpt_dir) / tag
-    dist.barrier()
-    if dist.get_rank() == 0:
-        (path / "config.yaml").write_text(config_yaml)
-        tmp = path / "complete.tmp"
-        tmp.write_text(json.dumps({"step": step}))
-        os.replace(tmp, path / "complete")
-        for old in complete_tags(ckpt_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return path
-
-
-def load_checkpoint(engine, tag_dir: str | Path) -> dict:
-    tag_dir = Path(tag_dir)
-    path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    if path is None:
-        raise RuntimeError(f"checkpoint {tag_dir}: DeepSpeed could not load it")
-    return client_state or {}
-
-
 def export_weights(engine, path: str | Path, extra: dict) -> None:
     """One fp32 state dict of the whole module (frozen parts included) on rank 0, written atomically.
 
@@ -144,12 +103,16 @@ def export_weights(engine, path: str | Path, extra: dict) -> None:
 
 
 def load_weights(module: torch.nn.Module, path: str) -> None:
-    """Weights from an exported file (export_weights) or a DeepSpeed checkpoint tag folder; strict."""
+    """Weights from an exported file (export_weights' model.pt, or `dico_scale.export --format safetensors`) or a
+    DeepSpeed checkpoint tag folder; strict."""
     try:
         if os.path.isdir(path):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
             p = Path(path)
             state = get_fp32_state_dict_from_zero_checkpoint(str(p.parent), tag=p.name)
+        elif path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     except Exception as e:

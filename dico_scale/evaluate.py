@@ -90,8 +90,9 @@ def evaluator_configs(args, cfg) -> dict[str, EvaluatorConfig]:
     for metric, spec in (("clips", args.clip), ("pacs", args.pacs)):
         if spec:
             model, _, weights = spec.partition(":")
-            if weights and not os.path.exists(weights):
-                raise ConfigError(f"--{metric.replace('clips', 'clip')} weights '{weights}' do not exist")
+            if weights:  # reads headers only: a file of the wrong kind fails before any model or process group
+                from dico_scale.models.weights import sniff_weights_format
+                sniff_weights_format(weights, f"--{metric.replace('clips', 'clip')} weights")
             out[metric] = EvaluatorConfig(model, weights, metric, prefix)
     return out
 

@@ -2,12 +2,15 @@
 
 `python -m dico_scale.export --checkpoint TAG_DIR --out model.pt` consolidates a training checkpoint (ZeRO shards)
 into one fp32 file laid out as engine.export_weights writes it: {"state_dict", "config", "stage", "step",
-"mlflow_run_id"}. The helpers below read either form (export file or tag folder) for evaluate and caption.
+"mlflow_run_id"}. `--format safetensors --out model.safetensors` writes the weights as safetensors (the format people
+share: no pickle) and the rest as model.json beside them; it also converts a model.pt export. The helpers below read
+every form (model.pt, .safetensors + .json, tag folder) for evaluate, caption and train.init_from.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -37,13 +40,39 @@ def _client_state(tag: Path) -> dict:
 
 def _sibling_run_id(export: Path, step) -> str | None:
     """The run id of the newest complete checkpoint beside an export file, if it is the same step (same run)."""
-    from dico_scale.engine import complete_tags
+    from dico_scale.checkpoint import complete_tags
 
     tags = complete_tags(export.parent / "checkpoints")
     if not tags:
         return None
     state = _client_state(tags[-1])
     return state.get("mlflow_run_id") if state.get("step") == step else None
+
+
+def sidecar(path: str | Path) -> Path:
+    """The JSON beside a safetensors export: model.safetensors -> model.json."""
+    return Path(path).with_suffix(".json")
+
+
+def _safetensors_meta(p: Path) -> dict:
+    """The sidecar's config, stage, step and run id; the weights file's header is read too (a bad file fails here)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            f.keys()
+    except Exception as e:
+        raise ConfigError(f"cannot read checkpoint '{p}': {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    j = sidecar(p)
+    if not j.is_file():
+        raise ConfigError(f"checkpoint '{p}' has no {j.name} beside it (config, stage, step: written by "
+                          f"dico_scale.export --format safetensors)")
+    try:
+        meta = json.loads(j.read_text())
+        assert isinstance(meta, dict) and isinstance(meta.get("config"), str)
+    except (ValueError, AssertionError):
+        raise ConfigError(f"checkpoint '{p}': {j.name} is not a dico_scale export's JSON (needs 'config')") from None
+    return {k: meta.get(k) for k in ("config", "stage", "step", "mlflow_run_id")}
 
 
 def checkpoint_meta(path: str) -> dict:
@@ -56,11 +85,17 @@ def checkpoint_meta(path: str) -> dict:
     if p.is_dir():
         if not (p / "complete").is_file():
             raise ConfigError(f"checkpoint folder {path} is not a complete training checkpoint (no 'complete' marker)")
+        from dico_scale.checkpoint import verify_local
+
+        if problem := verify_local(p):
+            raise ConfigError(f"checkpoint folder {path} fails verification: {problem}")
         if not (p / "config.yaml").is_file():
             raise ConfigError(f"checkpoint folder {path} has no config.yaml")
         state = _client_state(p)
         step = state.get("step", state.get("global_steps"))
         meta = {"config": (p / "config.yaml").read_text(), "step": step, "mlflow_run_id": state.get("mlflow_run_id")}
+    elif p.suffix == ".safetensors":
+        meta = _safetensors_meta(p)
     else:
         try:
             blob = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
@@ -69,8 +104,8 @@ def checkpoint_meta(path: str) -> dict:
         if not isinstance(blob, dict) or "state_dict" not in blob or "config" not in blob:
             raise ConfigError(f"checkpoint '{path}' is not a dico_scale export (needs 'state_dict' and 'config')")
         meta = {"config": blob["config"], "step": blob.get("step"), "mlflow_run_id": blob.get("mlflow_run_id")}
-        if meta["mlflow_run_id"] is None:  # exports written before the run id was stored
-            meta["mlflow_run_id"] = _sibling_run_id(p, meta["step"])
+    if not p.is_dir() and meta["mlflow_run_id"] is None:  # exports written before the run id was stored
+        meta["mlflow_run_id"] = _sibling_run_id(p, meta["step"])
     meta.update(path=str(p.resolve()), is_tag=p.is_dir())
     return meta
 
@@ -107,11 +142,18 @@ def load_captioner(cfg: Config, meta: dict, device):
     return captioner.to(device).eval(), tok
 
 
-def consolidate(tag_dir: str) -> dict:
-    """The fp32 export of a training checkpoint tag, as engine.export_weights would have written it."""
+def consolidate(tag_dir: str, fmt: str = "pt") -> dict:
+    """The fp32 export of a training checkpoint tag, as engine.export_weights would have written it; for
+    fmt='safetensors' also the contents of a model.pt export."""
     meta = checkpoint_meta(tag_dir)
     if not meta["is_tag"]:
-        raise ConfigError(f"{tag_dir} is already an exported file, not a checkpoint folder")
+        if fmt == "pt" or tag_dir.endswith(".safetensors"):
+            raise ConfigError(f"{tag_dir} is already an exported file, not a checkpoint folder")
+        import torch
+        blob = torch.load(tag_dir, map_location="cpu", weights_only=True)
+        stage = blob.get("stage") or OmegaConf.create(meta["config"]).train.stage
+        return {"state_dict": blob["state_dict"], "config": meta["config"], "stage": stage, "step": meta["step"],
+                "mlflow_run_id": meta["mlflow_run_id"]}
     if not os.environ.get("DS_ACCELERATOR"):
         import torch
         if not torch.cuda.is_available():
@@ -126,24 +168,48 @@ def consolidate(tag_dir: str) -> dict:
             "stage": stage, "step": meta["step"], "mlflow_run_id": meta["mlflow_run_id"]}
 
 
+def write_export(blob: dict, out: str, fmt: str) -> None:
+    """model.pt as engine.export_weights writes it, or out.safetensors + out.json; each file written atomically,
+    the JSON last (a safetensors export without its JSON is not read)."""
+    import torch
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp"
+    if fmt == "pt":
+        torch.save(blob, tmp)
+        os.replace(tmp, out)
+        return
+    from safetensors.torch import save_file
+
+    # clone: ZeRO's consolidated tensors are views of flat buffers, and safetensors refuses shared storage
+    save_file({k: v.float().clone().contiguous() for k, v in blob["state_dict"].items()}, tmp,
+              metadata={"format": "pt", "producer": "dico_scale.export"})
+    os.replace(tmp, out)
+    j = sidecar(out)
+    info = {k: blob[k] for k in ("config", "stage", "step", "mlflow_run_id")}
+    Path(f"{j}.tmp").write_text(json.dumps({**info, "weights": os.path.basename(out)}, indent=1))
+    os.replace(f"{j}.tmp", j)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dico_scale.export", description=__doc__.splitlines()[2])
     parser.add_argument("--checkpoint", required=True,
-                        help="a checkpoint tag folder, e.g. <output_dir>/checkpoints/step_00000100")
+                        help="a checkpoint tag folder, e.g. <output_dir>/checkpoints/step_00000100 (with "
+                        "--format safetensors also a model.pt export)")
     parser.add_argument("--out", required=True, help="the file to write (fp32, whole model, with its config)")
+    parser.add_argument("--format", choices=("pt", "safetensors"), default="pt",
+                        help="pt: one torch file (as the run's model.pt); safetensors: OUT (.safetensors) + its .json")
     args = parser.parse_args(argv)
     try:
-        blob = consolidate(args.checkpoint)
+        if args.format == "safetensors" and not args.out.endswith(".safetensors"):
+            raise ConfigError(f"--out '{args.out}' must end with .safetensors for --format safetensors")
+        blob = consolidate(args.checkpoint, args.format)
     except ConfigError as e:
         print(f"dico_scale.export: error: {e}", file=sys.stderr)
         return 2
-    import torch
-
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = f"{args.out}.tmp"
-    torch.save(blob, tmp)
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}: {len(blob['state_dict'])} tensors, stage={blob['stage']} step={blob['step']}")
+    write_export(blob, args.out, args.format)
+    extra = f" + {sidecar(args.out)}" if args.format == "safetensors" else ""
+    print(f"wrote {args.out}{extra}: {len(blob['state_dict'])} tensors, stage={blob['stage']} step={blob['step']}")
     return 0
 
 

@@ -2,7 +2,6 @@
 non-finite guards, logging, validation, checkpoints and the data position."""
 from __future__ import annotations
 
-import signal
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -14,11 +13,10 @@ from tqdm import tqdm
 
 from .config import Config, to_yaml
 from .data.pipeline import KINDS, DataError
-from .engine import save_checkpoint
+from .checkpoint import save_checkpoint
+from .supervision import StopFlag
 
 
-PREEMPTED_EXIT = 3  # exit code of a run that checkpointed because it was told to stop (slurm/launch.sh knows it)
-DATA_ERROR_EXIT = 4  # exit code of a run stopped because too much of its data was bad (data.max_skipped_share)
 DATA_FIELDS = ("read", "skipped", *KINDS)  # counts carried by batch["data_stats"]
 
 
@@ -32,24 +30,6 @@ class Preempted(Exception):
     def __init__(self, step: int):
         super().__init__(f"preempted at step {step}; checkpoint saved")
         self.step = step
-
-
-class StopFlag:
-    """Set by a signal handler, which does nothing else: saving inside a handler has hung trainers.
-    The loop reads it after each optimizer step; the ranks agree on it so they all checkpoint together."""
-
-    def __init__(self, signal_name: str):
-        self.raised = False
-        if signal_name:
-            signal.signal(signal.Signals[signal_name], self._handler)
-
-    def _handler(self, signum, frame):
-        self.raised = True
-
-    def agreed(self, device) -> bool:
-        flag = torch.tensor([float(self.raised)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 @dataclass
@@ -114,6 +94,18 @@ def check_data_bound(totals: Counter, bound: float, min_samples: int) -> None:
                     f"(most common fault: {kind}, {totals[kind]} times)", agreed=True)
 
 
+def data_summary(totals: Counter, bound: float, min_samples: int) -> list[str]:
+    """The lines a run ends with: what was read and skipped, and a warning when the skipped share is past the bound
+    that was not enforced because fewer than min_samples were read."""
+    share = skipped_share(totals)
+    faults = ", ".join(f"{k} {totals[k]}" for k in KINDS if totals[k]) or "none"
+    lines = [f"data: {totals['read']} samples read, {totals['skipped']} skipped ({share:.2%}); faults: {faults}"]
+    if share > bound and totals["read"] < min_samples:
+        lines.append(f"warning: the skipped share {share:.2%} is past data.max_skipped_share={bound}, which is enforced "
+                     f"only once data.skipped_share_min_samples={min_samples} samples were read")
+    return lines
+
+
 def all_finite(loss: torch.Tensor) -> bool:
     """Every rank must agree, or one rank would skip a collective the others enter."""
     flag = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=loss.device)
@@ -163,13 +155,27 @@ def run_validation(stage, engine, make_val_loader, tracker, step: int) -> dict[s
     return metrics
 
 
+def report_data(cfg: Config, totals: Counter) -> None:
+    if dist.get_rank() == 0:
+        for line in data_summary(totals, cfg.data.max_skipped_share, cfg.data.skipped_share_min_samples):
+            tqdm.write(line)
+
+
 def train_loop(cfg: Config, stage, engine, tracker, make_train_loader, make_val_loader, state: LoopState) -> dict:
     """make_train_loader(epoch, start_batch) yields the epoch's batches after its first start_batch ones."""
+    stop = StopFlag(cfg.train.preempt_signal, cfg.train.stop_timeout_s)
+    try:
+        return _train(cfg, stage, engine, tracker, make_train_loader, make_val_loader, state, stop)
+    finally:
+        stop.close()
+
+
+def _train(cfg: Config, stage, engine, tracker, make_train_loader, make_val_loader, state: LoopState, stop) -> dict:
     t = cfg.train
     ckpt_dir = str(Path(t.output_dir) / "checkpoints")
     device, rank = next(engine.module.parameters()).device, dist.get_rank()
     step, last_saved, last_val, val_metrics = engine.global_steps, engine.global_steps, -1, {}
-    consecutive_bad, window, stop, data = 0, MetricWindow(), StopFlag(t.preempt_signal), DataCounts()
+    consecutive_bad, window, data = 0, MetricWindow(), DataCounts()
     bar = tqdm(total=t.max_steps, initial=step, disable=rank != 0, desc=f"{stage.name}", dynamic_ncols=True)
 
     def save():
@@ -215,9 +221,13 @@ def train_loop(cfg: Config, stage, engine, tracker, make_train_loader, make_val_
                 save()
                 last_saved = step
             if stop.agreed(device):
+                if rank == 0:
+                    tqdm.write(f"stopping at step {step}: {stop.reason or 'another rank was asked to stop'}; "
+                               "saving a checkpoint")
                 if last_saved != step:
                     save()
                 bar.close()
+                report_data(cfg, state.data)
                 raise Preempted(step)
             if step >= t.max_steps:
                 break
@@ -230,5 +240,6 @@ def train_loop(cfg: Config, stage, engine, tracker, make_train_loader, make_val_
         val_metrics = run_validation(stage, engine, make_val_loader, tracker, step)
     if last_saved != step:
         save()
+    report_data(cfg, state.data)
     return {"step": step, "val": val_metrics, "epoch": state.epoch, "nonfinite_skipped": state.nonfinite_skipped,
             "batch_in_epoch": state.batch_in_epoch, "samples_seen": state.samples_seen, "data": dict(state.data)}

@@ -11,6 +11,7 @@ import sys
 if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dico_scale import exit_codes  # noqa: E402
 from dico_scale.config import Config, ConfigError, load_config, to_yaml  # noqa: E402
 
 
@@ -55,18 +56,40 @@ def run(cfg: Config) -> dict:
     from dico_scale.engine import setup_environment
 
     setup_environment(cfg)
+    from dico_scale.engine import init_distributed
+    from dico_scale.supervision import OutputDirLock
+
+    lock = OutputDirLock(cfg.train.output_dir)
+    if os.environ["RANK"] == "0":  # before the process group: the launcher stops the other ranks when rank 0 fails
+        lock.acquire()
+    try:
+        return _run_locked(cfg, init_distributed())
+    finally:
+        lock.release()
+
+
+def _log0(msg: str) -> None:
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def _run_locked(cfg: Config, device) -> dict:
     import torch
     import torch.distributed as dist
 
+    from dico_scale.checkpoint import load_checkpoint, select_resume_tag
     from dico_scale.data.pipeline import Collate, eval_loader, train_loader
-    from dico_scale.engine import build_engine, complete_tags, export_weights, init_distributed, load_checkpoint
+    from dico_scale.engine import build_engine, export_weights
     from dico_scale.loop import LoopState, Preempted, train_loop
     from dico_scale.models.clip import register_model_configs
     from dico_scale.stages import build_stage
     from dico_scale.tracking import Tracker
 
-    device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
+    # Verified before anything heavy is built: a damaged newest tag is skipped, a bad explicit one stops the run.
+    resume_from = select_resume_tag(cfg.train.resume, os.path.join(cfg.train.output_dir, "checkpoints"), _log0)
     torch.manual_seed(cfg.train.seed)
     register_model_configs(cfg.clip_model_configs)
     shards, missing_shards = training_shards(cfg, rank)
@@ -75,16 +98,12 @@ def run(cfg: Config) -> dict:
     stage.setup(engine)
 
     state = LoopState()
-    resume_from = cfg.train.resume
-    if resume_from == "auto":
-        tags = complete_tags(os.path.join(cfg.train.output_dir, "checkpoints"))
-        resume_from = str(tags[-1]) if tags else "none"
-    if resume_from != "none":
+    if resume_from is not None:
         # The saved epoch goes on for its remaining batches, freshly shuffled: never a replay from its start.
         state = LoopState.from_client_state(load_checkpoint(engine, resume_from))
-        if rank == 0:
-            print(f"resumed from {resume_from} at step {engine.global_steps} (epoch {state.epoch}, "
-                  f"batch {state.batch_in_epoch})", flush=True)
+        dist.barrier()  # every rank has loaded before the MLflow run is touched
+        _log0(f"resumed from {resume_from} at step {engine.global_steps} (epoch {state.epoch}, "
+              f"batch {state.batch_in_epoch})")
     else:
         state.data["missing_shard"] += missing_shards  # counted once per run: a resumed run has them in its totals
 
@@ -93,7 +112,6 @@ def run(cfg: Config) -> dict:
     dist.all_gather_object(run_ids, tracker.run_id)  # every rank writes the run id into its checkpoint state
     state.mlflow_run_id = run_ids[0]
     if rank == 0:
-        os.makedirs(cfg.train.output_dir, exist_ok=True)
         with open(os.path.join(cfg.train.output_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(cfg))
 
@@ -150,36 +168,42 @@ def shutdown() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dico_scale.supervision import record_launchers
+
+    record_launchers()  # now, while the launcher chain can still be read: the ranks stop when it dies
     try:
         cfg = parse_args(argv)
     except ConfigError as e:
         print(f"dico_scale: config error: {e}", file=sys.stderr)
-        return 2
+        return exit_codes.CONFIG_ERROR
     from dico_scale.data.pipeline import DataError, one_line
 
+    from dico_scale.checkpoint import CheckpointError
+    from dico_scale.preflight import run_preflight
+
     try:
+        run_preflight(cfg)  # output directory, tracking server: seconds, before any process group starts
         summary = run(cfg)
     except ConfigError as e:  # bad input found while building (weights files, model names, no shard exists)
         print(f"dico_scale: config error: {e}", file=sys.stderr)
-        return 2
+        return exit_codes.CONFIG_ERROR
+    except CheckpointError as e:
+        print(f"dico_scale: checkpoint error: {e}", file=sys.stderr)
+        return exit_codes.FAILED
     except DataError as e:
-        from dico_scale.loop import DATA_ERROR_EXIT
-
         print(f"dico_scale: data error: {one_line(e)}", file=sys.stderr)
         if e.agreed:  # all ranks stopped at the same step; a rank alone must not wait for the others here
             shutdown()
-        return DATA_ERROR_EXIT
+        return exit_codes.DATA_ERROR
     preempted = summary.get("preempted", False)
     if summary["rank"] == 0 and not preempted:
         print(f"done: stage={cfg.train.stage} step={summary['step']} val={summary['val']}", flush=True)
     shutdown()
     if preempted:
-        from dico_scale.loop import PREEMPTED_EXIT
-
         if summary["rank"] == 0 and cfg.train.requeue_on_preempt:
             requeue_slurm_job()
-        return PREEMPTED_EXIT
-    return 0
+        return exit_codes.PREEMPTED
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ if [[ ! -f $ROOT/slurm/launch.sh ]]; then
 fi
 if [[ ! -f $ROOT/slurm/launch.sh ]]; then
     echo "dico_8node.sh: cannot find the dico-scale repository: submit from it or set DICO_ROOT" >&2
-    exit 2
+    exit 2  # CONFIG_ERROR (dico_scale/exit_codes.py: not importable before the repository is found)
 fi
 cd "$ROOT"
 exec bash slurm/launch.sh "$@"

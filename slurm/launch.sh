@@ -23,16 +23,17 @@
 #   RDZV_CONF       torchrun --rdzv_conf (default join_timeout=900,read_timeout=300)
 #   SRUN_ARGS       extra srun options (word-split), e.g. "--cpu-bind=none"
 #   PYTHON          the Python that has torch and dico_scale (default python3)
-# Exit codes: the trainer's; PREEMPTED_EXIT (3) from the ranks = "preempted, checkpoint saved" -> requeue, exit 0;
-# 4 = too much bad data (data.max_skipped_share): not requeued, the job fails with it.
+# Exit codes (dico_scale/exit_codes.py): the trainer's; PREEMPTED (3) from the ranks = "preempted, checkpoint
+# saved" -> requeue, exit 0; DATA_ERROR (4) = too much bad data: not requeued, the job fails with it; CONFIG_ERROR (2).
 set -euo pipefail
 
-PREEMPTED_EXIT=3
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
+eval "$(cd "$ROOT" && "$PYTHON" -m dico_scale.exit_codes)"  # OK_EXIT, CONFIG_ERROR_EXIT, PREEMPTED_EXIT, ...
+: "${PREEMPTED_EXIT:?launch.sh: $PYTHON cannot run dico_scale.exit_codes (set PYTHON to the Python with dico_scale)}"
 PREEMPT_SIGNAL=${PREEMPT_SIGNAL:-USR1}
 PREEMPT_SIGNAL=${PREEMPT_SIGNAL#SIG}
-export PREEMPTED_EXIT PREEMPT_SIGNAL PYTHON
+export PREEMPT_SIGNAL PYTHON
 
 say() { echo "launch.sh: $*" >&2; }
 
@@ -71,16 +72,16 @@ fi
 # ---- the batch shell
 if [[ -z ${SLURM_JOB_ID:-} ]]; then
     say "not inside a Slurm allocation: submit a job script, e.g. sbatch slurm/dico_8node.sh"
-    exit 2
+    exit "$CONFIG_ERROR_EXIT"
 fi
 if [[ -z ${CONFIG:-} ]]; then
     say "CONFIG is not set (e.g. CONFIG=configs/coco/dico.yaml sbatch slurm/single_node.sh)"
-    exit 2
+    exit "$CONFIG_ERROR_EXIT"
 fi
 cd "$ROOT"
 if [[ ! -f $CONFIG ]]; then
     say "CONFIG=$CONFIG: no such file (relative paths are read from $ROOT)"
-    exit 2
+    exit "$CONFIG_ERROR_EXIT"
 fi
 export SLURM_JOB_NUM_NODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
 export MASTER_ADDR
@@ -134,7 +135,7 @@ if (( rc == PREEMPTED_EXIT )) || (( preempted && rc != 0 )); then
     # about to be killed anyway, and train.resume=auto restarts from the newest *complete* checkpoint.
     say "preempted (exit $rc): requeueing job $SLURM_JOB_ID; it resumes from its newest complete checkpoint"
     scontrol requeue "$SLURM_JOB_ID"
-    exit 0
+    exit "$OK_EXIT"
 fi
 say "job step finished with exit code $rc"
 exit "$rc"

@@ -4,9 +4,9 @@
    step to every process of it: the ranks get it directly and checkpoint; torchrun itself must outlive them (its
    default action for SIGUSR1 would be to terminate, killing the job step mid-checkpoint). Only torchrun's own
    disposition changes: the handler is reset when it starts the ranks.
-2. Its exit code is the trainer's own when a rank exited with $PREEMPTED_EXIT (3: "preempted, checkpoint saved")
-   or $DATA_ERROR_EXIT (4: too much bad data); plain torchrun reports every rank failure as 1. Preemption wins, so
-   the job is requeued.
+2. Its exit code is the trainer's own when a rank exited with PREEMPTED (3: "preempted, checkpoint saved") or
+   DATA_ERROR (4: too much bad data), from dico_scale/exit_codes.py; plain torchrun reports every rank failure as 1.
+   Preemption wins, so the job is requeued.
 
 Usage: exactly torchrun's (python slurm/torchrun.py --nnodes ... script.py args).
 """
@@ -17,8 +17,9 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main
 
-PREEMPTED_EXIT = int(os.environ.get("PREEMPTED_EXIT", "3"))
-DATA_ERROR_EXIT = 4
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's dico_scale
+from dico_scale.exit_codes import DATA_ERROR, FAILED, PREEMPTED  # noqa: E402
+
 PREEMPT_SIGNAL = "SIG" + os.environ.get("PREEMPT_SIGNAL", "USR1").upper().removeprefix("SIG")
 
 if __name__ == "__main__":
@@ -30,4 +31,4 @@ if __name__ == "__main__":
     except ChildFailedError as e:
         print(e.format_msg() if hasattr(e, "format_msg") else str(e), file=sys.stderr, flush=True)
         codes = {f.exitcode for f in e.failures.values()}
-        sys.exit(next((c for c in (PREEMPTED_EXIT, DATA_ERROR_EXIT) if c in codes), 1))
+        sys.exit(next((c for c in (PREEMPTED, DATA_ERROR) if c in codes), FAILED))

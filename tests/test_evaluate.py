@@ -198,6 +198,26 @@ def test_export_equals_engine_export(trained, exported):
 
 
 @pytest.mark.distributed
+def test_safetensors_export_equals_engine_export(trained, tmp_path):
+    """ZeRO's consolidated tensors share flat buffers; the safetensors export holds each one, as model.pt does."""
+    from safetensors.torch import load_file
+
+    from dico_scale import export
+
+    out = tmp_path / "model.safetensors"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DS_ACCELERATOR", "cpu")
+        assert export.main(["--checkpoint", str(trained["tag"]), "--out", str(out), "--format", "safetensors"]) == 0
+    ours, engine = load_file(out), torch.load(trained["model"], weights_only=True)
+    assert sorted(ours) == sorted(engine["state_dict"])
+    for k, v in engine["state_dict"].items():
+        assert ours[k].dtype == torch.float32 and torch.equal(ours[k], v), k
+    side = json.loads((tmp_path / "model.json").read_text())
+    assert (side["config"], side["stage"], side["step"]) == (engine["config"], engine["stage"], engine["step"])
+    assert side["mlflow_run_id"] == engine["mlflow_run_id"] and side["mlflow_run_id"]
+
+
+@pytest.mark.distributed
 def test_caption_cli_on_a_folder(trained, exported, tmp_path):
     from PIL import Image
 

@@ -8,6 +8,7 @@ import open_clip
 import torch
 
 from ..config import ConfigError
+from .weights import load_clip_weights
 
 _registered: set[str] = set()
 
@@ -20,11 +21,8 @@ def register_model_configs(folder: str) -> None:
 
 
 def create_clip(name: str, weights: str = ""):
-    """(model, eval preprocess) for an open_clip model name; weights from a local file or random init.
-
-    The file may be an open_clip state dict, an OpenAI-layout CLIP state dict under 'state_dict' (PAC-S), or one
-    with a 'module.' prefix; open_clip's own loader unwraps all three.
-    """
+    """(model, eval preprocess) for an open_clip model name; weights from a local file or folder (any format
+    models/weights.py knows: OpenAI TorchScript, open_clip .bin / .safetensors, PAC-S, Hugging Face CLIP) or random."""
     if name not in open_clip.list_models():
         raise ConfigError(f"unknown open_clip model '{name}' (not built in, not in the registered config folder)")
     root = logging.getLogger()
@@ -34,15 +32,11 @@ def create_clip(name: str, weights: str = ""):
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
     finally:
         root.setLevel(level)
-    # DeepSpeed broadcasts parameters as byte views, which 0-d tensors cannot give; open_clip's loader reshapes
+    # DeepSpeed broadcasts parameters as byte views, which 0-d tensors cannot give; load_clip_weights reshapes
     # a checkpoint's scalar logit_scale to the model's shape.
     model.logit_scale = torch.nn.Parameter(model.logit_scale.detach().reshape(1))
     if weights:
-        try:
-            open_clip.load_checkpoint(model, weights, strict=True)
-        except Exception as e:
-            msg = str(e).splitlines()[0][:300]
-            raise ConfigError(f"cannot load CLIP weights '{weights}' into {name}: {type(e).__name__}: {msg}") from None
+        load_clip_weights(model, name, weights)
     return model, preprocess
 
 

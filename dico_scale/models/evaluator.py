@@ -1,4 +1,5 @@
-"""The frozen CLIP-based evaluator: CLIP-S = 2.5 * max(cos, 0), PAC-S = 2.0 * max(cos, 0)."""
+"""The frozen CLIP-based evaluator: CLIP-S = 2.5 * max(cos, 0), PAC-S = 2.0 * max(cos, 0); as a training reward
+(dico.reward_clamp=false, the default) w * cos without the clamp, as the DiCO code scores candidates."""
 from __future__ import annotations
 
 import open_clip
@@ -34,10 +35,14 @@ class Evaluator(nn.Module):
         return F.normalize(self.clip.encode_text(self.tokenize(captions)).float(), dim=-1)
 
     @torch.no_grad()
-    def score(self, image_features: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        """Score of caption i against image_features[i]: weight * max(cos, 0)."""
-        cos = (image_features * self.text_features(captions)).sum(-1)
-        return self.weight * cos.clamp(min=0)
+    def score(self, image_features: torch.Tensor, captions: list[str], clamp: bool = True) -> torch.Tensor:
+        """Score of caption i against image_features[i]: weight * max(cos, 0), the CLIP-S / PAC-S of the official
+        tools; clamp=False: weight * cos, the DiCO code's training reward (below-zero candidates stay ranked)."""
+        return reward(self.weight, (image_features * self.text_features(captions)).sum(-1), clamp)
+
+
+def reward(weight: float, cos: torch.Tensor, clamp: bool) -> torch.Tensor:
+    return weight * (cos.clamp(min=0) if clamp else cos)
 
 
 def distinct_preprocess(evaluator: Evaluator, preprocess):

@@ -66,7 +66,7 @@ class DicoStage(CaptionerStage):
         captions = self.tokenizer.decode_batch(candidates)
         eval_pixels = batch.get("eval_pixels", batch["pixels"]).to(self.device)
         image_features = self.evaluator.image_features(eval_pixels).repeat_interleave(k, dim=0)
-        rewards = self.evaluator.score(image_features, captions).view(B, k)
+        rewards = self.evaluator.score(image_features, captions, clamp=self.cfg.dico.reward_clamp).view(B, k)
 
         labels = candidates[:, 1:]
         mask = labels != pad  # tokens after BOS up to and including EOS

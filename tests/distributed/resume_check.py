@@ -13,7 +13,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from dico_scale.config import load_config  # noqa: E402
 from dico_scale.data.pipeline import Collate, train_loader  # noqa: E402
 from dico_scale.data.tokenizer import CaptionTokenizer  # noqa: E402
-from dico_scale.engine import build_engine, complete_tags, init_distributed, load_checkpoint  # noqa: E402
+from dico_scale.checkpoint import complete_tags, load_checkpoint  # noqa: E402
+from dico_scale.engine import build_engine, init_distributed  # noqa: E402
 from dico_scale.engine import setup_environment  # noqa: E402
 from dico_scale.loop import LoopState, train_loop  # noqa: E402
 from dico_scale.stages.base import Stage, StepOutput  # noqa: E402

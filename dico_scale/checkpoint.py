@@ -1,0 +1,212 @@
+"""Training checkpoints: one fresh DeepSpeed tag per save, verified before anything is loaded from it.
+
+Each tag folder ends with a `complete` marker, written last by rank 0: the step, the world size and ZeRO stage it was
+written at, and every file of the tag with its size and CRC-32 (the ranks checksum disjoint shares of the files, in
+parallel). A crash mid-save leaves no marker, so the tag is never resumed. Before a resume every rank verifies a
+share of the files against the marker and all ranks agree on the result: a damaged newest tag is skipped (one line
+naming the file) for the previous complete one; an explicit tag that fails stops the run with ConfigError.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import torch.distributed as dist
+
+from .config import ConfigError
+
+MARKER = "complete"
+
+
+class CheckpointError(RuntimeError):
+    """Saving a checkpoint failed; the message is one line naming the folder (disk full, unwritable)."""
+
+
+def tag_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_tags(ckpt_dir: str | Path) -> list[Path]:
+    """Tag folders holding a `complete` marker, oldest first."""
+    root = Path(ckpt_dir)
+    return sorted(p for p in root.glob("step_*") if (p / MARKER).is_file()) if root.is_dir() else []
+
+
+def crc32(path: Path, chunk: int = 8 << 20) -> str:
+    value = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            value = zlib.crc32(block, value)
+    return f"{value:08x}"
+
+
+def _share(names: list[str]) -> list[str]:
+    """This rank's share of a sorted file list: the ranks read disjoint files at once."""
+    return names[dist.get_rank()::dist.get_world_size()]
+
+
+def _gathered(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _describe_save_failure(e: BaseException, tag_dir: Path) -> str:
+    """One line; torch's writer reports a full disk as 'file write failed', so the free space decides too."""
+    chain, cause = [], e
+    while cause is not None:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    try:
+        free = shutil.disk_usage(tag_dir.parent).free
+    except OSError:
+        free = -1
+    if any(getattr(c, "errno", None) == errno.ENOSPC or "No space left" in str(c) for c in chain) or 0 <= free < 1 << 20:
+        return f"checkpoint {tag_dir}: no space left on device ({free} bytes free in {tag_dir.parent})"
+    return f"checkpoint {tag_dir}: saving failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def _agree(failure: str) -> None:
+    """A collective: CheckpointError on every rank when any rank failed (its message, one line)."""
+    failures = [f for f in _gathered(failure) if f]
+    if failures:
+        raise CheckpointError(failures[0])
+
+
+def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, config_yaml: str, keep: int) -> Path:
+    """A collective: DeepSpeed's save, config.yaml, the file manifest, then the marker; older tags beyond `keep`
+    removed. CheckpointError on every rank when any rank failed to write (no marker then)."""
+    tag_dir = Path(ckpt_dir) / tag_name(step)
+    failure = ""
+    try:
+        # universal_checkpoint_info lets ds_to_universal.py convert this ZeRO-2 checkpoint to another world size
+        engine.save_checkpoint(ckpt_dir, tag=tag_dir.name, client_state={**client_state, "universal_checkpoint_info": {}})
+    except Exception as e:  # noqa: BLE001 - reported to every rank by _agree
+        failure = _describe_save_failure(e, tag_dir)
+        # The write failed between the barriers that open and close DeepSpeed's save_checkpoint; the other ranks
+        # wait in the closing one: enter it here, so that every rank gets to the agreement instead of hanging.
+        dist.barrier()
+    _agree(failure)
+    files = {}
+    try:
+        if dist.get_rank() == 0:
+            (tag_dir / "config.yaml").write_text(config_yaml)
+    except OSError as e:
+        failure = _describe_save_failure(e, tag_dir)
+    _agree(failure)
+    names = sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file() and p.name != MARKER)
+    for part in _gathered({n: {"size": (tag_dir / n).stat().st_size, "crc32": crc32(tag_dir / n)} for n in _share(names)}):
+        files.update(part)
+    if dist.get_rank() == 0:
+        try:
+            marker = {"step": step, "world_size": dist.get_world_size(), "zero_stage": engine.zero_optimization_stage(),
+                      "files": dict(sorted(files.items()))}
+            tmp = tag_dir / f"{MARKER}.tmp"
+            tmp.write_text(json.dumps(marker, indent=1))
+            os.replace(tmp, tag_dir / MARKER)
+            for old in complete_tags(ckpt_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError as e:
+            failure = _describe_save_failure(e, tag_dir)
+    _agree(failure)
+    return tag_dir
+
+
+def read_marker(tag_dir: Path) -> dict:
+    """The marker's JSON; a marker written before manifests existed holds only the step."""
+    try:
+        marker = json.loads((tag_dir / MARKER).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"checkpoint {tag_dir}: unreadable '{MARKER}' marker ({e})") from None
+    if not isinstance(marker, dict):
+        raise ConfigError(f"checkpoint {tag_dir}: the '{MARKER}' marker is not a JSON object")
+    return marker
+
+
+def file_problem(tag_dir: Path, name: str, want: dict) -> str | None:
+    """What is wrong with one file of a tag, or None."""
+    path = tag_dir / name
+    if not path.is_file():
+        return f"{name} is missing"
+    size = path.stat().st_size
+    if size != want.get("size"):
+        return f"{name} has {size} bytes, the marker recorded {want.get('size')}"
+    if "crc32" in want and crc32(path) != want["crc32"]:
+        return f"{name} is damaged (CRC-32 {crc32(path)}, the marker recorded {want['crc32']})"
+    return None
+
+
+def verify_local(tag_dir: str | Path) -> str | None:
+    """One process checks every file of a tag (export, evaluate): the first problem, or None."""
+    tag_dir = Path(tag_dir)
+    try:
+        files = read_marker(tag_dir).get("files", {})
+    except ConfigError as e:
+        return str(e)
+    return next((p for n in sorted(files) if (p := file_problem(tag_dir, n, files[n]))), None)
+
+
+def verify(tag_dir: Path) -> str | None:
+    """A collective: the ranks check disjoint shares of the tag's files; every rank returns the same first problem."""
+    try:
+        files = read_marker(tag_dir).get("files", {})
+        mine = [p for n in _share(sorted(files)) if (p := file_problem(tag_dir, n, files[n]))]
+    except ConfigError as e:
+        mine = [str(e)]
+    problems = sorted(p for part in _gathered(mine) for p in part)
+    return problems[0] if problems else None
+
+
+def saved_world_size(tag_dir: Path) -> int | None:
+    marker = read_marker(tag_dir)
+    if "world_size" in marker:
+        return int(marker["world_size"])
+    shards = list(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))  # older markers: one per ZeRO rank
+    return len(shards) or None
+
+
+def select_resume_tag(resume: str, ckpt_dir: str, log) -> Path | None:
+    """The tag to resume from (a collective), or None to start fresh.
+
+    auto: the newest complete tag that verifies (each skipped one logged with its problem); ConfigError when there
+    are complete tags but none verifies (starting over would silently drop the run). An explicit tag that fails
+    verification: ConfigError. A tag written at another world size: ConfigError saying what to do.
+    """
+    if resume == "none":
+        return None
+    candidates = list(reversed(complete_tags(ckpt_dir))) if resume == "auto" else [Path(resume)]
+    if resume != "auto" and not (candidates[0] / MARKER).is_file():
+        raise ConfigError(f"train.resume={resume}: not a complete checkpoint (no '{MARKER}' marker)")
+    chosen, skipped = None, []
+    for tag in candidates:
+        problem = verify(tag)
+        if problem is None:
+            chosen = tag
+            break
+        if resume != "auto":
+            raise ConfigError(f"train.resume={resume}: checkpoint fails verification: {problem}")
+        log(f"skipping checkpoint {tag}: {problem}")
+        skipped.append(tag)
+    if chosen is None:
+        if skipped:
+            raise ConfigError(f"train.resume=auto: none of the {len(skipped)} complete checkpoints in {ckpt_dir} "
+                              "verifies (see above); remove them, or set train.resume=none to start over")
+        return None
+    world, saved = dist.get_world_size(), saved_world_size(chosen)
+    if saved is not None and saved != world:
+        raise ConfigError(f"checkpoint {chosen} was written by {saved} ranks and this run has {world}: resume it with "
+                          f"{saved} ranks (resuming at another world size is not supported yet), or set "
+                          "train.output_dir to a new folder to start over")
+    return chosen
+
+
+def load_checkpoint(engine, tag_dir: str | Path) -> dict:
+    tag_dir = Path(tag_dir)
+    path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if path is None:
+        raise RuntimeError(f"checkpoint {tag_dir}: DeepSpeed could not load it")
+    return client_state or {}

@@ -1,0 +1,158 @@
+"""Damaged checkpoints with 2 real DeepSpeed CPU ranks: a truncated file and a missing rank shard are skipped for the
+previous complete tag, with one line naming the file; an explicit bad tag and another world size stop with exit 2;
+the MLflow run's status is untouched until a checkpoint is loaded; a full disk is reported as such."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import check_ok, free_port
+from mlflow.tracking import MlflowClient
+
+from dico_scale.checkpoint import crc32, verify_local
+
+pytestmark = pytest.mark.distributed
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def _args(tmp: Path, out: Path) -> list[str]:
+    return [f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "data.synthetic.n_train=100",
+            "data.synthetic.n_val=8", "data.synthetic.n_test=8", "data.synthetic.samples_per_shard=25",
+            "data.samples_per_epoch=32", "data.shuffle_buffer=10", "train.micro_batch_size=2", "train.log_every=1",
+            "train.val_every=0", "train.val_max_images=2", "train.save_every=2", "train.keep_checkpoints=5",
+            "generation.max_len=4", "evaluator.weights=", "captioner.image_encoder_weights=", f"train.output_dir={out}"]
+
+
+def _deepspeed(args: list[str], ranks: int = 2, timeout: int = 400):
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), "dico_scale/train.py",
+           "--config", "configs/demo/xe.yaml", *args]
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _run_status(tmp: Path) -> tuple[str, str]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id])
+    return run.info.run_id, run.info.status
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """2 ranks, 6 steps, complete checkpoints at steps 2, 4 and 6, each with a file manifest."""
+    tmp = tmp_path_factory.mktemp("verify")
+    out = tmp / "xe"
+    check_ok(_deepspeed(_args(tmp, out) + ["train.max_steps=6"]))
+    return tmp, out
+
+
+def test_marker_records_every_file_with_size_and_checksum(trained):
+    _, out = trained
+    tag = out / "checkpoints" / "step_00000006"
+    marker = json.loads((tag / "complete").read_text())
+    assert marker["step"] == 6 and marker["world_size"] == 2 and marker["zero_stage"] == 2
+    on_disk = sorted(str(p.relative_to(tag)) for p in tag.rglob("*") if p.is_file() and p.name != "complete")
+    assert sorted(marker["files"]) == on_disk
+    assert {"mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt", "config.yaml"} <= set(on_disk)
+    for name, want in marker["files"].items():
+        assert want == {"size": (tag / name).stat().st_size, "crc32": crc32(tag / name)}
+    assert verify_local(tag) is None
+
+
+def test_damaged_newest_tags_fall_back_to_the_previous_complete_one(trained, tmp_path):
+    tmp, out = trained
+    run_id, status = _run_status(tmp)
+    assert status == "FINISHED"
+    work = tmp_path / "xe"
+    shutil.copytree(out, work)
+    model = work / "checkpoints" / "step_00000006" / "mp_rank_00_model_states.pt"
+    os.truncate(model, model.stat().st_size // 2)  # a truncated model state in the newest tag
+    (work / "checkpoints" / "step_00000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()  # a lost shard
+    # a stale lock from a crashed run: the holder died of SIGKILL with the lock file in place
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dico_scale.supervision import "
+                               "OutputDirLock; OutputDirLock(sys.argv[1]).acquire(); print('locked', flush=True); "
+                               "time.sleep(600)", str(work)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    holder.kill()
+    holder.wait()
+    assert (work / ".lock").read_text().startswith(f"pid {holder.pid} ")
+
+    proc = check_ok(_deepspeed(_args(tmp, work) + ["train.max_steps=3", "train.resume=auto"]))
+    lines = proc.stdout.splitlines()
+    skip6 = [l for l in lines if l.startswith(f"skipping checkpoint {work}/checkpoints/step_00000006:")]
+    skip4 = [l for l in lines if l.startswith(f"skipping checkpoint {work}/checkpoints/step_00000004:")]
+    assert len(skip6) == 1 and "mp_rank_00_model_states.pt has" in skip6[0] and "the marker recorded" in skip6[0]
+    assert skip4 == [f"skipping checkpoint {work}/checkpoints/step_00000004: "
+                     "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing"]
+    assert f"resumed from {work}/checkpoints/step_00000002 at step 2" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert _run_status(tmp) == (run_id, "FINISHED")  # resumed on the same run, finished again
+    assert json.loads((work / "checkpoints" / "step_00000003" / "complete").read_text())["step"] == 3
+
+
+def test_explicit_bad_tag_exits_2_and_leaves_the_run_alone(trained, tmp_path):
+    tmp, out = trained
+    run_id, _ = _run_status(tmp)
+    work = tmp_path / "xe"
+    shutil.copytree(out, work)
+    optim = work / "checkpoints" / "step_00000006" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    with open(optim, "r+b") as f:  # same size, one byte flipped: only the checksum sees it
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    start = time.time()
+    proc = _deepspeed(_args(tmp, work) + ["train.max_steps=8", f"train.resume={work}/checkpoints/step_00000006"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("dico_scale:")]
+    assert errors and set(errors) == {
+        f"dico_scale: config error: train.resume={work}/checkpoints/step_00000006: checkpoint fails verification: "
+        f"zero_pp_rank_0_mp_rank_00_optim_states.pt is damaged (CRC-32 {crc32(optim)}, the marker recorded "
+        f"{json.loads((optim.parent / 'complete').read_text())['files'][optim.name]['crc32']})"}
+    assert "Traceback" not in proc.stderr and "resumed from" not in proc.stdout
+    assert time.time() - start < 120
+    assert _run_status(tmp) == (run_id, "FINISHED")
+
+
+def test_checkpoint_of_another_world_size_stops_with_one_line(trained, tmp_path):
+    tmp, out = trained
+    work = tmp_path / "xe"
+    shutil.copytree(out, work)
+    proc = _deepspeed(_args(tmp, work) + ["train.max_steps=8", "train.resume=auto"], ranks=1)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith("dico_scale:")]
+    assert line == (f"dico_scale: config error: checkpoint {work}/checkpoints/step_00000006 was written by 2 ranks "
+                    "and this run has 1: resume it with 2 ranks (resuming at another world size is not supported "
+                    "yet), or set train.output_dir to a new folder to start over")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_full_disk_while_saving_names_the_folder_and_leaves_no_marker(tmp_path, small_disk):
+    """48 MB hold the model states (~31 MB) but not the optimizer shards (~42 MB each at 2 ranks)."""
+    out = small_disk / "xe"
+    proc = _deepspeed(_args(tmp_path, out) + ["train.max_steps=2"])
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = {l for l in proc.stderr.splitlines() if l.startswith("dico_scale:")}
+    tag = out / "checkpoints" / "step_00000002"
+    assert len(lines) == 1, lines
+    (line,) = lines
+    assert line.startswith(f"dico_scale: checkpoint error: checkpoint {tag}: no space left on device (")
+    assert line.endswith(f"bytes free in {out / 'checkpoints'})")
+    assert tag.is_dir() and not (tag / "complete").exists()
+    _, status = _run_status(tmp_path)
+    assert status == "FAILED"

@@ -1,0 +1,146 @@
+"""What must fail before training starts, in seconds, with one line: numeric keys out of range, a DeepSpeed config
+that is not JSON, an output directory that cannot be written, a tracking server that does not answer. And the one
+exit-code table that the entry points, the Slurm scripts and the README follow."""
+import dataclasses
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dico_scale import exit_codes
+from dico_scale.config import RANGES, Config, ConfigError, load_config
+from dico_scale.loop import data_summary
+
+REPO = Path(__file__).resolve().parent.parent
+XE = str(REPO / "configs" / "demo" / "xe.yaml")
+BLANK = ["evaluator.weights=", "captioner.image_encoder_weights=", "train.init_from="]
+
+
+def _numeric_keys(node=Config(), prefix="") -> list[str]:
+    out = []
+    for f in dataclasses.fields(node):
+        val = getattr(node, f.name)
+        if dataclasses.is_dataclass(val):
+            out += _numeric_keys(val, f"{prefix}{f.name}.")
+        elif isinstance(val, (int, float)) and not isinstance(val, bool):
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def test_every_numeric_key_has_a_checked_and_documented_range():
+    assert sorted(_numeric_keys()) == sorted(k for k, *_ in RANGES)
+    source = (REPO / "dico_scale" / "config.py").read_text()
+    for key in _numeric_keys():
+        line = next(l for l in source.splitlines() if re.match(rf"\s+{key.rsplit('.', 1)[1]}: (int|float) = ", l))
+        assert re.search(r"#\s*(>= -?\d|[\[(]-?\d)", line), f"{key}: no range in its comment: {line.strip()}"
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("dico.tau=-1", "'dico.tau': -1.0 must be >= 0"),
+    ("dico.beta=0", "'dico.beta': 0.0 must lie in (0, inf)"),
+    ("dico.beta=inf", "'dico.beta': inf is not a finite number"),
+    ("optim.lr=nan", "'optim.lr': nan is not a finite number"),
+    ("optim.beta2=1.0", "'optim.beta2': 1.0 must lie in [0, 1)"),
+    ("optim.eps=0", "'optim.eps': 0.0 must lie in (0, inf)"),
+    ("optim.min_lr_ratio=1.5", "'optim.min_lr_ratio': 1.5 must lie in [0, 1]"),
+    ("captioner.dropout=1", "'captioner.dropout': 1.0 must lie in [0, 1)"),
+    ("captioner.decoder_layers=0", "'captioner.decoder_layers': 0 must be >= 1"),
+    ("data.shuffle_buffer=-1", "'data.shuffle_buffer': -1 must be >= 0"),
+    ("data.synthetic.image_size=4", "'data.synthetic.image_size': 4 must be >= 16"),
+    ("train.stop_timeout_s=0", "'train.stop_timeout_s': 0.0 must lie in (0, inf)"),
+    ("tracking.connect_timeout_s=-2", "'tracking.connect_timeout_s': -2.0 must lie in (0, inf)"),
+])
+def test_out_of_range_values_fail_with_one_line_naming_the_key(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(XE, BLANK + [override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def _train(tmp_path, *overrides, timeout=60):
+    cmd = [sys.executable, "dico_scale/train.py", "--config", XE, *BLANK, f"data.root={tmp_path}/data",
+           f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *overrides]
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return proc, time.time() - start
+
+
+def _one_error_line(proc) -> str:
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines and lines[-1].startswith("dico_scale: config error: "), proc.stderr[-3000:]
+    return lines[-1]
+
+
+def test_deepspeed_config_with_invalid_json_fails_naming_the_file(tmp_path):
+    bad = tmp_path / "zero.json"
+    bad.write_text('{"zero_optimization": {"stage": 2,}}')
+    proc, took = _train(tmp_path, f"train.deepspeed_config={bad}")
+    assert proc.returncode == exit_codes.CONFIG_ERROR
+    assert _one_error_line(proc) == (f"dico_scale: config error: train.deepspeed_config '{bad}': invalid JSON: "
+                                     "Expecting property name enclosed in double quotes at line 1 column 35")
+    assert took < 30
+    bad.write_text('{"zero_optimization": {"stage": 5}}')
+    proc, _ = _train(tmp_path, f"train.deepspeed_config={bad}")
+    assert _one_error_line(proc).endswith("zero_optimization.stage 5 is not 0, 1, 2 or 3")
+
+
+def test_output_dir_that_cannot_be_created_fails_before_anything_is_built(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc, took = _train(tmp_path, f"train.output_dir={blocker}/run")
+    assert proc.returncode == exit_codes.CONFIG_ERROR
+    assert _one_error_line(proc) == (f"dico_scale: config error: train.output_dir '{blocker}/run' cannot be created "
+                                     "or written: Not a directory")
+    assert took < 30 and not (tmp_path / "data").exists()  # failed before the data were even generated
+
+
+def test_unreachable_tracking_server_fails_in_seconds_naming_the_uri(tmp_path):
+    proc, took = _train(tmp_path, f"train.output_dir={tmp_path}/run", "tracking.uri=http://127.0.0.1:1")
+    assert proc.returncode == exit_codes.CONFIG_ERROR
+    line = _one_error_line(proc)
+    assert line.startswith("dico_scale: config error: tracking server 'http://127.0.0.1:1' is unusable: no answer "
+                           "from http://127.0.0.1:1/health within 10 s (")
+    assert line.endswith("(tracking.required=false trains without it)")
+    assert took < 30
+
+
+def test_unreachable_tracking_server_can_be_skipped_with_a_warning(tmp_path):
+    proc, _ = _train(tmp_path, f"train.output_dir={tmp_path}/run", "tracking.uri=http://127.0.0.1:1",
+                     "tracking.required=false", "tracking.connect_timeout_s=2", "train.max_steps=1",
+                     "train.micro_batch_size=2", "data.synthetic.n_train=20", "data.synthetic.n_val=2",
+                     "data.synthetic.n_test=2", "data.synthetic.samples_per_shard=10", "data.samples_per_epoch=4",
+                     "train.val_max_images=2", "generation.max_len=4", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [l for l in proc.stderr.splitlines() if l.startswith("dico_scale: warning: tracking server")]
+    assert len(warnings) == 1 and warnings[0].endswith("training without tracking (tracking.required=false)")
+    assert (tmp_path / "run" / "model.pt").is_file()
+    assert "done: stage=xe step=1" in proc.stdout
+
+
+def test_data_summary_and_the_warning_below_the_minimum():
+    from collections import Counter
+    lines = data_summary(Counter(read=10, skipped=4, corrupt_image=3, bad_json=1), 0.01, 1000)
+    assert lines == ["data: 10 samples read, 4 skipped (40.00%); faults: corrupt_image 3, bad_json 1",
+                     "warning: the skipped share 40.00% is past data.max_skipped_share=0.01, which is enforced only "
+                     "once data.skipped_share_min_samples=1000 samples were read"]
+    assert data_summary(Counter(read=2000, skipped=1), 0.01, 1000) == [
+        "data: 2000 samples read, 1 skipped (0.05%); faults: none"]
+
+
+def test_one_exit_code_table_for_the_entry_points_scripts_and_readme():
+    assert exit_codes.TABLE == {"OK": 0, "FAILED": 1, "CONFIG_ERROR": 2, "PREEMPTED": 3, "DATA_ERROR": 4}
+    shell = subprocess.run([sys.executable, "-m", "dico_scale.exit_codes"], cwd=REPO, capture_output=True, text=True)
+    assert shell.stdout.split() == [f"{k}_EXIT={v}" for k, v in exit_codes.TABLE.items()]
+    # launch.sh reads the table (outside an allocation it stops with CONFIG_ERROR)
+    proc = subprocess.run(["bash", "slurm/launch.sh"], cwd=REPO, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    assert proc.returncode == exit_codes.CONFIG_ERROR and "not inside a Slurm allocation" in proc.stderr
+    for script in ("slurm/launch.sh", "slurm/torchrun.py", "dico_scale/train.py", "dico_scale/loop.py"):
+        text = (REPO / script).read_text()
+        assert not re.search(r"\b(PREEMPTED_EXIT|DATA_ERROR_EXIT)\s*=\s*\d", text), script  # no private copies
+    readme = (REPO / "README.md").read_text()
+    rows = dict(re.findall(r"^\s*\| (\d) \| `(\w+)` \|", readme, re.M))
+    assert {v: int(k) for k, v in rows.items()} == exit_codes.TABLE

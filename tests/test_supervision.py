@@ -1,0 +1,92 @@
+"""Ranks never outlive their launcher, and two runs never share an output directory (2 real DeepSpeed CPU ranks)."""
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import free_port
+from mlflow.tracking import MlflowClient
+
+pytestmark = pytest.mark.distributed
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def _args(tmp: Path, out: Path) -> list[str]:
+    return ["--config", "configs/demo/xe.yaml", f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+            "data.synthetic.n_train=100", "data.synthetic.n_val=8", "data.synthetic.n_test=8",
+            "data.synthetic.samples_per_shard=25", "data.samples_per_epoch=32", "data.shuffle_buffer=10",
+            "train.micro_batch_size=2", "train.log_every=1", "train.val_every=0", "train.save_every=1000",
+            "train.max_steps=100000", "evaluator.weights=", "captioner.image_encoder_weights=",
+            f"train.output_dir={out}"]
+
+
+def _steps_logged(db: Path) -> int:
+    try:
+        with sqlite3.connect(db) as c:
+            return c.execute("select count(distinct step) from metrics where key='train/loss'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def _wait(cond, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_to_the_launcher_alone_checkpoints_and_stops_every_rank(tmp_path, sig):
+    out, db = tmp_path / "xe", tmp_path / "mlflow.db"
+    log = open(tmp_path / "launcher.log", "w")  # a file, not a pipe nobody reads: the ranks must never block on it
+    launcher = subprocess.Popen(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
+                                 "dico_scale/train.py", *_args(tmp_path, out)], cwd=REPO, env=ENV,
+                                start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait(lambda: _steps_logged(db) >= 2, 300, "2 training steps")
+        tree = psutil.Process(launcher.pid).children(recursive=True)
+        ranks = [p for p in tree if "--local_rank" in " ".join(p.cmdline())]
+        assert len(ranks) == 2, [p.cmdline() for p in tree]
+
+        if sig == signal.SIGTERM:  # a second run on the same output directory fails in seconds, with one line
+            start = time.time()
+            second = subprocess.run([sys.executable, "dico_scale/train.py", *_args(tmp_path, out)], cwd=REPO,
+                                    capture_output=True, text=True, timeout=120)
+            assert second.returncode == 2, second.stderr[-3000:]
+            line = second.stderr.strip().splitlines()[-1]
+            assert line.startswith(f"dico_scale: config error: train.output_dir '{out}' is in use by another run "
+                                   f"(pid {ranks_pid0(ranks)} on "), line
+            assert line.endswith("wait for it to end or choose another train.output_dir")
+            assert time.time() - start < 60
+
+        os.kill(launcher.pid, sig)  # the launcher's PID only, as a supervisor or container runtime does
+        launcher.wait(timeout=30)
+        _wait(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree), 120,
+              "every rank and launch.py to exit")
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
+        for p in psutil.Process(os.getpid()).children(recursive=True):
+            if "--local_rank" in " ".join(p.cmdline()):
+                p.kill()
+        log.close()
+    text = (tmp_path / "launcher.log").read_text()
+    tags = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / "complete").is_file())
+    assert tags, f"no complete checkpoint after the stop:\n{text[-3000:]}"
+    assert "the launcher is gone" in text and "preempted: checkpoint saved at step" in text, text[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id])
+    assert run.info.status == "KILLED"  # preempted: a resume sets it back to RUNNING
+    assert int(tags[-1].name.split("_")[1]) >= 2
+
+
+def ranks_pid0(ranks) -> int:
+    """The pid of local rank 0, which holds the output directory's lock."""
+    return next(p.pid for p in ranks if "--local_rank=0" in p.cmdline())
