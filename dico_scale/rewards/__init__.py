@@ -1,0 +1,1 @@
+"""Training rewards computed from captions (CIDEr-D)."""
