@@ -118,6 +118,7 @@ def test_unreachable_tracking_server_can_be_skipped_with_a_warning(tmp_path):
     assert len(warnings) == 1 and warnings[0].endswith("training without tracking (tracking.required=false)")
     assert (tmp_path / "run" / "model.pt").is_file()
     assert "done: stage=xe step=1" in proc.stdout
+    assert re.search(r"^data: \d+ samples read, 0 skipped \(0\.00%\); faults: none$", proc.stdout, re.M)  # the summary
 
 
 def test_data_summary_and_the_warning_below_the_minimum():
