@@ -43,8 +43,10 @@ def _wait(cond, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_signal_to_the_launcher_alone_checkpoints_and_stops_every_rank(tmp_path, sig):
+@pytest.mark.parametrize("sig,target", [(signal.SIGTERM, "launcher"), (signal.SIGUSR1, "launcher"),
+                                        (signal.SIGTERM, "ranks")], ids=["TERM-launcher", "USR1-launcher", "TERM-ranks"])
+def test_signal_to_the_launcher_alone_checkpoints_and_stops_every_rank(tmp_path, sig, target):
+    """The launcher's PID alone (a supervisor, a container runtime) or SIGTERM forwarded to the ranks (torchrun)."""
     out, db = tmp_path / "xe", tmp_path / "mlflow.db"
     log = open(tmp_path / "launcher.log", "w")  # a file, not a pipe nobody reads: the ranks must never block on it
     launcher = subprocess.Popen(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
@@ -56,7 +58,7 @@ def test_signal_to_the_launcher_alone_checkpoints_and_stops_every_rank(tmp_path,
         ranks = [p for p in tree if "--local_rank" in " ".join(p.cmdline())]
         assert len(ranks) == 2, [p.cmdline() for p in tree]
 
-        if sig == signal.SIGTERM:  # a second run on the same output directory fails in seconds, with one line
+        if target == "launcher" and sig == signal.SIGTERM:  # a second run on the same output directory fails in seconds, with one line
             start = time.time()
             second = subprocess.run([sys.executable, "dico_scale/train.py", *_args(tmp_path, out)], cwd=REPO,
                                     capture_output=True, text=True, timeout=120)
@@ -67,8 +69,13 @@ def test_signal_to_the_launcher_alone_checkpoints_and_stops_every_rank(tmp_path,
             assert line.endswith("wait for it to end or choose another train.output_dir")
             assert time.time() - start < 60
 
-        os.kill(launcher.pid, sig)  # the launcher's PID only, as a supervisor or container runtime does
-        launcher.wait(timeout=30)
+        if target == "launcher":
+            os.kill(launcher.pid, sig)  # the launcher's PID only, as a supervisor or container runtime does
+            launcher.wait(timeout=30)
+        else:
+            for rank in ranks:
+                os.kill(rank.pid, sig)
+            assert launcher.wait(timeout=300) == 3  # PREEMPTED, passed on by deepspeed's launch.py and runner
         _wait(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree), 120,
               "every rank and launch.py to exit")
     finally:
@@ -80,7 +87,8 @@ def test_signal_to_the_launcher_alone_checkpoints_and_stops_every_rank(tmp_path,
     text = (tmp_path / "launcher.log").read_text()
     tags = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / "complete").is_file())
     assert tags, f"no complete checkpoint after the stop:\n{text[-3000:]}"
-    assert "the launcher is gone" in text and "preempted: checkpoint saved at step" in text, text[-3000:]
+    reason = "the launcher is gone" if target == "launcher" else "SIGTERM"
+    assert f": {reason}" in text and "preempted: checkpoint saved at step" in text, text[-3000:]
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     (run,) = client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id])
     assert run.info.status == "KILLED"  # preempted: a resume sets it back to RUNNING
