@@ -76,8 +76,11 @@ class EvaluatorConfig:
 
 @dataclass
 class GenerationConfig:
-    beam_size: int = 5  # >= 1 (>= 2 for dico)
+    beam_size: int = 5  # >= 1 (>= 2 for dico); candidates per image (beams, or samples)
     max_len: int = 20  # >= 1; generated tokens after BOS
+    strategy: str = "beam"  # beam | sample: how the training stages' rollouts propose candidates
+    temperature: float = 1.0  # (0, inf); sampling only
+    top_k: int = 0  # >= 0; sampling only, 0 = whole vocabulary
 
 
 @dataclass
@@ -249,6 +252,7 @@ RANGES = [
     ("captioner.width", 1, False, None, False), ("captioner.heads", 1, False, None, False),
     ("captioner.dropout", 0, False, 1, True), ("captioner.max_positions", 1, False, None, False),
     ("generation.beam_size", 1, False, None, False), ("generation.max_len", 1, False, None, False),
+    ("generation.temperature", 0, True, None, False), ("generation.top_k", 0, False, None, False),
     ("dico.beta", 0, True, None, False), ("dico.tau", 0, False, None, False),
     ("optim.lr", 0, True, None, False), ("optim.weight_decay", 0, False, None, False),
     ("optim.beta1", 0, False, 1, True), ("optim.beta2", 0, False, 1, True), ("optim.eps", 0, True, None, False),
@@ -305,6 +309,8 @@ def validate(c: Config) -> None:
         _check_range(c, *rng)
     _check(o.schedule in ("constant", "cosine"), "optim.schedule", f"'{o.schedule}' is not constant or cosine")
     _check(c.loss.kernel in ("auto", "triton", "torch"), "loss.kernel", f"'{c.loss.kernel}' is not auto, triton or torch")
+    _check(c.generation.strategy in ("beam", "sample"), "generation.strategy",
+           f"'{c.generation.strategy}' is not beam or sample")
     _check(c.evaluator.metric in ("pacs", "clips"), "evaluator.metric", f"'{c.evaluator.metric}' is not pacs or clips")
     _check(c.captioner.width % c.captioner.heads == 0, "captioner.width", "must be divisible by captioner.heads")
     _check(c.captioner.max_positions >= max(d.max_caption_tokens, c.generation.max_len + 1), "captioner.max_positions",
