@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -133,6 +134,11 @@ class TrainConfig:
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # >= 0; torch intra-op threads per rank on CPU; 0 = cores / local ranks
+    # Best checkpoint: after each validation whose select_best metric improved (a tie does not, nan never does) and
+    # that passes select_floor, <output_dir>/best/model.pt and best/best.json are written.
+    select_best: str = ""  # empty: off | val/<metric> | val/<metric>:max | val/<metric>:min (default max)
+    select_floor: str = ""  # empty: none | val/<metric>>=<number> or val/<metric><=<number>, e.g. val/cider>=0.5
+    patience: int = 0  # >= 0; validations without improvement after the best before stopping early (0: never)
 
 
 @dataclass
@@ -264,7 +270,31 @@ RANGES = [
     ("train.save_every", 0, False, None, False), ("train.keep_checkpoints", 1, False, None, False),
     ("train.max_nonfinite_steps", 1, False, None, False), ("train.stop_timeout_s", 0, True, None, False),
     ("train.threads", 0, False, None, False), ("tracking.connect_timeout_s", 0, True, None, False),
+    ("train.patience", 0, False, None, False),
 ]
+
+
+SELECT_BEST = re.compile(r"val/([\w./-]+?)(?::(max|min))?")
+SELECT_FLOOR = re.compile(r"val/([\w./-]+?)\s*(>=|<=)\s*(\S+)")
+
+
+def parse_select_best(spec: str) -> tuple[str, str]:
+    """train.select_best -> (metric name without 'val/', 'max' or 'min')."""
+    m = SELECT_BEST.fullmatch(spec.strip())
+    _check(m is not None, "train.select_best", f"'{spec}' is not val/<metric>, val/<metric>:max or val/<metric>:min")
+    return m.group(1), m.group(2) or "max"
+
+
+def parse_select_floor(spec: str) -> tuple[str, str, float]:
+    """train.select_floor -> (metric name without 'val/', '>=' or '<=', bound)."""
+    m = SELECT_FLOOR.fullmatch(spec.strip())
+    try:
+        bound = float(m.group(3)) if m else math.nan
+    except ValueError:
+        bound = math.nan
+    _check(m is not None and math.isfinite(bound), "train.select_floor",
+           f"'{spec}' is not val/<metric>>=<number> or val/<metric><=<number>")
+    return m.group(1), m.group(2), bound
 
 
 def _get(c: Config, key: str):
@@ -322,6 +352,17 @@ def validate(c: Config) -> None:
     _check(t.resume in ("none", "auto") or Path(t.resume).is_dir(), "train.resume",
            f"'{t.resume}' is not none, auto or an existing checkpoint folder")
     _check(bool(t.output_dir), "train.output_dir", "empty")
+    if t.select_best:
+        parse_select_best(t.select_best)
+        _check(t.val_every > 0, "train.select_best", "needs train.val_every > 0 (with 0 the run validates only at "
+               "the end: nothing to select from)")
+        _check(bool(d.val_shards) if not d.synthetic.enabled else d.synthetic.n_val > 0, "train.select_best",
+               "needs a val split (data.val_shards, or data.synthetic.n_val > 0)")
+    if t.select_floor:
+        _check(bool(t.select_best), "train.select_floor", "needs train.select_best")
+        parse_select_floor(t.select_floor)
+    _check(t.patience == 0 or bool(t.select_best), "train.patience",
+           f"{t.patience} needs train.select_best (the metric whose improvement it waits for)")
     if not d.synthetic.enabled:
         _check(bool(d.train_shards), "data.train_shards", "empty (and data.synthetic.enabled is false)")
     for key, val in [("train.init_from", t.init_from), ("evaluator.weights", c.evaluator.weights),

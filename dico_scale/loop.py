@@ -1,5 +1,5 @@
 """The one training loop. Stages supply `step`; this file owns batching, backward/step through DeepSpeed,
-non-finite guards, logging, validation, checkpoints and the data position."""
+non-finite guards, logging, validation (the best checkpoint: selection.py), checkpoints and the data position."""
 from __future__ import annotations
 
 import time
@@ -14,6 +14,7 @@ from tqdm import tqdm
 from .config import Config, to_yaml
 from .data.pipeline import KINDS, DataError
 from .checkpoint import save_checkpoint
+from .selection import Selection, SelectionError, reconcile_best, select_best
 from .supervision import StopFlag
 
 
@@ -41,11 +42,14 @@ class LoopState:
     nonfinite_skipped: int = 0
     data: Counter = field(default_factory=Counter)  # DATA_FIELDS summed over ranks and over the run's segments
     mlflow_run_id: str | None = None
+    best: dict | None = None  # the best validation so far (Selection.observe's record), the same on every rank
+    since_best: int = 0  # validations since `best` without an improvement (the patience count)
 
     def client_state(self, step: int) -> dict:
         return {"step": step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "samples_seen": self.samples_seen, "nonfinite_skipped": self.nonfinite_skipped,
-                "data": dict(self.data), "mlflow_run_id": self.mlflow_run_id}
+                "data": dict(self.data), "mlflow_run_id": self.mlflow_run_id, "best": self.best,
+                "since_best": self.since_best}
 
     @classmethod
     def from_client_state(cls, cs: dict) -> "LoopState":
@@ -53,7 +57,8 @@ class LoopState:
         known = "batch_in_epoch" in cs
         return cls(epoch=cs.get("epoch", 0) + (not known), batch_in_epoch=cs.get("batch_in_epoch", 0),
                    samples_seen=cs.get("samples_seen", 0), nonfinite_skipped=cs.get("nonfinite_skipped", 0),
-                   data=Counter(cs.get("data", {})), mlflow_run_id=cs.get("mlflow_run_id"))
+                   data=Counter(cs.get("data", {})), mlflow_run_id=cs.get("mlflow_run_id"), best=cs.get("best"),
+                   since_best=cs.get("since_best", 0))
 
 
 class DataCounts:
@@ -176,13 +181,31 @@ def _train(cfg: Config, stage, engine, tracker, make_train_loader, make_val_load
     device, rank = next(engine.module.parameters()).device, dist.get_rank()
     step, last_saved, last_val, val_metrics = engine.global_steps, engine.global_steps, -1, {}
     consecutive_bad, window, data = 0, MetricWindow(), DataCounts()
+    sel, best_dir, stopped_early = Selection.from_config(t), Path(t.output_dir) / "best", False
+    if sel is not None:
+        reconcile_best(sel, state, best_dir, step, device)
+        if sel.should_stop(state.best, state.since_best):  # resumed after its early stop: nothing left to train
+            stopped_early, last_val = True, step
+            if rank == 0:
+                tqdm.write(sel.stop_line(step, state.best) + " (before this resume)")
     bar = tqdm(total=t.max_steps, initial=step, disable=rank != 0, desc=f"{stage.name}", dynamic_ncols=True)
 
     def save():
         data.flush(state.data, device)  # the totals in the checkpoint include this rank's latest batches
         save_checkpoint(engine, ckpt_dir, step, state.client_state(step), to_yaml(cfg), t.keep_checkpoints)
 
-    while step < t.max_steps:
+    def validate() -> bool:
+        """Validation, then the best checkpoint; True (on every rank) when the patience ran out."""
+        nonlocal val_metrics, last_val
+        val_metrics, last_val = run_validation(stage, engine, make_val_loader, tracker, step), step
+        try:
+            return sel is not None and select_best(sel, cfg, engine, tracker, state, val_metrics, step, best_dir,
+                                                   device)
+        except SelectionError:
+            bar.close()  # the one-line error then starts a line of its own
+            raise
+
+    while step < t.max_steps and not stopped_early:
         batches = 0
         for batch in make_train_loader(state.epoch, state.batch_in_epoch):
             batches += 1
@@ -216,10 +239,15 @@ def _train(cfg: Config, stage, engine, tracker, make_train_loader, make_val_load
                 bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
                 check_data_bound(state.data, cfg.data.max_skipped_share, cfg.data.skipped_share_min_samples)
             if t.val_every and step % t.val_every == 0:
-                val_metrics, last_val = run_validation(stage, engine, make_val_loader, tracker, step), step
+                stopped_early = validate()
             if t.save_every and step % t.save_every == 0:
                 save()
                 last_saved = step
+            if stopped_early:  # every rank agrees (the decision is rank 0's, broadcast); saved below, exit 0
+                if rank == 0:
+                    tqdm.write(sel.stop_line(step, state.best))
+                tracker.set_tags({"stopped_early_at": step})
+                break
             if stop.agreed(device):
                 if rank == 0:
                     tqdm.write(f"stopping at step {step}: {stop.reason or 'another rank was asked to stop'}; "
@@ -237,9 +265,10 @@ def _train(cfg: Config, stage, engine, tracker, make_train_loader, make_val_load
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0  # also when a resume found the epoch complete
     bar.close()
     if last_val != step:
-        val_metrics = run_validation(stage, engine, make_val_loader, tracker, step)
+        validate()  # the last validation competes for the best too
     if last_saved != step:
         save()
     report_data(cfg, state.data)
     return {"step": step, "val": val_metrics, "epoch": state.epoch, "nonfinite_skipped": state.nonfinite_skipped,
-            "batch_in_epoch": state.batch_in_epoch, "samples_seen": state.samples_seen, "data": dict(state.data)}
+            "batch_in_epoch": state.batch_in_epoch, "samples_seen": state.samples_seen, "data": dict(state.data),
+            "stopped_early": stopped_early, "best": state.best}

@@ -59,6 +59,13 @@ class Tracker:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
+    def set_tags(self, tags: dict) -> None:
+        if not self.active or not tags:
+            return
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.active:
             self.client.log_text(self.run_id, text, artifact_file)

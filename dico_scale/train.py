@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(cfg)
     except ConfigError as e:  # bad input found while building (weights files, model names, no shard exists)
         print(f"dico_scale: config error: {e}", file=sys.stderr)
+        if getattr(e, "agreed", False):  # raised on every rank at the same step (train.select_best's metric)
+            shutdown()
         return exit_codes.CONFIG_ERROR
     except CheckpointError as e:
         print(f"dico_scale: checkpoint error: {e}", file=sys.stderr)
