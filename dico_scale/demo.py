@@ -41,7 +41,7 @@ def compare(overrides: list[str]) -> dict:
     from .models.clip import register_model_configs
     from .models.evaluator import Evaluator, distinct_preprocess
     from .train import data_shards
-    from .validate import caption_metrics, caption_split
+    from .validate import caption_metrics, caption_split, score_records
 
     cfg = load_config(demo_config("dico"), overrides)
     register_model_configs(cfg.clip_model_configs)
@@ -54,7 +54,8 @@ def compare(overrides: list[str]) -> dict:
         eval_pre = distinct_preprocess(evaluator, captioner.preprocess)
         loader = eval_loader(shards["test"], Collate(captioner.preprocess, eval_pre, tok, cfg.data.max_caption_tokens, seed=0), 25)
         records = caption_split(captioner, tok, loader, cfg.generation.beam_size, cfg.generation.max_len,
-                                torch.device("cpu"), torch.float32, evaluator)
+                                torch.device("cpu"), {"evaluator": evaluator})
+        records = score_records(records, evaluator)  # as in-loop validation scores
         results[name] = {"metrics": caption_metrics(records), "examples": records[:3]}
     return results
 

@@ -5,7 +5,10 @@ and their Ref- variants, retrieval with the generated captions, caption statisti
   deepspeed --num_gpus N dico_scale/evaluate.py --checkpoint PATH [--shards SPEC] [options] [key=value ...]
 
 Every rank captions its share of the split; rank 0 gathers the records (one per image key, however the shards were
-split) and computes every metric, since CIDEr's document frequencies and retrieval need the whole split.
+split) and computes every metric, since CIDEr's document frequencies and retrieval need the whole split. Captioning,
+CIDEr, the evaluator score and retrieval recall are the functions in-loop validation uses (dico_scale/validate.py,
+dico_scale/metrics.py): `CIDEr` and `evaluator_score` equal the val/cider and val/evaluator_score of the same
+checkpoint on the same split (same batch size and world size).
 """
 from __future__ import annotations
 
@@ -153,41 +156,24 @@ def init_ranks(cfg):
 
 
 class EvalCollate:
-    """Captioner pixels plus each evaluator's own pixels (their transforms may differ); equal transforms run once."""
+    """Captioner pixels plus each evaluator's own pixels (their transforms may differ); equal transforms run once.
+    Images go through the transforms as the training Collate's (`pipeline._pixels`: RGB conversion where needed)."""
 
     def __init__(self, preprocess, eval_preprocess: dict):
         self.preprocess, self.eval_preprocess = preprocess, eval_preprocess
 
     def __call__(self, samples):
-        import torch
+        from dico_scale.data.pipeline import _pixels
 
         images, refs, keys = zip(*samples)
         done = {}
 
         def pixels(transform):
             if repr(transform) not in done:
-                done[repr(transform)] = torch.stack([transform(im) for im in images])
+                done[repr(transform)] = _pixels(transform, images)
             return done[repr(transform)]
         return {"pixels": pixels(self.preprocess), "refs": list(refs), "keys": list(keys),
                 "eval_pixels": {n: pixels(t) for n, t in self.eval_preprocess.items()}}
-
-
-def caption_records(captioner, tok, evaluators: dict, loader, cfg, device) -> list[dict]:
-    """This rank's images: key, caption, refs and each evaluator's normalised image feature (CPU)."""
-    import torch
-
-    from dico_scale.validate import generate
-
-    g, records = cfg.generation, []
-    with torch.no_grad():
-        for batch in loader:
-            captions = generate(captioner, tok, batch["pixels"].to(device), g.beam_size, g.max_len)
-            feats = {n: ev.image_features(batch["eval_pixels"][n].to(device)).cpu() for n, ev in evaluators.items()}
-            for i, (key, caption, refs) in enumerate(zip(batch["keys"], captions, batch["refs"])):
-                # clone: a row view would pickle the whole batch's storage into the gather
-                records.append({"key": key, "caption": caption, "refs": refs,
-                                "feats": {n: f[i].clone() for n, f in feats.items()}})
-    return records
 
 
 def training_captions(spec: str, rank: int, world: int) -> set[str]:
@@ -213,23 +199,36 @@ def training_captions(spec: str, rank: int, world: int) -> set[str]:
 
 # ---- scoring on rank 0 -----------------------------------------------------------------------------------------------
 
-def score(records: list[dict], evaluators: dict, seen, args) -> tuple[dict, dict, list[dict]]:
-    """(metrics, errors, per-image entries)."""
+OWN = "evaluator"  # the run's own evaluator, when --clip / --pacs replaced it under its metric's name
+
+
+def score(records: list[dict], evaluators: dict, seen, args, own: tuple[str, str | None] = (OWN, None)
+          ) -> tuple[dict, dict, list[dict]]:
+    """(metrics, errors, per-image entries). `own`: (name in evaluators, caption prefix) of the run's own evaluator,
+    whose score with the run's caption prefix is `evaluator_score`, the in-loop val/evaluator_score."""
     import torch
 
-    from dico_scale.metrics import SCORE_NAMES, caption_stats, clip_scores, coco_scores, recall_at_k
+    from dico_scale.metrics import SCORE_NAMES, caption_stats, clip_scores, coco_scores, mean, recall_at_k
+    from dico_scale.validate import evaluator_scores
 
     metrics, errors = coco_scores(records, spice=not args.no_spice)
     captions, refs = [r["caption"] for r in records], [r["refs"] for r in records]
     per_image = [{"key": r["key"], "caption": r["caption"], "refs": r["refs"]} for r in records]
     for name, ev in evaluators.items():
+        if name not in SCORE_NAMES:
+            continue
         image_feats = torch.stack([r["feats"][name] for r in records])
         s, ref_s, cand = clip_scores(ev, image_feats, captions, refs, ev.weight)
         plain, with_refs = SCORE_NAMES[name]
-        metrics[plain], metrics[with_refs] = float(s.mean()), float(ref_s.mean())
+        metrics[plain], metrics[with_refs] = mean(s.tolist()), mean(ref_s.tolist())
         metrics.update({f"{plain}/{k}": v for k, v in recall_at_k(image_feats, cand).items()})
         for entry, a, b in zip(per_image, s.tolist(), ref_s.tolist()):
             entry[plain], entry[with_refs] = a, b
+    if own[0] in evaluators:
+        own_scores = evaluator_scores(records, evaluators[own[0]], own[0], prefix=own[1])
+        metrics["evaluator_score"] = mean(own_scores)
+        for entry, a in zip(per_image, own_scores):
+            entry["evaluator_score"] = a
     metrics.update(caption_stats(captions, seen, args.ngrams))
     metrics["images"] = len(records)
     return metrics, errors, per_image
@@ -289,7 +288,7 @@ def run(args, cfg, meta) -> int:
     from dico_scale.data.pipeline import eval_loader
     from dico_scale.export import load_captioner
     from dico_scale.models.evaluator import Evaluator
-    from dico_scale.validate import gather_records
+    from dico_scale.validate import caption_split, gather_records
 
     rank, world, device = init_ranks(cfg)
     torch.manual_seed(cfg.train.seed)  # random-init evaluators (tests, demos) must be alike on every rank
@@ -298,16 +297,23 @@ def run(args, cfg, meta) -> int:
     for name, ev_cfg in args.evaluators.items():
         torch.manual_seed(cfg.train.seed)
         evaluators[name] = Evaluator(ev_cfg).to(device)
+    # evaluator_score: the run's own evaluator with the run's caption prefix, as in-loop validation scores
+    e, mine = cfg.evaluator, args.evaluators[cfg.evaluator.metric]
+    own = (e.metric, e.caption_prefix)
+    if (mine.model, mine.weights) != (e.model, e.weights):  # --clip / --pacs replaced it: scored separately
+        torch.manual_seed(cfg.train.seed)
+        evaluators[OWN], own = Evaluator(e).to(device), (OWN, None)
     collate = EvalCollate(captioner.preprocess, {n: ev.preprocess for n, ev in evaluators.items()})
     loader = eval_loader(args.spec, collate, args.batch_size or cfg.train.micro_batch_size, cfg.data.num_workers)
-    records = gather_records(caption_records(captioner, tok, evaluators, loader, cfg, device))
+    g = cfg.generation
+    records = gather_records(caption_split(captioner, tok, loader, g.beam_size, g.max_len, device, evaluators))
     seen = training_captions(args.train_spec, rank, world) if args.train_spec else None
     if not records:
         raise ConfigError(f"no valid samples in '{args.spec}'")
     if rank != 0:
         return 0
 
-    metrics, errors, per_image = score(records, evaluators, seen, args)
+    metrics, errors, per_image = score(records, evaluators, seen, args, own)
     notes = [f"{n}: random weights (no evaluator weights file)" for n, c in args.evaluators.items() if not c.weights]
     if seen is None:
         notes.append(args.train_note)
@@ -326,7 +332,9 @@ def run(args, cfg, meta) -> int:
               "settings": {"beam_size": cfg.generation.beam_size, "max_len": cfg.generation.max_len,
                            "caption_prefix": "" if args.no_prefix else PREFIX, "ngrams": list(args.ngrams),
                            "evaluators": {n: {"model": c.model, "weights": c.weights}
-                                          for n, c in args.evaluators.items()}},
+                                          for n, c in args.evaluators.items()},
+                           "evaluator_score": {"model": e.model, "weights": e.weights, "metric": e.metric,
+                                               "caption_prefix": e.caption_prefix}},
               "metrics": metrics, "errors": errors, "notes": notes, "captions": per_image}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_finite(result), indent=1))

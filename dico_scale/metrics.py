@@ -1,14 +1,20 @@
-"""Caption metrics: the COCO set through pycocoevalcap, CLIP-based scores, retrieval with the captions, statistics.
+"""Caption metrics: the COCO set through pycocoevalcap, CLIP-based scores, retrieval recall, statistics.
 
+The one implementation of each metric: in-loop validation (`dico_scale.validate`, the stages' `validate`) and
+`dico_scale.evaluate` both call these functions, so the numbers of one checkpoint are the same in both.
 Definitions follow the official tools (the README section "Evaluation, inference and export" gives the evidence):
+  CIDEr   = pycocoevalcap's Cider (CIDEr-D) after its PTBTokenizer; an empty caption is scored as the empty string
   CLIP-S  = 2.5 * max(cos(image, caption), 0)                       (jmhessel/clipscore, w = 2.5)
   PAC-S   = 2.0 * max(cos(image, caption), 0)                       (aimagelab/pacscore, w = 2.0)
   Ref-X   = harmonic mean of X and max(max_r cos(caption, reference r), 0); the text-text cosine is not scaled by w.
+  R@k     = share of queries whose match is among the first k of a stable descending sort of the similarities
+            (open_clip's `get_clip_metrics` with ties broken by index: the first of equal-scored items ranks first)
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import re
 
@@ -18,6 +24,12 @@ COCO_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CI
 SCORE_NAMES = {"clips": ("CLIP-S", "RefCLIP-S"), "pacs": ("PAC-S", "RefPAC-S")}
 RECALL_KS = (1, 5, 10)
 SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")  # spice-1.0.jar's Class-Path
+
+
+def mean(values) -> float:
+    """The mean of a metric over images (NaN for none): exact summation, so the order of the images does not matter."""
+    values = list(values)
+    return math.fsum(values) / len(values) if values else float("nan")
 
 
 # ---- COCO metrics (pycocoevalcap, PTB tokenizer) ---------------------------------------------------------------------
@@ -46,36 +58,60 @@ def _one_line(e: Exception) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
 
 
+def ptb_tokenize(records: list[dict]) -> tuple[dict, dict]:
+    """(references, candidates) by key after pycocoevalcap's PTBTokenizer (lower case, punctuation removed), as
+    coco-caption tokenises them. An empty caption (or one of punctuation only) stays the empty string: it is scored
+    as such (CIDEr 0), never replaced by a placeholder word."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tok = PTBTokenizer()
+    gts = tok.tokenize({r["key"]: [{"caption": c} for c in r["refs"]] for r in records})
+    res = tok.tokenize({r["key"]: [{"caption": r["caption"]}] for r in records})
+    for r in records:  # an empty caption may leave no line behind
+        res.setdefault(r["key"], [""])
+    return gts, res
+
+
+def cider_score(gts: dict, res: dict) -> float:
+    """Corpus CIDEr-D of tokenised captions (pycocoevalcap's Cider: n = 4, sigma = 6, document frequencies from the
+    references given)."""
+    from pycocoevalcap.cider.cider import Cider
+
+    return float(Cider().compute_score(gts, res)[0])
+
+
+def cider(records: list[dict]) -> float:
+    """CIDEr of records {key, caption, refs} over the whole split; NaN for no records. The CIDEr of coco_scores."""
+    if not records:
+        return float("nan")
+    return cider_score(*ptb_tokenize(records))
+
+
 def coco_scores(records: list[dict], spice: bool = True) -> tuple[dict, dict]:
     """({metric: corpus score or None}, {metric: one-line error}); each scorer fails alone."""
     from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     scores, errors = dict.fromkeys(COCO_METRICS), {}
     try:
-        tok = PTBTokenizer()
-        gts = tok.tokenize({r["key"]: [{"caption": c} for c in r["refs"]] for r in records})
-        res = tok.tokenize({r["key"]: [{"caption": r["caption"]}] for r in records})
+        gts, res = ptb_tokenize(records)
     except Exception as e:
         return scores, {"PTBTokenizer": _one_line(e)}
-    for r in records:  # an empty caption may leave no line behind
-        res.setdefault(r["key"], [""])
-    scorers = [(Bleu, ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"]), (Meteor, ["METEOR"]), (Rouge, ["ROUGE-L"]),
-               (Cider, ["CIDEr"])]
+    scorers = [(lambda g, r: Bleu(4).compute_score(g, r)[0], ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"]),
+               (lambda g, r: Meteor().compute_score(g, r)[0], ["METEOR"]),
+               (lambda g, r: Rouge().compute_score(g, r)[0], ["ROUGE-L"]), (cider_score, ["CIDEr"])]
     if spice:
         missing = spice_missing()
         if missing:
             errors["SPICE"] = missing
         else:
             from pycocoevalcap.spice.spice import Spice
-            scorers.append((Spice, ["SPICE"]))
-    for cls, names in scorers:
+            scorers.append((lambda g, r: Spice().compute_score(g, r)[0], ["SPICE"]))
+    for fn, names in scorers:
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its internals
-                score, _ = cls().compute_score(gts, res)
+                score = fn(gts, res)
         except Exception as e:
             errors[names[0] if len(names) == 1 else "BLEU"] = _one_line(e)
             continue
@@ -87,12 +123,19 @@ def coco_scores(records: list[dict], spice: bool = True) -> tuple[dict, dict]:
 # ---- CLIP-based scores and retrieval ---------------------------------------------------------------------------------
 
 @torch.no_grad()
-def text_features(evaluator, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """Normalised float32 features [N, D] on the CPU; each distinct text is encoded once, so equal texts get
-    bitwise-equal rows (retrieval ties then do not depend on batch composition)."""
+def text_features(evaluator, texts: list[str], batch_size: int = 256, prefix: str | None = None) -> torch.Tensor:
+    """Normalised float32 features [N, D] on the CPU; each distinct text is encoded once, in sorted batches, so equal
+    texts get bitwise-equal rows (retrieval ties then are exact) and the features do not depend on how the split was
+    batched or sharded. `prefix` replaces the evaluator's own caption prefix (None: keep it)."""
     unique = sorted(set(texts))
     index = {t: i for i, t in enumerate(unique)}
-    parts = [evaluator.text_features(unique[i:i + batch_size]).cpu() for i in range(0, len(unique), batch_size)]
+    own = evaluator.prefix
+    if prefix is not None:
+        evaluator.prefix = prefix
+    try:
+        parts = [evaluator.text_features(unique[i:i + batch_size]).cpu() for i in range(0, len(unique), batch_size)]
+    finally:
+        evaluator.prefix = own
     feats = torch.cat(parts) if parts else torch.zeros(0, 1)
     return feats[torch.tensor([index[t] for t in texts], dtype=torch.long)]
 
@@ -103,40 +146,57 @@ def harmonic_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, 2 * a * b / total.clamp(min=1e-12), torch.zeros_like(total))
 
 
+def clip_score(image_feats: torch.Tensor, text_feats: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per row: weight * max(cos(image, text), 0) of normalised features (CLIP-S, PAC-S, the in-loop evaluator
+    score), float32 on the CPU."""
+    return weight * (image_feats.float().cpu() * text_feats.float().cpu()).sum(-1).clamp(min=0)
+
+
 @torch.no_grad()
 def clip_scores(evaluator, image_feats: torch.Tensor, captions: list[str], refs: list[list[str]],
-                weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                weight: float, prefix: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per image: (weight * max(cos(image, caption), 0), the Ref- variant, caption features [N, D]).
 
-    image_feats are normalised [N, D]. The evaluator's caption prefix goes on captions and references alike, as in
-    both official tools (their caption dataset class serves both).
+    image_feats are normalised [N, D]. The caption prefix (the evaluator's, or `prefix`) goes on captions and
+    references alike, as in both official tools (their caption dataset class serves both).
     """
-    cand = text_features(evaluator, captions)
-    img = image_feats.float().cpu()
-    score = weight * (img * cand).sum(-1).clamp(min=0)
+    cand = text_features(evaluator, captions, prefix=prefix)
+    score = clip_score(image_feats, cand, weight)
     flat = [r for rs in refs for r in rs]
     owner = torch.tensor([i for i, rs in enumerate(refs) for _ in rs], dtype=torch.long)
-    ref_cos = (cand[owner] * text_features(evaluator, flat)).sum(-1)
+    ref_cos = (cand[owner] * text_features(evaluator, flat, prefix=prefix)).sum(-1)
     best = torch.full((len(captions),), float("-inf")).scatter_reduce(0, owner, ref_cos, "amax")
     return score, harmonic_mean(score, best.clamp(min=0)), cand
 
 
-def recall_at_k(image_feats: torch.Tensor, text_feats: torch.Tensor, ks=RECALL_KS) -> dict[str, float]:
-    """Text-to-image and image-to-text recall@k, caption i belonging to image i.
+def match_ranks(sims: torch.Tensor) -> torch.Tensor:
+    """Per row i: the position of column i (its match) in a stable descending sort of the row, i.e. the number of
+    columns scoring strictly higher plus the equal-scored columns before it. `torch.argsort(sims, descending=True,
+    stable=True)` gives the same positions (open_clip's get_clip_metrics, with its ties broken by index)."""
+    own = sims.diagonal().unsqueeze(1)
+    idx = torch.arange(sims.size(1))
+    before = idx.unsqueeze(0) < torch.arange(sims.size(0)).unsqueeze(1)
+    return (sims > own).sum(1) + ((sims == own) & before).sum(1)
 
-    Ties count against the match (rank = number of others scoring >= it): two images with the same caption are
-    never told apart. Columns of equal captions are copies of one column, so ties are exact.
+
+def recall_at_k(image_feats: torch.Tensor, text_feats: torch.Tensor, ks=RECALL_KS) -> dict[str, float]:
+    """Text-to-image and image-to-text recall@k, caption i belonging to image i: the share of queries whose match
+    ranks below k (match_ranks: ties broken by index, the earlier item first; m images with one same caption make
+    one image-to-text hit at R@1, not m, nor none).
+
+    Similarities in float64; equal feature rows (e.g. equal captions, see text_features) are one row, so their ties
+    are exact and do not depend on matmul blocking.
     """
-    unique, inverse = torch.unique(text_feats.double(), dim=0, return_inverse=True)
-    sims = (image_feats.double() @ unique.T)[:, inverse]  # [images, captions]
-    own = sims.diagonal()
-    n = sims.size(0)
-    t2i_rank = (sims >= own.unsqueeze(0)).sum(0) - 1  # per caption: images scoring at least its own image
-    i2t_rank = (sims >= own.unsqueeze(1)).sum(1) - 1  # per image: captions scoring at least its own caption
+    if len(image_feats) == 0:
+        return {f"{d}_R{k}": float("nan") for k in ks for d in ("t2i", "i2t")}
+    img, img_inv = torch.unique(image_feats.double().cpu(), dim=0, return_inverse=True)
+    txt, txt_inv = torch.unique(text_feats.double().cpu(), dim=0, return_inverse=True)
+    sims = (img @ txt.T)[img_inv][:, txt_inv]  # [images, captions]
+    t2i_rank, i2t_rank = match_ranks(sims.T), match_ranks(sims)
     out = {}
     for k in ks:
-        out[f"t2i_R{k}"] = float((t2i_rank < k).double().mean()) if n else float("nan")
-        out[f"i2t_R{k}"] = float((i2t_rank < k).double().mean()) if n else float("nan")
+        out[f"t2i_R{k}"] = float((t2i_rank < k).double().mean())
+        out[f"i2t_R{k}"] = float((i2t_rank < k).double().mean())
     return out
 
 

@@ -1,14 +1,22 @@
-"""Captioning a split and scoring it: CIDEr (pycocoevalcap, PTB tokenizer) and the evaluator's score.
+"""Captioning a split: the one path of in-loop validation (the captioner stages' `validate`), `dico_scale.evaluate`
+and the demo's table.
 
-Used by in-loop validation and by the demo's final table; predictions are gathered from all ranks onto rank 0 and
-de-duplicated by key, so each image counts once however the shards were split.
+Every rank captions its share (`caption_split`: best beam, plus each evaluator's image feature); the records are
+gathered onto every rank and de-duplicated by key (`gather_records`), so each image counts once however the shards
+were split; rank 0 then scores the whole split with the metric functions of `dico_scale.metrics`: CIDEr
+(`metrics.cider`, the CIDEr of `metrics.coco_scores`) and the evaluator score (`evaluator_scores`, the mean of
+`metrics.clip_score` over images with `metrics.mean`).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from .metrics import cider, clip_score, mean, text_features
 from .models.generation import beam_search
+
+__all__ = ["generate", "caption_split", "gather_records", "evaluator_scores", "score_records", "cider",
+           "caption_metrics"]
 
 
 @torch.no_grad()
@@ -19,29 +27,43 @@ def generate(captioner, tokenizer, pixels: torch.Tensor, beam_size: int, max_len
     return tokenizer.decode_batch(tokens[:, 0])
 
 
+def _eval_pixels(batch: dict, name: str) -> torch.Tensor:
+    """An evaluator's pixels: its own entry of evaluate's dict, the training Collate's single tensor (when the
+    evaluator's transform differs from the captioner's), else the captioner's pixels."""
+    p = batch.get("eval_pixels")
+    if isinstance(p, dict):
+        p = p.get(name)
+    return batch["pixels"] if p is None else p
+
+
 @torch.no_grad()
-def caption_split(captioner, tokenizer, loader, beam_size: int, max_len: int, device, dtype,
-                  evaluator=None, max_images: int = 0) -> list[dict]:
-    """Best beam per image, with the evaluator's score when an evaluator is given. Runs locally (no collectives)."""
+def caption_split(captioner, tokenizer, loader, beam_size: int, max_len: int, device, evaluators: dict | None = None,
+                  max_images: int = 0) -> list[dict]:
+    """This rank's records {key, caption, refs, feats: {name: normalised fp32 image feature (CPU)}}, one per image,
+    the best beam of each in eval mode (the captioner's mode is restored). Pixels are cast to the captioner's dtype.
+    `max_images` > 0 stops after that many images. Runs locally (no collectives)."""
+    evaluators = evaluators or {}
+    dtype = next(captioner.parameters()).dtype
     was_training = captioner.training
     captioner.eval()
     records = []
-    for batch in loader:
-        captions = generate(captioner, tokenizer, batch["pixels"].to(device, dtype), beam_size, max_len)
-        scores = [None] * len(captions)
-        if evaluator is not None:
-            eval_pixels = batch.get("eval_pixels", batch["pixels"]).to(device)
-            scores = evaluator.score(evaluator.image_features(eval_pixels), captions).tolist()
-        records += [{"key": k, "caption": c, "refs": r, "score": s}
-                    for k, c, r, s in zip(batch["keys"], captions, batch["refs"], scores)]
-        if max_images and len(records) >= max_images:
-            break
-    captioner.train(was_training)
+    try:
+        for batch in loader:
+            captions = generate(captioner, tokenizer, batch["pixels"].to(device, dtype), beam_size, max_len)
+            feats = {n: ev.image_features(_eval_pixels(batch, n).to(device)).cpu() for n, ev in evaluators.items()}
+            for i, (key, caption, refs) in enumerate(zip(batch["keys"], captions, batch["refs"])):
+                # clone: a row view would pickle the whole batch's storage into the gather
+                records.append({"key": key, "caption": caption, "refs": refs,
+                                "feats": {n: f[i].clone() for n, f in feats.items()}})
+            if max_images and len(records) >= max_images:
+                break
+    finally:
+        captioner.train(was_training)
     return records[:max_images] if max_images else records
 
 
 def gather_records(records: list[dict]) -> list[dict]:
-    """All ranks' records on every rank, one per key, in key order."""
+    """All ranks' records on every rank, one per key (the last seen), in key order."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, records)
@@ -49,22 +71,29 @@ def gather_records(records: list[dict]) -> list[dict]:
     return sorted({r["key"]: r for r in records}.values(), key=lambda r: r["key"])
 
 
-def cider(records: list[dict]) -> float:
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
+def evaluator_scores(records: list[dict], evaluator, name: str = "evaluator", prefix: str | None = None) -> list[float]:
+    """Per record: evaluator.weight * max(cos(image, caption), 0) with the image feature `feats[name]` and the
+    caption encoded once per distinct text over the whole split (metrics.text_features), with the evaluator's own
+    caption prefix (or `prefix`). The in-loop evaluator score is their mean."""
     if not records:
-        return float("nan")
-    tok = PTBTokenizer()
-    gts = tok.tokenize({r["key"]: [{"caption": c} for c in r["refs"]] for r in records})
-    res = tok.tokenize({r["key"]: [{"caption": r["caption"] or "empty"}] for r in records})
-    score, _ = Cider().compute_score(gts, res)
-    return float(score)
+        return []
+    image = torch.stack([r["feats"][name] for r in records])
+    text = text_features(evaluator, [r["caption"] for r in records], prefix=prefix)
+    return clip_score(image, text, evaluator.weight).tolist()
 
 
 def caption_metrics(records: list[dict]) -> dict[str, float]:
+    """{cider, images, evaluator_score (mean of the records' "score"; absent when none has one)}: the in-loop
+    validation metrics (logged as val/<name>)."""
     metrics = {"cider": cider(records), "images": float(len(records))}
-    scores = [r["score"] for r in records if r["score"] is not None]
+    scores = [r["score"] for r in records if r.get("score") is not None]
     if scores:
-        metrics["evaluator_score"] = sum(scores) / len(scores)
+        metrics["evaluator_score"] = mean(scores)
     return metrics
+
+
+def score_records(records: list[dict], evaluator=None) -> list[dict]:
+    """The records without image features, each with its "score" (evaluator_scores under the evaluator's name
+    "evaluator"; None without an evaluator): what caption_metrics reads and the val_captions.json artifact."""
+    scores = evaluator_scores(records, evaluator) if evaluator is not None else [None] * len(records)
+    return [{**{k: v for k, v in r.items() if k != "feats"}, "score": s} for r, s in zip(records, scores)]

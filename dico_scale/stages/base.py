@@ -14,7 +14,7 @@ from ..data.tokenizer import CaptionTokenizer
 from ..engine import load_weights
 from ..models.captioner import Captioner
 from ..models.evaluator import Evaluator, distinct_preprocess
-from ..validate import caption_metrics, caption_split, gather_records
+from ..validate import caption_metrics, caption_split, gather_records, score_records
 
 
 @dataclass
@@ -62,13 +62,18 @@ class CaptionerStage(Stage):
             self.eval_preprocess = distinct_preprocess(self.evaluator, self.preprocess)
 
     def validate(self, engine, loader):
+        """CIDEr, evaluator score and image count of the val split, as `dico_scale.evaluate` computes them (see
+        dico_scale/validate.py); with train.val_max_images each rank takes its share of the first images."""
         g = self.cfg.generation
+        grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
+        world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if grouped else (1, 0)
         limit = self.cfg.train.val_max_images
         if limit:
-            limit = max(1, limit // torch.distributed.get_world_size())
-        records = caption_split(engine.module, self.tokenizer, loader, g.beam_size, g.max_len, self.device,
-                                self.dtype, self.evaluator, limit)
-        records = gather_records(records)
-        if torch.distributed.get_rank() != 0:
+            limit = max(1, limit // world)
+        evaluators = {"evaluator": self.evaluator} if self.evaluator is not None else {}
+        records = gather_records(caption_split(engine.module, self.tokenizer, loader, g.beam_size, g.max_len,
+                                               self.device, evaluators, limit))
+        if rank != 0:
             return {}, {}
+        records = score_records(records, self.evaluator)
         return caption_metrics(records), {"val_captions.json": records}

@@ -1,7 +1,8 @@
 """Evaluator: contrastive (CLIP loss) fine-tuning of the evaluator CLIP on image-caption shards.
 
 The demo needs it: a randomly initialised CLIP gives DiCO a meaningless reward. Validation reports image<->text
-retrieval recall over the val split (first reference caption per image).
+retrieval recall over the val split (first reference caption per image), `metrics.recall_at_k` as `evaluate`
+computes it (logged as val/i2t_r1, val/i2t_r5, val/t2i_r1, val/t2i_r5).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
+from .. import metrics
 from ..engine import load_weights
 from ..models.evaluator import Evaluator
 from .base import Stage, StepOutput
@@ -40,30 +42,21 @@ class EvaluatorStage(Stage):
     @torch.no_grad()
     def validate(self, engine, loader):
         self.module.eval()
-        feats = []
-        for batch in loader:
-            img = F.normalize(self.module.encode_image(batch["pixels"].to(self.device, self.dtype)).float(), dim=-1)
-            txt = self.evaluator.text_features([refs[0] for refs in batch["refs"]])
-            feats += [(k, i.cpu(), t.cpu()) for k, i, t in zip(batch["keys"], img, txt)]
-        self.module.train()
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, feats)
-        if dist.get_rank() != 0:
-            return {}, {}
-        rows = sorted({k: (i, t) for part in parts for k, i, t in part}.items())
-        if not rows:
-            return {}, {}
-        images = torch.stack([i for _, (i, _) in rows])
-        texts = torch.stack([t for _, (_, t) in rows])
-        sim = images @ texts.T  # [images, texts]; the match of image n is text n
-        return retrieval_recall(sim), {}
-
-
-def retrieval_recall(sim: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
-    target = torch.arange(sim.size(0)).unsqueeze(1)
-    out = {}
-    for name, s in (("i2t", sim), ("t2i", sim.T)):
-        rank = (s.argsort(dim=1, descending=True) == target).float().argmax(dim=1)
-        for k in ks:
-            out[f"{name}_r{k}"] = float((rank < k).float().mean())
-    return out
+        try:
+            feats = []  # (key, normalised image feature, first reference)
+            for batch in loader:
+                img = F.normalize(self.module.encode_image(batch["pixels"].to(self.device, self.dtype)).float(), dim=-1)
+                feats += [(k, i.cpu().clone(), refs[0]) for k, i, refs in zip(batch["keys"], img, batch["refs"])]
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, feats)
+            if dist.get_rank() != 0:
+                return {}, {}
+            rows = sorted({k: (i, t) for part in parts for k, i, t in part}.items())
+            if not rows:
+                return {}, {}
+            images = torch.stack([i for _, (i, _) in rows])
+            # each distinct text encoded once: equal references tie exactly
+            texts = metrics.text_features(self.evaluator, [t for _, (_, t) in rows])
+        finally:
+            self.module.train()
+        return {name.lower(): v for name, v in metrics.recall_at_k(images, texts, ks=(1, 5)).items()}, {}
