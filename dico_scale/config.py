@@ -369,10 +369,11 @@ def validate(c: Config) -> None:
                      ("captioner.image_encoder_weights", c.captioner.image_encoder_weights),
                      ("train.deepspeed_config", t.deepspeed_config)]:
         _check(not val or os.path.exists(val), key, f"'{val}' does not exist")
-    from .models.weights import sniff_weights_format  # reads headers only: a file of the wrong kind fails here
     for key, val in [("evaluator.weights", c.evaluator.weights),
                      ("captioner.image_encoder_weights", c.captioner.image_encoder_weights)]:
-        if val:
+        if val:  # imported only then: the module imports torch, which a config without weight files need not wait for
+            from .models.weights import sniff_weights_format  # reads headers only: a wrong kind of file fails here
+
             sniff_weights_format(val, key)
     read_deepspeed_config(t.deepspeed_config)
 
