@@ -12,14 +12,20 @@ from pathlib import Path
 from .config import Config, ConfigError
 
 
-def check_output_dir(path: str) -> None:
-    """Creates train.output_dir and writes a probe file into it (removed again)."""
+def _write_problem(folder) -> str | None:
+    """Creates the folder and writes a probe file into it (removed again); why that failed, or None."""
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
             pass
     except OSError as e:
-        raise ConfigError(f"train.output_dir '{path}' cannot be created or written: {e.strerror or e}") from None
+        return str(e.strerror or e)
+    return None
+
+
+def check_output_dir(path: str) -> None:
+    if problem := _write_problem(path):
+        raise ConfigError(f"train.output_dir '{path}' cannot be created or written: {problem}")
 
 
 def check_tracking_server(uri: str, timeout: float) -> str | None:
@@ -43,13 +49,8 @@ def check_sqlite_store(uri: str) -> str | None:
     if not uri.startswith("sqlite:///"):
         return None
     folder = Path(uri[len("sqlite:///"):]).parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
-            pass
-    except OSError as e:
-        return f"cannot write the sqlite store's folder {folder} ({e.strerror or e})"
-    return None
+    problem = _write_problem(folder)
+    return f"cannot write the sqlite store's folder {folder} ({problem})" if problem else None
 
 
 def check_tracking(cfg: Config, rank: int) -> None:
