@@ -44,8 +44,9 @@ def init_distributed() -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def ds_config(cfg: Config, on_gpu: bool) -> dict:
-    """The JSON of train.deepspeed_config with batch, accumulation, clipping and precision filled from the config."""
+def ds_config(cfg: Config, on_gpu: bool, load_universal: bool = False) -> dict:
+    """The JSON of train.deepspeed_config with batch, accumulation, clipping and precision filled from the config.
+    load_universal: the engine will load a universal checkpoint (a resume at another world size: universal.py)."""
     ds = read_deepspeed_config(cfg.train.deepspeed_config)
     ds.update(train_micro_batch_size_per_gpu=cfg.train.micro_batch_size,
               gradient_accumulation_steps=cfg.optim.grad_accum,
@@ -55,6 +56,8 @@ def ds_config(cfg: Config, on_gpu: bool) -> dict:
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
     bf16 = ds.get("bf16", {}).get("enabled", "auto")
     ds["bf16"] = {"enabled": on_gpu and torch.cuda.is_bf16_supported() if bf16 == "auto" else bool(bf16)}
+    if load_universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     return ds
 
 
@@ -72,14 +75,14 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def build_engine(cfg: Config, module: torch.nn.Module, on_gpu: bool):
+def build_engine(cfg: Config, module: torch.nn.Module, on_gpu: bool, load_universal: bool = False):
     import deepspeed
 
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, config=ds_config(cfg, on_gpu),
+        model=module, optimizer=optimizer, config=ds_config(cfg, on_gpu, load_universal),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
     return engine
 
