@@ -5,12 +5,15 @@ written at, and every file of the tag with its size and CRC-32 (the ranks checks
 parallel). A crash mid-save leaves no marker, so the tag is never resumed. Before a resume every rank verifies a
 share of the files against the marker and all ranks agree on the result: a damaged newest tag is skipped (one line
 naming the file) for the previous complete one; an explicit tag that fails stops the run with ConfigError.
+A tag written at another world size is resumed through its universal conversion (universal.py), kept beside it as
+`<tag>_universal` and removed with it.
 """
 from __future__ import annotations
 
 import errno
 import json
 import os
+import re
 import shutil
 import zlib
 from pathlib import Path
@@ -18,8 +21,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .config import ConfigError
+from .frozen import KEY as FROZEN_KEY
 
 MARKER = "complete"
+UNIVERSAL = "_universal"  # suffix of a tag's universal conversion (universal.py), removed with the tag
 
 
 class CheckpointError(RuntimeError):
@@ -31,9 +36,11 @@ def tag_name(step: int) -> str:
 
 
 def complete_tags(ckpt_dir: str | Path) -> list[Path]:
-    """Tag folders holding a `complete` marker, oldest first."""
+    """Tag folders holding a `complete` marker, oldest first (not their `_universal` conversions)."""
     root = Path(ckpt_dir)
-    return sorted(p for p in root.glob("step_*") if (p / MARKER).is_file()) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and (p / MARKER).is_file())
 
 
 def crc32(path: Path, chunk: int = 8 << 20) -> str:
@@ -49,9 +56,9 @@ def _share(names: list[str]) -> list[str]:
     return names[dist.get_rank()::dist.get_world_size()]
 
 
-def _gathered(obj) -> list:
+def _gathered(obj, group=None) -> list:
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -70,11 +77,24 @@ def _describe_save_failure(e: BaseException, tag_dir: Path) -> str:
     return f"checkpoint {tag_dir}: saving failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
 
-def _agree(failure: str) -> None:
-    """A collective: CheckpointError on every rank when any rank failed (its message, one line)."""
-    failures = [f for f in _gathered(failure) if f]
+def agree(failure: str, error: type[Exception] = CheckpointError, group=None) -> None:
+    """A collective: `error` on every rank when any rank failed (its message, one line)."""
+    failures = [f for f in _gathered(failure, group) if f]
     if failures:
-        raise CheckpointError(failures[0])
+        raise error(failures[0])
+
+
+def manifest(folder: Path) -> dict[str, dict]:
+    """A collective: {file: {size, crc32}} of every file under folder but the marker; the ranks read disjoint shares."""
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
+    mine = {n: {"size": (folder / n).stat().st_size, "crc32": crc32(folder / n)} for n in _share(names)}
+    return dict(sorted((n, f) for part in _gathered(mine) for n, f in part.items()))
+
+
+def write_marker(folder: Path, marker: dict) -> None:
+    tmp = folder / f"{MARKER}.tmp"
+    tmp.write_text(json.dumps(marker, indent=1))
+    os.replace(tmp, folder / MARKER)
 
 
 def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, config_yaml: str, keep: int) -> Path:
@@ -85,34 +105,32 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, config
     try:
         # universal_checkpoint_info lets ds_to_universal.py convert this ZeRO-2 checkpoint to another world size
         engine.save_checkpoint(ckpt_dir, tag=tag_dir.name, client_state={**client_state, "universal_checkpoint_info": {}})
-    except Exception as e:  # noqa: BLE001 - reported to every rank by _agree
+    except Exception as e:  # noqa: BLE001 - reported to every rank by agree
         failure = _describe_save_failure(e, tag_dir)
         # The write failed between the barriers that open and close DeepSpeed's save_checkpoint; the other ranks
         # wait in the closing one: enter it here, so that every rank gets to the agreement instead of hanging.
         dist.barrier()
-    _agree(failure)
-    files = {}
+    agree(failure)
     try:
         if dist.get_rank() == 0:
             (tag_dir / "config.yaml").write_text(config_yaml)
     except OSError as e:
         failure = _describe_save_failure(e, tag_dir)
-    _agree(failure)
-    names = sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file() and p.name != MARKER)
-    for part in _gathered({n: {"size": (tag_dir / n).stat().st_size, "crc32": crc32(tag_dir / n)} for n in _share(names)}):
-        files.update(part)
+    agree(failure)
+    files = manifest(tag_dir)
     if dist.get_rank() == 0:
         try:
             marker = {"step": step, "world_size": dist.get_world_size(), "zero_stage": engine.zero_optimization_stage(),
-                      "files": dict(sorted(files.items()))}
-            tmp = tag_dir / f"{MARKER}.tmp"
-            tmp.write_text(json.dumps(marker, indent=1))
-            os.replace(tmp, tag_dir / MARKER)
+                      "files": files}
+            if client_state.get(FROZEN_KEY) is not None:  # checked before a resume builds anything (frozen.py)
+                marker[FROZEN_KEY] = client_state[FROZEN_KEY]
+            write_marker(tag_dir, marker)
             for old in complete_tags(ckpt_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                for folder in (old, old.with_name(old.name + UNIVERSAL), old.with_name(old.name + UNIVERSAL + ".tmp")):
+                    shutil.rmtree(folder, ignore_errors=True)
         except OSError as e:
             failure = _describe_save_failure(e, tag_dir)
-    _agree(failure)
+    agree(failure)
     return tag_dir
 
 
@@ -174,13 +192,16 @@ def select_resume_tag(resume: str, ckpt_dir: str, log) -> Path | None:
 
     auto: the newest complete tag that verifies (each skipped one logged with its problem); ConfigError when there
     are complete tags but none verifies (starting over would silently drop the run). An explicit tag that fails
-    verification: ConfigError. A tag written at another world size: ConfigError saying what to do.
+    verification: ConfigError. The tag may have been written at another world size (resume.py converts it).
     """
     if resume == "none":
         return None
     candidates = list(reversed(complete_tags(ckpt_dir))) if resume == "auto" else [Path(resume)]
     if resume != "auto" and not (candidates[0] / MARKER).is_file():
         raise ConfigError(f"train.resume={resume}: not a complete checkpoint (no '{MARKER}' marker)")
+    if resume != "auto" and candidates[0].name.endswith(UNIVERSAL):
+        raise ConfigError(f"train.resume={resume}: a universal conversion; resume from its tag "
+                          f"{candidates[0].name[:-len(UNIVERSAL)]} (it is converted when the world size differs)")
     chosen, skipped = None, []
     for tag in candidates:
         problem = verify(tag)
@@ -191,16 +212,9 @@ def select_resume_tag(resume: str, ckpt_dir: str, log) -> Path | None:
             raise ConfigError(f"train.resume={resume}: checkpoint fails verification: {problem}")
         log(f"skipping checkpoint {tag}: {problem}")
         skipped.append(tag)
-    if chosen is None:
-        if skipped:
-            raise ConfigError(f"train.resume=auto: none of the {len(skipped)} complete checkpoints in {ckpt_dir} "
-                              "verifies (see above); remove them, or set train.resume=none to start over")
-        return None
-    world, saved = dist.get_world_size(), saved_world_size(chosen)
-    if saved is not None and saved != world:
-        raise ConfigError(f"checkpoint {chosen} was written by {saved} ranks and this run has {world}: resume it with "
-                          f"{saved} ranks (resuming at another world size is not supported yet), or set "
-                          "train.output_dir to a new folder to start over")
+    if chosen is None and skipped:
+        raise ConfigError(f"train.resume=auto: none of the {len(skipped)} complete checkpoints in {ckpt_dir} "
+                          "verifies (see above); remove them, or set train.resume=none to start over")
     return chosen
 
 

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from .config import Config, to_yaml
 from .data.pipeline import KINDS, DataError
 from .checkpoint import save_checkpoint
+from .frozen import KEY as FROZEN_KEY
 from .selection import Selection, SelectionError, reconcile_best, select_best
 from .supervision import StopFlag
 
@@ -44,12 +45,13 @@ class LoopState:
     mlflow_run_id: str | None = None
     best: dict | None = None  # the best validation so far (Selection.observe's record), the same on every rank
     since_best: int = 0  # validations since `best` without an improvement (the patience count)
+    frozen_models: dict | None = None  # fingerprints of the frozen models' weights (frozen.py), set by resume.py
 
     def client_state(self, step: int) -> dict:
         return {"step": step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "samples_seen": self.samples_seen, "nonfinite_skipped": self.nonfinite_skipped,
                 "data": dict(self.data), "mlflow_run_id": self.mlflow_run_id, "best": self.best,
-                "since_best": self.since_best}
+                "since_best": self.since_best, FROZEN_KEY: self.frozen_models}
 
     @classmethod
     def from_client_state(cls, cs: dict) -> "LoopState":

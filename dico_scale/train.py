@@ -79,32 +79,28 @@ def _run_locked(cfg: Config, device) -> dict:
     import torch
     import torch.distributed as dist
 
-    from dico_scale.checkpoint import load_checkpoint, select_resume_tag
     from dico_scale.data.pipeline import Collate, eval_loader, train_loader
     from dico_scale.engine import build_engine, export_weights
-    from dico_scale.loop import LoopState, Preempted, train_loop
+    from dico_scale.loop import Preempted, train_loop
     from dico_scale.models.clip import register_model_configs
+    from dico_scale.resume import plan_resume, resume_state
     from dico_scale.stages import build_stage
     from dico_scale.tracking import Tracker
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    # Verified before anything heavy is built: a damaged newest tag is skipped, a bad explicit one stops the run.
-    resume_from = select_resume_tag(cfg.train.resume, os.path.join(cfg.train.output_dir, "checkpoints"), _log0)
+    # Before anything heavy is built: a damaged newest tag is skipped, a bad explicit one or changed frozen model
+    # files stop the run; a tag of another world size is converted (once) for this one.
+    plan = plan_resume(cfg, _log0)
     torch.manual_seed(cfg.train.seed)
     register_model_configs(cfg.clip_model_configs)
     shards, missing_shards = training_shards(cfg, rank)
     stage = build_stage(cfg, device)
-    engine = build_engine(cfg, stage.module, on_gpu=device.type == "cuda")
+    engine = build_engine(cfg, stage.module, on_gpu=device.type == "cuda", load_universal=plan.universal)
     stage.setup(engine)
 
-    state = LoopState()
-    if resume_from is not None:
-        # The saved epoch goes on for its remaining batches, freshly shuffled: never a replay from its start.
-        state = LoopState.from_client_state(load_checkpoint(engine, resume_from))
-        dist.barrier()  # every rank has loaded before the MLflow run is touched
-        _log0(f"resumed from {resume_from} at step {engine.global_steps} (epoch {state.epoch}, "
-              f"batch {state.batch_in_epoch})")
-    else:
+    # The saved epoch goes on for its remaining batches, freshly shuffled: never a replay from its start.
+    state = resume_state(engine, plan, cfg, _log0)
+    if plan.tag is None:
         state.data["missing_shard"] += missing_shards  # counted once per run: a resumed run has them in its totals
 
     tracker = Tracker(cfg, rank, state.mlflow_run_id)

@@ -1,0 +1,73 @@
+"""Resuming a run: which tag, whether its frozen models are still the same, and, at another world size, its
+universal conversion (universal.py); then the load and the data position. Collectives: every rank calls them.
+
+    plan = plan_resume(cfg, log)                    # before anything heavy is built
+    engine = build_engine(..., load_universal=plan.universal)
+    state = resume_state(engine, plan, cfg, log)    # plan.tag is None: a fresh LoopState
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+from .checkpoint import load_checkpoint, read_marker, saved_world_size, select_resume_tag
+from .config import Config
+from .frozen import check_fingerprints, frozen_fingerprints
+from .loop import LoopState
+from .universal import finish_universal_load, universal_checkpoint
+
+
+@dataclass
+class ResumePlan:
+    tag: Path | None  # the verified tag to resume from; None: a fresh start
+    load_dir: Path | None  # the tag, or its universal conversion when it was written at another world size
+    frozen: dict  # this run's fingerprints of its frozen models (frozen.py), recorded in its checkpoints
+
+    @property
+    def universal(self) -> bool:
+        return self.tag is not None and self.load_dir != self.tag
+
+
+def plan_resume(cfg: Config, log) -> ResumePlan:
+    """The tag (verified), the frozen models checked against it (ConfigError naming the file), then its universal
+    conversion when the world size differs: nothing is built and the MLflow run is not touched before the checks."""
+    tag = select_resume_tag(cfg.train.resume, os.path.join(cfg.train.output_dir, "checkpoints"), log)
+    frozen = frozen_fingerprints(cfg, log)
+    if tag is None:
+        return ResumePlan(None, None, frozen)
+    check_fingerprints(read_marker(tag), frozen, tag, log)
+    saved = saved_world_size(tag)
+    load_dir = tag if saved in (None, dist.get_world_size()) else universal_checkpoint(tag, log)
+    return ResumePlan(tag, load_dir, frozen)
+
+
+def rescale_position(batch_in_epoch: int, saved_ranks: int, saved_batch: int, ranks: int, batch: int) -> int:
+    """Micro-batches per rank consumed in the epoch, from the saved world and micro-batch size to this run's: the
+    samples consumed divided by those of one micro-step of this run, rounded down. A remainder (fewer than
+    ranks * batch samples) is not counted, so the resumed epoch reads up to ranks * batch - 1 samples more than an
+    uninterrupted one would have, never fewer; the same sizes give the position back unchanged."""
+    return batch_in_epoch * saved_ranks * saved_batch // (ranks * batch)
+
+
+def resume_state(engine, plan: ResumePlan, cfg: Config, log) -> LoopState:
+    """Loads plan.load_dir into the engine (weights, optimizer, LR schedule, global step) and returns the loop state
+    at the saved data position, its micro-batch count converted to this run's world size. Fresh: a new LoopState."""
+    if plan.tag is None:
+        return LoopState(frozen_models=plan.frozen)
+    client = load_checkpoint(engine, plan.load_dir)
+    if plan.universal:
+        finish_universal_load(engine, plan.load_dir)
+    state = LoopState.from_client_state(client)
+    # DeepSpeed's own record of the saving run: its data-parallel size and micro-batch size
+    saved_ranks = engine.loaded_checkpoint_dp_world_size or dist.get_world_size()
+    saved_batch = client.get("ds_config", {}).get("train_micro_batch_size_per_gpu", cfg.train.micro_batch_size)
+    state.batch_in_epoch = rescale_position(state.batch_in_epoch, saved_ranks, saved_batch, dist.get_world_size(),
+                                            cfg.train.micro_batch_size)
+    state.frozen_models = plan.frozen  # equal to the saved ones (checked), or first recorded now
+    dist.barrier()  # every rank has loaded before the MLflow run is touched
+    log(f"resumed from {plan.tag} at step {engine.global_steps} (epoch {state.epoch}, batch {state.batch_in_epoch}"
+        + (f"; written by {saved_ranks} ranks)" if plan.universal else ")"))
+    return state
