@@ -1,0 +1,261 @@
+"""Elastic resume (a checkpoint of N ranks resumed by M through DeepSpeed's universal checkpoint) and the frozen
+models' fingerprints, with real DeepSpeed CPU ranks, real shards and a real MLflow sqlite store."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import check_ok, free_port
+from mlflow.tracking import MlflowClient
+
+from dico_scale.checkpoint import verify_local
+from dico_scale.config import ConfigError
+from dico_scale.frozen import check_fingerprints, fingerprint, frozen_model_files, sha256_of
+from dico_scale.resume import rescale_position
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+TAG2 = "step_00000002"
+
+
+def _launch(script: str, args: list[str], ranks: int, timeout: int = 400):
+    """2 ranks under torchrun, 1 as a plain process (the trainer sets RANK & co): the deepspeed runner and its launch
+    child would add two interpreters importing DeepSpeed (~20 s here) to every start, and elasticity is the same."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+                str(free_port())] if ranks > 1 else [sys.executable]
+    return subprocess.run([*launcher, script, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _fp32(tag: Path) -> dict:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert sorted(a) == sorted(b)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+# ---- the real trainer: dico at 2 ranks, resumed at 1, then at 2 ----------------------------------------------------
+
+def _args(tmp: Path) -> list[str]:
+    return ["--config", "configs/demo/dico.yaml", f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+            "data.synthetic.n_train=64", "data.synthetic.n_val=0", "data.synthetic.n_test=0",
+            "data.synthetic.samples_per_shard=16", "data.samples_per_epoch=32", "data.shuffle_buffer=10",
+            "train.micro_batch_size=2", "train.log_every=1", "generation.beam_size=2", "generation.max_len=4",
+            "captioner.image_encoder_weights=", f"train.init_from={tmp}/reference.pt",
+            f"evaluator.weights={tmp}/evaluator.pt", f"train.output_dir={tmp}/dico", "train.keep_checkpoints=5"]
+
+
+def _run(tmp: Path) -> tuple[str, list[int]]:
+    """The one MLflow run of the experiment: its status and the steps of its train/loss."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id])
+    return run.info.status, sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+
+
+def _state(tag: Path) -> dict:
+    return torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def dico2(tmp_path_factory):
+    """Tiny reference and evaluator weight files, then 2 ranks of dico for 2 steps: the checkpoint step 2."""
+    from dico_scale.config import load_config
+    from dico_scale.data.tokenizer import CaptionTokenizer
+    from dico_scale.models.captioner import Captioner
+    from dico_scale.models.clip import create_clip, save_clip
+
+    tmp = tmp_path_factory.mktemp("elastic")
+    cfg = load_config("configs/demo/dico.yaml", ["captioner.image_encoder_weights=", "evaluator.weights=",
+                                                 "train.init_from="])
+    torch.manual_seed(0)
+    save_clip(Captioner(cfg.captioner, CaptionTokenizer()), str(tmp / "reference.pt"))
+    save_clip(create_clip(cfg.evaluator.model)[0], str(tmp / "evaluator.pt"))
+    check_ok(_launch("dico_scale/train.py", _args(tmp) + ["train.max_steps=2"], ranks=2))
+    return tmp
+
+
+def _changed_copy(src: Path, dst: Path) -> Path:
+    state = torch.load(src, weights_only=True)
+    name = next(iter(state["state_dict"]))
+    state["state_dict"][name] = state["state_dict"][name] + 1e-3
+    torch.save(state, dst)
+    return dst
+
+
+def test_changed_reference_or_evaluator_file_stops_the_resume(dico2):
+    tmp = dico2
+    ckpt = tmp / "dico" / "checkpoints"
+    before = sorted(p.name for p in ckpt.iterdir())
+    fps = json.loads((ckpt / TAG2 / "complete").read_text())["frozen_models"]
+    for key, label, name in [("train.init_from", "reference weights", "reference.pt"),
+                             ("evaluator.weights", "evaluator weights", "evaluator.pt")]:
+        changed = _changed_copy(tmp / name, tmp / f"changed_{name}")
+        # one rank, not the 2 that wrote the checkpoint: a check made after the conversion would leave a
+        # step_00000002_universal folder behind
+        proc = _launch("dico_scale/train.py", _args(tmp) + [f"{key}={changed}", "train.resume=auto",
+                                                             "train.max_steps=3"], ranks=1)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        (line,) = [l for l in proc.stderr.splitlines() if l.startswith("dico_scale:")]
+        then = fps[f"{label} ({key})"]
+        digest, size = sha256_of(changed)
+        assert line == (f"dico_scale: config error: train.resume: the {label} ({key}) differ from the ones checkpoint "
+                        f"{ckpt / TAG2} started from: now {changed}: {size} bytes, sha256 {digest[:16]}; then "
+                        f"{tmp / name}: {then['size']} bytes, sha256 {then['sha256'][:16]} (restore that file, or set "
+                        "train.output_dir to a new folder to start over)")
+        assert "Traceback" not in proc.stderr and "resumed from" not in proc.stdout
+        assert sorted(p.name for p in ckpt.iterdir()) == before
+        assert _run(tmp) == ("FINISHED", [1, 2])  # the MLflow run was not touched
+
+
+def test_dico_resumes_at_one_rank_then_at_two_on_the_same_mlflow_run(dico2):
+    tmp = dico2
+    ckpt = tmp / "dico" / "checkpoints"
+    marker2 = json.loads((ckpt / TAG2 / "complete").read_text())
+    assert marker2["world_size"] == 2 and set(marker2["frozen_models"]) == {
+        "reference weights (train.init_from)", "evaluator weights (evaluator.weights)"}
+
+    # 2 -> 1: converted once, kept beside the tag; 2 ranks x 2 images x 2 batches = 8 samples = 4 batches of 2
+    proc = check_ok(_launch("dico_scale/train.py", _args(tmp) + ["train.resume=auto", "train.max_steps=3"], 1))
+    assert f"{ckpt / TAG2} was written by 2 ranks: converted it to {ckpt / TAG2}_universal for 1 ranks in" in proc.stdout
+    assert f"resumed from {ckpt / TAG2} at step 2 (epoch 0, batch 4; written by 2 ranks)" in proc.stdout
+    assert verify_local(ckpt / f"{TAG2}_universal") is None
+    assert not (ckpt / f"{TAG2}_universal.tmp").exists() and not (ckpt / "latest_universal").exists()
+    state3 = _state(ckpt / "step_00000003")
+    assert (state3["global_steps"], state3["epoch"], state3["batch_in_epoch"]) == (3, 0, 5)
+    marker3 = json.loads((ckpt / "step_00000003" / "complete").read_text())
+    assert marker3["world_size"] == 1 and marker3["frozen_models"] == marker2["frozen_models"]
+    assert _run(tmp) == ("FINISHED", [1, 2, 3])
+    # the frozen image tower is the checkpoint's (the universal load itself restores only the optimizer's parameters)
+    start, end = _fp32(ckpt / TAG2), torch.load(tmp / "dico" / "model.pt", weights_only=True)["state_dict"]
+    tower = [k for k in start if k.startswith("image_encoder.")]
+    assert tower and all(torch.equal(start[k], end[k]) for k in tower)
+    assert any(not torch.equal(start[k], end[k]) for k in start if k.startswith("decoder."))
+
+    # 1 -> 2, from a marker written before fingerprints existed: a one-line warning, then the resume
+    del marker3["frozen_models"]
+    (ckpt / "step_00000003" / "complete").write_text(json.dumps(marker3))
+    proc = check_ok(_launch("dico_scale/train.py", _args(tmp) + ["train.resume=auto", "train.max_steps=4",
+                                                                     "train.keep_checkpoints=2"], 2))
+    warnings = [l for l in proc.stdout.splitlines() if l.startswith("warning: checkpoint")]
+    assert warnings == [f"warning: checkpoint {ckpt}/step_00000003 records no fingerprint of the frozen models "
+                        "(written before fingerprints existed): the reference weights (train.init_from) and "
+                        "evaluator weights (evaluator.weights) are not checked against the ones it started from"]
+    # 1 rank x 2 images x 5 batches = 10 samples: 2 batches of 2 ranks x 2, the remainder not counted (rounded down)
+    assert f"resumed from {ckpt}/step_00000003 at step 3 (epoch 0, batch 2; written by 1 ranks)" in proc.stdout
+    state4 = _state(ckpt / "step_00000004")
+    assert (state4["global_steps"], state4["epoch"], state4["batch_in_epoch"]) == (4, 0, 3)
+    assert state4["mlflow_run_id"] == state3["mlflow_run_id"]
+    marker4 = json.loads((ckpt / "step_00000004" / "complete").read_text())
+    assert marker4["world_size"] == 2 and marker4["frozen_models"] == marker2["frozen_models"]
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(
+        marker4["files"])  # a normal 2-rank checkpoint, after a universal load
+    assert _run(tmp) == ("FINISHED", [1, 2, 3, 4])
+    # keep_checkpoints=2 removed step 2 with its universal conversion
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == [
+        "step_00000003", "step_00000003_universal", "step_00000004"]
+
+
+# ---- the arithmetic: a step after an elastic resume is the uninterrupted run's step --------------------------------
+
+def _adam_step_from_scratch(weights: dict, x: torch.Tensor, lr: float) -> dict:
+    """What the resumed step would give with the optimizer state lost: AdamW from zero moments (the control)."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
+    model.load_state_dict(weights)
+    model[0].requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    model(x).pow(2).mean().backward()
+    opt.step()
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def test_universal_resume_is_exact_and_carries_the_optimizer(tmp_path):
+    for phase, ranks in (("w", 1), ("a", 2), ("b", 1)):
+        check_ok(_launch("tests/distributed/elastic_check.py", [str(tmp_path), phase], ranks))
+    for zero in (2, 3):
+        d = tmp_path / f"z{zero}"
+        seen = {k: v for phase in "wab" for k, v in json.loads((d / f"{phase}.json").read_text()).items()}
+
+        def weights(label):
+            return torch.load(d / f"{label}.pt", weights_only=True)["state_dict"]
+
+        a2, w2 = _fp32(d / "A" / "checkpoints" / TAG2), _fp32(d / "W" / "checkpoints" / TAG2)
+        # Right after the load: exactly the checkpoint's fp32 weights, the frozen layer included (the resumed runs
+        # built it zeroed), 2 -> 1 and 1 -> 2, and from a kept, a damaged, a half-written and a stale conversion.
+        for label in ("B", "B_again", "B_damaged", "B_half", "B_stale"):
+            assert _max_diff(weights(f"{label}_loaded"), a2) == 0, (zero, label)
+        assert _max_diff(weights("C_loaded"), w2) == 0
+        # The step after the resume: the uninterrupted run's, within 1e-6 (the same fp32 sums, split over another
+        # number of ranks: measured 0 to 1.5e-8). Without the Adam moments and step it would be off by far more.
+        for resumed, uninterrupted in (("B", "U"), ("C", "V")):
+            assert _max_diff(weights(f"{resumed}_final"), weights(f"{uninterrupted}_final")) < 1e-6
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1000))  # the loader's epoch 1, batch 0
+        assert _max_diff(_adam_step_from_scratch(a2, x, lr=0.05), weights("U_final")) > 1e-3
+        for label in ("B", "C"):  # the LR schedule and the global step continue; the flag is off after the load
+            s = seen[label]
+            assert (s["start_step"], s["universal"], s["lr"], s["universal_flag_after_load"]) == (2, True, 0.05, False)
+            assert (s["step"], s["epoch"], s["batch_in_epoch"], s["end_batch_in_epoch"]) == (3, 0, 2, 1)
+        # The save after an elastic resume is a complete checkpoint that resumes at its own size, exactly.
+        assert not seen["B_reload"]["universal"] and seen["B_reload"]["start_step"] == 3
+        assert _max_diff(weights("B_reload_loaded"), weights("B_final")) == 0
+        # The kept conversion is reused; a damaged, half-written or stale one is not.
+        universal = d / "A" / "checkpoints" / f"{TAG2}_universal"
+        assert any(l.endswith(f"loading its universal conversion {universal} (converted earlier)")
+                   for l in seen["B_again"]["log"])
+        assert any(l.startswith(f"not using {universal}: {seen['B_damaged']['damaged']} has ") for l in
+                   seen["B_damaged"]["log"])
+        assert f"not using {universal}: no 'complete' marker (half-written); converting {universal.parent / TAG2} " \
+               "again" in seen["B_half"]["log"] and not seen["B_half"]["tmp_left"]
+        assert f"not using {universal}: converted from another {TAG2} (its marker differs); converting " \
+               f"{universal.parent / TAG2} again" in seen["B_stale"]["log"]
+        assert verify_local(universal) is None
+
+
+# ---- pieces ----------------------------------------------------------------------------------------------------
+
+def test_rescale_position_rounds_down_to_whole_micro_steps():
+    assert rescale_position(4, 2, 2, 2, 2) == 4  # same sizes: unchanged
+    assert rescale_position(2, 2, 2, 1, 2) == 4  # 8 samples: 4 batches of 2
+    assert rescale_position(5, 1, 2, 2, 2) == 2  # 10 samples: 2 micro-steps of 4, 2 samples not counted
+    assert rescale_position(3, 4, 8, 8, 4) == 3  # the same samples per micro-step
+
+
+def test_fingerprints_of_files_folders_and_random_weights(tmp_path):
+    from dico_scale.config import load_config
+
+    f = tmp_path / "w.pt"
+    f.write_bytes(b"abc" * 1000)
+    assert fingerprint(str(f), seed=3) == {"path": str(f), "size": 3000, "sha256": sha256_of(f)[0]}
+    assert fingerprint("", seed=3) == {"random": True, "seed": 3}
+    folder = tmp_path / "snapshot"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"x" * 10)
+    before = sha256_of(folder)
+    (folder / "config.json").write_text("{ }")
+    assert sha256_of(folder)[1] == 13 and sha256_of(folder)[0] != before[0]
+
+    cfg = load_config("configs/demo/dico.yaml", ["train.init_from=", "evaluator.weights=",
+                                                 "captioner.image_encoder_weights="])
+    assert frozen_model_files(cfg) == {"reference weights (train.init_from)": "",
+                                       "evaluator weights (evaluator.weights)": ""}
+    cfg.train.stage = "xe"
+    assert frozen_model_files(cfg) == {}
+
+    lines = []
+    now = {"evaluator weights (evaluator.weights)": {"random": True, "seed": 1}}
+    check_fingerprints({"frozen_models": {"evaluator weights (evaluator.weights)": {"random": True, "seed": 1}}},
+                       now, Path("t"), lines.append)
+    assert lines == []
+    with pytest.raises(ConfigError) as e:
+        check_fingerprints({"frozen_models": {"evaluator weights (evaluator.weights)": {"random": True, "seed": 0}}},
+                           now, Path("t"), lines.append)
+    assert str(e.value).startswith("train.resume: the evaluator weights (evaluator.weights) differ from the ones "
+                                   "checkpoint t started from: now drawn at random with train.seed=1; then drawn at "
+                                   "random with train.seed=0")
