@@ -163,6 +163,13 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def _error(line: str) -> None:
+    """One write, newline included: every rank reports a collective failure at the same instant into the launcher's
+    shared pipe, and print's separate write of the newline let two ranks' lines run together."""
+    sys.stderr.write(f"dico_scale: {line}\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     from dico_scale.supervision import record_launchers
 
@@ -170,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
     except ConfigError as e:
-        print(f"dico_scale: config error: {e}", file=sys.stderr)
+        _error(f"config error: {e}")
         return exit_codes.CONFIG_ERROR
     from dico_scale.data.pipeline import DataError, one_line
 
@@ -181,15 +188,15 @@ def main(argv: list[str] | None = None) -> int:
         run_preflight(cfg)  # output directory, tracking server: seconds, before any process group starts
         summary = run(cfg)
     except ConfigError as e:  # bad input found while building (weights files, model names, no shard exists)
-        print(f"dico_scale: config error: {e}", file=sys.stderr)
+        _error(f"config error: {e}")
         if getattr(e, "agreed", False):  # raised on every rank at the same step (train.select_best's metric)
             shutdown()
         return exit_codes.CONFIG_ERROR
     except CheckpointError as e:
-        print(f"dico_scale: checkpoint error: {e}", file=sys.stderr)
+        _error(f"checkpoint error: {e}")
         return exit_codes.FAILED
     except DataError as e:
-        print(f"dico_scale: data error: {one_line(e)}", file=sys.stderr)
+        _error(f"data error: {one_line(e)}")
         if e.agreed:  # all ranks stopped at the same step; a rank alone must not wait for the others here
             shutdown()
         return exit_codes.DATA_ERROR
