@@ -38,10 +38,11 @@ def plan_resume(cfg: Config, log) -> ResumePlan:
     frozen = frozen_fingerprints(cfg, log)
     if tag is None:
         return ResumePlan(None, None, frozen)
-    check_fingerprints(read_marker(tag), frozen, tag, log)
-    saved = saved_world_size(tag)
-    load_dir = tag if saved in (None, dist.get_world_size()) else universal_checkpoint(tag, log)
-    return ResumePlan(tag, load_dir, frozen)
+    marker = read_marker(tag)
+    check_fingerprints(marker, frozen, tag, log)
+    # ZeRO-0 keeps the whole optimizer state in the model states file, which any world size loads as it is
+    elastic = saved_world_size(tag) not in (None, dist.get_world_size()) and marker.get("zero_stage") != 0
+    return ResumePlan(tag, universal_checkpoint(tag, log) if elastic else tag, frozen)
 
 
 def rescale_position(batch_in_epoch: int, saved_ranks: int, saved_batch: int, ranks: int, batch: int) -> int:
@@ -69,5 +70,5 @@ def resume_state(engine, plan: ResumePlan, cfg: Config, log) -> LoopState:
     state.frozen_models = plan.frozen  # equal to the saved ones (checked), or first recorded now
     dist.barrier()  # every rank has loaded before the MLflow run is touched
     log(f"resumed from {plan.tag} at step {engine.global_steps} (epoch {state.epoch}, batch {state.batch_in_epoch}"
-        + (f"; written by {saved_ranks} ranks)" if plan.universal else ")"))
+        + (f"; written by {saved_ranks} ranks)" if saved_ranks != dist.get_world_size() else ")"))
     return state

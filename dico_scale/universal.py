@@ -138,8 +138,9 @@ def universal_checkpoint(tag_dir: Path, log) -> Path:
 def finish_universal_load(engine, universal: Path) -> None:
     """After engine.load_checkpoint from a universal folder.
 
-    The flag is switched off: DeepSpeed reads it only when loading (runtime/engine.py, 0.19.8), and with it on a
-    ZeRO-3 save wrote the model states of rank 0 only (DeepSpeed #7546), so the run's next save must not see it.
+    The flag is switched off: DeepSpeed 0.19.8 reads it only while loading (runtime/engine.py), and DeepSpeed #7546
+    reports ZeRO-3 saves with it on that wrote rank 0's model states only (not seen here at 2 CPU ranks), so the
+    run's next save is made exactly as a run that never loaded a universal checkpoint makes it.
     The universal load restores only the optimizer's parameters: frozen parameters and buffers are copied here from
     the conversion, so that they are the checkpoint's, not those the config built."""
     engine._config.load_universal_checkpoint = False
