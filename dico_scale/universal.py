@@ -118,8 +118,10 @@ def universal_checkpoint(tag_dir: Path, log) -> Path:
             _convert(tag_dir, tmp / out.name)
         except Exception as e:  # noqa: BLE001 - reported on every rank by agree
             failure = f"checkpoint {tag_dir}: converting it for {dist.get_world_size()} ranks failed: {e}"
-    agree(failure, ConfigError, group=waiting)
-    dist.destroy_process_group(waiting)
+    try:
+        agree(failure, ConfigError, group=waiting)
+    finally:
+        dist.destroy_process_group(waiting)
     files = manifest(tmp / out.name)  # the ranks checksum shares of it, as for a save
     if dist.get_rank() == 0:
         try:
