@@ -17,6 +17,12 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 STAGES = ("evaluator", "xe", "dico")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# A frozen model (reference, evaluator) is a DeepSpeed engine without an optimizer: `replicate` (ZeRO stage 0, whole
+# on every rank), `shard` (ZeRO-3 partitioned, gathered module by module in its forward), `shard_offload` (ZeRO-3
+# with its parameters in CPU memory), `auto` (as the trainable model: shard under ZeRO-3, offloaded when its
+# parameters are, else replicate).
+PLACEMENTS = ("auto", "replicate", "shard", "shard_offload")
 
 
 class ConfigError(ValueError):
@@ -65,6 +71,7 @@ class CaptionerConfig:
     heads: int = 8  # >= 1
     dropout: float = 0.1  # [0, 1)
     max_positions: int = 64  # >= 1; decoder positions: must cover data.max_caption_tokens and generation.max_len + 1
+    gradient_checkpointing: bool = False  # recompute decoder / encoder (and a trainable tower's) activations in backward
 
 
 @dataclass
@@ -73,6 +80,8 @@ class EvaluatorConfig:
     weights: str = ""  # local file (PAC-S checkpoint, open_clip state dict or DeepSpeed export); empty = random
     metric: str = "pacs"  # pacs: 2.0 * max(cos, 0); clips: 2.5 * max(cos, 0)
     caption_prefix: str = ""  # the official CLIP-S tools prepend "A photo depicts "; the DiCO code does not
+    # Where the frozen evaluator's weights live (see PLACEMENTS): auto shards it when the trainable model is ZeRO-3.
+    placement: str = "auto"
 
 
 @dataclass
@@ -90,6 +99,7 @@ class DicoConfig:
     tau: float = 300.0  # [0, inf): sharpness of the loser weights softmax(tau * (r_win - r_loser)); 0 = uniform
     disable_dropout: bool = True  # as TRL's DPO; the DiCO reference code keeps dropout on
     reward_clamp: bool = False  # reward w*max(cos, 0) as CLIP-S / PAC-S; false: w*cos, as the DiCO code
+    reference_placement: str = "auto"  # the frozen reference captioner's; see PLACEMENTS
 
 
 @dataclass
@@ -131,7 +141,10 @@ class TrainConfig:
     # checkpointed and exited stop_timeout_s seconds later exits anyway (exit 1).
     stop_timeout_s: float = 300.0  # (0, inf)
     requeue_on_preempt: bool = True  # under Slurm, rank 0 then runs `scontrol requeue $SLURM_JOB_ID`
-    deepspeed_config: str = "configs/deepspeed/zero2.json"
+    deepspeed_config: str = "configs/deepspeed/zero2.json"  # zero1 | zero2 | zero3 | zero3_offload_optimizer | ...
+    # auto: what the DeepSpeed JSON says (bf16 "auto": on a GPU that has it) | fp32 | bf16 | fp16 (dynamic loss
+    # scaling; the JSON's fp16 block tunes it). All three models run in it.
+    precision: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # >= 0; torch intra-op threads per rank on CPU; 0 = cores / local ranks
     # Best checkpoint: after each validation whose select_best metric improved (a tie does not, nan never does) and
@@ -330,6 +343,46 @@ def read_deepspeed_config(path: str) -> dict:
     return ds
 
 
+def _offloaded(zero: dict, what: str) -> bool:
+    block = zero.get(f"offload_{what}") or {}
+    return isinstance(block, dict) and block.get("device", "none") not in ("none", None)
+
+
+def _enabled(ds: dict, name: str):
+    block = ds.get(name) or {}
+    return block.get("enabled", False) if isinstance(block, dict) else False
+
+
+def check_deepspeed_combination(c: "Config", ds: dict) -> None:
+    """Combinations of the DeepSpeed JSON and the run config that DeepSpeed would refuse (or silently ignore) later,
+    on every rank, after minutes of model building: one ConfigError line now instead."""
+    path, zero = c.train.deepspeed_config, ds.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    if _offloaded(zero, "param") and stage != 3:
+        raise ConfigError(f"train.deepspeed_config '{path}': zero_optimization.offload_param needs stage 3, not {stage}")
+    if _offloaded(zero, "optimizer") and stage == 0:
+        raise ConfigError(f"train.deepspeed_config '{path}': zero_optimization.offload_optimizer needs stage 1, 2 or 3")
+    if _enabled(ds, "fp16") is True and _enabled(ds, "bf16") is True:
+        raise ConfigError(f"train.deepspeed_config '{path}': fp16 and bf16 are both enabled; enable one")
+    if "optimizer" in ds or "scheduler" in ds:  # engine.build_engine passes its own AdamW and schedule
+        raise ConfigError(f"train.deepspeed_config '{path}': remove its '{'optimizer' if 'optimizer' in ds else 'scheduler'}' "
+                          "block: the optimizer and schedule come from the optim.* keys")
+
+
+def zero_stage(ds: dict) -> int:
+    return (ds.get("zero_optimization") or {}).get("stage", 0)
+
+
+def frozen_placement(placement: str, ds: dict) -> str:
+    """`replicate`, `shard` or `shard_offload` for a frozen model (PLACEMENTS), given the trainable model's JSON."""
+    if placement != "auto":
+        return placement
+    zero = ds.get("zero_optimization") or {}
+    if zero.get("stage", 0) != 3:
+        return "replicate"
+    return "shard_offload" if _offloaded(zero, "param") else "shard"
+
+
 def validate(c: Config) -> None:
     t, o, d = c.train, c.optim, c.data
     _check(t.stage in STAGES, "train.stage", f"'{t.stage}' is not one of {', '.join(STAGES)}")
@@ -342,6 +395,10 @@ def validate(c: Config) -> None:
     _check(c.generation.strategy in ("beam", "sample"), "generation.strategy",
            f"'{c.generation.strategy}' is not beam or sample")
     _check(c.evaluator.metric in ("pacs", "clips"), "evaluator.metric", f"'{c.evaluator.metric}' is not pacs or clips")
+    _check(t.precision in PRECISIONS, "train.precision", f"'{t.precision}' is not one of {', '.join(PRECISIONS)}")
+    for key, val in [("evaluator.placement", c.evaluator.placement), ("dico.reference_placement",
+                                                                      c.dico.reference_placement)]:
+        _check(val in PLACEMENTS, key, f"'{val}' is not one of {', '.join(PLACEMENTS)}")
     _check(c.captioner.width % c.captioner.heads == 0, "captioner.width", "must be divisible by captioner.heads")
     _check(c.captioner.max_positions >= max(d.max_caption_tokens, c.generation.max_len + 1), "captioner.max_positions",
            f"{c.captioner.max_positions} < data.max_caption_tokens or generation.max_len + 1")
@@ -375,7 +432,7 @@ def validate(c: Config) -> None:
             from .models.weights import sniff_weights_format  # reads headers only: a wrong kind of file fails here
 
             sniff_weights_format(val, key)
-    read_deepspeed_config(t.deepspeed_config)
+    check_deepspeed_combination(c, read_deepspeed_config(t.deepspeed_config))
 
 
 def to_yaml(c: Config) -> str:

@@ -5,6 +5,7 @@ accelerator (DS_ACCELERATOR) at import time.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -17,7 +18,7 @@ from .config import Config, ConfigError, read_deepspeed_config
 
 def setup_environment(cfg: Config) -> None:
     """CPU accelerator when there is no CUDA; single-process defaults for RANK & co (else DeepSpeed tries mpi4py)."""
-    use_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+    use_cpu = uses_cpu(cfg)
     if use_cpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
     if "RANK" not in os.environ:
@@ -44,6 +45,35 @@ def init_distributed() -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def uses_cpu(cfg: Config) -> bool:
+    return cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+
+
+def check_precision(cfg: Config) -> None:
+    """fp16 where the device has no fp16 arithmetic fails in DeepSpeed's engine after the models are built; say it
+    now (after setup_environment, which picks DeepSpeed's accelerator)."""
+    on_gpu = not uses_cpu(cfg)
+    if precision(cfg, on_gpu) == "fp16" and not on_gpu:
+        from deepspeed.accelerator import get_accelerator
+
+        if not get_accelerator().is_fp16_supported():
+            raise ConfigError("train.precision=fp16 needs a GPU, or a CPU with oneDNN fp16 support (this one has none;"
+                              " DeepSpeed refuses fp16 there): use bf16 or fp32")
+
+
+def precision(cfg: Config, on_gpu: bool) -> str:
+    """fp32 | bf16 | fp16: train.precision, or with `auto` what the JSON enables (bf16 "auto": on a GPU with bf16)."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    ds = read_deepspeed_config(cfg.train.deepspeed_config)
+    if (ds.get("fp16") or {}).get("enabled") is True:
+        return "fp16"
+    bf16 = (ds.get("bf16") or {}).get("enabled", "auto")
+    if bf16 == "auto":
+        return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if bf16 else "fp32"
+
+
 def ds_config(cfg: Config, on_gpu: bool, load_universal: bool = False) -> dict:
     """The JSON of train.deepspeed_config with batch, accumulation, clipping and precision filled from the config.
     load_universal: the engine will load a universal checkpoint (a resume at another world size: universal.py)."""
@@ -54,11 +84,38 @@ def ds_config(cfg: Config, on_gpu: bool, load_universal: bool = False) -> dict:
               steps_per_print=ds.get("steps_per_print", 10**9),
               zero_allow_untested_optimizer=True)
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
-    bf16 = ds.get("bf16", {}).get("enabled", "auto")
-    ds["bf16"] = {"enabled": on_gpu and torch.cuda.is_bf16_supported() if bf16 == "auto" else bool(bf16)}
+    dtype = precision(cfg, on_gpu)
+    # the JSON's own fp16 settings (loss_scale, initial_scale_power, ...) are kept; only `enabled` is decided here
+    ds["bf16"] = {**(ds.get("bf16") or {}), "enabled": dtype == "bf16"}
+    ds["fp16"] = {**(ds.get("fp16") or {}), "enabled": dtype == "fp16"}
+    if offloads_optimizer(ds) and not on_gpu:
+        # On the CPU accelerator "offloading" moves nothing; torch's AdamW there needs no C++ build (DeepSpeedCPUAdam,
+        # what a GPU run uses, does), and DeepSpeed accepts a client optimizer with offload only when told.
+        ds["zero_force_ds_cpu_optimizer"] = False
     if load_universal:
         ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     return ds
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    block = (ds.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return block.get("device", "none") not in ("none", None)
+
+
+def frozen_ds_config(train_ds: dict, placement: str, width: int) -> dict:
+    """A frozen model's DeepSpeed config (no optimizer, as OpenRLHF's get_eval_ds_config and TRL's prepare_deepspeed):
+    ZeRO-3 inference when sharded (TRL's thresholds for a model of hidden size `width`), else stage 0; the trainable
+    model's precision."""
+    zero: dict = {"stage": 0}
+    if placement in ("shard", "shard_offload"):
+        zero = {"stage": 3, "stage3_param_persistence_threshold": 10 * width,
+                "stage3_prefetch_bucket_size": int(0.9 * width * width)}
+        if placement == "shard_offload":
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {"train_micro_batch_size_per_gpu": train_ds["train_micro_batch_size_per_gpu"],
+            "gradient_accumulation_steps": train_ds.get("gradient_accumulation_steps", 1),
+            "zero_optimization": zero, "bf16": {"enabled": train_ds["bf16"]["enabled"]},
+            "fp16": {"enabled": train_ds["fp16"]["enabled"]}, "steps_per_print": 10**9}
 
 
 def lr_lambda(cfg: Config):
@@ -78,13 +135,67 @@ def lr_lambda(cfg: Config):
 def build_engine(cfg: Config, module: torch.nn.Module, on_gpu: bool, load_universal: bool = False):
     import deepspeed
 
+    ds = ds_config(cfg, on_gpu, load_universal)
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    kw = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+              weight_decay=cfg.optim.weight_decay)
+    if offloads_optimizer(ds) and on_gpu:  # the optimizer steps on the CPU: DeepSpeed's vectorised Adam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        optimizer = DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
+    else:
+        optimizer = torch.optim.AdamW(params, **kw)
     engine, _, _, _ = deepspeed.initialize(
-        model=module, optimizer=optimizer, config=ds_config(cfg, on_gpu, load_universal),
+        model=module, optimizer=optimizer, config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
     return engine
+
+
+def build_frozen(cfg: Config, module: torch.nn.Module, placement: str, width: int, on_gpu: bool):
+    """A frozen model as a DeepSpeed engine without an optimizer, in eval mode unless `module.training` was set
+    (the reference with dropout kept on). placement: PLACEMENTS of config.py (auto resolved against the trainable
+    model's JSON). Never given to an optimizer: requires_grad is off for every parameter."""
+    import deepspeed
+
+    from .config import frozen_placement
+
+    train_ds = ds_config(cfg, on_gpu)
+    training = module.training
+    module.requires_grad_(False)
+    config = frozen_ds_config(train_ds, frozen_placement(placement, train_ds), width)
+    engine, _, _, _ = deepspeed.initialize(model=module, config=config)
+    engine.train(training)
+    return engine
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """The plain module of `model` (a DeepSpeed engine or a module) with every parameter present, for work whose
+    number of forward calls depends on the data (generation, validation): under ZeRO-3 the parameters are gathered
+    once and the per-module hooks removed for the block (DeepSpeed's unwrap_model_for_generation, TRL's pattern),
+    instead of a gather per module call per token, which would also deadlock when ranks make different numbers of
+    calls. A collective under ZeRO-3: every rank enters it. Below ZeRO-3 nothing is gathered.
+
+    Inside the block call methods of the module, never the module itself: its top-level start-of-forward hook stays
+    (DeepSpeed keeps it) and may run a collective. A module that routes its calls through its engine (the
+    Evaluator: `_engine`) is switched to direct calls for the block."""
+    if not hasattr(model, "zero_optimization_stage"):
+        yield model
+        return
+    module = model.module
+    bound = getattr(module, "_engine", None)
+    ctx = contextlib.nullcontext()
+    if model.zero_optimization_stage() == 3:
+        from deepspeed.runtime.zero import unwrap_model_for_generation
+
+        ctx = unwrap_model_for_generation(model)
+    with ctx:
+        if bound is not None:
+            module._engine = None
+        try:
+            yield module
+        finally:
+            if bound is not None:
+                module._engine = bound
 
 
 def export_weights(engine, path: str | Path, extra: dict) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from .config import GenerationConfig
-from .kernels import fused_linear_sequence_logprobs, sequence_logprobs
 from .models.generation import beam_search, sample
 
 
@@ -22,7 +21,8 @@ class Rollout:
         self.kernel, self.fused, self.generator = kernel, fused, generator
 
     def candidates(self, policy, visual_tokens: torch.Tensor) -> torch.Tensor:
-        """[B*k, L] candidates, the k of an image in consecutive rows (BOS first, PAD after EOS).
+        """[B*k, L] candidates, the k of an image in consecutive rows (BOS first, PAD after EOS). `policy` is a plain
+        captioner with its parameters present (under ZeRO-3: inside engine.gathered).
 
         Generated in eval mode (no dropout noise in the search) without gradients: the loss recomputes the
         log-probs with a teacher-forced pass. The policy's train/eval mode is restored afterwards.
@@ -49,12 +49,9 @@ class Rollout:
         """[B*k, L-1] the scored tokens: after BOS up to and including EOS."""
         return self.labels(candidates) != self.pad
 
-    def sequence_logprobs(self, forward, model, candidates: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:
-        """[B*k] summed log-probs of the candidates under `forward` (a DeepSpeed engine or the model itself; `model`
-        gives the head weight). Differentiable unless called under no_grad."""
-        labels, mask = self.labels(candidates), self.mask(candidates)
-        if self.fused:
-            hidden = forward(candidates, visual_tokens=visual_tokens, repeats=self.k, return_hidden=True)
-            return fused_linear_sequence_logprobs(hidden, model.lm_head_weight, labels, mask, kernel="triton")
-        logits = forward(candidates, visual_tokens=visual_tokens, repeats=self.k)
-        return sequence_logprobs(logits, labels, mask, kernel=self.kernel)
+    def sequence_logprobs(self, forward, candidates: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:
+        """[B*k] summed log-probs of the candidates under `forward`: a DeepSpeed engine (the policy with gradients,
+        or a frozen reference under no_grad) or a captioner itself. The head and the log-probs are computed inside
+        the captioner's forward, where ZeRO-3 has gathered the tied head weight."""
+        return forward(candidates, visual_tokens=visual_tokens, repeats=self.k, output="logprobs", kernel=self.kernel,
+                       fused=self.fused)

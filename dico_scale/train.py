@@ -53,9 +53,10 @@ def training_shards(cfg: Config, rank: int) -> tuple[dict[str, list[str]], int]:
 
 def run(cfg: Config) -> dict:
     """Trains one stage on this rank; returns a summary (step reached, last validation metrics)."""
-    from dico_scale.engine import setup_environment
+    from dico_scale.engine import check_precision, setup_environment
 
     setup_environment(cfg)
+    check_precision(cfg)  # before any process group: every rank would fail the same way
     from dico_scale.engine import init_distributed
     from dico_scale.supervision import OutputDirLock
 
@@ -80,8 +81,9 @@ def _run_locked(cfg: Config, device) -> dict:
     import torch.distributed as dist
 
     from dico_scale.data.pipeline import Collate, eval_loader, train_loader
-    from dico_scale.engine import build_engine, export_weights
+    from dico_scale.engine import build_engine, build_frozen, export_weights
     from dico_scale.loop import Preempted, train_loop
+    from dico_scale.memory import engine_memory, report
     from dico_scale.models.clip import register_model_configs
     from dico_scale.resume import plan_resume, resume_state
     from dico_scale.stages import build_stage
@@ -94,9 +96,12 @@ def _run_locked(cfg: Config, device) -> dict:
     torch.manual_seed(cfg.train.seed)
     register_model_configs(cfg.clip_model_configs)
     shards, missing_shards = training_shards(cfg, rank)
+    on_gpu = device.type == "cuda"
     stage = build_stage(cfg, device)
-    engine = build_engine(cfg, stage.module, on_gpu=device.type == "cuda", load_universal=plan.universal)
-    stage.setup(engine)
+    engine = build_engine(cfg, stage.module, on_gpu=on_gpu, load_universal=plan.universal)
+    frozen = {name: build_frozen(cfg, module, placement, width, on_gpu)
+              for name, (module, placement, width) in stage.frozen_models().items()}
+    stage.setup(engine, frozen)
 
     # The saved epoch goes on for its remaining batches, freshly shuffled: never a replay from its start.
     state = resume_state(engine, plan, cfg, _log0)
@@ -104,6 +109,11 @@ def _run_locked(cfg: Config, device) -> dict:
         state.data["missing_shard"] += missing_shards  # counted once per run: a resumed run has them in its totals
 
     tracker = Tracker(cfg, rank, state.mlflow_run_id)
+    memory = [engine_memory(stage.model_name, engine)] + [engine_memory(n, e) for n, e in frozen.items()]
+    for line in report(memory):
+        _log0(line)
+    if plan.tag is None:  # params of a run are written once
+        tracker.log_params({k: v for m in memory for k, v in m.as_params().items()})
     run_ids = [None] * world
     dist.all_gather_object(run_ids, tracker.run_id)  # every rank writes the run id into its checkpoint state
     state.mlflow_run_id = run_ids[0]

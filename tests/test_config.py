@@ -277,7 +277,7 @@ def test_ds_config_on_cpu(ds_file):
     assert ds["train_micro_batch_size_per_gpu"] == 5
     assert ds["gradient_accumulation_steps"] == 3
     assert ds["gradient_clipping"] == 0.7
-    assert ds["bf16"] == {"enabled": False}
+    assert ds["bf16"] == {"enabled": False} and ds["fp16"] == {"enabled": False}
     assert "train_batch_size" not in ds
     stage = json.loads(Path(c.train.deepspeed_config).read_text())["zero_optimization"]["stage"]
     assert ds["zero_optimization"]["stage"] == stage
@@ -295,3 +295,105 @@ def test_ds_config_explicit_bf16_respected(tmp_path):
     c.train.deepspeed_config = str(p)
     ds = ds_config(c, on_gpu=True)
     assert ds["bf16"] == {"enabled": False} and "train_batch_size" not in ds
+
+
+# ---- ZeRO stage, offload, precision and frozen-model placement ------------------------------------------------------
+
+@pytest.mark.parametrize("ds_file", ["zero1.json", "zero2.json", "zero3.json", "zero3_offload_optimizer.json",
+                                     "zero3_offload_param.json"])
+def test_shipped_deepspeed_configs_load_with_every_stage(ds_file):
+    for stage in ("evaluator", "xe", "dico"):
+        cfg = load_config(f"configs/demo/{stage}.yaml", [f"train.deepspeed_config=configs/deepspeed/{ds_file}",
+                                                         "evaluator.weights=", "captioner.image_encoder_weights=",
+                                                         "train.init_from="])
+        assert cfg.train.deepspeed_config.endswith(ds_file)
+
+
+@pytest.mark.parametrize("block, needle", [
+    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "offload_param needs stage 3, not 2"),
+    ({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}},
+     "offload_optimizer needs stage 1, 2 or 3"),
+    ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "fp16 and bf16 are both enabled"),
+    ({"optimizer": {"type": "Adam"}}, "remove its 'optimizer' block"),
+])
+def test_deepspeed_combinations_that_cannot_work_fail_at_config_time(tmp_path, block, needle):
+    import json
+
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps(block))
+    with pytest.raises(ConfigError, match=needle) as e:
+        load_config("configs/demo/xe.yaml", [f"train.deepspeed_config={p}", "evaluator.weights=",
+                                             "captioner.image_encoder_weights="])
+    assert "\n" not in str(e.value) and str(p) in str(e.value)
+
+
+def test_offload_block_with_device_none_is_no_offload(tmp_path):
+    import json
+
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_param": {"device": "none"}}}))
+    load_config("configs/demo/xe.yaml", [f"train.deepspeed_config={p}", "evaluator.weights=",
+                                         "captioner.image_encoder_weights="])
+
+
+@pytest.mark.parametrize("override, key", [("train.precision=fp8", "train.precision"),
+                                           ("evaluator.placement=everywhere", "evaluator.placement"),
+                                           ("dico.reference_placement=sharded", "dico.reference_placement")])
+def test_bad_precision_or_placement_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config("configs/demo/dico.yaml", [override, "evaluator.weights=", "captioner.image_encoder_weights=",
+                                               "train.init_from="])
+
+
+@pytest.mark.parametrize("placement, ds_file, want", [
+    ("auto", "zero2.json", "replicate"), ("auto", "zero3.json", "shard"),
+    ("auto", "zero3_offload_optimizer.json", "shard"), ("auto", "zero3_offload_param.json", "shard_offload"),
+    ("replicate", "zero3.json", "replicate"), ("shard", "zero2.json", "shard")])
+def test_frozen_placement_follows_the_trainable_model(placement, ds_file, want):
+    import json
+
+    from dico_scale.config import frozen_placement
+
+    ds = json.loads((REPO / "configs" / "deepspeed" / ds_file).read_text())
+    assert frozen_placement(placement, ds) == want
+
+
+def test_frozen_ds_config_has_no_optimizer_and_follows_precision():
+    from dico_scale.engine import ds_config, frozen_ds_config
+
+    c = Config()
+    c.train.deepspeed_config = str(REPO / "configs" / "deepspeed" / "zero3.json")
+    c.train.precision = "bf16"
+    train = ds_config(c, on_gpu=False)
+    assert train["bf16"]["enabled"] and not train["fp16"]["enabled"]
+    shard = frozen_ds_config(train, "shard_offload", width=512)
+    assert shard["zero_optimization"]["stage"] == 3 and shard["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert shard["zero_optimization"]["stage3_param_persistence_threshold"] == 5120  # TRL's 10 * hidden size
+    assert shard["bf16"] == {"enabled": True} and "optimizer" not in shard
+    assert frozen_ds_config(train, "replicate", width=512)["zero_optimization"] == {"stage": 0}
+
+
+@pytest.mark.parametrize("precision, want", [("fp32", (False, False)), ("bf16", (True, False)),
+                                             ("fp16", (False, True))])
+def test_precision_overrides_the_json_and_keeps_its_loss_scale_settings(tmp_path, precision, want):
+    import json
+
+    from dico_scale.engine import ds_config
+
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"},
+                             "fp16": {"enabled": False, "initial_scale_power": 12, "loss_scale_window": 500}}))
+    c = Config()
+    c.train.deepspeed_config, c.train.precision = str(p), precision
+    ds = ds_config(c, on_gpu=True)
+    assert (ds["bf16"]["enabled"], ds["fp16"]["enabled"]) == want
+    assert ds["fp16"]["initial_scale_power"] == 12 and ds["fp16"]["loss_scale_window"] == 500
+
+
+def test_offloaded_optimizer_on_the_cpu_allows_torch_adamw():
+    from dico_scale.engine import ds_config
+
+    c = Config()
+    c.train.deepspeed_config = str(REPO / "configs" / "deepspeed" / "zero3_offload_optimizer.json")
+    assert ds_config(c, on_gpu=False)["zero_force_ds_cpu_optimizer"] is False
+    assert "zero_force_ds_cpu_optimizer" not in ds_config(c, on_gpu=True)  # a GPU run uses DeepSpeedCPUAdam

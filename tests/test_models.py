@@ -562,3 +562,30 @@ def test_load_weights_mismatch(tok, tmp_path):
         load_weights(dst, str(no_dict))
     one_line(str(ei.value))
     assert "no_state_dict.pt" in str(ei.value)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tok):
+    """Recomputation in backward (dropout on: the RNG state is replayed) changes no number."""
+    from dico_scale.config import CaptionerConfig
+
+    def run(ckpt: bool):
+        torch.manual_seed(0)
+        m = Captioner(CaptionerConfig(**{**TINY, "dropout": 0.1, "gradient_checkpointing": ckpt,
+                                         "freeze_image_encoder": False}), tok).train()
+        torch.manual_seed(1)
+        pixels = torch.randn(2, 3, 64, 64)
+        tokens = torch.randint(0, 100, (2, 7))
+        saved = []  # elements autograd keeps for backward: what checkpointing trades for recomputation
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            logits = m(tokens, pixels=pixels)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        return loss, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}, sum(saved)
+
+    loss, grads, saved = run(False)
+    loss_ckpt, grads_ckpt, saved_ckpt = run(True)
+    assert saved_ckpt < 0.7 * saved, (saved_ckpt, saved)
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
+    assert grads.keys() == grads_ckpt.keys() and any(n.startswith("image_encoder.") for n in grads)
+    for n, g in grads.items():
+        torch.testing.assert_close(grads_ckpt[n], g, rtol=1e-6, atol=1e-7, msg=n)

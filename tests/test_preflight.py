@@ -74,6 +74,17 @@ def _one_error_line(proc) -> str:
     return lines[-1]
 
 
+def test_fp16_on_a_cpu_without_fp16_fails_before_any_process_group(tmp_path):
+    import torch
+
+    if torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        pytest.skip("this CPU has oneDNN fp16: DeepSpeed trains fp16 on it")
+    proc, took = _train(tmp_path, "train.precision=fp16", "train.device=cpu")
+    assert proc.returncode == exit_codes.CONFIG_ERROR
+    assert _one_error_line(proc).startswith("dico_scale: config error: train.precision=fp16 needs a GPU")
+    assert took < 30 and not (tmp_path / "mlflow.db").exists()
+
+
 def test_deepspeed_config_with_invalid_json_fails_naming_the_file(tmp_path):
     bad = tmp_path / "zero.json"
     bad.write_text('{"zero_optimization": {"stage": 2,}}')

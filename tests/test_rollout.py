@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from dico_scale.config import CaptionerConfig, ConfigError, GenerationConfig, load_config
 from dico_scale.data.tokenizer import CaptionTokenizer
+from dico_scale.kernels import sequence_logprobs
 from dico_scale.models.captioner import Captioner
 from dico_scale.models.generation import beam_search, sample
 from dico_scale.rollout import Rollout
@@ -36,8 +37,12 @@ class Bigram(nn.Module):
     def logits(self, hidden):
         return hidden
 
-    def forward(self, tokens, visual_tokens=None, repeats=1, return_hidden=False):
-        return self.decode(tokens[:, :-1], self.encode(visual_tokens).repeat_interleave(repeats, dim=0))
+    def forward(self, tokens, visual_tokens=None, repeats=1, output="logits", kernel="auto", fused=False):
+        logits = self.decode(tokens[:, :-1], self.encode(visual_tokens).repeat_interleave(repeats, dim=0))
+        if output == "logits":
+            return logits
+        assert output == "logprobs" and not fused
+        return sequence_logprobs(logits, tokens[:, 1:], tokens[:, 1:] != PAD, kernel=kernel)
 
 
 def toy(seed=0, scale=1.0):
@@ -143,7 +148,7 @@ def test_sampled_logprobs_are_the_untempered_policy_s():
     torch.testing.assert_close(scores.double(), closed_form_logprobs(m, bias, tokens), rtol=0, atol=1e-5)
     rollout = Rollout(GenerationConfig(beam_size=50, max_len=6, strategy="sample"), TOY, kernel="torch")
     with torch.no_grad():
-        tf = rollout.sequence_logprobs(m, m, tokens.flatten(0, 1), bias)
+        tf = rollout.sequence_logprobs(m, tokens.flatten(0, 1), bias)
     torch.testing.assert_close(tf.view(2, 50), scores, rtol=0, atol=1e-5)
 
 
@@ -221,7 +226,7 @@ def test_real_captioner_kv_cache_sampling_equals_full_forward_and_teacher_forcin
             ref_tokens, ref_scores = sample_without_cache(m, memory, 5, 6, tok, 0.7, 50,
                                                           torch.Generator().manual_seed(0))
             rollout = Rollout(GenerationConfig(beam_size=5, max_len=6, strategy="sample"), tok, kernel="torch")
-            tf = rollout.sequence_logprobs(m, m, tokens.flatten(0, 1), vt).view(2, 5)
+            tf = rollout.sequence_logprobs(m, tokens.flatten(0, 1), vt).view(2, 5)
     finally:
         m.train()
     assert torch.equal(tokens, ref_tokens)

@@ -2,6 +2,8 @@
 (dico.reward_clamp=false, the default) w * cos without the clamp, as the DiCO code scores candidates."""
 from __future__ import annotations
 
+import weakref
+
 import open_clip
 import torch
 import torch.nn as nn
@@ -20,19 +22,38 @@ class Evaluator(nn.Module):
         self.tokenizer = open_clip.get_tokenizer(cfg.model)
         self.weight = METRIC_WEIGHTS[cfg.metric]
         self.prefix = cfg.caption_prefix
+        self.width = self.clip.visual.ln_post.normalized_shape[0]
+        self.input_dtype = torch.float32  # what pixels are cast to: the dtype DeepSpeed gives the weights
+        self._engine = None  # a weak reference to the DeepSpeed engine wrapping this module (bind)
         if not trainable:
             self.clip.requires_grad_(False)
             self.clip.eval()
+
+    def bind(self, engine, dtype: torch.dtype) -> None:
+        """Route the feature calls through `engine`'s forward (ZeRO-3 gathers parameters only there). Weak: the
+        engine holds this module."""
+        self._engine, self.input_dtype = weakref.ref(engine), dtype
+
+    def forward(self, pixels: torch.Tensor | None = None, text: torch.Tensor | None = None):
+        """(normalised fp32 image features or None, normalised fp32 text features or None)."""
+        image = None if pixels is None else F.normalize(self.clip.encode_image(pixels.to(self.input_dtype)).float(), dim=-1)
+        return image, None if text is None else F.normalize(self.clip.encode_text(text).float(), dim=-1)
+
+    def _run(self, **inputs):
+        """Through the bound engine's forward; unbound (one process, or inside engine.gathered) the plain forward,
+        without any hook."""
+        engine = self._engine() if self._engine is not None else None
+        return engine(**inputs) if engine is not None else self.forward(**inputs)
 
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         device = next(self.clip.parameters()).device
         return self.tokenizer([self.prefix + c for c in captions]).to(device)
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.clip.encode_image(pixels).float(), dim=-1)
+        return self._run(pixels=pixels)[0]
 
     def text_features(self, captions: list[str]) -> torch.Tensor:
-        return F.normalize(self.clip.encode_text(self.tokenize(captions)).float(), dim=-1)
+        return self._run(text=self.tokenize(captions))[1]
 
     @torch.no_grad()
     def score(self, image_features: torch.Tensor, captions: list[str], clamp: bool = True) -> torch.Tensor:

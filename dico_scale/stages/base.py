@@ -11,7 +11,7 @@ import torch
 
 from ..config import Config
 from ..data.tokenizer import CaptionTokenizer
-from ..engine import load_weights
+from ..engine import gathered, load_weights
 from ..models.captioner import Captioner
 from ..models.evaluator import Evaluator, distinct_preprocess
 from ..validate import caption_metrics, caption_split, gather_records, score_records
@@ -27,6 +27,7 @@ class StepOutput:
 
 class Stage:
     name = "base"
+    model_name = "captioner"  # what the trainable module is called in logs (memory accounting)
     module: torch.nn.Module  # what DeepSpeed trains
     preprocess = None  # image transform of the trainable model
     eval_preprocess = None  # evaluator's transform when it differs from `preprocess`
@@ -35,8 +36,14 @@ class Stage:
         self.cfg, self.device = cfg, device
         self.tokenizer = CaptionTokenizer()
 
-    def setup(self, engine) -> None:
-        """Called once DeepSpeed has wrapped (and maybe cast) the module."""
+    def frozen_models(self) -> dict[str, tuple[torch.nn.Module, str, int]]:
+        """The frozen models to run through DeepSpeed beside the trainable one: {name: (module, placement, hidden
+        width)}; train.py wraps each with engine.build_frozen and hands the engines to `setup`."""
+        return {}
+
+    def setup(self, engine, frozen: dict | None = None) -> None:
+        """Called once DeepSpeed has wrapped (and maybe cast) the module; `frozen`: the engines of frozen_models
+        (None: the frozen modules run as they are, on this stage's device and dtype: tests, one process)."""
         self.dtype = next(engine.module.parameters()).dtype
 
     def step(self, engine, batch: dict) -> StepOutput:
@@ -58,12 +65,29 @@ class CaptionerStage(Stage):
         self.preprocess = self.module.preprocess
         self.evaluator = None
         if need_evaluator or cfg.evaluator.weights:
-            self.evaluator = Evaluator(cfg.evaluator).to(device)
+            self.evaluator = Evaluator(cfg.evaluator)
             self.eval_preprocess = distinct_preprocess(self.evaluator, self.preprocess)
+        self.evaluator_engine = None
+
+    def frozen_models(self):
+        if self.evaluator is None:
+            return {}
+        return {"evaluator": (self.evaluator, self.cfg.evaluator.placement, self.evaluator.width)}
+
+    def setup(self, engine, frozen=None):
+        super().setup(engine, frozen)
+        if self.evaluator is None:
+            return
+        if frozen and "evaluator" in frozen:
+            self.evaluator_engine = frozen["evaluator"]
+            self.evaluator.bind(self.evaluator_engine, self.dtype)
+        else:
+            self.evaluator.to(self.device)
 
     def validate(self, engine, loader):
         """CIDEr, evaluator score and image count of the val split, as `dico_scale.evaluate` computes them (see
-        dico_scale/validate.py); with train.val_max_images each rank takes its share of the first images."""
+        dico_scale/validate.py); with train.val_max_images each rank takes its share of the first images. Ranks
+        caption different numbers of batches: under ZeRO-3 the captioner and evaluator are gathered once for it."""
         g = self.cfg.generation
         grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
         world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if grouped else (1, 0)
@@ -71,9 +95,10 @@ class CaptionerStage(Stage):
         if limit:
             limit = max(1, limit // world)
         evaluators = {"evaluator": self.evaluator} if self.evaluator is not None else {}
-        records = gather_records(caption_split(engine.module, self.tokenizer, loader, g.beam_size, g.max_len,
-                                               self.device, evaluators, limit))
-        if rank != 0:
-            return {}, {}
-        records = score_records(records, self.evaluator)
+        with gathered(engine) as captioner, gathered(self.evaluator_engine):
+            records = gather_records(caption_split(captioner, self.tokenizer, loader, g.beam_size, g.max_len,
+                                                   self.device, evaluators, limit))
+            if rank != 0:
+                return {}, {}
+            records = score_records(records, self.evaluator)
         return caption_metrics(records), {"val_captions.json": records}

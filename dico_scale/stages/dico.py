@@ -2,13 +2,12 @@
 DPO-style loss against a frozen reference copy of the starting captioner (Direct CLIP-based Optimization, BMVC 2024)."""
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from ..config import ConfigError
+from ..engine import gathered
 from ..kernels import dico_loss, interpreting
-from ..models.captioner import disable_dropout
+from ..models.captioner import Captioner, disable_dropout
 from ..rollout import Rollout
 from .base import CaptionerStage, StepOutput
 
@@ -27,22 +26,39 @@ class DicoStage(CaptionerStage):
         self.rollout = Rollout(cfg.generation, self.tokenizer, kernel=self.kernel, fused=self.fused)
         if cfg.dico.disable_dropout:
             disable_dropout(self.module)
-        # The reference is the starting captioner without its (frozen, shared) image tower.
-        tower, self.module.image_encoder = self.module.image_encoder, None
-        self.reference = copy.deepcopy(self.module).requires_grad_(False)
-        self.module.image_encoder = tower
-        # Dropout off: eval mode. Dropout kept on (the DiCO reference code): train mode, like the policy.
-        self.reference.train(not cfg.dico.disable_dropout)
+        self.reference = self.build_reference()
+        self.reference_engine = self.reference
 
-    def setup(self, engine):
-        super().setup(engine)
-        self.reference.to(self.device, self.dtype)
+    def build_reference(self) -> Captioner:
+        """The starting captioner's weights (train.init_from, or the policy's initial ones) in a captioner of its own
+        without the image tower (the policy's frozen tower serves both), built before DeepSpeed partitions
+        anything: never a copy of a partitioned model. Eval mode (dropout off) unless dico.disable_dropout=false
+        (the DiCO reference code), then train mode like the policy. No parameter requires a gradient."""
+        reference = Captioner(self.cfg.captioner, self.tokenizer, image_encoder=False)
+        start = {k: v for k, v in self.module.state_dict().items() if not k.startswith("image_encoder.")}
+        reference.load_state_dict(start, strict=True)
+        if self.cfg.dico.disable_dropout:
+            disable_dropout(reference)
+        return reference.requires_grad_(False).train(not self.cfg.dico.disable_dropout)
+
+    def frozen_models(self):
+        return {**super().frozen_models(),
+                "reference": (self.reference, self.cfg.dico.reference_placement, self.reference.width)}
+
+    def setup(self, engine, frozen=None):
+        super().setup(engine, frozen)
+        if frozen and "reference" in frozen:
+            self.reference_engine = frozen["reference"]
+        else:
+            self.reference.to(self.device, self.dtype)
 
     def step(self, engine, batch) -> StepOutput:
-        policy, k, rollout = engine.module, self.cfg.generation.beam_size, self.rollout
-        with torch.no_grad():
-            visual_tokens = policy.encode_image(batch["pixels"].to(self.device, self.dtype))
-        candidates = rollout.candidates(policy, visual_tokens)
+        k, rollout = self.cfg.generation.beam_size, self.rollout
+        pixels = batch["pixels"].to(self.device, self.dtype)
+        with gathered(engine) as policy:  # generation's length depends on the data: one gather, not one per token
+            with torch.no_grad():
+                visual_tokens = policy.encode_image(pixels)
+            candidates = rollout.candidates(policy, visual_tokens)
         B = visual_tokens.size(0)
 
         captions = self.tokenizer.decode_batch(candidates)
@@ -51,9 +67,9 @@ class DicoStage(CaptionerStage):
         rewards = self.evaluator.score(image_features, captions, clamp=self.cfg.dico.reward_clamp).view(B, k)
 
         mask = rollout.mask(candidates)
-        policy_logps = rollout.sequence_logprobs(engine, policy, candidates, visual_tokens).view(B, k)
+        policy_logps = rollout.sequence_logprobs(engine, candidates, visual_tokens).view(B, k)
         with torch.no_grad():  # the reference's forward-only path saves nothing
-            ref_logps = rollout.sequence_logprobs(self.reference, self.reference, candidates, visual_tokens).view(B, k)
+            ref_logps = rollout.sequence_logprobs(self.reference_engine, candidates, visual_tokens).view(B, k)
         loss, metrics = dico_loss(policy_logps, ref_logps, rewards, beta=self.cfg.dico.beta, tau=self.cfg.dico.tau,
                                   kernel=self.kernel)
         metrics["dico/candidate_len"] = mask.sum(-1).float().mean()

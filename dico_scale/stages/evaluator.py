@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from .. import metrics
-from ..engine import load_weights
+from ..engine import gathered, load_weights
 from ..models.evaluator import Evaluator
 from .base import Stage, StepOutput
 
 
 class EvaluatorStage(Stage):
     name = "evaluator"
+    model_name = "evaluator"
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
@@ -41,22 +42,24 @@ class EvaluatorStage(Stage):
 
     @torch.no_grad()
     def validate(self, engine, loader):
+        """Ranks read different numbers of val batches: under ZeRO-3 the model is gathered once for it."""
         self.module.eval()
         try:
-            feats = []  # (key, normalised image feature, first reference)
-            for batch in loader:
-                img = F.normalize(self.module.encode_image(batch["pixels"].to(self.device, self.dtype)).float(), dim=-1)
-                feats += [(k, i.cpu().clone(), refs[0]) for k, i, refs in zip(batch["keys"], img, batch["refs"])]
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, feats)
-            if dist.get_rank() != 0:
-                return {}, {}
-            rows = sorted({k: (i, t) for part in parts for k, i, t in part}.items())
-            if not rows:
-                return {}, {}
-            images = torch.stack([i for _, (i, _) in rows])
-            # each distinct text encoded once: equal references tie exactly
-            texts = metrics.text_features(self.evaluator, [t for _, (_, t) in rows])
+            with gathered(engine) as clip:
+                feats = []  # (key, normalised image feature, first reference)
+                for batch in loader:
+                    img = F.normalize(clip.encode_image(batch["pixels"].to(self.device, self.dtype)).float(), dim=-1)
+                    feats += [(k, i.cpu().clone(), refs[0]) for k, i, refs in zip(batch["keys"], img, batch["refs"])]
+                parts = [None] * dist.get_world_size()
+                dist.all_gather_object(parts, feats)
+                if dist.get_rank() != 0:
+                    return {}, {}
+                rows = sorted({k: (i, t) for part in parts for k, i, t in part}.items())
+                if not rows:
+                    return {}, {}
+                images = torch.stack([i for _, (i, _) in rows])
+                # each distinct text encoded once: equal references tie exactly
+                texts = metrics.text_features(self.evaluator, [t for _, (_, t) in rows])
         finally:
             self.module.train()
         return {name.lower(): v for name, v in metrics.recall_at_k(images, texts, ks=(1, 5)).items()}, {}
