@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # Fetch wheels for the offline GPU machine (run here, where a registry is reachable); benchmarks/gpu_check.sh
-# installs them there with `pip install --no-deps --no-index benchmarks/wheels/*.whl`. All are pure Python.
+# installs them there with `pip install --no-deps --no-index benchmarks/wheels/*.whl`. That machine has Python 3.12,
+# torch, triton, timm, huggingface_hub, tokenizers, numpy and pytest, and nothing else this project needs:
 #   - the kernel benchmark's peers: Liger's fused linear cross-entropy and Apple's Cut Cross-Entropy;
-#   - what benchmarks/dico_step.py needs beyond that machine's torch image: open_clip, omegaconf, our transformers.
+#   - what training needs (tests/test_gpu.py, benchmarks/dico_step.py): DeepSpeed and pydantic, open_clip,
+#     webdataset, omegaconf, our transformers. No MLflow and no pycocoevalcap: the GPU tests train without tracking
+#     and without a validation split. DeepSpeed and antlr4 come as source only: built here into pure-Python wheels.
 set -euo pipefail
 cd "$(dirname "$0")"
+mkdir -p wheels
 python3 -m pip download --no-deps -d wheels liger-kernel==0.8.5 cut-cross-entropy==25.1.1
 python3 -m pip download --no-deps -d wheels open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.7.0 omegaconf==2.4.0 \
-    transformers==5.24.0
+    transformers==5.24.0 webdataset==1.0.2 braceexpand==0.1.7 hjson==3.1.0 pydantic==2.14.4 annotated-types==0.8.0 \
+    typing-inspection==0.4.5 typing_extensions==4.16.0
+python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d wheels pydantic-core==2.50.5
+python3 -m pip wheel --no-deps -w wheels deepspeed==0.19.8 antlr4-python3-runtime==4.9.3
 ls -l wheels

@@ -7,7 +7,8 @@
 # 2. the kernels' GPU tests (marker gpu): float64 agreement, poisoned outputs, CUDA-graph capture;
 # 3. benchmarks/kernels.py: ours vs naive fp32, half log_softmax, torch.compile, Liger, Cut Cross-Entropy;
 # 4. benchmarks/dico_step.py: images/s of a whole DiCO step at the COCO model sizes, fused head vs materialised logits.
-# The training GPU test (tests/test_gpu.py) needs the full dependency set: `make test-gpu` where it installs.
+# 5. the training GPU tests (tests/test_gpu.py): xe and dico on CUDA in bf16; ZeRO-3 with the fused head inside the
+#    captioner's forward, offloaded parameters and optimizer, fp16 with loss scaling, gathered generation.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -17,9 +18,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 if ls benchmarks/wheels/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-deps --no-index benchmarks/wheels/*.whl || echo "peer wheels failed to install"
+    python3 -m pip install -q --no-deps --no-index --upgrade benchmarks/wheels/*.whl || echo "wheels failed to install"
 else
-    echo "no peer wheels in benchmarks/wheels: Liger and Cut Cross-Entropy are skipped"
+    echo "no wheels in benchmarks/wheels (make bench-wheels): peers skipped, training tests fail to import"
 fi
 # --noconftest: tests/conftest.py imports open_clip for the model tests, which this image lacks.
 python3 -m pytest -q --noconftest -p no:cacheprovider -m gpu tests/test_gpu_kernels.py tests/test_kernel_dico_loss.py \
@@ -29,5 +30,7 @@ python3 benchmarks/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernel
 bench_rc=${PIPESTATUS[0]}
 python3 benchmarks/dico_step.py --json "$OUT/dico_step.json" 2>&1 | tee "$OUT/dico_step.md"
 step_rc=${PIPESTATUS[0]}
-echo "gpu tests rc=$tests_rc kernel benchmark rc=$bench_rc step benchmark rc=$step_rc"
-exit $(( tests_rc || bench_rc || step_rc ))
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_training.txt"
+train_rc=${PIPESTATUS[0]}
+echo "gpu tests rc=$tests_rc kernel benchmark rc=$bench_rc step benchmark rc=$step_rc training tests rc=$train_rc"
+exit $(( tests_rc || bench_rc || step_rc || train_rc ))

@@ -178,13 +178,10 @@ def gathered(model):
     Inside the block call methods of the module, never the module itself: its top-level start-of-forward hook stays
     (DeepSpeed keeps it) and may run a collective. A module that routes its calls through its engine (the
     Evaluator: `_engine`) is switched to direct calls for the block."""
-    if not hasattr(model, "zero_optimization_stage"):
-        yield model
-        return
-    module = model.module
+    module = getattr(model, "module", model)  # an engine's (or a stand-in's) module, or the module itself
     bound = getattr(module, "_engine", None)
     ctx = contextlib.nullcontext()
-    if model.zero_optimization_stage() == 3:
+    if getattr(model, "zero_optimization_stage", lambda: 0)() == 3:
         from deepspeed.runtime.zero import unwrap_model_for_generation
 
         ctx = unwrap_model_for_generation(model)

@@ -182,7 +182,7 @@ def _train(cfg: Config, stage, engine, tracker, make_train_loader, make_val_load
     ckpt_dir = str(Path(t.output_dir) / "checkpoints")
     device, rank = next(engine.module.parameters()).device, dist.get_rank()
     step, last_saved, last_val, val_metrics = engine.global_steps, engine.global_steps, -1, {}
-    consecutive_bad, window, data = 0, MetricWindow(), DataCounts()
+    consecutive_bad, window, data, train_metrics = 0, MetricWindow(), DataCounts(), {}
     sel, best_dir, stopped_early = Selection.from_config(t), Path(t.output_dir) / "best", False
     if sel is not None:
         reconcile_best(sel, state, best_dir, step, device)
@@ -238,6 +238,7 @@ def _train(cfg: Config, stage, engine, tracker, make_train_loader, make_val_load
                 metrics.update({"train/lr": lr, "train/epoch": state.epoch,
                                 "train/samples_seen": state.samples_seen, **data_metrics(state.data)})
                 tracker.log_metrics(metrics, step)
+                train_metrics = metrics
                 bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
                 check_data_bound(state.data, cfg.data.max_skipped_share, cfg.data.skipped_share_min_samples)
             if t.val_every and step % t.val_every == 0:
@@ -273,4 +274,4 @@ def _train(cfg: Config, stage, engine, tracker, make_train_loader, make_val_load
     report_data(cfg, state.data)
     return {"step": step, "val": val_metrics, "epoch": state.epoch, "nonfinite_skipped": state.nonfinite_skipped,
             "batch_in_epoch": state.batch_in_epoch, "samples_seen": state.samples_seen, "data": dict(state.data),
-            "stopped_early": stopped_early, "best": state.best}
+            "stopped_early": stopped_early, "best": state.best, "train": train_metrics}

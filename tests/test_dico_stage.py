@@ -12,13 +12,10 @@ TINY = ["train.init_from=", "captioner.image_encoder_weights=", "evaluator.weigh
 
 
 class Local:
-    """What the stage needs of a DeepSpeed engine: `module`, a forward call, the ZeRO stage (nothing to gather)."""
+    """What the stage needs of a DeepSpeed engine: `module` and a forward call."""
 
     def __init__(self, module):
         self.module = module
-
-    def zero_optimization_stage(self):
-        return 0
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)

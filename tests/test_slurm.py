@@ -5,6 +5,7 @@ The XE then the DiCO stage are submitted with `sbatch --wait --nodes=2` through 
 slurm/dico_8node.sh (demo configs, tiny settings, --gpus-per-node=0 overriding the scripts' 8 GPUs): one launcher
 task per node, each starting torchrun with one CPU rank, joined by a c10d rendezvous on n1.
 """
+import json
 import os
 import re
 import shutil
@@ -97,8 +98,11 @@ def test_xe_then_dico_on_two_nodes_one_rank_each(xe_job):
     assert (tmp / "xe" / "model.pt").is_file()
     assert sorted(_one_rank_per_node(_node_logs(logs, "xe", xe_id)).values()) == [0, 1]
 
+    # DiCO under ZeRO-3 (the xe job and the preemption test below train under ZeRO-2): captioner, reference and
+    # evaluator sharded across the two nodes.
     job, _ = _sbatch("slurm/dico_8node.sh", "configs/demo/dico.yaml", tmp, "dico",
-                     _tiny(tmp) + [f"train.output_dir={tmp}/dico", f"train.init_from={tmp}/xe/model.pt"])
+                     _tiny(tmp) + [f"train.output_dir={tmp}/dico", f"train.init_from={tmp}/xe/model.pt",
+                                   "train.deepspeed_config=configs/deepspeed/zero3.json"])
     batch = (logs / f"dico-{job}.out").read_text()
     assert "2 node(s) [n[1-2]], rendezvous n1:" in batch and "CONFIG=configs/demo/dico.yaml" in batch
     assert "train.resume=auto" in batch  # what a requeued job needs
@@ -115,12 +119,15 @@ def test_xe_then_dico_on_two_nodes_one_rank_each(xe_job):
     rank0 = next(n for n, r in ranks.items() if r == 0)
     assert "done: stage=dico step=2" in node_logs[rank0]
 
-    # The job's outputs: a ZeRO-2 checkpoint with one optimizer shard per rank, the export, the MLflow run.
+    # The job's outputs: a ZeRO-3 checkpoint with one parameter and one optimizer shard per rank, the export, the
+    # MLflow run with the sharded models' memory.
     out = tmp / "dico"
     tag = out / "checkpoints" / "step_00000002"
     assert (tag / "complete").is_file() and (out / "model.pt").is_file()
-    shards = sorted(p.name for p in tag.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"))
-    assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert json.loads((tag / "complete").read_text())["zero_stage"] == 3
+    for kind in ("model", "optim"):
+        shards = sorted(p.name for p in tag.glob(f"zero_pp_rank_*_mp_rank_00_{kind}_states.pt"))
+        assert shards == [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1)]
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
@@ -131,6 +138,7 @@ def test_xe_then_dico_on_two_nodes_one_rank_each(xe_job):
     assert run.info.status == "FINISHED" and run.data.params["train.resume"] == "auto"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [1, 2]
     assert "rewards/accuracy" in run.data.metrics and "val/cider" in run.data.metrics
+    assert all(run.data.params[f"memory/{m}/stage"] == "3" for m in ("captioner", "reference", "evaluator"))
 
 
 def _job_field(job: int, field: str) -> str:
