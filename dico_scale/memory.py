@@ -46,12 +46,16 @@ class ModelMemory:
 
 
 def account(name: str, n_params: int, n_trainable: int, stage: int, world: int, dtype_bytes: int,
-            params_offloaded: bool = False, optimizer_offloaded: bool = False) -> ModelMemory:
-    """Bytes per rank by the ZeRO paper's accounting (see the module docstring)."""
+            params_offloaded: bool = False, optimizer_offloaded: bool = False,
+            local_params: int | None = None) -> ModelMemory:
+    """Bytes per rank by the ZeRO paper's accounting (see the module docstring). local_params: the parameter elements
+    a ZeRO-3 rank really holds, when known (its shards, plus the small parameters it keeps whole: DeepSpeed's
+    stage3_param_persistence_threshold)."""
     def share(n: int, partitioned: bool) -> int:
         return math.ceil(n / world) if partitioned else n
 
-    return ModelMemory(name, stage, params=share(n_params, stage == 3) * dtype_bytes,
+    held = local_params if local_params is not None and stage == 3 else share(n_params, stage == 3)
+    return ModelMemory(name, stage, params=held * dtype_bytes,
                        grads=share(n_trainable, stage >= 2) * dtype_bytes,
                        optimizer=share(n_trainable, stage >= 1) * OPTIMIZER_BYTES,
                        params_offloaded=params_offloaded, optimizer_offloaded=optimizer_offloaded)
@@ -71,8 +75,11 @@ def engine_memory(name: str, engine) -> ModelMemory:
     n_trainable = sum(n for p, n in zip(params, numel) if p.requires_grad) if engine.optimizer is not None else 0
     dtype_bytes = 2 if engine.bfloat16_enabled() or engine.fp16_enabled() else 4
     zero = engine.config.get("zero_optimization", {}) if isinstance(engine.config, dict) else {}
+    local = None
+    if engine.zero_optimization_stage() == 3:  # the shard each rank holds, and the persistent parameters whole
+        local = sum(p.ds_tensor.numel() + (p.ds_numel if getattr(p, "ds_persist", False) else 0) for p in params)
     return account(name, sum(numel), n_trainable, engine.zero_optimization_stage(), dist.get_world_size(), dtype_bytes,
-                   _offloaded(zero, "param"), _offloaded(zero, "optimizer"))
+                   _offloaded(zero, "param"), _offloaded(zero, "optimizer"), local)
 
 
 def human(n: int) -> str:

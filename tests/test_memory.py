@@ -22,3 +22,10 @@ def test_frozen_models_have_no_gradients_or_optimizer_and_offload_leaves_the_dev
     lines = report([m, account("captioner", N, T, 2, W, 2, optimizer_offloaded=True)])
     assert "reference (ZeRO stage 3, parameters offloaded to CPU)" in lines[0]
     assert "optimizer offloaded to CPU" in lines[1] and lines[-1].startswith("memory per rank, all models")
+
+
+def test_a_zero3_rank_counts_what_it_really_holds():
+    """Shards plus the small parameters ZeRO-3 keeps whole on every rank, when the engine says so."""
+    m = account("evaluator", N, 0, 3, W, dtype_bytes=2, local_params=400)
+    assert m.params == 800
+    assert account("evaluator", N, 0, 2, W, dtype_bytes=2, local_params=400).params == N * 2  # only for stage 3
