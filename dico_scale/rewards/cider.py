@@ -220,8 +220,9 @@ class CiderD:
         pos = np.searchsorted(rkeys, q)
         hit = rkeys[pos] == q
         vr, vh = rw[pos[hit]], w[e_rep[hit]]
+        # float64 also when nothing matches: bincount of no entries is an int array, which divide cannot write into
         dot = np.bincount(pair[hit] * self.n + order[e_rep[hit]], np.minimum(vh, vr) * vr,
-                          P * self.n).reshape(P, self.n)
+                          P * self.n).astype(np.float64).reshape(P, self.n)
 
         den = cnorm[pair_cand] * rnorm[pair_ref]
         val = np.divide(dot, den, out=dot.copy(), where=den != 0)  # pycocoevalcap divides only when both norms != 0
