@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install demo test test-gpu bench-wheels gpu-check bench-data clean
+.PHONY: install demo compare test test-gpu bench-wheels gpu-check bench-data clean
 
 install:
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
@@ -10,6 +10,10 @@ install:
 
 demo: install
 	$(PYTHON) -m dico_scale.demo
+
+# DiCO vs SCST from the demo's XE captioner (trained first when runs/demo/xe/model.pt is missing): docs/dico_vs_scst.png
+compare: install
+	$(PYTHON) -m dico_scale.compare --config configs/demo/compare.yaml --prepare
 
 test: install
 	$(PYTHON) -m pytest -q tests

@@ -20,6 +20,7 @@ setup(
         "pycocoevalcap>=1.2",
         "triton",  # pinned by torch; the kernels in kernels/ (interpreted on the CPU in tests)
         "tqdm",
+        "matplotlib>=3.8",  # dico_scale.compare draws its figure
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout"],

@@ -1,9 +1,11 @@
-"""Images/s of one DiCO training step on one device: beam search, evaluator rewards, policy and reference log-probs,
-loss, backward and an optimizer step, on random images (no loader, no DeepSpeed, no communication). It is what a
-data loader must feed per device; benchmarks/data.py measures what the loader delivers.
+"""Images/s of one DiCO (or SCST) training step on one device: candidates, rewards, policy and reference log-probs,
+loss, backward and an optimizer step, on random images (no loader, no DeepSpeed, no communication); a reward that
+reads references (CIDEr-D) gets those of the config's first training images. It is what a data loader must feed per
+device; benchmarks/data.py measures what the loader delivers. The reward's own share of the step is timed too.
 
     python benchmarks/dico_step.py                                     # the COCO model sizes (GPU)
     python benchmarks/dico_step.py --config configs/demo/dico.yaml     # the demo's tiny models (CPU)
+    python benchmarks/dico_step.py --config configs/demo/scst.yaml --stage scst scst.reward=cider
 
 Each `--kernels` entry is timed in the same run (auto: the fused Triton head on CUDA; torch: materialised logits).
 """
@@ -24,7 +26,8 @@ sys.path.insert(0, REPO)
 
 from dico_scale.config import load_config  # noqa: E402
 from dico_scale.models.clip import register_model_configs  # noqa: E402
-from dico_scale.stages.dico import DicoStage  # noqa: E402
+from dico_scale.rewards import parse_reward  # noqa: E402
+from dico_scale.stages import build_stage  # noqa: E402
 
 # Random weights: the step's cost does not depend on them, and no checkpoint is needed.
 RANDOM_WEIGHTS = ["train.init_from=", "captioner.image_encoder_weights=", "evaluator.weights="]
@@ -45,28 +48,65 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_steps(config: str, overrides: list[str], kernel: str, batch: int, steps: int, warmup: int, device) -> dict:
-    cfg = load_config(config, RANDOM_WEIGHTS + overrides + [f"loss.kernel={kernel}", f"train.micro_batch_size={batch}"])
+class Timed:
+    """A reward that adds the seconds of each call to `seconds` (CPU work: no device sync needed for CIDEr-D)."""
+
+    def __init__(self, reward, device):
+        self.reward, self.device, self.seconds = reward, device, 0.0
+
+    def __call__(self, *args):
+        sync(self.device)
+        t0 = time.perf_counter()
+        out = self.reward(*args)
+        sync(self.device)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def references(cfg, n: int) -> list[list[str]]:
+    """The reference lists of the first n images of the config's training split (the CIDEr-D reward reads them)."""
+    from dico_scale.data.pipeline import check_local_shards
+    from dico_scale.rewards.cider import training_references
+    from dico_scale.train import data_shards
+
+    urls, _ = check_local_shards(data_shards(cfg)["train"], "data.train_shards", log_missing=False)
+    refs = []
+    for r in training_references(urls):
+        refs.append(r)
+        if len(refs) == n:
+            return refs
+    raise SystemExit(f"the training split has fewer than {n} images")
+
+
+def time_steps(config: str, overrides: list[str], kernel: str, batch: int, steps: int, warmup: int, device,
+               stage_name: str = "dico") -> dict:
+    cfg = load_config(config, RANDOM_WEIGHTS + overrides + [f"loss.kernel={kernel}", f"train.micro_batch_size={batch}",
+                                                            f"train.stage={stage_name}"])
     register_model_configs(cfg.clip_model_configs)
     torch.manual_seed(0)
-    stage = DicoStage(cfg, device)
+    stage = build_stage(cfg, device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as DeepSpeed's bf16 config casts it
     stage.module.to(device, dtype)
-    stage.evaluator.to(device)
+    if stage.evaluator is not None:
+        stage.evaluator.to(device)
     engine = Local(stage.module)
     stage.setup(engine)
+    stage.reward = Timed(stage.reward, device)
     params = [p for p in stage.module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6)
     size = stage.module.image_encoder.image_size
     size = size if isinstance(size, int) else size[0]
     pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    times, tokens = [], []
+    # only a reward that reads references (CIDEr-D) needs the training split; the others run without data
+    spec = getattr(cfg, stage_name).reward
+    refs = references(cfg, batch) if any(n == "cider" for _, n in parse_reward(spec)) else [[""]] * batch
+    times, tokens, reward_s = [], [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for i in range(warmup + steps):
         sync(device)
-        t0 = time.perf_counter()
-        out = stage.step(engine, {"pixels": pixels})
+        t0, stage.reward.seconds = time.perf_counter(), 0.0
+        out = stage.step(engine, {"pixels": pixels, "refs": refs})
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -74,9 +114,11 @@ def time_steps(config: str, overrides: list[str], kernel: str, batch: int, steps
         if i >= warmup:
             times.append(time.perf_counter() - t0)
             tokens.append(out.tokens)
+            reward_s.append(stage.reward.seconds)
     med = statistics.median(times)
-    row = {"kernel": kernel, "fused_head": stage.fused, "batch_images": batch, "median_step_s": med,
-           "images_per_s": batch / med, "candidate_tokens_per_step": statistics.mean(tokens)}
+    row = {"stage": stage_name, "kernel": kernel, "fused_head": stage.fused, "batch_images": batch,
+           "median_step_s": med, "images_per_s": batch / med, "candidate_tokens_per_step": statistics.mean(tokens),
+           "median_reward_s": statistics.median(reward_s)}
     if device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
@@ -90,19 +132,21 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--stage", default="dico", choices=("dico", "scst"))
     p.add_argument("--json", help="also write the results here")
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
     a = p.parse_args(argv)
     device = torch.device(a.device)
-    rows = [time_steps(a.config, a.overrides, k, a.batch, a.steps, a.warmup, device) for k in a.kernels.split(",")]
+    rows = [time_steps(a.config, a.overrides, k, a.batch, a.steps, a.warmup, device, a.stage)
+            for k in a.kernels.split(",")]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {name}; torch {torch.__version__}; config {a.config}; "
           f"{a.steps} timed steps after {a.warmup} warm-up")
-    print("| loss.kernel | fused head | images/step | median step | images/s |")
-    print("|---|---|---|---|---|")
+    print("| stage | loss.kernel | fused head | images/step | median step | images/s | reward (median) |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['kernel']} | {r['fused_head']} | {r['batch_images']} | {r['median_step_s'] * 1e3:.1f} ms "
-              f"| {r['images_per_s']:.1f} |")
+        print(f"| {r['stage']} | {r['kernel']} | {r['fused_head']} | {r['batch_images']} | "
+              f"{r['median_step_s'] * 1e3:.1f} ms | {r['images_per_s']:.1f} | {r['median_reward_s'] * 1e3:.1f} ms |")
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:

@@ -16,7 +16,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-STAGES = ("evaluator", "xe", "dico")
+from .rewards import RewardSpecError, parse_reward
+from .stages import STAGES
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # A frozen model (reference, evaluator) is a DeepSpeed engine without an optimizer: `replicate` (ZeRO stage 0, whole
 # on every rank), `shard` (ZeRO-3 partitioned, gathered module by module in its forward), `shard_offload` (ZeRO-3
@@ -100,6 +102,18 @@ class DicoConfig:
     disable_dropout: bool = True  # as TRL's DPO; the DiCO reference code keeps dropout on
     reward_clamp: bool = False  # reward w*max(cos, 0) as CLIP-S / PAC-S; false: w*cos, as the DiCO code
     reference_placement: str = "auto"  # the frozen reference captioner's; see PLACEMENTS
+    reward: str = "evaluator"  # evaluator | cider | a weighted sum, e.g. 0.5*evaluator+1.0*cider (rewards/)
+
+
+@dataclass
+class ScstConfig:
+    reward: str = "evaluator"  # evaluator | cider | a weighted sum, e.g. 0.5*evaluator+1.0*cider (rewards/)
+    candidates: int = 5  # >= 1 (>= 2 for baseline mean); k candidates per image
+    strategy: str = "sample"  # sample | beam: how the k candidates are drawn (generation.temperature / top_k apply)
+    baseline: str = "mean"  # mean: the image's other k-1 candidates ("new self-critical") | greedy: classic SCST
+    average: str = "token"  # token: loss summed over tokens / tokens (self-critical.pytorch) | sequence: mean per caption
+    reward_clamp: bool = False  # the evaluator reward w*max(cos, 0); false: w*cos
+    disable_dropout: bool = True  # log-probs of the policy that sampled (candidates are drawn in eval mode)
 
 
 @dataclass
@@ -164,6 +178,7 @@ class TrackingConfig:
     # within connect_timeout_s stops the run with one line (exit 2), or, with required=false, disables tracking.
     required: bool = True
     connect_timeout_s: float = 10.0  # (0, inf)
+    parent_run_id: str = ""  # the run is created as a child of this MLflow run (tag mlflow.parentRunId; compare)
 
 
 @dataclass
@@ -174,6 +189,7 @@ class Config:
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     dico: DicoConfig = field(default_factory=DicoConfig)
+    scst: ScstConfig = field(default_factory=ScstConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -207,7 +223,17 @@ def _one_line(e: OmegaConfBaseException, source: str, fallback_key: str = "") ->
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     """Schema defaults <- YAML (with extends) <- dotlist overrides, then validation."""
-    cfg = OmegaConf.structured(Config)
+    obj: Config = load_structured(Config, path, overrides)
+    obj.train.deepspeed_config = resolve_path(obj.train.deepspeed_config)
+    obj.clip_model_configs = resolve_path(obj.clip_model_configs)
+    validate(obj)
+    return obj
+
+
+def load_structured(schema, path: str | None, overrides: list[str] = ()):
+    """An instance of the dataclass `schema`: its defaults <- YAML (with extends) <- dotlist overrides; an unknown
+    key or a wrong type raises ConfigError naming the key."""
+    cfg = OmegaConf.structured(schema)
     if path:
         try:
             cfg = OmegaConf.merge(cfg, _read_yaml(Path(path)))
@@ -224,13 +250,9 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
             raise _one_line(e, f"override {item}", item.split("=", 1)[0]) from None
     try:
         OmegaConf.resolve(cfg)
-        obj: Config = OmegaConf.to_object(cfg)
+        return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _one_line(e, path or "defaults") from None
-    obj.train.deepspeed_config = resolve_path(obj.train.deepspeed_config)
-    obj.clip_model_configs = resolve_path(obj.clip_model_configs)
-    validate(obj)
-    return obj
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -273,6 +295,7 @@ RANGES = [
     ("generation.beam_size", 1, False, None, False), ("generation.max_len", 1, False, None, False),
     ("generation.temperature", 0, True, None, False), ("generation.top_k", 0, False, None, False),
     ("dico.beta", 0, True, None, False), ("dico.tau", 0, False, None, False),
+    ("scst.candidates", 1, False, None, False),
     ("optim.lr", 0, True, None, False), ("optim.weight_decay", 0, False, None, False),
     ("optim.beta1", 0, False, 1, True), ("optim.beta2", 0, False, 1, True), ("optim.eps", 0, True, None, False),
     ("optim.warmup_steps", 0, False, None, False), ("optim.min_lr_ratio", 0, False, 1, False),
@@ -404,6 +427,17 @@ def validate(c: Config) -> None:
            f"{c.captioner.max_positions} < data.max_caption_tokens or generation.max_len + 1")
     if t.stage == "dico":
         _check(c.generation.beam_size >= 2, "generation.beam_size", "dico needs at least 2 candidates per image")
+    for key in ("dico.reward", "scst.reward"):
+        try:
+            parse_reward(_get(c, key))
+        except RewardSpecError as e:
+            _check(False, key, f"'{_get(c, key)}': {e} (want e.g. evaluator, cider or 0.5*evaluator+1.0*cider)")
+    s = c.scst
+    _check(s.strategy in ("beam", "sample"), "scst.strategy", f"'{s.strategy}' is not beam or sample")
+    _check(s.baseline in ("mean", "greedy"), "scst.baseline", f"'{s.baseline}' is not mean or greedy")
+    _check(s.average in ("token", "sequence"), "scst.average", f"'{s.average}' is not token or sequence")
+    _check(s.baseline != "mean" or s.candidates >= 2, "scst.candidates",
+           f"{s.candidates}: scst.baseline=mean needs at least 2 candidates per image")
     _check(t.preempt_signal == "" or t.preempt_signal in signal.Signals.__members__, "train.preempt_signal",
            f"'{t.preempt_signal}' is not a signal name such as SIGUSR1")
     _check(t.resume in ("none", "auto") or Path(t.resume).is_dir(), "train.resume",

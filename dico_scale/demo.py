@@ -1,5 +1,6 @@
-"""`make demo`: evaluator -> xe -> dico on the synthetic shapes data with 2 CPU ranks under the deepspeed launcher,
-then a table of XE vs DiCO on held-out test images (CIDEr and the evaluator's score)."""
+"""`make demo`: evaluator -> xe -> dico (the stage table's chain to dico) on the synthetic shapes data with 2 CPU
+ranks under the deepspeed launcher, then a table of XE vs DiCO on held-out test images (CIDEr and the evaluator's
+score)."""
 from __future__ import annotations
 
 import argparse
@@ -10,30 +11,43 @@ import subprocess
 import sys
 import time
 
-STAGES = ("evaluator", "xe", "dico")
 from .config import REPO_ROOT
+from .stages import STAGES, chain
 
 
 def demo_config(stage: str) -> str:
     return os.path.join(REPO_ROOT, "configs", "demo", f"{stage}.yaml")
 
 
-def train_stage(stage: str, ranks: int, overrides: list[str]) -> None:
-    cmd = ["deepspeed", "--num_gpus", str(ranks), os.path.join(REPO_ROOT, "dico_scale", "train.py"),
-           "--config", demo_config(stage), *overrides]
-    print(f"\n=== {stage}: {' '.join(cmd)}", flush=True)
+def free_port() -> int:
+    """A port nobody listens on now: two demos (or tests) on one machine must not share deepspeed's default 29500."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_stage(stage: str, ranks: int, overrides: list[str], config: str | None = None,
+                prog: str = "dico_scale.demo", name: str | None = None) -> None:
+    """One stage under the deepspeed launcher with `ranks` CPU ranks; SystemExit naming it when it fails."""
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()),
+           os.path.join(REPO_ROOT, "dico_scale", "train.py"), "--config", config or demo_config(stage), *overrides]
+    name = name or stage
+    print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     start = time.time()
     code = subprocess.run(cmd, env={**os.environ, "DS_ACCELERATOR": "cpu"}).returncode
     if code != 0:
-        raise SystemExit(f"dico_scale.demo: stage {stage} failed with exit code {code} (its output is above)")
-    print(f"=== {stage} done in {time.time() - start:.0f} s", flush=True)
+        raise SystemExit(f"{prog}: stage {name} failed with exit code {code} (its output is above)")
+    print(f"=== {name} done in {time.time() - start:.0f} s", flush=True)
 
 
-def compare(overrides: list[str]) -> dict:
-    """Captions the test split with the XE and the DiCO captioner (one process, no DeepSpeed needed)."""
+def heldout(cfg, models: dict[str, str], split: str = "test", examples: int = 3, batch_size: int = 25) -> dict:
+    """{label: {"metrics": the in-loop validation metrics (validate.caption_metrics), "examples": the first records}}
+    of each captioner file in `models` on a split of cfg's data, scored by cfg's evaluator (one process, no
+    DeepSpeed needed). Every model is built as cfg.captioner describes it."""
     import torch
 
-    from .config import load_config
     from .data.pipeline import Collate, eval_loader
     from .data.tokenizer import CaptionTokenizer
     from .engine import load_weights
@@ -43,21 +57,29 @@ def compare(overrides: list[str]) -> dict:
     from .train import data_shards
     from .validate import caption_metrics, caption_split, score_records
 
-    cfg = load_config(demo_config("dico"), overrides)
     register_model_configs(cfg.clip_model_configs)
     shards = data_shards(cfg)
     evaluator, tok = Evaluator(cfg.evaluator), CaptionTokenizer()
     results = {}
-    for name, stage_dir in (("XE", "xe"), ("DiCO", "dico")):
+    for label, path in models.items():
         captioner = Captioner(cfg.captioner, tok)
-        load_weights(captioner, os.path.join(os.path.dirname(cfg.train.output_dir), stage_dir, "model.pt"))
-        eval_pre = distinct_preprocess(evaluator, captioner.preprocess)
-        loader = eval_loader(shards["test"], Collate(captioner.preprocess, eval_pre, tok, cfg.data.max_caption_tokens, seed=0), 25)
-        records = caption_split(captioner, tok, loader, cfg.generation.beam_size, cfg.generation.max_len,
-                                torch.device("cpu"), {"evaluator": evaluator})
+        load_weights(captioner, path)
+        collate = Collate(captioner.preprocess, distinct_preprocess(evaluator, captioner.preprocess), tok,
+                          cfg.data.max_caption_tokens, seed=0)
+        records = caption_split(captioner, tok, eval_loader(shards[split], collate, batch_size), cfg.generation.beam_size,
+                                cfg.generation.max_len, torch.device("cpu"), {"evaluator": evaluator})
         records = score_records(records, evaluator)  # as in-loop validation scores
-        results[name] = {"metrics": caption_metrics(records), "examples": records[:3]}
+        results[label] = {"metrics": caption_metrics(records), "examples": records[:examples]}
     return results
+
+
+def compare(overrides: list[str]) -> dict:
+    """Captions the test split with the XE and the DiCO captioner of the demo's runs."""
+    from .config import load_config
+
+    cfg = load_config(demo_config("dico"), overrides)
+    runs = os.path.dirname(cfg.train.output_dir)
+    return heldout(cfg, {STAGES[s].label: os.path.join(runs, s, "model.pt") for s in ("xe", "dico")})
 
 
 def print_table(results: dict) -> None:
@@ -83,7 +105,7 @@ def main(argv=None) -> int:
     if not args.keep:
         shutil.rmtree("runs/demo", ignore_errors=True)
     start = time.time()
-    for stage in STAGES:
+    for stage in chain("dico"):
         train_stage(stage, args.ranks, args.overrides)
     results = compare(args.overrides)
     print_table(results)

@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dico_scale.config import Config, ConfigError, load_config  # noqa: E402
+from dico_scale.stages import CAPTIONERS  # noqa: E402
 
 # Overrides applied before the user's: evaluation needs neither the training start point nor the tower's source
 # weights (the checkpoint holds the whole model), and those paths may be gone.
@@ -117,8 +118,9 @@ def load_run_config(meta: dict, overrides: list[str] = ()) -> Config:
         f.write_text(meta["config"])
         cfg = load_config(str(f), EVAL_OVERRIDES + list(overrides))
     stage = cfg.train.stage
-    if stage not in ("xe", "dico"):
-        raise ConfigError(f"checkpoint {meta['path']} is a '{stage}'-stage model, not a captioner (xe or dico)")
+    if stage not in CAPTIONERS:
+        raise ConfigError(f"checkpoint {meta['path']} is a '{stage}'-stage model, not a captioner "
+                          f"({', '.join(CAPTIONERS)})")
     meta["stage"] = stage
     return cfg
 

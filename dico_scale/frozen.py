@@ -16,6 +16,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .config import Config, ConfigError
+from .rewards import needs_evaluator
+from .stages import STAGES
 
 KEY = "frozen_models"  # in the checkpoint's client state and in its `complete` marker
 
@@ -23,12 +25,17 @@ KEY = "frozen_models"  # in the checkpoint's client state and in its `complete` 
 def frozen_model_files(cfg: Config) -> dict[str, str]:
     """{label: weights path} of the frozen models the training stage is built from; "" = drawn at random (train.seed).
 
-    dico: the reference is the captioner of train.init_from, the reward is the evaluator of evaluator.weights. xe and
-    evaluator train no model against a frozen one (xe's evaluator only scores validation captions)."""
+    dico: the reference is the captioner of train.init_from; dico and scst: the evaluator of evaluator.weights when
+    the stage's reward uses it. xe and evaluator train no model against a frozen one (an evaluator that only scores
+    validation captions does not change what is trained)."""
+    files = {}
     if cfg.train.stage == "dico":
-        return {"reference weights (train.init_from)": cfg.train.init_from,
-                "evaluator weights (evaluator.weights)": cfg.evaluator.weights}
-    return {}
+        files["reference weights (train.init_from)"] = cfg.train.init_from
+    section = STAGES[cfg.train.stage].section
+    reward = getattr(getattr(cfg, section), "reward", "") if section else ""
+    if reward and needs_evaluator(reward):
+        files["evaluator weights (evaluator.weights)"] = cfg.evaluator.weights
+    return files
 
 
 def sha256_of(path: str | Path, chunk: int = 8 << 20) -> tuple[str, int]:

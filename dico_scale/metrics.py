@@ -220,11 +220,14 @@ def has_repeat(tokens: list[str], n: int) -> bool:
 
 
 def caption_stats(captions: list[str], seen: set[str] | None = None, ngrams=(1, 2, 3, 4)) -> dict:
-    """vocab_size, mean_length (words), novelty (share of captions, normalised, not among the training captions;
-    None without them) and repeat_n (share of captions repeating some n-gram within themselves)."""
+    """vocab_size, mean_length (words), repetition (share of captions repeating a phrase of two or more words
+    within themselves: "a red circle and a red circle"; one repeated word such as "a" does not count), novelty
+    (share of captions, normalised, not among the training captions; None without them) and repeat_n (share of
+    captions repeating some n-gram within themselves)."""
     toks = [words(c) for c in captions]
     n = max(1, len(toks))
     out = {"vocab_size": len({w for t in toks for w in t}), "mean_length": sum(map(len, toks)) / n,
+           "repetition": sum(has_repeat(t, 2) for t in toks) / n,
            "novelty": None if seen is None else sum(" ".join(t) not in seen for t in toks) / n}
     for k in ngrams:
         out[f"repeat_{k}"] = sum(has_repeat(t, k) for t in toks) / n

@@ -13,6 +13,18 @@ def tracking_uri(cfg: Config) -> str:
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def experiment_id(client, name: str, uri: str) -> str:
+    """The experiment's id, created when missing; with a sqlite store its artifacts go beside the database file,
+    not into ./mlruns of the working directory."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = None
+    if uri.startswith("sqlite:///"):
+        artifacts = Path(uri[len("sqlite:///"):]).resolve().parent.joinpath("mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=artifacts)
+
+
 class Tracker:
     """No-op off rank 0 or when disabled, so the training loop never branches on the rank."""
 
@@ -25,20 +37,16 @@ class Tracker:
 
         uri = tracking_uri(cfg)
         self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
-        if exp is None:
-            artifacts = None
-            if uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in ./mlruns of the cwd
-                artifacts = Path(uri[len("sqlite:///"):]).resolve().parent.joinpath("mlartifacts").as_uri()
-            exp_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
-        else:
-            exp_id = exp.experiment_id
+        exp_id = experiment_id(self.client, cfg.tracking.experiment, uri)
         if resume_run_id:
             self.run_id = resume_run_id
             self.client.update_run(resume_run_id, status="RUNNING")
             return
         name = cfg.tracking.run_name or f"{cfg.train.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-        self.run_id = self.client.create_run(exp_id, run_name=name, tags={"stage": cfg.train.stage}).info.run_id
+        tags = {"stage": cfg.train.stage}
+        if cfg.tracking.parent_run_id:  # how the MLflow UI nests runs (dico_scale.compare's children)
+            tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+        self.run_id = self.client.create_run(exp_id, run_name=name, tags=tags).info.run_id
         self.log_params(flatten(cfg))
         self.log_text(to_yaml(cfg), "config.yaml")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .metrics import cider, clip_score, mean, text_features
+from .metrics import caption_stats, cider, clip_score, mean, text_features
 from .models.generation import beam_search
 
 __all__ = ["generate", "caption_split", "gather_records", "evaluator_scores", "score_records", "cider",
@@ -83,9 +83,11 @@ def evaluator_scores(records: list[dict], evaluator, name: str = "evaluator", pr
 
 
 def caption_metrics(records: list[dict]) -> dict[str, float]:
-    """{cider, images, evaluator_score (mean of the records' "score"; absent when none has one)}: the in-loop
-    validation metrics (logged as val/<name>)."""
-    metrics = {"cider": cider(records), "images": float(len(records))}
+    """{cider, images, mean_length, vocab_size, repetition (metrics.caption_stats), evaluator_score (mean of the
+    records' "score"; absent when none has one)}: the in-loop validation metrics (logged as val/<name>)."""
+    stats = caption_stats([r["caption"] for r in records], ngrams=())
+    metrics = {"cider": cider(records), "images": float(len(records)),
+               **{k: float(stats[k]) for k in ("mean_length", "vocab_size", "repetition")}}
     scores = [r["score"] for r in records if r.get("score") is not None]
     if scores:
         metrics["evaluator_score"] = mean(scores)

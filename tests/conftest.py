@@ -50,3 +50,18 @@ def clean_env(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR"):
         monkeypatch.delenv(k, raising=False)
     return os.environ
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory):
+    """Evaluator then XE, 2 CPU ranks each, a few steps: (folder, weight overrides), the weights the dico and scst
+    stages (and compare) start from; <folder>/xe/model.pt is the XE captioner. Built once per session."""
+    from helpers import check_ok, demo_overrides, launch
+
+    tmp = tmp_path_factory.mktemp("chain")
+    check_ok(launch("dico_scale/train.py", "configs/demo/evaluator.yaml", demo_overrides(tmp) + [
+        f"train.output_dir={tmp}/evaluator", "train.max_steps=3", "train.micro_batch_size=8"]))
+    weights = [f"evaluator.weights={tmp}/evaluator/model.pt", f"captioner.image_encoder_weights={tmp}/evaluator/model.pt"]
+    check_ok(launch("dico_scale/train.py", "configs/demo/xe.yaml", demo_overrides(tmp) + weights + [
+        f"train.output_dir={tmp}/xe", "train.max_steps=3", "train.micro_batch_size=4", "train.val_max_images=4"]))
+    return tmp, weights

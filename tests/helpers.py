@@ -1,7 +1,14 @@
 """Small helpers shared by tests (pytest puts tests/ on sys.path)."""
+import os
+import signal
 import socket
+import subprocess
+import time
+from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -25,3 +32,31 @@ def poison_empty(monkeypatch) -> None:
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_like(*a, **k)))
+
+
+def demo_overrides(tmp: Path) -> list[str]:
+    """A small synthetic data set under tmp and an MLflow store there: the overrides of the 2-rank runs."""
+    return [f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "data.synthetic.n_train=200",
+            "data.synthetic.n_val=12", "data.synthetic.n_test=12", "data.synthetic.samples_per_shard=50",
+            "train.log_every=1", "data.samples_per_epoch=64", "data.shuffle_buffer=50"]
+
+
+def launch(script: str, config: str, overrides: list[str], timeout=600, **kw):
+    """`deepspeed --num_gpus 2` (CPU ranks) on a free port, from the repository; the finished process."""
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), script, "--config", config, *overrides]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def kill_at(config: str, overrides: list[str], marker: Path, timeout: float = 300) -> None:
+    """Trains with 2 ranks until `marker` exists, then SIGKILLs the whole job (launcher and ranks, no clean-up)."""
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "dico_scale/train.py",
+           "--config", config, *overrides]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu"}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), f"no {marker} before the deadline"

@@ -11,6 +11,7 @@ def test_dico_step_benchmark_smoke(repo, tmp_path):
            "generation.max_len=4"]
     p = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "| torch | False | 2 |" in p.stdout
+    assert "| dico | torch | False | 2 |" in p.stdout
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 1 and rows[0]["images_per_s"] > 0 and rows[0]["candidate_tokens_per_step"] > 0
+    assert 0 < rows[0]["median_reward_s"] < rows[0]["median_step_s"]

@@ -221,3 +221,12 @@ def test_faster_than_pycocoevalcap():
     print(f"\nCIDEr-D on {B}x{k} candidates, 5 refs of ~20 tokens: ours {ours * 1e3:.1f} ms (reference vectors "
           f"cached), {cold * 1e3:.1f} ms (uncached); pycocoevalcap CiderScorer {ref * 1e3:.1f} ms")
     assert cold < ref and ours < ref / 3
+
+
+def test_a_batch_where_no_candidate_n_gram_matches_scores_zero():
+    """No candidate shares an n-gram with its references: every score is 0, as in pycocoevalcap (an int array from
+    numpy's bincount of nothing once broke the division)."""
+    refs = [["a dog on a couch"], ["a cat on a bed", "two cats"]]
+    got = CiderD.from_corpus(refs, tokenize=None).score_groups([["zebra"], [""]], refs)
+    assert got.dtype == torch.float64 and torch.equal(got, torch.zeros(2, 1, dtype=torch.float64))
+    assert np.array_equal(theirs(["zebra", ""], refs), [0.0, 0.0])

@@ -27,7 +27,7 @@ def _one_line_error(path, overrides, *needles) -> str:
 
 # ---- loading ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,stage", [("evaluator", "evaluator"), ("xe", "xe"), ("dico", "dico")])
+@pytest.mark.parametrize("name,stage", [("evaluator", "evaluator"), ("xe", "xe"), ("dico", "dico"), ("scst", "scst")])
 def test_demo_configs_load(name, stage):
     cfg = load_config(str(DEMO / f"{name}.yaml"), BLANK)
     assert isinstance(cfg, Config)
@@ -41,6 +41,26 @@ def test_demo_configs_load(name, stage):
     # resolved against the repository
     assert Path(cfg.train.deepspeed_config).is_file()
     assert Path(cfg.clip_model_configs, "dico-tiny.json").is_file()
+
+
+def test_stage_table_is_what_config_export_and_the_demo_read():
+    """config.py imports the table without torch (a fresh interpreter), every row's class exists, the demo's chain
+    and the captioner stages (what evaluate, caption and export accept) come from it."""
+    import importlib
+
+    from dico_scale.stages import CAPTIONERS, STAGES, chain
+
+    code = "import sys, dico_scale.config as c; print(sorted(c.STAGES), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True).stdout.split("\n")[0]
+    assert out == "['dico', 'evaluator', 'scst', 'xe'] False"
+    for spec in STAGES.values():
+        module, cls = spec.cls.split(":")
+        assert getattr(importlib.import_module(module), cls).name == spec.name
+        assert spec.section is None or hasattr(Config(), spec.section)
+    assert chain("dico") == ["evaluator", "xe", "dico"] and chain("scst") == ["evaluator", "xe", "scst"]
+    assert CAPTIONERS == ("xe", "dico", "scst")
+    with pytest.raises(ConfigError, match="'bogus' is not one of evaluator, xe, dico, scst"):
+        load_config(str(DEMO / "xe.yaml"), BLANK + ["train.stage=bogus"])
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "coco").glob("*.yaml")), ids=lambda p: p.name)

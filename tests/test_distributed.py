@@ -1,42 +1,18 @@
 """DeepSpeed with 2 CPU gloo ranks: the evaluator -> xe -> dico chain, ZeRO-2 replicas, kill + resume on one MLflow run."""
 import json
 import os
+import re
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from helpers import check_ok, free_port
+from helpers import check_ok, demo_overrides as _common, free_port, kill_at, launch as _launch
 import torch
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _common(tmp: Path) -> list[str]:
-    return [f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "data.synthetic.n_train=200",
-            "data.synthetic.n_val=12", "data.synthetic.n_test=12", "data.synthetic.samples_per_shard=50",
-            "train.log_every=1", "data.samples_per_epoch=64", "data.shuffle_buffer=50"]
-
-
-def _launch(script: str, config: str, overrides: list[str], timeout=600, **kw):
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), script, "--config", config, *overrides]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kw)
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """Evaluator then XE, 2 ranks each, a few steps: the weights the dico stage starts from."""
-    tmp = tmp_path_factory.mktemp("chain")
-    check_ok(_launch("dico_scale/train.py", "configs/demo/evaluator.yaml",
-                _common(tmp) + [f"train.output_dir={tmp}/evaluator", "train.max_steps=3", "train.micro_batch_size=8"]))
-    weights = [f"evaluator.weights={tmp}/evaluator/model.pt", f"captioner.image_encoder_weights={tmp}/evaluator/model.pt"]
-    check_ok(_launch("dico_scale/train.py", "configs/demo/xe.yaml",
-                _common(tmp) + weights + [f"train.output_dir={tmp}/xe", "train.max_steps=3",
-                                          "train.micro_batch_size=4", "train.val_max_images=4"]))
-    return tmp, weights
 
 
 def test_dico_zero2_two_ranks_step_and_stay_identical(chain):
@@ -74,17 +50,7 @@ def test_killed_run_resumes_at_next_step_on_same_mlflow_run(chain):
     out, db = tmp / "resume", tmp / "resume.db"
     args = _common(tmp) + weights + [f"train.output_dir={out}", f"tracking.uri=sqlite:///{db}", "train.save_every=2",
                                      "train.micro_batch_size=4", "train.keep_checkpoints=5", "train.val_every=0"]
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "dico_scale/train.py",
-           "--config", "configs/demo/xe.yaml", *args, "train.max_steps=1000"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu"}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = out / "checkpoints" / "step_00000004" / "complete"
-    deadline = time.time() + 300
-    while not marker.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, launcher and both ranks, with no chance to clean up
-    proc.wait()
-    assert marker.exists(), "no checkpoint at step 4 before the deadline"
+    kill_at("configs/demo/xe.yaml", args + ["train.max_steps=1000"], out / "checkpoints" / "step_00000004" / "complete")
     tags = sorted(p.name for p in (out / "checkpoints").glob("step_*") if (p / "complete").exists())
     resumed_from = int(tags[-1].split("_")[1])
     stop = resumed_from + 3
@@ -189,3 +155,37 @@ def test_eval_two_ranks_two_workers_read_each_sample_once(tmp_path):
         assert sorted(readers) == ["0/0", "0/1", "1/0", "1/1"], readers  # every reader got a share
         keys = [k for ks in readers.values() for k in ks]
         assert len(keys) == len(set(keys)) and set(keys) == expected, (spec, readers)
+
+
+def test_scst_two_ranks_killed_and_resumed_on_the_same_mlflow_run(chain):
+    """SCST through the real trainer with 2 ranks: killed (SIGKILL, whole job) after its step-2 checkpoint, resumed
+    with train.resume=auto to step 4 on the same MLflow run, every step's SCST metrics logged, the CIDEr-D df built
+    once beside the shards (the reward mixes it with the evaluator), the greedy baseline used."""
+    tmp, weights = chain
+    out, db = tmp / "scst_resume", tmp / "scst_resume.db"
+    args = _common(tmp) + weights + [
+        f"train.output_dir={out}", f"tracking.uri=sqlite:///{db}", f"train.init_from={tmp}/xe/model.pt",
+        "train.save_every=2", "train.keep_checkpoints=5", "train.micro_batch_size=2", "train.val_every=0",
+        "train.val_max_images=4", "scst.candidates=2", "scst.baseline=greedy", "scst.reward=0.5*evaluator+cider",
+        "generation.max_len=6", "optim.lr=1e-3"]
+    kill_at("configs/demo/scst.yaml", args + ["train.max_steps=1000"], out / "checkpoints" / "step_00000002" / "complete")
+    assert list((tmp / "data").glob("cider_df-*.json"))  # beside the training shards
+
+    second = check_ok(_launch("dico_scale/train.py", "configs/demo/scst.yaml", args + ["train.resume=auto",
+                                                                                      "train.max_steps=4"]))
+    tags = sorted(p.name for p in (out / "checkpoints").glob("step_*") if (p / "complete").exists())
+    resumed_from = int(re.search(r"resumed from \S+ at step (\d+)", second.stdout).group(1))
+    assert resumed_from >= 2 and f"step_{resumed_from:08d}" in tags and tags[-1] == "step_00000004"
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["train.stage"] == "scst"
+    for key in ("scst/reward", "scst/greedy_reward", "scst/advantage_std", "scst/candidate_len", "scst/reward_s"):
+        assert sorted({m.step for m in client.get_metric_history(run.info.run_id, key)}) == [1, 2, 3, 4], key
+    for key in ("val/cider", "val/evaluator_score", "val/mean_length", "val/repetition", "val/vocab_size"):
+        assert key in run.data.metrics, key
+    state = torch.load(out / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert state["mlflow_run_id"] == run.info.run_id and state["step"] == 4
+    start = torch.load(tmp / "xe" / "model.pt", weights_only=True)["state_dict"]
+    end = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    assert any(not torch.equal(start[k], end[k]) for k in end if not k.startswith("image_encoder."))

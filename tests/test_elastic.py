@@ -250,6 +250,10 @@ def test_fingerprints_of_files_folders_and_random_weights(tmp_path):
                                                  "captioner.image_encoder_weights="])
     assert frozen_model_files(cfg) == {"reference weights (train.init_from)": "",
                                        "evaluator weights (evaluator.weights)": ""}
+    cfg.dico.reward = "cider"  # the evaluator scores validation only: not part of what is trained
+    assert frozen_model_files(cfg) == {"reference weights (train.init_from)": ""}
+    cfg.train.stage, cfg.scst.reward = "scst", "0.5*evaluator+cider"
+    assert frozen_model_files(cfg) == {"evaluator weights (evaluator.weights)": ""}
     cfg.train.stage = "xe"
     assert frozen_model_files(cfg) == {}
 

@@ -112,7 +112,7 @@ def test_clip_scores_equal_float64_recomputation(metric, w):
 
 def test_caption_stats():
     s = metrics.caption_stats(["A dog, a dog.", "a red circle", "two cats"], seen={"a red circle"}, ngrams=(1, 2, 3))
-    assert s == {"vocab_size": 6, "mean_length": 3.0, "novelty": pytest.approx(2 / 3),
+    assert s == {"vocab_size": 6, "mean_length": 3.0, "novelty": pytest.approx(2 / 3), "repetition": pytest.approx(1 / 3),
                  "repeat_1": pytest.approx(1 / 3), "repeat_2": pytest.approx(1 / 3), "repeat_3": 0.0}
     assert metrics.caption_stats(["a b"])["novelty"] is None
 

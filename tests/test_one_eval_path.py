@@ -156,7 +156,8 @@ def test_in_loop_validation_equals_evaluate(checkpoint, tiny_shards, clean_env):
     stage.module.train()  # as the loop hands it over
     val, artifacts = stage.validate(engine, _val_loader(stage, cfg))
     assert stage.module.training
-    assert set(val) == {"cider", "images", "evaluator_score"} and val["images"] == 10
+    assert set(val) == {"cider", "images", "evaluator_score", "mean_length", "vocab_size", "repetition"}
+    assert val["images"] == 10
     assert val["cider"] > 0 and val["evaluator_score"] > 0  # neither equality below is 0 == 0
 
     out = tmp / "eval_val.json"
@@ -167,6 +168,9 @@ def test_in_loop_validation_equals_evaluate(checkpoint, tiny_shards, clean_env):
     assert m["images"] == val["images"]
     assert m["CIDEr"] == pytest.approx(val["cider"], abs=1e-9)
     assert m["evaluator_score"] == pytest.approx(val["evaluator_score"], abs=1e-9)
+    for key in ("mean_length", "vocab_size", "repetition"):  # the fluency statistics the compare figure draws
+        assert m[key] == pytest.approx(val[key], abs=1e-12), key
+    assert val["mean_length"] > 0 and val["vocab_size"] > 0
     in_loop = artifacts["val_captions.json"]
     assert [r["key"] for r in in_loop] == [c["key"] for c in result["captions"]]
     for r, c in zip(in_loop, result["captions"]):

@@ -22,6 +22,8 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from .base import Reward
+
 log = logging.getLogger(__name__)
 
 DF_VERSION = 1
@@ -220,8 +222,9 @@ class CiderD:
         pos = np.searchsorted(rkeys, q)
         hit = rkeys[pos] == q
         vr, vh = rw[pos[hit]], w[e_rep[hit]]
+        # float64 also when nothing matches: bincount of no entries is an int array, which divide cannot write into
         dot = np.bincount(pair[hit] * self.n + order[e_rep[hit]], np.minimum(vh, vr) * vr,
-                          P * self.n).reshape(P, self.n)
+                          P * self.n).astype(np.float64).reshape(P, self.n)
 
         den = cnorm[pair_cand] * rnorm[pair_ref]
         val = np.divide(dot, den, out=dot.copy(), where=den != 0)  # pycocoevalcap divides only when both norms != 0
@@ -250,3 +253,82 @@ def cider_d(candidates: list[str], references: list[list[str]], **kw) -> tuple[f
     """pycocoevalcap's Cider().compute_score: df from the scored references; (mean, per image)."""
     s = CiderD.from_corpus(references, **kw).score(candidates, references)
     return float(s.mean()), s
+
+
+# ---- the training reward -----------------------------------------------------------------------------------------
+
+def training_references(urls: list[str]) -> Iterable[list[str]]:
+    """Each training image's reference list, from the shards' .json members only (no image is decoded). A shard
+    that cannot be read costs one warning line; the data pipeline counts such faults when it trains on them."""
+    import webdataset as wds
+
+    for url in urls:
+        try:
+            stream = wds.gopen(url)
+            try:
+                for member in wds.tariterators.tar_file_iterator(stream):
+                    if not member["fname"].endswith(".json"):
+                        continue
+                    try:
+                        refs = json.loads(member["data"])
+                    except ValueError:
+                        continue
+                    if isinstance(refs, list) and refs and all(isinstance(r, str) and r.strip() for r in refs):
+                        yield refs
+            finally:
+                stream.close()
+        except Exception as e:
+            log.warning("CIDEr-D df: skipping shard %s (%s: %s)", url, type(e).__name__, str(e).splitlines()[0][:200])
+
+
+def df_cache_path(urls: list[str], fallback_dir: str) -> str:
+    """Beside the first local shard (the output directory when none is local or that folder is read-only), named by
+    a digest of the shard list with each local shard's size and mtime: another split or rewritten shards miss it."""
+    import hashlib
+
+    from ..data.pipeline import is_local
+
+    ident = []
+    for u in urls:
+        st = os.stat(u) if is_local(u) and os.path.exists(u) else None
+        ident.append([u, st.st_size, st.st_mtime_ns] if st else [u])
+    name = f"cider_df-{hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:12]}.json"
+    local = [u for u in urls if is_local(u)]
+    folder = os.path.dirname(os.path.abspath(local[0])) if local else ""
+    return os.path.join(folder if folder and os.access(folder, os.W_OK) else fallback_dir, name)
+
+
+def training_df(cfg) -> dict:
+    """The document frequencies of the training split's references, built once (rank 0, the others wait at a
+    barrier, then read the cache) and cached beside the shards for later runs."""
+    import torch.distributed as dist
+
+    from ..data.pipeline import check_local_shards
+    from ..train import data_shards
+
+    urls, _ = check_local_shards(data_shards(cfg)["train"], "data.train_shards", log_missing=False)
+    path = df_cache_path(urls, cfg.train.output_dir)
+    grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if grouped and dist.get_rank() != 0:
+        dist.barrier()  # rank 0 builds or checks the cache first
+        return load_or_build_df(path, lambda: training_references(urls))
+    payload = load_or_build_df(path, lambda: training_references(urls))
+    if grouped:
+        dist.barrier()
+    return payload
+
+
+class CiderReward(Reward):
+    """CIDEr-D of each candidate against its image's references, df from the training split (as self-critical.pytorch
+    computes its CIDEr-D reward); ignores the pixels."""
+    name = "cider"
+
+    def __init__(self, scorer: CiderD):
+        self.scorer = scorer
+
+    @classmethod
+    def build(cls, cfg, evaluator=None, clamp: bool = False) -> "CiderReward":
+        return cls(CiderD.from_payload(training_df(cfg)))
+
+    def __call__(self, pixels: torch.Tensor, captions: list[list[str]], refs: list[list[str]]) -> torch.Tensor:
+        return self.scorer.score_groups(captions, refs).to(pixels.device, torch.float32)

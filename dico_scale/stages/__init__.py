@@ -1,11 +1,43 @@
-"""Stages plug into the one training loop; each supplies a trainable module and `step(engine, batch)`."""
+"""The stage table: every stage the trainer knows, in one place. Config validation, `build_stage`, export, evaluate,
+the demo and `compare` read it; a new stage is one module in this package and one row here.
+
+Importable without torch (config.py reads it before anything heavy): the stage classes are named as strings and
+imported only by `build_stage`.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str  # train.stage
+    cls: str  # "module:Class", imported lazily
+    section: str | None  # the config section of the stage's own keys (None: no keys of its own)
+    exports: str  # what <output_dir>/model.pt holds: "captioner" or "evaluator" (an open_clip CLIP)
+    label: str  # how tables and figures name the stage's models
+    starts_from: str | None  # the stage whose exported model this one starts from in the demo pipeline
+
+
+STAGES: dict[str, StageSpec] = {s.name: s for s in [
+    StageSpec("evaluator", "dico_scale.stages.evaluator:EvaluatorStage", None, "evaluator", "evaluator", None),
+    StageSpec("xe", "dico_scale.stages.xe:XEStage", None, "captioner", "XE", "evaluator"),
+    StageSpec("dico", "dico_scale.stages.dico:DicoStage", "dico", "captioner", "DiCO", "xe"),
+    StageSpec("scst", "dico_scale.stages.scst:ScstStage", "scst", "captioner", "SCST", "xe"),
+]}
+
+CAPTIONERS = tuple(n for n, s in STAGES.items() if s.exports == "captioner")
+
+
+def chain(name: str) -> list[str]:
+    """The stages to train, in order, to get `name`'s model from scratch: e.g. dico -> [evaluator, xe, dico]."""
+    out = [name]
+    while STAGES[out[0]].starts_from:
+        out.insert(0, STAGES[out[0]].starts_from)
+    return out
 
 
 def build_stage(cfg, device):
-    if cfg.train.stage == "xe":
-        from .xe import XEStage as cls
-    elif cfg.train.stage == "dico":
-        from .dico import DicoStage as cls
-    else:
-        from .evaluator import EvaluatorStage as cls
-    return cls(cfg, device)
+    module, cls = STAGES[cfg.train.stage].cls.split(":")
+    return getattr(importlib.import_module(module), cls)(cfg, device)

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data.tokenizer import CaptionTokenizer
 from ..engine import gathered, load_weights
+from ..kernels import interpreting
 from ..models.captioner import Captioner
 from ..models.evaluator import Evaluator, distinct_preprocess
 from ..validate import caption_metrics, caption_split, gather_records, score_records
@@ -84,6 +85,14 @@ class CaptionerStage(Stage):
         else:
             self.evaluator.to(self.device)
 
+    def score_candidates(self, batch: dict, candidates: torch.Tensor) -> torch.Tensor:
+        """[B, k] rewards (self.reward) of candidates [B*k, L], the k of an image in consecutive rows."""
+        pixels = batch.get("eval_pixels", batch["pixels"]).to(self.device)
+        B = pixels.size(0)
+        captions = self.tokenizer.decode_batch(candidates)
+        k = len(captions) // B
+        return self.reward(pixels, [captions[b * k:(b + 1) * k] for b in range(B)], batch.get("refs"))
+
     def validate(self, engine, loader):
         """CIDEr, evaluator score and image count of the val split, as `dico_scale.evaluate` computes them (see
         dico_scale/validate.py); with train.val_max_images each rank takes its share of the first images. Ranks
@@ -102,3 +111,11 @@ class CaptionerStage(Stage):
                 return {}, {}
             records = score_records(records, self.evaluator)
         return caption_metrics(records), {"val_captions.json": records}
+
+
+def log_prob_path(kernel: str, device: torch.device) -> tuple[str, bool]:
+    """(loss.kernel, fused) of a sequence-level stage: fused = decoder states and the tied head weight go to the
+    fused Triton kernel, which never materialises the [B*k, T, V] logits (the torch path does, as the DiCO code)."""
+    if kernel == "triton" and device.type != "cuda" and not interpreting():
+        raise ConfigError("loss.kernel=triton needs CUDA (or TRITON_INTERPRET=1 to interpret the kernels on the CPU)")
+    return kernel, kernel == "triton" or (kernel == "auto" and device.type == "cuda")

@@ -1,15 +1,16 @@
-"""DiCO: k candidates per image (beam search by default; dico_scale/rollout.py), scored by the frozen evaluator, a
-DPO-style loss against a frozen reference copy of the starting captioner (Direct CLIP-based Optimization, BMVC 2024)."""
+"""DiCO: k candidates per image (beam search by default; dico_scale/rollout.py), scored by `dico.reward` (the frozen
+evaluator by default; dico_scale/rewards/), a DPO-style loss against a frozen reference copy of the starting
+captioner (Direct CLIP-based Optimization, BMVC 2024)."""
 from __future__ import annotations
 
 import torch
 
-from ..config import ConfigError
 from ..engine import gathered
-from ..kernels import dico_loss, interpreting
+from ..kernels import dico_loss
 from ..models.captioner import Captioner, disable_dropout
+from ..rewards import build_reward
 from ..rollout import Rollout
-from .base import CaptionerStage, StepOutput
+from .base import CaptionerStage, StepOutput, log_prob_path
 
 
 class DicoStage(CaptionerStage):
@@ -17,13 +18,9 @@ class DicoStage(CaptionerStage):
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device, need_evaluator=True)
-        self.kernel = cfg.loss.kernel
-        if self.kernel == "triton" and device.type != "cuda" and not interpreting():
-            raise ConfigError("loss.kernel=triton needs CUDA (or TRITON_INTERPRET=1 to interpret the kernels on the CPU)")
-        # The fused head + log-prob kernel never materialises [B*k, T, V] logits; the torch path does, as the
-        # DiCO reference code.
-        self.fused = self.kernel == "triton" or (self.kernel == "auto" and device.type == "cuda")
+        self.kernel, self.fused = log_prob_path(cfg.loss.kernel, device)
         self.rollout = Rollout(cfg.generation, self.tokenizer, kernel=self.kernel, fused=self.fused)
+        self.reward = build_reward(cfg.dico.reward, cfg, self.evaluator, clamp=cfg.dico.reward_clamp)
         if cfg.dico.disable_dropout:
             disable_dropout(self.module)
         self.reference = self.build_reference()
@@ -61,10 +58,7 @@ class DicoStage(CaptionerStage):
             candidates = rollout.candidates(policy, visual_tokens)
         B = visual_tokens.size(0)
 
-        captions = self.tokenizer.decode_batch(candidates)
-        eval_pixels = batch.get("eval_pixels", batch["pixels"]).to(self.device)
-        image_features = self.evaluator.image_features(eval_pixels).repeat_interleave(k, dim=0)
-        rewards = self.evaluator.score(image_features, captions, clamp=self.cfg.dico.reward_clamp).view(B, k)
+        rewards = self.score_candidates(batch, candidates)
 
         mask = rollout.mask(candidates)
         policy_logps = rollout.sequence_logprobs(engine, candidates, visual_tokens).view(B, k)

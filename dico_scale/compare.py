@@ -1,0 +1,236 @@
+"""`python -m dico_scale.compare --config configs/demo/compare.yaml`: DiCO versus SCST from one XE checkpoint.
+
+DiCO and SCST (optionally also SCST rewarded by CIDEr-D, the classic recipe) start from the same XE captioner, with
+the same reward and number of steps, each through the real trainer as a child process under the deepspeed launcher
+(`--ranks` CPU ranks) and as a child run of one MLflow parent run. Then one figure: validation curves over the steps
+(evaluator score, CIDEr, mean caption length, repetition, vocabulary; the XE captioner at step 0), each run's
+selected checkpoint (train.select_best) marked, and the captions of the same held-out test images; and a table of
+the selected checkpoints' metrics on the test split, printed and logged on the parent run.
+
+Arguments `key=value` set this command's keys (below, no dot) or, with a dot, a training key of every run
+(`train.micro_batch_size=4`). Bad input stops with one line and exit code 2 before anything is trained.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from . import exit_codes
+from .config import ConfigError, load_config, load_structured, parse_select_best, resolve_path
+from .rewards import RewardSpecError, parse_reward
+
+PROG = "dico_scale.compare"
+
+
+@dataclass
+class CompareConfig:
+    xe_checkpoint: str = "runs/demo/xe/model.pt"  # the XE captioner (a model.pt export) every run starts from
+    output_dir: str = "runs/demo/compare"  # <output_dir>/<run>: dico, scst, scst_cider; replaced on every compare
+    dico_config: str = "configs/demo/dico.yaml"
+    scst_config: str = "configs/demo/scst.yaml"
+    reward: str = "evaluator"  # the reward of DiCO and SCST alike (a reward spec, see dico_scale/rewards)
+    scst_cider: bool = True  # also SCST rewarded by CIDEr-D
+    steps: int = 40  # >= 1; optimizer steps of every run
+    val_every: int = 5  # >= 1; validation (the curves' points) every that many steps
+    select_best: str = "val/evaluator_score"  # each run's selected checkpoint (train.select_best)
+    examples: int = 4  # >= 0; held-out images in the figure's caption table
+    figure: str = "docs/dico_vs_scst.png"
+    overrides: list[str] = field(default_factory=list)  # key=value for every run
+
+
+# (run name, stage, label); the reward of the last is CIDEr-D whatever `reward` says
+RUNS = [("dico", "dico", "DiCO"), ("scst", "scst", "SCST"), ("scst_cider", "scst", "SCST (CIDEr-D)")]
+CURVES = ["evaluator_score", "cider", "mean_length", "repetition", "vocab_size"]
+
+
+def load(path: str, args: list[str]) -> tuple[CompareConfig, list[str]]:
+    """(the compare config, training overrides of every run); ConfigError naming what is wrong."""
+    own = [a for a in args if "." not in a.split("=", 1)[0]]
+    training = [a for a in args if a not in own]
+    c: CompareConfig = load_structured(CompareConfig, path, own)
+    c.dico_config, c.scst_config = resolve_path(c.dico_config), resolve_path(c.scst_config)
+    for key, lo in (("steps", 1), ("val_every", 1), ("examples", 0)):
+        if getattr(c, key) < lo:
+            raise ConfigError(f"bad value for compare key '{key}': {getattr(c, key)} must be >= {lo}")
+    try:
+        parse_reward(c.reward)
+    except RewardSpecError as e:
+        raise ConfigError(f"bad value for compare key 'reward': '{c.reward}': {e}") from None
+    try:
+        parse_select_best(c.select_best)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("config key 'train.select_best'", "compare key 'select_best'")) from None
+    for key in ("dico_config", "scst_config"):
+        if not os.path.isfile(getattr(c, key)):
+            raise ConfigError(f"bad value for compare key '{key}': '{getattr(c, key)}' does not exist")
+    if not c.figure.endswith(".png"):
+        raise ConfigError(f"bad value for compare key 'figure': '{c.figure}' is not a .png file")
+    return c, list(c.overrides) + training
+
+
+def plan(c: CompareConfig, training: list[str], parent_run_id: str = "") -> list[dict]:
+    """Each run: name, stage, label, config file, overrides (compare's first: the run's own overrides win)."""
+    runs = []
+    for name, stage, label in RUNS if c.scst_cider else RUNS[:2]:
+        reward = "cider" if name == "scst_cider" else c.reward
+        overrides = [f"train.init_from={os.path.abspath(c.xe_checkpoint)}", f"train.max_steps={c.steps}",
+                     f"train.val_every={c.val_every}", f"train.select_best={c.select_best}",
+                     "train.val_max_images=0", "train.resume=none",  # the whole val split: the same images as XE's
+                     f"train.output_dir={os.path.join(c.output_dir, name)}", f"{stage}.reward={reward}",
+                     f"tracking.run_name={name}", f"tracking.parent_run_id={parent_run_id}", *training]
+        runs.append({"name": name, "stage": stage, "label": label, "overrides": overrides,
+                     "config": c.dico_config if stage == "dico" else c.scst_config})
+    return runs
+
+
+def check_runs(runs: list[dict]):
+    """Every run's training config, loaded and validated here (seconds); the first run's config."""
+    cfgs = []
+    for r in runs:
+        try:
+            cfgs.append(load_config(r["config"], r["overrides"]))
+        except ConfigError as e:
+            raise ConfigError(f"run {r['name']}: {e}") from None
+        if cfgs[-1].train.stage != r["stage"]:
+            raise ConfigError(f"run {r['name']}: {r['config']} is a '{cfgs[-1].train.stage}' config, not {r['stage']}")
+    return cfgs[0]
+
+
+def parent_run(cfg, c: CompareConfig):
+    """(client, parent run id) in the training runs' store and experiment."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import experiment_id, tracking_uri
+
+    uri = tracking_uri(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(experiment_id(client, cfg.tracking.experiment, uri),
+                            run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}", tags={"stage": "compare"})
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in asdict(c).items()])
+    return client, run.info.run_id
+
+
+def histories(client, parent_id: str, runs: list[dict]) -> dict:
+    """{label: {"run_id", "curves": {metric: [(step, value)]}, "best_step"}} of the parent's child runs."""
+    children = client.search_runs([client.get_run(parent_id).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    by_name = {r.info.run_name: r for r in children}
+    out = {}
+    for r in runs:
+        child = by_name[r["name"]]
+        curves = {m: sorted((h.step, h.value) for h in client.get_metric_history(child.info.run_id, f"val/{m}"))
+                  for m in CURVES}
+        best = child.data.tags.get("best_step")
+        out[r["label"]] = {"run_id": child.info.run_id, "curves": curves, "best_step": int(best) if best else None}
+    return out
+
+
+def selected_model(run_dir: str) -> str:
+    best = os.path.join(run_dir, "best", "model.pt")
+    return best if os.path.isfile(best) else os.path.join(run_dir, "model.pt")
+
+
+def print_table(test: dict) -> None:
+    n = int(next(iter(test.values()))["metrics"]["images"])
+    print(f"\nselected checkpoints on {n} held-out test images")
+    print(f"{'model':<16}{'evaluator':>11}{'CIDEr':>9}{'length':>9}{'repetition':>12}{'vocab':>7}")
+    for label, r in test.items():
+        m = r["metrics"]
+        print(f"{label:<16}{m.get('evaluator_score', float('nan')):>11.3f}{m['cider']:>9.3f}{m['mean_length']:>9.2f}"
+              f"{m['repetition']:>12.3f}{int(m['vocab_size']):>7d}")
+
+
+def compare(c: CompareConfig, training: list[str], ranks: int) -> dict:
+    from .demo import heldout, train_stage
+    from .figure import draw
+
+    cfg = check_runs(plan(c, training))
+    client, parent_id = parent_run(cfg, c)
+    try:
+        runs = plan(c, training, parent_id)
+        for r in runs:
+            shutil.rmtree(os.path.join(c.output_dir, r["name"]), ignore_errors=True)
+            train_stage(r["stage"], ranks, r["overrides"], config=r["config"], prog=PROG, name=r["name"])
+        curves = histories(client, parent_id, runs)
+        start = heldout(cfg, {"XE": c.xe_checkpoint}, "val", 0, cfg.train.micro_batch_size)["XE"]["metrics"]
+        models = {"XE": c.xe_checkpoint}
+        models.update({r["label"]: selected_model(os.path.join(c.output_dir, r["name"])) for r in runs})
+        test = heldout(cfg, models, "test", c.examples)
+        summary = {"config": asdict(c), "parent_run_id": parent_id, "start": start, "runs": curves, "test": test,
+                   "selected": models}
+        os.makedirs(os.path.dirname(os.path.abspath(c.figure)), exist_ok=True)
+        draw(c.figure, curves, start, test, title=f"DiCO vs SCST from one XE captioner, reward '{c.reward}', "
+             f"{c.steps} steps each")
+        path = os.path.join(c.output_dir, "summary.json")
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=1)
+        log_parent(client, parent_id, test, c.figure, path)
+    except BaseException:
+        client.set_terminated(parent_id, status="FAILED")
+        raise
+    client.set_terminated(parent_id)
+    print_table(test)
+    return summary
+
+
+def log_parent(client, parent_id: str, test: dict, figure: str, summary: str) -> None:
+    import math
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    names = {"XE": "xe", **{label: name for name, _, label in RUNS}}
+    metrics = [Metric(f"test/{names[label]}/{k}", float(v), now, 0)
+               for label, r in test.items() for k, v in r["metrics"].items() if math.isfinite(float(v))]
+    client.log_batch(parent_id, metrics=metrics)
+    client.log_artifact(parent_id, figure)
+    client.log_artifact(parent_id, summary)
+
+
+def prepare(c: CompareConfig, training: list[str], ranks: int) -> None:
+    """Trains the demo's chain to XE (evaluator -> xe) when the XE checkpoint is missing."""
+    from .demo import train_stage
+    from .stages import chain
+
+    if os.path.isfile(c.xe_checkpoint):
+        return
+    for stage in chain("xe"):
+        train_stage(stage, ranks, training, prog=PROG)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="compare YAML (configs/demo/compare.yaml); may `extends:` another")
+    p.add_argument("--ranks", type=int, default=2, help="CPU ranks per run (deepspeed --num_gpus)")
+    p.add_argument("--prepare", action="store_true", help="train evaluator -> xe first when xe_checkpoint is missing")
+    p.add_argument("overrides", nargs="*", help="key=value: compare keys, or training keys (with a dot) of every run")
+    args = p.parse_args(argv)
+    try:
+        if args.ranks < 1:
+            raise ConfigError(f"--ranks {args.ranks} must be >= 1")
+        c, training = load(args.config, args.overrides)
+        if os.path.isfile(c.xe_checkpoint) or not args.prepare:  # else the runs are checked once it is trained
+            if not os.path.isfile(c.xe_checkpoint):
+                raise ConfigError(f"XE checkpoint '{c.xe_checkpoint}' not found (compare key 'xe_checkpoint'; "
+                                  f"--prepare trains one with the demo's configs)")
+            check_runs(plan(c, training))
+        if args.prepare:
+            prepare(c, training, args.ranks)
+        start = time.time()
+        compare(c, training, args.ranks)
+    except ConfigError as e:
+        print(f"{PROG}: config error: {e}", file=sys.stderr)
+        return exit_codes.CONFIG_ERROR
+    print(f"\ncompare finished in {time.time() - start:.0f} s; figure: {c.figure}; summary: "
+          f"{os.path.join(c.output_dir, 'summary.json')}")
+    return exit_codes.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
