@@ -158,7 +158,7 @@ def test_eval_two_ranks_two_workers_read_each_sample_once(tmp_path):
 
 
 def test_scst_two_ranks_killed_and_resumed_on_the_same_mlflow_run(chain):
-    """SCST through the real trainer with 2 ranks: killed (SIGKILL, whole job) after its step-2 checkpoint, resumed
+    """SCST through the real trainer with 2 ranks under ZeRO-3 (captioner and evaluator sharded): killed (SIGKILL, whole job) after its step-2 checkpoint, resumed
     with train.resume=auto to step 4 on the same MLflow run, every step's SCST metrics logged, the CIDEr-D df built
     once beside the shards (the reward mixes it with the evaluator), the greedy baseline used."""
     tmp, weights = chain
@@ -167,7 +167,7 @@ def test_scst_two_ranks_killed_and_resumed_on_the_same_mlflow_run(chain):
         f"train.output_dir={out}", f"tracking.uri=sqlite:///{db}", f"train.init_from={tmp}/xe/model.pt",
         "train.save_every=2", "train.keep_checkpoints=5", "train.micro_batch_size=2", "train.val_every=0",
         "train.val_max_images=4", "scst.candidates=2", "scst.baseline=greedy", "scst.reward=0.5*evaluator+cider",
-        "generation.max_len=6", "optim.lr=1e-3"]
+        "generation.max_len=6", "optim.lr=1e-3", "train.deepspeed_config=configs/deepspeed/zero3.json"]
     kill_at("configs/demo/scst.yaml", args + ["train.max_steps=1000"], out / "checkpoints" / "step_00000002" / "complete")
     assert list((tmp / "data").glob("cider_df-*.json"))  # beside the training shards
 
@@ -176,6 +176,7 @@ def test_scst_two_ranks_killed_and_resumed_on_the_same_mlflow_run(chain):
     tags = sorted(p.name for p in (out / "checkpoints").glob("step_*") if (p / "complete").exists())
     resumed_from = int(re.search(r"resumed from \S+ at step (\d+)", second.stdout).group(1))
     assert resumed_from >= 2 and f"step_{resumed_from:08d}" in tags and tags[-1] == "step_00000004"
+    assert "captioner (ZeRO stage 3)" in second.stdout and "evaluator (ZeRO stage 3)" in second.stdout
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     (run,) = client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id])
@@ -184,7 +185,8 @@ def test_scst_two_ranks_killed_and_resumed_on_the_same_mlflow_run(chain):
         assert sorted({m.step for m in client.get_metric_history(run.info.run_id, key)}) == [1, 2, 3, 4], key
     for key in ("val/cider", "val/evaluator_score", "val/mean_length", "val/repetition", "val/vocab_size"):
         assert key in run.data.metrics, key
-    state = torch.load(out / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt", weights_only=False)
+    state = torch.load(out / "checkpoints" / "step_00000004" / "zero_pp_rank_0_mp_rank_00_model_states.pt",  # ZeRO-3
+                       weights_only=False)
     assert state["mlflow_run_id"] == run.info.run_id and state["step"] == 4
     start = torch.load(tmp / "xe" / "model.pt", weights_only=True)["state_dict"]
     end = torch.load(out / "model.pt", weights_only=True)["state_dict"]
