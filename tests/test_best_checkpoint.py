@@ -186,7 +186,8 @@ def test_loop_selects_exports_stops_and_resumes(tmp_path):
     assert r["main"] == 2
     lines = [l for l in re.split(r"[\r\n]", proc.stderr) if l.startswith("dico_scale:")]
     assert lines == ["dico_scale: config error: train.select_best: the validation at step 1 logged no val/cidr "
-                     "(it logged val/cider, val/images)"], proc.stderr[-3000:]
+                     "(it logged val/cider, val/images, val/mean_length, val/repetition, "
+                     "val/vocab_size)"], proc.stderr[-3000:]
 
 
 # --- real training runs ----------------------------------------------------------------------------------------------
@@ -227,7 +228,8 @@ def test_training_keeps_the_best_validation_checkpoint(tmp_path, data_root):
     top = max(v for _, v in history)
     assert best["step"] == next(s for s, v in history if v == top)  # the first of the highest: a tie is no gain
     assert best["metric"] == "val/evaluator_score" and math.isclose(best["value"], top, rel_tol=1e-6)
-    assert set(best["metrics"]) == {"val/cider", "val/evaluator_score", "val/images"}
+    assert set(best["metrics"]) == {"val/cider", "val/evaluator_score", "val/images", "val/mean_length",
+                                    "val/repetition", "val/vocab_size"}
     blob = torch.load(tmp_path / "run" / "best" / "model.pt", weights_only=True)
     assert blob["step"] == best["step"] and blob["best"] == best and blob["mlflow_run_id"] == run_id
     last = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
