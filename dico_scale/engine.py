@@ -39,10 +39,24 @@ def init_distributed() -> torch.device:
     on_cpu = get_accelerator().device_name() == "cpu"
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
     if on_cpu:
+        unlink_shm_allreduce_buffer()
         return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
+
+
+def unlink_shm_allreduce_buffer() -> None:
+    """DeepSpeed's CPU backend maps a 64 MiB /dev/shm buffer per rank when all ranks are local (the deepspeed launcher
+    sets LOCAL_SIZE) and never unlinks it: every run, killed or not, left 64 MiB of RAM per rank behind until the
+    machine ran out. Once every rank has mapped every other's (init_distributed has returned on all: a barrier), each
+    unlinks its own name; the mappings stay valid until the process exits, and then the memory is freed."""
+    torch.distributed.barrier()
+    env = os.environ
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+            f"{env.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
 
 
 def uses_cpu(cfg: Config) -> bool:

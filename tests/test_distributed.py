@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_dico_zero2_two_ranks_step_and_stay_identical(chain):
     tmp, weights = chain
     out = tmp / "dico"
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     proc = check_ok(_launch("tests/distributed/replica_check.py", "configs/demo/dico.yaml",
                        _common(tmp) + weights + [f"train.output_dir={out}", f"train.init_from={tmp}/xe/model.pt",
                                                  "train.max_steps=4", "train.micro_batch_size=2",
@@ -27,6 +28,8 @@ def test_dico_zero2_two_ranks_step_and_stay_identical(chain):
     assert (r0["world_size"], r1["world_size"], r0["rank"], r1["rank"]) == (2, 2, 0, 1)
     assert r0["global_steps"] == r1["global_steps"] == 4
     assert r0["digest"] == r1["digest"]  # ZeRO-2 replicas agree after the steps
+    # DeepSpeed's CPU allreduce buffers (64 MiB per rank in /dev/shm, i.e. RAM) do not outlive the run
+    assert not set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - shm_before
     # ... and the steps moved the trainable weights away from the XE starting point
     start = torch.load(tmp / "xe" / "model.pt", weights_only=True)["state_dict"]
     end = torch.load(out / "model.pt", weights_only=True)["state_dict"]
