@@ -305,6 +305,6 @@ def test_caption_metrics_average_scores():
             for (k, refs), s in zip(REFS.items(), [0.5, 1.0, 2.25])]
     recs.append({"key": "img4", "caption": "a cyan cross", "refs": ["a cyan cross"], "score": None})
     m = caption_metrics(recs)
-    assert set(m) == {"cider", "images", "evaluator_score"}
+    assert set(m) == {"cider", "images", "evaluator_score", "mean_length", "repetition", "vocab_size"}
     assert m["images"] == 4.0 and m["cider"] > 1.0
     assert m["evaluator_score"] == pytest.approx(3.75 / 3)  # the record without a score is left out
