@@ -85,6 +85,15 @@ class CaptionerStage(Stage):
         else:
             self.evaluator.to(self.device)
 
+    def generate(self, engine, batch: dict, *rollouts) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(visual tokens, each rollout's candidates) of the batch's images, the captioner gathered once for all of
+        them: generation's length depends on the data, so under ZeRO-3 one gather, not one per token."""
+        pixels = batch["pixels"].to(self.device, self.dtype)
+        with gathered(engine) as policy:
+            with torch.no_grad():
+                visual_tokens = policy.encode_image(pixels)
+            return visual_tokens, [r.candidates(policy, visual_tokens) for r in rollouts]
+
     def score_candidates(self, batch: dict, candidates: torch.Tensor) -> torch.Tensor:
         """[B, k] rewards (self.reward) of candidates [B*k, L], the k of an image in consecutive rows."""
         pixels = batch.get("eval_pixels", batch["pixels"]).to(self.device)

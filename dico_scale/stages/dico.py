@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import gathered
 from ..kernels import dico_loss
 from ..models.captioner import Captioner, disable_dropout
 from ..rewards import build_reward
@@ -51,11 +50,7 @@ class DicoStage(CaptionerStage):
 
     def step(self, engine, batch) -> StepOutput:
         k, rollout = self.cfg.generation.beam_size, self.rollout
-        pixels = batch["pixels"].to(self.device, self.dtype)
-        with gathered(engine) as policy:  # generation's length depends on the data: one gather, not one per token
-            with torch.no_grad():
-                visual_tokens = policy.encode_image(pixels)
-            candidates = rollout.candidates(policy, visual_tokens)
+        visual_tokens, (candidates,) = self.generate(engine, batch, rollout)
         B = visual_tokens.size(0)
 
         rewards = self.score_candidates(batch, candidates)

@@ -12,7 +12,6 @@ import time
 
 import torch
 
-from ..engine import gathered
 from ..models.captioner import disable_dropout
 from ..rewards import build_reward, needs_evaluator
 from ..rollout import Rollout
@@ -56,12 +55,8 @@ class ScstStage(CaptionerStage):
 
     def step(self, engine, batch) -> StepOutput:
         s, rollout = self.cfg.scst, self.rollout
-        pixels = batch["pixels"].to(self.device, self.dtype)
-        with gathered(engine) as policy:  # generation's length depends on the data: one gather, not one per token
-            with torch.no_grad():
-                visual_tokens = policy.encode_image(pixels)
-            candidates = rollout.candidates(policy, visual_tokens)
-            greedy_caption = self.greedy.candidates(policy, visual_tokens) if self.greedy else None
+        visual_tokens, generated = self.generate(engine, batch, rollout, *([self.greedy] if self.greedy else []))
+        candidates, greedy_caption = generated[0], (generated[1] if self.greedy else None)
         B = visual_tokens.size(0)
 
         start = time.perf_counter()  # the reward's own cost (CIDEr-D must stay well under a step)
