@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+from . import exit_codes
 from .config import REPO_ROOT
 from .stages import STAGES, chain
 
@@ -94,6 +95,11 @@ def print_table(results: dict) -> None:
               f"\n{'':>{len(ex['key'])}}  DiCO {results['DiCO']['examples'][i]['caption']}")
 
 
+def usage_error(message: str) -> int:
+    print(f"dico_scale.demo: {message}", file=sys.stderr)
+    return exit_codes.CONFIG_ERROR
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="dico_scale.demo", description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=int, default=2, help="CPU ranks per stage")
@@ -101,7 +107,13 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=".", help="where runs/demo and data/demo go (default: here)")
     p.add_argument("overrides", nargs="*", help="key=value overrides passed to every stage")
     args = p.parse_args(argv)
-    os.chdir(args.workdir)
+    if args.ranks < 1:
+        return usage_error(f"--ranks {args.ranks} must be >= 1")
+    try:
+        os.makedirs(args.workdir, exist_ok=True)  # a fresh folder is the usual --workdir
+        os.chdir(args.workdir)
+    except OSError as e:
+        return usage_error(f"--workdir {args.workdir!r}: {e.strerror}")
     if not args.keep:
         shutil.rmtree("runs/demo", ignore_errors=True)
     start = time.time()

@@ -36,3 +36,18 @@ def test_demo_bad_override_fails_with_one_line(tmp_path):
     assert "unknown config key 'optim.lrr'" in proc.stderr
     assert lines[-1] == "dico_scale.demo: stage evaluator failed with exit code 2 (its output is above)"
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ranks", "0"], "dico_scale.demo: --ranks 0 must be >= 1"),
+    (["--workdir", "{file}"], "dico_scale.demo: --workdir '{file}': File exists"),
+    (["--workdir", "{file}/sub"], "dico_scale.demo: --workdir '{file}/sub': Not a directory"),
+])
+def test_demo_bad_arguments_fail_with_one_line(tmp_path, capsys, args, message):
+    from dico_scale import demo
+
+    file = tmp_path / "a_file"
+    file.write_text("")
+    assert demo.main([a.format(file=file) for a in args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [message.format(file=file)]
