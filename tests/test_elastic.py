@@ -167,6 +167,37 @@ def test_dico_resumes_at_one_rank_then_at_two_on_the_same_mlflow_run(dico2):
         "step_00000003", "step_00000003_universal", "step_00000004"]
 
 
+def test_bf16_zero3_checkpoint_resumes_at_one_rank_with_its_weights(tmp_path):
+    """bf16 (the GPU default) under ZeRO-3: a 2-rank checkpoint loads at 1 rank to exactly the weights the 2-rank run
+    exported, and training goes on from the kept conversion on the same MLflow run."""
+    import shutil
+
+    def args(out: str, steps: int) -> list[str]:
+        return ["--config", "configs/demo/xe.yaml", "train.deepspeed_config=configs/deepspeed/zero3.json",
+                "train.precision=bf16", f"data.root={tmp_path}/data", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                "data.synthetic.n_train=64", "data.synthetic.n_val=4", "data.synthetic.n_test=0",
+                "data.synthetic.samples_per_shard=16", "data.samples_per_epoch=32", "train.micro_batch_size=4",
+                "train.log_every=1", "train.val_every=0", "train.save_every=2", "evaluator.weights=",
+                "captioner.image_encoder_weights=", f"train.output_dir={tmp_path}/{out}", f"train.max_steps={steps}"]
+
+    check_ok(_launch("dico_scale/train.py", args("two", 2), ranks=2))
+    shutil.copytree(tmp_path / "two" / "checkpoints", tmp_path / "one" / "checkpoints")
+    ckpt = tmp_path / "one" / "checkpoints"
+    proc = check_ok(_launch("dico_scale/train.py", args("one", 2) + ["train.resume=auto"], 1))
+    assert f"resumed from {ckpt / TAG2} at step 2 (epoch 0, batch 4; written by 2 ranks)" in proc.stdout
+    two, one = (torch.load(tmp_path / d / "model.pt", weights_only=True)["state_dict"] for d in ("two", "one"))
+    assert _max_diff(one, two) == 0  # the bf16 weights, gathered from 1 rank's partition of the universal checkpoint
+
+    proc = check_ok(_launch("dico_scale/train.py", args("one", 3) + ["train.resume=auto"], 1))
+    assert proc.stdout.count("(converted earlier)") == 1
+    end = torch.load(tmp_path / "one" / "model.pt", weights_only=True)["state_dict"]
+    assert _max_diff(end, two) > 0  # step 3 trained
+    master = _fp32(ckpt / "step_00000003")  # the fp32 master weights; the export is their bf16 working copy
+    assert all(torch.equal(master[k].to(torch.bfloat16).float(), end[k]) for k in end)
+    status, steps = _run(tmp_path)
+    assert status == "FINISHED" and steps == [1, 2, 3]
+
+
 # ---- the arithmetic: a step after an elastic resume is the uninterrupted run's step --------------------------------
 
 def _adam_step_from_scratch(weights: dict, x: torch.Tensor, lr: float) -> dict:
