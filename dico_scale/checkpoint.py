@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .config import ConfigError
+from .config import AgreedConfigError, ConfigError
 from .frozen import KEY as FROZEN_KEY
 
 MARKER = "complete"
@@ -209,11 +209,11 @@ def select_resume_tag(resume: str, ckpt_dir: str, log) -> Path | None:
             chosen = tag
             break
         if resume != "auto":
-            raise ConfigError(f"train.resume={resume}: checkpoint fails verification: {problem}")
+            raise AgreedConfigError(f"train.resume={resume}: checkpoint fails verification: {problem}")
         log(f"skipping checkpoint {tag}: {problem}")
         skipped.append(tag)
     if chosen is None and skipped:
-        raise ConfigError(f"train.resume=auto: none of the {len(skipped)} complete checkpoints in {ckpt_dir} "
+        raise AgreedConfigError(f"train.resume=auto: none of the {len(skipped)} complete checkpoints in {ckpt_dir} "
                           "verifies (see above); remove them, or set train.resume=none to start over")
     return chosen
 

@@ -31,6 +31,12 @@ class ConfigError(ValueError):
     """A bad config value or file; the message is one line and names the key."""
 
 
+class AgreedConfigError(ConfigError):
+    """Raised on every rank at the same point, after a collective (a checkpoint the ranks verified together): the
+    ranks leave through a final barrier and tear the group down, instead of exiting with it up (which can abort)."""
+    agreed = True
+
+
 # Ranges of the numeric keys are in the comments ([a, b] closed, (a, b) open); `validate` checks each of them, and
 # every float must be finite.
 

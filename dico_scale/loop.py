@@ -251,10 +251,10 @@ def _train(cfg: Config, stage, engine, tracker, make_train_loader, make_val_load
                     tqdm.write(sel.stop_line(step, state.best))
                 tracker.set_tags({"stopped_early_at": step})
                 break
-            if stop.agreed(device):
+            reason = stop.agreed_reason(device)
+            if reason is not None:
                 if rank == 0:
-                    tqdm.write(f"stopping at step {step}: {stop.reason or 'another rank was asked to stop'}; "
-                               "saving a checkpoint")
+                    tqdm.write(f"stopping at step {step}: {reason}; saving a checkpoint")
                 if last_saved != step:
                     save()
                 bar.close()

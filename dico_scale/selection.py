@@ -11,14 +11,13 @@ from pathlib import Path
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .config import Config, ConfigError, parse_select_best, parse_select_floor, to_yaml
+from .config import AgreedConfigError, Config, parse_select_best, parse_select_floor, to_yaml
 from .engine import export_weights
 
 
-class SelectionError(ConfigError):
+class SelectionError(AgreedConfigError):
     """train.select_best / select_floor name a metric that the validation does not log; raised on every rank at
     the same step (exit 2)."""
-    agreed = True
 
 
 @dataclass(frozen=True)

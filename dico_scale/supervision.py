@@ -108,10 +108,17 @@ class StopFlag:
               "a checkpoint (train.stop_timeout_s)", file=sys.stderr, flush=True)
         os._exit(FAILED)
 
-    def agreed(self, device) -> bool:
+    def agreed_reason(self, device) -> str | None:
+        """A collective: None while no rank was asked to stop, else why (the lowest such rank's reason). A rank's
+        watchdog may see the launcher gone a second after another's, so rank 0 alone would often not know why."""
         flag = torch.tensor([float(self.raised)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        if not flag.item():
+            return None
+        reasons = [""] * dist.get_world_size()
+        dist.all_gather_object(reasons, self.reason)
+        rank, reason = next(((r, why) for r, why in enumerate(reasons) if why), (0, "another rank was asked to stop"))
+        return reason if rank == 0 else f"{reason} (rank {rank})"
 
     def close(self) -> None:
         """The run is over (returned or raised): the handlers as they were, the watchdog stopped. The deadline stays

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(cfg)
     except ConfigError as e:  # bad input found while building (weights files, model names, no shard exists)
         _error(f"config error: {e}")
-        if getattr(e, "agreed", False):  # raised on every rank at the same step (train.select_best's metric)
+        if getattr(e, "agreed", False):  # every rank raised it at the same point (AgreedConfigError)
             shutdown()
         return exit_codes.CONFIG_ERROR
     except CheckpointError as e:

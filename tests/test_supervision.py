@@ -88,7 +88,9 @@ def test_signal_to_the_launcher_alone_checkpoints_and_stops_every_rank(tmp_path,
     tags = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / "complete").is_file())
     assert tags, f"no complete checkpoint after the stop:\n{text[-3000:]}"
     reason = "the launcher is gone" if target == "launcher" else "SIGTERM"
-    assert f": {reason}" in text and "preempted: checkpoint saved at step" in text, text[-3000:]
+    stopping = [l for l in text.splitlines() if "stopping at step" in l]  # rank 0's line names why, whichever rank saw it
+    assert stopping and all(f": {reason}" in l for l in stopping), text[-3000:]
+    assert "preempted: checkpoint saved at step" in text, text[-3000:]
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     (run,) = client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id])
     assert run.info.status == "KILLED"  # preempted: a resume sets it back to RUNNING
@@ -98,3 +100,32 @@ def test_signal_to_the_launcher_alone_checkpoints_and_stops_every_rank(tmp_path,
 def ranks_pid0(ranks) -> int:
     """The pid of local rank 0, which holds the output directory's lock."""
     return next(p.pid for p in ranks if "--local_rank=0" in p.cmdline())
+
+
+def _agree(rank: int, init: str, out: str) -> None:
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from dico_scale.supervision import StopFlag
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    flag = StopFlag("", timeout_s=120)
+    before = flag.agreed_reason(torch.device("cpu"))
+    if rank == 1:  # only rank 1's watchdog has seen it yet
+        flag.request("the launcher is gone (test)")
+    after = flag.agreed_reason(torch.device("cpu"))
+    flag.close()
+    Path(out, f"{rank}.json").write_text(json.dumps([before, after]))
+    dist.destroy_process_group()
+
+
+def test_every_rank_agrees_on_the_stop_and_learns_the_reason_of_the_rank_that_saw_it(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree, args=(f"file://{tmp_path}/pg", str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == [None, "the launcher is gone (test) (rank 1)"]
