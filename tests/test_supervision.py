@@ -88,7 +88,8 @@ def test_signal_to_the_launcher_alone_checkpoints_and_stops_every_rank(tmp_path,
     tags = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / "complete").is_file())
     assert tags, f"no complete checkpoint after the stop:\n{text[-3000:]}"
     reason = "the launcher is gone" if target == "launcher" else "SIGTERM"
-    stopping = [l for l in text.splitlines() if "stopping at step" in l]  # rank 0's line names why, whichever rank saw it
+    # rank 0's line names why, whichever rank saw it
+    stopping = [l for l in text.splitlines() if "stopping at step" in l]
     assert stopping and all(f": {reason}" in l for l in stopping), text[-3000:]
     assert "preempted: checkpoint saved at step" in text, text[-3000:]
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
