@@ -5,12 +5,16 @@ setup(
     version="0.1.0",
     description="Distributed DiCO (Direct CLIP-based Optimization) trainer for image captioners on DeepSpeed",
     python_requires=">=3.10",
-    # kernels/ ships as dico_scale.kernels, never as a bare `kernels` module (transformers probes that name).
+    # The kernels' sources live in kernels/src/ and ship as dico_scale.kernels. kernels/ itself has no __init__.py, so
+    # from the repository root it is at most an empty namespace portion, which never shadows an installed package
+    # (transformers imports Hugging Face's `kernels`).
     packages=find_packages(include=["dico_scale", "dico_scale.*"]) + ["dico_scale.kernels"],
-    package_dir={"dico_scale.kernels": "kernels"},
+    package_dir={"dico_scale.kernels": "kernels/src"},
     install_requires=[
-        "torch==2.14.1",  # with torchvision 0.29.1: the pair open_clip imports cleanly with
-        "torchvision==0.29.1",
+        # Compatible ranges for your own environment; `make install` pins exact versions from requirements.lock.
+        # torch 2.11 / triton 3.6 is the lent GPU machine's image; 2.14.1 the newest this project's machines can test.
+        "torch>=2.11,<2.15",
+        "torchvision>=0.26,<0.30",  # the torchvision built for your torch (open_clip imports it)
         "deepspeed>=0.19,<0.20",
         "transformers>=5.20,<5.40",  # 5.40 drops `past_key_values`; we pass `cache`
         "open_clip_torch>=3.3,<4",
@@ -18,12 +22,12 @@ setup(
         "omegaconf>=2.3,<3",
         "mlflow>=3.0,<4",
         "pycocoevalcap>=1.2",
-        "triton",  # pinned by torch; the kernels in kernels/ (interpreted on the CPU in tests)
-        "tqdm",
+        "triton>=3.6",  # pinned by torch; the kernels in kernels/src/ (interpreted on the CPU in tests)
+        "tqdm>=4.60",
         "matplotlib>=3.8",  # dico_scale.compare draws its figure
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout"],
+        "dev": ["pytest>=8", "pytest-timeout>=2"],
         # peers the kernel benchmark compares against (pure Python + Triton; need a GPU to run)
         "bench": ["liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"],
     },

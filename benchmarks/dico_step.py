@@ -22,7 +22,6 @@ import time
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 from dico_scale.config import load_config  # noqa: E402
 from dico_scale.models.clip import register_model_configs  # noqa: E402

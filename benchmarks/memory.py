@@ -27,7 +27,6 @@ import time
 import warnings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 SETTINGS = {"zero2": "configs/deepspeed/zero2.json", "zero3": "configs/deepspeed/zero3.json"}
 RANDOM_WEIGHTS = ["train.init_from=", "captioner.image_encoder_weights=", "evaluator.weights=",
                   "tracking.enabled=false"]

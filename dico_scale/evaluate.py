@@ -20,8 +20,8 @@ import re
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make the package importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our folder must not shadow other modules
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 from dico_scale.config import ConfigError, EvaluatorConfig  # noqa: E402
 

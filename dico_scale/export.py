@@ -18,8 +18,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-if __package__ in (None, ""):  # run as a script: make the package importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our folder must not shadow other modules
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 from dico_scale.config import Config, ConfigError, load_config  # noqa: E402
 from dico_scale.stages import CAPTIONERS  # noqa: E402

@@ -8,8 +8,8 @@ import argparse
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make the package importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our folder must not shadow other modules
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 from dico_scale import exit_codes  # noqa: E402
 from dico_scale.config import Config, ConfigError, load_config, to_yaml  # noqa: E402

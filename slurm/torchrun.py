@@ -17,7 +17,6 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository's dico_scale
 from dico_scale.exit_codes import DATA_ERROR, FAILED, PREEMPTED  # noqa: E402
 
 PREEMPT_SIGNAL = "SIG" + os.environ.get("PREEMPT_SIGNAL", "USR1").upper().removeprefix("SIG")

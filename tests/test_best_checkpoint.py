@@ -260,7 +260,6 @@ def test_patience_stops_the_run_early_with_exit_0(tmp_path, data_root):
 def _script(out: str) -> None:
     import torch
 
-    sys.path.insert(0, str(REPO))
     from dico_scale.checkpoint import load_checkpoint
     from dico_scale.config import load_config
     from dico_scale.engine import build_engine, init_distributed, setup_environment

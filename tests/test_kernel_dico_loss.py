@@ -1,4 +1,4 @@
-"""Triton DiCO loss (kernels/loss.py) against the torch reference run in float64.
+"""Triton DiCO loss (kernels/src/loss.py) against the torch reference run in float64.
 
 On CPU the kernels run through the Triton interpreter (conftest sets TRITON_INTERPRET=1);
 the `gpu` tests repeat the checks on CUDA with fresh random inputs.

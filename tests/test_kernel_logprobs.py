@@ -1,6 +1,6 @@
-"""Triton log-prob kernels (kernels/logprobs.py, kernels/fused_linear.py) on the CPU through the interpreter.
+"""Triton log-prob kernels (kernels/src/logprobs.py, kernels/src/fused_linear.py) on the CPU through the interpreter.
 
-Expected values come from float64 log_softmax written out here (not from kernels/reference.py),
+Expected values come from float64 log_softmax written out here (not from kernels/src/reference.py),
 on the same (possibly half-precision) inputs upcast to float64.
 """
 

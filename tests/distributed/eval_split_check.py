@@ -9,7 +9,6 @@ import torch.distributed as dist
 from torch.utils.data import get_worker_info
 from torchvision import transforms
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from dico_scale.data.pipeline import Collate, eval_loader  # noqa: E402
 from dico_scale.data.tokenizer import CaptionTokenizer  # noqa: E402
 

@@ -7,7 +7,6 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from dico_scale.config import load_config  # noqa: E402
 from dico_scale.engine import build_engine, init_distributed, setup_environment  # noqa: E402
 from dico_scale.loop import LoopState, NonFiniteLossError, train_loop  # noqa: E402

@@ -5,7 +5,6 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from dico_scale.train import parse_args, run, shutdown  # noqa: E402
 
 cfg = parse_args(sys.argv[1:])

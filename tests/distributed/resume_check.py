@@ -9,7 +9,6 @@ import sys
 import torch
 from torchvision import transforms
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from dico_scale.config import load_config  # noqa: E402
 from dico_scale.data.pipeline import Collate, train_loader  # noqa: E402
 from dico_scale.data.tokenizer import CaptionTokenizer  # noqa: E402

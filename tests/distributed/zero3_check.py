@@ -21,7 +21,6 @@ import time
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from dico_scale.config import load_config  # noqa: E402
 from dico_scale.engine import gathered, load_weights  # noqa: E402
 from dico_scale.models.captioner import Captioner  # noqa: E402

@@ -10,7 +10,7 @@ is a few dozen block iterations.
 Backward: one launch over row blocks recomputes gamma and z from the inputs (cheaper
 than saving them) and writes d loss / d policy = -g/B * sigmoid(-z) * beta * (onehot_w - gamma).
 
-Semantics, metric names and error messages follow kernels/reference.py:dico_loss.
+Semantics, metric names and error messages follow kernels/src/reference.py:dico_loss.
 """
 
 from typing import Dict, Tuple
