@@ -1,12 +1,34 @@
 # `make demo` and `make test` work on a fresh machine: each installs what it needs first.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
+LOCK := requirements.lock
+UV := uv==0.13.9
+LATEST_VENV ?= /tmp/dico-scale-latest
+PIP_CAP := $(shell $(PIP) config list 2>/dev/null | sed -n "s/^global.constraint='\(.*\)'/\1/p")
 
-.PHONY: install demo compare test test-gpu bench-wheels gpu-check bench-data clean
+.PHONY: install lock test-latest demo compare test test-gpu bench-wheels gpu-check bench-data clean
 
+# Exactly the versions in requirements.lock (every package, torch included), then this package without dependencies.
 install:
-	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -r $(LOCK)
+	$(PIP) install -q --no-deps -e .
+
+# Re-resolve requirements.lock to the newest releases setup.py allows (install_requires + dev), for this machine's
+# Python and platform, within pip's own constraints if it has any (this machine caps torch at what lies on its disk).
+# Run `make test` on the new lock before committing it.
+lock:
+	$(PIP) install -q $(UV)
+	$(PYTHON) -m uv pip compile setup.py --extra dev --python-version 3.11 --no-header --quiet -o $(LOCK) \
+	    $(if $(PIP_CAP),--constraint $(PIP_CAP))
+
+# The newest releases setup.py allows, on purpose: a throwaway virtualenv without the lock, the tests that start no
+# 2-rank job. An upstream release that breaks us shows here before a user meets it.
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade -e '.[dev]'
+	$(LATEST_VENV)/bin/python tests/lockfile.py --newer-than-lock
+	$(LATEST_VENV)/bin/python -m pytest -q -m 'not distributed and not gpu' tests
 
 demo: install
 	$(PYTHON) -m dico_scale.demo

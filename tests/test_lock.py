@@ -1,0 +1,27 @@
+"""requirements.lock (what `make install` installs) pins every package exactly, within setup.py's ranges."""
+from packaging.utils import canonicalize_name
+
+from lockfile import LOCK, read_lock, setup_requirements
+
+
+def test_the_lock_pins_every_package_setup_py_names_within_its_range():
+    pins = read_lock()
+    for req in setup_requirements(extras=("dev",)):
+        if req.marker is not None and not req.marker.evaluate({"extra": "dev"}):
+            continue
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{LOCK.name} lacks {req.name}, which setup.py requires"
+        assert req.specifier.contains(pins[name], prereleases=True), \
+            f"{LOCK.name} pins {req.name}=={pins[name]}, outside setup.py's {req}"
+    assert {"torch", "torchvision", "triton", "transformers", "deepspeed"} <= set(pins)
+
+
+def test_a_range_or_a_missing_pin_is_refused(tmp_path):
+    bad = tmp_path / "requirements.lock"
+    bad.write_text("torch==2.14.1\n    # via dico-scale\ntransformers>=5.20\n")
+    try:
+        read_lock(bad)
+    except ValueError as e:
+        assert "requirements.lock:3: not an exact pin" in str(e)
+    else:
+        raise AssertionError("a range in the lock was accepted")
