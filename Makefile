@@ -47,7 +47,7 @@ test-gpu: install
 bench-wheels:
 	bash benchmarks/fetch_wheels.sh
 
-# On the lent GPU machine: the kernels' GPU tests and benchmarks/kernels.py, results under $$OUT.
+# On the lent GPU machine: the kernels' GPU tests and benchmarks/kernel_bench.py, results under $$OUT.
 gpu-check:
 	bash benchmarks/gpu_check.sh
 

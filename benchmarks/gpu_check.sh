@@ -5,7 +5,7 @@
 # 1. installs this package without dependencies (the kernels need only torch + triton) and the benchmark peers'
 #    wheels (benchmarks/fetch_wheels.sh fetches them beforehand on a machine with a registry);
 # 2. the kernels' GPU tests (marker gpu): float64 agreement, poisoned outputs, CUDA-graph capture;
-# 3. benchmarks/kernels.py: ours vs naive fp32, half log_softmax, torch.compile, Liger, Cut Cross-Entropy;
+# 3. benchmarks/kernel_bench.py: ours vs naive fp32, half log_softmax, torch.compile, Liger, Cut Cross-Entropy;
 # 4. benchmarks/dico_step.py: images/s of a whole DiCO step at the COCO model sizes, fused head vs materialised logits.
 # 5. the training GPU tests (tests/test_gpu.py): xe and dico on CUDA in bf16; ZeRO-3 with the fused head inside the
 #    captioner's forward, offloaded parameters and optimizer, fp16 with loss scaling, gathered generation.
@@ -26,7 +26,7 @@ fi
 python3 -m pytest -q --noconftest -p no:cacheprovider -m gpu tests/test_gpu_kernels.py tests/test_kernel_dico_loss.py \
     2>&1 | tee "$OUT/gpu_tests.txt"
 tests_rc=${PIPESTATUS[0]}
-python3 benchmarks/kernels.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.md"
+python3 benchmarks/kernel_bench.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.md"
 bench_rc=${PIPESTATUS[0]}
 python3 benchmarks/dico_step.py --json "$OUT/dico_step.json" 2>&1 | tee "$OUT/dico_step.md"
 step_rc=${PIPESTATUS[0]}

@@ -10,7 +10,7 @@ METHODS = ("naive fp32", "bf16 log_softmax", "torch.compile", "Liger FLCE", "Cut
 def test_kernels_benchmark_smoke(repo, tmp_path):
     out = tmp_path / "kernels.json"
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "benchmarks/kernels.py", "--smoke", "--json", str(out)], cwd=repo,
+    proc = subprocess.run([sys.executable, "benchmarks/kernel_bench.py", "--smoke", "--json", str(out)], cwd=repo,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     header = next(line for line in proc.stdout.splitlines() if line.startswith("| N × T, H |"))

@@ -55,6 +55,17 @@ def test_from_the_root_kernels_is_hugging_faces_and_transformers_imports():
     assert ours == str(REPO / "kernels" / "src" / "__init__.py")
 
 
+def test_script_folders_expose_no_module_a_distribution_ships():
+    # `python benchmarks/dico_step.py` puts benchmarks/ first on sys.path, as pytest's rootdir insertion does for
+    # tests/: a benchmarks/kernels.py once shadowed Hugging Face's kernels there. No script's neighbour may carry the
+    # name of an installed top-level module or of the standard library.
+    taken = set(metadata.packages_distributions()) | set(sys.stdlib_module_names)
+    for folder in ("benchmarks", "slurm", "tests", "tests/distributed", "tests/slurm"):
+        names = {p.stem for p in (REPO / folder).glob("*.py")} | {
+            p.name for p in (REPO / folder).iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+        assert not names & taken, f"{folder}/ shadows installed modules: {sorted(names & taken)}"
+
+
 @pytest.mark.parametrize("cli", CLIS)
 def test_every_cli_answers_help_from_the_root(cli):
     proc = subprocess.run([sys.executable, "-m", f"dico_scale.{cli}", "--help"], cwd=REPO, capture_output=True,

@@ -1,7 +1,7 @@
 """Per-sequence log-prob kernels against their peers, forward + backward, on one GPU.
 
-    python benchmarks/kernels.py --json benchmarks/results/kernels.json   # the GPU run (a few minutes)
-    python benchmarks/kernels.py --smoke                                  # CPU plumbing check, < 30 s
+    python benchmarks/kernel_bench.py --json benchmarks/results/kernels.json   # the GPU run (a few minutes)
+    python benchmarks/kernel_bench.py --smoke                                  # CPU plumbing check, < 30 s
 
 From decoder states h [N, T, H] and the lm_head weight W [V, H] (bf16, V = 49,409): the [N] masked sums
 of token log-probs, then backward with a random [N] upstream gradient, by naive fp32, the DiCO reference
