@@ -4,9 +4,10 @@
    step to every process of it: the ranks get it directly and checkpoint; torchrun itself must outlive them (its
    default action for SIGUSR1 would be to terminate, killing the job step mid-checkpoint). Only torchrun's own
    disposition changes: the handler is reset when it starts the ranks.
-2. Its exit code is the trainer's own when a rank exited with PREEMPTED (3: "preempted, checkpoint saved") or
-   DATA_ERROR (4: too much bad data), from dico_scale/exit_codes.py; plain torchrun reports every rank failure as 1.
-   Preemption wins, so the job is requeued.
+2. Its exit code is the trainer's own (dico_scale/exit_codes.py); plain torchrun reports every rank failure as 1.
+   PREEMPTED (3: "preempted, checkpoint saved") wins, so the job is requeued, then DATA_ERROR (4: too much bad
+   data); otherwise the code the failed ranks share (CONFIG_ERROR, 2, when every rank refused the same input), or
+   FAILED.
 
 Usage: exactly torchrun's (python slurm/torchrun.py --nnodes ... script.py args).
 """
@@ -30,4 +31,5 @@ if __name__ == "__main__":
     except ChildFailedError as e:
         print(e.format_msg() if hasattr(e, "format_msg") else str(e), file=sys.stderr, flush=True)
         codes = {f.exitcode for f in e.failures.values()}
-        sys.exit(next((c for c in (PREEMPTED, DATA_ERROR) if c in codes), FAILED))
+        shared = next(iter(codes)) if len(codes) == 1 and min(codes) > 0 else FAILED  # < 0: killed by a signal
+        sys.exit(next((c for c in (PREEMPTED, DATA_ERROR) if c in codes), shared))

@@ -1,5 +1,6 @@
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 # Without a GPU the Triton kernels run through Triton's interpreter; it is read when triton is first imported.
@@ -10,6 +11,42 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+_running = {"item": None}
+
+
+def _starts_ranks(args) -> bool:
+    """A command that starts a multi-rank job: the deepspeed runner with more than one rank, torchrun, Slurm."""
+    argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else str(args).split()
+    names = [os.path.basename(a) for a in argv]
+    if names and names[0] in ("sbatch", "srun", "torchrun"):
+        return True
+    if "--nproc_per_node" in argv:  # torchrun as a module or through slurm/torchrun.py
+        return argv[argv.index("--nproc_per_node") + 1] != "1"
+    return "deepspeed" in names[:1] and "--num_gpus" in argv and argv[argv.index("--num_gpus") + 1] != "1"
+
+
+_popen_init = subprocess.Popen.__init__
+
+
+def _guarded_popen_init(self, args, *rest, **kw):
+    # `make test-latest` and quick runs deselect the 2-rank jobs with -m 'not distributed': a test that starts one
+    # without the marker would slip into them (and into their time), so it fails here instead.
+    item = _running["item"]
+    if item is not None and "distributed" not in item.keywords and _starts_ranks(args):
+        raise AssertionError(f"{item.nodeid} starts a multi-rank job; mark it @pytest.mark.distributed")
+    _popen_init(self, args, *rest, **kw)
+
+
+subprocess.Popen.__init__ = _guarded_popen_init
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _running["item"] = item
+    yield
+    _running["item"] = None
 
 
 def pytest_collection_modifyitems(config, items):

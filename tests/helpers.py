@@ -3,6 +3,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -41,17 +42,27 @@ def demo_overrides(tmp: Path) -> list[str]:
             "train.log_every=1", "data.samples_per_epoch=64", "data.shuffle_buffer=50"]
 
 
-def launch(script: str, config: str, overrides: list[str], timeout=600, **kw):
-    """`deepspeed --num_gpus 2` (CPU ranks) on a free port, from the repository; the finished process."""
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), script, "--config", config, *overrides]
+def ranks_cmd(script: str, ranks: int = 2) -> list[str]:
+    """`script` on `ranks` CPU ranks under torchrun (slurm/torchrun.py: the trainer's exit codes pass through), on a
+    free port. The deepspeed runner and its launch.py child would import DeepSpeed twice before any rank starts (12-25
+    s a launch here); test_supervision and the SIGUSR1 test in test_distributed keep it, where its own behaviour is
+    what they check."""
+    if ranks == 1:  # a plain process: the trainer sets RANK & co itself
+        return [sys.executable, script]
+    return [sys.executable, "slurm/torchrun.py", "--nproc_per_node", str(ranks), "--master_port", str(free_port()),
+            script]
+
+
+def launch(script: str, config: str, overrides: list[str], timeout=600, ranks: int = 2, **kw):
+    """`script --config config overrides` on 2 CPU ranks, from the repository; the finished process."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run([*ranks_cmd(script, ranks), "--config", config, *overrides], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def kill_at(config: str, overrides: list[str], marker: Path, timeout: float = 300) -> None:
-    """Trains with 2 ranks until `marker` exists, then SIGKILLs the whole job (launcher and ranks, no clean-up)."""
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "dico_scale/train.py",
-           "--config", config, *overrides]
+    """Trains with 2 ranks (torchrun) until `marker` exists, then SIGKILLs the whole job (launcher and ranks, no clean-up)."""
+    cmd = [*ranks_cmd("dico_scale/train.py"), "--config", config, *overrides]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu"}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import check_ok, free_port
+from helpers import check_ok, ranks_cmd
 from mlflow.tracking import MlflowClient
 
 from dico_scale.checkpoint import crc32, verify_local
@@ -29,8 +29,7 @@ def _args(tmp: Path, out: Path) -> list[str]:
 
 
 def _deepspeed(args: list[str], ranks: int = 2, timeout: int = 400):
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), "dico_scale/train.py",
-           "--config", "configs/demo/xe.yaml", *args]
+    cmd = [*ranks_cmd("dico_scale/train.py", ranks), "--config", "configs/demo/xe.yaml", *args]
     return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 

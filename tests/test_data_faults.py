@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import ranks_cmd
 from torchvision import transforms
 
 from dico_scale.data import pipeline
@@ -161,13 +161,14 @@ def test_a_dead_stream_raises_instead_of_spinning(collate, workers, clean_env):
     pipeline.stats.clear()
 
 
+@pytest.mark.distributed
 def test_skipped_share_bound_stops_both_ranks(shards, tmp_path):
     """A real 2-rank XE run on bad shards: both ranks stop at the same log point with the one-line error, exit 4;
     the counts are in MLflow, the startup check counted the missing local shard."""
     from mlflow.tracking import MlflowClient
 
     spec = "::".join([shards["faults"], shards["clean"], shards["trunc"], shards["missing"]])
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "dico_scale/train.py",
+    cmd = [*ranks_cmd("dico_scale/train.py"),
            "--config", "configs/demo/xe.yaml", "data.synthetic.enabled=false", f"data.train_shards={spec}",
            "data.val_shards=", f"train.output_dir={tmp_path}/out", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
            "evaluator.weights=", "captioner.image_encoder_weights=", "train.max_steps=50", "train.log_every=2",

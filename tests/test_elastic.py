@@ -3,12 +3,11 @@ models' fingerprints, with real DeepSpeed CPU ranks, real shards and a real MLfl
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import check_ok, free_port
+from helpers import check_ok, ranks_cmd
 from mlflow.tracking import MlflowClient
 
 from dico_scale.checkpoint import verify_local
@@ -22,11 +21,7 @@ TAG2 = "step_00000002"
 
 
 def _launch(script: str, args: list[str], ranks: int, timeout: int = 400):
-    """2 ranks under torchrun, 1 as a plain process (the trainer sets RANK & co): the deepspeed runner and its launch
-    child would add two interpreters importing DeepSpeed (~20 s here) to every start, and elasticity is the same."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-                str(free_port())] if ranks > 1 else [sys.executable]
-    return subprocess.run([*launcher, script, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
+    return subprocess.run([*ranks_cmd(script, ranks), *args], cwd=REPO, env=ENV, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -93,6 +88,7 @@ def _changed_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.distributed
 def test_changed_reference_or_evaluator_file_stops_the_resume(dico2):
     tmp = dico2
     ckpt = tmp / "dico" / "checkpoints"
@@ -118,6 +114,7 @@ def test_changed_reference_or_evaluator_file_stops_the_resume(dico2):
         assert _run(tmp) == ("FINISHED", [1, 2])  # the MLflow run was not touched
 
 
+@pytest.mark.distributed
 def test_dico_resumes_at_one_rank_then_at_two_on_the_same_mlflow_run(dico2):
     tmp = dico2
     ckpt = tmp / "dico" / "checkpoints"
@@ -167,6 +164,7 @@ def test_dico_resumes_at_one_rank_then_at_two_on_the_same_mlflow_run(dico2):
         "step_00000003", "step_00000003_universal", "step_00000004"]
 
 
+@pytest.mark.distributed
 def test_bf16_zero3_checkpoint_resumes_at_one_rank_with_its_weights(tmp_path):
     """bf16 (the GPU default) under ZeRO-3: a 2-rank checkpoint loads at 1 rank to exactly the weights the 2-rank run
     exported, and training goes on from the kept conversion on the same MLflow run."""
@@ -211,6 +209,7 @@ def _adam_step_from_scratch(weights: dict, x: torch.Tensor, lr: float) -> dict:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.distributed
 def test_universal_resume_is_exact_and_carries_the_optimizer(tmp_path):
     for phase, ranks in (("w", 1), ("a", 2), ("b", 1)):
         check_ok(_launch("tests/distributed/elastic_check.py", [str(tmp_path), phase], ranks))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import pytest
-from helpers import check_ok, free_port
+from helpers import check_ok, ranks_cmd
 import torch
 import torch.nn.functional as F
 
@@ -39,8 +39,7 @@ def trained(tmp_path_factory):
                  "data.samples_per_epoch=16", "data.shuffle_buffer=8", "train.max_steps=2", "train.micro_batch_size=4",
                  "train.val_max_images=2", "evaluator.weights=", "captioner.image_encoder_weights=",
                  f"train.output_dir={tmp}/xe", "generation.max_len=8", "generation.beam_size=3"]
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "dico_scale/train.py",
-           "--config", "configs/demo/xe.yaml", *overrides]
+    cmd = [*ranks_cmd("dico_scale/train.py"), "--config", "configs/demo/xe.yaml", *overrides]
     check_ok(subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600))
     (tag,) = (tmp / "xe" / "checkpoints").glob("step_*")
     return {"tmp": tmp, "model": tmp / "xe" / "model.pt", "tag": tag, "db": f"sqlite:///{tmp}/mlflow.db"}
@@ -131,8 +130,7 @@ def test_two_ranks_equal_one_rank(trained, monkeypatch, tmp_path):
 
     tmp = trained["tmp"]
     args = ["--checkpoint", str(trained["model"]), "--shards", "test", "--batch-size", "2"]
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "dico_scale/evaluate.py", *args,
-           "--no-spice", "--out", str(tmp / "eval2.json")]
+    cmd = [*ranks_cmd("dico_scale/evaluate.py"), *args, "--no-spice", "--out", str(tmp / "eval2.json")]
     check_ok(subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600))
 
     monkeypatch.setattr(metrics, "spice_lib", lambda: str(tmp_path))  # SPICE fails alone, also if jars exist here

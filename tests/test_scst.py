@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from test_rollout import EOS, PAD, TOY, V, Bigram, toy
+from test_rollout import EOS, PAD, TOY, toy
 
 from dico_scale.config import ConfigError, GenerationConfig, load_config
 from dico_scale.rewards import RewardSpecError, parse_reward

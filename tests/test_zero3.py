@@ -9,7 +9,7 @@ import os
 import subprocess
 
 import pytest
-from helpers import check_ok, free_port
+from helpers import check_ok, ranks_cmd
 
 pytestmark = pytest.mark.distributed
 
@@ -26,8 +26,7 @@ def zero3(tmp_path_factory, repo):
               "train.log_every=1", "data.samples_per_epoch=32", "data.shuffle_buffer=20", "evaluator.weights=",
               "captioner.image_encoder_weights=", "train.micro_batch_size=2", "generation.beam_size=3",
               "generation.max_len=6", "train.val_max_images=4", "optim.lr=1e-3"]
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "tests/distributed/zero3_check.py",
-           str(tmp), "cpu", *common]
+    cmd = [*ranks_cmd("tests/distributed/zero3_check.py"), str(tmp), "cpu", *common]
     check_ok(subprocess.run(cmd, cwd=repo, env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"},
                             capture_output=True, text=True, timeout=1500))
     from mlflow.tracking import MlflowClient
