@@ -1,0 +1,106 @@
+"""A tracking server that dies, comes back and hangs never holds up training, and its data is not lost: a real
+`mlflow server` and a real 1-process run, ended by a real Ctrl-C (the first SIGINT is a preemption)."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from helpers import free_port, wait_for, xe_args
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parent.parent
+# A hung request gives up after 60 s (longer than the hung phase lasts): a tracker on the training path would hold
+# a step that long.
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+def _server(tmp: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on a sqlite store in tmp (kept across restarts), answering /health."""
+    log = open(tmp / "server.log", "a")
+    proc = subprocess.Popen(["mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp}/server.db",
+                             "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"],
+                            start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+    wait_for(healthy, 120, "mlflow server to answer")
+    return proc
+
+
+def _step(log: Path) -> int:
+    """The step the progress bar shows last."""
+    found = re.findall(r"(\d+)/100000 \[", log.read_text(errors="replace"))
+    return int(found[-1]) if found else 0
+
+
+def test_a_dead_then_hung_tracking_server_costs_no_step_and_no_metric(tmp_path):
+    port, out, log = free_port(), tmp_path / "xe", tmp_path / "run.log"
+    server = _server(tmp_path, port)
+    args = xe_args(tmp_path, out) + [f"tracking.uri=http://127.0.0.1:{port}", "tracking.retry_every_s=1"]
+    with open(log, "w") as f:
+        run = subprocess.Popen([sys.executable, "dico_scale/train.py", *args], cwd=REPO, env=ENV,
+                               start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _step(log) >= 3, 240, "3 training steps")
+        os.killpg(server.pid, signal.SIGKILL)  # the server dies...
+        server.wait()
+        killed_at = _step(log)
+        server = _server(tmp_path, port)  # ... and comes back (seconds later): the run sends what it kept
+        wait_for(lambda: "is back" in log.read_text(), 60, "the tracker to be back")
+        assert _step(log) > killed_at, "no step while the server was down"
+
+        os.killpg(server.pid, signal.SIGSTOP)  # a hung server: each request would wait 60 s
+        hung_at, start = _step(log), time.time()
+        wait_for(lambda: _step(log) >= hung_at + 4, 60, "4 steps while the server hangs")
+        assert time.time() - start < 25, "steps waited for the hung server"
+        os.kill(run.pid, signal.SIGINT)  # Ctrl-C: a checkpoint at the next step, exit 3
+        assert run.wait(timeout=120) == 3, log.read_text()[-3000:]
+    finally:
+        os.killpg(run.pid, signal.SIGKILL) if run.poll() is None else None
+        os.killpg(server.pid, signal.SIGCONT)
+
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    # one warning for the dead server; the hung one is still being waited for when the run ends (its records are
+    # kept all the same)
+    assert text.count("does not answer") == 1 and text.count("is back") == 1, text[-3000:]
+    final = int(re.search(r"preempted: checkpoint saved at step (\d+); to continue, run the same command with "
+                          r"train.resume=auto", text).group(1))
+    assert f"python -m dico_scale.tracking sync {out}" in text
+    backlog = out / "mlflow_backlog.jsonl"
+    kept = [json.loads(line) for line in backlog.read_text().splitlines()]
+    assert any(r["op"] == "end" and r["status"] == "KILLED" for r in kept)
+
+    sync = subprocess.run([sys.executable, "-m", "dico_scale.tracking", "sync", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert sync.returncode == 0 and f"sent {len(kept)} records" in sync.stdout, sync.stderr
+    assert not backlog.exists()
+    again = subprocess.run([sys.executable, "-m", "dico_scale.tracking", "sync", str(out)], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "nothing to send" in again.stdout
+
+    client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id])
+    assert mlrun.info.status == "KILLED"
+    history = client.get_metric_history(mlrun.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, final + 1))  # every step, once, at its own step
+    times = [m.timestamp for m in sorted(history, key=lambda m: m.step)]
+    assert times == sorted(times)  # the times they were logged at, not the time of the sync
+    assert mlrun.data.params["train.stage"] == "xe"
+    os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_sync_of_a_folder_that_is_not_there_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dico_scale.tracking", "sync", str(tmp_path / "nope")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"dico_scale: tracking sync: '{tmp_path}/nope' is not a folder"
