@@ -89,3 +89,21 @@ def wait_for(cond, timeout: float, what: str):
             return
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def launch_xe(tmp: Path, out: Path, log: Path):
+    """xe_args on 2 CPU ranks under `deepspeed`, in a session of its own, printing into `log` (a file, not a pipe
+    nobody reads: the ranks must never block on it). Returns once 2 steps are logged: (launcher, its processes)."""
+    import psutil
+
+    with open(log, "w") as f:
+        launcher = subprocess.Popen(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
+                                     "dico_scale/train.py", *xe_args(tmp, out)], cwd=REPO, start_new_session=True,
+                                    env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"},
+                                    stdout=f, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: steps_logged(tmp / "mlflow.db") >= 2, 300, "2 training steps")
+    except BaseException:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        raise
+    return launcher, psutil.Process(launcher.pid).children(recursive=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers import free_port, steps_logged, wait_for, xe_args
+from helpers import launch_xe, steps_logged, wait_for, xe_args
 
 from dico_scale.config import ConfigError, load_config
 from dico_scale.preflight import check_stage
@@ -29,14 +29,9 @@ def _ours_in_a_traceback(text: str) -> bool:
 
 @pytest.mark.distributed
 def test_ctrl_c_on_a_2_rank_launch_checkpoints_and_the_folder_then_refuses_another_stage(tmp_path):
-    out, db, log = tmp_path / "xe", tmp_path / "mlflow.db", tmp_path / "launch.log"
-    with open(log, "w") as f:
-        launcher = subprocess.Popen(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
-                                     "dico_scale/train.py", *xe_args(tmp_path, out)], cwd=REPO, env=ENV,
-                                    start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
+    out, log = tmp_path / "xe", tmp_path / "launch.log"
+    launcher, tree = launch_xe(tmp_path, out, log)
     try:
-        wait_for(lambda: steps_logged(db) >= 2, 300, "2 training steps")
-        tree = psutil.Process(launcher.pid).children(recursive=True)
         os.killpg(launcher.pid, signal.SIGINT)  # what a terminal does on Ctrl-C: the whole foreground group
         launcher.wait(timeout=120)
         wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree), 120,

@@ -8,26 +8,20 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import free_port, steps_logged, wait_for, xe_args
+from helpers import launch_xe, wait_for, xe_args
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.mark.parametrize("sig,target", [(signal.SIGTERM, "launcher"), (signal.SIGUSR1, "launcher"),
                                         (signal.SIGTERM, "ranks")], ids=["TERM-launcher", "USR1-launcher", "TERM-ranks"])
 def test_signal_to_the_launcher_alone_checkpoints_and_stops_every_rank(tmp_path, sig, target):
     """The launcher's PID alone (a supervisor, a container runtime) or SIGTERM forwarded to the ranks (torchrun)."""
-    out, db = tmp_path / "xe", tmp_path / "mlflow.db"
-    log = open(tmp_path / "launcher.log", "w")  # a file, not a pipe nobody reads: the ranks must never block on it
-    launcher = subprocess.Popen(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
-                                 "dico_scale/train.py", *xe_args(tmp_path, out)], cwd=REPO, env=ENV,
-                                start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    out, db, log = tmp_path / "xe", tmp_path / "mlflow.db", tmp_path / "launcher.log"
+    launcher, tree = launch_xe(tmp_path, out, log)
     try:
-        wait_for(lambda: steps_logged(db) >= 2, 300, "2 training steps")
-        tree = psutil.Process(launcher.pid).children(recursive=True)
         ranks = [p for p in tree if "--local_rank" in " ".join(p.cmdline())]
         assert len(ranks) == 2, [p.cmdline() for p in tree]
 
@@ -56,8 +50,7 @@ def test_signal_to_the_launcher_alone_checkpoints_and_stops_every_rank(tmp_path,
         for p in psutil.Process(os.getpid()).children(recursive=True):
             if "--local_rank" in " ".join(p.cmdline()):
                 p.kill()
-        log.close()
-    text = (tmp_path / "launcher.log").read_text()
+    text = log.read_text()
     tags = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / "complete").is_file())
     assert tags, f"no complete checkpoint after the stop:\n{text[-3000:]}"
     reason = "the launcher is gone" if target == "launcher" else "SIGTERM"
