@@ -10,6 +10,7 @@ tracking.retry_every_s while the run lives, and sent afterwards with
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import queue
 import sys
@@ -83,7 +84,7 @@ class Sender(threading.Thread):
         super().__init__(daemon=True, name="mlflow-sender")
         self.client, self.uri, self.backlog, self.retry_every_s = client, uri, backlog, retry_every_s
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self.down, self.next_retry, self.in_flight = False, 0.0, None
+        self.down, self.next_retry, self.in_flight, self.closed = False, 0.0, None, False
 
     def run(self) -> None:
         while True:
@@ -138,9 +139,15 @@ class Sender(threading.Thread):
             self.backlog.append(record)
 
     def close(self) -> None:
-        """Waits up to FINISH_WAIT_S for the queue to be sent; what is left goes to the backlog."""
-        self.queue.put(_STOP)
-        self.join(FINISH_WAIT_S)
+        """Waits up to FINISH_WAIT_S for the queue to be sent; what is left goes to the backlog. Once."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.queue.put(_STOP, timeout=FINISH_WAIT_S)  # a full queue: the sender is stuck on a request
+            self.join(FINISH_WAIT_S)
+        except queue.Full:
+            pass
         if not self.is_alive():
             return
         left = [self.in_flight] if self.in_flight else []  # may be sent twice: replaying is idempotent
@@ -180,6 +187,7 @@ class Tracker:
         self.backlog = Backlog(cfg.train.output_dir)
         self.sender = Sender(self.client, uri, self.backlog, cfg.tracking.queue_size, cfg.tracking.retry_every_s)
         self.sender.start()  # first sends a backlog left by an earlier segment of the run
+        atexit.register(self.sender.close)  # a process that ends without finish() still sends (or keeps) its records
         if not resume_run_id:
             self.log_params(flatten(cfg))
             self.log_text(to_yaml(cfg), "config.yaml")
