@@ -1,9 +1,9 @@
 """What keeps a run from outliving its launcher or sharing its output directory.
 
-- StopFlag: the preemption signal, SIGTERM, a first Ctrl-C (SIGINT) and the death of the launcher (the `deepspeed` runner, its
-  `deepspeed.launcher.launch` child, torchrun) all ask the ranks to checkpoint at the next step and stop; a rank that
-  has not exited stop_timeout_s later exits anyway; a second Ctrl-C exits at once. The `deepspeed` runner dies of SIGTERM or SIGUSR1 without telling
-  its children, so the ranks watch it themselves.
+- StopFlag: the preemption signal, SIGTERM, a first Ctrl-C (SIGINT) and the death of the launcher (the `deepspeed`
+  runner, its `deepspeed.launcher.launch` child, torchrun) all ask the ranks to checkpoint at the next step and stop;
+  a rank that has not exited stop_timeout_s later exits anyway; a second Ctrl-C exits at once. The `deepspeed`
+  runner dies of SIGTERM or SIGUSR1 without telling its children, so the ranks watch it themselves.
 - OutputDirLock: rank 0 holds an flock on <output_dir>/.lock for the whole run; the kernel drops it when the process
   dies (even of SIGKILL), so a lock left by a crash never blocks a resume.
 """

@@ -103,4 +103,5 @@ def test_a_dead_then_hung_tracking_server_costs_no_step_and_no_metric(tmp_path):
 def test_sync_of_a_folder_that_is_not_there_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dico_scale.tracking", "sync", str(tmp_path / "nope")], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip() == f"dico_scale: tracking sync: '{tmp_path}/nope' is not a folder"
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"dico_scale: tracking sync: '{tmp_path}/nope' is not a folder"
