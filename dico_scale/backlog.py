@@ -25,6 +25,19 @@ class Backlog:
         self.path = Path(folder) / NAME
         self.lost = 0  # records that could not even be written here (disk full, folder gone)
         self._lock = threading.Lock()
+        self._end_line()
+
+    def _end_line(self) -> None:
+        """A line cut short by a crash would swallow the next record appended to it: end it (it is skipped)."""
+        try:
+            with open(self.path, "rb+") as f:
+                if f.seek(0, os.SEEK_END) == 0:
+                    return
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+        except OSError:
+            pass
 
     def append(self, record: dict) -> None:
         """Never raises: a tracker must not stop the run, so a record that cannot be written is counted and lost."""

@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from helpers import free_port, wait_for, xe_args
 from mlflow.tracking import MlflowClient
 
@@ -102,3 +103,30 @@ def test_sync_of_a_folder_that_is_not_there_is_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"dico_scale: tracking sync: '{tmp_path}/nope' is not a folder"
+
+
+def test_backlog_replay_stops_at_the_first_refusal_and_keeps_the_rest_in_order(tmp_path):
+    """A real sqlite store refuses a record of a run it does not have: the records before it are sent and cleared."""
+    from dico_scale.backlog import Backlog
+    from dico_scale.tracking import send
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = client.create_run(client.create_experiment("b")).info.run_id
+    backlog = Backlog(tmp_path)
+    records = [{"op": "batch", "run_id": run_id, "metrics": [["loss", 1.0, 1000, 1]]},
+               {"op": "batch", "run_id": "no-such-run", "metrics": [["loss", 2.0, 2000, 2]]},
+               {"op": "end", "run_id": run_id, "status": "KILLED", "time": 3000}]
+    for r in records:
+        backlog.append(r)
+    with open(backlog.path, "a") as f:
+        f.write('{"op": "batch", "run_id"')  # a line cut short by a crash mid-write is dropped
+    with pytest.raises(Exception, match="no-such-run"):  # MLflow's own error for the missing run
+        backlog.replay(lambda r: send(client, r))
+    assert backlog.records() == records[1:]
+    Backlog(tmp_path).append(records[2])  # a new run's backlog starts on a line of its own
+    assert backlog.records() == records[1:] + records[2:]
+    backlog.drop_first(1)
+    assert backlog.replay(lambda r: send(client, r)) == (2, 0) and not backlog.path.exists()
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.info.end_time == 3000
+    assert [(m.step, m.timestamp) for m in client.get_metric_history(run_id, "loss")] == [(1, 1000)]
