@@ -211,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         if e.agreed:  # all ranks stopped at the same step; a rank alone must not wait for the others here
             shutdown()
         return exit_codes.DATA_ERROR
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (start-up, the final export): nothing to save
-        _error("interrupted (Ctrl-C) outside the training steps: no checkpoint written")
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (start-up, export, the tracker's last sends)
+        _error("interrupted (Ctrl-C) outside the training steps; train.resume=auto continues from the newest "
+               "complete checkpoint, if there is one")
         return exit_codes.INTERRUPTED
     preempted = summary.get("preempted", False)
     if summary["rank"] == 0 and not preempted:
