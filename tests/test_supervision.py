@@ -44,7 +44,7 @@ def test_signal_to_the_launcher_alone_checkpoints_and_stops_every_rank(tmp_path,
                 os.kill(rank.pid, sig)
             assert launcher.wait(timeout=300) == 3  # PREEMPTED, passed on by deepspeed's launch.py and runner
         wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree), 120,
-              "every rank and launch.py to exit")
+                 "every rank and launch.py to exit")
     finally:
         os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
         for p in psutil.Process(os.getpid()).children(recursive=True):
