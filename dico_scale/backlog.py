@@ -24,7 +24,7 @@ class Backlog:
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / NAME
         self.lost = 0  # records that could not even be written here (disk full, folder gone)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: a signal handler may spill while the main thread appends
         self._end_line()
 
     def _end_line(self) -> None:

@@ -170,7 +170,7 @@ def report_data(cfg: Config, totals: Counter) -> None:
 
 def train_loop(cfg: Config, stage, engine, tracker, make_train_loader, make_val_loader, state: LoopState) -> dict:
     """make_train_loader(epoch, start_batch) yields the epoch's batches after its first start_batch ones."""
-    stop = StopFlag(cfg.train.preempt_signal, cfg.train.stop_timeout_s)
+    stop = StopFlag(cfg.train.preempt_signal, cfg.train.stop_timeout_s, before_exit=tracker.spill)
     try:
         return _train(cfg, stage, engine, tracker, make_train_loader, make_val_loader, state, stop)
     finally:

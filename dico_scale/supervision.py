@@ -79,8 +79,10 @@ class StopFlag:
     """Set by a signal handler or the launcher watchdog, which do nothing else (saving inside a handler has hung
     trainers). The loop reads it after each optimizer step; the ranks agree on it so they all checkpoint together."""
 
-    def __init__(self, preempt_signal: str, timeout_s: float, watch_every_s: float = 1.0):
+    def __init__(self, preempt_signal: str, timeout_s: float, watch_every_s: float = 1.0, before_exit=None):
+        """before_exit: called just before a rank exits without a checkpoint (the tracker keeps its queue)."""
         self.raised, self.reason, self.timeout_s = False, "", timeout_s
+        self._before_exit = before_exit or (lambda: None)
         self._deadline: threading.Timer | None = None
         self._closed = threading.Event()
         self._previous, self._first_ctrl_c = {}, None
@@ -115,6 +117,7 @@ class StopFlag:
                 _say("Ctrl-C: stopping with a checkpoint after this step (Ctrl-C again to exit at once without one)")
         elif now - first > SAME_CTRL_C_S:
             _say("Ctrl-C again: exiting now, without a checkpoint")
+            self._before_exit()
             os._exit(INTERRUPTED)  # no traceback, no waiting for collectives the other ranks may never enter
 
     def _watch(self, launchers, every: float) -> None:
@@ -127,6 +130,7 @@ class StopFlag:
     def _give_up(self) -> None:
         _say(f"asked to stop ({self.reason}) {self.timeout_s:g} s ago and not done: exiting without a checkpoint "
              "(train.stop_timeout_s)")
+        self._before_exit()
         os._exit(FAILED)
 
     def agreed_reason(self, device) -> str | None:

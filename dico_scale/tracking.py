@@ -148,9 +148,13 @@ class Sender(threading.Thread):
             self.join(FINISH_WAIT_S)
         except queue.Full:
             pass
-        if not self.is_alive():
-            return
-        left = [self.in_flight] if self.in_flight else []  # may be sent twice: replaying is idempotent
+        if self.is_alive():
+            self.spill()
+
+    def spill(self) -> None:
+        """What is queued, and the record being sent, to the backlog at once, without the network (the process is
+        about to end). The record being sent may arrive twice: replaying is idempotent."""
+        left = [self.in_flight] if self.in_flight else []
         while True:
             try:
                 left.append(self.queue.get_nowait())
@@ -215,6 +219,11 @@ class Tracker:
 
     def log_dict(self, obj, artifact_file: str) -> None:
         self._put("dict", obj=obj, file=artifact_file)
+
+    def spill(self) -> None:
+        """For a process that exits at once (Ctrl-C twice, a stop that timed out): keep what is queued on disk."""
+        if self.active:
+            self.sender.spill()
 
     def finish(self, status: str = "FINISHED") -> None:
         """Ends the run; what could not be sent stays in the backlog, with one line saying how to send it."""
