@@ -130,3 +130,20 @@ def test_backlog_replay_stops_at_the_first_refusal_and_keeps_the_rest_in_order(t
     run = client.get_run(run_id)
     assert run.info.status == "KILLED" and run.info.end_time == 3000
     assert [(m.step, m.timestamp) for m in client.get_metric_history(run_id, "loss")] == [(1, 1000)]
+
+
+def test_a_full_queue_spills_to_the_backlog_and_everything_arrives(tmp_path):
+    """Bounded memory: put never blocks; what the queue cannot hold waits on disk and is sent too, each at its step."""
+    from dico_scale.backlog import Backlog
+    from dico_scale.tracking import Sender
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = client.create_run(client.create_experiment("q")).info.run_id
+    sender = Sender(client, "sqlite", Backlog(tmp_path), queue_size=2, retry_every_s=1)
+    for step in range(1, 6):  # the sender is not running yet: a store that takes nothing
+        sender.put({"op": "batch", "run_id": run_id, "metrics": [["loss", float(step), 1000 + step, step]]})
+    assert sender.queue.qsize() == 2 and len(sender.backlog) == 3
+    sender.start()
+    sender.close()
+    assert not sender.backlog.path.exists()
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4, 5]
