@@ -20,22 +20,33 @@ REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
 
 
-def _server(tmp: Path, port: int) -> subprocess.Popen:
-    """`mlflow server` on a sqlite store in tmp (kept across restarts), answering /health."""
-    log = open(tmp / "server.log", "a")
-    proc = subprocess.Popen(["mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp}/server.db",
-                             "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"],
-                            start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+@pytest.fixture
+def start_server(tmp_path):
+    """start(port): `mlflow server` on a sqlite store in tmp_path (kept across restarts), once it answers /health.
+    Every server started is killed at the end, also when the test fails."""
+    procs = []
 
-    def healthy() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-    wait_for(healthy, 120, "mlflow server to answer")
-    return proc
+    def start(port: int) -> subprocess.Popen:
+        log = open(tmp_path / "server.log", "a")
+        procs.append(subprocess.Popen(["mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                                       "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
+                                       "--port", str(port), "--workers", "1"],
+                                      start_new_session=True, stdout=log, stderr=subprocess.STDOUT))
+        wait_for(lambda: _healthy(port), 120, "mlflow server to answer")
+        return procs[-1]
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 def _step(log: Path) -> int:
@@ -44,9 +55,9 @@ def _step(log: Path) -> int:
     return int(found[-1]) if found else 0
 
 
-def test_a_dead_then_hung_tracking_server_costs_no_step_and_no_metric(tmp_path):
+def test_a_dead_then_hung_tracking_server_costs_no_step_and_no_metric(tmp_path, start_server):
     port, out, log = free_port(), tmp_path / "xe", tmp_path / "run.log"
-    server = _server(tmp_path, port)
+    server = start_server(port)
     args = xe_args(tmp_path, out) + [f"tracking.uri=http://127.0.0.1:{port}", "tracking.retry_every_s=1"]
     with open(log, "w") as f:
         run = subprocess.Popen([sys.executable, "dico_scale/train.py", *args], cwd=REPO, env=ENV,
@@ -56,7 +67,7 @@ def test_a_dead_then_hung_tracking_server_costs_no_step_and_no_metric(tmp_path):
         os.killpg(server.pid, signal.SIGKILL)  # the server dies...
         server.wait()
         killed_at = _step(log)
-        server = _server(tmp_path, port)  # ... and comes back (seconds later): the run sends what it kept
+        server = start_server(port)  # ... and comes back (seconds later): the run sends what it kept
         wait_for(lambda: "is back" in log.read_text(), 60, "the tracker to be back")
         assert _step(log) > killed_at, "no step while the server was down"
 
@@ -95,7 +106,6 @@ def test_a_dead_then_hung_tracking_server_costs_no_step_and_no_metric(tmp_path):
     times = [m.timestamp for m in sorted(history, key=lambda m: m.step)]
     assert times == sorted(times)  # the times they were logged at, not the time of the sync
     assert mlrun.data.params["train.stage"] == "xe"
-    os.killpg(server.pid, signal.SIGKILL)
 
 
 def test_sync_of_a_folder_that_is_not_there_is_one_line(tmp_path):
