@@ -82,12 +82,12 @@ def steps_logged(db: Path) -> int:
         return 0
 
 
-def wait_for(cond, timeout: float, what: str):
+def wait_for(cond, timeout: float, what: str, every: float = 0.5):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if cond():
             return
-        time.sleep(0.5)
+        time.sleep(every)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 

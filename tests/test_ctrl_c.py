@@ -62,20 +62,25 @@ def test_ctrl_c_on_a_2_rank_launch_checkpoints_and_the_folder_then_refuses_anoth
 
 def test_ctrl_c_twice_exits_at_once_without_a_traceback(tmp_path):
     out, db, log = tmp_path / "xe", tmp_path / "mlflow.db", tmp_path / "run.log"
-    slow_steps = ["train.micro_batch_size=32"]  # seconds a step: the second Ctrl-C comes before the checkpoint
     with open(log, "w") as f:
-        run = subprocess.Popen([sys.executable, "dico_scale/train.py", *xe_args(tmp_path, out), *slow_steps],
-                               cwd=REPO, env=ENV, start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
+        run = subprocess.Popen([sys.executable, "dico_scale/train.py", *xe_args(tmp_path, out)], cwd=REPO, env=ENV,
+                               start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: steps_logged(db) >= 1, 240, "a training step")
         os.kill(run.pid, signal.SIGINT)
-        time.sleep(SAME_CTRL_C_S + 0.2)  # sooner, it counts as the same Ctrl-C (forwarded by a launcher)
+        wait_for(lambda: "Ctrl-C again to exit at once" in log.read_text(), 10, "the first Ctrl-C's line", every=0.02)
+        # Frozen while it stops (a step and a checkpoint away): the second Ctrl-C surely comes before it is done,
+        # and later than SAME_CTRL_C_S (sooner it would count as the same Ctrl-C, forwarded by a launcher).
+        os.kill(run.pid, signal.SIGSTOP)
+        time.sleep(SAME_CTRL_C_S + 0.2)
         os.kill(run.pid, signal.SIGINT)
+        os.kill(run.pid, signal.SIGCONT)
         assert run.wait(timeout=30) == 130
     finally:
         os.killpg(run.pid, signal.SIGKILL) if run.poll() is None else None
     text = log.read_text()
     assert "Traceback" not in text and "dico_scale: Ctrl-C again: exiting now, without a checkpoint" in text, text
+    assert not list(out.glob("checkpoints/step_*/complete"))  # it did not wait for the checkpoint
 
 
 def _cfg(out: Path, stage: str, resume: str = "none"):
