@@ -122,8 +122,9 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, config
         try:
             marker = {"step": step, "world_size": dist.get_world_size(), "zero_stage": engine.zero_optimization_stage(),
                       "files": files}
-            if client_state.get(FROZEN_KEY) is not None:  # checked before a resume builds anything (frozen.py)
-                marker[FROZEN_KEY] = client_state[FROZEN_KEY]
+            for key in ("stage", "init_from", FROZEN_KEY):  # checked before a resume builds anything
+                if client_state.get(key) is not None:
+                    marker[key] = client_state[key]
             write_marker(tag_dir, marker)
             for old in complete_tags(ckpt_dir)[:-keep]:
                 for folder in (old, old.with_name(old.name + UNIVERSAL), old.with_name(old.name + UNIVERSAL + ".tmp")):

@@ -184,6 +184,10 @@ class TrackingConfig:
     # within connect_timeout_s stops the run with one line (exit 2), or, with required=false, disables tracking.
     required: bool = True
     connect_timeout_s: float = 10.0  # (0, inf)
+    # Logging never waits for the store: records queue for a sender thread (at most queue_size; more spill to
+    # <output_dir>/mlflow_backlog.jsonl, as does whatever the store refuses), retried every retry_every_s.
+    queue_size: int = 10000  # >= 1
+    retry_every_s: float = 30.0  # (0, inf)
     parent_run_id: str = ""  # the run is created as a child of this MLflow run (tag mlflow.parentRunId; compare)
 
 
@@ -312,7 +316,8 @@ RANGES = [
     ("train.save_every", 0, False, None, False), ("train.keep_checkpoints", 1, False, None, False),
     ("train.max_nonfinite_steps", 1, False, None, False), ("train.stop_timeout_s", 0, True, None, False),
     ("train.threads", 0, False, None, False), ("tracking.connect_timeout_s", 0, True, None, False),
-    ("train.patience", 0, False, None, False),
+    ("train.patience", 0, False, None, False), ("tracking.queue_size", 1, False, None, False),
+    ("tracking.retry_every_s", 0, True, None, False),
 ]
 
 

@@ -170,7 +170,7 @@ def report_data(cfg: Config, totals: Counter) -> None:
 
 def train_loop(cfg: Config, stage, engine, tracker, make_train_loader, make_val_loader, state: LoopState) -> dict:
     """make_train_loader(epoch, start_batch) yields the epoch's batches after its first start_batch ones."""
-    stop = StopFlag(cfg.train.preempt_signal, cfg.train.stop_timeout_s)
+    stop = StopFlag(cfg.train.preempt_signal, cfg.train.stop_timeout_s, before_exit=tracker.spill)
     try:
         return _train(cfg, stage, engine, tracker, make_train_loader, make_val_loader, state, stop)
     finally:
@@ -194,7 +194,10 @@ def _train(cfg: Config, stage, engine, tracker, make_train_loader, make_val_load
 
     def save():
         data.flush(state.data, device)  # the totals in the checkpoint include this rank's latest batches
-        save_checkpoint(engine, ckpt_dir, step, state.client_state(step), to_yaml(cfg), t.keep_checkpoints)
+        # the stage and what it started from: a resume by another stage is refused (preflight.check_stage)
+        identity = {"stage": t.stage, "init_from": t.init_from}
+        save_checkpoint(engine, ckpt_dir, step, {**state.client_state(step), **identity}, to_yaml(cfg),
+                        t.keep_checkpoints)
 
     def validate() -> bool:
         """Validation, then the best checkpoint; True (on every rank) when the patience ran out."""

@@ -1,5 +1,6 @@
 """Checks that run before anything is built, so that a run that cannot work fails in seconds with one line:
-an output directory that cannot be written, a tracking server that does not answer."""
+an output directory that cannot be written or that belongs to another stage, a tracking server that does not
+answer."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,8 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+import yaml
 
 from .config import Config, ConfigError
 
@@ -72,7 +75,56 @@ def check_tracking(cfg: Config, rank: int) -> None:
     cfg.tracking.enabled = False
 
 
+def tag_stage(tag: Path) -> str | None:
+    """The stage a checkpoint tag was written by: its marker, else (older tags) the config.yaml saved beside it."""
+    from .checkpoint import read_marker
+
+    stage = read_marker(tag).get("stage")
+    if stage is None:
+        try:
+            stage = ((yaml.safe_load((tag / "config.yaml").read_text()) or {}).get("train") or {}).get("stage")
+        except (OSError, yaml.YAMLError, AttributeError):
+            return None
+    return stage
+
+
+def export_stage(path: Path) -> str | None:
+    """The stage of an exported model.pt (engine.export_weights records it); mapped, not read, however large."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("stage")
+    except Exception:  # noqa: BLE001 - an unreadable export has no known stage
+        return None
+
+
+def check_stage(cfg: Config, rank: int) -> None:
+    """A run folder belongs to one stage: refuse to resume another stage's checkpoint, or to write checkpoints and
+    model.pt into a folder whose newest checkpoint (else its model.pt) is another stage's. Unknown: a warning."""
+    from .checkpoint import MARKER, complete_tags
+
+    t, out = cfg.train, Path(cfg.train.output_dir)
+    tags = complete_tags(out / "checkpoints")
+    if t.resume not in ("none", "auto") and (Path(t.resume) / MARKER).is_file():
+        found = Path(t.resume), tag_stage(Path(t.resume)), f"train.resume={t.resume}: the checkpoint"
+    elif tags:
+        found = tags[-1], tag_stage(tags[-1]), f"train.output_dir '{out}': its newest checkpoint {tags[-1].name}"
+    elif (out / "model.pt").is_file():
+        found = out / "model.pt", export_stage(out / "model.pt"), f"train.output_dir '{out}': its model.pt"
+    else:
+        return
+    path, stage, where = found
+    if stage is None:
+        if rank == 0:
+            print(f"dico_scale: warning: {path} does not record its stage (written before stages were recorded); "
+                  f"make sure it is a {t.stage} run's", file=sys.stderr, flush=True)
+    elif stage != t.stage:
+        raise ConfigError(f"{where} belongs to the {stage} stage, this run is {t.stage}: use one "
+                          "train.output_dir per stage (and train.init_from=<the other folder>/model.pt)")
+
+
 def run_preflight(cfg: Config) -> None:
     rank = int(os.environ.get("RANK", "0"))
     check_output_dir(cfg.train.output_dir)
+    check_stage(cfg, rank)
     check_tracking(cfg, rank)

@@ -1,9 +1,9 @@
 """What keeps a run from outliving its launcher or sharing its output directory.
 
-- StopFlag: the preemption signal, SIGTERM and the death of the launcher (the `deepspeed` runner, its
-  `deepspeed.launcher.launch` child, torchrun) all ask the ranks to checkpoint at the next step and stop; a rank that
-  has not exited stop_timeout_s later exits anyway. The `deepspeed` runner dies of SIGTERM or SIGUSR1 without telling
-  its children, so the ranks watch it themselves.
+- StopFlag: the preemption signal, SIGTERM, a first Ctrl-C (SIGINT) and the death of the launcher (the `deepspeed`
+  runner, its `deepspeed.launcher.launch` child, torchrun) all ask the ranks to checkpoint at the next step and stop;
+  a rank that has not exited stop_timeout_s later exits anyway; a second Ctrl-C exits at once. The `deepspeed`
+  runner dies of SIGTERM or SIGUSR1 without telling its children, so the ranks watch it themselves.
 - OutputDirLock: rank 0 holds an flock on <output_dir>/.lock for the whole run; the kernel drops it when the process
   dies (even of SIGKILL), so a lock left by a crash never blocks a resume.
 """
@@ -22,11 +22,14 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
-from .exit_codes import FAILED
+from .exit_codes import FAILED, INTERRUPTED
 
 LAUNCHER_MARKERS = ("deepspeed.launcher.launch", "torch.distributed.run", "torchrun", "bin/deepspeed",
                     "slurm/torchrun.py")
 _launchers: list[tuple[int, str, str]] | None = None  # (pid, start time, what) recorded at process start
+# A SIGINT this soon after the first is the same Ctrl-C: a terminal signals the whole process group, and a launcher
+# (torchrun) forwards it to the ranks at once as well.
+SAME_CTRL_C_S = 0.5
 
 
 def _stat(pid: int) -> tuple[int, str, str] | None:
@@ -66,16 +69,24 @@ def _alive(pid: int, start: str) -> bool:
     return info is not None and info[1] == start and info[2] not in ("Z", "X")  # same process, not a zombie
 
 
+def _say(line: str) -> None:
+    """One write: several ranks may share the launcher's pipe."""
+    sys.stderr.write(f"dico_scale: {line}\n")
+    sys.stderr.flush()
+
+
 class StopFlag:
     """Set by a signal handler or the launcher watchdog, which do nothing else (saving inside a handler has hung
     trainers). The loop reads it after each optimizer step; the ranks agree on it so they all checkpoint together."""
 
-    def __init__(self, preempt_signal: str, timeout_s: float, watch_every_s: float = 1.0):
+    def __init__(self, preempt_signal: str, timeout_s: float, watch_every_s: float = 1.0, before_exit=None):
+        """before_exit: called just before a rank exits without a checkpoint (the tracker keeps its queue)."""
         self.raised, self.reason, self.timeout_s = False, "", timeout_s
+        self._before_exit = before_exit or (lambda: None)
         self._deadline: threading.Timer | None = None
         self._closed = threading.Event()
-        self._previous = {}
-        for name in {preempt_signal, "SIGTERM"} - {""}:
+        self._previous, self._first_ctrl_c = {}, None
+        for name in {preempt_signal, "SIGTERM", "SIGINT"} - {""}:
             sig = signal.Signals[name]
             self._previous[sig] = signal.signal(sig, self._handler)
         launchers = record_launchers()
@@ -93,8 +104,21 @@ class StopFlag:
 
     def _handler(self, signum, frame):
         # A repeated signal changes nothing: a signal sent to the process group reaches the ranks, and then
-        # deepspeed's launch.py forwards it to them once more at once.
+        # deepspeed's launch.py forwards it to them once more at once. Ctrl-C pressed again does.
+        if signum == signal.SIGINT:
+            self._ctrl_c()
         self.request(signal.Signals(signum).name)
+
+    def _ctrl_c(self) -> None:
+        now, first = time.monotonic(), self._first_ctrl_c
+        if first is None:
+            self._first_ctrl_c = now
+            if os.environ.get("RANK", "0") == "0":
+                _say("Ctrl-C: stopping with a checkpoint after this step (Ctrl-C again to exit at once without one)")
+        elif now - first > SAME_CTRL_C_S:
+            _say("Ctrl-C again: exiting now, without a checkpoint")
+            self._before_exit()
+            os._exit(INTERRUPTED)  # no traceback, no waiting for collectives the other ranks may never enter
 
     def _watch(self, launchers, every: float) -> None:
         while not self._closed.wait(every):
@@ -104,8 +128,9 @@ class StopFlag:
                 return
 
     def _give_up(self) -> None:
-        print(f"dico_scale: asked to stop ({self.reason}) {self.timeout_s:g} s ago and not done: exiting without "
-              "a checkpoint (train.stop_timeout_s)", file=sys.stderr, flush=True)
+        _say(f"asked to stop ({self.reason}) {self.timeout_s:g} s ago and not done: exiting without a checkpoint "
+             "(train.stop_timeout_s)")
+        self._before_exit()
         os._exit(FAILED)
 
     def agreed_reason(self, device) -> str | None:

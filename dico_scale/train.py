@@ -138,13 +138,14 @@ def _run_locked(cfg: Config, device) -> dict:
     try:
         summary = train_loop(cfg, stage, engine, tracker, make_train_loader, make_val_loader, state)
         export_weights(engine, os.path.join(cfg.train.output_dir, "model.pt"),
-                       {"config": to_yaml(cfg), "stage": cfg.train.stage, "step": summary["step"],
-                        "mlflow_run_id": state.mlflow_run_id})
+                       {"config": to_yaml(cfg), "stage": cfg.train.stage, "init_from": cfg.train.init_from,
+                        "step": summary["step"], "mlflow_run_id": state.mlflow_run_id})
     except Preempted as p:
         tracker.finish("KILLED")  # the requeued job sets it back to RUNNING when it resumes
         summary = {"step": p.step, "val": {}, "preempted": True}
         if rank == 0:
-            print(f"preempted: checkpoint saved at step {p.step}", flush=True)
+            print(f"preempted: checkpoint saved at step {p.step}; to continue, run the same command with "
+                  "train.resume=auto", flush=True)
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -210,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         if e.agreed:  # all ranks stopped at the same step; a rank alone must not wait for the others here
             shutdown()
         return exit_codes.DATA_ERROR
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (start-up, export, the tracker's last sends)
+        _error("interrupted (Ctrl-C) outside the training steps; train.resume=auto continues from the newest "
+               "complete checkpoint, if there is one")
+        return exit_codes.INTERRUPTED
     preempted = summary.get("preempted", False)
     if summary["rank"] == 0 and not preempted:
         print(f"done: stage={cfg.train.stage} step={summary['step']} val={summary['val']}", flush=True)

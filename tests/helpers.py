@@ -2,6 +2,7 @@
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -71,3 +72,49 @@ def kill_at(config: str, overrides: list[str], marker: Path, timeout: float = 30
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert marker.exists(), f"no {marker} before the deadline"
+
+
+def xe_args(tmp: Path, out: Path) -> list[str]:
+    """A small 1-or-2-rank xe run that trains until it is stopped (no weights files, no validation, no saves)."""
+    return ["--config", "configs/demo/xe.yaml", f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+            "data.synthetic.n_train=100", "data.synthetic.n_val=8", "data.synthetic.n_test=8",
+            "data.synthetic.samples_per_shard=25", "data.samples_per_epoch=32", "data.shuffle_buffer=10",
+            "train.micro_batch_size=2", "train.log_every=1", "train.val_every=0", "train.save_every=1000",
+            "train.max_steps=100000", "evaluator.weights=", "captioner.image_encoder_weights=",
+            f"train.output_dir={out}"]
+
+
+def steps_logged(db: Path) -> int:
+    """Training steps whose loss is in the run's sqlite store."""
+    try:
+        with sqlite3.connect(db) as c:
+            return c.execute("select count(distinct step) from metrics where key='train/loss'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def wait_for(cond, timeout: float, what: str, every: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def launch_xe(tmp: Path, out: Path, log: Path):
+    """xe_args on 2 CPU ranks under `deepspeed`, in a session of its own, printing into `log` (a file, not a pipe
+    nobody reads: the ranks must never block on it). Returns once 2 steps are logged: (launcher, its processes)."""
+    import psutil
+
+    with open(log, "w") as f:
+        launcher = subprocess.Popen(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
+                                     "dico_scale/train.py", *xe_args(tmp, out)], cwd=REPO, start_new_session=True,
+                                    env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"},
+                                    stdout=f, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: steps_logged(tmp / "mlflow.db") >= 2, 300, "2 training steps")
+    except BaseException:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        raise
+    return launcher, psutil.Process(launcher.pid).children(recursive=True)

@@ -143,7 +143,8 @@ def test_data_summary_and_the_warning_below_the_minimum():
 
 
 def test_one_exit_code_table_for_the_entry_points_scripts_and_readme():
-    assert exit_codes.TABLE == {"OK": 0, "FAILED": 1, "CONFIG_ERROR": 2, "PREEMPTED": 3, "DATA_ERROR": 4}
+    assert exit_codes.TABLE == {"OK": 0, "FAILED": 1, "CONFIG_ERROR": 2, "PREEMPTED": 3, "DATA_ERROR": 4,
+                                 "INTERRUPTED": 130}
     shell = subprocess.run([sys.executable, "-m", "dico_scale.exit_codes"], cwd=REPO, capture_output=True, text=True)
     assert shell.stdout.split() == [f"{k}_EXIT={v}" for k, v in exit_codes.TABLE.items()]
     # launch.sh reads the table (outside an allocation it stops with CONFIG_ERROR)
@@ -154,7 +155,7 @@ def test_one_exit_code_table_for_the_entry_points_scripts_and_readme():
         text = (REPO / script).read_text()
         assert not re.search(r"\b(PREEMPTED_EXIT|DATA_ERROR_EXIT)\s*=\s*\d", text), script  # no private copies
     readme = (REPO / "README.md").read_text()
-    rows = dict(re.findall(r"^\s*\| (\d) \| `(\w+)` \|", readme, re.M))
+    rows = dict(re.findall(r"^\s*\| (\d+) \| `(\w+)` \|", readme, re.M))
     assert {v: int(k) for k, v in rows.items()} == exit_codes.TABLE
 
 

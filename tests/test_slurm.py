@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import free_port, wait_for
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parent.parent
@@ -156,15 +156,6 @@ def _restartable(job: int) -> bool:
     return not steps.strip() and dict(zip(nodes[::2], nodes[1::2])) == {n: "idle" for n in NODES}
 
 
-def _wait_for(cond, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_preempted_job_checkpoints_requeues_and_resumes_on_the_same_run(slurm_cluster, tmp_path):
     """USR1 to a running job: the ranks checkpoint and exit 3, the job is requeued, resumes at the next step and
     finishes on the same MLflow run."""
@@ -189,15 +180,15 @@ def test_preempted_job_checkpoints_requeues_and_resumes_on_the_same_run(slurm_cl
         except sqlite3.Error:
             return 0
     try:
-        _wait_for(lambda: steps_logged() >= 3, 300, "3 training steps")
+        wait_for(lambda: steps_logged() >= 3, 300, "3 training steps")
         subprocess.run(["scancel", "--signal=USR1", "--full", str(job)], check=True)
-        _wait_for(lambda: _job_field(job, "Restarts") == "1", 240, "the requeue")
+        wait_for(lambda: _job_field(job, "Restarts") == "1", 240, "the requeue")
         # Skip the requeue delay, but only once a restart can succeed: a start forced while the old step is still
         # being torn down is killed by slurmd ("Job credential revoked") and the job ends FAILED.
-        _wait_for(lambda: _restartable(job), 240, "the requeued job to be pending on idle nodes")
+        wait_for(lambda: _restartable(job), 240, "the requeued job to be pending on idle nodes")
         time.sleep(2)  # slurmd rejects credentials created in the same second as the old one's revocation
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
-        _wait_for(lambda: _job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", ""), 400, "the end")
+        wait_for(lambda: _job_field(job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", ""), 400, "the end")
     finally:
         subprocess.run(["scancel", str(job)], capture_output=True)
     batch = (logs / f"pre-{job}.out").read_text()

@@ -1,7 +1,6 @@
 """Ranks never outlive their launcher, and two runs never share an output directory (2 real DeepSpeed CPU ranks)."""
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -9,58 +8,26 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import free_port
+from helpers import launch_xe, wait_for, xe_args
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
-
-
-def _args(tmp: Path, out: Path) -> list[str]:
-    return ["--config", "configs/demo/xe.yaml", f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
-            "data.synthetic.n_train=100", "data.synthetic.n_val=8", "data.synthetic.n_test=8",
-            "data.synthetic.samples_per_shard=25", "data.samples_per_epoch=32", "data.shuffle_buffer=10",
-            "train.micro_batch_size=2", "train.log_every=1", "train.val_every=0", "train.save_every=1000",
-            "train.max_steps=100000", "evaluator.weights=", "captioner.image_encoder_weights=",
-            f"train.output_dir={out}"]
-
-
-def _steps_logged(db: Path) -> int:
-    try:
-        with sqlite3.connect(db) as c:
-            return c.execute("select count(distinct step) from metrics where key='train/loss'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
-def _wait(cond, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.mark.parametrize("sig,target", [(signal.SIGTERM, "launcher"), (signal.SIGUSR1, "launcher"),
                                         (signal.SIGTERM, "ranks")], ids=["TERM-launcher", "USR1-launcher", "TERM-ranks"])
 def test_signal_to_the_launcher_alone_checkpoints_and_stops_every_rank(tmp_path, sig, target):
     """The launcher's PID alone (a supervisor, a container runtime) or SIGTERM forwarded to the ranks (torchrun)."""
-    out, db = tmp_path / "xe", tmp_path / "mlflow.db"
-    log = open(tmp_path / "launcher.log", "w")  # a file, not a pipe nobody reads: the ranks must never block on it
-    launcher = subprocess.Popen(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
-                                 "dico_scale/train.py", *_args(tmp_path, out)], cwd=REPO, env=ENV,
-                                start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    out, db, log = tmp_path / "xe", tmp_path / "mlflow.db", tmp_path / "launcher.log"
+    launcher, tree = launch_xe(tmp_path, out, log)
     try:
-        _wait(lambda: _steps_logged(db) >= 2, 300, "2 training steps")
-        tree = psutil.Process(launcher.pid).children(recursive=True)
         ranks = [p for p in tree if "--local_rank" in " ".join(p.cmdline())]
         assert len(ranks) == 2, [p.cmdline() for p in tree]
 
         if target == "launcher" and sig == signal.SIGTERM:  # a second run on the same output directory fails in seconds, with one line
             start = time.time()
-            second = subprocess.run([sys.executable, "dico_scale/train.py", *_args(tmp_path, out)], cwd=REPO,
+            second = subprocess.run([sys.executable, "dico_scale/train.py", *xe_args(tmp_path, out)], cwd=REPO,
                                     capture_output=True, text=True, timeout=120)
             assert second.returncode == 2, second.stderr[-3000:]
             line = second.stderr.strip().splitlines()[-1]
@@ -76,15 +43,14 @@ def test_signal_to_the_launcher_alone_checkpoints_and_stops_every_rank(tmp_path,
             for rank in ranks:
                 os.kill(rank.pid, sig)
             assert launcher.wait(timeout=300) == 3  # PREEMPTED, passed on by deepspeed's launch.py and runner
-        _wait(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree), 120,
-              "every rank and launch.py to exit")
+        wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree), 120,
+                 "every rank and launch.py to exit")
     finally:
         os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
         for p in psutil.Process(os.getpid()).children(recursive=True):
             if "--local_rank" in " ".join(p.cmdline()):
                 p.kill()
-        log.close()
-    text = (tmp_path / "launcher.log").read_text()
+    text = log.read_text()
     tags = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / "complete").is_file())
     assert tags, f"no complete checkpoint after the stop:\n{text[-3000:]}"
     reason = "the launcher is gone" if target == "launcher" else "SIGTERM"

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import signal
 from collections import Counter
 
 import torch
@@ -218,6 +219,12 @@ def _worker_share(batches: int):
     return stage
 
 
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """A worker hit by the terminal's Ctrl-C would exit quietly and fail the batch the trainer is stopping after;
+    the trainer alone decides (supervision.StopFlag)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _urls(spec) -> list[str]:
     return list(spec) if isinstance(spec, (list, tuple)) else wds.shardlists.expand_urls(spec)
 
@@ -245,7 +252,8 @@ def train_loader(spec, collate: Collate, batch_size: int, samples_per_epoch: int
         wds.batched(batch_size, collation_fn=collate, partial=False),
         _worker_share(batches),
     ]
-    loader = wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=num_workers)
+    loader = wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=num_workers,
+                           worker_init_fn=_ignore_ctrl_c)
     return loader.with_epoch(batches), batches
 
 
@@ -269,4 +277,5 @@ def eval_loader(spec, collate: Collate, batch_size: int, num_workers: int = 0):
         stages = [wds.SimpleShardList(urls), functools.partial(_read_shards, shared=True), _group, _split_samples]
     stages.append(functools.partial(_decode, evaluation=True))
     stages.append(wds.batched(batch_size, collation_fn=collate, partial=True))
-    return wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=num_workers)
+    return wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=num_workers,
+                           worker_init_fn=_ignore_ctrl_c)

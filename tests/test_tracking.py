@@ -1,0 +1,159 @@
+"""A tracking server that dies, comes back and hangs never holds up training, and its data is not lost: a real
+`mlflow server` and a real 1-process run, ended by a real Ctrl-C (the first SIGINT is a preemption)."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from helpers import free_port, wait_for, xe_args
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parent.parent
+# A hung request gives up after 60 s (longer than the hung phase lasts): a tracker on the training path would hold
+# a step that long.
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """start(port): `mlflow server` on a sqlite store in tmp_path (kept across restarts), once it answers /health.
+    Every server started is killed at the end, also when the test fails."""
+    procs = []
+
+    def start(port: int) -> subprocess.Popen:
+        log = open(tmp_path / "server.log", "a")
+        procs.append(subprocess.Popen(["mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                                       "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
+                                       "--port", str(port), "--workers", "1"],
+                                      start_new_session=True, stdout=log, stderr=subprocess.STDOUT))
+        wait_for(lambda: _healthy(port), 120, "mlflow server to answer")
+        return procs[-1]
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _step(log: Path) -> int:
+    """The step the progress bar shows last."""
+    found = re.findall(r"(\d+)/100000 \[", log.read_text(errors="replace"))
+    return int(found[-1]) if found else 0
+
+
+def test_a_dead_then_hung_tracking_server_costs_no_step_and_no_metric(tmp_path, start_server):
+    port, out, log = free_port(), tmp_path / "xe", tmp_path / "run.log"
+    server = start_server(port)
+    args = xe_args(tmp_path, out) + [f"tracking.uri=http://127.0.0.1:{port}", "tracking.retry_every_s=1"]
+    with open(log, "w") as f:
+        run = subprocess.Popen([sys.executable, "dico_scale/train.py", *args], cwd=REPO, env=ENV,
+                               start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _step(log) >= 3, 240, "3 training steps")
+        os.killpg(server.pid, signal.SIGKILL)  # the server dies...
+        server.wait()
+        killed_at = _step(log)
+        server = start_server(port)  # ... and comes back (seconds later): the run sends what it kept
+        wait_for(lambda: "is back" in log.read_text(), 60, "the tracker to be back")
+        assert _step(log) > killed_at, "no step while the server was down"
+
+        os.killpg(server.pid, signal.SIGSTOP)  # a hung server: each request would wait 60 s
+        hung_at, start = _step(log), time.time()
+        wait_for(lambda: _step(log) >= hung_at + 4, 60, "4 steps while the server hangs")
+        assert time.time() - start < 25, "steps waited for the hung server"
+        os.kill(run.pid, signal.SIGINT)  # Ctrl-C: a checkpoint at the next step, exit 3
+        assert run.wait(timeout=120) == 3, log.read_text()[-3000:]
+    finally:
+        os.killpg(run.pid, signal.SIGKILL) if run.poll() is None else None
+        os.killpg(server.pid, signal.SIGCONT)
+
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    # one warning for the dead server; the hung one is still being waited for when the run ends (its records are
+    # kept all the same)
+    assert text.count("does not answer") == 1 and text.count("is back") == 1, text[-3000:]
+    final = int(re.search(r"preempted: checkpoint saved at step (\d+); to continue, run the same command with "
+                          r"train.resume=auto", text).group(1))
+    assert f"python -m dico_scale.tracking sync {out}" in text
+    backlog = out / "mlflow_backlog.jsonl"
+    kept = [json.loads(line) for line in backlog.read_text().splitlines()]
+    assert any(r["op"] == "end" and r["status"] == "KILLED" for r in kept)
+
+    sync = subprocess.run([sys.executable, "-m", "dico_scale.tracking", "sync", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert sync.returncode == 0 and f"sent {len(kept)} records" in sync.stdout, sync.stderr
+    assert not backlog.exists()  # sent: a second sync has nothing to send
+
+    client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id])
+    assert mlrun.info.status == "KILLED"
+    history = client.get_metric_history(mlrun.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, final + 1))  # every step, once, at its own step
+    times = [m.timestamp for m in sorted(history, key=lambda m: m.step)]
+    assert times == sorted(times)  # the times they were logged at, not the time of the sync
+    assert mlrun.data.params["train.stage"] == "xe"
+
+
+def test_sync_of_a_folder_that_is_not_there_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dico_scale.tracking", "sync", str(tmp_path / "nope")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"dico_scale: tracking sync: '{tmp_path}/nope' is not a folder"
+
+
+def test_backlog_replay_stops_at_the_first_refusal_and_keeps_the_rest_in_order(tmp_path):
+    """A real sqlite store refuses a record of a run it does not have: the records before it are sent and cleared."""
+    from dico_scale.backlog import Backlog
+    from dico_scale.tracking import send
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = client.create_run(client.create_experiment("b")).info.run_id
+    backlog = Backlog(tmp_path)
+    records = [{"op": "batch", "run_id": run_id, "metrics": [["loss", 1.0, 1000, 1]]},
+               {"op": "batch", "run_id": "no-such-run", "metrics": [["loss", 2.0, 2000, 2]]},
+               {"op": "end", "run_id": run_id, "status": "KILLED", "time": 3000}]
+    for r in records:
+        backlog.append(r)
+    with open(backlog.path, "a") as f:
+        f.write('{"op": "batch", "run_id"')  # a line cut short by a crash mid-write is dropped
+    with pytest.raises(Exception, match="no-such-run"):  # MLflow's own error for the missing run
+        backlog.replay(lambda r: send(client, r))
+    assert backlog.records() == records[1:]
+    Backlog(tmp_path).append(records[2])  # a new run's backlog starts on a line of its own
+    assert backlog.records() == records[1:] + records[2:]
+    backlog.drop_first(1)
+    assert backlog.replay(lambda r: send(client, r)) == (2, 0) and not backlog.path.exists()
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.info.end_time == 3000
+    assert [(m.step, m.timestamp) for m in client.get_metric_history(run_id, "loss")] == [(1, 1000)]
+
+
+def test_a_full_queue_spills_to_the_backlog_and_everything_arrives(tmp_path):
+    """Bounded memory: put never blocks; what the queue cannot hold waits on disk and is sent too, each at its step."""
+    from dico_scale.backlog import Backlog
+    from dico_scale.tracking import Sender
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = client.create_run(client.create_experiment("q")).info.run_id
+    sender = Sender(client, "sqlite", Backlog(tmp_path), queue_size=2, retry_every_s=1)
+    for step in range(1, 6):  # the sender is not running yet: a store that takes nothing
+        sender.put({"op": "batch", "run_id": run_id, "metrics": [["loss", float(step), 1000 + step, step]]})
+    assert sender.queue.qsize() == 2 and len(sender.backlog) == 3
+    sender.start()
+    sender.close()
+    assert not sender.backlog.path.exists()
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4, 5]
