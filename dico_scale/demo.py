@@ -50,9 +50,7 @@ def heldout(cfg, models: dict[str, str], split: str = "test", examples: int = 3,
     import torch
 
     from .data.pipeline import Collate, eval_loader
-    from .data.tokenizer import CaptionTokenizer
-    from .engine import load_weights
-    from .models.captioner import Captioner
+    from .models import build_captioner
     from .models.clip import register_model_configs
     from .models.evaluator import Evaluator, distinct_preprocess
     from .train import data_shards
@@ -60,11 +58,11 @@ def heldout(cfg, models: dict[str, str], split: str = "test", examples: int = 3,
 
     register_model_configs(cfg.clip_model_configs)
     shards = data_shards(cfg)
-    evaluator, tok = Evaluator(cfg.evaluator), CaptionTokenizer()
+    evaluator = Evaluator(cfg.evaluator)
     results = {}
     for label, path in models.items():
-        captioner = Captioner(cfg.captioner, tok)
-        load_weights(captioner, path)
+        captioner = build_captioner(cfg, path)
+        tok = captioner.tokenizer
         collate = Collate(captioner.preprocess, distinct_preprocess(evaluator, captioner.preprocess), tok,
                           cfg.data.max_caption_tokens, seed=0)
         records = caption_split(captioner, tok, eval_loader(shards[split], collate, batch_size), cfg.generation.beam_size,

@@ -129,19 +129,13 @@ def load_captioner(cfg: Config, meta: dict, device):
     """(captioner in eval mode on device, tokenizer) with the checkpoint's weights."""
     import torch
 
-    from dico_scale.data.tokenizer import CaptionTokenizer
-    from dico_scale.engine import load_weights
-    from dico_scale.models.captioner import Captioner
-    from dico_scale.models.clip import register_model_configs
+    from dico_scale.models import build_captioner
 
     if meta["is_tag"] and not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator at import
-    register_model_configs(cfg.clip_model_configs)
-    tok = CaptionTokenizer()
-    captioner = Captioner(cfg.captioner, tok)
     with contextlib.redirect_stdout(sys.stderr):  # zero_to_fp32 prints progress; stdout may carry results
-        load_weights(captioner, meta["path"])
-    return captioner.to(device).eval(), tok
+        captioner = build_captioner(cfg, meta["path"])
+    return captioner.to(device).eval(), captioner.tokenizer
 
 
 def consolidate(tag_dir: str, fmt: str = "pt") -> dict:

@@ -11,9 +11,9 @@ import torch
 
 from ..config import Config, ConfigError
 from ..data.tokenizer import CaptionTokenizer
-from ..engine import gathered, load_weights
+from ..engine import gathered
 from ..kernels import interpreting
-from ..models.captioner import Captioner
+from ..models import build_captioner
 from ..models.evaluator import Evaluator, distinct_preprocess
 from ..validate import caption_metrics, caption_split, gather_records, score_records
 
@@ -60,9 +60,8 @@ class CaptionerStage(Stage):
 
     def __init__(self, cfg: Config, device: torch.device, need_evaluator: bool):
         super().__init__(cfg, device)
-        self.module = Captioner(cfg.captioner, self.tokenizer)
-        if cfg.train.init_from:
-            load_weights(self.module, cfg.train.init_from)
+        self.module = build_captioner(cfg, cfg.train.init_from)
+        self.tokenizer = self.module.tokenizer
         self.preprocess = self.module.preprocess
         self.evaluator = None
         if need_evaluator or cfg.evaluator.weights:
