@@ -24,6 +24,8 @@ BUILTIN_KEYS = ("image_encoder", "image_encoder_weights", "freeze_image_encoder"
 
 MODELS: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("builtin", "dico_scale.models.builtin:Captioner", "captioner", BUILTIN_KEYS, hf=False),
+    ModelSpec("hf_encoder_decoder", "dico_scale.models.hf_encoder_decoder:HFEncoderDecoder", "captioner",
+              ("hf_path", "freeze", "gradient_checkpointing"), hf=True),
 ]}
 
 
