@@ -76,6 +76,8 @@ def read_hf_config(path: str) -> dict:
     if arch not in ARCHITECTURES:
         raise ConfigError(f"captioner.hf_path '{path}': architecture {arch} is not supported by hf_encoder_decoder "
                           f"({', '.join(ARCHITECTURES)})")
+    if config.get("encoder", {}).get("model_type") == "vision-encoder-encoder":
+        raise ConfigError(f"captioner.hf_path '{path}' is a DiCO reference folder: use captioner.model=dico_ref")
     if arch == "VisionEncoderDecoderModel":
         dec = config.get("decoder", {}).get("model_type")
         if dec not in DECODERS:

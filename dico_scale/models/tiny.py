@@ -5,8 +5,10 @@ tokenizer, image processor), with nothing downloaded: the tokenizer is a byte-le
     python -m dico_scale.models.tiny FAMILY OUT_DIR [--width 32 --layers 2 --heads 2 --image-size 32 --seed 0]
 
 Families: vit-gpt2 (VisionEncoderDecoderModel, GPT-2 style tokenizer: BOS = EOS = <|endoftext|>, no pad token),
-blip (BlipForConditionalGeneration, BERT style specials: [PAD] [SEP] [DEC]). Tests and `dico_scale.demo --captioner`
-use the same builder.
+blip (BlipForConditionalGeneration, BERT style specials: [PAD] [SEP] [DEC]), dico-ref (the DiCO reference code's
+save_pretrained layout, written from transformers' CLIPVisionModel, BertModel and GPT2LMHeadModel; CLIP BPE
+vocabulary, no tokenizer files: the row brings open_clip's). Tests and `dico_scale.demo --captioner` use the same
+builder.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import sys
 
 import torch
 
-FAMILIES = ("vit-gpt2", "blip")
+FAMILIES = ("vit-gpt2", "blip", "dico-ref")
 SPECIALS = {"vit-gpt2": ["<|endoftext|>"], "blip": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]}
 
 
@@ -75,12 +77,50 @@ def blip(tok, width: int, layers: int, heads: int, image_size: int):
     return model, BlipImageProcessor(size={"height": image_size, "width": image_size})
 
 
+def dico_ref(out_dir: str, width: int, layers: int, heads: int, image_size: int, tied: bool = False) -> dict:
+    """A folder as the reference's VisionEncoderDecoderModel fork saves it: config.json (vision-encoder-encoder of a
+    clip_vision_model + BERT, GPT-2 decoder) and pytorch_model.bin under its key names. Returns the transformers
+    modules it was written from, by key prefix."""
+    import json
+    import os
+
+    from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel
+
+    vision = CLIPVisionConfig(hidden_size=2 * width, intermediate_size=4 * width, num_hidden_layers=layers,
+                              num_attention_heads=heads, image_size=image_size, patch_size=image_size // 4)
+    bert = BertConfig(hidden_size=width, d_embed=width, num_hidden_layers=layers, intermediate_size=4 * width,
+                      num_attention_heads=heads)
+    gpt2 = GPT2Config(vocab_size=49409, n_embd=width, n_layer=layers, n_head=heads, n_positions=64,
+                      add_cross_attention=True, bos_token_id=49406, eos_token_id=49407, pad_token_id=49408,
+                      tie_word_embeddings=tied)
+    parts = {"encoder.vision_encoder.": CLIPVisionModel(vision), "encoder.encoder.": BertModel(bert),
+             "encoder.vis_enc_to_enc_proj.": torch.nn.Linear(vision.hidden_size, width),
+             "decoder.": GPT2LMHeadModel(gpt2)}
+    state = {p + k: v.detach().clone() for p, m in parts.items() for k, v in m.state_dict().items()}
+    config = {"architectures": ["VisionEncoderDecoderModel"], "model_type": "vision-encoder-decoder",
+              "is_encoder_decoder": True, "decoder_start_token_id": 49406, "bos_token_id": 49406,
+              "eos_token_id": 49407, "pad_token_id": 49408, "vocab_size": 49409, "hidden_size": width,
+              "tie_word_embeddings": False,
+              "encoder": {"model_type": "vision-encoder-encoder", "hidden_size": width,
+                          "vision_encoder": {**vision.to_dict(), "model_type": "clip_vision_model"},
+                          "encoder": {**bert.to_dict(), "model_type": "bert"}},
+              "decoder": {**gpt2.to_dict(), "model_type": "gpt2"}}
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save(state, os.path.join(out_dir, "pytorch_model.bin"))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    return parts
+
+
 def write(family: str, out_dir: str, width: int = 32, layers: int = 2, heads: int = 2, image_size: int = 32,
           seed: int = 0) -> str:
     """Writes the folder and returns its path."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r} (one of {', '.join(FAMILIES)})")
     torch.manual_seed(seed)
+    if family == "dico-ref":
+        dico_ref(out_dir, width, layers, heads, image_size)
+        return out_dir
     tok = train_tokenizer(family)
     model, processor = {"vit-gpt2": vit_gpt2, "blip": blip}[family](tok, width, layers, heads, image_size)
     model.save_pretrained(out_dir)
