@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .models import MODELS
+from .models.folders import folder_problem
 from .rewards import RewardSpecError, parse_reward
 from .stages import STAGES
 
@@ -416,13 +417,17 @@ def frozen_placement(placement: str, ds: dict) -> str:
     return "shard_offload" if _offloaded(zero, "param") else "shard"
 
 
-def _validate_captioner(cap: CaptionerConfig) -> None:
-    """The row exists; Hugging Face rows name a folder, the others none (its config is checked when it is read)."""
+def _validate_captioner(c: Config) -> None:
+    """The row exists; Hugging Face rows name a folder that fits them (models/folders.py), the others none."""
+    cap = c.captioner
     _check(cap.model in MODELS, "captioner.model", f"'{cap.model}' is not one of {', '.join(MODELS)}")
-    if MODELS[cap.model].hf:
-        _check(bool(cap.hf_path), "captioner.hf_path", f"captioner.model={cap.model} reads its weights from a folder")
-    else:
-        _check(not cap.hf_path, "captioner.hf_path", f"captioner.model={cap.model} builds no Hugging Face folder")
+    if not MODELS[cap.model].hf:
+        _check(not cap.hf_path, "captioner.hf_path", f"captioner.model={cap.model} reads no Hugging Face folder")
+        return
+    _check(bool(cap.hf_path), "captioner.hf_path", f"captioner.model={cap.model} reads its weights from a folder")
+    needed = max(c.data.max_caption_tokens, c.generation.max_len + 1)
+    if problem := folder_problem(cap.model, cap.hf_path, cap.freeze, needed):
+        _check(False, *problem)
 
 
 def validate(c: Config) -> None:
@@ -441,7 +446,7 @@ def validate(c: Config) -> None:
     for key, val in [("evaluator.placement", c.evaluator.placement), ("dico.reference_placement",
                                                                       c.dico.reference_placement)]:
         _check(val in PLACEMENTS, key, f"'{val}' is not one of {', '.join(PLACEMENTS)}")
-    _validate_captioner(c.captioner)
+    _validate_captioner(c)
     _check(c.captioner.width % c.captioner.heads == 0, "captioner.width", "must be divisible by captioner.heads")
     _check(c.captioner.max_positions >= max(d.max_caption_tokens, c.generation.max_len + 1), "captioner.max_positions",
            f"{c.captioner.max_positions} < data.max_caption_tokens or generation.max_len + 1")

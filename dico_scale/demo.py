@@ -98,9 +98,31 @@ def usage_error(message: str) -> int:
     return exit_codes.CONFIG_ERROR
 
 
+# --captioner: a MODELS row, or a Hugging Face family of dico_scale.models.tiny (hf_encoder_decoder = vit-gpt2)
+CAPTIONER_FAMILIES = {"hf_encoder_decoder": "vit-gpt2", "vit-gpt2": "vit-gpt2", "blip": "blip", "dico_ref": "dico-ref"}
+DEMO_SIZE = dict(width=128, layers=2, heads=4, image_size=64)  # the built-in demo captioner's width and depth
+
+
+def captioner_overrides(name: str) -> list[str]:
+    """The overrides that put the demo on captioner `name`; a Hugging Face row gets a tiny random model of its family
+    written (once) under runs/models/ by the tests' builder."""
+    if name == "builtin":
+        return []
+    family = CAPTIONER_FAMILIES[name]
+    folder = os.path.abspath(os.path.join("runs", "models", family))
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        from .models.tiny import write
+
+        write(family, folder, **DEMO_SIZE)
+    row = "dico_ref" if family == "dico-ref" else "hf_encoder_decoder"
+    return [f"captioner.model={row}", f"captioner.hf_path={folder}"]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="dico_scale.demo", description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=int, default=2, help="CPU ranks per stage")
+    p.add_argument("--captioner", default="builtin", help="builtin (default), hf_encoder_decoder (= vit-gpt2), "
+                   "vit-gpt2, blip or dico_ref: a tiny random model of that family, written under runs/models/")
     p.add_argument("--keep", action="store_true", help="keep runs/demo from an earlier demo instead of starting over")
     p.add_argument("--workdir", default=".", help="where runs/demo and data/demo go (default: here)")
     p.add_argument("overrides", nargs="*", help="key=value overrides passed to every stage")
@@ -112,12 +134,15 @@ def main(argv=None) -> int:
         os.chdir(args.workdir)
     except OSError as e:
         return usage_error(f"--workdir {args.workdir!r}: {e.strerror}")
+    if args.captioner not in ("builtin", *CAPTIONER_FAMILIES):
+        return usage_error(f"--captioner {args.captioner!r} is not one of builtin, {', '.join(CAPTIONER_FAMILIES)}")
     if not args.keep:
         shutil.rmtree("runs/demo", ignore_errors=True)
     start = time.time()
+    overrides = captioner_overrides(args.captioner) + args.overrides  # train.py checks them before any group
     for stage in chain("dico"):
-        train_stage(stage, args.ranks, args.overrides)
-    results = compare(args.overrides)
+        train_stage(stage, args.ranks, overrides)
+    results = compare(overrides)
     print_table(results)
     with open("runs/demo/summary.json", "w") as f:
         json.dump(results, f, indent=1)

@@ -18,6 +18,7 @@ import torch.nn as nn
 from ..config import ConfigError
 from ..data.tokenizer import CaptionTokenizer
 from .captioner import CaptionerModel
+from .folders import read_config, ref_problem
 
 # the reference's state-dict prefixes -> ours
 REF_PREFIXES = {"encoder.vision_encoder.": "vision.", "encoder.vis_enc_to_enc_proj.": "proj.",
@@ -31,19 +32,10 @@ def _sub(cfg: dict) -> dict:
 
 
 def read_ref_config(path: str) -> dict:
-    import json
-
-    f = Path(path) / "config.json"
-    if not f.is_file():
-        raise ConfigError(f"captioner.hf_path '{path}' is not a transformers checkpoint folder (no config.json)")
-    config = json.loads(f.read_text())
-    if config.get("encoder", {}).get("model_type") != "vision-encoder-encoder" or \
-            config["encoder"].get("vision_encoder", {}).get("model_type") != "clip_vision_model":
-        raise ConfigError(f"captioner.hf_path '{path}' is not a DiCO reference folder (want a vision-encoder-decoder "
-                          "whose encoder is a vision-encoder-encoder of a clip_vision_model)")
-    if config.get("decoder", {}).get("model_type") != "gpt2":
-        raise ConfigError(f"captioner.hf_path '{path}': the reference's decoder is gpt2, not "
-                          f"{config.get('decoder', {}).get('model_type')}")
+    config = read_config(path)
+    problem = config if isinstance(config, str) else ref_problem(config, path)
+    if problem:
+        raise ConfigError(f"captioner.hf_path {problem}")
     return config
 
 
@@ -125,14 +117,24 @@ class DicoRef(CaptionerModel):
         return out.last_hidden_state
 
 
-def read_ref_weights(path: str) -> dict[str, torch.Tensor]:
+def check_folder_weights(path: str) -> None:
+    """The folder's weight names and shapes against its config.json's architecture, built on the meta device and
+    the weights memory-mapped: nothing is materialised (preflight)."""
+    config = read_ref_config(path)
+    with torch.device("meta"):
+        model = DicoRef(config, image_encoder=True)
+    tied = model.tied
+    check_keys(convert_state(read_ref_weights(path, mmap=True), tied, path), model.state_dict(), path)
+
+
+def read_ref_weights(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
     p = Path(path)
     if (p / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
         return load_file(str(p / "model.safetensors"))
     if (p / "pytorch_model.bin").is_file():
-        return torch.load(p / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return torch.load(p / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=mmap)
     raise ConfigError(f"captioner.hf_path '{path}' has neither model.safetensors nor pytorch_model.bin")
 
 

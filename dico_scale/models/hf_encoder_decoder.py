@@ -8,7 +8,6 @@ generation, the fused log-prob kernel and ZeRO-3 see the same pieces as for the 
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -19,13 +18,7 @@ import torch.nn as nn
 from ..config import ConfigError
 from ..data.tokenizer import TokenLayout
 from .captioner import CaptionerModel
-
-ARCHITECTURES = ("VisionEncoderDecoderModel", "BlipForConditionalGeneration")
-DECODERS = ("gpt2", "bert")  # VisionEncoderDecoderModel decoder model types whose head we can split off
-# captioner.freeze: the vision tower, its projection to the decoder width, the decoder's token and position
-# embeddings (with a tied head, the head too)
-FREEZE_PARTS = ("vision", "projection", "embeddings")
-
+from .folders import FREEZE_PARTS, hf_problem, read_config
 
 class HFTokenizer(TokenLayout):
     """A transformers tokenizer under the trainer's token layout [BOS, w..., EOS, PAD...]: BOS is the decoder's start
@@ -65,23 +58,10 @@ class HFPreprocess:
 
 def read_hf_config(path: str) -> dict:
     """The folder's config.json, checked: a transformers checkpoint of a supported architecture."""
-    f = Path(path) / "config.json"
-    if not Path(path).is_dir() or not f.is_file():
-        raise ConfigError(f"captioner.hf_path '{path}' is not a transformers checkpoint folder (no config.json)")
-    try:
-        config = json.loads(f.read_text())
-    except ValueError as e:
-        raise ConfigError(f"captioner.hf_path '{path}': config.json is not JSON ({e})") from None
-    arch = (config.get("architectures") or [None])[0]
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"captioner.hf_path '{path}': architecture {arch} is not supported by hf_encoder_decoder "
-                          f"({', '.join(ARCHITECTURES)})")
-    if config.get("encoder", {}).get("model_type") == "vision-encoder-encoder":
-        raise ConfigError(f"captioner.hf_path '{path}' is a DiCO reference folder: use captioner.model=dico_ref")
-    if arch == "VisionEncoderDecoderModel":
-        dec = config.get("decoder", {}).get("model_type")
-        if dec not in DECODERS:
-            raise ConfigError(f"captioner.hf_path '{path}': decoder {dec} is not supported ({', '.join(DECODERS)})")
+    config = read_config(path)
+    problem = config if isinstance(config, str) else hf_problem(config, path)
+    if problem:
+        raise ConfigError(f"captioner.hf_path {problem}")
     return config
 
 
