@@ -103,17 +103,17 @@ CAPTIONER_FAMILIES = {"hf_encoder_decoder": "vit-gpt2", "vit-gpt2": "vit-gpt2", 
 DEMO_SIZE = dict(width=128, layers=2, heads=4, image_size=64)  # the built-in demo captioner's width and depth
 
 
-def captioner_overrides(name: str) -> list[str]:
+def captioner_overrides(name: str, root: str = "runs/models", **size) -> list[str]:
     """The overrides that put the demo on captioner `name`; a Hugging Face row gets a tiny random model of its family
-    written (once) under runs/models/ by the tests' builder."""
+    written (once) under `root` by the tests' builder, at the demo's size unless `size` says otherwise."""
     if name == "builtin":
         return []
     family = CAPTIONER_FAMILIES[name]
-    folder = os.path.abspath(os.path.join("runs", "models", family))
+    folder = os.path.abspath(os.path.join(root, family))
     if not os.path.isfile(os.path.join(folder, "config.json")):
         from .models.tiny import write
 
-        write(family, folder, **DEMO_SIZE)
+        write(family, folder, **{**DEMO_SIZE, **size})
     row = "dico_ref" if family == "dico-ref" else "hf_encoder_decoder"
     return [f"captioner.model={row}", f"captioner.hf_path={folder}"]
 

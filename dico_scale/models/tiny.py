@@ -46,14 +46,14 @@ def train_tokenizer(family: str, vocab_size: int = 300):
                                    sep_token="[SEP]", mask_token="[MASK]", bos_token="[DEC]")
 
 
-def vit_gpt2(tok, width: int, layers: int, heads: int, image_size: int):
+def vit_gpt2(tok, width: int, layers: int, heads: int, image_size: int, vocab: int):
     from transformers import (GPT2Config, ViTConfig, ViTImageProcessor, VisionEncoderDecoderConfig,
                               VisionEncoderDecoderModel)
 
     end = tok.eos_token_id
     vit = ViTConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
-                    intermediate_size=4 * width, image_size=image_size, patch_size=image_size // 4)
-    gpt2 = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=width, n_layer=layers, n_head=heads,
+                    intermediate_size=4 * width, image_size=image_size, patch_size=8)
+    gpt2 = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=width, n_layer=layers, n_head=heads,
                       add_cross_attention=True, is_decoder=True, bos_token_id=end, eos_token_id=end)
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(vit, gpt2)
     config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = end, end, end
@@ -63,16 +63,16 @@ def vit_gpt2(tok, width: int, layers: int, heads: int, image_size: int):
     return model, ViTImageProcessor(size={"height": image_size, "width": image_size})
 
 
-def blip(tok, width: int, layers: int, heads: int, image_size: int):
+def blip(tok, width: int, layers: int, heads: int, image_size: int, vocab: int):
     from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor
 
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in
            [("pad", "[PAD]"), ("sep", "[SEP]"), ("dec", "[DEC]")]}
-    text = dict(vocab_size=len(tok), hidden_size=width, encoder_hidden_size=width, intermediate_size=4 * width,
+    text = dict(vocab_size=vocab, hidden_size=width, encoder_hidden_size=width, intermediate_size=4 * width,
                 num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=64,
                 pad_token_id=ids["pad"], bos_token_id=ids["dec"], sep_token_id=ids["sep"], eos_token_id=ids["sep"])
     vision = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
-                  image_size=image_size, patch_size=image_size // 4)
+                  image_size=image_size, patch_size=8)
     model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision))
     return model, BlipImageProcessor(size={"height": image_size, "width": image_size})
 
@@ -87,7 +87,7 @@ def dico_ref(out_dir: str, width: int, layers: int, heads: int, image_size: int,
     from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel
 
     vision = CLIPVisionConfig(hidden_size=2 * width, intermediate_size=4 * width, num_hidden_layers=layers,
-                              num_attention_heads=heads, image_size=image_size, patch_size=image_size // 4)
+                              num_attention_heads=heads, image_size=image_size, patch_size=8)
     bert = BertConfig(hidden_size=width, d_embed=width, num_hidden_layers=layers, intermediate_size=4 * width,
                       num_attention_heads=heads)
     gpt2 = GPT2Config(vocab_size=49409, n_embd=width, n_layer=layers, n_head=heads, n_positions=64,
@@ -113,8 +113,9 @@ def dico_ref(out_dir: str, width: int, layers: int, heads: int, image_size: int,
 
 
 def write(family: str, out_dir: str, width: int = 32, layers: int = 2, heads: int = 2, image_size: int = 32,
-          seed: int = 0) -> str:
-    """Writes the folder and returns its path."""
+          seed: int = 0, vocab_size: int = 0) -> str:
+    """Writes the folder and returns its path. vocab_size: the decoder's vocabulary (0: the tokenizer's; more gives
+    rows no caption uses, e.g. the CLIP BPE's 49,409 to compare step costs with the built-in captioner)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r} (one of {', '.join(FAMILIES)})")
     torch.manual_seed(seed)
@@ -122,7 +123,8 @@ def write(family: str, out_dir: str, width: int = 32, layers: int = 2, heads: in
         dico_ref(out_dir, width, layers, heads, image_size)
         return out_dir
     tok = train_tokenizer(family)
-    model, processor = {"vit-gpt2": vit_gpt2, "blip": blip}[family](tok, width, layers, heads, image_size)
+    vocab = max(vocab_size, len(tok))
+    model, processor = {"vit-gpt2": vit_gpt2, "blip": blip}[family](tok, width, layers, heads, image_size, vocab)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
@@ -138,8 +140,9 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=int, default=0, help="decoder vocabulary (default: the tokenizer's)")
     a = p.parse_args(argv)
-    print(write(a.family, a.out_dir, a.width, a.layers, a.heads, a.image_size, a.seed))
+    print(write(a.family, a.out_dir, a.width, a.layers, a.heads, a.image_size, a.seed, a.vocab_size))
     return 0
 
 

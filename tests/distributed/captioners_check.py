@@ -1,5 +1,6 @@
 """Run under `deepspeed --num_gpus 2`: every Hugging Face captioner row through the real loop (dico_scale.train.run)
 in one process group. Usage: captioners_check.py OUT_DIR FAMILY=FOLDER ... -- key=value ...
+(FAMILY: a dico_scale.models.tiny family; dico-ref runs the dico_ref row, the others hf_encoder_decoder)
 
 Per family: xe -> dico -> scst (2 steps each, ZeRO-2); for the first family also dico under ZeRO-3, and a dico run
 stopped at step 2 and resumed to step 3. Writes OUT_DIR/captioners.json (rank 0): each run's step, MLflow run id,
@@ -22,9 +23,9 @@ result = {"runs": {}}
 
 
 def train(name: str, config: str, folder: str, *overrides: str) -> dict:
+    row = "dico_ref" if name.startswith("dico-ref") else "hf_encoder_decoder"
     cfg = load_config(f"configs/demo/{config}.yaml", common + [
-        f"train.output_dir={out}/{name}", "captioner.model=hf_encoder_decoder", f"captioner.hf_path={folder}",
-        *overrides])
+        f"train.output_dir={out}/{name}", f"captioner.model={row}", f"captioner.hf_path={folder}", *overrides])
     start = time.perf_counter()
     summary = run(cfg)
     result["runs"][name] = {"step": summary["step"], "mlflow_run_id": summary["mlflow_run_id"],
