@@ -92,59 +92,78 @@ def references(cfg, n: int) -> list[list[str]]:
     raise SystemExit(f"the training split has fewer than {n} images")
 
 
-def time_steps(config: str, overrides: list[str], kernel: str, batch: int, steps: int, warmup: int, device,
-               stage_name: str = "dico", label: str = "builtin") -> dict:
-    cfg = load_config(config, RANDOM_WEIGHTS + overrides + [f"loss.kernel={kernel}", f"train.micro_batch_size={batch}",
-                                                            f"train.stage={stage_name}"])
-    register_model_configs(cfg.clip_model_configs)
-    torch.manual_seed(0)
-    stage = build_stage(cfg, device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as DeepSpeed's bf16 config casts it
-    stage.module.to(device, dtype)
-    if stage.evaluator is not None:
-        stage.evaluator.to(device)
-    phases: dict[str, float] = {}
-    engine = Local(stage.module, phases, "policy", device)
-    stage.setup(engine)
-    stage.reward = Timed(stage.reward, device)
-    stage.generate = timed(stage.generate, phases, "generate", device)
-    stage.score_candidates = timed(stage.score_candidates, phases, "reward", device)
-    if hasattr(stage, "reference_engine"):
-        stage.reference_engine = Local(stage.reference, phases, "reference", device)
-    params = [p for p in stage.module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-6)
-    from PIL import Image  # any row's own transform gives its pixel shape
+class Bench:
+    """One captioner row's DiCO (or SCST) stage, ready to time one training step at a time: rows are interleaved
+    step by step so that load from other processes falls on all of them alike."""
 
-    shape = stage.preprocess(Image.new("RGB", (64, 64))).shape
-    pixels = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
-    # only a reward that reads references (CIDEr-D) needs the training split; the others run without data
-    spec = getattr(cfg, stage_name).reward
-    refs = references(cfg, batch) if any(n == "cider" for _, n in parse_reward(spec)) else [[""]] * batch
-    times, tokens, reward_s, shares = [], [], [], []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup + steps):
+    def __init__(self, config: str, overrides: list[str], kernel: str, batch: int, device, stage_name: str = "dico",
+                 label: str = "builtin"):
+        cfg = load_config(config, RANDOM_WEIGHTS + overrides + [
+            f"loss.kernel={kernel}", f"train.micro_batch_size={batch}", f"train.stage={stage_name}"])
+        register_model_configs(cfg.clip_model_configs)
+        torch.manual_seed(0)
+        self.stage = stage = build_stage(cfg, device)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as DeepSpeed's bf16 config casts it
+        stage.module.to(device, dtype)
+        if stage.evaluator is not None:
+            stage.evaluator.to(device)
+        self.phases: dict[str, float] = {}
+        self.engine = Local(stage.module, self.phases, "policy", device)
+        stage.setup(self.engine)
+        stage.reward = Timed(stage.reward, device)
+        stage.generate = timed(stage.generate, self.phases, "generate", device)
+        stage.score_candidates = timed(stage.score_candidates, self.phases, "reward", device)
+        if hasattr(stage, "reference_engine"):
+            stage.reference_engine = Local(stage.reference, self.phases, "reference", device)
+        self.opt = torch.optim.AdamW([p for p in stage.module.parameters() if p.requires_grad], lr=1e-6)
+        from PIL import Image  # any row's own transform gives its pixel shape
+
+        shape = stage.preprocess(Image.new("RGB", (64, 64))).shape
+        pixels = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+        # only a reward that reads references (CIDEr-D) needs the training split; the others run without data
+        spec = getattr(cfg, stage_name).reward
+        refs = references(cfg, batch) if any(n == "cider" for _, n in parse_reward(spec)) else [[""]] * batch
+        self.batch_data = {"pixels": pixels, "refs": refs}
+        self.device, self.info = device, {"captioner": label, "stage": stage_name, "kernel": kernel,
+                                          "fused_head": stage.fused, "batch_images": batch}
+        self.times, self.tokens, self.reward_s, self.shares, self.peak = [], [], [], [], 0.0
+
+    def step(self, record: bool) -> None:
+        stage, device = self.stage, self.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         sync(device)
         t0, stage.reward.seconds = time.perf_counter(), 0.0
-        phases.clear()
-        out = stage.step(engine, {"pixels": pixels, "refs": refs})
-        timed(out.loss.backward, phases, "backward", device)()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.phases.clear()
+        out = stage.step(self.engine, self.batch_data)
+        timed(out.loss.backward, self.phases, "backward", device)()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-            tokens.append(out.tokens)
-            reward_s.append(stage.reward.seconds)
-            shares.append({k: v / times[-1] for k, v in phases.items()})
-    med = statistics.median(times)
-    row = {"stage": stage_name, "kernel": kernel, "fused_head": stage.fused, "batch_images": batch,
-           "median_step_s": med, "images_per_s": batch / med, "candidate_tokens_per_step": statistics.mean(tokens),
-           "median_reward_s": statistics.median(reward_s), "captioner": label,
-           "phase_shares": {k: statistics.mean(s[k] for s in shares) for k in shares[0]}}
-    if device.type == "cuda":
-        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return row
+        if record:
+            self.times.append(time.perf_counter() - t0)
+            self.tokens.append(out.tokens)
+            self.reward_s.append(stage.reward.seconds)
+            self.shares.append({k: v / self.times[-1] for k, v in self.phases.items()})
+            if device.type == "cuda":
+                self.peak = max(self.peak, torch.cuda.max_memory_allocated() / 2**30)
+
+    def row(self) -> dict:
+        med = statistics.median(self.times)
+        row = {**self.info, "median_step_s": med, "images_per_s": self.info["batch_images"] / med,
+               "candidate_tokens_per_step": statistics.mean(self.tokens),
+               "median_reward_s": statistics.median(self.reward_s),
+               "phase_shares": {k: statistics.mean(s[k] for s in self.shares) for k in self.shares[0]}}
+        if self.device.type == "cuda":
+            row["peak_mem_gib"] = self.peak
+        return row
+
+
+def run_interleaved(benches: list[Bench], steps: int, warmup: int) -> list[dict]:
+    for i in range(warmup + steps):
+        for b in benches:
+            b.step(record=i >= warmup)
+    return [b.row() for b in benches]
 
 
 def main(argv=None) -> int:
@@ -166,12 +185,12 @@ def main(argv=None) -> int:
     from dico_scale.demo import captioner_overrides
 
     # HF rows with the CLIP BPE's vocabulary size, as the built-in captioner's head: the same width, depth and head
-    rows = [time_steps(a.config, captioner_overrides(c, "runs/models-bench", vocab_size=49409) + a.overrides, k,
-                       a.batch, a.steps, a.warmup, device, a.stage, c)
-            for c in a.captioners.split(",") for k in a.kernels.split(",")]
+    benches = [Bench(a.config, captioner_overrides(c, "runs/models-bench", vocab_size=49409) + a.overrides, k, a.batch,
+                     device, a.stage, c) for c in a.captioners.split(",") for k in a.kernels.split(",")]
+    rows = run_interleaved(benches, a.steps, a.warmup)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {name}; torch {torch.__version__}; config {a.config}; "
-          f"{a.steps} timed steps after {a.warmup} warm-up")
+          f"{a.steps} timed steps after {a.warmup} warm-up, the rows interleaved step by step")
     print("| captioner | stage | loss.kernel | fused head | images/step | median step | images/s | reward (median) | "
           "phase shares |")
     print("|---|---|---|---|---|---|---|---|---|")

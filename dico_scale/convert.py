@@ -28,7 +28,8 @@ def convert_dico_ref(folder: str, out: str, config: str | None = None) -> dict:
 
     from dico_scale.models import build_captioner
 
-    cfg = load_config(config or DEFAULT_CONFIG, BLANK + ["captioner.model=dico_ref", f"captioner.hf_path={os.path.abspath(folder)}"])
+    row = ["captioner.model=dico_ref", f"captioner.hf_path={os.path.abspath(folder)}"]
+    cfg = load_config(config or DEFAULT_CONFIG, BLANK + row)
     captioner = build_captioner(cfg)
     blob = {"state_dict": {k: v.detach().float().clone() for k, v in captioner.state_dict().items()},
             "config": to_yaml(cfg), "stage": "xe", "step": 0, "mlflow_run_id": None}

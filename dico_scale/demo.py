@@ -65,8 +65,9 @@ def heldout(cfg, models: dict[str, str], split: str = "test", examples: int = 3,
         tok = captioner.tokenizer
         collate = Collate(captioner.preprocess, distinct_preprocess(evaluator, captioner.preprocess), tok,
                           cfg.data.max_caption_tokens, seed=0)
-        records = caption_split(captioner, tok, eval_loader(shards[split], collate, batch_size), cfg.generation.beam_size,
-                                cfg.generation.max_len, torch.device("cpu"), {"evaluator": evaluator})
+        loader = eval_loader(shards[split], collate, batch_size)
+        records = caption_split(captioner, tok, loader, cfg.generation.beam_size, cfg.generation.max_len,
+                                torch.device("cpu"), {"evaluator": evaluator})
         records = score_records(records, evaluator)  # as in-loop validation scores
         results[label] = {"metrics": caption_metrics(records), "examples": records[:examples]}
     return results

@@ -11,8 +11,8 @@ from .models.generation import beam_search, sample
 
 
 class Rollout:
-    """kernel: the loss.kernel of the log-prob path; fused: decoder states and the head weight (tied or not) go to the fused
-    Triton kernel, which never materialises the [B*k, T, V] logits (the torch path does, as the DiCO reference).
+    """kernel: the loss.kernel of the log-prob path; fused: decoder states and the head weight (tied or not) go to the
+    fused Triton kernel, which never materialises the [B*k, T, V] logits (the torch path does, as the DiCO reference).
     generator: for sampling only; None draws from the global RNG."""
 
     def __init__(self, cfg: GenerationConfig, tokenizer, kernel: str = "auto", fused: bool = False,

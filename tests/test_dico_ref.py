@@ -18,7 +18,8 @@ BOS, EOS, PAD = 49406, 49407, 49408
 
 
 def cfg_for(path, *extra):
-    return load_config("configs/demo/xe.yaml", BLANK + ["captioner.model=dico_ref", f"captioner.hf_path={path}", *extra])
+    return load_config("configs/demo/xe.yaml",
+                       BLANK + ["captioner.model=dico_ref", f"captioner.hf_path={path}", *extra])
 
 
 @pytest.fixture(scope="module")

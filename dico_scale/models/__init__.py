@@ -26,8 +26,8 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("builtin", "dico_scale.models.builtin:Captioner", "captioner", BUILTIN_KEYS, hf=False),
     ModelSpec("hf_encoder_decoder", "dico_scale.models.hf_encoder_decoder:HFEncoderDecoder", "captioner",
               ("hf_path", "freeze", "gradient_checkpointing"), hf=True),
-    ModelSpec("dico_ref", "dico_scale.models.dico_ref:DicoRef", "captioner", ("hf_path", "freeze", "gradient_checkpointing"),
-              hf=True),
+    ModelSpec("dico_ref", "dico_scale.models.dico_ref:DicoRef", "captioner",
+              ("hf_path", "freeze", "gradient_checkpointing"), hf=True),
 ]}
 
 

@@ -81,9 +81,9 @@ class DicoRef(CaptionerModel):
         parts = freeze_parts(c.freeze)
         model = cls(config, image_encoder, "vision" in parts, c.gradient_checkpointing)
         tok = model.tokenizer
-        if config["decoder"].get("vocab_size") != tok.vocab_size:
-            raise ConfigError(f"captioner.hf_path '{c.hf_path}': decoder vocab_size {config['decoder'].get('vocab_size')}"
-                              f" is not the CLIP BPE's {tok.vocab_size} (49,408 + pad)")
+        if (vocab := config["decoder"].get("vocab_size")) != tok.vocab_size:
+            raise ConfigError(f"captioner.hf_path '{c.hf_path}': decoder vocab_size {vocab} is not the CLIP BPE's "
+                              f"{tok.vocab_size} (49,408 + pad)")
         state = convert_state(read_ref_weights(c.hf_path), model.tied, c.hf_path)
         if not image_encoder:
             state = {k: v for k, v in state.items() if not k.startswith(cls.tower_prefix)}
@@ -158,7 +158,7 @@ def check_keys(state: dict, own: dict, path: str) -> None:
     shapes = [f"{k} {list(v.shape)} != {list(own[k].shape)}" for k, v in state.items()
               if k in own and v.shape != own[k].shape]
     if missing or extra or shapes:
-        parts = [f"missing {', '.join(missing[:5])}" if missing else "", f"extra {', '.join(extra[:5])}" if extra else "",
-                 f"shapes {'; '.join(shapes[:3])}" if shapes else ""]
+        parts = [f"missing {', '.join(missing[:5])}" if missing else "",
+                 f"extra {', '.join(extra[:5])}" if extra else "", f"shapes {'; '.join(shapes[:3])}" if shapes else ""]
         raise ConfigError(f"captioner.hf_path '{path}': weights do not fit its config.json: "
                           + "; ".join(p for p in parts if p))

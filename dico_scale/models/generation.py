@@ -47,8 +47,8 @@ def sample(model, memory: torch.Tensor, k: int, max_len: int, bos: int, eos: int
     """k independent samples per image: tokens [B, k, 1 + n] (BOS first, PAD after EOS) and summed log-probs [B, k].
 
     Each step draws from softmax(logits / temperature) over the top_k most likely tokens (0: all), BOS and PAD
-    excluded (unless equal to EOS). The log-probs are those of the sampled tokens under the untempered, unfiltered policy (log-softmax over
-    the whole vocabulary, as beam_search scores and teacher forcing give): temperature and top-k only shape the
+    excluded (unless equal to EOS). The log-probs are those of the sampled tokens under the untempered, unfiltered
+    policy (log-softmax over the whole vocabulary, as beam_search scores and teacher forcing give): temperature and top-k only shape the
     proposal, and a policy-gradient loss needs log pi(y | x). `generator` (on memory's device) makes draws
     reproducible; None uses the global RNG. The caller chooses train/eval mode.
     """

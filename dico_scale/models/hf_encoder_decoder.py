@@ -68,7 +68,8 @@ def read_hf_config(path: str) -> dict:
 def freeze_parts(spec: str) -> set[str]:
     parts = {p.strip() for p in spec.split(",") if p.strip()}
     if bad := parts - set(FREEZE_PARTS):
-        raise ConfigError(f"captioner.freeze: unknown part(s) {', '.join(sorted(bad))} (parts: {', '.join(FREEZE_PARTS)})")
+        raise ConfigError(f"captioner.freeze: unknown part(s) {', '.join(sorted(bad))} "
+                          f"(parts: {', '.join(FREEZE_PARTS)})")
     return parts
 
 

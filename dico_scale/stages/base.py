@@ -122,7 +122,7 @@ class CaptionerStage(Stage):
 
 
 def log_prob_path(kernel: str, device: torch.device) -> tuple[str, bool]:
-    """(loss.kernel, fused) of a sequence-level stage: fused = decoder states and the tied head weight go to the
+    """(loss.kernel, fused) of a sequence-level stage: fused = decoder states and the head weight go to the
     fused Triton kernel, which never materialises the [B*k, T, V] logits (the torch path does, as the DiCO code)."""
     if kernel == "triton" and device.type != "cuda" and not interpreting():
         raise ConfigError("loss.kernel=triton needs CUDA (or TRITON_INTERPRET=1 to interpret the kernels on the CPU)")
