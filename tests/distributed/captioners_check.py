@@ -2,8 +2,8 @@
 in one process group. Usage: captioners_check.py OUT_DIR FAMILY=FOLDER ... -- key=value ...
 (FAMILY: a dico_scale.models.tiny family; dico-ref runs the dico_ref row, the others hf_encoder_decoder)
 
-Per family: xe -> dico -> scst (2 steps each, ZeRO-2); for the first family also dico under ZeRO-3, and a dico run
-stopped at step 2 and resumed to step 3. Writes OUT_DIR/captioners.json (rank 0): each run's step, MLflow run id,
+Per family: xe -> dico -> scst (2 steps each, ZeRO-2); for the first family also dico in bf16, and dico under
+ZeRO-3 stopped at step 2 and resumed to step 3. Writes OUT_DIR/captioners.json (rank 0): each run's step, MLflow run id,
 seconds and last train metrics."""
 import json
 import os
@@ -39,9 +39,9 @@ for i, (family, folder) in enumerate(folders.items()):
     init = f"train.init_from={out}/{family}_xe/model.pt"
     train(f"{family}_dico", "dico", folder, init, "train.max_steps=2", zero2)
     train(f"{family}_scst", "scst", folder, init, "train.max_steps=2", "scst.candidates=3", zero2)
-    if i == 0:
+    if i == 0:  # dico under ZeRO-3 (stopped at step 2, resumed to 3), and in bf16
         zero3 = f"train.deepspeed_config={DS.format('zero3')}"
-        train(f"{family}_dico_zero3", "dico", folder, init, "train.max_steps=2", zero3)
+        train(f"{family}_dico_bf16", "dico", folder, init, "train.max_steps=2", "train.precision=bf16", zero2)
         first = train(f"{family}_resume", "dico", folder, init, "train.max_steps=2", "train.save_every=1", zero3)
         result["resume_first_id"] = first["mlflow_run_id"]
         train(f"{family}_resume", "dico", folder, init, "train.max_steps=3", "train.resume=auto", zero3)
