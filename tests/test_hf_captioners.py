@@ -101,6 +101,7 @@ def test_freeze_parts_and_the_reference_without_tower(folders):
     assert not cap.model.encoder.training and cap.decoder.training
     ref = build_captioner(cfg, image_encoder=False)
     assert not any(k.startswith(cap.tower_prefix) for k in ref.state_dict())
+    assert all(k.startswith("model.") for k in cap.state_dict())  # each weight once, under transformers' own name
     with pytest.raises(ConfigError, match="captioner.freeze"):
         build_captioner(hf_config(folders["vit-gpt2"], "captioner.freeze=vision,decoder"))
 

@@ -81,12 +81,15 @@ class HFEncoderDecoder(CaptionerModel):
         blip = type(model).__name__ == "BlipForConditionalGeneration"
         vision_name = "vision_model" if blip else "encoder"
         self.tower_prefix = f"model.{vision_name}."
-        self.decoder = model.text_decoder if blip else model.decoder
-        self.body = self.decoder.base_model  # GPT2Model / BertModel / BlipTextModel
-        self.body_kwargs = {"is_decoder": True} if blip else {}  # BLIP's text model is an encoder unless told
+        # views of the transformers model's parts, kept out of the module tree (plain attributes): our state dict
+        # stays "model." + its own keys, each weight once
+        view = {"decoder": model.text_decoder if blip else model.decoder}
+        view["body"] = view["decoder"].base_model  # GPT2Model / BertModel / BlipTextModel
         # BERT-style heads transform the states before the vocabulary projection: part of "hidden" here
-        self.transform = self.decoder.cls.predictions.transform if hasattr(self.decoder, "cls") else nn.Identity()
-        self.projection = nn.Identity() if blip else getattr(model, "enc_to_dec_proj", nn.Identity())
+        view["transform"] = view["decoder"].cls.predictions.transform if hasattr(view["decoder"], "cls") else None
+        view["projection"] = None if blip else getattr(model, "enc_to_dec_proj", None)
+        self.__dict__.update(view)  # nn.Module.__setattr__ would register them
+        self.body_kwargs = {"is_decoder": True} if blip else {}  # BLIP's text model is an encoder unless told
         if not image_encoder:
             setattr(model, vision_name, None)  # the frozen reference reads the policy's features
         self.width = self.decoder.config.hidden_size
@@ -113,7 +116,8 @@ class HFEncoderDecoder(CaptionerModel):
 
     def parts(self) -> dict[str, list[nn.Module]]:
         vision = getattr(self.model, "vision_model", None) or getattr(self.model, "encoder", None)
-        return {"vision": [vision] if vision is not None else [], "projection": [self.projection],
+        return {"vision": [vision] if vision is not None else [],
+                "projection": [self.projection] if self.projection is not None else [],
                 "embeddings": [getattr(self.body, "embeddings", None) or nn.ModuleList([self.body.wte, self.body.wpe])]}
 
     def train(self, mode: bool = True):
@@ -141,12 +145,13 @@ class HFEncoderDecoder(CaptionerModel):
             return vision(pixel_values=pixels).last_hidden_state
 
     def encode(self, features: torch.Tensor) -> torch.Tensor:
-        return self.projection(features)
+        return features if self.projection is None else self.projection(features)
 
     def decode(self, tokens: torch.Tensor, context: torch.Tensor, cache=None) -> torch.Tensor:
         out = self.body(input_ids=tokens, encoder_hidden_states=context, cache=cache, use_cache=cache is not None,
                         **self.body_kwargs)
-        return self.transform(out.last_hidden_state)
+        hidden = out.last_hidden_state
+        return hidden if self.transform is None else self.transform(hidden)
 
     def save_pretrained(self, folder: str | Path, state: dict[str, torch.Tensor]) -> None:
         """A transformers folder of `state` (our state dict) with the tokenizer and image processor, written to a
