@@ -17,6 +17,8 @@ setup(
         "torchvision>=0.26,<0.30",  # the torchvision built for your torch (open_clip imports it)
         "deepspeed>=0.19,<0.20",
         "transformers>=5.20,<5.40",  # 5.40 drops `past_key_values`; we pass `cache`
+        "tokenizers>=0.21",  # dico_scale.models.tiny trains the tiny models' BPE (transformers brings it too)
+        "safetensors>=0.4",  # the DiCO reference's and Hugging Face folders' weights, safetensors exports
         "open_clip_torch>=3.3,<4",
         "webdataset>=1.0.2,<2",
         "omegaconf>=2.3,<3",

@@ -33,13 +33,28 @@ RANDOM_WEIGHTS = ["train.init_from=", "captioner.image_encoder_weights=", "evalu
 
 
 class Local:
-    """The part of a DeepSpeed engine the stage uses: `module` and a forward call."""
+    """The part of a DeepSpeed engine the stage uses: `module` and a forward call (its seconds added to
+    phases[name])."""
 
-    def __init__(self, module):
-        self.module = module
+    def __init__(self, module, phases: dict | None = None, name: str = "policy", device=None):
+        self.module, self.phases, self.name, self.device = module, phases, name, device
 
     def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        if self.phases is None:
+            return self.module(*args, **kwargs)
+        return timed(self.module, self.phases, self.name, self.device)(*args, **kwargs)
+
+
+def timed(fn, phases: dict, name: str, device):
+    """fn, its seconds added to phases[name] at each call."""
+    def call(*args, **kwargs):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        sync(device)
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
+        return out
+    return call
 
 
 def sync(device):
@@ -77,50 +92,78 @@ def references(cfg, n: int) -> list[list[str]]:
     raise SystemExit(f"the training split has fewer than {n} images")
 
 
-def time_steps(config: str, overrides: list[str], kernel: str, batch: int, steps: int, warmup: int, device,
-               stage_name: str = "dico") -> dict:
-    cfg = load_config(config, RANDOM_WEIGHTS + overrides + [f"loss.kernel={kernel}", f"train.micro_batch_size={batch}",
-                                                            f"train.stage={stage_name}"])
-    register_model_configs(cfg.clip_model_configs)
-    torch.manual_seed(0)
-    stage = build_stage(cfg, device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as DeepSpeed's bf16 config casts it
-    stage.module.to(device, dtype)
-    if stage.evaluator is not None:
-        stage.evaluator.to(device)
-    engine = Local(stage.module)
-    stage.setup(engine)
-    stage.reward = Timed(stage.reward, device)
-    params = [p for p in stage.module.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-6)
-    size = stage.module.image_encoder.image_size
-    size = size if isinstance(size, int) else size[0]
-    pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    # only a reward that reads references (CIDEr-D) needs the training split; the others run without data
-    spec = getattr(cfg, stage_name).reward
-    refs = references(cfg, batch) if any(n == "cider" for _, n in parse_reward(spec)) else [[""]] * batch
-    times, tokens, reward_s = [], [], []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup + steps):
+class Bench:
+    """One captioner row's DiCO (or SCST) stage, ready to time one training step at a time: rows are interleaved
+    step by step so that load from other processes falls on all of them alike."""
+
+    def __init__(self, config: str, overrides: list[str], kernel: str, batch: int, device, stage_name: str = "dico",
+                 label: str = "builtin"):
+        cfg = load_config(config, RANDOM_WEIGHTS + overrides + [
+            f"loss.kernel={kernel}", f"train.micro_batch_size={batch}", f"train.stage={stage_name}"])
+        register_model_configs(cfg.clip_model_configs)
+        torch.manual_seed(0)
+        self.stage = stage = build_stage(cfg, device)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as DeepSpeed's bf16 config casts it
+        stage.module.to(device, dtype)
+        if stage.evaluator is not None:
+            stage.evaluator.to(device)
+        self.phases: dict[str, float] = {}
+        self.engine = Local(stage.module, self.phases, "policy", device)
+        stage.setup(self.engine)
+        stage.reward = Timed(stage.reward, device)
+        stage.generate = timed(stage.generate, self.phases, "generate", device)
+        stage.score_candidates = timed(stage.score_candidates, self.phases, "reward", device)
+        if hasattr(stage, "reference_engine"):
+            stage.reference_engine = Local(stage.reference, self.phases, "reference", device)
+        self.opt = torch.optim.AdamW([p for p in stage.module.parameters() if p.requires_grad], lr=1e-6)
+        from PIL import Image  # any row's own transform gives its pixel shape
+
+        shape = stage.preprocess(Image.new("RGB", (64, 64))).shape
+        pixels = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+        # only a reward that reads references (CIDEr-D) needs the training split; the others run without data
+        spec = getattr(cfg, stage_name).reward
+        refs = references(cfg, batch) if any(n == "cider" for _, n in parse_reward(spec)) else [[""]] * batch
+        self.batch_data = {"pixels": pixels, "refs": refs}
+        self.device, self.info = device, {"captioner": label, "stage": stage_name, "kernel": kernel,
+                                          "fused_head": stage.fused, "batch_images": batch}
+        self.times, self.tokens, self.reward_s, self.shares, self.peak = [], [], [], [], 0.0
+
+    def step(self, record: bool) -> None:
+        stage, device = self.stage, self.device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         sync(device)
         t0, stage.reward.seconds = time.perf_counter(), 0.0
-        out = stage.step(engine, {"pixels": pixels, "refs": refs})
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.phases.clear()
+        out = stage.step(self.engine, self.batch_data)
+        timed(out.loss.backward, self.phases, "backward", device)()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-            tokens.append(out.tokens)
-            reward_s.append(stage.reward.seconds)
-    med = statistics.median(times)
-    row = {"stage": stage_name, "kernel": kernel, "fused_head": stage.fused, "batch_images": batch,
-           "median_step_s": med, "images_per_s": batch / med, "candidate_tokens_per_step": statistics.mean(tokens),
-           "median_reward_s": statistics.median(reward_s)}
-    if device.type == "cuda":
-        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return row
+        if record:
+            self.times.append(time.perf_counter() - t0)
+            self.tokens.append(out.tokens)
+            self.reward_s.append(stage.reward.seconds)
+            self.shares.append({k: v / self.times[-1] for k, v in self.phases.items()})
+            if device.type == "cuda":
+                self.peak = max(self.peak, torch.cuda.max_memory_allocated() / 2**30)
+
+    def row(self) -> dict:
+        med = statistics.median(self.times)
+        row = {**self.info, "median_step_s": med, "images_per_s": self.info["batch_images"] / med,
+               "candidate_tokens_per_step": statistics.mean(self.tokens),
+               "median_reward_s": statistics.median(self.reward_s),
+               "phase_shares": {k: statistics.mean(s[k] for s in self.shares) for k in self.shares[0]}}
+        if self.device.type == "cuda":
+            row["peak_mem_gib"] = self.peak
+        return row
+
+
+def run_interleaved(benches: list[Bench], steps: int, warmup: int) -> list[dict]:
+    for i in range(warmup + steps):
+        for b in benches:
+            b.step(record=i >= warmup)
+    return [b.row() for b in benches]
 
 
 def main(argv=None) -> int:
@@ -132,20 +175,30 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--stage", default="dico", choices=("dico", "scst"))
+    p.add_argument("--captioners", default="builtin", help="comma-separated dico_scale.demo --captioner names "
+                   "(builtin, vit-gpt2, blip, dico_ref): each timed in the same run, HF rows at the demo's width and "
+                   "depth (a tiny random model written under runs/models/)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
     a = p.parse_args(argv)
     device = torch.device(a.device)
-    rows = [time_steps(a.config, a.overrides, k, a.batch, a.steps, a.warmup, device, a.stage)
-            for k in a.kernels.split(",")]
+    from dico_scale.demo import captioner_overrides
+
+    # HF rows with the CLIP BPE's vocabulary size, as the built-in captioner's head: the same width, depth and head
+    benches = [Bench(a.config, captioner_overrides(c, "runs/models-bench", vocab_size=49409) + a.overrides, k, a.batch,
+                     device, a.stage, c) for c in a.captioners.split(",") for k in a.kernels.split(",")]
+    rows = run_interleaved(benches, a.steps, a.warmup)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {name}; torch {torch.__version__}; config {a.config}; "
-          f"{a.steps} timed steps after {a.warmup} warm-up")
-    print("| stage | loss.kernel | fused head | images/step | median step | images/s | reward (median) |")
-    print("|---|---|---|---|---|---|---|")
+          f"{a.steps} timed steps after {a.warmup} warm-up, the rows interleaved step by step")
+    print("| captioner | stage | loss.kernel | fused head | images/step | median step | images/s | reward (median) | "
+          "phase shares |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['stage']} | {r['kernel']} | {r['fused_head']} | {r['batch_images']} | "
-              f"{r['median_step_s'] * 1e3:.1f} ms | {r['images_per_s']:.1f} | {r['median_reward_s'] * 1e3:.1f} ms |")
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in r["phase_shares"].items())
+        print(f"| {r['captioner']} | {r['stage']} | {r['kernel']} | {r['fused_head']} | {r['batch_images']} | "
+              f"{r['median_step_s'] * 1e3:.1f} ms | {r['images_per_s']:.1f} | {r['median_reward_s'] * 1e3:.1f} ms | "
+              f"{shares} |")
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:

@@ -146,14 +146,13 @@ def parameter_counts(overrides: list[str], config: str) -> dict[str, tuple[int, 
     import torch
 
     from dico_scale.config import load_config
-    from dico_scale.data.tokenizer import CaptionTokenizer
-    from dico_scale.models.captioner import Captioner
+    from dico_scale.models import build_captioner
     from dico_scale.models.clip import register_model_configs
 
     cfg = load_config(config, RANDOM_WEIGHTS + overrides)
     register_model_configs(cfg.clip_model_configs)
     with torch.device("meta"):
-        reference = sum(p.numel() for p in Captioner(cfg.captioner, CaptionTokenizer(), image_encoder=False).parameters())
+        reference = sum(p.numel() for p in build_captioner(cfg, image_encoder=False).parameters())
     tower = sum(p.numel() for p in open_clip.create_model(cfg.captioner.image_encoder, device="meta").visual.parameters())
     evaluator = sum(p.numel() for p in open_clip.create_model(cfg.evaluator.model, device="meta").parameters())
     trainable = reference + (0 if cfg.captioner.freeze_image_encoder else tower)

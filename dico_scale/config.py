@@ -16,6 +16,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .models import MODELS
+from .models.folders import folder_problem
 from .rewards import RewardSpecError, parse_reward
 from .stages import STAGES
 
@@ -70,6 +72,9 @@ class DataConfig:
 
 @dataclass
 class CaptionerConfig:
+    model: str = "builtin"  # the captioner architecture: a row of dico_scale.models.MODELS
+    hf_path: str = ""  # Hugging Face rows: local save_pretrained folder (weights, tokenizer, image processor)
+    freeze: str = "vision"  # Hugging Face rows: frozen parts, comma-separated: vision, projection, embeddings
     image_encoder: str = "ViT-L-14"  # open_clip model name whose visual tower encodes images
     image_encoder_weights: str = ""  # local open_clip / OpenAI-layout checkpoint; empty = random init
     freeze_image_encoder: bool = True
@@ -417,6 +422,19 @@ def frozen_placement(placement: str, ds: dict) -> str:
     return "shard_offload" if _offloaded(zero, "param") else "shard"
 
 
+def _validate_captioner(c: Config) -> None:
+    """The row exists; Hugging Face rows name a folder that fits them (models/folders.py), the others none."""
+    cap = c.captioner
+    _check(cap.model in MODELS, "captioner.model", f"'{cap.model}' is not one of {', '.join(MODELS)}")
+    if not MODELS[cap.model].hf:
+        _check(not cap.hf_path, "captioner.hf_path", f"captioner.model={cap.model} reads no Hugging Face folder")
+        return
+    _check(bool(cap.hf_path), "captioner.hf_path", f"captioner.model={cap.model} reads its weights from a folder")
+    needed = max(c.data.max_caption_tokens, c.generation.max_len + 1)
+    if problem := folder_problem(cap.model, cap.hf_path, cap.freeze, needed):
+        _check(False, *problem)
+
+
 def validate(c: Config) -> None:
     t, o, d = c.train, c.optim, c.data
     _check(t.stage in STAGES, "train.stage", f"'{t.stage}' is not one of {', '.join(STAGES)}")
@@ -433,6 +451,7 @@ def validate(c: Config) -> None:
     for key, val in [("evaluator.placement", c.evaluator.placement), ("dico.reference_placement",
                                                                       c.dico.reference_placement)]:
         _check(val in PLACEMENTS, key, f"'{val}' is not one of {', '.join(PLACEMENTS)}")
+    _validate_captioner(c)
     _check(c.captioner.width % c.captioner.heads == 0, "captioner.width", "must be divisible by captioner.heads")
     _check(c.captioner.max_positions >= max(d.max_caption_tokens, c.generation.max_len + 1), "captioner.max_positions",
            f"{c.captioner.max_positions} < data.max_caption_tokens or generation.max_len + 1")

@@ -50,9 +50,7 @@ def heldout(cfg, models: dict[str, str], split: str = "test", examples: int = 3,
     import torch
 
     from .data.pipeline import Collate, eval_loader
-    from .data.tokenizer import CaptionTokenizer
-    from .engine import load_weights
-    from .models.captioner import Captioner
+    from .models import build_captioner
     from .models.clip import register_model_configs
     from .models.evaluator import Evaluator, distinct_preprocess
     from .train import data_shards
@@ -60,15 +58,16 @@ def heldout(cfg, models: dict[str, str], split: str = "test", examples: int = 3,
 
     register_model_configs(cfg.clip_model_configs)
     shards = data_shards(cfg)
-    evaluator, tok = Evaluator(cfg.evaluator), CaptionTokenizer()
+    evaluator = Evaluator(cfg.evaluator)
     results = {}
     for label, path in models.items():
-        captioner = Captioner(cfg.captioner, tok)
-        load_weights(captioner, path)
+        captioner = build_captioner(cfg, path)
+        tok = captioner.tokenizer
         collate = Collate(captioner.preprocess, distinct_preprocess(evaluator, captioner.preprocess), tok,
                           cfg.data.max_caption_tokens, seed=0)
-        records = caption_split(captioner, tok, eval_loader(shards[split], collate, batch_size), cfg.generation.beam_size,
-                                cfg.generation.max_len, torch.device("cpu"), {"evaluator": evaluator})
+        loader = eval_loader(shards[split], collate, batch_size)
+        records = caption_split(captioner, tok, loader, cfg.generation.beam_size, cfg.generation.max_len,
+                                torch.device("cpu"), {"evaluator": evaluator})
         records = score_records(records, evaluator)  # as in-loop validation scores
         results[label] = {"metrics": caption_metrics(records), "examples": records[:examples]}
     return results
@@ -100,9 +99,31 @@ def usage_error(message: str) -> int:
     return exit_codes.CONFIG_ERROR
 
 
+# --captioner: a MODELS row, or a Hugging Face family of dico_scale.models.tiny (hf_encoder_decoder = vit-gpt2)
+CAPTIONER_FAMILIES = {"hf_encoder_decoder": "vit-gpt2", "vit-gpt2": "vit-gpt2", "blip": "blip", "dico_ref": "dico-ref"}
+DEMO_SIZE = dict(width=128, layers=2, heads=4, image_size=64)  # the built-in demo captioner's width and depth
+
+
+def captioner_overrides(name: str, root: str = "runs/models", **size) -> list[str]:
+    """The overrides that put the demo on captioner `name`; a Hugging Face row gets a tiny random model of its family
+    written (once) under `root` by the tests' builder, at the demo's size unless `size` says otherwise."""
+    if name == "builtin":
+        return []
+    family = CAPTIONER_FAMILIES[name]
+    folder = os.path.abspath(os.path.join(root, family))
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        from .models.tiny import write
+
+        write(family, folder, **{**DEMO_SIZE, **size})
+    row = "dico_ref" if family == "dico-ref" else "hf_encoder_decoder"
+    return [f"captioner.model={row}", f"captioner.hf_path={folder}"]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="dico_scale.demo", description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=int, default=2, help="CPU ranks per stage")
+    p.add_argument("--captioner", default="builtin", help="builtin (default), hf_encoder_decoder (= vit-gpt2), "
+                   "vit-gpt2, blip or dico_ref: a tiny random model of that family, written under runs/models/")
     p.add_argument("--keep", action="store_true", help="keep runs/demo from an earlier demo instead of starting over")
     p.add_argument("--workdir", default=".", help="where runs/demo and data/demo go (default: here)")
     p.add_argument("overrides", nargs="*", help="key=value overrides passed to every stage")
@@ -114,12 +135,15 @@ def main(argv=None) -> int:
         os.chdir(args.workdir)
     except OSError as e:
         return usage_error(f"--workdir {args.workdir!r}: {e.strerror}")
+    if args.captioner not in ("builtin", *CAPTIONER_FAMILIES):
+        return usage_error(f"--captioner {args.captioner!r} is not one of builtin, {', '.join(CAPTIONER_FAMILIES)}")
     if not args.keep:
         shutil.rmtree("runs/demo", ignore_errors=True)
     start = time.time()
+    overrides = captioner_overrides(args.captioner) + args.overrides  # train.py checks them before any group
     for stage in chain("dico"):
-        train_stage(stage, args.ranks, args.overrides)
-    results = compare(args.overrides)
+        train_stage(stage, args.ranks, overrides)
+    results = compare(overrides)
     print_table(results)
     with open("runs/demo/summary.json", "w") as f:
         json.dump(results, f, indent=1)

@@ -212,7 +212,8 @@ def gathered(model):
 def export_weights(engine, path: str | Path, extra: dict) -> None:
     """One fp32 state dict of the whole module (frozen parts included) on rank 0, written atomically.
 
-    The file holds {'state_dict': ...}: the layout open_clip's loader and `load_weights` read.
+    The file holds {'state_dict': ...}: the layout open_clip's loader and `load_weights` read. A captioner with
+    `save_pretrained` (the Hugging Face rows) also gets hf/ beside the file: a folder transformers loads.
     """
     import deepspeed
     import torch.distributed as dist
@@ -224,6 +225,8 @@ def export_weights(engine, path: str | Path, extra: dict) -> None:
             tmp = f"{path}.tmp"
             torch.save({"state_dict": state, **extra}, tmp)
             os.replace(tmp, path)
+            if hasattr(module, "save_pretrained"):  # Hugging Face rows: a transformers folder beside it too
+                module.save_pretrained(Path(path).parent / "hf", state)
     dist.barrier()
 
 

@@ -111,12 +111,16 @@ def checkpoint_meta(path: str) -> dict:
     return meta
 
 
-def load_run_config(meta: dict, overrides: list[str] = ()) -> Config:
-    """The checkpoint's resolved config with EVAL_OVERRIDES and then the user's key=value overrides on top."""
+def _config_from_text(text: str, overrides: list[str]) -> Config:
     with tempfile.TemporaryDirectory() as tmp:
         f = Path(tmp) / "config.yaml"
-        f.write_text(meta["config"])
-        cfg = load_config(str(f), EVAL_OVERRIDES + list(overrides))
+        f.write_text(text)
+        return load_config(str(f), EVAL_OVERRIDES + list(overrides))
+
+
+def load_run_config(meta: dict, overrides: list[str] = ()) -> Config:
+    """The checkpoint's resolved config with EVAL_OVERRIDES and then the user's key=value overrides on top."""
+    cfg = _config_from_text(meta["config"], overrides)
     stage = cfg.train.stage
     if stage not in CAPTIONERS:
         raise ConfigError(f"checkpoint {meta['path']} is a '{stage}'-stage model, not a captioner "
@@ -129,19 +133,13 @@ def load_captioner(cfg: Config, meta: dict, device):
     """(captioner in eval mode on device, tokenizer) with the checkpoint's weights."""
     import torch
 
-    from dico_scale.data.tokenizer import CaptionTokenizer
-    from dico_scale.engine import load_weights
-    from dico_scale.models.captioner import Captioner
-    from dico_scale.models.clip import register_model_configs
+    from dico_scale.models import build_captioner
 
     if meta["is_tag"] and not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator at import
-    register_model_configs(cfg.clip_model_configs)
-    tok = CaptionTokenizer()
-    captioner = Captioner(cfg.captioner, tok)
     with contextlib.redirect_stdout(sys.stderr):  # zero_to_fp32 prints progress; stdout may carry results
-        load_weights(captioner, meta["path"])
-    return captioner.to(device).eval(), tok
+        captioner = build_captioner(cfg, meta["path"])
+    return captioner.to(device).eval(), captioner.tokenizer
 
 
 def consolidate(tag_dir: str, fmt: str = "pt") -> dict:
@@ -193,6 +191,20 @@ def write_export(blob: dict, out: str, fmt: str) -> None:
     os.replace(f"{j}.tmp", j)
 
 
+def write_hf_folder(blob: dict, out: str) -> str | None:
+    """hf/ beside `out` for a Hugging Face captioner row (as training's own export writes it); None for others."""
+    from dico_scale.models import MODELS, build_captioner
+
+    cfg = OmegaConf.create(blob["config"])
+    row = cfg.get("captioner", {}).get("model", "builtin")
+    if blob["stage"] not in CAPTIONERS or not MODELS[row].hf:
+        return None
+    captioner = build_captioner(_config_from_text(blob["config"], []))
+    folder = Path(out).resolve().parent / "hf"
+    captioner.save_pretrained(folder, blob["state_dict"])
+    return str(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dico_scale.export", description=__doc__.splitlines()[2])
     parser.add_argument("--checkpoint", required=True,
@@ -210,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dico_scale.export: error: {e}", file=sys.stderr)
         return 2
     write_export(blob, args.out, args.format)
+    if hf := write_hf_folder(blob, args.out):
+        print(f"wrote {hf}: a transformers save_pretrained folder")
     extra = f" + {sidecar(args.out)}" if args.format == "safetensors" else ""
     print(f"wrote {args.out}{extra}: {len(blob['state_dict'])} tensors, stage={blob['stage']} step={blob['step']}")
     return 0

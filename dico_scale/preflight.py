@@ -128,3 +128,7 @@ def run_preflight(cfg: Config) -> None:
     check_output_dir(cfg.train.output_dir)
     check_stage(cfg, rank)
     check_tracking(cfg, rank)
+    if cfg.captioner.model == "dico_ref" and cfg.train.stage != "evaluator":
+        from .models.dico_ref import check_folder_weights
+
+        check_folder_weights(cfg.captioner.hf_path)  # missing / extra keys named, before any process group

@@ -6,12 +6,13 @@ from __future__ import annotations
 import torch
 
 from .config import GenerationConfig
+from .models.captioner import scored_mask
 from .models.generation import beam_search, sample
 
 
 class Rollout:
-    """kernel: the loss.kernel of the log-prob path; fused: decoder states and the tied head weight go to the fused
-    Triton kernel, which never materialises the [B*k, T, V] logits (the torch path does, as the DiCO reference).
+    """kernel: the loss.kernel of the log-prob path; fused: decoder states and the head weight (tied or not) go to the
+    fused Triton kernel, which never materialises the [B*k, T, V] logits (the torch path does, as the DiCO reference).
     generator: for sampling only; None draws from the global RNG."""
 
     def __init__(self, cfg: GenerationConfig, tokenizer, kernel: str = "auto", fused: bool = False,
@@ -46,12 +47,12 @@ class Rollout:
         return candidates[:, 1:]
 
     def mask(self, candidates: torch.Tensor) -> torch.Tensor:
-        """[B*k, L-1] the scored tokens: after BOS up to and including EOS."""
-        return self.labels(candidates) != self.pad
+        """[B*k, L-1] the scored tokens: after BOS up to and including EOS (PAD may equal EOS)."""
+        return scored_mask(self.labels(candidates), self.eos)
 
     def sequence_logprobs(self, forward, candidates: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:
         """[B*k] summed log-probs of the candidates under `forward`: a DeepSpeed engine (the policy with gradients,
         or a frozen reference under no_grad) or a captioner itself. The head and the log-probs are computed inside
-        the captioner's forward, where ZeRO-3 has gathered the tied head weight."""
+        the captioner's forward, where ZeRO-3 has gathered the head weight."""
         return forward(candidates, visual_tokens=visual_tokens, repeats=self.k, output="logprobs", kernel=self.kernel,
                        fused=self.fused)

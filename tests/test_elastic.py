@@ -67,7 +67,7 @@ def dico2(tmp_path_factory):
     """Tiny reference and evaluator weight files, then 2 ranks of dico for 2 steps: the checkpoint step 2."""
     from dico_scale.config import load_config
     from dico_scale.data.tokenizer import CaptionTokenizer
-    from dico_scale.models.captioner import Captioner
+    from dico_scale.models.builtin import Captioner
     from dico_scale.models.clip import create_clip, save_clip
 
     tmp = tmp_path_factory.mktemp("elastic")

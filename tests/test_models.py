@@ -9,7 +9,8 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from dico_scale.config import CaptionerConfig, ConfigError, EvaluatorConfig
 from dico_scale.data.tokenizer import CaptionTokenizer
-from dico_scale.models.captioner import Captioner, disable_dropout
+from dico_scale.models.builtin import Captioner
+from dico_scale.models.captioner import disable_dropout
 from dico_scale.models.clip import create_clip
 from dico_scale.models.evaluator import Evaluator
 from dico_scale.models.generation import beam_search

@@ -10,7 +10,8 @@ import torch.nn as nn
 from dico_scale.config import CaptionerConfig, ConfigError, GenerationConfig, load_config
 from dico_scale.data.tokenizer import CaptionTokenizer
 from dico_scale.kernels import sequence_logprobs
-from dico_scale.models.captioner import Captioner
+from dico_scale.models.builtin import Captioner
+from dico_scale.models.captioner import CaptionerModel
 from dico_scale.models.generation import beam_search, sample
 from dico_scale.rollout import Rollout
 
@@ -18,7 +19,7 @@ V, BOS, EOS, PAD = 8, 0, 1, 7  # the toy vocabulary: words are 2..6
 TOY = SimpleNamespace(bos=BOS, eos=EOS, pad=PAD)
 
 
-class Bigram(nn.Module):
+class Bigram(CaptionerModel):
     """A hand-made decoder with the captioner's generation API (encode / decode / logits, and the teacher-forced
     forward that Rollout.sequence_logprobs calls): the next-token logits are table[last token] + a per-image bias, so
     every step's distribution is known in closed form. decode ignores the KV cache it is given: its output at a

@@ -20,7 +20,7 @@ from transformers import CLIPConfig, CLIPModel
 
 from dico_scale.config import CaptionerConfig, ConfigError, EvaluatorConfig, load_config, to_yaml
 from dico_scale.data.tokenizer import CaptionTokenizer
-from dico_scale.models.captioner import Captioner
+from dico_scale.models.builtin import Captioner
 from dico_scale.models.clip import create_clip
 from dico_scale.models.evaluator import Evaluator, reward
 from dico_scale.models.weights import sniff_weights_format

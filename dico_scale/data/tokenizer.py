@@ -8,18 +8,19 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 
 
-class CaptionTokenizer:
-    def __init__(self):
-        self.bpe = SimpleTokenizer()  # ships inside open_clip: no download
-        self.bos = self.bpe.sot_token_id
-        self.eos = self.bpe.eot_token_id
-        self.pad = len(self.bpe.encoder)  # 49408: one past CLIP's vocabulary
-        self.vocab_size = self.pad + 1
+class TokenLayout:
+    """[BOS, w1, ..., wn, EOS, PAD, ...] around a tokenizer's word ids (`words`): what every captioner's tokenizer
+    gives the data pipeline (models/captioner.py)."""
+    bos: int
+    eos: int
+    pad: int
+
+    def words(self, text: str) -> list[int]:
+        raise NotImplementedError
 
     def encode(self, text: str, max_tokens: int) -> list[int]:
-        """BOS + BPE + EOS, the words truncated so that the whole fits in max_tokens."""
-        ids = self.bpe.encode(text)[: max_tokens - 2]
-        return [self.bos, *ids, self.eos]
+        """BOS + words + EOS, the words truncated so that the whole fits in max_tokens."""
+        return [self.bos, *self.words(text)[: max_tokens - 2], self.eos]
 
     def batch(self, texts: list[str], max_tokens: int) -> torch.Tensor:
         rows = [self.encode(t, max_tokens) for t in texts]
@@ -27,6 +28,21 @@ class CaptionTokenizer:
         for i, r in enumerate(rows):
             out[i, : len(r)] = torch.tensor(r)
         return out
+
+    def decode_batch(self, ids: torch.Tensor) -> list[str]:
+        return [self.decode(row) for row in ids]
+
+
+class CaptionTokenizer(TokenLayout):
+    def __init__(self):
+        self.bpe = SimpleTokenizer()  # ships inside open_clip: no download
+        self.bos = self.bpe.sot_token_id
+        self.eos = self.bpe.eot_token_id
+        self.pad = len(self.bpe.encoder)  # 49408: one past CLIP's vocabulary
+        self.vocab_size = self.pad + 1
+
+    def words(self, text: str) -> list[int]:
+        return self.bpe.encode(text)
 
     def decode(self, ids) -> str:
         """Words between BOS and the first EOS/PAD."""
@@ -39,5 +55,3 @@ class CaptionTokenizer:
             words.append(t)
         return self.bpe.decode(words).strip()
 
-    def decode_batch(self, ids: torch.Tensor) -> list[str]:
-        return [self.decode(row) for row in ids]

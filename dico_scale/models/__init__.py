@@ -1,0 +1,44 @@
+"""The captioner table: every captioner architecture the trainer knows, in one place. Config validation, the stages,
+export, caption, the demo and the benchmarks build captioners only through `build_captioner`; a new architecture is
+one module in this package (a `models.captioner.CaptionerModel`) and one row here.
+
+Importable without torch (config.py reads it): the classes are named as strings and imported by `build_captioner`.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # captioner.model
+    cls: str  # "module:Class", imported lazily; the class builds itself from the whole config (`build`)
+    section: str  # the config section of its keys
+    keys: tuple[str, ...]  # the keys of that section the row reads (the others must keep their defaults)
+    hf: bool  # reads its weights, tokenizer and image processor from captioner.hf_path
+
+
+BUILTIN_KEYS = ("image_encoder", "image_encoder_weights", "freeze_image_encoder", "encoder_layers", "decoder_layers",
+                "width", "heads", "dropout", "max_positions", "gradient_checkpointing")
+
+MODELS: dict[str, ModelSpec] = {s.name: s for s in [
+    ModelSpec("builtin", "dico_scale.models.builtin:Captioner", "captioner", BUILTIN_KEYS, hf=False),
+    ModelSpec("hf_encoder_decoder", "dico_scale.models.hf_encoder_decoder:HFEncoderDecoder", "captioner",
+              ("hf_path", "freeze", "gradient_checkpointing"), hf=True),
+    ModelSpec("dico_ref", "dico_scale.models.dico_ref:DicoRef", "captioner",
+              ("hf_path", "freeze", "gradient_checkpointing"), hf=True),
+]}
+
+
+def build_captioner(cfg, weights: str | None = None, image_encoder: bool = True):
+    """The captioner `cfg.captioner.model` names, built from the whole run config, with its tokenizer
+    (`.tokenizer`) and image transform (`.preprocess`); `weights`: a dico_scale export or checkpoint tag to load
+    (strict). image_encoder=False leaves the image tower out (a frozen reference reads the policy's features)."""
+    module, cls = MODELS[cfg.captioner.model].cls.split(":")
+    captioner = getattr(importlib.import_module(module), cls).build(cfg, image_encoder=image_encoder)
+    if weights:
+        from ..engine import load_weights
+
+        load_weights(captioner, weights)
+    return captioner

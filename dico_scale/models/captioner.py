@@ -1,107 +1,106 @@
-"""The captioner: open_clip visual tower (patch tokens) -> small transformer encoder -> GPT-2 decoder with
-cross-attention, its output head tied to the token embedding (so the fused log-prob kernels see one weight)."""
+"""The captioner interface: what the stages, rollout, generation, validation, export, caption, the demo and the
+benchmarks need from any captioner architecture (the rows of `dico_scale.models.MODELS`).
+
+A captioner turns pixels into features (`encode_image`, frozen or not), features into the per-image context its
+decoder attends to (`encode`, computed once per image and `expand`ed to k candidates), and runs one decode step with
+a cache (`new_cache`, `decode`, `reorder_cache`); its output head is `head_weight` / `head_bias` (tied or untied).
+Teacher forcing runs inside `forward`, because ZeRO-3 gathers a parameter only inside the forward of the module
+that owns it. It carries its tokenizer (`.tokenizer`: bos, eos, pad, vocab_size, batch, decode_batch) and image
+transform (`.preprocess`).
+
+Token layout everywhere: [BOS, w1, ..., wn, EOS, PAD, ...], where BOS is the decoder's start token and PAD may equal
+EOS (tokenizers without a pad token): the scored tokens are those after BOS up to and including the first EOS.
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-from transformers import GPT2Config, GPT2Model
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from ..config import CaptionerConfig, ConfigError
 from ..kernels import fused_linear_sequence_logprobs, sequence_logprobs
-from ..data.tokenizer import CaptionTokenizer
-from .clip import create_clip
 
 
-class Captioner(nn.Module):
-    """image_encoder=False builds it without the tower (the frozen reference reads the policy's visual tokens)."""
+def scored_mask(labels: torch.Tensor, eos: int) -> torch.Tensor:
+    """[N, T] True for the tokens a caption is scored on: everything up to and including the first EOS (what
+    follows is padding, whatever its id: PAD may equal EOS)."""
+    ended = (labels == eos).long()
+    return (ended.cumsum(-1) - ended) == 0
 
-    def __init__(self, cfg: CaptionerConfig, tokenizer: CaptionTokenizer, image_encoder: bool = True):
-        super().__init__()
-        self.image_encoder, self.preprocess = None, None
-        if image_encoder:
-            clip, self.preprocess = create_clip(cfg.image_encoder, cfg.image_encoder_weights)
-            self.image_encoder = clip.visual
-            self.image_encoder.output_tokens = True
-            visual_width = self.image_encoder.ln_post.normalized_shape[0]
-        else:
-            visual_width = visual_tower_width(cfg.image_encoder)
-        self.frozen_image_encoder = cfg.freeze_image_encoder
-        if self.frozen_image_encoder and self.image_encoder is not None:
-            self.image_encoder.requires_grad_(False)
-        self.width, self.pad = cfg.width, tokenizer.pad
-        self.visual_proj = nn.Sequential(nn.Linear(visual_width, cfg.width), nn.LayerNorm(cfg.width))
-        layer = nn.TransformerEncoderLayer(cfg.width, cfg.heads, 4 * cfg.width, cfg.dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, cfg.encoder_layers, enable_nested_tensor=False)
-        self.decoder = GPT2Model(GPT2Config(
-            vocab_size=tokenizer.vocab_size, n_positions=cfg.max_positions, n_embd=cfg.width, n_layer=cfg.decoder_layers,
-            n_head=cfg.heads, add_cross_attention=True, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-            attn_pdrop=cfg.dropout, bos_token_id=tokenizer.bos, eos_token_id=tokenizer.eos,
-            pad_token_id=tokenizer.pad))
-        self.gradient_checkpointing = cfg.gradient_checkpointing
-        if self.gradient_checkpointing:
-            # non-reentrant: works with ZeRO-3's hooks and with inputs that need no grad (a frozen tower's tokens)
-            self.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if self.image_encoder is not None and not self.frozen_image_encoder:
-                self.image_encoder.set_grad_checkpointing(True)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.frozen_image_encoder and self.image_encoder is not None:
-            self.image_encoder.eval()
-        return self
+def banned_tokens(bos: int, eos: int, pad: int) -> list[int]:
+    """Tokens a search never proposes: BOS and PAD, unless they are EOS itself (GPT-2 style tokenizers)."""
+    return sorted({bos, pad} - {eos})
 
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        """The tied output head. Under ZeRO-3 it is present only inside this module's forward (or `gathered`)."""
-        return self.decoder.wte.weight
+
+class CaptionerModel(nn.Module):
+    """Base class of the MODELS rows. Subclasses implement `build`, `encode_image`, `encode`, `decode` and
+    `head_weight` (and `head_bias` for a biased head); the rest has defaults for encoder-decoder captioners."""
+
+    tokenizer = None  # set by the subclass
+    preprocess = None  # image transform of pixels (None without an image tower)
+    width: int  # decoder hidden width (the frozen engines' bucket sizes)
+    tower_prefix = "image_encoder."  # state-dict prefix of the image tower (left out of a frozen reference)
+
+    @classmethod
+    def build(cls, cfg, image_encoder: bool = True) -> "CaptionerModel":
+        raise NotImplementedError
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Patch tokens [B, P, visual width]; no graph when the tower is frozen."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_image_encoder):
-            return self.image_encoder(pixels)[1]
+        """Image features [B, P, D] (no graph when the tower is frozen)."""
+        raise NotImplementedError
 
-    def encode(self, visual_tokens: torch.Tensor) -> torch.Tensor:
-        """Memory for cross-attention [B, P, width]."""
-        x = self.visual_proj(visual_tokens)
-        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
-            return self.encoder(x)
-        for layer in self.encoder.layers:  # what nn.TransformerEncoder does without masks (its norm is None)
-            x = checkpoint(layer, x, use_reentrant=False)
-        return x
+    def encode(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-image context the decoder attends to [B, P, H], computed once per image."""
+        raise NotImplementedError
 
-    def decode(self, tokens: torch.Tensor, memory: torch.Tensor, cache=None) -> torch.Tensor:
-        out = self.decoder(input_ids=tokens, encoder_hidden_states=memory, cache=cache, use_cache=cache is not None)
-        return out.last_hidden_state
+    def expand(self, context: torch.Tensor, k: int) -> torch.Tensor:
+        """The context of each image repeated for its k candidates (consecutive rows)."""
+        return context.repeat_interleave(k, dim=0) if k > 1 else context
+
+    def new_cache(self):
+        return EncoderDecoderCache(DynamicCache(), DynamicCache())
+
+    def reorder_cache(self, cache, src: torch.Tensor) -> None:
+        """Keeps the cache rows `src` (beam search's survivors), in that order."""
+        cache.reorder_cache(src)
+
+    def decode(self, tokens: torch.Tensor, context: torch.Tensor, cache=None) -> torch.Tensor:
+        """Decoder states [N, t, H] of tokens [N, t] (with a cache: the new tokens only)."""
+        raise NotImplementedError
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output head's [V, H] weight (tied or not). Under ZeRO-3 present only inside forward (or gathered)."""
+        raise NotImplementedError
+
+    @property
+    def head_bias(self) -> torch.Tensor | None:
+        return None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head_weight)
+        return F.linear(hidden, self.head_weight, self.head_bias)
 
     def forward(self, tokens: torch.Tensor | None = None, pixels: torch.Tensor | None = None,
                 visual_tokens: torch.Tensor | None = None, repeats: int = 1, output: str = "logits",
                 kernel: str = "auto", fused: bool = False) -> torch.Tensor:
-        """Every computation that reads parameters goes through here, because ZeRO-3 gathers a parameter only inside
-        a forward (the tied head weight included: DeepSpeed registers it when this forward reads it).
+        """Every computation that reads parameters goes through here (ZeRO-3 gathers inside a forward only; the
+        head weight included: DeepSpeed registers it when this forward reads it).
 
-        Teacher-forced over tokens[:, 1:], each image serving `repeats` rows of tokens; pass pixels, or the visual
-        tokens already computed (the frozen tower's output, shared with the reference). output:
+        Teacher-forced over tokens[:, 1:], each image serving `repeats` rows of tokens; pass pixels, or the features
+        already computed (the frozen tower's output, shared with the reference). output:
           logits    [N, T-1, V]
-          hidden    [N, T-1, width] decoder states
-          logprobs  [N] summed log-probs of the tokens after BOS up to and including EOS (PAD excluded): through
-                    the [N, T-1, V] logits and `kernel` (dico_scale.kernels.sequence_logprobs), or with fused=True
-                    the fused head + log-prob Triton kernel, which never materialises the logits
-          visual_tokens  [B, P, D] the tower's patch tokens of `pixels` (tokens unused)
+          hidden    [N, T-1, H] decoder states
+          logprobs  [N] summed log-probs of the scored tokens (scored_mask): through the logits and `kernel`
+                    (dico_scale.kernels.sequence_logprobs), or with fused=True the fused head + log-prob Triton
+                    kernel, which never materialises the logits
+          visual_tokens  [B, P, D] the features of `pixels` (tokens unused)
         """
         if output == "visual_tokens":
             return self.encode_image(pixels)
         if visual_tokens is None:
             visual_tokens = self.encode_image(pixels)
-        memory = self.encode(visual_tokens)
-        if repeats > 1:
-            memory = memory.repeat_interleave(repeats, dim=0)
-        hidden = self.decode(tokens[:, :-1], memory)
+        hidden = self.decode(tokens[:, :-1], self.expand(self.encode(visual_tokens), repeats))
         if output == "hidden":
             return hidden
         if output == "logits":
@@ -109,26 +108,24 @@ class Captioner(nn.Module):
         if output != "logprobs":
             raise ValueError(f"output must be logits, hidden, logprobs or visual_tokens, got {output!r}")
         labels = tokens[:, 1:]
-        mask = labels != self.pad
+        mask = scored_mask(labels, self.tokenizer.eos)
         if fused:
-            return fused_linear_sequence_logprobs(hidden, self.lm_head_weight, labels, mask, kernel="triton")
+            weight, bias = self.head_weight, self.head_bias
+            if bias is not None:  # a biased head as one more input column: [h, 1] @ [W, b]^T
+                hidden = torch.cat([hidden, hidden.new_ones(*hidden.shape[:-1], 1)], dim=-1)
+                weight = torch.cat([weight, bias[:, None].to(weight.dtype)], dim=1)
+            return fused_linear_sequence_logprobs(hidden, weight, labels, mask, kernel="triton")
         return sequence_logprobs(self.logits(hidden), labels, mask, kernel=kernel)
 
 
-def visual_tower_width(name: str) -> int:
-    """Width of an open_clip model's visual transformer (its patch tokens), read from the model config."""
-    import open_clip
-
-    cfg = open_clip.get_model_config(name)
-    if cfg is None:
-        raise ConfigError(f"unknown open_clip model '{name}' (not built in, not in the registered config folder)")
-    return int(cfg["vision_cfg"]["width"])
-
-
 def disable_dropout(model: nn.Module) -> None:
-    """Zeroes every dropout, including the float rate nn.MultiheadAttention keeps outside any Dropout module."""
+    """Zeroes every dropout, including the float rate nn.MultiheadAttention keeps outside any Dropout module and the
+    rates Hugging Face attention keeps as floats (`attention_dropout`, `dropout`, `dropout_prob`)."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
         elif isinstance(m, nn.MultiheadAttention):
             m.dropout = 0.0
+        for name in ("attention_dropout", "dropout", "dropout_prob"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)

@@ -11,9 +11,9 @@ import torch
 
 from ..config import Config, ConfigError
 from ..data.tokenizer import CaptionTokenizer
-from ..engine import gathered, load_weights
+from ..engine import gathered
 from ..kernels import interpreting
-from ..models.captioner import Captioner
+from ..models import build_captioner
 from ..models.evaluator import Evaluator, distinct_preprocess
 from ..validate import caption_metrics, caption_split, gather_records, score_records
 
@@ -60,9 +60,8 @@ class CaptionerStage(Stage):
 
     def __init__(self, cfg: Config, device: torch.device, need_evaluator: bool):
         super().__init__(cfg, device)
-        self.module = Captioner(cfg.captioner, self.tokenizer)
-        if cfg.train.init_from:
-            load_weights(self.module, cfg.train.init_from)
+        self.module = build_captioner(cfg, cfg.train.init_from)
+        self.tokenizer = self.module.tokenizer
         self.preprocess = self.module.preprocess
         self.evaluator = None
         if need_evaluator or cfg.evaluator.weights:
@@ -123,7 +122,7 @@ class CaptionerStage(Stage):
 
 
 def log_prob_path(kernel: str, device: torch.device) -> tuple[str, bool]:
-    """(loss.kernel, fused) of a sequence-level stage: fused = decoder states and the tied head weight go to the
+    """(loss.kernel, fused) of a sequence-level stage: fused = decoder states and the head weight go to the
     fused Triton kernel, which never materialises the [B*k, T, V] logits (the torch path does, as the DiCO code)."""
     if kernel == "triton" and device.type != "cuda" and not interpreting():
         raise ConfigError("loss.kernel=triton needs CUDA (or TRITON_INTERPRET=1 to interpret the kernels on the CPU)")

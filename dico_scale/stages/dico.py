@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from ..kernels import dico_loss
-from ..models.captioner import Captioner, disable_dropout
+from ..models import build_captioner
+from ..models.captioner import CaptionerModel, disable_dropout
 from ..rewards import build_reward
 from ..rollout import Rollout
 from .base import CaptionerStage, StepOutput, log_prob_path
@@ -25,13 +26,14 @@ class DicoStage(CaptionerStage):
         self.reference = self.build_reference()
         self.reference_engine = self.reference
 
-    def build_reference(self) -> Captioner:
+    def build_reference(self) -> CaptionerModel:
         """The starting captioner's weights (train.init_from, or the policy's initial ones) in a captioner of its own
         without the image tower (the policy's frozen tower serves both), built before DeepSpeed partitions
         anything: never a copy of a partitioned model. Eval mode (dropout off) unless dico.disable_dropout=false
         (the DiCO reference code), then train mode like the policy. No parameter requires a gradient."""
-        reference = Captioner(self.cfg.captioner, self.tokenizer, image_encoder=False)
-        start = {k: v for k, v in self.module.state_dict().items() if not k.startswith("image_encoder.")}
+        reference = build_captioner(self.cfg, image_encoder=False)
+        tower = self.module.tower_prefix
+        start = {k: v for k, v in self.module.state_dict().items() if not k.startswith(tower)}
         reference.load_state_dict(start, strict=True)
         if self.cfg.dico.disable_dropout:
             disable_dropout(reference)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from ..models.captioner import scored_mask
 from .base import CaptionerStage, StepOutput
 
 
@@ -16,6 +17,7 @@ class XEStage(CaptionerStage):
         tokens = batch["tokens"].to(self.device)
         logits = engine(tokens, pixels=batch["pixels"].to(self.device, self.dtype))
         labels = tokens[:, 1:]
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=self.tokenizer.pad)
-        n_tokens = int((labels != self.tokenizer.pad).sum())
+        scored = scored_mask(labels, self.tokenizer.eos)  # up to and including EOS (PAD may equal EOS)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.masked_fill(~scored, -100).flatten())
+        n_tokens = int(scored.sum())
         return StepOutput(loss, {"xe/ppl": loss.detach().exp()}, images=tokens.size(0), tokens=n_tokens)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from dico_scale.config import load_config  # noqa: E402
 from dico_scale.engine import gathered, load_weights  # noqa: E402
-from dico_scale.models.captioner import Captioner  # noqa: E402
+from dico_scale.models import build_captioner  # noqa: E402
 from dico_scale.train import run, shutdown  # noqa: E402
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
@@ -101,7 +101,7 @@ with gathered(engine) as policy:
     candidates = stage.rollout.candidates(policy, visual_tokens)
 with torch.no_grad():
     logps = stage.rollout.sequence_logprobs(engine, candidates, visual_tokens)  # partitioned, hooks back on
-plain = Captioner(stage.cfg.captioner, stage.tokenizer)
+plain = build_captioner(stage.cfg)
 plain.load_state_dict(full_state(engine))
 plain.to(stage.device, stage.dtype).eval()  # the engine's dtype: the same arithmetic
 with torch.no_grad():
@@ -124,7 +124,7 @@ dist.all_gather_object(parts, uneven)
 result["uneven"] = parts  # hooks restored after the gathered generation: this step trained as any other
 
 # the ZeRO-3 checkpoint consolidates to the weights the run exported at the same step
-resumed = Captioner(stage.cfg.captioner, stage.tokenizer)
+resumed = build_captioner(stage.cfg)
 load_weights(resumed, f"{out}/dico_resume/checkpoints/step_00000003")
 exported = torch.load(f"{out}/dico_resume/model.pt", weights_only=True)["state_dict"]
 # (in bf16 the export is the bf16 working copy, the checkpoint holds its fp32 master: equal once rounded)

@@ -1,0 +1,164 @@
+"""The DiCO reference code's captioner (aimagelab/DiCO, MODELS row `dico_ref`), exactly: a Hugging Face CLIP vision
+transformer (frozen, its last hidden states before post-LN) -> Linear to the encoder width -> a BertModel fed through
+`inputs_embeds` (position and token-type embeddings, post-LN) -> GPT-2 with cross-attention, the CLIP BPE vocabulary
+plus one pad token (BOS 49406, EOS 49407, PAD 49408).
+
+The architecture and weights come from a `save_pretrained` folder of the reference's own VisionEncoderDecoderModel
+fork (`captioner.hf_path`): config.json with an encoder of model type "vision-encoder-encoder", weights in
+pytorch_model.bin or model.safetensors under the reference's key names (`REF_PREFIXES`). The head is untied or tied
+to the token embedding as the decoder config's tie_word_embeddings says.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..config import ConfigError
+from ..data.tokenizer import CaptionTokenizer
+from .captioner import CaptionerModel
+from .folders import read_config, ref_problem
+
+# the reference's state-dict prefixes -> ours
+REF_PREFIXES = {"encoder.vision_encoder.": "vision.", "encoder.vis_enc_to_enc_proj.": "proj.",
+                "encoder.encoder.": "encoder.", "enc_to_dec_proj.": "enc_to_dec.", "decoder.": "decoder."}
+# keys the reference saves that no forward reads: BERT's pooler, position-id buffers of older transformers
+UNUSED = ("encoder.encoder.pooler.", "position_ids")
+
+
+def _sub(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "transformers_version")}
+
+
+def read_ref_config(path: str) -> dict:
+    config = read_config(path)
+    problem = config if isinstance(config, str) else ref_problem(config, path)
+    if problem:
+        raise ConfigError(f"captioner.hf_path {problem}")
+    return config
+
+
+class DicoRef(CaptionerModel):
+    tower_prefix = "vision."
+
+    def __init__(self, config: dict, image_encoder: bool = True, freeze_vision: bool = True,
+                 gradient_checkpointing: bool = False):
+        super().__init__()
+        from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel
+
+        enc, dec = config["encoder"], config["decoder"]
+        vision_cfg = CLIPVisionConfig(**_sub(enc["vision_encoder"]))
+        bert_cfg = BertConfig(**_sub(enc["encoder"]))
+        gpt_cfg = GPT2Config(**_sub(dec))
+        self.vision = CLIPVisionModel(vision_cfg) if image_encoder else None
+        self.proj = nn.Linear(vision_cfg.hidden_size, bert_cfg.hidden_size) \
+            if vision_cfg.hidden_size != bert_cfg.hidden_size else nn.Identity()
+        self.encoder = BertModel(bert_cfg, add_pooling_layer=False)
+        self.enc_to_dec = nn.Linear(bert_cfg.hidden_size, gpt_cfg.n_embd) \
+            if bert_cfg.hidden_size != gpt_cfg.n_embd and gpt_cfg.cross_attention_hidden_size is None else nn.Identity()
+        self.decoder = GPT2LMHeadModel(gpt_cfg)
+        self.tied = gpt_cfg.tie_word_embeddings
+        if not self.tied:  # a weight of its own (transformers ties it at construction otherwise)
+            self.decoder.lm_head.weight = nn.Parameter(self.decoder.lm_head.weight.detach().clone())
+        self.width, self.frozen_vision = gpt_cfg.n_embd, freeze_vision
+        self.tokenizer = CaptionTokenizer()
+        self.preprocess = None
+        if image_encoder:
+            import open_clip  # CLIP's eval transform: bicubic resize, centre crop, OpenAI mean / std
+
+            self.preprocess = open_clip.image_transform(vision_cfg.image_size, is_train=False)
+            self.vision.requires_grad_(not freeze_vision)
+        if gradient_checkpointing:
+            self.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    @classmethod
+    def build(cls, cfg, image_encoder: bool = True) -> "DicoRef":
+        from .hf_encoder_decoder import freeze_parts
+
+        c = cfg.captioner
+        config = read_ref_config(c.hf_path)
+        parts = freeze_parts(c.freeze)
+        model = cls(config, image_encoder, "vision" in parts, c.gradient_checkpointing)
+        tok = model.tokenizer
+        if (vocab := config["decoder"].get("vocab_size")) != tok.vocab_size:
+            raise ConfigError(f"captioner.hf_path '{c.hf_path}': decoder vocab_size {vocab} is not the CLIP BPE's "
+                              f"{tok.vocab_size} (49,408 + pad)")
+        state = convert_state(read_ref_weights(c.hf_path), model.tied, c.hf_path)
+        if not image_encoder:
+            state = {k: v for k, v in state.items() if not k.startswith(cls.tower_prefix)}
+        check_keys(state, model.state_dict(), c.hf_path)
+        model.load_state_dict(state, strict=True)
+        for m in ([model.proj] if "projection" in parts else []) + \
+                ([model.decoder.transformer.wte, model.decoder.transformer.wpe] if "embeddings" in parts else []):
+            m.requires_grad_(False)
+        return model
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen_vision and self.vision is not None:
+            self.vision.eval()  # the reference keeps its tower in eval mode
+        return self
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.decoder.lm_head.weight
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_vision):
+            return self.vision(pixel_values=pixels).last_hidden_state
+
+    def encode(self, features: torch.Tensor) -> torch.Tensor:
+        return self.enc_to_dec(self.encoder(inputs_embeds=self.proj(features)).last_hidden_state)
+
+    def decode(self, tokens: torch.Tensor, context: torch.Tensor, cache=None) -> torch.Tensor:
+        out = self.decoder.transformer(input_ids=tokens, encoder_hidden_states=context, cache=cache,
+                                       use_cache=cache is not None)
+        return out.last_hidden_state
+
+
+def check_folder_weights(path: str) -> None:
+    """The folder's weight names and shapes against its config.json's architecture, built on the meta device and
+    the weights memory-mapped: nothing is materialised (preflight)."""
+    config = read_ref_config(path)
+    with torch.device("meta"):
+        model = DicoRef(config, image_encoder=True)
+    tied = model.tied
+    check_keys(convert_state(read_ref_weights(path, mmap=True), tied, path), model.state_dict(), path)
+
+
+def read_ref_weights(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
+    p = Path(path)
+    if (p / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(p / "model.safetensors"))
+    if (p / "pytorch_model.bin").is_file():
+        return torch.load(p / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=mmap)
+    raise ConfigError(f"captioner.hf_path '{path}' has neither model.safetensors nor pytorch_model.bin")
+
+
+def convert_state(ref: dict[str, torch.Tensor], tied: bool, path: str) -> dict[str, torch.Tensor]:
+    """The reference's keys renamed to ours; unknown prefixes are kept as they are (check_keys names them)."""
+    out = {}
+    for k, v in ref.items():
+        if k.startswith(UNUSED[0]) or k.endswith(UNUSED[1]) or (tied and k == "decoder.lm_head.weight"):
+            continue
+        new = next((ours + k[len(theirs):] for theirs, ours in REF_PREFIXES.items() if k.startswith(theirs)), k)
+        out[new] = v
+    if tied:  # the head is the token embedding: one tensor under both names, as GPT2LMHeadModel holds it
+        if "decoder.transformer.wte.weight" in out:
+            out["decoder.lm_head.weight"] = out["decoder.transformer.wte.weight"]
+    return out
+
+
+def check_keys(state: dict, own: dict, path: str) -> None:
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shapes = [f"{k} {list(v.shape)} != {list(own[k].shape)}" for k, v in state.items()
+              if k in own and v.shape != own[k].shape]
+    if missing or extra or shapes:
+        parts = [f"missing {', '.join(missing[:5])}" if missing else "",
+                 f"extra {', '.join(extra[:5])}" if extra else "", f"shapes {'; '.join(shapes[:3])}" if shapes else ""]
+        raise ConfigError(f"captioner.hf_path '{path}': weights do not fit its config.json: "
+                          + "; ".join(p for p in parts if p))

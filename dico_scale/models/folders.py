@@ -1,0 +1,92 @@
+"""Torch-free checks of a captioner row's folder (`captioner.hf_path`), run by config validation so that bad input
+stops with one line before any model is built or process group started: not a transformers checkpoint, an
+architecture the row does not support, no EOS token, captioner.* keys or lengths that contradict the folder's config.
+
+Each check returns a problem as text (None when fine); config.py turns it into a ConfigError naming the key.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HF_ARCHITECTURES = ("VisionEncoderDecoderModel", "BlipForConditionalGeneration")
+HF_DECODERS = ("gpt2", "bert")  # VisionEncoderDecoderModel decoder model types whose head we can split off
+# captioner.freeze: the vision tower, its projection to the decoder width, the decoder's token and position
+# embeddings (with a tied head, the head too)
+FREEZE_PARTS = ("vision", "projection", "embeddings")
+
+
+def read_config(path: str) -> dict | str:
+    f = Path(path) / "config.json"
+    if not Path(path).is_dir() or not f.is_file():
+        return f"'{path}' is not a transformers checkpoint folder (no config.json)"
+    try:
+        config = json.loads(f.read_text())
+    except ValueError as e:
+        return f"'{path}': config.json is not JSON ({e})"
+    return config if isinstance(config, dict) else f"'{path}': config.json is not a JSON object"
+
+
+def is_dico_ref(config: dict) -> bool:
+    return config.get("encoder", {}).get("model_type") == "vision-encoder-encoder"
+
+
+def hf_problem(config: dict, path: str) -> str | None:
+    """hf_encoder_decoder: a VisionEncoderDecoderModel with a GPT-2 / BERT decoder, or BLIP."""
+    if is_dico_ref(config):
+        return f"'{path}' is a DiCO reference folder: use captioner.model=dico_ref"
+    arch = (config.get("architectures") or [None])[0]
+    if arch not in HF_ARCHITECTURES:
+        return f"'{path}': architecture {arch} is not supported by hf_encoder_decoder ({', '.join(HF_ARCHITECTURES)})"
+    if arch == "VisionEncoderDecoderModel" and (dec := config.get("decoder", {}).get("model_type")) not in HF_DECODERS:
+        return f"'{path}': decoder {dec} is not supported ({', '.join(HF_DECODERS)})"
+    if eos_id(config, path) is None:
+        return f"'{path}': neither the model config nor the tokenizer names an EOS token"
+    return None
+
+
+def ref_problem(config: dict, path: str) -> str | None:
+    """dico_ref: the reference fork's vision-encoder-decoder of a clip_vision_model + BERT encoder and GPT-2."""
+    if not is_dico_ref(config) or config["encoder"].get("vision_encoder", {}).get("model_type") != "clip_vision_model":
+        return (f"'{path}' is not a DiCO reference folder (want a vision-encoder-decoder whose encoder is a "
+                "vision-encoder-encoder of a clip_vision_model)")
+    if (dec := config.get("decoder", {}).get("model_type")) != "gpt2":
+        return f"'{path}': the reference's decoder is gpt2, not {dec}"
+    return None
+
+
+def text_config(config: dict) -> dict:
+    return config.get("text_config") or config.get("decoder") or {}
+
+
+def eos_id(config: dict, path: str) -> int | None:
+    """The model's end token: BLIP's [SEP], else the config's eos_token_id, else the tokenizer's EOS, if any."""
+    if "text_config" in config:
+        return config["text_config"].get("sep_token_id")
+    for c in (config, config.get("decoder", {})):
+        if c.get("eos_token_id") is not None:
+            return c["eos_token_id"]
+    tok = Path(path) / "tokenizer_config.json"
+    if tok.is_file() and json.loads(tok.read_text()).get("eos_token"):
+        return -1  # named by the tokenizer: its id is read when it is loaded
+    return None
+
+
+def positions(config: dict) -> int | None:
+    t = text_config(config)
+    return t.get("n_positions", t.get("max_position_embeddings"))
+
+
+def folder_problem(model: str, path: str, freeze: str, tokens_needed: int) -> tuple[str, str] | None:
+    """(key, problem) of a row's folder and keys, or None."""
+    if bad := sorted({p.strip() for p in freeze.split(",") if p.strip()} - set(FREEZE_PARTS)):
+        return "captioner.freeze", f"unknown part(s) {', '.join(bad)} (parts: {', '.join(FREEZE_PARTS)})"
+    config = read_config(path)
+    if isinstance(config, str):
+        return "captioner.hf_path", config
+    if problem := (ref_problem if model == "dico_ref" else hf_problem)(config, path):
+        return "captioner.hf_path", problem
+    if (n := positions(config)) is not None and n < tokens_needed:
+        return "generation.max_len", (f"captions of {tokens_needed} tokens (data.max_caption_tokens, generation.max_len"
+                                      f" + 1) exceed the decoder's {n} positions in '{path}'")
+    return None

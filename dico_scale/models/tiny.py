@@ -1,0 +1,150 @@
+"""Tiny random captioners of each Hugging Face family, written as a user's folder would look (config.json, weights,
+tokenizer, image processor), with nothing downloaded: the tokenizer is a byte-level BPE trained here with the
+`tokenizers` library on the synthetic shapes captions.
+
+    python -m dico_scale.models.tiny FAMILY OUT_DIR [--width 32 --layers 2 --heads 2 --image-size 32 --seed 0]
+
+Families: vit-gpt2 (VisionEncoderDecoderModel, GPT-2 style tokenizer: BOS = EOS = <|endoftext|>, no pad token),
+blip (BlipForConditionalGeneration, BERT style specials: [PAD] [SEP] [DEC]), dico-ref (the DiCO reference code's
+save_pretrained layout, written from transformers' CLIPVisionModel, BertModel and GPT2LMHeadModel; CLIP BPE
+vocabulary, no tokenizer files: the row brings open_clip's). Tests and `dico_scale.demo --captioner` use the same
+builder.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+
+import torch
+
+FAMILIES = ("vit-gpt2", "blip", "dico-ref")
+SPECIALS = {"vit-gpt2": ["<|endoftext|>"], "blip": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]}
+
+
+def captions(n: int = 400, seed: int = 0) -> list[str]:
+    from ..data.synthetic import make_scene, scene_captions
+
+    rng = random.Random(seed)
+    return [c for _ in range(n) for c in scene_captions(make_scene(rng), rng)]
+
+
+def train_tokenizer(family: str, vocab_size: int = 300):
+    """A PreTrainedTokenizerFast over a byte-level BPE of the synthetic captions, with the family's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="[UNK]" if family == "blip" else None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(captions(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS[family],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if family == "vit-gpt2":
+        return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                       unk_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", bos_token="[DEC]")
+
+
+def vit_gpt2(tok, width: int, layers: int, heads: int, image_size: int, vocab: int):
+    from transformers import (GPT2Config, ViTConfig, ViTImageProcessor, VisionEncoderDecoderConfig,
+                              VisionEncoderDecoderModel)
+
+    end = tok.eos_token_id
+    vit = ViTConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                    intermediate_size=4 * width, image_size=image_size, patch_size=8)
+    gpt2 = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=width, n_layer=layers, n_head=heads,
+                      add_cross_attention=True, is_decoder=True, bos_token_id=end, eos_token_id=end)
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(vit, gpt2)
+    config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = end, end, end
+    model = VisionEncoderDecoderModel(config)
+    model.generation_config.decoder_start_token_id = end
+    model.generation_config.pad_token_id = model.generation_config.eos_token_id = end
+    return model, ViTImageProcessor(size={"height": image_size, "width": image_size})
+
+
+def blip(tok, width: int, layers: int, heads: int, image_size: int, vocab: int):
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor
+
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in
+           [("pad", "[PAD]"), ("sep", "[SEP]"), ("dec", "[DEC]")]}
+    text = dict(vocab_size=vocab, hidden_size=width, encoder_hidden_size=width, intermediate_size=4 * width,
+                num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=64,
+                pad_token_id=ids["pad"], bos_token_id=ids["dec"], sep_token_id=ids["sep"], eos_token_id=ids["sep"])
+    vision = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
+                  image_size=image_size, patch_size=8)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision))
+    return model, BlipImageProcessor(size={"height": image_size, "width": image_size})
+
+
+def dico_ref(out_dir: str, width: int, layers: int, heads: int, image_size: int, tied: bool = False) -> dict:
+    """A folder as the reference's VisionEncoderDecoderModel fork saves it: config.json (vision-encoder-encoder of a
+    clip_vision_model + BERT, GPT-2 decoder) and pytorch_model.bin under its key names. Returns the transformers
+    modules it was written from, by key prefix."""
+    import json
+    import os
+
+    from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel
+
+    vision = CLIPVisionConfig(hidden_size=2 * width, intermediate_size=4 * width, num_hidden_layers=layers,
+                              num_attention_heads=heads, image_size=image_size, patch_size=8)
+    bert = BertConfig(hidden_size=width, d_embed=width, num_hidden_layers=layers, intermediate_size=4 * width,
+                      num_attention_heads=heads)
+    gpt2 = GPT2Config(vocab_size=49409, n_embd=width, n_layer=layers, n_head=heads, n_positions=64,
+                      add_cross_attention=True, bos_token_id=49406, eos_token_id=49407, pad_token_id=49408,
+                      tie_word_embeddings=tied)
+    parts = {"encoder.vision_encoder.": CLIPVisionModel(vision), "encoder.encoder.": BertModel(bert),
+             "encoder.vis_enc_to_enc_proj.": torch.nn.Linear(vision.hidden_size, width),
+             "decoder.": GPT2LMHeadModel(gpt2)}
+    state = {p + k: v.detach().clone() for p, m in parts.items() for k, v in m.state_dict().items()}
+    config = {"architectures": ["VisionEncoderDecoderModel"], "model_type": "vision-encoder-decoder",
+              "is_encoder_decoder": True, "decoder_start_token_id": 49406, "bos_token_id": 49406,
+              "eos_token_id": 49407, "pad_token_id": 49408, "vocab_size": 49409, "hidden_size": width,
+              "tie_word_embeddings": False,
+              "encoder": {"model_type": "vision-encoder-encoder", "hidden_size": width,
+                          "vision_encoder": {**vision.to_dict(), "model_type": "clip_vision_model"},
+                          "encoder": {**bert.to_dict(), "model_type": "bert"}},
+              "decoder": {**gpt2.to_dict(), "model_type": "gpt2"}}
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save(state, os.path.join(out_dir, "pytorch_model.bin"))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    return parts
+
+
+def write(family: str, out_dir: str, width: int = 32, layers: int = 2, heads: int = 2, image_size: int = 32,
+          seed: int = 0, vocab_size: int = 0) -> str:
+    """Writes the folder and returns its path. vocab_size: the decoder's vocabulary (0: the tokenizer's; more gives
+    rows no caption uses, e.g. the CLIP BPE's 49,409 to compare step costs with the built-in captioner)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r} (one of {', '.join(FAMILIES)})")
+    torch.manual_seed(seed)
+    if family == "dico-ref":
+        dico_ref(out_dir, width, layers, heads, image_size)
+        return out_dir
+    tok = train_tokenizer(family)
+    vocab = max(vocab_size, len(tok))
+    model, processor = {"vit-gpt2": vit_gpt2, "blip": blip}[family](tok, width, layers, heads, image_size, vocab)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="dico_scale.models.tiny", description=__doc__.splitlines()[0])
+    p.add_argument("family", choices=FAMILIES)
+    p.add_argument("out_dir")
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=int, default=0, help="decoder vocabulary (default: the tokenizer's)")
+    a = p.parse_args(argv)
+    print(write(a.family, a.out_dir, a.width, a.layers, a.heads, a.image_size, a.seed, a.vocab_size))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

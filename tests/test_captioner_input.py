@@ -1,0 +1,73 @@
+"""Bad captioner input gets one line and exit 2 before any process group starts (dico_scale.train's config check and
+preflight, in this process: no launcher): a folder that is not a transformers checkpoint, an unsupported
+architecture, no EOS token, captioner.* keys or lengths that contradict the folder, a dico_ref folder with missing
+or extra weights (named); the demo's unknown --captioner."""
+import json
+
+import pytest
+import torch
+
+from dico_scale import demo, train
+from dico_scale.models.tiny import dico_ref
+
+BASE = ["--config", "configs/demo/xe.yaml", "evaluator.weights=", "captioner.image_encoder_weights=",
+        "tracking.enabled=false"]
+
+
+def config_folder(root, name, config, tokenizer=None):
+    d = root / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    if tokenizer is not None:
+        (d / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+    return d
+
+
+def run_train(tmp_path, capsys, *overrides):
+    code = train.main(BASE + [f"train.output_dir={tmp_path}/out", *overrides])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.fixture(scope="module")
+def bad_ref(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad_ref")
+    dico_ref(str(folder), width=16, layers=1, heads=2, image_size=32)
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    del state["decoder.transformer.ln_f.bias"]
+    state["decoder.transformer.h.5.attn.c_attn.weight"] = torch.zeros(2)
+    torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+
+VED = {"architectures": ["VisionEncoderDecoderModel"], "decoder": {"model_type": "gpt2", "n_positions": 16},
+       "encoder": {"model_type": "vit"}}
+
+
+@pytest.mark.parametrize("model, folder, extra, message", [
+    ("hf_encoder_decoder", None, [], "is not a transformers checkpoint folder (no config.json)"),
+    ("hf_encoder_decoder", {"architectures": ["T5ForConditionalGeneration"]}, [],
+     "architecture T5ForConditionalGeneration is not supported by hf_encoder_decoder"),
+    ("hf_encoder_decoder", {**VED, "decoder": {"model_type": "llama"}}, [], "decoder llama is not supported"),
+    ("hf_encoder_decoder", VED, [], "neither the model config nor the tokenizer names an EOS token"),
+    ("hf_encoder_decoder", {**VED, "eos_token_id": 0}, [], "exceed the decoder's 16 positions"),
+    ("hf_encoder_decoder", {**VED, "eos_token_id": 0}, ["captioner.freeze=vision,head", "data.max_caption_tokens=8",
+                                                       "generation.max_len=6"], "unknown part(s) head"),
+    ("dico_ref", VED, [], "is not a DiCO reference folder"),
+    ("builtin", VED, [], "captioner.model=builtin reads no Hugging Face folder"),
+])
+def test_bad_folders_and_keys_exit_2_with_one_line(tmp_path, capsys, model, folder, extra, message):
+    path = config_folder(tmp_path, "m", folder) if folder is not None else tmp_path
+    code, err = run_train(tmp_path, capsys, f"captioner.model={model}", f"captioner.hf_path={path}", *extra)
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_dico_ref_folder_with_missing_and_extra_keys_names_them(tmp_path, capsys, bad_ref):
+    code, err = run_train(tmp_path, capsys, "captioner.model=dico_ref", f"captioner.hf_path={bad_ref}")
+    assert code == 2 and len(err) == 1, err
+    assert "missing decoder.transformer.ln_f.bias" in err[0] and "extra decoder.transformer.h.5.attn" in err[0]
+
+
+def test_demo_unknown_captioner(capsys):
+    assert demo.main(["--captioner", "t5"]) == 2
+    assert "--captioner 't5' is not one of builtin" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""Every Hugging Face captioner row through the real loop on 2 CPU ranks, in one launch of
+tests/distributed/captioners_check.py: xe -> dico -> scst (ZeRO-2) per family (vit-gpt2 and BLIP on
+hf_encoder_decoder, the DiCO reference's layout on dico_ref), dico in bf16, a ZeRO-3 dico run stopped and resumed
+on the same MLflow run; then caption and evaluate on the exports, and the exported transformers folder (hf/)
+generating the captions dico_scale.caption prints."""
+import json
+import math
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from helpers import check_ok, free_port
+from PIL import Image
+
+pytestmark = pytest.mark.distributed
+
+FAMILIES = ("vit-gpt2", "blip", "dico-ref")
+HF = ("vit-gpt2", "blip")  # the rows whose export has a transformers folder
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, repo):
+    from dico_scale.models.tiny import write
+
+    tmp = tmp_path_factory.mktemp("captioners")
+    folders = [f"{f}={write(f, str(tmp / 'models' / f), width=16 if f == 'dico-ref' else 32)}" for f in FAMILIES]
+    common = [f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "data.synthetic.n_train=50",
+              "data.synthetic.n_val=4", "data.synthetic.n_test=4", "data.synthetic.samples_per_shard=25",
+              "train.log_every=1", "data.samples_per_epoch=16", "data.shuffle_buffer=10", "evaluator.weights=",
+              "captioner.image_encoder_weights=", "train.micro_batch_size=2", "generation.beam_size=3",
+              "generation.max_len=6", "train.val_max_images=2"]
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "tests/distributed/captioners_check.py",
+           str(tmp), *folders, "--", *common]
+    check_ok(subprocess.run(cmd, cwd=repo, env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"},
+                            capture_output=True, text=True, timeout=1200))
+    return json.loads((tmp / "captioners.json").read_text()), tmp
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("stage", ["xe", "dico", "scst"])
+def test_every_stage_trains_every_row(runs, family, stage):
+    result, _ = runs
+    r = result["runs"][f"{family}_{stage}"]
+    assert r["step"] == 2 and math.isfinite(r["train"]["train/loss"])
+
+
+def test_zero3_resume_and_bf16_on_an_hf_row(runs):
+    result, tmp = runs
+    assert math.isfinite(result["runs"]["vit-gpt2_dico_bf16"]["train"]["train/loss"])
+    assert (tmp / "vit-gpt2_resume" / "checkpoints" / "step_00000002" / "complete").is_file()  # ZeRO-3 tags
+    resumed = result["runs"]["vit-gpt2_resume"]
+    assert resumed["step"] == 3 and resumed["mlflow_run_id"] == result["resume_first_id"]
+
+
+@pytest.mark.parametrize("family", HF)
+def test_caption_and_evaluate_on_the_export_and_its_hf_folder(runs, family, tmp_path, capsys):
+    import transformers
+
+    from dico_scale import caption, evaluate
+    from dico_scale.models.captioner import banned_tokens
+
+    _, tmp = runs
+    run = tmp / f"{family}_dico"
+    rng = np.random.default_rng(0)
+    paths = [str(tmp_path / f"{i}.png") for i in range(2)]
+    for p in paths:
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(p)
+    assert caption.main(["--checkpoint", str(run / "model.pt"), *paths]) == 0
+    printed = capsys.readouterr().out  # (a random model's byte-level captions may hold newlines)
+
+    hf = run / "hf"  # what a transformers user does with the export
+    arch = json.loads((hf / "config.json").read_text())["architectures"][0]
+    model = getattr(transformers, arch).from_pretrained(hf).eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(hf)
+    from dico_scale.models.hf_encoder_decoder import load_tokenizer
+
+    tok = load_tokenizer(str(hf), model)
+    pixels = processor(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
+    banned = [[t] for t in banned_tokens(tok.bos, tok.eos, tok.pad)]
+    with torch.no_grad():
+        out = model.generate(pixel_values=pixels, num_beams=3, num_return_sequences=3, length_penalty=0.0,
+                             max_new_tokens=6, do_sample=False, **({"bad_words_ids": banned} if banned else {}))
+    assert printed == "".join(f"{p}\t{c}\n" for p, c in zip(paths, tok.decode_batch(out[::3])))
+
+    if family == "vit-gpt2":  # evaluate's Java metrics cost ~20 s a call on 2 cores: one HF row
+        assert evaluate.main(["--checkpoint", str(run / "model.pt"), "--shards", "test", "--no-spice",
+                              "--out", str(tmp_path / "eval.json")]) == 0
+        assert json.loads((tmp_path / "eval.json").read_text())["images"] == 4
+
+
+def test_caption_on_the_dico_ref_export(runs, tmp_path, capsys):
+    from dico_scale import caption
+
+    _, tmp = runs
+    Image.fromarray(np.zeros((40, 56, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    assert caption.main(["--checkpoint", str(tmp / "dico-ref_scst" / "model.pt"), str(tmp_path / "a.png")]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'a.png'}\t")
+    assert not (tmp / "dico-ref_scst" / "hf").exists()

@@ -1,0 +1,104 @@
+"""The DiCO reference's architecture (models/dico_ref.py) against transformers' own modules: a folder written in the
+reference's save_pretrained layout from small random CLIPVisionModel, BertModel and GPT2LMHeadModel loads, our
+logits equal theirs, our beams equal generate on their modules, bad folders are named, and the converter's model.pt
+loads back."""
+import json
+
+import pytest
+import torch
+
+from dico_scale.config import ConfigError, load_config
+from dico_scale.convert import main as convert_main
+from dico_scale.models import build_captioner
+from dico_scale.models.generation import beam_search
+from dico_scale.models.tiny import dico_ref
+
+BLANK = ["evaluator.weights=", "captioner.image_encoder_weights=", "train.init_from="]
+BOS, EOS, PAD = 49406, 49407, 49408
+
+
+def cfg_for(path, *extra):
+    return load_config("configs/demo/xe.yaml",
+                       BLANK + ["captioner.model=dico_ref", f"captioner.hf_path={path}", *extra])
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("dico_ref")
+    parts = dico_ref(str(folder), width=32, layers=2, heads=2, image_size=32)
+    for m in parts.values():
+        m.eval()
+    return folder, parts
+
+
+def their_memory(parts, pixels):
+    vision = parts["encoder.vision_encoder."](pixel_values=pixels).last_hidden_state
+    embeds = parts["encoder.vis_enc_to_enc_proj."](vision)
+    return parts["encoder.encoder."](inputs_embeds=embeds).last_hidden_state
+
+
+def pixels():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_logits_equal_the_reference_modules(ref):
+    folder, parts = ref
+    ours = build_captioner(cfg_for(folder)).eval()
+    tokens = ours.tokenizer.batch(["a red circle at the top", "two blue stars"], 24)
+    with torch.no_grad():
+        theirs = parts["decoder."](input_ids=tokens[:, :-1], encoder_hidden_states=their_memory(parts, pixels())).logits
+        mine = ours(tokens, pixels=pixels(), output="logits")
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
+    assert not torch.equal(ours.head_weight, ours.decoder.transformer.wte.weight)  # untied, as its config says
+
+
+def test_beams_equal_generate_on_the_reference_modules(ref):
+    folder, parts = ref
+    ours, k, max_len = build_captioner(cfg_for(folder)).eval(), 3, 6
+    with torch.no_grad():
+        mine, _ = beam_search(ours, ours.encode(ours.encode_image(pixels())), k, max_len, BOS, EOS, PAD)
+        memory = their_memory(parts, pixels())
+        start = torch.full((memory.size(0), 1), BOS)
+        theirs = parts["decoder."].generate(input_ids=start, encoder_hidden_states=memory, num_beams=k,
+                                            num_return_sequences=k, length_penalty=0.0, max_new_tokens=max_len,
+                                            do_sample=False, bad_words_ids=[[BOS], [PAD]], eos_token_id=EOS,
+                                            pad_token_id=PAD)
+    best = theirs.view(memory.size(0), k, -1)[:, 0]
+    assert ours.tokenizer.decode_batch(mine[:, 0]) == ours.tokenizer.decode_batch(best)
+    n = min(mine.size(-1), best.size(-1))
+    assert torch.equal(mine[:, 0, :n], best[:, :n])
+
+
+def test_tied_head_and_bad_folders(ref, tmp_path):
+    folder, _ = ref
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    config = json.loads((folder / "config.json").read_text())
+
+    def write(name, st, cf):
+        d = tmp_path / name
+        d.mkdir()
+        torch.save(st, d / "pytorch_model.bin")
+        (d / "config.json").write_text(json.dumps(cf))
+        return d
+
+    tied = {**config, "decoder": {**config["decoder"], "tie_word_embeddings": True}}
+    m = build_captioner(cfg_for(write("tied", {k: v for k, v in state.items() if k != "decoder.lm_head.weight"}, tied)))
+    assert m.head_weight is m.decoder.transformer.wte.weight
+    bad = {k: v for k, v in state.items() if k != "encoder.encoder.encoder.layer.0.output.dense.bias"}
+    bad["decoder.transformer.h.9.mlp.c_fc.weight"] = torch.zeros(1)
+    with pytest.raises(ConfigError, match=r"missing encoder\.encoder\.layer\.0\.output\.dense\.bias.*extra "
+                                          r"decoder\.transformer\.h\.9\.mlp\.c_fc\.weight"):
+        build_captioner(cfg_for(write("bad", bad, config)))
+    with pytest.raises(ConfigError, match="use captioner.model=dico_ref"):
+        build_captioner(cfg_for(folder, "captioner.model=hf_encoder_decoder"))
+
+
+def test_converter_writes_a_model_pt_that_loads_back(ref, tmp_path, capsys):
+    folder, _ = ref
+    assert convert_main(["dico-ref", str(folder), "--out", str(tmp_path / "model.pt")]) == 0
+    blob = torch.load(tmp_path / "model.pt", weights_only=True)
+    again = build_captioner(cfg_for(folder), str(tmp_path / "model.pt"))
+    assert all(torch.equal(v, blob["state_dict"][k]) for k, v in again.state_dict().items())
+    assert convert_main(["dico-ref", str(tmp_path), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "no config.json" in capsys.readouterr().err

@@ -1,0 +1,119 @@
+"""The Hugging Face captioner row (models/hf_encoder_decoder.py) against transformers itself, on tiny random folders
+written by dico_scale.models.tiny: our beam search's best beam equals `generate`'s, our teacher-forced log-probs
+equal log_softmax of the model's own logits, the fused head (Triton interpreter, untied or biased weight) equals the
+torch path, and an export's save_pretrained folder generates the same captions."""
+import pytest
+import torch
+
+from dico_scale.config import ConfigError, load_config
+from dico_scale.models import build_captioner
+from dico_scale.models.captioner import banned_tokens, scored_mask
+from dico_scale.models.generation import beam_search
+from dico_scale.models.tiny import write
+
+FAMILIES = ("vit-gpt2", "blip")
+BLANK = ["evaluator.weights=", "captioner.image_encoder_weights=", "train.init_from="]
+CAPTIONS = ["a red circle at the top", "two shapes: a blue star and a small green square"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {f: write(f, str(root / f)) for f in FAMILIES}
+
+
+def hf_config(path: str, *extra: str):
+    return load_config("configs/demo/xe.yaml", BLANK + ["captioner.model=hf_encoder_decoder",
+                                                        f"captioner.hf_path={path}", *extra])
+
+
+def captioner(folders, family, untie=False):
+    cap = build_captioner(hf_config(folders[family])).eval()
+    if untie:  # a head of its own, away from the embedding (GPT-2's tied random head just repeats its input)
+        head = cap.head
+        head.weight = torch.nn.Parameter(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(3)))
+    return cap
+
+
+def pixels(n=2):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def hf_logits(cap, px, inputs):
+    if cap.tower_prefix == "model.vision_model.":
+        return cap.model(pixel_values=px, input_ids=inputs).logits
+    return cap.model(pixel_values=px, decoder_input_ids=inputs).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_best_beam_equals_transformers_generate(folders, family):
+    cap, k, max_len = captioner(folders, family, untie=True), 3, 8
+    tok, px = cap.tokenizer, pixels()
+    with torch.no_grad():
+        ours, _ = beam_search(cap, cap.encode(cap.encode_image(px)), k, max_len, tok.bos, tok.eos, tok.pad)
+        banned = [[t] for t in banned_tokens(tok.bos, tok.eos, tok.pad)]  # ours never proposes BOS / PAD
+        theirs = cap.model.generate(pixel_values=px, num_beams=k, num_return_sequences=k, length_penalty=0.0,
+                                    max_new_tokens=max_len, do_sample=False,
+                                    **({"bad_words_ids": banned} if banned else {}))
+    best = theirs.view(px.size(0), k, -1)[:, 0]
+    assert tok.decode_batch(ours[:, 0]) == tok.decode_batch(best)
+    assert any(len(c) > 0 for c in tok.decode_batch(best))  # a real search, not EOS at once
+    for a, b in zip(ours[:, 0], best):
+        n = int(scored_mask(b[None, 1:], tok.eos).sum())
+        assert a[: n + 1].tolist() == b[: n + 1].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_teacher_forced_logprobs_equal_gathered_log_softmax(folders, family):
+    cap = captioner(folders, family)
+    tok, px = cap.tokenizer, pixels()
+    tokens = tok.batch(CAPTIONS, 40)
+    labels = tokens[:, 1:]
+    with torch.no_grad():
+        ours = cap(tokens, pixels=px, output="logprobs", kernel="torch")
+        logp = torch.log_softmax(hf_logits(cap, px, tokens[:, :-1]).double(), -1)
+    want = (logp.gather(-1, labels[..., None])[..., 0] * scored_mask(labels, tok.eos)).sum(-1)
+    torch.testing.assert_close(ours.double(), want, rtol=0, atol=1e-4)
+    assert tok.decode_batch(tokens) == CAPTIONS
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_head_equals_torch_path(folders, family):
+    """GPT-2 with an untied head; BLIP's head has a bias (one more input column of the fused kernel)."""
+    cap = captioner(folders, family, untie=True)  # eval mode: no dropout, gradients still flow
+    tokens, vt = cap.tokenizer.batch(CAPTIONS, 40), cap.encode_image(pixels())
+    out = {}
+    for fused in (False, True):
+        cap.zero_grad()
+        lp = cap(tokens, visual_tokens=vt, output="logprobs", kernel="torch", fused=fused)
+        lp.sum().backward()
+        out[fused] = (lp.detach(), cap.head_weight.grad.clone())
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-4, atol=1e-4)
+
+
+def test_freeze_parts_and_the_reference_without_tower(folders):
+    cfg = hf_config(folders["vit-gpt2"], "captioner.freeze=vision,embeddings")
+    cap = build_captioner(cfg).train()
+    frozen = {n for n, p in cap.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("model.encoder.") for n in frozen) and "model.decoder.transformer.wpe.weight" in frozen
+    assert all(not n.startswith("model.encoder.") for n, p in cap.named_parameters() if p.requires_grad)
+    assert not cap.model.encoder.training and cap.decoder.training
+    ref = build_captioner(cfg, image_encoder=False)
+    assert not any(k.startswith(cap.tower_prefix) for k in ref.state_dict())
+    assert all(k.startswith("model.") for k in cap.state_dict())  # each weight once, under transformers' own name
+    with pytest.raises(ConfigError, match="captioner.freeze"):
+        build_captioner(hf_config(folders["vit-gpt2"], "captioner.freeze=vision,decoder"))
+
+
+def test_save_pretrained_round_trip(folders, tmp_path):
+    from transformers import VisionEncoderDecoderModel
+
+    cap = captioner(folders, "vit-gpt2", untie=True)
+    cap.save_pretrained(tmp_path / "hf", {k: v.detach() for k, v in cap.state_dict().items()})
+    again = VisionEncoderDecoderModel.from_pretrained(tmp_path / "hf").eval()
+    kw = dict(num_beams=3, max_new_tokens=8, length_penalty=0.0, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(again.generate(pixel_values=pixels(), **kw), cap.model.generate(pixel_values=pixels(), **kw))
+    rebuilt = build_captioner(hf_config(str(tmp_path / "hf")))
+    assert rebuilt.tokenizer.decode_batch(rebuilt.tokenizer.batch(CAPTIONS, 40)) == CAPTIONS
