@@ -11,7 +11,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from helpers import check_ok, free_port
+from helpers import check_ok, ranks_cmd
 from PIL import Image
 
 pytestmark = pytest.mark.distributed
@@ -31,8 +31,7 @@ def runs(tmp_path_factory, repo):
               "train.log_every=1", "data.samples_per_epoch=16", "data.shuffle_buffer=10", "evaluator.weights=",
               "captioner.image_encoder_weights=", "train.micro_batch_size=2", "generation.beam_size=3",
               "generation.max_len=6", "train.val_max_images=2"]
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "tests/distributed/captioners_check.py",
-           str(tmp), *folders, "--", *common]
+    cmd = [*ranks_cmd("tests/distributed/captioners_check.py"), str(tmp), *folders, "--", *common]
     check_ok(subprocess.run(cmd, cwd=repo, env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"},
                             capture_output=True, text=True, timeout=1200))
     return json.loads((tmp / "captioners.json").read_text()), tmp
