@@ -38,7 +38,7 @@ compare: install
 	$(PYTHON) -m dico_scale.compare --config configs/demo/compare.yaml --prepare
 
 test: install
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q --durations=10 tests
 
 test-gpu: install
 	$(PYTHON) -m pytest -q -m gpu tests
