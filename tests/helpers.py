@@ -69,7 +69,16 @@ def kill_at(config: str, overrides: list[str], marker: Path, timeout: float = 30
     deadline = time.time() + timeout
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # torchrun starts each rank in a session of its own: killing the launcher's group would leave them training
+    import psutil
+
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=60)
     proc.wait()
     assert marker.exists(), f"no {marker} before the deadline"
 
