@@ -106,7 +106,7 @@ def test_signal_checkpoints_all_ranks_and_exits_for_requeue(chain):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 3, output[-3000:]
-    saved = int(output.split("preempted: checkpoint saved at step ")[1].split()[0])
+    saved = int(re.search(r"preempted: checkpoint saved at step (\d+)", output).group(1))
     tag = out / "checkpoints" / f"step_{saved:08d}"
     assert (tag / "complete").is_file()
     assert {p.name for p in tag.glob("zero_pp_rank_*_optim_states.pt")} == {
