@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import check_ok, demo_overrides as _common, free_port, kill_at, launch as _launch
+from helpers import check_ok, demo_overrides as _common, free_port, kill_at, launch as _launch, steps_logged
 import torch
 
 pytestmark = pytest.mark.distributed
@@ -95,7 +95,7 @@ def test_signal_checkpoints_all_ranks_and_exits_for_requeue(chain):
         while time.time() < deadline and proc.poll() is None:
             found = subprocess.run(["pgrep", "-f", f"local_rank=1 .*output_dir={out}"], capture_output=True,
                                    text=True).stdout.split()
-            if found and _steps_logged(db) >= 2:
+            if found and steps_logged(db) >= 2:
                 rank1 = int(found[0])
                 break
             time.sleep(0.5)
@@ -121,17 +121,6 @@ def test_signal_checkpoints_all_ranks_and_exits_for_requeue(chain):
     assert run.info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
     assert set(range(1, saved + 3)) <= steps
-
-
-def _steps_logged(db: Path) -> int:
-    import sqlite3
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(db) as c:
-            return c.execute("select count(*) from metrics where key='train/loss'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
 
 
 def test_eval_two_ranks_two_workers_read_each_sample_once(tmp_path):
