@@ -148,17 +148,31 @@ def test_pipe_sources_read_and_fail_at_read_time(shards, collate, clean_env):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_dead_stream_raises_instead_of_spinning(collate, workers, clean_env):
+def test_a_dead_stream_raises_instead_of_spinning(collate, workers, clean_env, caplog):
     """Every shard fails (a remote source gone): the resampled stream would spin forever; it raises DataError,
     whose message is one line also when torch re-raises it from a worker with the worker's traceback."""
-    pipeline.stats.clear()
     loader, _ = train_loader("pipe:cat /nowhere/x.tar", collate, 2, 8, 1, workers, 4, 0)
-    with pytest.raises(DataError) as e:
+    with caplog.at_level(logging.WARNING, logger="dico_scale.data.pipeline"), pytest.raises(DataError) as e:
         list(loader)
     n = pipeline.MAX_EMPTY_SHARDS
     assert pipeline.one_line(e.value) == f"no data in the last {n} shards read (last: pipe:cat /nowhere/x.tar)"
-    assert pipeline.stats["missing_shard"] == (n if workers == 0 else 0)  # a worker's counts stay in the worker
-    pipeline.stats.clear()
+    logged = sum(r.getMessage().startswith("data fault missing_shard") for r in caplog.records)
+    assert logged == (n if workers == 0 else 0)  # a worker logs to its own stderr
+
+
+def test_loaders_in_one_process_keep_their_own_counts(shards, collate, clean_env):
+    """A training loader left mid-stream (its shuffle buffer read ahead, num_workers=0), then an evaluation pass in
+    the same process: the evaluation's counts are its own reads alone, and the training loader's pending reads come
+    with its own next batch."""
+    spec = [shards["trunc"], shards["faults"], shards["clean"]]
+    train, _ = train_loader(spec, collate, batch_size=2, samples_per_epoch=64, world_size=1, num_workers=0,
+                            shuffle_buffer=8, seed=0)
+    stream = iter(train)
+    first = next(stream)
+    assert first["data_stats"]["read"] >= 2
+    keys, stats = _eval([shards["clean"]], collate, 0)
+    assert sorted(keys) == [f"g_{i}" for i in range(4)] and stats == {"read": 4}
+    assert next(stream)["data_stats"]  # the read-ahead is counted where it happened
 
 
 @pytest.mark.distributed

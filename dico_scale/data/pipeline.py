@@ -3,7 +3,7 @@
 A sample on disk is `<key>.jpg` + `<key>.json` (a list of reference captions). A batch is a dict:
   pixels [B, 3, H, W] (captioner preprocessing), eval_pixels (evaluator preprocessing, only when it differs),
   refs (list of caption lists), keys, captions (one reference per image) and their tokens [B, L] (with a pad token),
-  data_stats: what the reader that built the batch read and skipped since its previous batch (see `stats`).
+  data_stats: what the reader that built the batch read and skipped since its previous batch (see `Tally`).
 
 Training streams resample shards from one seeded sequence that every rank and worker draws alike, then split it by
 node and by worker, so ranks read different shards and every rank yields exactly the same number of batches per epoch.
@@ -35,10 +35,24 @@ log = logging.getLogger(__name__)
 KINDS = ("corrupt_image", "image_too_large", "bad_json", "empty_captions", "truncated_tar", "missing_shard", "other")
 MAX_EMPTY_SHARDS = 100  # shards in a row without a single file: the stream is dead, not unlucky
 
-# Reads and faults of this process since its last batch. In a DataLoader worker this is the worker's own copy, so the
-# counts travel to the trainer inside the batches (batch["data_stats"]), never through this global.
-# "read": samples read (good or bad) + shards that failed at read time; "skipped": those dropped; per kind: faults.
-stats: Counter = Counter()
+class Tally(Counter):
+    """Reads and faults of one loader in one reader (process or DataLoader worker) since its last batch.
+    Each loader owns its tally, so a training and an evaluation loader iterated in one process (num_workers=0) never
+    pass counts to each other. "read": samples read (good or bad) + shards that failed at read time; "skipped": those
+    dropped; per kind: faults."""
+
+    def fault(self, kind: str, where: str, why=None, shard: bool = False) -> None:
+        """Counts one fault and logs it on one line; a failed shard also counts as one unit read."""
+        self[kind] += 1
+        self["skipped"] += 1
+        if shard:
+            self["read"] += 1
+        log_fault(kind, where, why)
+
+    def take(self) -> dict[str, int]:
+        out = dict(self)
+        self.clear()
+        return out
 
 
 class DataError(RuntimeError):
@@ -54,25 +68,14 @@ def one_line(e: DataError) -> str:
     return str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]
 
 
-def record(kind: str, where: str, why=None, shard: bool = False) -> None:
-    """Counts one fault and logs it on one line; a failed shard also counts as one unit read."""
-    stats[kind] += 1
-    stats["skipped"] += 1
-    if shard:
-        stats["read"] += 1
+def log_fault(kind: str, where: str, why=None) -> None:
     why = (str(why) or type(why).__name__).splitlines()[0][:200] if isinstance(why, Exception) else why
     log.warning("data fault %s: %s%s", kind, where, f" ({why})" if why else "")
 
 
-def take_stats() -> dict[str, int]:
-    out = dict(stats)
-    stats.clear()
-    return out
-
-
 def skip_fault(exn: Exception) -> bool:
-    """webdataset handler for pipelines built elsewhere (evaluate.py): count, log, keep going."""
-    record("other", type(exn).__name__, exn)
+    """webdataset handler for pipelines that count nothing (evaluate.py's caption scan): log, keep going."""
+    log_fault("other", type(exn).__name__, exn)
     return True
 
 
@@ -91,7 +94,18 @@ class Collate:
             batch["eval_pixels"] = _pixels(self.eval_preprocess, images)
         batch["captions"] = [self.rng.choice(r) for r in refs]
         batch["tokens"] = self.tokenizer.batch(batch["captions"], self.max_tokens)
-        batch["data_stats"] = take_stats()  # runs in the reader (worker) that built the batch
+        return batch
+
+
+class _Batch:
+    """The collation step of one loader: the batch carries its reader's counts since the previous batch."""
+
+    def __init__(self, collate, tally: Tally):
+        self.collate, self.tally = collate, tally
+
+    def __call__(self, samples):
+        batch = self.collate(samples)
+        batch["data_stats"] = self.tally.take()  # runs in the reader (worker) that built the batch
         return batch
 
 
@@ -126,14 +140,12 @@ def check_local_shards(spec: str, key: str = "shards", log_missing: bool = True)
     return [u for u in urls if u not in gone], missing
 
 
-def _read_shards(src, shared: bool = False):
+def _read_shards(src, tally: Tally, shared: bool = False):
     """{url} dicts -> tar members; a shard that cannot be opened or read to its end is one fault, never a crash.
     A shard failing before its first member counts as missing (a failed `pipe:` or URL), after it as truncated.
     shared: every reader reads every shard (sample split), so only the first reader counts shard faults."""
     rank, _, worker, _ = wds.utils.pytorch_worker_info()
     counts = not shared or rank == worker == 0
-    if torch.utils.data.get_worker_info() is not None:
-        stats.clear()  # a forked worker starts with a copy of its parent's counts: they are not its own
     empty_in_a_row = 0
     for shard in src:
         url, files, error = shard["url"], 0, None
@@ -154,45 +166,48 @@ def _read_shards(src, shared: bool = False):
             except Exception as e:
                 error = error or e
         if error is not None and counts:
-            record("truncated_tar" if files else "missing_shard", url, error, shard=True)
+            tally.fault("truncated_tar" if files else "missing_shard", url, error, shard=True)
         empty_in_a_row = 0 if files else empty_in_a_row + 1
         if empty_in_a_row >= MAX_EMPTY_SHARDS:
             raise DataError(f"no data in the last {MAX_EMPTY_SHARDS} shards read (last: {url})")
         yield {}  # end of shard: group_by_keys never joins samples across shards
 
 
-def _group(src):
-    return wds.tariterators.group_by_keys(src, handler=skip_fault)
+def _group(src, tally: Tally):
+    def skip(exn):
+        tally.fault("other", type(exn).__name__, exn)
+        return True
+    return wds.tariterators.group_by_keys(src, handler=skip)
 
 
-def _decode(src, evaluation: bool = False):
+def _decode(src, tally: Tally, evaluation: bool = False):
     """Samples -> (image, captions, key); a bad one is counted under its kind and skipped.
 
     Training images go through to_rgb. Evaluation images keep their own mode (for_eval), so that the transform
     resizes and crops first and converts to RGB last, as the official CLIP-S / PAC-S tools do."""
     for s in src:
-        stats["read"] += 1
+        tally["read"] += 1
         key = s["__key__"]
         where = f"{key} in {s.get('__url__')}"
         try:
             refs = json.loads(s["json"])
         except (KeyError, ValueError) as e:
-            record("bad_json", where, "no .json" if isinstance(e, KeyError) else e)
+            tally.fault("bad_json", where, "no .json" if isinstance(e, KeyError) else e)
             continue
         if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
-            record("bad_json", where, "not a list of caption strings")
+            tally.fault("bad_json", where, "not a list of caption strings")
             continue
         if not refs or not all(r.strip() for r in refs):
-            record("empty_captions", where, "empty caption list" if not refs else "a blank caption")
+            tally.fault("empty_captions", where, "empty caption list" if not refs else "a blank caption")
             continue
         try:
             im = open_image(s["jpg"])  # decodes the whole file: a truncated JPEG fails here
             image = for_eval(im) if evaluation else to_rgb(im)
         except ImageTooLarge as e:
-            record("image_too_large", where, e)
+            tally.fault("image_too_large", where, e)
             continue
         except Exception as e:
-            record("corrupt_image", where, "no .jpg" if isinstance(e, KeyError) else e)
+            tally.fault("corrupt_image", where, "no .jpg" if isinstance(e, KeyError) else e)
             continue
         yield image, refs, key
 
@@ -241,15 +256,16 @@ def train_loader(spec, collate: Collate, batch_size: int, samples_per_epoch: int
         return [], 0
     if start_batch:
         seed = (seed * 1_000_003 + start_batch) % 2**62
+    tally = Tally()
     stages = [
         # One shard sequence shared by all ranks and workers (worker_seed constant), then partitioned.
         wds.ResampledShards(_urls(spec), seed=seed, worker_seed=_shared_seed, deterministic=True),
         wds.split_by_node,
         wds.split_by_worker,
-        _read_shards, _group,
+        functools.partial(_read_shards, tally=tally), functools.partial(_group, tally=tally),
         _reader_shuffle(shuffle_buffer, seed),
-        _decode,
-        wds.batched(batch_size, collation_fn=collate, partial=False),
+        functools.partial(_decode, tally=tally),
+        wds.batched(batch_size, collation_fn=_Batch(collate, tally), partial=False),
         _worker_share(batches),
     ]
     loader = wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=num_workers,
@@ -270,12 +286,15 @@ def eval_loader(spec, collate: Collate, batch_size: int, num_workers: int = 0):
     """
     urls = _urls(spec)
     world = wds.utils.pytorch_worker_info()[1]  # as split_by_node sees it: RANK/WORLD_SIZE first, then the group
-    readers = world * max(1, num_workers)
+    readers, tally = world * max(1, num_workers), Tally()
+    group = functools.partial(_group, tally=tally)
     if len(urls) >= readers:
-        stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker, _read_shards, _group]
+        stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker,
+                  functools.partial(_read_shards, tally=tally), group]
     else:
-        stages = [wds.SimpleShardList(urls), functools.partial(_read_shards, shared=True), _group, _split_samples]
-    stages.append(functools.partial(_decode, evaluation=True))
-    stages.append(wds.batched(batch_size, collation_fn=collate, partial=True))
+        stages = [wds.SimpleShardList(urls), functools.partial(_read_shards, tally=tally, shared=True), group,
+                  _split_samples]
+    stages.append(functools.partial(_decode, tally=tally, evaluation=True))
+    stages.append(wds.batched(batch_size, collation_fn=_Batch(collate, tally), partial=True))
     return wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=num_workers,
                            worker_init_fn=_ignore_ctrl_c)
