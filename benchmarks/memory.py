@@ -82,6 +82,7 @@ def live_bytes() -> dict[int, int]:
 def measure(setting: str, config: str, steps: int, overrides: list[str]) -> dict:
     import torch
     import torch.distributed as dist
+    from PIL import Image
 
     from dico_scale.config import load_config
     from dico_scale.engine import build_engine, build_frozen, init_distributed, setup_environment
@@ -99,9 +100,8 @@ def measure(setting: str, config: str, steps: int, overrides: list[str]) -> dict
     engine = build_engine(cfg, stage.module, on_gpu=device.type == "cuda")
     frozen = {n: build_frozen(cfg, m, p, w, device.type == "cuda") for n, (m, p, w) in stage.frozen_models().items()}
     stage.setup(engine, frozen)
-    size = stage.module.image_encoder.image_size
-    size = size if isinstance(size, int) else size[0]
-    pixels = torch.randn(cfg.train.micro_batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
+    shape = stage.module.preprocess(Image.new("RGB", (640, 480))).shape  # whatever the row's transform makes
+    pixels = torch.randn(cfg.train.micro_batch_size, *shape, generator=torch.Generator().manual_seed(0))
     times = []
     for i in range(steps + 1):  # the first step creates Adam's state: not timed
         dist.barrier()
@@ -141,7 +141,9 @@ def worker(args) -> None:
 
 def parameter_counts(overrides: list[str], config: str) -> dict[str, tuple[int, int]]:
     """{model: (parameters, trainable)} of the dico stage's three models, built on the meta device (no memory): the
-    captioner is the reference's layers plus its (frozen) open_clip tower."""
+    captioner is the reference's layers plus its (frozen) open_clip tower. The projections are of builtin configs:
+    an HF row's tower is inside its folder's model, not an open_clip name."""
+
     import open_clip
     import torch
 
@@ -150,6 +152,8 @@ def parameter_counts(overrides: list[str], config: str) -> dict[str, tuple[int, 
     from dico_scale.models.clip import register_model_configs
 
     cfg = load_config(config, RANDOM_WEIGHTS + overrides)
+    if cfg.captioner.model != "builtin":
+        raise SystemExit(f"benchmarks/memory.py: projections count builtin captioners, not {cfg.captioner.model}")
     register_model_configs(cfg.clip_model_configs)
     with torch.device("meta"):
         reference = sum(p.numel() for p in build_captioner(cfg, image_encoder=False).parameters())
