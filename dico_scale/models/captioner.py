@@ -91,9 +91,10 @@ class CaptionerModel(nn.Module):
         already computed (the frozen tower's output, shared with the reference). output:
           logits    [N, T-1, V]
           hidden    [N, T-1, H] decoder states
-          logprobs  [N] summed log-probs of the scored tokens (scored_mask): through the logits and `kernel`
-                    (dico_scale.kernels.sequence_logprobs), or with fused=True the fused head + log-prob Triton
-                    kernel, which never materialises the logits
+          logprobs  [N] summed log-probs of the scored tokens (scored_mask), never through the [N, T, V]
+                    logits: fused=True runs the fused head + log-prob Triton kernel, otherwise the torch head
+                    runs in chunks of tokens (dico_scale.kernels.reference); kernel="triton" without fused
+                    materialises the logits for the Triton log-prob kernel (kept to compare the paths)
           visual_tokens  [B, P, D] the features of `pixels` (tokens unused)
         """
         if output == "visual_tokens":
@@ -109,13 +110,14 @@ class CaptionerModel(nn.Module):
             raise ValueError(f"output must be logits, hidden, logprobs or visual_tokens, got {output!r}")
         labels = tokens[:, 1:]
         mask = scored_mask(labels, self.tokenizer.eos)
-        if fused:
-            weight, bias = self.head_weight, self.head_bias
-            if bias is not None:  # a biased head as one more input column: [h, 1] @ [W, b]^T
-                hidden = torch.cat([hidden, hidden.new_ones(*hidden.shape[:-1], 1)], dim=-1)
-                weight = torch.cat([weight, bias[:, None].to(weight.dtype)], dim=1)
-            return fused_linear_sequence_logprobs(hidden, weight, labels, mask, kernel="triton")
-        return sequence_logprobs(self.logits(hidden), labels, mask, kernel=kernel)
+        if kernel == "triton" and not fused:  # the log-prob kernel over materialised logits (tests compare paths)
+            return sequence_logprobs(self.logits(hidden), labels, mask, kernel=kernel)
+        weight, bias = self.head_weight, self.head_bias
+        if bias is not None:  # a biased head as one more input column: [h, 1] @ [W, b]^T
+            hidden = torch.cat([hidden, hidden.new_ones(*hidden.shape[:-1], 1)], dim=-1)
+            weight = torch.cat([weight, bias[:, None].to(weight.dtype)], dim=1)
+        # fused: the Triton head kernel; otherwise the torch head in chunks of tokens. Neither holds [N, T, V].
+        return fused_linear_sequence_logprobs(hidden, weight, labels, mask, kernel="triton" if fused else "torch")
 
 
 def disable_dropout(model: nn.Module) -> None:

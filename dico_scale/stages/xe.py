@@ -1,10 +1,8 @@
 """XE: teacher-forced cross-entropy pre-training of the captioner on one reference caption per image."""
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from ..models.captioner import scored_mask
-from .base import CaptionerStage, StepOutput
+from .base import CaptionerStage, StepOutput, log_prob_path
 
 
 class XEStage(CaptionerStage):
@@ -12,12 +10,14 @@ class XEStage(CaptionerStage):
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device, need_evaluator=False)
+        _, self.fused = log_prob_path(cfg.loss.kernel, device)
 
     def step(self, engine, batch) -> StepOutput:
         tokens = batch["tokens"].to(self.device)
-        logits = engine(tokens, pixels=batch["pixels"].to(self.device, self.dtype))
-        labels = tokens[:, 1:]
-        scored = scored_mask(labels, self.tokenizer.eos)  # up to and including EOS (PAD may equal EOS)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.masked_fill(~scored, -100).flatten())
-        n_tokens = int(scored.sum())
+        # Cross-entropy over the scored tokens (up to and including EOS; PAD may equal EOS) from the summed
+        # log-probs: the head never materialises the [B, T, V] logits (fused Triton kernel on CUDA, chunks on CPU)
+        logps = engine(tokens, pixels=batch["pixels"].to(self.device, self.dtype), output="logprobs",
+                       fused=self.fused)
+        n_tokens = int(scored_mask(tokens[:, 1:], self.tokenizer.eos).sum())
+        loss = -logps.sum() / max(1, n_tokens)
         return StepOutput(loss, {"xe/ppl": loss.detach().exp()}, images=tokens.size(0), tokens=n_tokens)

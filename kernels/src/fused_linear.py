@@ -25,7 +25,7 @@ DEDUP_MIN_ROWS = 4096
 # fp32 accumulator for one vocabulary chunk of dW; bounds the backward's extra memory.
 DW_CHUNK_BYTES = 32 << 20
 # Blocks the interpreter runs with (autotune with several configs fails there).
-_INTERP_META = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32)
+_INTERP_META = dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=32)
 
 
 def _tuned(configs, **kw):

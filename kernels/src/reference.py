@@ -110,13 +110,52 @@ def dico_loss(
     return loss, metrics
 
 
-def fused_linear_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor,
-                                   chunk_rows: int = 64) -> Tensor:
-    """sequence_logprobs(hidden @ weight.T, labels, mask), a few sequences at a time.
+# Logits held at once by the chunked head, in elements (16 MiB of fp32): a chunk is max(1, this // V) tokens.
+MAX_CHUNK_LOGITS = 1 << 22
 
-    hidden [N, T, H], weight [V, H] (the lm_head). Chunking over sequences bounds the
-    logits held at once to chunk_rows * T * V; the result is the same as one big call.
-    Half-precision inputs are upcast before the matmul (fp32 logits, as in the Triton kernel).
+
+class _ChunkedHeadLogprobs(torch.autograd.Function):
+    """log softmax(h @ w.T)[label] of each row of h [R, H], a few rows at a time. Forward keeps one logsumexp per
+    row; backward recomputes each chunk's softmax. Memory beyond the inputs and their gradients: one chunk of
+    logits (chunk x V), never R x V, whatever the vocabulary."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, labels: Tensor, chunk: int) -> Tensor:
+        out, lse = h.new_empty(h.shape[0]), h.new_empty(h.shape[0])
+        for s in range(0, h.shape[0], chunk):
+            logits = h[s:s + chunk] @ w.T
+            lse[s:s + chunk] = torch.logsumexp(logits, -1)
+            out[s:s + chunk] = logits.gather(1, labels[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+        ctx.save_for_backward(h, w, labels, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        h, w, labels, lse = ctx.saved_tensors
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        for s in range(0, h.shape[0], ctx.chunk):
+            e = s + ctx.chunk
+            # d logp / d logits = onehot(label) - softmax, scaled by each row's incoming gradient
+            g = -(h[s:e] @ w.T - lse[s:e, None]).exp_()
+            g.scatter_add_(1, labels[s:e, None], g.new_ones(g.shape[0], 1))
+            g.mul_(grad_out[s:e, None])
+            if grad_h is not None:
+                grad_h[s:e] = g @ w
+            if grad_w is not None:
+                grad_w.addmm_(g.T, h[s:e])
+        return grad_h, grad_w, None, None
+
+
+def fused_linear_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor,
+                                   max_chunk_logits: int | None = None) -> Tensor:
+    """sequence_logprobs(hidden @ weight.T, labels, mask) without the [N, T, V] logits.
+
+    hidden [N, T, H], weight [V, H] (the output head, tied or not). Only the scored tokens (mask) go through the
+    head, max(1, max_chunk_logits // V) at a time, forward and backward (_ChunkedHeadLogprobs): the extra memory
+    stays bounded at any vocabulary size. Labels under the mask are never read. Half-precision inputs are upcast
+    before the matmul (fp32 logits, as in the Triton kernel); the gradients come back in the inputs' dtypes.
     """
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [N, T, H], got shape {tuple(hidden.shape)}")
@@ -124,9 +163,9 @@ def fused_linear_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tenso
         raise ValueError(f"weight must be [V, {hidden.shape[2]}], got shape {tuple(weight.shape)}")
     # Logits in fp32 (fp64 for fp64), as the Triton kernel accumulates them: bf16 logits would lose bits.
     dtype = _compute_dtype(hidden)
-    w = weight.to(dtype)
-    parts = [sequence_logprobs(h.to(dtype) @ w.T, lab, m) for h, lab, m in
-             zip(hidden.split(chunk_rows), labels.split(chunk_rows), mask.split(chunk_rows))]
-    if not parts:  # N == 0
-        return hidden.new_zeros(0, dtype=_compute_dtype(hidden))
-    return torch.cat(parts)
+    scored = mask.bool()
+    rows = scored.nonzero()[:, 0]  # the sequence of each scored token
+    chunk = max(1, (max_chunk_logits or MAX_CHUNK_LOGITS) // max(1, weight.shape[0]))
+    tokens = _ChunkedHeadLogprobs.apply(hidden[scored].to(dtype), weight.to(dtype), labels[scored].long(), chunk)
+    tokens = tokens * mask[scored].to(dtype)  # a float mask weighs its tokens
+    return tokens.new_zeros(hidden.shape[0]).index_add(0, rows, tokens)

@@ -1,0 +1,102 @@
+"""Vocabularies up to 262k: neither log-prob path holds [N, T, V] logits. The torch head (the CPU path of DiCO, SCST
+and XE) runs in chunks of tokens, forward and backward, with a chunk of at most MAX_CHUNK_LOGITS logits; the Triton
+head kernel (CUDA, here in the interpreter) streams the vocabulary in tiles, V not a multiple of the tile included."""
+import contextlib
+
+import pytest
+import torch
+from PIL import Image
+from torch.overrides import TorchFunctionMode
+
+import dico_scale.kernels.reference as reference
+from dico_scale.config import load_config
+from dico_scale.kernels.fused_linear import fused_linear_sequence_logprobs_triton
+from dico_scale.models import build_captioner
+
+V_QWEN2 = 151_936  # Qwen2-VL's vocabulary; 64 does not divide 151_936 + 1 (a biased head's extra column aside)
+
+
+class LargestTensor(TorchFunctionMode):
+    """The largest tensor any torch operation returns while active, weight-shaped ones aside."""
+
+    def __init__(self, skip_shapes):
+        super().__init__()
+        self.skip, self.largest = {tuple(s) for s in skip_shapes} | {tuple(s)[::-1] for s in skip_shapes}, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and tuple(t.shape) not in self.skip:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def batch(N, T, V, H, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, V, (N, T), generator=g)
+    labels[0, 0], labels[-1, 0] = V - 1, 0
+    mask = torch.arange(T)[None] < torch.randint(1, T + 1, (N,), generator=g)[:, None]
+    labels[~mask] = -100  # never read
+    hidden = torch.randn(N, T, H, generator=g, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5).to(dtype)  # untied: a [V, H] of its own
+    return hidden, weight, labels, mask
+
+
+def float64_reference(hidden, weight, labels, mask):
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    lp = torch.log_softmax(h @ w.T, -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+    out = (lp * mask).sum(-1)
+    return out, h, w
+
+
+def check_against_float64(fn, hidden, weight, labels, mask, tol, watch=contextlib.nullcontext()):
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    grad = torch.randn(hidden.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with watch:  # forward and backward of the path under test only
+        out = fn(h, w, labels, mask)
+        out.backward(grad.to(out.dtype))
+    want, h64, w64 = float64_reference(hidden, weight, labels, mask)
+    want.backward(grad)
+    assert torch.allclose(out.double(), want, rtol=tol, atol=tol)
+    for got, ref in ((h.grad, h64.grad), (w.grad, w64.grad)):
+        assert ((got.double() - ref).norm() / ref.norm()).item() < tol
+
+
+def test_torch_head_at_qwen2_vocab_matches_float64_and_holds_one_chunk(monkeypatch):
+    hidden, weight, labels, mask = batch(3, 5, V_QWEN2, 16, seed=0)
+    monkeypatch.setattr(reference, "MAX_CHUNK_LOGITS", 2 * V_QWEN2)  # 2 tokens a chunk: several chunks here
+    seen = LargestTensor([weight.shape])
+    check_against_float64(reference.fused_linear_sequence_logprobs, hidden, weight, labels, mask, 1e-5, seen)
+    assert int(mask.sum()) > 2 and seen.largest <= 2 * V_QWEN2  # never more than one chunk of logits
+
+
+def test_torch_head_is_the_same_in_one_chunk_or_many_in_bf16():
+    hidden, weight, labels, mask = batch(4, 6, 1000, 32, seed=2, dtype=torch.bfloat16)
+    one = reference.fused_linear_sequence_logprobs(hidden, weight, labels, mask, max_chunk_logits=10**9)
+    many = reference.fused_linear_sequence_logprobs(hidden, weight, labels, mask, max_chunk_logits=1)
+    assert one.dtype == torch.float32 and torch.equal(one, many)
+
+
+@pytest.mark.parametrize("V", [V_QWEN2, 1000 + 37])
+def test_triton_head_at_large_and_odd_vocab_in_the_interpreter(V):
+    hidden, weight, labels, mask = batch(2, 3, V, 32, seed=V)
+    check_against_float64(fused_linear_sequence_logprobs_triton, hidden, weight, labels, mask, 1e-4)
+
+
+def test_xe_and_sequence_log_probs_of_a_captioner_never_hold_the_logits(monkeypatch):
+    """The builtin captioner (V = 49,409) through its forward, as XE, DiCO and SCST call it on the CPU."""
+    cfg = load_config("configs/demo/xe.yaml", ["evaluator.weights=", "captioner.image_encoder_weights=",
+                                                "train.init_from="])
+    cap = build_captioner(cfg).eval()
+    V, N, T = cap.head_weight.shape[0], 4, 12
+    tokens = torch.randint(1, 4000, (N, T))
+    tokens[:, 0], tokens[:, -1] = cap.tokenizer.bos, cap.tokenizer.eos
+    pixels = torch.randn(N, *cap.preprocess(Image.new("RGB", (64, 48))).shape)
+    monkeypatch.setattr(reference, "MAX_CHUNK_LOGITS", 8 * V)
+    with LargestTensor([cap.head_weight.shape]) as seen:
+        logps = cap(tokens, pixels=pixels, output="logprobs")
+        logps.sum().backward()
+    assert seen.largest <= 8 * V < N * (T - 1) * V
+    want = torch.log_softmax(cap(tokens, pixels=pixels).double(), -1).gather(-1, tokens[:, 1:, None])[..., 0]
+    assert torch.allclose(logps.double(), want.sum(-1), atol=1e-3)
