@@ -110,35 +110,38 @@ def dico_loss(
     return loss, metrics
 
 
-# Logits held at once by the chunked head, in elements (16 MiB of fp32): a chunk is max(1, this // V) tokens.
-MAX_CHUNK_LOGITS = 1 << 22
+# Logits held at once by the chunked head, in elements (64 MiB of fp32): a chunk is max(1, this // V) tokens.
+MAX_CHUNK_LOGITS = 1 << 24
 
 
 class _ChunkedHeadLogprobs(torch.autograd.Function):
-    """log softmax(h @ w.T)[label] of each row of h [R, H], a few rows at a time. Forward keeps one logsumexp per
-    row; backward recomputes each chunk's softmax. Memory beyond the inputs and their gradients: one chunk of
-    logits (chunk x V), never R x V, whatever the vocabulary."""
+    """log softmax(h @ w.T)[label] of each row of h [R, H], a few rows at a time. Memory beyond the inputs and their
+    gradients: one chunk of logits (chunk x V), never R x V, whatever the vocabulary. When all rows fit one chunk the
+    softmax is kept for backward (no second matmul); otherwise forward keeps one logsumexp per row and backward
+    recomputes each chunk's softmax."""
 
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor, labels: Tensor, chunk: int) -> Tensor:
-        out, lse = h.new_empty(h.shape[0]), h.new_empty(h.shape[0])
+        out, lse, probs = h.new_empty(h.shape[0]), h.new_empty(h.shape[0]), None
         for s in range(0, h.shape[0], chunk):
             logits = h[s:s + chunk] @ w.T
             lse[s:s + chunk] = torch.logsumexp(logits, -1)
             out[s:s + chunk] = logits.gather(1, labels[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
-        ctx.save_for_backward(h, w, labels, lse)
+            if chunk >= h.shape[0]:
+                probs = logits.sub_(lse[:, None]).exp_()
+        ctx.save_for_backward(h, w, labels, lse, probs)
         ctx.chunk = chunk
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        h, w, labels, lse = ctx.saved_tensors
+        h, w, labels, lse, probs = ctx.saved_tensors
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
         for s in range(0, h.shape[0], ctx.chunk):
             e = s + ctx.chunk
             # d logp / d logits = onehot(label) - softmax, scaled by each row's incoming gradient
-            g = -(h[s:e] @ w.T - lse[s:e, None]).exp_()
+            g = -(probs if probs is not None else (h[s:e] @ w.T - lse[s:e, None]).exp_())
             g.scatter_add_(1, labels[s:e, None], g.new_ones(g.shape[0], 1))
             g.mul_(grad_out[s:e, None])
             if grad_h is not None:
