@@ -3,7 +3,7 @@
 #   sbatch slurm/single_node.sh [key=value ...]            (from the repository root; mkdir -p logs first)
 #   CONFIG=configs/coco/xe.yaml sbatch slurm/single_node.sh train.max_steps=100
 #   CONFIG=configs/demo/xe.yaml sbatch --gpus-per-node=0 slurm/single_node.sh     (a CPU-only node)
-# Edit the #SBATCH lines for your cluster (CPUs, time limit, partition/account); see the README, "Running on a Slurm cluster".
+# Edit the #SBATCH lines for your cluster (CPUs, time limit, partition/account); see docs/operations.md.
 #SBATCH --job-name=dico-1node
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

@@ -2,7 +2,7 @@
 # Cross-entropy (XE) stage on 8 nodes x 8 GPUs (torchrun, one launcher per node: slurm/launch.sh).
 #   sbatch slurm/xe_8node.sh [key=value ...]            (from the repository root; mkdir -p logs first)
 #   CONFIG=configs/demo/xe.yaml sbatch slurm/xe_8node.sh train.max_steps=100
-# Edit the #SBATCH lines for your cluster (CPUs, time limit, partition/account); see the README, "Running on a Slurm cluster".
+# Edit the #SBATCH lines for your cluster (CPUs, time limit, partition/account); see docs/operations.md.
 #SBATCH --job-name=xe
 #SBATCH --nodes=8
 #SBATCH --ntasks-per-node=1
