@@ -48,39 +48,9 @@ def test_dico_zero2_two_ranks_step_and_stay_identical(chain):
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [1, 2, 3, 4]
 
 
-def test_killed_run_resumes_at_next_step_on_same_mlflow_run(chain):
-    tmp, weights = chain
-    out, db = tmp / "resume", tmp / "resume.db"
-    args = _common(tmp) + weights + [f"train.output_dir={out}", f"tracking.uri=sqlite:///{db}", "train.save_every=2",
-                                     "train.micro_batch_size=4", "train.keep_checkpoints=5", "train.val_every=0"]
-    kill_at("configs/demo/xe.yaml", args + ["train.max_steps=1000"], out / "checkpoints" / "step_00000004" / "complete")
-    tags = sorted(p.name for p in (out / "checkpoints").glob("step_*") if (p / "complete").exists())
-    resumed_from = int(tags[-1].split("_")[1])
-    stop = resumed_from + 3
-
-    second = check_ok(_launch("dico_scale/train.py", "configs/demo/xe.yaml", args + ["train.resume=auto",
-                                                                             f"train.max_steps={stop}"]))
-    assert f"at step {resumed_from}" in second.stdout
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    runs = client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id])
-    assert len(runs) == 1  # the resumed job continued the same run
-    run = runs[0]
-    assert run.info.status == "FINISHED"
-    steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/loss")})
-    assert steps[0] == 1 and steps[-1] == stop
-    assert set(range(1, stop + 1)) <= set(steps)  # both segments: before the kill and after the resume
-    state = torch.load(out / "checkpoints" / f"step_{stop:08d}" / "mp_rank_00_model_states.pt", weights_only=False)
-    assert state["mlflow_run_id"] == run.info.run_id and state["step"] == stop
-    # The resumed epoch went on for its remaining batches only: 64 samples / (2 ranks x 4) = 8 batches per epoch,
-    # one per step, so the data position is the step (not a replay from the epoch's start, not a skipped epoch).
-    assert state["epoch"] * 8 + state["batch_in_epoch"] == stop
-    assert state["data"]["read"] >= 4 * 2 * stop and state["data"].get("skipped", 0) == 0
-    assert (out / "checkpoints" / f"step_{stop:08d}" / "config.yaml").is_file()
-
-
 def test_signal_checkpoints_all_ranks_and_exits_for_requeue(chain):
-    """SIGUSR1 to one rank only: the ranks agree at the next step, all checkpoint, exit 3; resume continues."""
+    """SIGUSR1 to one rank only: the ranks agree at the next step, all checkpoint, exit 3; the resume continues the
+    same MLflow run and the saved epoch at its next batch. (A SIGKILLed job's resume: the SCST test below.)"""
     tmp, weights = chain
     out, db = tmp / "preempt", tmp / "preempt.db"
     args = _common(tmp) + weights + [f"train.output_dir={out}", f"tracking.uri=sqlite:///{db}",
@@ -112,15 +82,23 @@ def test_signal_checkpoints_all_ranks_and_exits_for_requeue(chain):
     assert {p.name for p in tag.glob("zero_pp_rank_*_optim_states.pt")} == {
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
 
+    stop = saved + 3
     second = check_ok(_launch("dico_scale/train.py", "configs/demo/xe.yaml",
-                         args + ["train.resume=auto", f"train.max_steps={saved + 2}"]))
+                              args + ["train.resume=auto", f"train.max_steps={stop}"]))
     assert f"at step {saved}" in second.stdout
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    (run,) = client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id])  # the same run
     assert run.info.status == "FINISHED"
-    steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
-    assert set(range(1, saved + 3)) <= steps
+    steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/loss")})
+    assert steps[0] == 1 and steps[-1] == stop and set(range(1, stop + 1)) <= set(steps)  # both segments
+    state = torch.load(out / "checkpoints" / f"step_{stop:08d}" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert state["mlflow_run_id"] == run.info.run_id and state["step"] == stop
+    # The resumed epoch went on for its remaining batches only: 64 samples / (2 ranks x 4) = 8 batches per epoch,
+    # one per step, so the data position is the step (not a replay from the epoch's start, not a skipped epoch).
+    assert state["epoch"] * 8 + state["batch_in_epoch"] == stop
+    assert state["data"]["read"] >= 4 * 2 * stop and state["data"].get("skipped", 0) == 0
+    assert (out / "checkpoints" / f"step_{stop:08d}" / "config.yaml").is_file()
 
 
 def test_eval_two_ranks_two_workers_read_each_sample_once(tmp_path):

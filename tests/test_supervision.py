@@ -15,8 +15,9 @@ pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("sig,target", [(signal.SIGTERM, "launcher"), (signal.SIGUSR1, "launcher"),
-                                        (signal.SIGTERM, "ranks")], ids=["TERM-launcher", "USR1-launcher", "TERM-ranks"])
+# SIGUSR1 through the launcher is Slurm's --signal: test_slurm's preempted job sends it.
+@pytest.mark.parametrize("sig,target", [(signal.SIGTERM, "launcher"), (signal.SIGTERM, "ranks")],
+                         ids=["TERM-launcher", "TERM-ranks"])
 def test_signal_to_the_launcher_alone_checkpoints_and_stops_every_rank(tmp_path, sig, target):
     """The launcher's PID alone (a supervisor, a container runtime) or SIGTERM forwarded to the ranks (torchrun)."""
     out, db, log = tmp_path / "xe", tmp_path / "mlflow.db", tmp_path / "launcher.log"
