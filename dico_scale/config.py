@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import ConfigError  # also imported from here (`from dico_scale.config import ConfigError`)
 from .models import MODELS
 from .models.folders import folder_problem
 from .rewards import RewardSpecError, parse_reward
@@ -27,16 +28,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # with its parameters in CPU memory), `auto` (as the trainable model: shard under ZeRO-3, offloaded when its
 # parameters are, else replicate).
 PLACEMENTS = ("auto", "replicate", "shard", "shard_offload")
-
-
-class ConfigError(ValueError):
-    """A bad config value or file; the message is one line and names the key."""
-
-
-class AgreedConfigError(ConfigError):
-    """Raised on every rank at the same point, after a collective (a checkpoint the ranks verified together): the
-    ranks leave through a final barrier and tear the group down, instead of exiting with it up (which can abort)."""
-    agreed = True
 
 
 # Ranges of the numeric keys are in the comments ([a, b] closed, (a, b) open); `validate` checks each of them, and

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .config import Config, ConfigError
+from .config import Config
+from .errors import ConfigError
 from .rewards import needs_evaluator
 from .stages import STAGES
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config, ConfigError
+from .config import Config
+from .errors import ConfigError
 
 
 def _write_problem(folder) -> str | None:

@@ -12,7 +12,8 @@ if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our 
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 from dico_scale import exit_codes  # noqa: E402
-from dico_scale.config import Config, ConfigError, load_config, to_yaml  # noqa: E402
+from dico_scale.config import Config, load_config, to_yaml  # noqa: E402
+from dico_scale.errors import ConfigError, Preempted  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> Config:
@@ -82,7 +83,7 @@ def _run_locked(cfg: Config, device) -> dict:
 
     from dico_scale.data.pipeline import Collate, eval_loader, train_loader
     from dico_scale.engine import build_engine, build_frozen, export_weights
-    from dico_scale.loop import Preempted, train_loop
+    from dico_scale.loop import train_loop
     from dico_scale.memory import engine_memory, report
     from dico_scale.models.clip import register_model_configs
     from dico_scale.resume import plan_resume, resume_state
@@ -190,9 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         _error(f"config error: {e}")
         return exit_codes.CONFIG_ERROR
-    from dico_scale.data.pipeline import DataError, one_line
-
-    from dico_scale.checkpoint import CheckpointError
+    from dico_scale.data.pipeline import one_line
+    from dico_scale.errors import CheckpointError, DataError
     from dico_scale.preflight import run_preflight
 
     try:

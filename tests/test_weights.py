@@ -396,7 +396,7 @@ def test_safetensors_export_round_trips(captioner_pt, tiny_shards, clean_env, no
     from PIL import Image
 
     from dico_scale import caption, export
-    from dico_scale.engine import load_weights
+    from dico_scale.models.weights import load_weights
 
     out = tmp_path / "dico.safetensors"
     assert export.main(["--checkpoint", str(captioner_pt), "--out", str(out), "--format", "safetensors"]) == 0

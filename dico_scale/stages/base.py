@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import Config, ConfigError
+from ..config import Config
+from ..errors import ConfigError
 from ..data.tokenizer import CaptionTokenizer
 from ..engine import gathered
 from ..kernels import interpreting

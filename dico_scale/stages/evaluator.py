@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from .. import metrics
-from ..engine import gathered, load_weights
+from ..engine import gathered
 from ..models.evaluator import Evaluator
+from ..models.weights import load_weights
 from .base import Stage, StepOutput
 
 

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from dico_scale.config import load_config  # noqa: E402
-from dico_scale.engine import gathered, load_weights  # noqa: E402
+from dico_scale.engine import gathered  # noqa: E402
+from dico_scale.models.weights import load_weights  # noqa: E402
 from dico_scale.models import build_captioner  # noqa: E402
 from dico_scale.train import run, shutdown  # noqa: E402
 
