@@ -105,7 +105,7 @@ def resolve_shards(arg: str, cfg, required: bool = True) -> tuple[str, str]:
     """(webdataset spec, split label) of a split name of the config or of a spec given as is."""
     if arg not in SPLITS:
         return arg, split_label(arg)
-    from dico_scale.train import data_shards
+    from dico_scale.data.splits import data_shards
 
     spec = data_shards(cfg).get(arg, "")
     if not spec and required:

@@ -27,31 +27,6 @@ def parse_args(argv: list[str] | None) -> Config:
     return load_config(args.config, args.overrides)
 
 
-def data_shards(cfg: Config) -> dict[str, str]:
-    """Shard specs per split; the synthetic demo set is generated first when it is missing."""
-    if cfg.data.synthetic.enabled:
-        from dico_scale.data.synthetic import ensure_synthetic_dataset
-
-        s = cfg.data.synthetic
-        return ensure_synthetic_dataset(cfg.data.root, seed=s.seed, n_train=s.n_train, n_val=s.n_val,
-                                        n_test=s.n_test, image_size=s.image_size,
-                                        samples_per_shard=s.samples_per_shard)
-    return {"train": cfg.data.train_shards, "val": cfg.data.val_shards, "test": cfg.data.test_shards}
-
-
-def training_shards(cfg: Config, rank: int) -> tuple[dict[str, list[str]], int]:
-    """Shard lists of the train and val splits without the local shards that are missing (each logged once, on
-    rank 0), and how many were missing. ConfigError when no shard of a split exists."""
-    from dico_scale.data.pipeline import check_local_shards
-
-    specs, shards, missing = data_shards(cfg), {}, 0
-    for split in ("train", "val"):
-        if specs.get(split):
-            shards[split], gone = check_local_shards(specs[split], f"data.{split}_shards", rank == 0)
-            missing += len(gone)
-    return shards, missing
-
-
 def run(cfg: Config) -> dict:
     """Trains one stage on this rank; returns a summary (step reached, last validation metrics)."""
     from dico_scale.engine import check_precision, setup_environment
@@ -82,6 +57,7 @@ def _run_locked(cfg: Config, device) -> dict:
     import torch.distributed as dist
 
     from dico_scale.data.pipeline import Collate, eval_loader, train_loader
+    from dico_scale.data.splits import training_shards
     from dico_scale.engine import build_engine, build_frozen, export_weights
     from dico_scale.loop import train_loop
     from dico_scale.memory import engine_memory, report
