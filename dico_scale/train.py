@@ -1,6 +1,7 @@
 """Entry point: `deepspeed dico_scale/train.py --config configs/demo/dico.yaml [key=value ...]`.
 
-The config is loaded and checked before anything heavy is imported or any process group starts.
+The config is loaded and checked before any process group starts: the keys every stage shares before anything
+heavy is imported, then the stage's own keys by its class (stages/).
 """
 from __future__ import annotations
 
