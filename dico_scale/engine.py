@@ -9,6 +9,7 @@ import contextlib
 import math
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import torch
@@ -147,9 +148,20 @@ def lr_lambda(cfg: Config):
     return f
 
 
+# DeepSpeed 0.19's ZeRO gathers partitions with torch.distributed.all_gather_into_tensor, which torch 2.14
+# deprecates (a FutureWarning on every rank at every step before the console's "shown once" memory held): its
+# call, not ours, so hidden by its exact message where we hand the model to DeepSpeed.
+DEEPSPEED_DEPRECATION = r"`torch\.distributed\.all_gather_into_tensor` is deprecated"
+
+
+def hide_deepspeed_deprecation() -> None:
+    warnings.filterwarnings("ignore", message=DEEPSPEED_DEPRECATION, category=FutureWarning)
+
+
 def build_engine(cfg: Config, module: torch.nn.Module, on_gpu: bool, load_universal: bool = False):
     import deepspeed
 
+    hide_deepspeed_deprecation()
     ds = ds_config(cfg, on_gpu, load_universal)
     params = [p for p in module.parameters() if p.requires_grad]
     kw = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
@@ -173,6 +185,7 @@ def build_frozen(cfg: Config, module: torch.nn.Module, placement: str, width: in
 
     from .config import frozen_placement
 
+    hide_deepspeed_deprecation()
     train_ds = ds_config(cfg, on_gpu)
     training = module.training
     module.requires_grad_(False)
