@@ -25,6 +25,12 @@ def compare(overrides: list[str]) -> dict:
     return heldout(cfg, {STAGES[s].label: os.path.join(runs, s, "model.pt") for s in ("xe", "dico")})
 
 
+def print_examples(results: dict) -> None:
+    for i, ex in enumerate(results["XE"]["examples"]):
+        print(f"\n{ex['key']}: ref  {ex['refs'][0]}\n{'':>{len(ex['key'])}}  XE   {ex['caption']}"
+              f"\n{'':>{len(ex['key'])}}  DiCO {results['DiCO']['examples'][i]['caption']}")
+
+
 def print_table(results: dict) -> None:
     n = int(next(iter(results.values()))["metrics"]["images"])
     print(f"\nXE vs DiCO on {n} held-out test images")
@@ -32,9 +38,20 @@ def print_table(results: dict) -> None:
     for name, r in results.items():
         m = r["metrics"]
         print(f"{name:<8}{m['cider']:>10.3f}{m['evaluator_score']:>20.3f}")
-    for i, ex in enumerate(results["XE"]["examples"]):
-        print(f"\n{ex['key']}: ref  {ex['refs'][0]}\n{'':>{len(ex['key'])}}  XE   {ex['caption']}"
-              f"\n{'':>{len(ex['key'])}}  DiCO {results['DiCO']['examples'][i]['caption']}")
+
+
+def print_next(seconds: float, folder: str | None = None) -> None:
+    """Where to look next: commands to paste in the folder the demo ran in (its paths are relative); `folder`: that
+    folder, named when it is not where the demo was started (--workdir)."""
+    model = "runs/demo/dico/model.pt"
+    rows = [("this table, examples", "runs/demo/summary.json"),
+            ("every stage's curves", "mlflow ui --backend-store-uri sqlite:///runs/demo/mlflow.db"),
+            ("all caption metrics", f"python -m dico_scale.evaluate --checkpoint {model} --no-spice"),
+            ("your own images", f"python -m dico_scale.caption --checkpoint {model} IMAGE.jpg"),
+            ("DiCO vs SCST", "make compare")]
+    print(f"\ndemo finished in {seconds:.0f} s. Where to look next" + (f", in {folder}:" if folder else ":"))
+    for what, cmd in rows:
+        print(f"  {what:<22}{cmd}")
 
 
 def usage_error(message: str) -> int:
@@ -73,6 +90,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.ranks < 1:
         return usage_error(f"--ranks {args.ranks} must be >= 1")
+    origin = os.getcwd()
     try:
         os.makedirs(args.workdir, exist_ok=True)  # a fresh folder is the usual --workdir
         os.chdir(args.workdir)
@@ -87,11 +105,11 @@ def main(argv=None) -> int:
     for stage in chain("dico"):
         train_stage(stage, args.ranks, overrides)
     results = compare(overrides)
-    print_table(results)
     with open("runs/demo/summary.json", "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\ndemo finished in {time.time() - start:.0f} s; MLflow store: runs/demo/mlflow.db "
-          f"(mlflow ui --backend-store-uri sqlite:///runs/demo/mlflow.db)")
+    print_examples(results)
+    print_table(results)  # last come the numbers and where to look next: what a person reads when it is done
+    print_next(time.time() - start, os.getcwd() if os.getcwd() != origin else None)
     return 0
 
 

@@ -25,7 +25,8 @@ def free_port() -> int:
 def train_stage(stage: str, ranks: int, overrides: list[str], config: str | None = None,
                 prog: str = "dico_scale.demo", name: str | None = None) -> None:
     """One stage under the deepspeed launcher with `ranks` CPU ranks; SystemExit naming it when it fails."""
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()),
+    # --log_level warning: the launcher's INFO lines (world info, each rank's command) are not for a person
+    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), "--log_level", "warning",
            os.path.join(REPO_ROOT, "dico_scale", "train.py"), "--config", config or demo_config(stage), *overrides]
     name = name or stage
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
