@@ -3,8 +3,8 @@ weights its reference and evaluator were built from, and a resume whose files di
 file, instead of silently training against another reference or reward.
 
 Which files those are is the stage's to say (`frozen_files` on its class, stages/): a stage that gains a frozen
-model names it there, and nothing here changes. The fingerprint is taken once per run, on rank 0, and shared; the check runs from the tag's `complete`
-marker, before any model is built or the MLflow run is touched.
+model names it there, and nothing here changes. The fingerprint is taken once per run, on rank 0, and shared; the
+check runs from the tag's `complete` marker, before any model is built or the MLflow run is touched.
 """
 from __future__ import annotations
 

@@ -125,9 +125,9 @@ def test_reward_specs_parse_and_bad_ones_name_the_key():
 
 def test_bad_reward_on_the_command_line_exits_2_with_one_line():
     # the weight files of the demo's chain need not exist: the stage's own keys are checked after the files
-    proc = subprocess.run([sys.executable, "dico_scale/train.py", "--config", "configs/demo/scst.yaml", "train.init_from=",
-                           "evaluator.weights=", "captioner.image_encoder_weights=", "scst.reward=0.5*evaluator+bleu"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    blank = ["train.init_from=", "evaluator.weights=", "captioner.image_encoder_weights="]
+    proc = subprocess.run([sys.executable, "dico_scale/train.py", "--config", "configs/demo/scst.yaml", *blank,
+                           "scst.reward=0.5*evaluator+bleu"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "dico_scale: config error: bad value for config key 'scst.reward': '0.5*evaluator+bleu': unknown reward "
