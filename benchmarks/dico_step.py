@@ -79,11 +79,10 @@ class Timed:
 
 def references(cfg, n: int) -> list[list[str]]:
     """The reference lists of the first n images of the config's training split (the CIDEr-D reward reads them)."""
-    from dico_scale.data.pipeline import check_local_shards
+    from dico_scale.data.splits import split_shards
     from dico_scale.rewards.cider import training_references
-    from dico_scale.train import data_shards
 
-    urls, _ = check_local_shards(data_shards(cfg)["train"], "data.train_shards", log_missing=False)
+    urls, _ = split_shards(cfg, "train", log_missing=False)
     refs = []
     for r in training_references(urls):
         refs.append(r)

@@ -20,15 +20,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .config import AgreedConfigError, ConfigError
+from .errors import AgreedConfigError, CheckpointError, ConfigError
 from .frozen import KEY as FROZEN_KEY
 
 MARKER = "complete"
 UNIVERSAL = "_universal"  # suffix of a tag's universal conversion (universal.py), removed with the tag
-
-
-class CheckpointError(RuntimeError):
-    """Saving a checkpoint failed; the message is one line naming the folder (disk full, unwritable)."""
 
 
 def tag_name(step: int) -> str:

@@ -21,7 +21,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from . import exit_codes
-from .config import ConfigError, load_config, load_structured, parse_select_best, resolve_path
+from .config import load_config, load_structured, parse_select_best, resolve_path
+from .errors import ConfigError
 from .rewards import RewardSpecError, parse_reward
 
 PROG = "dico_scale.compare"
@@ -147,8 +148,9 @@ def print_table(test: dict) -> None:
 
 
 def compare(c: CompareConfig, training: list[str], ranks: int) -> dict:
-    from .demo import heldout, train_stage
     from .figure import draw
+    from .launch import train_stage
+    from .validate import heldout
 
     cfg = check_runs(plan(c, training))
     client, parent_id = parent_run(cfg, c)
@@ -195,7 +197,7 @@ def log_parent(client, parent_id: str, test: dict, figure: str, summary: str) ->
 
 def prepare(c: CompareConfig, training: list[str], ranks: int) -> None:
     """Trains the demo's chain to XE (evaluator -> xe) when the XE checkpoint is missing."""
-    from .demo import train_stage
+    from .launch import train_stage
     from .stages import chain
 
     if os.path.isfile(c.xe_checkpoint):

@@ -16,10 +16,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import ConfigError  # also imported from here (`from dico_scale.config import ConfigError`)
 from .models import MODELS
 from .models.folders import folder_problem
 from .rewards import RewardSpecError, parse_reward
-from .stages import STAGES
+from .stages import STAGES, stage_class
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # A frozen model (reference, evaluator) is a DeepSpeed engine without an optimizer: `replicate` (ZeRO stage 0, whole
@@ -27,16 +28,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # with its parameters in CPU memory), `auto` (as the trainable model: shard under ZeRO-3, offloaded when its
 # parameters are, else replicate).
 PLACEMENTS = ("auto", "replicate", "shard", "shard_offload")
-
-
-class ConfigError(ValueError):
-    """A bad config value or file; the message is one line and names the key."""
-
-
-class AgreedConfigError(ConfigError):
-    """Raised on every rank at the same point, after a collective (a checkpoint the ranks verified together): the
-    ranks leave through a final barrier and tear the group down, instead of exiting with it up (which can abort)."""
-    agreed = True
 
 
 # Ranges of the numeric keys are in the comments ([a, b] closed, (a, b) open); `validate` checks each of them, and
@@ -281,7 +272,8 @@ def resolve_path(p: str) -> str:
     return str(alt) if alt.exists() else p
 
 
-def _check(cond: bool, key: str, msg: str):
+def check(cond: bool, key: str, msg: str):
+    """ConfigError 'bad value for config key <key>: <msg>' unless cond; the stages' check_config use it too."""
     if not cond:
         raise ConfigError(f"bad value for config key '{key}': {msg}")
 
@@ -293,7 +285,7 @@ def _floats_finite(node, prefix: str = "") -> None:
         if is_dataclass(val):
             _floats_finite(val, f"{prefix}{f.name}.")
         elif isinstance(val, float):
-            _check(math.isfinite(val), f"{prefix}{f.name}", f"{val} is not a finite number")
+            check(math.isfinite(val), f"{prefix}{f.name}", f"{val} is not a finite number")
 
 
 # (key, lowest value, whether the lowest is excluded, highest value or None, whether the highest is excluded)
@@ -333,7 +325,7 @@ SELECT_FLOOR = re.compile(r"val/([\w./-]+?)\s*(>=|<=)\s*(\S+)")
 def parse_select_best(spec: str) -> tuple[str, str]:
     """train.select_best -> (metric name without 'val/', 'max' or 'min')."""
     m = SELECT_BEST.fullmatch(spec.strip())
-    _check(m is not None, "train.select_best", f"'{spec}' is not val/<metric>, val/<metric>:max or val/<metric>:min")
+    check(m is not None, "train.select_best", f"'{spec}' is not val/<metric>, val/<metric>:max or val/<metric>:min")
     return m.group(1), m.group(2) or "max"
 
 
@@ -344,8 +336,8 @@ def parse_select_floor(spec: str) -> tuple[str, str, float]:
         bound = float(m.group(3)) if m else math.nan
     except ValueError:
         bound = math.nan
-    _check(m is not None and math.isfinite(bound), "train.select_floor",
-           f"'{spec}' is not val/<metric>>=<number> or val/<metric><=<number>")
+    check(m is not None and math.isfinite(bound), "train.select_floor",
+          f"'{spec}' is not val/<metric>>=<number> or val/<metric><=<number>")
     return m.group(1), m.group(2), bound
 
 
@@ -360,9 +352,9 @@ def _check_range(c: Config, key: str, lo, lo_open: bool, hi, hi_open: bool) -> N
     if lo_open or hi is not None:
         ok = (val > lo if lo_open else val >= lo) and (hi is None or (val < hi if hi_open else val <= hi))
         want = f"in {'(' if lo_open else '['}{lo}, {'inf)' if hi is None else f'{hi}' + (')' if hi_open else ']')}"
-        _check(ok, key, f"{val} must lie {want}")
+        check(ok, key, f"{val} must lie {want}")
     else:
-        _check(val >= lo, key, f"{val} must be >= {lo}")
+        check(val >= lo, key, f"{val} must be >= {lo}")
 
 
 def read_deepspeed_config(path: str) -> dict:
@@ -425,71 +417,56 @@ def frozen_placement(placement: str, ds: dict) -> str:
 def _validate_captioner(c: Config) -> None:
     """The row exists; Hugging Face rows name a folder that fits them (models/folders.py), the others none."""
     cap = c.captioner
-    _check(cap.model in MODELS, "captioner.model", f"'{cap.model}' is not one of {', '.join(MODELS)}")
+    check(cap.model in MODELS, "captioner.model", f"'{cap.model}' is not one of {', '.join(MODELS)}")
     if not MODELS[cap.model].hf:
-        _check(not cap.hf_path, "captioner.hf_path", f"captioner.model={cap.model} reads no Hugging Face folder")
+        check(not cap.hf_path, "captioner.hf_path", f"captioner.model={cap.model} reads no Hugging Face folder")
         return
-    _check(bool(cap.hf_path), "captioner.hf_path", f"captioner.model={cap.model} reads its weights from a folder")
+    check(bool(cap.hf_path), "captioner.hf_path", f"captioner.model={cap.model} reads its weights from a folder")
     needed = max(c.data.max_caption_tokens, c.generation.max_len + 1)
     if problem := folder_problem(cap.model, cap.hf_path, cap.freeze, needed):
-        _check(False, *problem)
+        check(False, *problem)
 
 
 def validate(c: Config) -> None:
     t, o, d = c.train, c.optim, c.data
-    _check(t.stage in STAGES, "train.stage", f"'{t.stage}' is not one of {', '.join(STAGES)}")
-    _check(t.device in ("auto", "cpu", "cuda"), "train.device", f"'{t.device}' is not auto, cpu or cuda")
+    check(t.stage in STAGES, "train.stage", f"'{t.stage}' is not one of {', '.join(STAGES)}")
+    check(t.device in ("auto", "cpu", "cuda"), "train.device", f"'{t.device}' is not auto, cpu or cuda")
     _floats_finite(c)
     for rng in RANGES:
         _check_range(c, *rng)
-    _check(o.schedule in ("constant", "cosine"), "optim.schedule", f"'{o.schedule}' is not constant or cosine")
-    _check(c.loss.kernel in ("auto", "triton", "torch"), "loss.kernel", f"'{c.loss.kernel}' is not auto, triton or torch")
-    _check(c.generation.strategy in ("beam", "sample"), "generation.strategy",
-           f"'{c.generation.strategy}' is not beam or sample")
-    _check(c.evaluator.metric in ("pacs", "clips"), "evaluator.metric", f"'{c.evaluator.metric}' is not pacs or clips")
-    _check(t.precision in PRECISIONS, "train.precision", f"'{t.precision}' is not one of {', '.join(PRECISIONS)}")
-    for key, val in [("evaluator.placement", c.evaluator.placement), ("dico.reference_placement",
-                                                                      c.dico.reference_placement)]:
-        _check(val in PLACEMENTS, key, f"'{val}' is not one of {', '.join(PLACEMENTS)}")
+    check(o.schedule in ("constant", "cosine"), "optim.schedule", f"'{o.schedule}' is not constant or cosine")
+    check(c.loss.kernel in ("auto", "triton", "torch"), "loss.kernel", f"'{c.loss.kernel}' is not auto, triton or torch")
+    check(c.generation.strategy in ("beam", "sample"), "generation.strategy",
+          f"'{c.generation.strategy}' is not beam or sample")
+    check(c.evaluator.metric in ("pacs", "clips"), "evaluator.metric", f"'{c.evaluator.metric}' is not pacs or clips")
+    check(t.precision in PRECISIONS, "train.precision", f"'{t.precision}' is not one of {', '.join(PRECISIONS)}")
+    check_placement(c.evaluator.placement, "evaluator.placement")
     _validate_captioner(c)
-    _check(c.captioner.width % c.captioner.heads == 0, "captioner.width", "must be divisible by captioner.heads")
-    _check(c.captioner.max_positions >= max(d.max_caption_tokens, c.generation.max_len + 1), "captioner.max_positions",
-           f"{c.captioner.max_positions} < data.max_caption_tokens or generation.max_len + 1")
-    if t.stage == "dico":
-        _check(c.generation.beam_size >= 2, "generation.beam_size", "dico needs at least 2 candidates per image")
-    for key in ("dico.reward", "scst.reward"):
-        try:
-            parse_reward(_get(c, key))
-        except RewardSpecError as e:
-            _check(False, key, f"'{_get(c, key)}': {e} (want e.g. evaluator, cider or 0.5*evaluator+1.0*cider)")
-    s = c.scst
-    _check(s.strategy in ("beam", "sample"), "scst.strategy", f"'{s.strategy}' is not beam or sample")
-    _check(s.baseline in ("mean", "greedy"), "scst.baseline", f"'{s.baseline}' is not mean or greedy")
-    _check(s.average in ("token", "sequence"), "scst.average", f"'{s.average}' is not token or sequence")
-    _check(s.baseline != "mean" or s.candidates >= 2, "scst.candidates",
-           f"{s.candidates}: scst.baseline=mean needs at least 2 candidates per image")
-    _check(t.preempt_signal == "" or t.preempt_signal in signal.Signals.__members__, "train.preempt_signal",
-           f"'{t.preempt_signal}' is not a signal name such as SIGUSR1")
-    _check(t.resume in ("none", "auto") or Path(t.resume).is_dir(), "train.resume",
-           f"'{t.resume}' is not none, auto or an existing checkpoint folder")
-    _check(bool(t.output_dir), "train.output_dir", "empty")
+    check(c.captioner.width % c.captioner.heads == 0, "captioner.width", "must be divisible by captioner.heads")
+    check(c.captioner.max_positions >= max(d.max_caption_tokens, c.generation.max_len + 1), "captioner.max_positions",
+          f"{c.captioner.max_positions} < data.max_caption_tokens or generation.max_len + 1")
+    check(t.preempt_signal == "" or t.preempt_signal in signal.Signals.__members__, "train.preempt_signal",
+          f"'{t.preempt_signal}' is not a signal name such as SIGUSR1")
+    check(t.resume in ("none", "auto") or Path(t.resume).is_dir(), "train.resume",
+          f"'{t.resume}' is not none, auto or an existing checkpoint folder")
+    check(bool(t.output_dir), "train.output_dir", "empty")
     if t.select_best:
         parse_select_best(t.select_best)
-        _check(t.val_every > 0, "train.select_best", "needs train.val_every > 0 (with 0 the run validates only at "
-               "the end: nothing to select from)")
-        _check(bool(d.val_shards) if not d.synthetic.enabled else d.synthetic.n_val > 0, "train.select_best",
-               "needs a val split (data.val_shards, or data.synthetic.n_val > 0)")
+        check(t.val_every > 0, "train.select_best", "needs train.val_every > 0 (with 0 the run validates only at "
+              "the end: nothing to select from)")
+        check(bool(d.val_shards) if not d.synthetic.enabled else d.synthetic.n_val > 0, "train.select_best",
+              "needs a val split (data.val_shards, or data.synthetic.n_val > 0)")
     if t.select_floor:
-        _check(bool(t.select_best), "train.select_floor", "needs train.select_best")
+        check(bool(t.select_best), "train.select_floor", "needs train.select_best")
         parse_select_floor(t.select_floor)
-    _check(t.patience == 0 or bool(t.select_best), "train.patience",
-           f"{t.patience} needs train.select_best (the metric whose improvement it waits for)")
+    check(t.patience == 0 or bool(t.select_best), "train.patience",
+          f"{t.patience} needs train.select_best (the metric whose improvement it waits for)")
     if not d.synthetic.enabled:
-        _check(bool(d.train_shards), "data.train_shards", "empty (and data.synthetic.enabled is false)")
+        check(bool(d.train_shards), "data.train_shards", "empty (and data.synthetic.enabled is false)")
     for key, val in [("train.init_from", t.init_from), ("evaluator.weights", c.evaluator.weights),
                      ("captioner.image_encoder_weights", c.captioner.image_encoder_weights),
                      ("train.deepspeed_config", t.deepspeed_config)]:
-        _check(not val or os.path.exists(val), key, f"'{val}' does not exist")
+        check(not val or os.path.exists(val), key, f"'{val}' does not exist")
     for key, val in [("evaluator.weights", c.evaluator.weights),
                      ("captioner.image_encoder_weights", c.captioner.image_encoder_weights)]:
         if val:  # imported only then: the module imports torch, which a config without weight files need not wait for
@@ -497,6 +474,20 @@ def validate(c: Config) -> None:
 
             sniff_weights_format(val, key)
     check_deepspeed_combination(c, read_deepspeed_config(t.deepspeed_config))
+    # Last: the keys only the run's stage reads are checked by its class (stages/), whose import brings torch.
+    stage_class(t.stage).check_config(c)
+
+
+def check_placement(placement: str, key: str) -> None:
+    check(placement in PLACEMENTS, key, f"'{placement}' is not one of {', '.join(PLACEMENTS)}")
+
+
+def check_reward(spec: str, key: str) -> None:
+    """A reward spec (dico.reward, scst.reward) that parses, with known names (rewards/)."""
+    try:
+        parse_reward(spec)
+    except RewardSpecError as e:
+        check(False, key, f"'{spec}': {e} (want e.g. evaluator, cider or 0.5*evaluator+1.0*cider)")
 
 
 def to_yaml(c: Config) -> str:

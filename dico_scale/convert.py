@@ -15,7 +15,8 @@ import sys
 if __package__ in (None, ""):  # run as a file: our folder must not shadow other modules
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from dico_scale.config import REPO_ROOT, ConfigError, load_config, to_yaml  # noqa: E402
+from dico_scale.config import REPO_ROOT, load_config, to_yaml  # noqa: E402
+from dico_scale.errors import ConfigError  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo", "xe.yaml")
 

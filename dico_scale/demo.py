@@ -7,79 +7,28 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
 from . import exit_codes
-from .config import REPO_ROOT
+from .launch import demo_config, train_stage
 from .stages import STAGES, chain
-
-
-def demo_config(stage: str) -> str:
-    return os.path.join(REPO_ROOT, "configs", "demo", f"{stage}.yaml")
-
-
-def free_port() -> int:
-    """A port nobody listens on now: two demos (or tests) on one machine must not share deepspeed's default 29500."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def train_stage(stage: str, ranks: int, overrides: list[str], config: str | None = None,
-                prog: str = "dico_scale.demo", name: str | None = None) -> None:
-    """One stage under the deepspeed launcher with `ranks` CPU ranks; SystemExit naming it when it fails."""
-    cmd = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()),
-           os.path.join(REPO_ROOT, "dico_scale", "train.py"), "--config", config or demo_config(stage), *overrides]
-    name = name or stage
-    print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
-    start = time.time()
-    code = subprocess.run(cmd, env={**os.environ, "DS_ACCELERATOR": "cpu"}).returncode
-    if code != 0:
-        raise SystemExit(f"{prog}: stage {name} failed with exit code {code} (its output is above)")
-    print(f"=== {name} done in {time.time() - start:.0f} s", flush=True)
-
-
-def heldout(cfg, models: dict[str, str], split: str = "test", examples: int = 3, batch_size: int = 25) -> dict:
-    """{label: {"metrics": the in-loop validation metrics (validate.caption_metrics), "examples": the first records}}
-    of each captioner file in `models` on a split of cfg's data, scored by cfg's evaluator (one process, no
-    DeepSpeed needed). Every model is built as cfg.captioner describes it."""
-    import torch
-
-    from .data.pipeline import Collate, eval_loader
-    from .models import build_captioner
-    from .models.clip import register_model_configs
-    from .models.evaluator import Evaluator, distinct_preprocess
-    from .train import data_shards
-    from .validate import caption_metrics, caption_split, score_records
-
-    register_model_configs(cfg.clip_model_configs)
-    shards = data_shards(cfg)
-    evaluator = Evaluator(cfg.evaluator)
-    results = {}
-    for label, path in models.items():
-        captioner = build_captioner(cfg, path)
-        tok = captioner.tokenizer
-        collate = Collate(captioner.preprocess, distinct_preprocess(evaluator, captioner.preprocess), tok,
-                          cfg.data.max_caption_tokens, seed=0)
-        loader = eval_loader(shards[split], collate, batch_size)
-        records = caption_split(captioner, tok, loader, cfg.generation.beam_size, cfg.generation.max_len,
-                                torch.device("cpu"), {"evaluator": evaluator})
-        records = score_records(records, evaluator)  # as in-loop validation scores
-        results[label] = {"metrics": caption_metrics(records), "examples": records[:examples]}
-    return results
 
 
 def compare(overrides: list[str]) -> dict:
     """Captions the test split with the XE and the DiCO captioner of the demo's runs."""
     from .config import load_config
+    from .validate import heldout
 
     cfg = load_config(demo_config("dico"), overrides)
     runs = os.path.dirname(cfg.train.output_dir)
     return heldout(cfg, {STAGES[s].label: os.path.join(runs, s, "model.pt") for s in ("xe", "dico")})
+
+
+def print_examples(results: dict) -> None:
+    for i, ex in enumerate(results["XE"]["examples"]):
+        print(f"\n{ex['key']}: ref  {ex['refs'][0]}\n{'':>{len(ex['key'])}}  XE   {ex['caption']}"
+              f"\n{'':>{len(ex['key'])}}  DiCO {results['DiCO']['examples'][i]['caption']}")
 
 
 def print_table(results: dict) -> None:
@@ -89,9 +38,20 @@ def print_table(results: dict) -> None:
     for name, r in results.items():
         m = r["metrics"]
         print(f"{name:<8}{m['cider']:>10.3f}{m['evaluator_score']:>20.3f}")
-    for i, ex in enumerate(results["XE"]["examples"]):
-        print(f"\n{ex['key']}: ref  {ex['refs'][0]}\n{'':>{len(ex['key'])}}  XE   {ex['caption']}"
-              f"\n{'':>{len(ex['key'])}}  DiCO {results['DiCO']['examples'][i]['caption']}")
+
+
+def print_next(seconds: float, folder: str | None = None) -> None:
+    """Where to look next: commands to paste in the folder the demo ran in (its paths are relative); `folder`: that
+    folder, named when it is not where the demo was started (--workdir)."""
+    model = "runs/demo/dico/model.pt"
+    rows = [("this table, examples", "runs/demo/summary.json"),
+            ("every stage's curves", "mlflow ui --backend-store-uri sqlite:///runs/demo/mlflow.db"),
+            ("all caption metrics", f"python -m dico_scale.evaluate --checkpoint {model} --no-spice"),
+            ("your own images", f"python -m dico_scale.caption --checkpoint {model} IMAGE.jpg"),
+            ("DiCO vs SCST", "make compare")]
+    print(f"\ndemo finished in {seconds:.0f} s. Where to look next" + (f", in {folder}:" if folder else ":"))
+    for what, cmd in rows:
+        print(f"  {what:<22}{cmd}")
 
 
 def usage_error(message: str) -> int:
@@ -130,6 +90,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.ranks < 1:
         return usage_error(f"--ranks {args.ranks} must be >= 1")
+    origin = os.getcwd()
     try:
         os.makedirs(args.workdir, exist_ok=True)  # a fresh folder is the usual --workdir
         os.chdir(args.workdir)
@@ -144,11 +105,11 @@ def main(argv=None) -> int:
     for stage in chain("dico"):
         train_stage(stage, args.ranks, overrides)
     results = compare(overrides)
-    print_table(results)
     with open("runs/demo/summary.json", "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\ndemo finished in {time.time() - start:.0f} s; MLflow store: runs/demo/mlflow.db "
-          f"(mlflow ui --backend-store-uri sqlite:///runs/demo/mlflow.db)")
+    print_examples(results)
+    print_table(results)  # last come the numbers and where to look next: what a person reads when it is done
+    print_next(time.time() - start, os.getcwd() if os.getcwd() != origin else None)
     return 0
 
 

@@ -9,11 +9,13 @@ import contextlib
 import math
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError, read_deepspeed_config
+from .config import Config, read_deepspeed_config
+from .errors import ConfigError
 
 
 def setup_environment(cfg: Config) -> None:
@@ -146,9 +148,20 @@ def lr_lambda(cfg: Config):
     return f
 
 
+# DeepSpeed 0.19's ZeRO gathers partitions with torch.distributed.all_gather_into_tensor, which torch 2.14
+# deprecates (a FutureWarning on every rank at every step before the console's "shown once" memory held): its
+# call, not ours, so hidden by its exact message where we hand the model to DeepSpeed.
+DEEPSPEED_DEPRECATION = r"`torch\.distributed\.all_gather_into_tensor` is deprecated"
+
+
+def hide_deepspeed_deprecation() -> None:
+    warnings.filterwarnings("ignore", message=DEEPSPEED_DEPRECATION, category=FutureWarning)
+
+
 def build_engine(cfg: Config, module: torch.nn.Module, on_gpu: bool, load_universal: bool = False):
     import deepspeed
 
+    hide_deepspeed_deprecation()
     ds = ds_config(cfg, on_gpu, load_universal)
     params = [p for p in module.parameters() if p.requires_grad]
     kw = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
@@ -172,6 +185,7 @@ def build_frozen(cfg: Config, module: torch.nn.Module, placement: str, width: in
 
     from .config import frozen_placement
 
+    hide_deepspeed_deprecation()
     train_ds = ds_config(cfg, on_gpu)
     training = module.training
     module.requires_grad_(False)
@@ -212,8 +226,9 @@ def gathered(model):
 def export_weights(engine, path: str | Path, extra: dict) -> None:
     """One fp32 state dict of the whole module (frozen parts included) on rank 0, written atomically.
 
-    The file holds {'state_dict': ...}: the layout open_clip's loader and `load_weights` read. A captioner with
-    `save_pretrained` (the Hugging Face rows) also gets hf/ beside the file: a folder transformers loads.
+    The file holds {'state_dict': ...}: the layout open_clip's loader and `models.weights.load_weights` read. A
+    captioner with `save_pretrained` (the Hugging Face rows) also gets hf/ beside the file: a folder transformers
+    loads.
     """
     import deepspeed
     import torch.distributed as dist
@@ -228,29 +243,3 @@ def export_weights(engine, path: str | Path, extra: dict) -> None:
             if hasattr(module, "save_pretrained"):  # Hugging Face rows: a transformers folder beside it too
                 module.save_pretrained(Path(path).parent / "hf", state)
     dist.barrier()
-
-
-def load_weights(module: torch.nn.Module, path: str) -> None:
-    """Weights from an exported file (export_weights' model.pt, or `dico_scale.export --format safetensors`) or a
-    DeepSpeed checkpoint tag folder; strict."""
-    try:
-        if os.path.isdir(path):
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-            p = Path(path)
-            state = get_fp32_state_dict_from_zero_checkpoint(str(p.parent), tag=p.name)
-        elif path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    except Exception as e:
-        raise ConfigError(f"cannot read weights '{path}': {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    own = module.state_dict()
-    problems = [f"missing {k}" for k in own if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in own]
-    problems += [f"{k} has shape {list(v.shape)}, model wants {list(own[k].shape)}"
-                 for k, v in state.items() if k in own and v.shape != own[k].shape]
-    if problems:
-        raise ConfigError(f"weights '{path}' do not fit the configured model ({len(problems)} problems): "
-                          + "; ".join(problems[:3]))
-    module.load_state_dict(state, strict=True)

@@ -23,7 +23,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our folder must not shadow other modules
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from dico_scale.config import ConfigError, EvaluatorConfig  # noqa: E402
+from dico_scale.config import EvaluatorConfig  # noqa: E402
+from dico_scale.errors import ConfigError  # noqa: E402
 
 PREFIX = "A photo depicts "  # what the official CLIP-S and PAC-S tools put before every text they encode
 SPLITS = ("train", "val", "test")
@@ -104,7 +105,7 @@ def resolve_shards(arg: str, cfg, required: bool = True) -> tuple[str, str]:
     """(webdataset spec, split label) of a split name of the config or of a spec given as is."""
     if arg not in SPLITS:
         return arg, split_label(arg)
-    from dico_scale.train import data_shards
+    from dico_scale.data.splits import data_shards
 
     spec = data_shards(cfg).get(arg, "")
     if not spec and required:

@@ -21,7 +21,8 @@ from omegaconf import OmegaConf
 if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our folder must not shadow other modules
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from dico_scale.config import Config, ConfigError, load_config  # noqa: E402
+from dico_scale.config import Config, load_config  # noqa: E402
+from dico_scale.errors import ConfigError  # noqa: E402
 from dico_scale.stages import CAPTIONERS  # noqa: E402
 
 # Overrides applied before the user's: evaluation needs neither the training start point nor the tower's source

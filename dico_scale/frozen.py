@@ -2,9 +2,9 @@
 weights its reference and evaluator were built from, and a resume whose files differ stops with one line naming the
 file, instead of silently training against another reference or reward.
 
-`frozen_model_files` is the one place that knows which files those are: a stage that gains a frozen model adds it
-there. The fingerprint is taken once per run, on rank 0, and shared; the check runs from the tag's `complete`
-marker, before any model is built or the MLflow run is touched.
+Which files those are is the stage's to say (`frozen_files` on its class, stages/): a stage that gains a frozen
+model names it there, and nothing here changes. The fingerprint is taken once per run, on rank 0, and shared; the
+check runs from the tag's `complete` marker, before any model is built or the MLflow run is touched.
 """
 from __future__ import annotations
 
@@ -15,27 +15,18 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .config import Config, ConfigError
-from .rewards import needs_evaluator
-from .stages import STAGES
+from .config import Config
+from .errors import ConfigError
+from .stages import stage_class
 
 KEY = "frozen_models"  # in the checkpoint's client state and in its `complete` marker
 
 
 def frozen_model_files(cfg: Config) -> dict[str, str]:
     """{label: weights path} of the frozen models the training stage is built from; "" = drawn at random (train.seed).
-
-    dico: the reference is the captioner of train.init_from; dico and scst: the evaluator of evaluator.weights when
-    the stage's reward uses it. xe and evaluator train no model against a frozen one (an evaluator that only scores
-    validation captions does not change what is trained)."""
-    files = {}
-    if cfg.train.stage == "dico":
-        files["reference weights (train.init_from)"] = cfg.train.init_from
-    section = STAGES[cfg.train.stage].section
-    reward = getattr(getattr(cfg, section), "reward", "") if section else ""
-    if reward and needs_evaluator(reward):
-        files["evaluator weights (evaluator.weights)"] = cfg.evaluator.weights
-    return files
+    Stage.frozen_files says which: xe and evaluator train against none, dico against its reference and (when its
+    reward reads it) the evaluator, scst against the evaluator when its reward reads it."""
+    return stage_class(cfg.train.stage).frozen_files(cfg)
 
 
 def sha256_of(path: str | Path, chunk: int = 8 << 20) -> tuple[str, int]:

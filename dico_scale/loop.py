@@ -12,7 +12,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .config import Config, to_yaml
-from .data.pipeline import KINDS, DataError
+from .data.pipeline import KINDS
+from .errors import DataError, NonFiniteLossError, Preempted
 from .checkpoint import save_checkpoint
 from .frozen import KEY as FROZEN_KEY
 from .selection import Selection, SelectionError, reconcile_best, select_best
@@ -20,18 +21,6 @@ from .supervision import StopFlag
 
 
 DATA_FIELDS = ("read", "skipped", *KINDS)  # counts carried by batch["data_stats"]
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-class Preempted(Exception):
-    """Raised after the checkpoint of a run asked to stop (signal or approaching time limit) has been written."""
-
-    def __init__(self, step: int):
-        super().__init__(f"preempted at step {step}; checkpoint saved")
-        self.step = step
 
 
 @dataclass

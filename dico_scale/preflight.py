@@ -12,7 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config, ConfigError
+from .config import Config
+from .errors import ConfigError
+from .stages import STAGES
 
 
 def _write_problem(folder) -> str | None:
@@ -128,7 +130,7 @@ def run_preflight(cfg: Config) -> None:
     check_output_dir(cfg.train.output_dir)
     check_stage(cfg, rank)
     check_tracking(cfg, rank)
-    if cfg.captioner.model == "dico_ref" and cfg.train.stage != "evaluator":
+    if cfg.captioner.model == "dico_ref" and STAGES[cfg.train.stage].exports == "captioner":
         from .models.dico_ref import check_folder_weights
 
         check_folder_weights(cfg.captioner.hf_path)  # missing / extra keys named, before any process group

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from .errors import ConfigError
 from .exit_codes import FAILED, INTERRUPTED
 
 LAUNCHER_MARKERS = ("deepspeed.launcher.launch", "torch.distributed.run", "torchrun", "bin/deepspeed",

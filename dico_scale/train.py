@@ -1,6 +1,7 @@
 """Entry point: `deepspeed dico_scale/train.py --config configs/demo/dico.yaml [key=value ...]`.
 
-The config is loaded and checked before anything heavy is imported or any process group starts.
+The config is loaded and checked before any process group starts: the keys every stage shares before anything
+heavy is imported, then the stage's own keys by its class (stages/).
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our 
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 from dico_scale import exit_codes  # noqa: E402
-from dico_scale.config import Config, ConfigError, load_config, to_yaml  # noqa: E402
+from dico_scale.config import Config, load_config, to_yaml  # noqa: E402
+from dico_scale.errors import ConfigError, Preempted  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> Config:
@@ -24,31 +26,6 @@ def parse_args(argv: list[str] | None) -> Config:
     if unknown:
         raise ConfigError(f"unknown command-line argument '{unknown[0]}' (overrides are key=value)")
     return load_config(args.config, args.overrides)
-
-
-def data_shards(cfg: Config) -> dict[str, str]:
-    """Shard specs per split; the synthetic demo set is generated first when it is missing."""
-    if cfg.data.synthetic.enabled:
-        from dico_scale.data.synthetic import ensure_synthetic_dataset
-
-        s = cfg.data.synthetic
-        return ensure_synthetic_dataset(cfg.data.root, seed=s.seed, n_train=s.n_train, n_val=s.n_val,
-                                        n_test=s.n_test, image_size=s.image_size,
-                                        samples_per_shard=s.samples_per_shard)
-    return {"train": cfg.data.train_shards, "val": cfg.data.val_shards, "test": cfg.data.test_shards}
-
-
-def training_shards(cfg: Config, rank: int) -> tuple[dict[str, list[str]], int]:
-    """Shard lists of the train and val splits without the local shards that are missing (each logged once, on
-    rank 0), and how many were missing. ConfigError when no shard of a split exists."""
-    from dico_scale.data.pipeline import check_local_shards
-
-    specs, shards, missing = data_shards(cfg), {}, 0
-    for split in ("train", "val"):
-        if specs.get(split):
-            shards[split], gone = check_local_shards(specs[split], f"data.{split}_shards", rank == 0)
-            missing += len(gone)
-    return shards, missing
 
 
 def run(cfg: Config) -> dict:
@@ -81,8 +58,9 @@ def _run_locked(cfg: Config, device) -> dict:
     import torch.distributed as dist
 
     from dico_scale.data.pipeline import Collate, eval_loader, train_loader
+    from dico_scale.data.splits import training_shards
     from dico_scale.engine import build_engine, build_frozen, export_weights
-    from dico_scale.loop import Preempted, train_loop
+    from dico_scale.loop import train_loop
     from dico_scale.memory import engine_memory, report
     from dico_scale.models.clip import register_model_configs
     from dico_scale.resume import plan_resume, resume_state
@@ -190,9 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         _error(f"config error: {e}")
         return exit_codes.CONFIG_ERROR
-    from dico_scale.data.pipeline import DataError, one_line
-
-    from dico_scale.checkpoint import CheckpointError
+    from dico_scale.data.pipeline import one_line
+    from dico_scale.errors import CheckpointError, DataError
     from dico_scale.preflight import run_preflight
 
     try:

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import MARKER, UNIVERSAL, agree, manifest, read_marker, verify, write_marker
-from .config import ConfigError
+from .errors import ConfigError
 
 WAIT = timedelta(hours=6)  # how long the other ranks wait for rank 0's conversion
 PARAM = "param"  # the tensor's key in a universal zero/<name>/fp32.pt (deepspeed.checkpoint.constants.PARAM)

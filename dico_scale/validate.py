@@ -1,5 +1,5 @@
 """Captioning a split: the one path of in-loop validation (the captioner stages' `validate`), `dico_scale.evaluate`
-and the demo's table.
+and the held-out tables of the demo and compare (`heldout`).
 
 Every rank captions its share (`caption_split`: best beam, plus each evaluator's image feature); the records are
 gathered onto every rank and de-duplicated by key (`gather_records`), so each image counts once however the shards
@@ -12,11 +12,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .data.pipeline import Collate, eval_loader
+from .data.splits import data_shards
 from .metrics import caption_stats, cider, clip_score, mean, text_features
+from .models import build_captioner
+from .models.clip import register_model_configs
+from .models.evaluator import Evaluator, distinct_preprocess
 from .models.generation import beam_search
 
 __all__ = ["generate", "caption_split", "gather_records", "evaluator_scores", "score_records", "cider",
-           "caption_metrics"]
+           "caption_metrics", "heldout"]
 
 
 @torch.no_grad()
@@ -99,3 +104,24 @@ def score_records(records: list[dict], evaluator=None) -> list[dict]:
     "evaluator"; None without an evaluator): what caption_metrics reads and the val_captions.json artifact."""
     scores = evaluator_scores(records, evaluator) if evaluator is not None else [None] * len(records)
     return [{**{k: v for k, v in r.items() if k != "feats"}, "score": s} for r, s in zip(records, scores)]
+
+
+def heldout(cfg, models: dict[str, str], split: str = "test", examples: int = 3, batch_size: int = 25) -> dict:
+    """{label: {"metrics": the in-loop validation metrics (caption_metrics), "examples": the first records}} of
+    each captioner file in `models` on a split of cfg's data, scored by cfg's evaluator (one process, no DeepSpeed
+    needed): the demo's and compare's tables. Every model is built as cfg.captioner describes it."""
+    register_model_configs(cfg.clip_model_configs)
+    shards = data_shards(cfg)
+    evaluator = Evaluator(cfg.evaluator)
+    results = {}
+    for label, path in models.items():
+        captioner = build_captioner(cfg, path)
+        tok = captioner.tokenizer
+        collate = Collate(captioner.preprocess, distinct_preprocess(evaluator, captioner.preprocess), tok,
+                          cfg.data.max_caption_tokens, seed=0)
+        loader = eval_loader(shards[split], collate, batch_size)
+        records = caption_split(captioner, tok, loader, cfg.generation.beam_size, cfg.generation.max_len,
+                                torch.device("cpu"), {"evaluator": evaluator})
+        records = score_records(records, evaluator)  # as in-loop validation scores
+        results[label] = {"metrics": caption_metrics(records), "examples": records[:examples]}
+    return results

@@ -19,6 +19,12 @@ def test_demo_runs_all_stages_and_prints_the_table(tmp_path):
     assert "XE vs DiCO on 8 held-out test images" in proc.stdout
     table = re.findall(r"^(XE|DiCO) +(-?[\d.]+|nan) +([\d.]+)$", proc.stdout, flags=re.M)
     assert [row[0] for row in table] == ["XE", "DiCO"]
+    # a console a person reads: it ends with the table and where to look next; no library warning at every step
+    tail = proc.stdout.strip().splitlines()[-8:]
+    assert tail[0].startswith("DiCO ") and "Where to look next" in tail[2], "\n".join(tail)
+    assert "mlflow ui --backend-store-uri sqlite:///runs/demo/mlflow.db" in tail[-4]
+    assert "FutureWarning" not in proc.stderr + proc.stdout
+    assert proc.stdout.count("[INFO] [launch.py") == 0  # the launcher's own lines are not for a person
     summary = json.loads((tmp_path / "runs" / "demo" / "summary.json").read_text())
     for name in ("XE", "DiCO"):
         assert summary[name]["metrics"]["images"] == 8

@@ -66,15 +66,14 @@ def _state(tag: Path) -> dict:
 def dico2(tmp_path_factory):
     """Tiny reference and evaluator weight files, then 2 ranks of dico for 2 steps: the checkpoint step 2."""
     from dico_scale.config import load_config
-    from dico_scale.data.tokenizer import CaptionTokenizer
-    from dico_scale.models.builtin import Captioner
+    from dico_scale.models import build_captioner
     from dico_scale.models.clip import create_clip, save_clip
 
     tmp = tmp_path_factory.mktemp("elastic")
     cfg = load_config("configs/demo/dico.yaml", ["captioner.image_encoder_weights=", "evaluator.weights=",
                                                  "train.init_from="])
     torch.manual_seed(0)
-    save_clip(Captioner(cfg.captioner, CaptionTokenizer()), str(tmp / "reference.pt"))
+    save_clip(build_captioner(cfg), str(tmp / "reference.pt"))
     save_clip(create_clip(cfg.evaluator.model)[0], str(tmp / "evaluator.pt"))
     check_ok(_launch("dico_scale/train.py", _args(tmp) + ["train.max_steps=2"], ranks=2))
     return tmp

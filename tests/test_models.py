@@ -516,10 +516,10 @@ def test_pacs_architecture_checkpoint(tmp_path):
     assert loaded.logit_scale.shape == (1,) and loaded.logit_scale.item() == pytest.approx(src.logit_scale.item())
 
 
-# ---- engine.load_weights ---------------------------------------------------------------------------------------------
+# ---- models.weights.load_weights ------------------------------------------------------------------------------------
 
 def test_load_weights_round_trip(tok, tmp_path):
-    from dico_scale.engine import load_weights
+    from dico_scale.models.weights import load_weights
 
     src = make_captioner(tok, seed=1).eval()
     path = tmp_path / "model.pt"
@@ -536,7 +536,7 @@ def test_load_weights_round_trip(tok, tmp_path):
 
 
 def test_load_weights_mismatch(tok, tmp_path):
-    from dico_scale.engine import load_weights
+    from dico_scale.models.weights import load_weights
 
     other = make_captioner(tok, seed=1, width=32)
     path = tmp_path / "other_width.pt"

@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel
 
-from dico_scale.config import CaptionerConfig, ConfigError, EvaluatorConfig, load_config, to_yaml
-from dico_scale.data.tokenizer import CaptionTokenizer
-from dico_scale.models.builtin import Captioner
+from dico_scale.config import CaptionerConfig, Config, ConfigError, EvaluatorConfig, load_config, to_yaml
+from dico_scale.models import build_captioner
 from dico_scale.models.clip import create_clip
 from dico_scale.models.evaluator import Evaluator, reward
 from dico_scale.models.weights import sniff_weights_format
@@ -158,7 +157,7 @@ def test_each_format_gives_the_source_features(files, fmt):
 
         cfg = CaptionerConfig(image_encoder=NAME, image_encoder_weights=path, width=64, heads=4, encoder_layers=1,
                               decoder_layers=1)
-        captioner = Captioner(cfg, CaptionTokenizer()).eval()
+        captioner = build_captioner(Config(captioner=cfg)).eval()
         pooled, patch_tokens = captioner.image_encoder(pixels())
         close(pooled, img)
         assert patch_tokens.shape == (3, 64, 128)
@@ -180,7 +179,7 @@ def captioner_pt(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("captioner")
     cfg = load_config(str(REPO / "configs/demo/xe.yaml"), TINY_CAPTIONER + [f"train.output_dir={tmp}"])
     torch.manual_seed(3)
-    model = Captioner(cfg.captioner, CaptionTokenizer())
+    model = build_captioner(cfg)
     path = tmp / "model.pt"
     torch.save({"state_dict": model.state_dict(), "config": to_yaml(cfg), "stage": "xe", "step": 3,
                 "mlflow_run_id": None}, path)
@@ -396,7 +395,6 @@ def test_safetensors_export_round_trips(captioner_pt, tiny_shards, clean_env, no
     from PIL import Image
 
     from dico_scale import caption, export
-    from dico_scale.engine import load_weights
 
     out = tmp_path / "dico.safetensors"
     assert export.main(["--checkpoint", str(captioner_pt), "--out", str(out), "--format", "safetensors"]) == 0
@@ -408,8 +406,7 @@ def test_safetensors_export_round_trips(captioner_pt, tiny_shards, clean_env, no
 
     cfg = load_config(str(REPO / "configs/demo/xe.yaml"), TINY_CAPTIONER + [f"train.init_from={out}"])
     torch.manual_seed(99)
-    fresh = Captioner(cfg.captioner, CaptionTokenizer())
-    load_weights(fresh, cfg.train.init_from)  # train.init_from reads it too
+    fresh = build_captioner(cfg, cfg.train.init_from)  # as train.init_from reads it
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, blob["state_dict"][k]), k
 

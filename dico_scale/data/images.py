@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import re
-import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -39,20 +38,21 @@ def check_size(im: Image.Image) -> None:
 
 def open_image(src: bytes | str) -> Image.Image:
     """Image.open + a full decode (a truncated file fails here, not later). Past Image.MAX_IMAGE_PIXELS it raises
-    ImageTooLarge before any pixel is decoded: PIL only warns up to twice the limit, and a warning would depend on
-    the process's warning filters, so it is turned into an error here."""
+    ImageTooLarge before any pixel is decoded, whatever the process's warning filters: PIL raises past twice the
+    limit, warns below (an error where the filters say so), and check_size raises for the rest.
+
+    No warnings.catch_warnings here: every change of the filters resets Python's "shown once" memory, and with one
+    per image every library warning came back at every step (torch's FutureWarnings, twice per XE step)."""
     if isinstance(src, str):
         with open(src, "rb") as f:
             src = f.read()  # no file handle stays open with the image
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(io.BytesIO(src))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            pixels = re.search(r"\((\d+) pixels\)", str(e))
-            raise ImageTooLarge(int(pixels[1]) if pixels else -1, Image.MAX_IMAGE_PIXELS) from None
-        check_size(im)
-        im.load()
+    try:
+        im = Image.open(io.BytesIO(src))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        raise ImageTooLarge(int(pixels[1]) if pixels else -1, Image.MAX_IMAGE_PIXELS) from None
+    check_size(im)
+    im.load()
     return im
 
 

@@ -26,7 +26,7 @@ from collections import Counter
 import torch
 import webdataset as wds
 
-from ..config import ConfigError
+from ..errors import ConfigError, DataError
 from .images import ImageTooLarge, for_eval, open_image, to_rgb
 from .tokenizer import CaptionTokenizer
 
@@ -53,14 +53,6 @@ class Tally(Counter):
         out = dict(self)
         self.clear()
         return out
-
-
-class DataError(RuntimeError):
-    """Too much bad data: the run stops with this one-line message."""
-
-    def __init__(self, msg: str, agreed: bool = False):
-        super().__init__(msg)
-        self.agreed = agreed  # every rank raised it at the same step (decided on all-reduced numbers)
 
 
 def one_line(e: DataError) -> str:

@@ -38,7 +38,7 @@ def build_captioner(cfg, weights: str | None = None, image_encoder: bool = True)
     module, cls = MODELS[cfg.captioner.model].cls.split(":")
     captioner = getattr(importlib.import_module(module), cls).build(cfg, image_encoder=image_encoder)
     if weights:
-        from ..engine import load_weights
+        from .weights import load_weights
 
         load_weights(captioner, weights)
     return captioner

@@ -7,7 +7,8 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GPT2Config, GPT2Model
 
-from ..config import CaptionerConfig, ConfigError
+from ..config import CaptionerConfig
+from ..errors import ConfigError
 from ..data.tokenizer import CaptionTokenizer
 from .captioner import CaptionerModel
 from .clip import create_clip, register_model_configs

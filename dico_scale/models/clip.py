@@ -7,7 +7,7 @@ import os
 import open_clip
 import torch
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .weights import load_clip_weights
 
 _registered: set[str] = set()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..data.tokenizer import CaptionTokenizer
 from .captioner import CaptionerModel
 from .folders import read_config, ref_problem

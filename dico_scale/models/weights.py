@@ -1,4 +1,5 @@
-"""CLIP weights from local files, in the formats users have, loaded into an open_clip model built by name.
+"""Weights from local files: `load_weights` reads dico_scale's own exports and checkpoints into any of its models;
+the rest reads CLIP weights in the formats users have into an open_clip model built by name.
 
   torchscript  OpenAI's archives (the `clip` package's ~/.cache/clip/ViT-B-32.pt): torch.jit.load on the CPU, then
                its state dict, whose names are open_clip's (as open_clip's load_openai_model reads them)
@@ -19,10 +20,11 @@ import struct
 import warnings
 import zipfile
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 KNOWN = ("an OpenAI TorchScript archive (ViT-B-32.pt), an open_clip state dict (.bin/.pt/.pth, PAC-S, "
          "dico_scale export), a .safetensors file, or a Hugging Face CLIPModel folder (config.json + "
@@ -34,6 +36,34 @@ OPENAI_META = ("input_resolution", "context_length", "vocab_size")
 
 def _fail(label: str, path: str, why: str):
     raise ConfigError(f"{label} '{path}': {why}")
+
+
+# ---- dico_scale's own exports and checkpoints ----------------------------------------------------------------
+
+def load_weights(module: torch.nn.Module, path: str) -> None:
+    """A dico_scale model's weights (strict): an exported file (engine.export_weights' model.pt, or
+    `dico_scale.export --format safetensors`) or a DeepSpeed checkpoint tag folder."""
+    try:
+        if os.path.isdir(path):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            p = Path(path)
+            state = get_fp32_state_dict_from_zero_checkpoint(str(p.parent), tag=p.name)
+        elif path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    except Exception as e:
+        raise ConfigError(f"cannot read weights '{path}': {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    own = module.state_dict()
+    problems = [f"missing {k}" for k in own if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in own]
+    problems += [f"{k} has shape {list(v.shape)}, model wants {list(own[k].shape)}"
+                 for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if problems:
+        raise ConfigError(f"weights '{path}' do not fit the configured model ({len(problems)} problems): "
+                          + "; ".join(problems[:3]))
+    module.load_state_dict(state, strict=True)
 
 
 # ---- format recognition ------------------------------------------------------------------------------------------

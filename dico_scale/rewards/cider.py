@@ -303,10 +303,9 @@ def training_df(cfg) -> dict:
     barrier, then read the cache) and cached beside the shards for later runs."""
     import torch.distributed as dist
 
-    from ..data.pipeline import check_local_shards
-    from ..train import data_shards
+    from ..data.splits import split_shards
 
-    urls, _ = check_local_shards(data_shards(cfg)["train"], "data.train_shards", log_missing=False)
+    urls, _ = split_shards(cfg, "train", log_missing=False)
     path = df_cache_path(urls, cfg.train.output_dir)
     grouped = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if grouped and dist.get_rank() != 0:

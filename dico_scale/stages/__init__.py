@@ -1,8 +1,10 @@
 """The stage table: every stage the trainer knows, in one place. Config validation, `build_stage`, export, evaluate,
-the demo and `compare` read it; a new stage is one module in this package and one row here.
+the demo and `compare` read it; a new stage is one module in this package and one row here. What is particular to
+a stage lives on its class (stages/base.py): its config checks (`check_config`, which config.validate calls last)
+and the frozen weight files a resume must find unchanged (`frozen_files`, which frozen.py fingerprints).
 
 Importable without torch (config.py reads it before anything heavy): the stage classes are named as strings and
-imported only by `build_stage`.
+imported only by `stage_class`.
 """
 from __future__ import annotations
 
@@ -38,6 +40,11 @@ def chain(name: str) -> list[str]:
     return out
 
 
+def stage_class(name: str):
+    """The class of a row (imported now: it brings torch)."""
+    module, cls = STAGES[name].cls.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def build_stage(cfg, device):
-    module, cls = STAGES[cfg.train.stage].cls.split(":")
-    return getattr(importlib.import_module(module), cls)(cfg, device)
+    return stage_class(cfg.train.stage)(cfg, device)

@@ -9,12 +9,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import Config, ConfigError
+from ..config import Config, check_reward
 from ..data.tokenizer import CaptionTokenizer
 from ..engine import gathered
+from ..errors import ConfigError
 from ..kernels import interpreting
 from ..models import build_captioner
 from ..models.evaluator import Evaluator, distinct_preprocess
+from ..rewards import needs_evaluator
 from ..validate import caption_metrics, caption_split, gather_records, score_records
 
 
@@ -37,6 +39,18 @@ class Stage:
         self.cfg, self.device = cfg, device
         self.tokenizer = CaptionTokenizer()
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Checks of the keys only this stage reads (config.check: a one-line ConfigError naming the key);
+        config.validate calls it last, after the checks every stage shares."""
+
+    @classmethod
+    def frozen_files(cls, cfg: Config) -> dict[str, str]:
+        """{label: weights path} of the frozen models this stage trains against; "" = drawn at random (train.seed).
+        frozen.py fingerprints them into every checkpoint, and a resume whose files differ stops. A model that only
+        scores validation captions is not one: it does not change what is trained."""
+        return {}
+
     def frozen_models(self) -> dict[str, tuple[torch.nn.Module, str, int]]:
         """The frozen models to run through DeepSpeed beside the trainable one: {name: (module, placement, hidden
         width)}; train.py wraps each with engine.build_frozen and hands the engines to `setup`."""
@@ -56,7 +70,26 @@ class Stage:
 
 
 class CaptionerStage(Stage):
-    """Shared by xe and dico: the captioner, an optional frozen evaluator, caption validation."""
+    """Shared by xe, dico and scst: the captioner, an optional frozen evaluator, caption validation."""
+    reward_key = ""  # the config key of the stage's reward spec (e.g. "dico.reward"); "" = trained without one
+
+    @classmethod
+    def reward_spec(cls, cfg: Config) -> str:
+        section, _, key = cls.reward_key.partition(".")
+        return getattr(getattr(cfg, section), key) if cls.reward_key else ""
+
+    @classmethod
+    def check_config(cls, cfg):
+        if cls.reward_key:
+            check_reward(cls.reward_spec(cfg), cls.reward_key)
+
+    @classmethod
+    def frozen_files(cls, cfg):
+        """The evaluator, when the stage's reward reads it."""
+        spec = cls.reward_spec(cfg)
+        if spec and needs_evaluator(spec):
+            return {"evaluator weights (evaluator.weights)": cfg.evaluator.weights}
+        return {}
 
     def __init__(self, cfg: Config, device: torch.device, need_evaluator: bool):
         super().__init__(cfg, device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import check, check_placement
 from ..kernels import dico_loss
 from ..models import build_captioner
 from ..models.captioner import CaptionerModel, disable_dropout
@@ -15,6 +16,18 @@ from .base import CaptionerStage, StepOutput, log_prob_path
 
 class DicoStage(CaptionerStage):
     name = "dico"
+    reward_key = "dico.reward"
+
+    @classmethod
+    def check_config(cls, cfg):
+        super().check_config(cfg)
+        check(cfg.generation.beam_size >= 2, "generation.beam_size", "dico needs at least 2 candidates per image")
+        check_placement(cfg.dico.reference_placement, "dico.reference_placement")
+
+    @classmethod
+    def frozen_files(cls, cfg):
+        """The reference is the captioner of train.init_from, besides the evaluator of the reward."""
+        return {"reference weights (train.init_from)": cfg.train.init_from, **super().frozen_files(cfg)}
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device, need_evaluator=True)

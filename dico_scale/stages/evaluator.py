@@ -6,15 +6,25 @@ computes it (logged as val/i2t_r1, val/i2t_r5, val/t2i_r1, val/t2i_r5).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from .. import metrics
-from ..engine import gathered, load_weights
+from ..engine import gathered
 from ..models.evaluator import Evaluator
+from ..models.weights import load_weights
 from .base import Stage, StepOutput
+
+
+def hide_clip_loss_deprecation() -> None:
+    """ClipLoss gathers with torch.distributed.nn.all_gather, which torch 2.14 deprecates (a FutureWarning twice per
+    step and rank): open_clip's call, not ours, so that exact warning from open_clip is hidden."""
+    warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+                            category=FutureWarning, module="open_clip")
 
 
 class EvaluatorStage(Stage):
@@ -30,6 +40,7 @@ class EvaluatorStage(Stage):
         self.preprocess = self.evaluator.preprocess
         # Features of all ranks enter the loss (gradients through the gather), as open_clip's trainer does.
         self.loss = ClipLoss(gather_with_grad=True, rank=dist.get_rank(), world_size=dist.get_world_size())
+        hide_clip_loss_deprecation()
 
     def step(self, engine, batch) -> StepOutput:
         pixels = batch["pixels"].to(self.device, self.dtype)

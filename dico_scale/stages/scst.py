@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from ..config import check
 from ..models.captioner import disable_dropout
 from ..rewards import build_reward, needs_evaluator
 from ..rollout import Rollout
@@ -39,6 +40,17 @@ def scst_loss(logps: torch.Tensor, adv: torch.Tensor, lengths: torch.Tensor, ave
 
 class ScstStage(CaptionerStage):
     name = "scst"
+    reward_key = "scst.reward"
+
+    @classmethod
+    def check_config(cls, cfg):
+        super().check_config(cfg)
+        s = cfg.scst
+        check(s.strategy in ("beam", "sample"), "scst.strategy", f"'{s.strategy}' is not beam or sample")
+        check(s.baseline in ("mean", "greedy"), "scst.baseline", f"'{s.baseline}' is not mean or greedy")
+        check(s.average in ("token", "sequence"), "scst.average", f"'{s.average}' is not token or sequence")
+        check(s.baseline != "mean" or s.candidates >= 2, "scst.candidates",
+              f"{s.candidates}: scst.baseline=mean needs at least 2 candidates per image")
 
     def __init__(self, cfg, device):
         s = cfg.scst

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from dico_scale.config import load_config  # noqa: E402
-from dico_scale.engine import gathered, load_weights  # noqa: E402
+from dico_scale.engine import gathered  # noqa: E402
 from dico_scale.models import build_captioner  # noqa: E402
 from dico_scale.train import run, shutdown  # noqa: E402
 
@@ -124,8 +124,7 @@ dist.all_gather_object(parts, uneven)
 result["uneven"] = parts  # hooks restored after the gathered generation: this step trained as any other
 
 # the ZeRO-3 checkpoint consolidates to the weights the run exported at the same step
-resumed = build_captioner(stage.cfg)
-load_weights(resumed, f"{out}/dico_resume/checkpoints/step_00000003")
+resumed = build_captioner(stage.cfg, f"{out}/dico_resume/checkpoints/step_00000003")
 exported = torch.load(f"{out}/dico_resume/model.pt", weights_only=True)["state_dict"]
 # (in bf16 the export is the bf16 working copy, the checkpoint holds its fp32 master: equal once rounded)
 result["checkpoint_matches_export"] = all(torch.equal(v.to(stage.dtype).float(), exported[k])

@@ -1,0 +1,38 @@
+"""The exceptions that cross layers: raised deep in data/, models/, checkpoint.py or loop.py and turned into an exit
+code (dico_scale/exit_codes.py) by the entry points. They live here, importing nothing, so that any module can raise
+them without importing config.py (which imports the model and stage tables: a circle otherwise)."""
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A bad config value or file; the message is one line and names the key."""
+
+
+class AgreedConfigError(ConfigError):
+    """Raised on every rank at the same point, after a collective (a checkpoint the ranks verified together): the
+    ranks leave through a final barrier and tear the group down, instead of exiting with it up (which can abort)."""
+    agreed = True
+
+
+class CheckpointError(RuntimeError):
+    """Saving a checkpoint failed; the message is one line naming the folder (disk full, unwritable)."""
+
+
+class DataError(RuntimeError):
+    """Too much bad data: the run stops with this one-line message."""
+
+    def __init__(self, msg: str, agreed: bool = False):
+        super().__init__(msg)
+        self.agreed = agreed  # every rank raised it at the same step (decided on all-reduced numbers)
+
+
+class NonFiniteLossError(RuntimeError):
+    """train.max_nonfinite_steps consecutive losses were nan or inf."""
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint of a run asked to stop (signal or approaching time limit) has been written."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted at step {step}; checkpoint saved")
+        self.step = step
