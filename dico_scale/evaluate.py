@@ -32,7 +32,7 @@ SPLITS = ("train", "val", "test")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dico_scale.evaluate", description="Evaluates a captioner checkpoint over a "
-                                "split (see the README section 'Evaluation, inference and export').")
+                                "split (see docs/evaluation.md).")
     p.add_argument("--checkpoint", required=True, help="model.pt export or checkpoint tag folder")
     p.add_argument("--shards", default="test", help="a split of the run's config (val, test) or a webdataset spec")
     p.add_argument("--split", default="", help="split label for file and metric names (default: derived from --shards)")

@@ -2,7 +2,7 @@
 
 The one implementation of each metric: in-loop validation (`dico_scale.validate`, the stages' `validate`) and
 `dico_scale.evaluate` both call these functions, so the numbers of one checkpoint are the same in both.
-Definitions follow the official tools (the README section "Evaluation, inference and export" gives the evidence):
+Definitions follow the official tools (docs/evaluation.md gives the evidence):
   CIDEr   = pycocoevalcap's Cider (CIDEr-D) after its PTBTokenizer; an empty caption is scored as the empty string
   CLIP-S  = 2.5 * max(cos(image, caption), 0)                       (jmhessel/clipscore, w = 2.5)
   PAC-S   = 2.0 * max(cos(image, caption), 0)                       (aimagelab/pacscore, w = 2.0)

@@ -34,3 +34,15 @@ def test_scored_mask_counts_up_to_the_first_eos_whatever_pad_is():
     assert scored_mask(labels, eos).sum(-1).tolist() == [3, 2, 5]
     assert banned_tokens(bos=0, eos=2, pad=2) == [0] and banned_tokens(bos=2, eos=2, pad=2) == []
     assert banned_tokens(bos=0, eos=1, pad=7) == [0, 7]
+
+
+def test_builtin_without_encoder_layers_passes_the_visual_tokens_on():
+    """captioner.encoder_layers=0 is allowed: the projected visual tokens are the decoder's memory."""
+    from PIL import Image
+
+    cap = build_captioner(load_config("configs/demo/xe.yaml", BLANK + ["captioner.encoder_layers=0"]))
+    pixels = torch.stack([cap.preprocess(Image.new("RGB", (40, 30)))] * 2)
+    features = cap.encode_image(pixels)
+    assert torch.equal(cap.encode(features), cap.visual_proj(features))
+    cap(torch.randint(1, 400, (2, 6)), pixels=pixels, output="logprobs").sum().backward()
+    assert all(p.grad is not None for p in cap.visual_proj.parameters())

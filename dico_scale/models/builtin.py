@@ -71,10 +71,10 @@ class Captioner(CaptionerModel):
     def encode(self, visual_tokens: torch.Tensor) -> torch.Tensor:
         """Memory for cross-attention [B, P, width]."""
         x = self.visual_proj(visual_tokens)
-        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
-            return self.encoder(x)
-        for layer in self.encoder.layers:  # what nn.TransformerEncoder does without masks (its norm is None)
-            x = checkpoint(layer, x, use_reentrant=False)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        # what nn.TransformerEncoder does without masks (its norm is None), also with 0 layers (where its forward fails)
+        for layer in self.encoder.layers:
+            x = checkpoint(layer, x, use_reentrant=False) if recompute else layer(x)
         return x
 
     def decode(self, tokens: torch.Tensor, memory: torch.Tensor, cache=None) -> torch.Tensor:
