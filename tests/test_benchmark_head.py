@@ -1,0 +1,16 @@
+"""benchmarks/head_bench.py --smoke: both heads run forward + backward, agree on the gradient, and are reported."""
+import json
+import subprocess
+import sys
+
+
+def test_head_benchmark_smoke(repo, tmp_path):
+    out = tmp_path / "head.json"
+    proc = subprocess.run([sys.executable, "benchmarks/head_bench.py", "--smoke", "--json", str(out)], cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["shape"] for r in rows] == [[2, 3, 16, 1000], [4, 5, 16, 3001]]
+    assert all(r["full_s"] > 0 and r["chunked_s"] > 0 for r in rows)
+    assert rows[1]["chunked_logits_mib"] < rows[1]["full_logits_mib"]  # 4000 logits a chunk, not 20 x 3001
+    assert "chunked MiB" in proc.stdout
