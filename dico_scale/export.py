@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our 
 
 from dico_scale.config import Config, load_config  # noqa: E402
 from dico_scale.errors import ConfigError  # noqa: E402
-from dico_scale.stages import CAPTIONERS  # noqa: E402
+from dico_scale.stages import captioner_stages  # noqa: E402
 
 # Overrides applied before the user's: evaluation needs neither the training start point nor the tower's source
 # weights (the checkpoint holds the whole model), and those paths may be gone.
@@ -123,9 +123,9 @@ def load_run_config(meta: dict, overrides: list[str] = ()) -> Config:
     """The checkpoint's resolved config with EVAL_OVERRIDES and then the user's key=value overrides on top."""
     cfg = _config_from_text(meta["config"], overrides)
     stage = cfg.train.stage
-    if stage not in CAPTIONERS:
+    if stage not in captioner_stages():
         raise ConfigError(f"checkpoint {meta['path']} is a '{stage}'-stage model, not a captioner "
-                          f"({', '.join(CAPTIONERS)})")
+                          f"({', '.join(captioner_stages())})")
     meta["stage"] = stage
     return cfg
 
@@ -198,7 +198,7 @@ def write_hf_folder(blob: dict, out: str) -> str | None:
 
     cfg = OmegaConf.create(blob["config"])
     row = cfg.get("captioner", {}).get("model", "builtin")
-    if blob["stage"] not in CAPTIONERS or not MODELS[row].hf:
+    if blob["stage"] not in captioner_stages() or not MODELS[row].hf:
         return None
     captioner = build_captioner(_config_from_text(blob["config"], []))
     folder = Path(out).resolve().parent / "hf"

@@ -76,9 +76,10 @@ def train_toy(tmp_path, overrides: list[str]) -> subprocess.CompletedProcess:
 def test_the_toy_stage_checks_its_own_keys_and_names_its_frozen_files(toy):
     from dico_scale.config import ConfigError, load_config
     from dico_scale.frozen import frozen_model_files
+    from dico_scale.stages import captioner_stages
 
     cfg = load_config("configs/demo/xe.yaml", toy)
-    assert cfg.train.stage == "toy"
+    assert cfg.train.stage == "toy" and "toy" in captioner_stages()  # export, evaluate, caption accept its model
     assert frozen_model_files(cfg) == {"toy evaluator (evaluator.weights)": ""}
     with pytest.raises(ConfigError, match=r"^bad value for config key 'generation.max_len': the toy stage wants"):
         load_config("configs/demo/xe.yaml", toy + ["generation.max_len=9"])

@@ -29,7 +29,10 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in [
     StageSpec("scst", "dico_scale.stages.scst:ScstStage", "scst", "captioner", "SCST", "xe"),
 ]}
 
-CAPTIONERS = tuple(n for n, s in STAGES.items() if s.exports == "captioner")
+
+def captioner_stages() -> tuple[str, ...]:
+    """The stages whose model.pt holds a captioner, read when asked (a row added later counts too)."""
+    return tuple(n for n, s in STAGES.items() if s.exports == "captioner")
 
 
 def chain(name: str) -> list[str]:
