@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/coco/dico.yaml")
     p.add_argument("--kernels", default="auto,torch", help="comma-separated loss.kernel values to time")
-    p.add_argument("--batch", type=int, default=8, help="images per step (x beam_size candidates)")
+    p.add_argument("--batch", type=int, default=8, help="images per step (x generation.candidates)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -33,7 +33,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="dico_scale.caption", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="model.pt export or checkpoint tag folder")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--beam-size", type=int, default=0, help="default: the checkpoint's generation.beam_size")
+    p.add_argument("--beam-size", type=int, default=0, help="default: the checkpoint's generation.candidates")
     p.add_argument("--max-len", type=int, default=0, help="generated tokens; default: generation.max_len")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -62,7 +62,7 @@ def caption_files(captioner, tok, paths, cfg, device, batch_size: int):
                 pixels.append(load_pixels(captioner.preprocess, path))
             except Exception as e:
                 failed[path] = f"{type(e).__name__}: {str(e)[:200]}"
-        captions = iter(generate(captioner, tok, torch.stack(pixels).to(device), g.beam_size, g.max_len)
+        captions = iter(generate(captioner, tok, torch.stack(pixels).to(device), g.candidates, g.max_len)
                         if pixels else [])
         for path in chunk:
             yield (path, None, failed[path]) if path in failed else (path, next(captions), None)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = checkpoint_meta(args.checkpoint)
         overrides = ["evaluator.weights="]  # no evaluator is needed here
         if args.beam_size:
-            overrides.append(f"generation.beam_size={args.beam_size}")
+            overrides.append(f"generation.candidates={args.beam_size}")
         if args.max_len:
             overrides.append(f"generation.max_len={args.max_len}")
         cfg = load_run_config(meta, overrides)

@@ -10,10 +10,11 @@ import math
 import os
 import re
 import signal
+import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError  # also imported from here (`from dico_scale.config import ConfigError`)
@@ -90,7 +91,7 @@ class EvaluatorConfig:
 
 @dataclass
 class GenerationConfig:
-    beam_size: int = 5  # >= 1 (>= 2 for dico); candidates per image (beams, or samples)
+    candidates: int = 5  # >= 1 (>= 2 for dico); k per image: beams, or samples (strategy); validation's beam width
     max_len: int = 20  # >= 1; generated tokens after BOS
     strategy: str = "beam"  # beam | sample: how the training stages' rollouts propose candidates
     temperature: float = 1.0  # (0, inf); sampling only
@@ -202,6 +203,38 @@ class Config:
     clip_model_configs: str = "configs/clip"  # folder of extra open_clip model JSONs registered offline
 
 
+# Renamed keys (old -> new): the old name keeps working for a while, with one warning line per source; the config
+# that runs, and the one a checkpoint records, carry the new name.
+RENAMED = {"generation.beam_size": "generation.candidates"}  # it counts samples too when strategy=sample
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_renamed(old: str, new: str, source: str) -> None:
+    if (old, source) not in _warned:
+        _warned.add((old, source))
+        print(f"dico_scale: warning: config key '{old}' is now '{new}' ({source}); the old name will go",
+              file=sys.stderr)
+
+
+def _rename_node(node, source: str) -> None:
+    """Renamed keys of a YAML node moved to their new names (the new name wins when a file has both)."""
+    for old, new in RENAMED.items():
+        (section, key), (new_section, new_key) = old.split("."), new.split(".")
+        if isinstance(node.get(section), DictConfig) and key in node[section]:
+            _warn_renamed(old, new, source)
+            value = node[section].pop(key)
+            if new_key not in node.get(new_section, {}):
+                OmegaConf.update(node, new, value, force_add=True)
+
+
+def _rename_override(item: str) -> str:
+    key, value = item.split("=", 1)
+    if key in RENAMED:
+        _warn_renamed(key, RENAMED[key], f"override {item}")
+        return f"{RENAMED[key]}={value}"
+    return item
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()):
     """A YAML file merged over the file named by its `extends:` key (relative to it)."""
     path = path.resolve()
@@ -213,6 +246,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()):
         node = OmegaConf.load(path)
     except Exception as e:  # yaml scanner errors are multi-line
         raise ConfigError(f"config {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    _rename_node(node, str(path))
     base = node.pop("extends", None)
     if base is None:
         return node
@@ -250,6 +284,7 @@ def load_structured(schema, path: str | None, overrides: list[str] = ()):
             raise ConfigError(f"override '{item}' is not key=value")
         if item.endswith("="):  # `key=` means the empty string (OmegaConf would read null)
             item += "''"
+        item = _rename_override(item)
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
@@ -299,7 +334,7 @@ RANGES = [
     ("captioner.encoder_layers", 0, False, None, False), ("captioner.decoder_layers", 1, False, None, False),
     ("captioner.width", 1, False, None, False), ("captioner.heads", 1, False, None, False),
     ("captioner.dropout", 0, False, 1, True), ("captioner.max_positions", 1, False, None, False),
-    ("generation.beam_size", 1, False, None, False), ("generation.max_len", 1, False, None, False),
+    ("generation.candidates", 1, False, None, False), ("generation.max_len", 1, False, None, False),
     ("generation.temperature", 0, True, None, False), ("generation.top_k", 0, False, None, False),
     ("dico.beta", 0, True, None, False), ("dico.tau", 0, False, None, False),
     ("scst.candidates", 1, False, None, False),

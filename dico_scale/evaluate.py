@@ -307,7 +307,7 @@ def run(args, cfg, meta) -> int:
     collate = EvalCollate(captioner.preprocess, {n: ev.preprocess for n, ev in evaluators.items()})
     loader = eval_loader(args.spec, collate, args.batch_size or cfg.train.micro_batch_size, cfg.data.num_workers)
     g = cfg.generation
-    records = gather_records(caption_split(captioner, tok, loader, g.beam_size, g.max_len, device, evaluators))
+    records = gather_records(caption_split(captioner, tok, loader, g.candidates, g.max_len, device, evaluators))
     seen = training_captions(args.train_spec, rank, world) if args.train_spec else None
     if not records:
         raise ConfigError(f"no valid samples in '{args.spec}'")
@@ -330,7 +330,7 @@ def run(args, cfg, meta) -> int:
             errors["MLflow"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
     result = {"checkpoint": meta["path"], "stage": meta["stage"], "step": meta["step"], "split": args.split,
               "shards": args.spec, "images": len(records), "mlflow_run_id": run_id,
-              "settings": {"beam_size": cfg.generation.beam_size, "max_len": cfg.generation.max_len,
+              "settings": {"beam_size": cfg.generation.candidates, "max_len": cfg.generation.max_len,
                            "caption_prefix": "" if args.no_prefix else PREFIX, "ngrams": list(args.ngrams),
                            "evaluators": {n: {"model": c.model, "weights": c.weights}
                                           for n, c in args.evaluators.items()},

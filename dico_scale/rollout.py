@@ -17,7 +17,7 @@ class Rollout:
 
     def __init__(self, cfg: GenerationConfig, tokenizer, kernel: str = "auto", fused: bool = False,
                  generator: torch.Generator | None = None):
-        self.cfg, self.k = cfg, cfg.beam_size
+        self.cfg, self.k = cfg, cfg.candidates
         self.bos, self.eos, self.pad = tokenizer.bos, tokenizer.eos, tokenizer.pad
         self.kernel, self.fused, self.generator = kernel, fused, generator
 

@@ -120,7 +120,7 @@ def heldout(cfg, models: dict[str, str], split: str = "test", examples: int = 3,
         collate = Collate(captioner.preprocess, distinct_preprocess(evaluator, captioner.preprocess), tok,
                           cfg.data.max_caption_tokens, seed=0)
         loader = eval_loader(shards[split], collate, batch_size)
-        records = caption_split(captioner, tok, loader, cfg.generation.beam_size, cfg.generation.max_len,
+        records = caption_split(captioner, tok, loader, cfg.generation.candidates, cfg.generation.max_len,
                                 torch.device("cpu"), {"evaluator": evaluator})
         records = score_records(records, evaluator)  # as in-loop validation scores
         results[label] = {"metrics": caption_metrics(records), "examples": records[:examples]}

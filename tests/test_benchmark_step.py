@@ -7,7 +7,7 @@ import sys
 def test_dico_step_benchmark_smoke(repo, tmp_path):
     out = tmp_path / "step.json"
     cmd = [sys.executable, "benchmarks/dico_step.py", "--config", "configs/demo/dico.yaml", "--kernels", "torch",
-           "--batch", "2", "--steps", "2", "--warmup", "1", "--json", str(out), "generation.beam_size=2",
+           "--batch", "2", "--steps", "2", "--warmup", "1", "--json", str(out), "generation.candidates=2",
            "generation.max_len=4"]
     p = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]

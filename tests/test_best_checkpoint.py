@@ -194,7 +194,7 @@ def test_loop_selects_exports_stops_and_resumes(tmp_path):
 
 TINY = ["train.micro_batch_size=4", "data.synthetic.n_train=40", "data.synthetic.n_val=4", "data.synthetic.n_test=2",
         "data.synthetic.samples_per_shard=20", "data.samples_per_epoch=16", "train.val_max_images=4",
-        "generation.max_len=4", "generation.beam_size=2", "train.log_every=1", "optim.lr=1e-2",
+        "generation.max_len=4", "generation.candidates=2", "train.log_every=1", "optim.lr=1e-2",
         "optim.warmup_steps=0", "train.max_steps=8", "train.val_every=2"]
 
 

@@ -29,7 +29,7 @@ def runs(tmp_path_factory, repo):
     common = [f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "data.synthetic.n_train=50",
               "data.synthetic.n_val=4", "data.synthetic.n_test=4", "data.synthetic.samples_per_shard=25",
               "train.log_every=1", "data.samples_per_epoch=16", "data.shuffle_buffer=10", "evaluator.weights=",
-              "captioner.image_encoder_weights=", "train.micro_batch_size=2", "generation.beam_size=3",
+              "captioner.image_encoder_weights=", "train.micro_batch_size=2", "generation.candidates=3",
               "generation.max_len=6", "train.val_max_images=2"]
     cmd = [*ranks_cmd("tests/distributed/captioners_check.py"), str(tmp), *folders, "--", *common]
     check_ok(subprocess.run(cmd, cwd=repo, env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"},

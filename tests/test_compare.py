@@ -11,7 +11,7 @@ from helpers import REPO, check_ok
 
 from dico_scale import compare
 
-TINY = ["train.micro_batch_size=2", "generation.beam_size=2", "scst.candidates=2", "generation.max_len=6",
+TINY = ["train.micro_batch_size=2", "generation.candidates=2", "scst.candidates=2", "generation.max_len=6",
         "optim.lr=1e-3", "optim.warmup_steps=0"]
 
 

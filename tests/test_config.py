@@ -132,8 +132,8 @@ def test_bad_override_is_one_line_naming_the_key(override, key):
 
 
 def test_dico_stage_needs_two_beams():
-    _one_line_error(DEMO / "dico.yaml", BLANK + ["generation.beam_size=1"], "'generation.beam_size'")
-    assert load_config(str(DEMO / "xe.yaml"), BLANK + ["generation.beam_size=1"]).generation.beam_size == 1
+    _one_line_error(DEMO / "dico.yaml", BLANK + ["generation.candidates=1"], "'generation.candidates'")
+    assert load_config(str(DEMO / "xe.yaml"), BLANK + ["generation.candidates=1"]).generation.candidates == 1
 
 
 def test_max_caption_tokens_must_hold_bos_and_eos():
@@ -417,3 +417,24 @@ def test_offloaded_optimizer_on_the_cpu_allows_torch_adamw():
     c.train.deepspeed_config = str(REPO / "configs" / "deepspeed" / "zero3_offload_optimizer.json")
     assert ds_config(c, on_gpu=False)["zero_force_ds_cpu_optimizer"] is False
     assert "zero_force_ds_cpu_optimizer" not in ds_config(c, on_gpu=True)  # a GPU run uses DeepSpeedCPUAdam
+
+
+def test_a_renamed_key_still_works_with_one_warning_line(tmp_path, capsys):
+    """generation.beam_size -> generation.candidates: from an override, from a YAML (a checkpoint's config.yaml
+    written before the rename), the new name winning when a file has both; one line per source."""
+    from dico_scale.config import _warned
+
+    _warned.clear()
+    cfg = load_config("configs/demo/dico.yaml", BLANK + ["generation.beam_size=3", "generation.beam_size=3"])
+    assert cfg.generation.candidates == 3 and not hasattr(cfg.generation, "beam_size")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["dico_scale: warning: config key 'generation.beam_size' is now 'generation.candidates' "
+                   "(override generation.beam_size=3); the old name will go"]
+    old = tmp_path / "old.yaml"
+    old.write_text("extends: " + str(REPO / "configs/demo/dico.yaml") + "\ngeneration:\n  beam_size: 4\n")
+    assert load_config(str(old), BLANK).generation.candidates == 4
+    both = tmp_path / "both.yaml"
+    both.write_text("extends: old.yaml\ngeneration:\n  beam_size: 2\n  candidates: 6\n")
+    assert load_config(str(both), BLANK).generation.candidates == 6
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all(f"({p})" in line for line, p in zip(lines, (old, both)))

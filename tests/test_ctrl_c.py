@@ -86,7 +86,7 @@ def test_ctrl_c_twice_exits_at_once_without_a_traceback(tmp_path):
 def _cfg(out: Path, stage: str, resume: str = "none"):
     return load_config(str(REPO / "configs/demo/xe.yaml"), [
         f"train.output_dir={out}", f"train.stage={stage}", f"train.resume={resume}", "evaluator.weights=",
-        "captioner.image_encoder_weights=", "generation.beam_size=2"])
+        "captioner.image_encoder_weights=", "generation.candidates=2"])
 
 
 def test_a_folder_with_another_stages_export_is_refused_and_an_unrecorded_stage_warns(tmp_path, capsys):

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.distributed
 def test_demo_runs_all_stages_and_prints_the_table(tmp_path):
     overrides = ["train.max_steps=2", "train.micro_batch_size=4", "train.val_max_images=4", "data.samples_per_epoch=32",
                  "data.synthetic.n_train=100", "data.synthetic.n_val=8", "data.synthetic.n_test=8",
-                 "data.synthetic.samples_per_shard=25", "generation.beam_size=3", "generation.max_len=5"]
+                 "data.synthetic.samples_per_shard=25", "generation.candidates=3", "generation.max_len=5"]
     proc = subprocess.run([sys.executable, "-m", "dico_scale.demo", "--workdir", str(tmp_path), *overrides],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

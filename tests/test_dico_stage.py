@@ -7,7 +7,7 @@ from dico_scale.config import ConfigError, load_config
 from dico_scale.stages.dico import DicoStage
 
 TINY = ["train.init_from=", "captioner.image_encoder_weights=", "evaluator.weights=", "captioner.width=64",
-        "captioner.heads=4", "captioner.decoder_layers=1", "captioner.encoder_layers=1", "generation.beam_size=2",
+        "captioner.heads=4", "captioner.decoder_layers=1", "captioner.encoder_layers=1", "generation.candidates=2",
         "generation.max_len=4", "tracking.enabled=false"]
 
 

@@ -22,7 +22,7 @@ def test_dico_zero2_two_ranks_step_and_stay_identical(chain):
     proc = check_ok(_launch("tests/distributed/replica_check.py", "configs/demo/dico.yaml",
                        _common(tmp) + weights + [f"train.output_dir={out}", f"train.init_from={tmp}/xe/model.pt",
                                                  "train.max_steps=4", "train.micro_batch_size=2",
-                                                 "generation.beam_size=3", "generation.max_len=6",
+                                                 "generation.candidates=3", "generation.max_len=6",
                                                  "train.val_max_images=4", "optim.lr=1e-3"]))
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
     assert (r0["world_size"], r1["world_size"], r0["rank"], r1["rank"]) == (2, 2, 0, 1)

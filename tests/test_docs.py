@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dico_scale.config import Config
+from dico_scale.config import RENAMED, Config
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -65,7 +65,7 @@ def schema_keys(node=Config(), prefix: str = "") -> set[str]:
     return out
 
 
-SCHEMA = schema_keys()
+SCHEMA = schema_keys() | set(RENAMED)  # an old name still works (with a warning): docs may name it
 # `section.key`, not part of a path (dico_scale/train.py), a module (dico_scale.train) or a file name (train.py)
 DOTTED = re.compile(r"(?<![\w./-])([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)+)(?![\w/-])")
 FILE_SUFFIX = {"py", "md", "yaml", "json", "jsonl", "pt", "pth", "sh", "db", "tar", "png", "bin", "safetensors"}

@@ -45,7 +45,7 @@ def _args(tmp: Path) -> list[str]:
             f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
             "data.synthetic.n_train=64", "data.synthetic.n_val=0", "data.synthetic.n_test=0",
             "data.synthetic.samples_per_shard=16", "data.samples_per_epoch=32", "data.shuffle_buffer=10",
-            "train.micro_batch_size=2", "train.log_every=1", "generation.beam_size=2", "generation.max_len=4",
+            "train.micro_batch_size=2", "train.log_every=1", "generation.candidates=2", "generation.max_len=4",
             "captioner.image_encoder_weights=", f"train.init_from={tmp}/reference.pt",
             f"evaluator.weights={tmp}/evaluator.pt", f"train.output_dir={tmp}/dico", "train.keep_checkpoints=5"]
 

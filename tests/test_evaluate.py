@@ -38,7 +38,7 @@ def trained(tmp_path_factory):
                  "data.synthetic.n_val=2", "data.synthetic.n_test=7", "data.synthetic.samples_per_shard=4",
                  "data.samples_per_epoch=16", "data.shuffle_buffer=8", "train.max_steps=2", "train.micro_batch_size=4",
                  "train.val_max_images=2", "evaluator.weights=", "captioner.image_encoder_weights=",
-                 f"train.output_dir={tmp}/xe", "generation.max_len=8", "generation.beam_size=3"]
+                 f"train.output_dir={tmp}/xe", "generation.max_len=8", "generation.candidates=3"]
     cmd = [*ranks_cmd("dico_scale/train.py"), "--config", "configs/demo/xe.yaml", *overrides]
     check_ok(subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600))
     (tag,) = (tmp / "xe" / "checkpoints").glob("step_*")
@@ -223,7 +223,7 @@ def test_caption_cli_on_a_folder(trained, exported, tmp_path):
     assert [line.split("\t")[0] for line in lines] == paths
 
     meta = checkpoint_meta(str(trained["model"]))  # the engine's export: same weights, same captions
-    cfg = load_run_config(meta, ["evaluator.weights=", "generation.beam_size=2", "generation.max_len=6"])
+    cfg = load_run_config(meta, ["evaluator.weights=", "generation.candidates=2", "generation.max_len=6"])
     captioner, tok = load_captioner(cfg, meta, torch.device("cpu"))
     pixels = torch.stack([captioner.preprocess(Image.open(p).convert("RGB")) for p in paths])
     assert [line.split("\t", 1)[1] for line in lines] == generate(captioner, tok, pixels, 2, 6)
@@ -236,7 +236,7 @@ def test_bad_input_is_one_line_and_exit_2(trained):
         "checkpoint not found": ["dico_scale.evaluate", "--checkpoint", "/nonexistent/model.pt"],
         "bad shard spec": ["dico_scale.evaluate", "--checkpoint", model, "--shards", "/nonexistent/x-{0..3}.tar"],
         "UnbalancedBraces": ["dico_scale.evaluate", "--checkpoint", model, "--shards", "/tmp/x-{0.."],
-        "generation.beam_sizee": ["dico_scale.evaluate", "--checkpoint", model, "generation.beam_sizee=3"],
+        "generation.candidatese": ["dico_scale.evaluate", "--checkpoint", model, "generation.candidatese=3"],
         "not a checkpoint folder": ["dico_scale.export", "--checkpoint", model, "--out", "/tmp/x.pt"],
         "no such image": ["dico_scale.caption", "--checkpoint", model, "/nonexistent.jpg"],
     }

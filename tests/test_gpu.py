@@ -39,7 +39,7 @@ def test_zero3_on_cuda_fused_head_offload_fp16(tmp_path):
     captioner's forward under ZeRO-3, offloaded parameters and optimizer (DeepSpeedCPUAdam), fp16 with loss
     scaling; generation under gathered weights equals generation with the full weights."""
     cmd = [sys.executable, "tests/distributed/zero3_check.py", str(tmp_path), "gpu", f"data.root={tmp_path}/data",
-           *COMMON, "train.micro_batch_size=4", "generation.beam_size=3", "generation.max_len=8",
+           *COMMON, "train.micro_batch_size=4", "generation.candidates=3", "generation.max_len=8",
            "data.samples_per_epoch=64"]
     env = {**ENV, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": "29533"}

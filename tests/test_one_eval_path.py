@@ -95,7 +95,7 @@ def _config(stage: str, tmp, tiny_shards, extra=()):
     return load_config(str(CONFIGS / f"{stage}.yaml"), [
         "data.synthetic.enabled=false", f"data.train_shards={tiny_shards['train']}",
         f"data.val_shards={tiny_shards['val']}", f"data.test_shards={tiny_shards['test']}", "data.num_workers=0",
-        f"evaluator.weights={tmp}/evaluator.pt", "captioner.image_encoder_weights=", "generation.beam_size=2",
+        f"evaluator.weights={tmp}/evaluator.pt", "captioner.image_encoder_weights=", "generation.candidates=2",
         "generation.max_len=8", "train.micro_batch_size=4", "train.val_max_images=0", "tracking.enabled=false",
         f"train.threads={torch.get_num_threads()}", f"train.output_dir={tmp}/{stage}", *extra])
 

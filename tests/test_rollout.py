@@ -147,7 +147,7 @@ def test_sampled_logprobs_are_the_untempered_policy_s():
                             generator=torch.Generator().manual_seed(3))
     assert (tokens == EOS).any() and (tokens == PAD).any()
     torch.testing.assert_close(scores.double(), closed_form_logprobs(m, bias, tokens), rtol=0, atol=1e-5)
-    rollout = Rollout(GenerationConfig(beam_size=50, max_len=6, strategy="sample"), TOY, kernel="torch")
+    rollout = Rollout(GenerationConfig(candidates=50, max_len=6, strategy="sample"), TOY, kernel="torch")
     with torch.no_grad():
         tf = rollout.sequence_logprobs(m, tokens.flatten(0, 1), bias)
     torch.testing.assert_close(tf.view(2, 50), scores, rtol=0, atol=1e-5)
@@ -226,7 +226,7 @@ def test_real_captioner_kv_cache_sampling_equals_full_forward_and_teacher_forcin
                                     generator=torch.Generator().manual_seed(0))
             ref_tokens, ref_scores = sample_without_cache(m, memory, 5, 6, tok, 0.7, 50,
                                                           torch.Generator().manual_seed(0))
-            rollout = Rollout(GenerationConfig(beam_size=5, max_len=6, strategy="sample"), tok, kernel="torch")
+            rollout = Rollout(GenerationConfig(candidates=5, max_len=6, strategy="sample"), tok, kernel="torch")
             tf = rollout.sequence_logprobs(m, tokens.flatten(0, 1), vt).view(2, 5)
     finally:
         m.train()
@@ -238,7 +238,7 @@ def test_real_captioner_kv_cache_sampling_equals_full_forward_and_teacher_forcin
 
 def test_rollout_beam_is_exactly_beam_search_and_restores_train_mode(captioner, tok):
     m, vt = captioner
-    rollout = Rollout(GenerationConfig(beam_size=3, max_len=5), tok)
+    rollout = Rollout(GenerationConfig(candidates=3, max_len=5), tok)
     got = rollout.candidates(m, vt)
     assert m.training and not m.image_encoder.training  # restored; the frozen tower stays in eval mode
     m.eval()
@@ -253,7 +253,7 @@ def test_rollout_beam_is_exactly_beam_search_and_restores_train_mode(captioner, 
 
 def test_rollout_sample_gives_k_distinct_samples_and_restores_train_mode(captioner, tok):
     m, vt = captioner
-    cfg = GenerationConfig(beam_size=5, max_len=4, strategy="sample", temperature=1.0, top_k=0)
+    cfg = GenerationConfig(candidates=5, max_len=4, strategy="sample", temperature=1.0, top_k=0)
     rollout = Rollout(cfg, tok, generator=torch.Generator().manual_seed(0))
     got = rollout.candidates(m, vt)
     assert m.training and not m.image_encoder.training

@@ -40,7 +40,7 @@ def test_loss_equals_the_per_token_policy_gradient_loss(average):
     """Summed log-probs with token counts give the per-token loss of self-critical.pytorch (every token of a
     candidate weighted by its advantage, summed, divided by the tokens), and its gradients."""
     m, bias = toy(seed=1)
-    rollout = Rollout(GenerationConfig(beam_size=4, max_len=6, strategy="sample"), TOY, kernel="torch",
+    rollout = Rollout(GenerationConfig(candidates=4, max_len=6, strategy="sample"), TOY, kernel="torch",
                       generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         m.table[:, EOS] += 1.0  # candidates of different lengths
@@ -69,7 +69,7 @@ def toy_reward(cand: torch.Tensor) -> torch.Tensor:
 
 def expected_reward(m, bias) -> float:
     """Monte Carlo over 4000 samples per image (a fixed seed: the same draws before and after training)."""
-    rollout = Rollout(GenerationConfig(beam_size=4000, max_len=6, strategy="sample"), TOY,
+    rollout = Rollout(GenerationConfig(candidates=4000, max_len=6, strategy="sample"), TOY,
                       generator=torch.Generator().manual_seed(123))
     return float(toy_reward(rollout.candidates(m, bias)).mean())
 
@@ -81,9 +81,9 @@ def test_toy_policy_expected_reward_rises(baseline):
     torch.manual_seed(0)
     m, bias = toy(seed=7)
     k = 5
-    rollout = Rollout(GenerationConfig(beam_size=k, max_len=6, strategy="sample"), TOY, kernel="torch",
+    rollout = Rollout(GenerationConfig(candidates=k, max_len=6, strategy="sample"), TOY, kernel="torch",
                       generator=torch.Generator().manual_seed(7))
-    greedy = Rollout(GenerationConfig(beam_size=1, max_len=6, strategy="beam"), TOY)
+    greedy = Rollout(GenerationConfig(candidates=1, max_len=6, strategy="beam"), TOY)
     before = expected_reward(m, bias)
     opt = torch.optim.Adam(m.parameters(), lr=0.05)
     for _ in range(200):

@@ -50,7 +50,7 @@ sys.exit(train.main(sys.argv[1:]))
 
 TINY = ["captioner.image_encoder=dico-tiny", "captioner.image_encoder_weights=", "evaluator.weights=",
         "train.init_from=", "captioner.width=32", "captioner.heads=2", "captioner.encoder_layers=1",
-        "captioner.decoder_layers=1", "generation.beam_size=2", "generation.max_len=6", "tracking.enabled=false",
+        "captioner.decoder_layers=1", "generation.candidates=2", "generation.max_len=6", "tracking.enabled=false",
         "train.stage=toy", "train.micro_batch_size=4", "train.log_every=1", "train.val_max_images=4",
         "data.synthetic.n_train=16", "data.synthetic.n_val=4", "data.synthetic.n_test=4",
         "data.synthetic.samples_per_shard=8", "data.samples_per_epoch=16", "data.shuffle_buffer=0"]

@@ -169,7 +169,7 @@ def test_each_format_gives_the_source_features(files, fmt):
 
 TINY_CAPTIONER = ["captioner.image_encoder=dico-tiny", "captioner.image_encoder_weights=", "evaluator.weights=",
                   "captioner.width=64", "captioner.heads=4", "captioner.encoder_layers=1",
-                  "captioner.decoder_layers=1", "generation.beam_size=2", "generation.max_len=6",
+                  "captioner.decoder_layers=1", "generation.candidates=2", "generation.max_len=6",
                   "tracking.enabled=false", "train.init_from="]
 
 
@@ -369,7 +369,7 @@ def test_dico_stage_reward_follows_the_config(clamp, monkeypatch):
     from dico_scale.stages.dico import DicoStage
 
     cfg = load_config(str(REPO / "configs/demo/dico.yaml"), TINY_CAPTIONER + [
-        "generation.beam_size=3", "loss.kernel=torch", f"dico.reward_clamp={str(clamp).lower()}"])
+        "generation.candidates=3", "loss.kernel=torch", f"dico.reward_clamp={str(clamp).lower()}"])
     torch.manual_seed(0)
     stage = DicoStage(cfg, torch.device("cpu"))
     engine = Local(stage.module)

@@ -24,7 +24,7 @@ def zero3(tmp_path_factory, repo):
     common = [f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "data.synthetic.n_train=100",
               "data.synthetic.n_val=6", "data.synthetic.n_test=4", "data.synthetic.samples_per_shard=25",
               "train.log_every=1", "data.samples_per_epoch=32", "data.shuffle_buffer=20", "evaluator.weights=",
-              "captioner.image_encoder_weights=", "train.micro_batch_size=2", "generation.beam_size=3",
+              "captioner.image_encoder_weights=", "train.micro_batch_size=2", "generation.candidates=3",
               "generation.max_len=6", "train.val_max_images=4", "optim.lr=1e-3"]
     cmd = [*ranks_cmd("tests/distributed/zero3_check.py"), str(tmp), "cpu", *common]
     check_ok(subprocess.run(cmd, cwd=repo, env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"},

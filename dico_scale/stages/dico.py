@@ -21,7 +21,7 @@ class DicoStage(CaptionerStage):
     @classmethod
     def check_config(cls, cfg):
         super().check_config(cfg)
-        check(cfg.generation.beam_size >= 2, "generation.beam_size", "dico needs at least 2 candidates per image")
+        check(cfg.generation.candidates >= 2, "generation.candidates", "dico needs at least 2 candidates per image")
         check_placement(cfg.dico.reference_placement, "dico.reference_placement")
 
     @classmethod
@@ -64,7 +64,7 @@ class DicoStage(CaptionerStage):
             self.reference.to(self.device, self.dtype)
 
     def step(self, engine, batch) -> StepOutput:
-        k, rollout = self.cfg.generation.beam_size, self.rollout
+        k, rollout = self.cfg.generation.candidates, self.rollout
         visual_tokens, (candidates,) = self.generate(engine, batch, rollout)
         B = visual_tokens.size(0)
 

@@ -56,11 +56,11 @@ class ScstStage(CaptionerStage):
         s = cfg.scst
         super().__init__(cfg, device, need_evaluator=needs_evaluator(s.reward))
         self.kernel, self.fused = log_prob_path(cfg.loss.kernel, device)
-        sampling = dataclasses.replace(cfg.generation, beam_size=s.candidates, strategy=s.strategy)
+        sampling = dataclasses.replace(cfg.generation, candidates=s.candidates, strategy=s.strategy)
         self.rollout = Rollout(sampling, self.tokenizer, kernel=self.kernel, fused=self.fused)
         self.greedy = None
         if s.baseline == "greedy":  # a beam of one is the greedy caption
-            self.greedy = Rollout(dataclasses.replace(cfg.generation, beam_size=1, strategy="beam"), self.tokenizer)
+            self.greedy = Rollout(dataclasses.replace(cfg.generation, candidates=1, strategy="beam"), self.tokenizer)
         self.reward = build_reward(s.reward, cfg, self.evaluator, clamp=s.reward_clamp)
         if s.disable_dropout:
             disable_dropout(self.module)
