@@ -1,7 +1,8 @@
 """Every Hugging Face captioner row through the real loop on 2 CPU ranks, in one launch of
 tests/distributed/captioners_check.py: xe -> dico -> scst (ZeRO-2) per family (vit-gpt2 and BLIP on
 hf_encoder_decoder, the DiCO reference's layout on dico_ref), dico in bf16, a ZeRO-3 dico run stopped and resumed
-on the same MLflow run; then caption and evaluate on the exports, and the exported transformers folder (hf/)
+on the same MLflow run, a BLIP dico run killed (SIGKILL) and resumed; then caption and
+evaluate on the exports, and the exported transformers folder (hf/)
 generating the captions dico_scale.caption prints."""
 import json
 import math
@@ -11,7 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from helpers import check_ok, ranks_cmd
+from helpers import check_ok, kill_at, ranks_cmd
 from PIL import Image
 
 pytestmark = pytest.mark.distributed
@@ -20,18 +21,21 @@ FAMILIES = ("vit-gpt2", "blip", "dico-ref")
 HF = ("vit-gpt2", "blip")  # the rows whose export has a transformers folder
 
 
+def _common(tmp) -> list[str]:
+    return [f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "data.synthetic.n_train=50",
+            "data.synthetic.n_val=4", "data.synthetic.n_test=4", "data.synthetic.samples_per_shard=25",
+            "train.log_every=1", "data.samples_per_epoch=16", "data.shuffle_buffer=10", "evaluator.weights=",
+            "captioner.image_encoder_weights=", "train.micro_batch_size=2", "generation.candidates=3",
+            "generation.max_len=6", "train.val_max_images=2"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, repo):
     from dico_scale.models.tiny import write
 
     tmp = tmp_path_factory.mktemp("captioners")
     folders = [f"{f}={write(f, str(tmp / 'models' / f), width=16 if f == 'dico-ref' else 32)}" for f in FAMILIES]
-    common = [f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "data.synthetic.n_train=50",
-              "data.synthetic.n_val=4", "data.synthetic.n_test=4", "data.synthetic.samples_per_shard=25",
-              "train.log_every=1", "data.samples_per_epoch=16", "data.shuffle_buffer=10", "evaluator.weights=",
-              "captioner.image_encoder_weights=", "train.micro_batch_size=2", "generation.candidates=3",
-              "generation.max_len=6", "train.val_max_images=2"]
-    cmd = [*ranks_cmd("tests/distributed/captioners_check.py"), str(tmp), *folders, "--", *common]
+    cmd = [*ranks_cmd("tests/distributed/captioners_check.py"), str(tmp), *folders, "--", *_common(tmp)]
     check_ok(subprocess.run(cmd, cwd=repo, env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"},
                             capture_output=True, text=True, timeout=1200))
     return json.loads((tmp / "captioners.json").read_text()), tmp
@@ -51,6 +55,32 @@ def test_zero3_resume_and_bf16_on_an_hf_row(runs):
     assert (tmp / "vit-gpt2_resume" / "checkpoints" / "step_00000002" / "complete").is_file()  # ZeRO-3 tags
     resumed = result["runs"]["vit-gpt2_resume"]
     assert resumed["step"] == 3 and resumed["mlflow_run_id"] == result["resume_first_id"]
+
+
+def test_killed_hf_row_resumes_on_the_same_mlflow_run(runs, repo):
+    """BLIP (hf_encoder_decoder) dico, 2 ranks: SIGKILL (launcher and ranks) after its step-2 checkpoint, then
+    train.resume=auto goes on from the newest complete tag, on the same MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    _, tmp = runs
+    out, db = tmp / "blip_killed", tmp / "killed.db"
+    args = _common(tmp) + [f"tracking.uri=sqlite:///{db}", f"train.output_dir={out}", "train.save_every=1",
+                           "train.keep_checkpoints=5", "train.val_every=0", "captioner.model=hf_encoder_decoder",
+                           f"captioner.hf_path={tmp / 'models' / 'blip'}", f"train.init_from={tmp}/blip_xe/model.pt"]
+    kill_at("configs/demo/dico.yaml", args + ["train.max_steps=1000"],
+            out / "checkpoints" / "step_00000002" / "complete")
+    tags = sorted(p.name for p in (out / "checkpoints").glob("step_*") if (p / "complete").exists())
+    resumed_from = int(tags[-1].split("_")[1])
+    second = check_ok(subprocess.run([*ranks_cmd("dico_scale/train.py"), "--config", "configs/demo/dico.yaml", *args,
+                                      "train.resume=auto", f"train.max_steps={resumed_from + 1}"], cwd=repo,
+                                     env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True,
+                                     timeout=600))
+    assert f"at step {resumed_from}" in second.stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id])
+    assert run.info.status == "FINISHED"
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    assert set(range(1, resumed_from + 2)) <= steps
 
 
 @pytest.mark.parametrize("family", HF)
