@@ -6,8 +6,8 @@
    disposition changes: the handler is reset when it starts the ranks.
 2. Its exit code is the trainer's own (dico_scale/exit_codes.py); plain torchrun reports every rank failure as 1.
    PREEMPTED (3: "preempted, checkpoint saved") wins, so the job is requeued, then DATA_ERROR (4: too much bad
-   data); otherwise the code the failed ranks share (CONFIG_ERROR, 2, when every rank refused the same input), or
-   FAILED.
+   data); otherwise the code the failed ranks share (CONFIG_ERROR, 2, when every rank refused the same input; ranks
+   that torchrun itself stopped with SIGTERM after the first failure do not count), or FAILED.
 
 Usage: exactly torchrun's (python slurm/torchrun.py --nnodes ... script.py args).
 """
@@ -31,5 +31,8 @@ if __name__ == "__main__":
     except ChildFailedError as e:
         print(e.format_msg() if hasattr(e, "format_msg") else str(e), file=sys.stderr, flush=True)
         codes = {f.exitcode for f in e.failures.values()}
-        shared = next(iter(codes)) if len(codes) == 1 and min(codes) > 0 else FAILED  # < 0: killed by a signal
+        # Once a rank fails, torchrun SIGTERMs the others: those codes say nothing of the input (a rank that had not
+        # reached the same check yet). Any other signal (< 0: -9 from the OOM killer, say) is a failure of its own.
+        own = codes - {-signal.SIGTERM}
+        shared = next(iter(own)) if len(own) == 1 and min(own) > 0 else FAILED
         sys.exit(next((c for c in (PREEMPTED, DATA_ERROR) if c in codes), shared))

@@ -160,13 +160,15 @@ def test_one_exit_code_table_for_the_entry_points_scripts_and_docs():
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("codes, launcher_code", [((2, 2), 2), ((1, 3), 3), ((2, 1), 1)])
+@pytest.mark.parametrize("codes, launcher_code", [((2, 2), 2), ((1, 3), 3), ((2, 1), 1), ((None, 2), 2)])
 def test_slurm_torchrun_passes_the_ranks_exit_code_on(tmp_path, codes, launcher_code):
-    """Plain torchrun turns every rank failure into 1; the Slurm launcher's wrapper keeps the trainer's code."""
+    """Plain torchrun turns every rank failure into 1; the Slurm launcher's wrapper keeps the trainer's code. None: a
+    rank still working when the other fails, which torchrun stops with SIGTERM (it does not vote)."""
     from helpers import free_port
 
     script = tmp_path / "exit.py"
-    script.write_text(f"import os, sys\nsys.exit({list(codes)}[int(os.environ['RANK'])])\n")
+    script.write_text(f"import os, sys, time\ncode = {list(codes)}[int(os.environ['RANK'])]\n"
+                      "time.sleep(120) if code is None else sys.exit(code)\n")
     proc = subprocess.run([sys.executable, "slurm/torchrun.py", "--nproc_per_node", "2", "--master_port",
                            str(free_port()), str(script)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == launcher_code, proc.stderr[-2000:]
