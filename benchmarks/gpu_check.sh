@@ -9,28 +9,33 @@
 # 4. benchmarks/dico_step.py: images/s of a whole DiCO step at the COCO model sizes, fused head vs materialised logits.
 # 5. the training GPU tests (tests/test_gpu.py): xe and dico on CUDA in bf16; ZeRO-3 with the fused head inside the
 #    captioner's forward, offloaded parameters and optimizer, fp16 with loss scaling, gathered generation.
+# Each part runs under its own time limit (seconds; a lease is short, and a hung part must not cost the others):
+#   GPU_CHECK_LIMITS="tests bench step train", default "90 150 100 230" (about 10 minutes in all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+read -r T_TESTS T_BENCH T_STEP T_TRAIN <<<"${GPU_CHECK_LIMITS:-90 150 100 230}"
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
-python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+# Not editable: setuptools' develop re-invokes pip with build isolation, which needs a registry.
+python3 -m pip install -q --no-deps --no-build-isolation . || exit 1
 if ls benchmarks/wheels/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-deps --no-index --upgrade benchmarks/wheels/*.whl || echo "wheels failed to install"
 else
     echo "no wheels in benchmarks/wheels (make bench-wheels): peers skipped, training tests fail to import"
 fi
+# -P: the repository's dico_scale/ (without kernels/src mapped in) must not shadow the installed package.
 # --noconftest: tests/conftest.py imports open_clip for the model tests, which this image lacks.
-python3 -m pytest -q --noconftest -p no:cacheprovider -m gpu tests/test_gpu_kernels.py tests/test_kernel_dico_loss.py \
+timeout -k 5 $T_TESTS python3 -P -m pytest -q --noconftest -p no:cacheprovider -m gpu tests/test_gpu_kernels.py tests/test_kernel_dico_loss.py \
     2>&1 | tee "$OUT/gpu_tests.txt"
 tests_rc=${PIPESTATUS[0]}
-python3 benchmarks/kernel_bench.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.md"
+timeout -k 5 $T_BENCH python3 benchmarks/kernel_bench.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.md"
 bench_rc=${PIPESTATUS[0]}
-python3 benchmarks/dico_step.py --json "$OUT/dico_step.json" 2>&1 | tee "$OUT/dico_step.md"
+timeout -k 5 $T_STEP python3 benchmarks/dico_step.py --json "$OUT/dico_step.json" 2>&1 | tee "$OUT/dico_step.md"
 step_rc=${PIPESTATUS[0]}
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_training.txt"
+timeout -k 5 $T_TRAIN python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_training.txt"
 train_rc=${PIPESTATUS[0]}
 echo "gpu tests rc=$tests_rc kernel benchmark rc=$bench_rc step benchmark rc=$step_rc training tests rc=$train_rc"
 exit $(( tests_rc || bench_rc || step_rc || train_rc ))
