@@ -73,7 +73,9 @@ def make_cce():
     def cce(h, W, labels, mask):
         nll = linear_cross_entropy(h, W, labels.masked_fill(mask == 0, IGNORE), ignore_index=IGNORE,
                                    reduction="none")
-        return -nll.float().sum(-1)
+        # times mask: the gradient reaching CCE is then a dense tensor (sum's is an expanded view, which CCE's
+        # backward cannot .view: 'view size is not compatible' on the H200, 2026-12-04)
+        return -(nll.float() * mask).sum(-1)
     return cce
 
 

@@ -135,6 +135,28 @@ def test_dispatch_picks_the_reference_on_cpu_and_checks_the_kernel_name(monkeypa
         kernels.use_triton("triton", x)
 
 
+def test_fused_head_auto_keeps_gradients_on_the_torch_head(monkeypatch):
+    """The fused head's backward failed its H200 check: under "auto" it runs only where no gradient flows."""
+    use = kernels.fused_head_uses_triton
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert use("auto", is_cuda=True, needs_grad=False) and not use("auto", is_cuda=True, needs_grad=True)
+    assert not use("auto", is_cuda=False, needs_grad=False) and not use("torch", is_cuda=True, needs_grad=False)
+    assert use("triton", is_cuda=True, needs_grad=True)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        use("triton", is_cuda=False, needs_grad=True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert use("triton", is_cuda=False, needs_grad=True)
+    calls = []  # on CPU tensors: the interpreted kernel under "triton", the torch head under "auto" and "torch"
+    monkeypatch.setattr(kernels.reference, "fused_linear_sequence_logprobs", lambda *a: calls.append("torch"))
+    h, w = torch.randn(2, 3, 8, requires_grad=True), torch.randn(16, 8)
+    labels, mask = torch.randint(16, (2, 3)), torch.ones(2, 3)
+    kernels.fused_linear_sequence_logprobs(h, w, labels, mask, kernel="auto")
+    kernels.fused_linear_sequence_logprobs(h, w, labels, mask, kernel="torch")
+    assert calls == ["torch", "torch"]
+    out = kernels.fused_linear_sequence_logprobs(h, w, labels, mask, kernel="triton")
+    assert calls == ["torch", "torch"] and out.shape == (2,) and out.grad_fn is not None
+
+
 @pytest.mark.parametrize("k", [2, 3, 5, 8])
 @pytest.mark.parametrize("B", [1, 4, 17])
 def test_dico_loss_random(k, B):

@@ -116,8 +116,10 @@ class CaptionerModel(nn.Module):
         if bias is not None:  # a biased head as one more input column: [h, 1] @ [W, b]^T
             hidden = torch.cat([hidden, hidden.new_ones(*hidden.shape[:-1], 1)], dim=-1)
             weight = torch.cat([weight, bias[:, None].to(weight.dtype)], dim=1)
-        # fused: the Triton head kernel; otherwise the torch head in chunks of tokens. Neither holds [N, T, V].
-        return fused_linear_sequence_logprobs(hidden, weight, labels, mask, kernel="triton" if fused else "torch")
+        # fused: the Triton head kernel (under "auto" for gradient-free calls only, see fused_head_uses_triton);
+        # otherwise the torch head in chunks of tokens. Neither holds [N, T, V].
+        return fused_linear_sequence_logprobs(hidden, weight, labels, mask,
+                                              kernel=("triton" if kernel == "triton" else "auto") if fused else "torch")
 
 
 def disable_dropout(model: nn.Module) -> None:

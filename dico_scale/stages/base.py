@@ -5,6 +5,7 @@ loss through DeepSpeed and logs what comes back.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -159,4 +160,7 @@ def log_prob_path(kernel: str, device: torch.device) -> tuple[str, bool]:
     fused Triton kernel, which never materialises the [B*k, T, V] logits (the torch path does, as the DiCO code)."""
     if kernel == "triton" and device.type != "cuda" and not interpreting():
         raise ConfigError("loss.kernel=triton needs CUDA (or TRITON_INTERPRET=1 to interpret the kernels on the CPU)")
+    if kernel == "triton" and device.type == "cuda":
+        print("dico_scale: warning: loss.kernel=triton trains through the fused head's backward, which failed its H200 "
+              "check (docs/kernels.md); loss.kernel=auto keeps it to gradient-free calls", file=sys.stderr, flush=True)
     return kernel, kernel == "triton" or (kernel == "auto" and device.type == "cuda")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import Tensor
 
 from . import reference
@@ -37,11 +38,26 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor, kernel: str 
     return reference.sequence_logprobs(logits, labels, mask)
 
 
+def fused_head_uses_triton(kernel: str, is_cuda: bool, needs_grad: bool) -> bool:
+    """Whether fused_linear_sequence_logprobs runs the Triton kernel. "auto" runs it on CUDA for gradient-free calls
+    only (the reference model, generation scoring): on an H200 (BENCHMARKS.md, 2026-12-04) its forward matched float64
+    to 1e-6 but its backward's dhidden missed the softmax term (6-9% error against a 3e-3 bf16 floor), and the
+    chunked torch head was as fast in a whole DiCO step. "triton" runs it regardless; "torch" never."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    if kernel == "auto":
+        return is_cuda and not needs_grad
+    if kernel == "triton" and not is_cuda and not interpreting():
+        raise ValueError("kernel='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to interpret on the CPU)")
+    return kernel == "triton"
+
+
 def fused_linear_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor,
                                    kernel: str = "auto") -> Tensor:
     """The same from decoder states hidden [N, T, H] and the output head weight [V, H]; the Triton kernel never
-    materialises the [N*T, V] logits."""
-    if use_triton(kernel, hidden):
+    materialises the [N*T, V] logits, nor does the torch head (it runs in chunks of tokens)."""
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if fused_head_uses_triton(kernel, hidden.is_cuda, needs_grad):
         from .fused_linear import fused_linear_sequence_logprobs_triton
         return fused_linear_sequence_logprobs_triton(hidden, weight, labels, mask)
     return reference.fused_linear_sequence_logprobs(hidden, weight, labels, mask)
@@ -57,4 +73,4 @@ def dico_loss(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, beta: fl
 
 
 __all__ = ["KERNELS", "sequence_logprobs", "fused_linear_sequence_logprobs", "dico_loss", "use_triton",
-           "interpreting"]
+           "fused_head_uses_triton", "interpreting"]

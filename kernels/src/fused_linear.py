@@ -24,6 +24,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEDUP_MIN_ROWS = 4096
 # fp32 accumulator for one vocabulary chunk of dW; bounds the backward's extra memory.
 DW_CHUNK_BYTES = 32 << 20
+# Half-precision tiles in fp32 (tf32 dots), as the interpreter must: on a GPU, a diagnostic that tells the bf16 operand
+# path's faults from the algorithm's (tests/test_gpu_kernels.py runs both).
+UPCAST_HALF = False
 # Blocks the interpreter runs with (autotune with several configs fails there).
 _INTERP_META = dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=32)
 
@@ -219,7 +222,7 @@ def _num_splits(U: int, V: int, device: torch.device) -> int:
 
 
 def _flags(x: Tensor) -> dict:
-    return dict(UPCAST=INTERPRET and x.dtype != torch.float32,
+    return dict(UPCAST=(INTERPRET or UPCAST_HALF) and x.dtype != torch.float32,
                 PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
 
 
