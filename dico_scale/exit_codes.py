@@ -3,6 +3,7 @@ follow. `python -m dico_scale.exit_codes` prints it as shell assignments (`eval 
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 OK = 0
 FAILED = 1  # an unexpected error (a traceback on stderr)
@@ -13,6 +14,22 @@ INTERRUPTED = 130  # Ctrl-C twice (no checkpoint), or once outside the training 
 
 TABLE = {"OK": OK, "FAILED": FAILED, "CONFIG_ERROR": CONFIG_ERROR, "PREEMPTED": PREEMPTED, "DATA_ERROR": DATA_ERROR,
          "INTERRUPTED": INTERRUPTED}
+
+
+def leave(code: int | None) -> NoReturn:
+    """Exit with `code` once the atexit handlers have run (the tracker's sender, logging, worker processes) and the
+    output is flushed, without the interpreter's teardown of torch, DeepSpeed and their extension modules: ~3 s per
+    process on the 2-core machines, to free memory the OS frees anyway. For entry points that closed what they wrote."""
+    import atexit
+    import os
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said there
+            pass
+    os._exit(OK if code is None else int(code))
 
 
 def shell() -> str:

@@ -159,6 +159,20 @@ def test_one_exit_code_table_for_the_entry_points_scripts_and_docs():
     assert {v: int(k) for k, v in rows.items()} == exit_codes.TABLE
 
 
+def test_leave_runs_the_atexit_handlers_flushes_and_keeps_the_code(tmp_path):
+    """The entry points end with exit_codes.leave (no interpreter teardown): what atexit handlers write (the tracker's
+    sender), buffered output and the exit code must all survive it."""
+    marker = tmp_path / "atexit.txt"
+    script = ("import atexit, sys\nfrom dico_scale.exit_codes import leave\n"
+              f"atexit.register(lambda: open({str(marker)!r}, 'w').write('sent'))\n"
+              "sys.stdout.write('buffered, no newline'); sys.stderr.write('err')\nleave(3)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "buffered, no newline", "err")
+    assert marker.read_text() == "sent"
+    none = subprocess.run([sys.executable, "-c", "from dico_scale.exit_codes import leave; leave(None)"], cwd=REPO)
+    assert none.returncode == 0
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("codes, launcher_code", [((2, 2), 2), ((1, 3), 3), ((2, 1), 1), ((None, 2), 2)])
 def test_slurm_torchrun_passes_the_ranks_exit_code_on(tmp_path, codes, launcher_code):
