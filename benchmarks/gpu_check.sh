@@ -6,9 +6,10 @@
 #    wheels (benchmarks/fetch_wheels.sh fetches them beforehand on a machine with a registry);
 # 2. the kernels' GPU tests (marker gpu): float64 agreement, poisoned outputs, CUDA-graph capture;
 # 3. benchmarks/kernel_bench.py: ours vs naive fp32, half log_softmax, torch.compile, Liger, Cut Cross-Entropy;
-# 4. benchmarks/dico_step.py: images/s of a whole DiCO step at the COCO model sizes, fused head vs materialised logits.
-# 5. the training GPU tests (tests/test_gpu.py): xe and dico on CUDA in bf16; ZeRO-3 with the fused head inside the
-#    captioner's forward, offloaded parameters and optimizer, fp16 with loss scaling, gathered generation.
+# 4. benchmarks/dico_step.py: images/s of a whole DiCO step at the COCO model sizes, loss.kernel auto vs torch.
+# 5. the training GPU tests (tests/test_gpu.py): xe and dico on CUDA in bf16; ZeRO-3 with the fused head (the
+#    reference's gradient-free log-probs) inside the captioner's forward, offloaded parameters and optimizer, fp16
+#    with loss scaling, gathered generation.
 # Each part runs under its own time limit (seconds; a lease is short, and a hung part must not cost the others):
 #   GPU_CHECK_LIMITS="tests bench step train", default "170 130 80 180" (about 10 minutes in all).
 set -uo pipefail

@@ -36,7 +36,8 @@ def test_xe_then_dico_on_cuda_bf16(tmp_path):
 
 def test_zero3_on_cuda_fused_head_offload_fp16(tmp_path):
     """tests/distributed/zero3_check.py in gpu mode: bf16 (the GPU default), the fused Triton head inside the
-    captioner's forward under ZeRO-3, offloaded parameters and optimizer (DeepSpeedCPUAdam), fp16 with loss
+    captioner's forward under ZeRO-3 (the reference's gradient-free log-probs; loss.kernel=auto trains through the
+    torch head), offloaded parameters and optimizer (DeepSpeedCPUAdam), fp16 with loss
     scaling; generation under gathered weights equals generation with the full weights."""
     cmd = [sys.executable, "tests/distributed/zero3_check.py", str(tmp_path), "gpu", f"data.root={tmp_path}/data",
            *COMMON, "train.micro_batch_size=4", "generation.candidates=3", "generation.max_len=8",
