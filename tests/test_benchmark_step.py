@@ -15,3 +15,20 @@ def test_dico_step_benchmark_smoke(repo, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 1 and rows[0]["images_per_s"] > 0 and rows[0]["candidate_tokens_per_step"] > 0
     assert 0 < rows[0]["median_reward_s"] < rows[0]["median_step_s"]
+
+
+def test_dico_ranks_benchmark_smoke(repo, tmp_path):
+    """benchmarks/dico_ranks.py: the real trainer, one process here (the 2-rank numbers are in BENCHMARKS.md), its
+    images/s read back from the run's MLflow store."""
+    out = tmp_path / "ranks.json"
+    cmd = [sys.executable, "benchmarks/dico_ranks.py", "--captioners", "builtin", "--ranks", "1", "--batch", "2",
+           "--steps", "3", "--warmup", "1", "--rounds", "1", "--workdir", str(tmp_path / "w"), "--json", str(out),
+           "generation.candidates=2", "generation.max_len=4", "train.val_max_images=2"]
+    p = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "| builtin | " in p.stdout and "| 1.00x |" in p.stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["captioner"] == "builtin" and row["images_per_s"] > 0 and len(row["per_round"]) == 1
+    bad = subprocess.run([sys.executable, "benchmarks/dico_ranks.py", "--steps", "2", "--warmup", "2"], cwd=repo,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--steps 2 must be more than --warmup 2" in bad.stderr

@@ -24,6 +24,7 @@ def test_demo_runs_all_stages_and_prints_the_table(tmp_path):
     assert tail[0].startswith("DiCO ") and "Where to look next" in tail[2], "\n".join(tail)
     assert "mlflow ui --backend-store-uri sqlite:///runs/demo/mlflow.db" in tail[-4]
     assert "FutureWarning" not in proc.stderr + proc.stdout
+    assert "attention_mask" not in proc.stderr + proc.stdout  # transformers' padding false alarm (builtin decoder)
     assert proc.stdout.count("[INFO] [launch.py") == 0  # the launcher's own lines are not for a person
     summary = json.loads((tmp_path / "runs" / "demo" / "summary.json").read_text())
     for name in ("XE", "DiCO"):

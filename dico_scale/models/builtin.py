@@ -38,8 +38,9 @@ class Captioner(CaptionerModel):
         self.decoder = GPT2Model(GPT2Config(
             vocab_size=tokenizer.vocab_size, n_positions=cfg.max_positions, n_embd=cfg.width, n_layer=cfg.decoder_layers,
             n_head=cfg.heads, add_cross_attention=True, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-            attn_pdrop=cfg.dropout, bos_token_id=tokenizer.bos, eos_token_id=tokenizer.eos,
-            pad_token_id=tokenizer.pad))
+            attn_pdrop=cfg.dropout, bos_token_id=tokenizer.bos, eos_token_id=tokenizer.eos))
+        # No pad_token_id: padding only ever follows EOS in this causal decoder, so no scored token attends to it, and
+        # GPT2Model, seeing pad ids without an attention mask, would print a false alarm in every run.
         self.gradient_checkpointing = cfg.gradient_checkpointing
         if self.gradient_checkpointing:
             # non-reentrant: works with ZeRO-3's hooks and with inputs that need no grad (a frozen tower's tokens)

@@ -1,0 +1,91 @@
+"""DiCO training throughput per captioner row on CPU ranks, through the real trainer: dico_scale/train.py under the
+deepspeed launcher (ZeRO-2 over gloo), random weights, the demo's synthetic data. The rows run in turn, `--rounds`
+times over, so that load from other processes falls on all of them alike; images/s is the run's own
+`train/images_per_s` (all ranks' images over the wall time between two log points), read back from its MLflow store,
+after `--warmup` logged steps. benchmarks/dico_step.py splits one process's step into phases; this is the whole step
+with the ranks' communication in it.
+
+    python benchmarks/dico_ranks.py --captioners builtin,vit-gpt2,blip,dico_ref --ranks 2 --steps 8 --rounds 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+from dico_scale.demo import captioner_overrides
+from dico_scale.launch import train_stage
+
+
+def row_overrides(workdir: str, captioner: str, ranks: int, batch: int, steps: int, name: str) -> list[str]:
+    """One row's run: every step logged, no validation, no checkpoint, its own output folder."""
+    return [f"data.root={workdir}/data", f"tracking.uri=sqlite:///{workdir}/mlflow.db", f"tracking.run_name={name}",
+            "data.synthetic.n_train=200", "data.synthetic.n_val=8", "data.synthetic.n_test=8",
+            "data.synthetic.samples_per_shard=50", f"data.samples_per_epoch={max(64, 2 * ranks * batch * steps)}",
+            "train.init_from=", "evaluator.weights=", "captioner.image_encoder_weights=",
+            f"train.micro_batch_size={batch}", f"train.max_steps={steps}", "train.log_every=1", "train.val_every=0",
+            f"train.save_every={steps + 1}", f"train.output_dir={workdir}/runs/{name}",
+            *captioner_overrides(captioner, f"{workdir}/models", vocab_size=49409)]
+
+
+def images_per_s(db: str, run_name: str, warmup: int) -> list[float]:
+    """train/images_per_s of each logged step after the first `warmup`, from the run named run_name."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"attributes.run_name = '{run_name}'")
+    if len(runs) != 1:
+        raise SystemExit(f"dico_ranks: expected one run named {run_name} in {db}, found {len(runs)}")
+    history = sorted(client.get_metric_history(runs[0].info.run_id, "train/images_per_s"), key=lambda m: m.step)
+    return [m.value for m in history if m.step > warmup]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--captioners", default="builtin,vit-gpt2", help="comma-separated dico_scale.demo --captioner names")
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--batch", type=int, default=8, help="images per rank and step (x generation.candidates)")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2, help="logged steps left out of the median")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--workdir", help="default: a temporary folder")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("overrides", nargs="*", help="config key=value overrides for every run")
+    a = p.parse_args(argv)
+    if a.steps <= a.warmup:
+        p.error(f"--steps {a.steps} must be more than --warmup {a.warmup}")
+    workdir = os.path.abspath(a.workdir or tempfile.mkdtemp(prefix="dico_ranks-"))
+    rows = a.captioners.split(",")
+    per_round: dict[str, list[float]] = {c: [] for c in rows}
+    samples: dict[str, list[float]] = {c: [] for c in rows}
+    for r in range(a.rounds):
+        for c in rows:
+            name = f"{c}-round{r}"
+            train_stage("dico", a.ranks, row_overrides(workdir, c, a.ranks, a.batch, a.steps, name) + a.overrides,
+                        prog="dico_ranks", name=name)
+            values = images_per_s(f"{workdir}/mlflow.db", name, a.warmup)
+            samples[c] += values
+            per_round[c].append(statistics.median(values))
+    base = statistics.median(samples[rows[0]])
+    print(f"\n{a.ranks} CPU ranks, {a.batch} images per rank and step, {a.steps - a.warmup} steps timed after "
+          f"{a.warmup} in each of {a.rounds} rounds, rows in turn; workdir {workdir}")
+    print(f"| captioner | images/s (median of all timed steps) | per round | vs {rows[0]} |")
+    print("|---|---|---|---|")
+    result = []
+    for c in rows:
+        med = statistics.median(samples[c])
+        result.append({"captioner": c, "images_per_s": med, "per_round": per_round[c], "vs_first": med / base})
+        print(f"| {c} | {med:.2f} | {', '.join(f'{v:.2f}' for v in per_round[c])} | {med / base:.2f}x |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"ranks": a.ranks, "batch": a.batch, "steps": a.steps, "warmup": a.warmup,
+                       "rounds": a.rounds, "rows": result}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
