@@ -31,8 +31,12 @@ def row_overrides(workdir: str, captioner: str, ranks: int, batch: int, steps: i
             *captioner_overrides(captioner, f"{workdir}/models", vocab_size=49409)]
 
 
-def images_per_s(db: str, run_name: str, warmup: int) -> list[float]:
-    """train/images_per_s of each logged step after the first `warmup`, from the run named run_name."""
+PHASES = ("generate", "reward", "policy", "reference", "backward")  # the trainer's time/<phase>_s metrics
+
+
+def logged(db: str, run_name: str, warmup: int) -> dict[str, list[float]]:
+    """train/images_per_s and the phases' seconds of each logged step after the first `warmup`, from the run named
+    run_name (means over the ranks, as the trainer logs them)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
@@ -40,8 +44,11 @@ def images_per_s(db: str, run_name: str, warmup: int) -> list[float]:
                               filter_string=f"attributes.run_name = '{run_name}'")
     if len(runs) != 1:
         raise SystemExit(f"dico_ranks: expected one run named {run_name} in {db}, found {len(runs)}")
-    history = sorted(client.get_metric_history(runs[0].info.run_id, "train/images_per_s"), key=lambda m: m.step)
-    return [m.value for m in history if m.step > warmup]
+    out = {}
+    for key in ("train/images_per_s", *(f"time/{p}_s" for p in PHASES)):
+        history = sorted(client.get_metric_history(runs[0].info.run_id, key), key=lambda m: m.step)
+        out[key] = [m.value for m in history if m.step > warmup]
+    return out
 
 
 def main(argv=None) -> int:
@@ -61,25 +68,31 @@ def main(argv=None) -> int:
     workdir = os.path.abspath(a.workdir or tempfile.mkdtemp(prefix="dico_ranks-"))
     rows = a.captioners.split(",")
     per_round: dict[str, list[float]] = {c: [] for c in rows}
-    samples: dict[str, list[float]] = {c: [] for c in rows}
+    samples: dict[str, dict[str, list[float]]] = {c: {} for c in rows}
     for r in range(a.rounds):
         for c in rows:
             name = f"{c}-round{r}"
             train_stage("dico", a.ranks, row_overrides(workdir, c, a.ranks, a.batch, a.steps, name) + a.overrides,
                         prog="dico_ranks", name=name)
-            values = images_per_s(f"{workdir}/mlflow.db", name, a.warmup)
-            samples[c] += values
-            per_round[c].append(statistics.median(values))
-    base = statistics.median(samples[rows[0]])
+            for key, values in logged(f"{workdir}/mlflow.db", name, a.warmup).items():
+                samples[c].setdefault(key, []).extend(values)
+                if key == "train/images_per_s":
+                    per_round[c].append(statistics.median(values))
+    base = statistics.median(samples[rows[0]]["train/images_per_s"])
     print(f"\n{a.ranks} CPU ranks, {a.batch} images per rank and step, {a.steps - a.warmup} steps timed after "
-          f"{a.warmup} in each of {a.rounds} rounds, rows in turn; workdir {workdir}")
-    print(f"| captioner | images/s (median of all timed steps) | per round | vs {rows[0]} |")
-    print("|---|---|---|---|")
+          f"{a.warmup} in each of {a.rounds} rounds, rows in turn; workdir {workdir}. Phase shares: of the phases' "
+          "median seconds summed (the rest of a step is the loss, data and logging)")
+    print(f"| captioner | images/s (median of all timed steps) | per round | vs {rows[0]} | phase shares |")
+    print("|---|---|---|---|---|")
     result = []
     for c in rows:
-        med = statistics.median(samples[c])
-        result.append({"captioner": c, "images_per_s": med, "per_round": per_round[c], "vs_first": med / base})
-        print(f"| {c} | {med:.2f} | {', '.join(f'{v:.2f}' for v in per_round[c])} | {med / base:.2f}x |")
+        med = statistics.median(samples[c]["train/images_per_s"])
+        seconds = {p: statistics.median(samples[c][f"time/{p}_s"]) for p in PHASES}
+        shares = {p: v / sum(seconds.values()) for p, v in seconds.items()}
+        result.append({"captioner": c, "images_per_s": med, "per_round": per_round[c], "vs_first": med / base,
+                       "phase_seconds": seconds, "phase_shares": shares})
+        print(f"| {c} | {med:.2f} | {', '.join(f'{v:.2f}' for v in per_round[c])} | {med / base:.2f}x | "
+              + ", ".join(f"{p} {v:.0%}" for p, v in shares.items()) + " |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"ranks": a.ranks, "batch": a.batch, "steps": a.steps, "warmup": a.warmup,

@@ -216,9 +216,13 @@ def _train(cfg: Config, stage, engine, tracker, make_train_loader, make_val_load
                 continue
             consecutive_bad = 0
             lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on inside engine.step)
+            tick = time.perf_counter()
             engine.backward(out.loss)
             engine.step()
-            window.add(out.loss.detach(), out.metrics, out.images, out.tokens)
+            if device.type == "cuda":  # the clock must not stop before the GPU does
+                torch.cuda.synchronize(device)
+            step_metrics = {**out.metrics, "time/backward_s": time.perf_counter() - tick}  # + the optimizer step
+            window.add(out.loss.detach(), step_metrics, out.images, out.tokens)
             state.samples_seen += out.images * dist.get_world_size()
             if engine.global_steps == step:  # inside a gradient-accumulation window
                 continue

@@ -26,9 +26,12 @@ def test_dico_ranks_benchmark_smoke(repo, tmp_path):
            "generation.candidates=2", "generation.max_len=4", "train.val_max_images=2"]
     p = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "| builtin | " in p.stdout and "| 1.00x |" in p.stdout
+    assert "| builtin | " in p.stdout and "| 1.00x | generate " in p.stdout
     (row,) = json.loads(out.read_text())["rows"]
     assert row["captioner"] == "builtin" and row["images_per_s"] > 0 and len(row["per_round"]) == 1
+    # the trainer's phase clock, logged by every step and read back from MLflow
+    assert set(row["phase_seconds"]) == {"generate", "reward", "policy", "reference", "backward"}
+    assert all(v > 0 for v in row["phase_seconds"].values()) and abs(sum(row["phase_shares"].values()) - 1) < 1e-9
     bad = subprocess.run([sys.executable, "benchmarks/dico_ranks.py", "--steps", "2", "--warmup", "2"], cwd=repo,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--steps 2 must be more than --warmup 2" in bad.stderr

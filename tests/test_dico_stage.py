@@ -38,6 +38,8 @@ def test_fused_triton_path_matches_the_torch_path():
     ref_stage, ref, ref_grads = _step("torch", pixels)
     tri_stage, tri, tri_grads = _step("triton", pixels)
     assert not ref_stage.fused and tri_stage.fused
+    phases = {f"time/{p}_s" for p in ("generate", "reward", "policy", "reference")}  # the step's own clock
+    assert phases <= ref.metrics.keys() and all(ref.metrics[k] > 0 for k in phases)
     torch.testing.assert_close(tri.loss, ref.loss, rtol=1e-5, atol=1e-6)
     for key in ("rewards/margin", "logps/chosen", "logps/rejected", "score/winner"):
         torch.testing.assert_close(torch.as_tensor(tri.metrics[key]), torch.as_tensor(ref.metrics[key]),

@@ -198,6 +198,9 @@ def test_scst_step_on_a_tiny_captioner_with_a_mixed_reward_and_greedy_baseline(t
     assert torch.isfinite(out.loss) and out.images == 2 and out.tokens > 0
     assert {"scst/reward", "scst/advantage_std", "scst/candidate_len", "scst/greedy_reward", "scst/reward_s"} <= set(
         out.metrics)
+    phases = {"time/generate_s", "time/reward_s", "time/policy_s"}
+    assert phases <= out.metrics.keys() and all(out.metrics[k] > 0 for k in phases)
+    assert out.metrics["scst/reward_s"] == out.metrics["time/reward_s"]
     grads = [p.grad for n, p in stage.module.named_parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
     assert all(not p.requires_grad for p in stage.module.image_encoder.parameters())

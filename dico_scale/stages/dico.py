@@ -11,7 +11,7 @@ from ..models import build_captioner
 from ..models.captioner import CaptionerModel, disable_dropout
 from ..rewards import build_reward
 from ..rollout import Rollout
-from .base import CaptionerStage, StepOutput, log_prob_path
+from .base import CaptionerStage, PhaseClock, StepOutput, log_prob_path
 
 
 class DicoStage(CaptionerStage):
@@ -64,17 +64,19 @@ class DicoStage(CaptionerStage):
             self.reference.to(self.device, self.dtype)
 
     def step(self, engine, batch) -> StepOutput:
-        k, rollout = self.cfg.generation.candidates, self.rollout
-        visual_tokens, (candidates,) = self.generate(engine, batch, rollout)
+        k, rollout, clock = self.cfg.generation.candidates, self.rollout, PhaseClock(self.device)
+        with clock("generate"):
+            visual_tokens, (candidates,) = self.generate(engine, batch, rollout)
         B = visual_tokens.size(0)
-
-        rewards = self.score_candidates(batch, candidates)
+        with clock("reward"):
+            rewards = self.score_candidates(batch, candidates)
 
         mask = rollout.mask(candidates)
-        policy_logps = rollout.sequence_logprobs(engine, candidates, visual_tokens).view(B, k)
-        with torch.no_grad():  # the reference's forward-only path saves nothing
+        with clock("policy"):
+            policy_logps = rollout.sequence_logprobs(engine, candidates, visual_tokens).view(B, k)
+        with clock("reference"), torch.no_grad():  # the reference's forward-only path saves nothing
             ref_logps = rollout.sequence_logprobs(self.reference_engine, candidates, visual_tokens).view(B, k)
         loss, metrics = dico_loss(policy_logps, ref_logps, rewards, beta=self.cfg.dico.beta, tau=self.cfg.dico.tau,
                                   kernel=self.kernel)
         metrics["dico/candidate_len"] = mask.sum(-1).float().mean()
-        return StepOutput(loss, metrics, images=B, tokens=int(mask.sum()))
+        return StepOutput(loss, {**metrics, **clock.seconds}, images=B, tokens=int(mask.sum()))

@@ -8,7 +8,6 @@ the reward of the greedy caption (classic SCST); loss = -(r - b) * log pi(candid
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import torch
 
@@ -16,7 +15,7 @@ from ..config import check
 from ..models.captioner import disable_dropout
 from ..rewards import build_reward, needs_evaluator
 from ..rollout import Rollout
-from .base import CaptionerStage, StepOutput, log_prob_path
+from .base import CaptionerStage, PhaseClock, StepOutput, log_prob_path
 
 
 def advantages(rewards: torch.Tensor, greedy: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,19 +65,21 @@ class ScstStage(CaptionerStage):
             disable_dropout(self.module)
 
     def step(self, engine, batch) -> StepOutput:
-        s, rollout = self.cfg.scst, self.rollout
-        visual_tokens, generated = self.generate(engine, batch, rollout, *([self.greedy] if self.greedy else []))
+        s, rollout, clock = self.cfg.scst, self.rollout, PhaseClock(self.device)
+        with clock("generate"):
+            visual_tokens, generated = self.generate(engine, batch, rollout, *([self.greedy] if self.greedy else []))
         candidates, greedy_caption = generated[0], (generated[1] if self.greedy else None)
         B = visual_tokens.size(0)
 
-        start = time.perf_counter()  # the reward's own cost (CIDEr-D must stay well under a step)
-        rewards = self.score_candidates(batch, candidates)
-        greedy = self.score_candidates(batch, greedy_caption) if self.greedy else None
-        reward_s = time.perf_counter() - start
+        with clock("reward"):  # the reward's own cost (CIDEr-D must stay well under a step)
+            rewards = self.score_candidates(batch, candidates)
+            greedy = self.score_candidates(batch, greedy_caption) if self.greedy else None
+        reward_s = clock.seconds["time/reward_s"]
         adv = advantages(rewards, greedy)
 
         lengths = rollout.mask(candidates).sum(-1).view(B, s.candidates)
-        logps = rollout.sequence_logprobs(engine, candidates, visual_tokens).view(B, s.candidates)
+        with clock("policy"):
+            logps = rollout.sequence_logprobs(engine, candidates, visual_tokens).view(B, s.candidates)
         loss = scst_loss(logps, adv.to(logps.dtype), lengths, s.average)
         metrics = {"scst/reward": rewards.mean(), "scst/reward_max": rewards.max(1).values.mean(),
                    "scst/advantage_std": adv.std() if adv.numel() > 1 else 0.0,
@@ -86,4 +87,4 @@ class ScstStage(CaptionerStage):
                    "scst/reward_s": reward_s}
         if greedy is not None:
             metrics["scst/greedy_reward"] = greedy.mean()
-        return StepOutput(loss, metrics, images=B, tokens=int(lengths.sum()))
+        return StepOutput(loss, {**metrics, **clock.seconds}, images=B, tokens=int(lengths.sum()))
