@@ -98,16 +98,10 @@ def check_fused(hidden, weight, labels, mask, grad_out, dedup):
     return out
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_fused_linear_against_float64(shape, dtype):
-    for seed in (0, 1):  # fresh inputs each check; the second run also reuses the tuned configs
-        check_fused(*batch(*shape, dtype, seed=hash((shape, seed)) % 2**31), dedup="auto")
-
-
+# First: the check that localises the dhidden fault the H200 showed (a cut run still reports it).
 @pytest.mark.parametrize("chunks", ["one dW chunk", "13 dW chunks"])
-@pytest.mark.parametrize("upcast", [False, True], ids=["bf16 tiles", "fp32 tiles"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("upcast", [False, True], ids=["input-dtype tiles", "fp32 tiles"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_fused_linear_peaked_softmax(dtype, upcast, chunks, monkeypatch):
     """Logits of std ~3: the softmax term of dhidden (sum_v p_v W_v) is ~40% of it, not ~1% as at std 1, so a
     backward that drops or doubles it fails here (the H200 benchmark of 2026-12-04 saw 6-9% dhidden errors). Which
@@ -118,6 +112,13 @@ def test_fused_linear_peaked_softmax(dtype, upcast, chunks, monkeypatch):
     monkeypatch.setattr(fl, "DW_CHUNK_BYTES", 1 << 30 if chunks.startswith("one") else 4 * 512 * 4096)
     hidden, weight, labels, mask, grad_out = batch(40, 20, 512, dtype, seed=23)
     check_fused((hidden.float() * 3).to(dtype), weight, labels, mask, grad_out, dedup=False)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_linear_against_float64(shape, dtype):
+    for seed in (0, 1):  # fresh inputs each check; the second run also reuses the tuned configs
+        check_fused(*batch(*shape, dtype, seed=hash((shape, seed)) % 2**31), dedup="auto")
 
 
 @pytest.mark.parametrize("dedup", [False, True])
