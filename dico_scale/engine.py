@@ -9,6 +9,7 @@ import contextlib
 import math
 import os
 import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -193,6 +194,27 @@ def build_frozen(cfg: Config, module: torch.nn.Module, placement: str, width: in
     engine, _, _, _ = deepspeed.initialize(model=module, config=config)
     engine.train(training)
     return engine
+
+
+class PhaseClock:
+    """Seconds of each phase of one step, as the metrics `time/<phase>_s` (the stages' phases, the loop's `backward`).
+    On CUDA a phase starts and ends with a synchronize: GPU work is asynchronous, and an unsynchronised clock would
+    charge it to the phase that next waits for it."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda *_: None)
+        sync(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync(self.device)
+            key = f"time/{phase}_s"
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
 
 
 @contextlib.contextmanager

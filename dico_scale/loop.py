@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from .config import Config, to_yaml
 from .data.pipeline import KINDS
+from .engine import PhaseClock
 from .errors import DataError, NonFiniteLossError, Preempted
 from .checkpoint import save_checkpoint
 from .frozen import KEY as FROZEN_KEY
@@ -216,13 +217,11 @@ def _train(cfg: Config, stage, engine, tracker, make_train_loader, make_val_load
                 continue
             consecutive_bad = 0
             lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on inside engine.step)
-            tick = time.perf_counter()
-            engine.backward(out.loss)
-            engine.step()
-            if device.type == "cuda":  # the clock must not stop before the GPU does
-                torch.cuda.synchronize(device)
-            step_metrics = {**out.metrics, "time/backward_s": time.perf_counter() - tick}  # + the optimizer step
-            window.add(out.loss.detach(), step_metrics, out.images, out.tokens)
+            clock = PhaseClock(device)
+            with clock("backward"):  # and the optimizer step
+                engine.backward(out.loss)
+                engine.step()
+            window.add(out.loss.detach(), {**out.metrics, **clock.seconds}, out.images, out.tokens)
             state.samples_seen += out.images * dist.get_world_size()
             if engine.global_steps == step:  # inside a gradient-accumulation window
                 continue

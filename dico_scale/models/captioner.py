@@ -118,8 +118,7 @@ class CaptionerModel(nn.Module):
             weight = torch.cat([weight, bias[:, None].to(weight.dtype)], dim=1)
         # fused: the Triton head kernel (under "auto" for gradient-free calls only, see fused_head_uses_triton);
         # otherwise the torch head in chunks of tokens. Neither holds [N, T, V].
-        return fused_linear_sequence_logprobs(hidden, weight, labels, mask,
-                                              kernel=("triton" if kernel == "triton" else "auto") if fused else "torch")
+        return fused_linear_sequence_logprobs(hidden, weight, labels, mask, kernel=kernel if fused else "torch")
 
 
 def disable_dropout(model: nn.Module) -> None:

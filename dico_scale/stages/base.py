@@ -6,8 +6,6 @@ loss through DeepSpeed and logs what comes back.
 from __future__ import annotations
 
 import sys
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -155,27 +153,6 @@ class CaptionerStage(Stage):
                 return {}, {}
             records = score_records(records, self.evaluator)
         return caption_metrics(records), {"val_captions.json": records}
-
-
-class PhaseClock:
-    """Seconds of each phase of one step, as the metrics `time/<phase>_s` (the loop adds `time/backward_s`). On CUDA a
-    phase starts and ends with a synchronize: GPU work is asynchronous, and an unsynchronised clock would charge it to
-    the phase that next waits for it."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.seconds = device, {}
-
-    @contextmanager
-    def __call__(self, phase: str):
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda *_: None)
-        sync(self.device)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            sync(self.device)
-            key = f"time/{phase}_s"
-            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
 
 
 def log_prob_path(kernel: str, device: torch.device) -> tuple[str, bool]:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import torch
 
 from ..config import check, check_placement
+from ..engine import PhaseClock
 from ..kernels import dico_loss
 from ..models import build_captioner
 from ..models.captioner import CaptionerModel, disable_dropout
 from ..rewards import build_reward
 from ..rollout import Rollout
-from .base import CaptionerStage, PhaseClock, StepOutput, log_prob_path
+from .base import CaptionerStage, StepOutput, log_prob_path
 
 
 class DicoStage(CaptionerStage):

@@ -12,10 +12,11 @@ import dataclasses
 import torch
 
 from ..config import check
+from ..engine import PhaseClock
 from ..models.captioner import disable_dropout
 from ..rewards import build_reward, needs_evaluator
 from ..rollout import Rollout
-from .base import CaptionerStage, PhaseClock, StepOutput, log_prob_path
+from .base import CaptionerStage, StepOutput, log_prob_path
 
 
 def advantages(rewards: torch.Tensor, greedy: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,11 +21,15 @@ def interpreting() -> bool:
 
 
 def use_triton(kernel: str, tensor: Tensor) -> bool:
+    return _triton_for(kernel, tensor.is_cuda)
+
+
+def _triton_for(kernel: str, is_cuda: bool) -> bool:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     if kernel == "auto":
-        return tensor.is_cuda
-    if kernel == "triton" and not tensor.is_cuda and not interpreting():
+        return is_cuda
+    if kernel == "triton" and not is_cuda and not interpreting():
         raise ValueError("kernel='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to interpret on the CPU)")
     return kernel == "triton"
 
@@ -43,13 +47,7 @@ def fused_head_uses_triton(kernel: str, is_cuda: bool, needs_grad: bool) -> bool
     only (the reference model, generation scoring): on an H200 (BENCHMARKS.md, 2026-12-04) its forward matched float64
     to 1e-6 but its backward's dhidden missed the softmax term (6-9% error against a 3e-3 bf16 floor), and the
     chunked torch head was as fast in a whole DiCO step. "triton" runs it regardless; "torch" never."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-    if kernel == "auto":
-        return is_cuda and not needs_grad
-    if kernel == "triton" and not is_cuda and not interpreting():
-        raise ValueError("kernel='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to interpret on the CPU)")
-    return kernel == "triton"
+    return _triton_for(kernel, is_cuda) and not (kernel == "auto" and needs_grad)
 
 
 def fused_linear_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor,
