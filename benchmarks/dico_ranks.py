@@ -16,7 +16,7 @@ import statistics
 import sys
 import tempfile
 
-from dico_scale.demo import captioner_overrides
+from dico_scale.demo import CAPTIONER_FAMILIES, captioner_overrides
 from dico_scale.launch import train_stage
 
 
@@ -65,8 +65,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.steps <= a.warmup:
         p.error(f"--steps {a.steps} must be more than --warmup {a.warmup}")
-    workdir = os.path.abspath(a.workdir or tempfile.mkdtemp(prefix="dico_ranks-"))
     rows = a.captioners.split(",")
+    unknown = [c for c in rows if c not in ("builtin", *CAPTIONER_FAMILIES)]
+    if unknown:
+        p.error(f"--captioners: {', '.join(unknown)} not among builtin, {', '.join(CAPTIONER_FAMILIES)}")
+    workdir = os.path.abspath(a.workdir or tempfile.mkdtemp(prefix="dico_ranks-"))
     per_round: dict[str, list[float]] = {c: [] for c in rows}
     samples: dict[str, dict[str, list[float]]] = {c: {} for c in rows}
     for r in range(a.rounds):

@@ -35,3 +35,6 @@ def test_dico_ranks_benchmark_smoke(repo, tmp_path):
     bad = subprocess.run([sys.executable, "benchmarks/dico_ranks.py", "--steps", "2", "--warmup", "2"], cwd=repo,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--steps 2 must be more than --warmup 2" in bad.stderr
+    bad = subprocess.run([sys.executable, "benchmarks/dico_ranks.py", "--captioners", "builtin,gpt5"], cwd=repo,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--captioners: gpt5 not among builtin, hf_encoder_decoder" in bad.stderr
