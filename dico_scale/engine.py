@@ -227,7 +227,7 @@ def gathered(model):
 
     Inside the block call methods of the module, never the module itself: its top-level start-of-forward hook stays
     (DeepSpeed keeps it) and may run a collective. A module that routes its calls through its engine (the
-    Evaluator: `_engine`) is switched to direct calls for the block."""
+    models.clip_scorer.ClipScorer: `_engine`) is switched to direct calls for the block."""
     module = getattr(model, "module", model)  # an engine's (or a stand-in's) module, or the module itself
     bound = getattr(module, "_engine", None)
     ctx = contextlib.nullcontext()

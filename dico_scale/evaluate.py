@@ -289,7 +289,7 @@ def run(args, cfg, meta) -> int:
 
     from dico_scale.data.pipeline import eval_loader
     from dico_scale.export import load_captioner
-    from dico_scale.models.evaluator import Evaluator
+    from dico_scale.models.clip_scorer import ClipScorer
     from dico_scale.validate import caption_split, gather_records
 
     rank, world, device = init_ranks(cfg)
@@ -298,13 +298,13 @@ def run(args, cfg, meta) -> int:
     evaluators = {}
     for name, ev_cfg in args.evaluators.items():
         torch.manual_seed(cfg.train.seed)
-        evaluators[name] = Evaluator(ev_cfg).to(device)
+        evaluators[name] = ClipScorer(ev_cfg).to(device)
     # evaluator_score: the run's own evaluator with the run's caption prefix, as in-loop validation scores
     e, mine = cfg.evaluator, args.evaluators[cfg.evaluator.metric]
     own = (e.metric, e.caption_prefix)
     if (mine.model, mine.weights) != (e.model, e.weights):  # --clip / --pacs replaced it: scored separately
         torch.manual_seed(cfg.train.seed)
-        evaluators[OWN], own = Evaluator(e).to(device), (OWN, None)
+        evaluators[OWN], own = ClipScorer(e).to(device), (OWN, None)
     collate = EvalCollate(captioner.preprocess, {n: ev.preprocess for n, ev in evaluators.items()})
     loader = eval_loader(args.spec, collate, args.batch_size or cfg.train.micro_batch_size, cfg.data.num_workers)
     g = cfg.generation

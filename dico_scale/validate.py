@@ -17,7 +17,7 @@ from .data.splits import data_shards
 from .metrics import caption_stats, cider, clip_score, mean, text_features
 from .models import build_captioner
 from .models.clip import register_model_configs
-from .models.evaluator import Evaluator, distinct_preprocess
+from .models.clip_scorer import ClipScorer, distinct_preprocess
 from .models.generation import beam_search
 
 __all__ = ["generate", "caption_split", "gather_records", "evaluator_scores", "score_records", "cider",
@@ -112,7 +112,7 @@ def heldout(cfg, models: dict[str, str], split: str = "test", examples: int = 3,
     needed): the demo's and compare's tables. Every model is built as cfg.captioner describes it."""
     register_model_configs(cfg.clip_model_configs)
     shards = data_shards(cfg)
-    evaluator = Evaluator(cfg.evaluator)
+    evaluator = ClipScorer(cfg.evaluator)
     results = {}
     for label, path in models.items():
         captioner = build_captioner(cfg, path)

@@ -30,7 +30,7 @@ def test_deepspeed_and_open_clip_deprecations_are_hidden_by_their_exact_message(
     from open_clip.loss import gather_features
 
     from dico_scale.engine import hide_deepspeed_deprecation
-    from dico_scale.stages.evaluator import hide_clip_loss_deprecation
+    from dico_scale.stages.contrastive import hide_clip_loss_deprecation
 
     x = torch.zeros(2, 4)
     with warnings.catch_warnings(record=True) as shown:

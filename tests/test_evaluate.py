@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from dico_scale import metrics
 from dico_scale.config import EvaluatorConfig
-from dico_scale.models.evaluator import Evaluator
+from dico_scale.models.clip_scorer import ClipScorer
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
@@ -86,7 +86,7 @@ REFS = [["a red circle", "a small red circle on the left"], ["a blue square"],
 def test_clip_scores_equal_float64_recomputation(metric, w):
     prefix = "A photo depicts "
     torch.manual_seed(2)  # a random CLIP whose cosines here are positive for some images, negative for another
-    ev = Evaluator(EvaluatorConfig(model="dico-tiny", weights="", metric=metric, caption_prefix=prefix))
+    ev = ClipScorer(EvaluatorConfig(model="dico-tiny", weights="", metric=metric, caption_prefix=prefix))
     pixels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         score, ref_score, _ = metrics.clip_scores(ev, ev.image_features(pixels), CAPTIONS, REFS, ev.weight)

@@ -12,7 +12,7 @@ from dico_scale.data.tokenizer import CaptionTokenizer
 from dico_scale.models.builtin import Captioner
 from dico_scale.models.captioner import disable_dropout
 from dico_scale.models.clip import create_clip
-from dico_scale.models.evaluator import Evaluator
+from dico_scale.models.clip_scorer import ClipScorer
 from dico_scale.models.generation import beam_search
 
 TINY = dict(image_encoder="dico-tiny", width=64, heads=4, encoder_layers=1, decoder_layers=1)
@@ -349,8 +349,8 @@ def test_cached_decode_equals_full_forward(shaped, tok):
 @pytest.fixture(scope="module")
 def evaluators():
     torch.manual_seed(0)
-    clips = Evaluator(EvaluatorConfig(model="dico-tiny", metric="clips"))
-    pacs = Evaluator(EvaluatorConfig(model="dico-tiny", metric="pacs"))
+    clips = ClipScorer(EvaluatorConfig(model="dico-tiny", metric="clips"))
+    pacs = ClipScorer(EvaluatorConfig(model="dico-tiny", metric="pacs"))
     pacs.clip.load_state_dict(clips.clip.state_dict())
     return clips, pacs
 
@@ -387,7 +387,7 @@ def test_evaluator_scores(evaluators):
 def test_evaluator_caption_prefix(evaluators):
     clips, _ = evaluators
     torch.manual_seed(1)
-    pre = Evaluator(EvaluatorConfig(model="dico-tiny", metric="clips", caption_prefix="A photo depicts "))
+    pre = ClipScorer(EvaluatorConfig(model="dico-tiny", metric="clips", caption_prefix="A photo depicts "))
     pre.clip.load_state_dict(clips.clip.state_dict())
     a = pre.text_features(["a red circle"])
     assert torch.allclose(a, clips.text_features(["A photo depicts a red circle"]), atol=1e-6)

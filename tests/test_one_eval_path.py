@@ -115,12 +115,12 @@ def checkpoint(tmp_path_factory, tiny_shards):
     model.pt the way the engine exports it. Beside it, random evaluator weights as a file."""
     from dico_scale.config import EvaluatorConfig, to_yaml
     from dico_scale.data.pipeline import Collate, eval_loader
-    from dico_scale.models.evaluator import Evaluator
+    from dico_scale.models.clip_scorer import ClipScorer
     from dico_scale.stages.xe import XEStage
 
     tmp = tmp_path_factory.mktemp("one_eval_path")
     torch.manual_seed(0)  # a random CLIP with positive cosines for some of the val images
-    ev = Evaluator(EvaluatorConfig(model="dico-tiny", weights="", metric="clips"))
+    ev = ClipScorer(EvaluatorConfig(model="dico-tiny", weights="", metric="clips"))
     torch.save({"state_dict": ev.clip.state_dict()}, tmp / "evaluator.pt")
     cfg = _config("xe", tmp, tiny_shards)
     torch.manual_seed(0)
@@ -189,10 +189,10 @@ def one_rank_group(tmp_path, clean_env):
 
 
 def test_evaluator_stage_recall_is_metrics_recall(checkpoint, tiny_shards, one_rank_group):
-    from dico_scale.stages.evaluator import EvaluatorStage
+    from dico_scale.stages.contrastive import ContrastiveStage
 
     cfg = _config("evaluator", checkpoint["tmp"], tiny_shards)
-    stage = EvaluatorStage(cfg, torch.device("cpu"))
+    stage = ContrastiveStage(cfg, torch.device("cpu"))
     engine = Engine(stage.module)
     stage.setup(engine)
     val, _ = stage.validate(engine, _val_loader(stage, cfg))

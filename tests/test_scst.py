@@ -173,7 +173,7 @@ def test_cider_df_from_the_training_shards_cached_beside_them(tiny_shards, tmp_p
 def test_scst_step_on_a_tiny_captioner_with_a_mixed_reward_and_greedy_baseline(tiny_shards, tmp_path):
     from dico_scale.data.pipeline import Collate, eval_loader
     from dico_scale.rewards.cider import CiderReward
-    from dico_scale.rewards.evaluator import EvaluatorReward
+    from dico_scale.rewards.clip_score import ClipScoreReward
     from dico_scale.stages.scst import ScstStage
     from test_dico_stage import Local
 
@@ -188,7 +188,7 @@ def test_scst_step_on_a_tiny_captioner_with_a_mixed_reward_and_greedy_baseline(t
     # the mix is the weighted sum of its parts on the same captions
     captions = [["a red circle", "a blue square", ""], ["two green triangles", "a", "a red circle"]]
     pixels = batch.get("eval_pixels", batch["pixels"])
-    ev, cd = EvaluatorReward(stage.evaluator), CiderReward.build(cfg)
+    ev, cd = ClipScoreReward(stage.evaluator), CiderReward.build(cfg)
     torch.testing.assert_close(stage.reward(pixels, captions, batch["refs"]),
                                0.5 * ev(pixels, captions, batch["refs"]) + cd(pixels, captions, batch["refs"]))
     assert cd(pixels, captions, batch["refs"]).shape == (2, 3)

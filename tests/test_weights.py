@@ -21,7 +21,7 @@ from transformers import CLIPConfig, CLIPModel
 from dico_scale.config import CaptionerConfig, Config, ConfigError, EvaluatorConfig, load_config, to_yaml
 from dico_scale.models import build_captioner
 from dico_scale.models.clip import create_clip
-from dico_scale.models.evaluator import Evaluator, reward
+from dico_scale.models.clip_scorer import ClipScorer, reward
 from dico_scale.models.weights import sniff_weights_format
 
 REPO = Path(__file__).resolve().parent.parent
@@ -151,7 +151,7 @@ def test_each_format_gives_the_source_features(files, fmt):
         close(model.encode_text(tokens()), txt)
         assert model.logit_scale.shape == (1,) and model.logit_scale.item() == pytest.approx(logit_scale)
 
-        ev = Evaluator(EvaluatorConfig(model=NAME, weights=path, metric="clips"))
+        ev = ClipScorer(EvaluatorConfig(model=NAME, weights=path, metric="clips"))
         close(ev.image_features(pixels()), F.normalize(img, dim=-1))
         close(ev.text_features(TEXTS), F.normalize(txt, dim=-1))
 
@@ -354,7 +354,7 @@ def test_training_reward_with_and_without_clamp():
     assert torch.equal(reward(2.5, COSINES, clamp=False), 2.5 * COSINES)
     assert torch.equal(reward(2.5, COSINES, clamp=True), torch.tensor([1.5, 0.125, 0.0, 0.0, 0.0]))
     torch.manual_seed(0)
-    ev = Evaluator(EvaluatorConfig(model="dico-tiny", metric="pacs"))
+    ev = ClipScorer(EvaluatorConfig(model="dico-tiny", metric="pacs"))
     captions = ["a red circle", "a blue square", "a star", "two crosses", "a green shape"]
     image = features_with_cosines(ev.text_features(captions), COSINES)
     raw, clamped = ev.score(image, captions, clamp=False), ev.score(image, captions)

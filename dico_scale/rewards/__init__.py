@@ -11,7 +11,7 @@ import math
 import re
 
 REWARDS = {
-    "evaluator": "dico_scale.rewards.evaluator:EvaluatorReward",  # CLIP-S or PAC-S, as evaluator.metric says
+    "evaluator": "dico_scale.rewards.clip_score:ClipScoreReward",  # CLIP-S or PAC-S, as evaluator.metric says
     "cider": "dico_scale.rewards.cider:CiderReward",  # CIDEr-D, df from the training split's references
 }
 
@@ -47,7 +47,7 @@ def parse_reward(spec: str) -> list[tuple[float, str]]:
 
 def build_reward(spec: str, cfg, evaluator=None, clamp: bool = False):
     """The Reward of a (validated) spec: one reward, or their WeightedSum. `evaluator`: the stage's frozen
-    Evaluator; `clamp`: whether the evaluator reward is w*max(cos, 0) (else w*cos)."""
+    ClipScorer; `clamp`: whether the evaluator reward is w*max(cos, 0) (else w*cos)."""
     from .base import WeightedSum
 
     terms = []

@@ -23,7 +23,7 @@ class StageSpec:
 
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in [
-    StageSpec("evaluator", "dico_scale.stages.evaluator:EvaluatorStage", None, "evaluator", "evaluator", None),
+    StageSpec("evaluator", "dico_scale.stages.contrastive:ContrastiveStage", None, "evaluator", "evaluator", None),
     StageSpec("xe", "dico_scale.stages.xe:XEStage", None, "captioner", "XE", "evaluator"),
     StageSpec("dico", "dico_scale.stages.dico:DicoStage", "dico", "captioner", "DiCO", "xe"),
     StageSpec("scst", "dico_scale.stages.scst:ScstStage", "scst", "captioner", "SCST", "xe"),

@@ -16,7 +16,7 @@ from ..engine import gathered
 from ..errors import ConfigError
 from ..kernels import interpreting
 from ..models import build_captioner
-from ..models.evaluator import Evaluator, distinct_preprocess
+from ..models.clip_scorer import ClipScorer, distinct_preprocess
 from ..rewards import needs_evaluator
 from ..validate import caption_metrics, caption_split, gather_records, score_records
 
@@ -99,7 +99,7 @@ class CaptionerStage(Stage):
         self.preprocess = self.module.preprocess
         self.evaluator = None
         if need_evaluator or cfg.evaluator.weights:
-            self.evaluator = Evaluator(cfg.evaluator)
+            self.evaluator = ClipScorer(cfg.evaluator)
             self.eval_preprocess = distinct_preprocess(self.evaluator, self.preprocess)
         self.evaluator_engine = None
 

@@ -1,4 +1,5 @@
-"""Evaluator: contrastive (CLIP loss) fine-tuning of the evaluator CLIP on image-caption shards.
+"""The `evaluator` stage (train.stage=evaluator): contrastive (CLIP loss) fine-tuning of the evaluator, the CLIP
+scorer of models/clip_scorer.py, on image-caption shards.
 
 The demo needs it: a randomly initialised CLIP gives DiCO a meaningless reward. Validation reports image<->text
 retrieval recall over the val split (first reference caption per image), `metrics.recall_at_k` as `evaluate`
@@ -15,7 +16,7 @@ from open_clip.loss import ClipLoss
 
 from .. import metrics
 from ..engine import gathered
-from ..models.evaluator import Evaluator
+from ..models.clip_scorer import ClipScorer
 from ..models.weights import load_weights
 from .base import Stage, StepOutput
 
@@ -27,13 +28,13 @@ def hide_clip_loss_deprecation() -> None:
                             category=FutureWarning, module="open_clip")
 
 
-class EvaluatorStage(Stage):
+class ContrastiveStage(Stage):
     name = "evaluator"
     model_name = "evaluator"
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
-        self.evaluator = Evaluator(cfg.evaluator, trainable=True)
+        self.evaluator = ClipScorer(cfg.evaluator, trainable=True)
         self.module = self.evaluator.clip  # DeepSpeed trains (and exports) the plain open_clip model
         if cfg.train.init_from:
             load_weights(self.module, cfg.train.init_from)

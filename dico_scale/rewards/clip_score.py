@@ -1,5 +1,6 @@
-"""The frozen evaluator as a reward: CLIP-S (w = 2.5) or PAC-S (w = 2.0) as evaluator.metric says; w*cos by default
-(the DiCO code's training reward, which keeps below-zero candidates ranked), w*max(cos, 0) with clamp."""
+"""The reward named `evaluator` (dico.reward, scst.reward): the frozen CLIP scorer's score, CLIP-S (w = 2.5) or
+PAC-S (w = 2.0) as evaluator.metric says; w*cos by default (the DiCO code's training reward, which keeps below-zero
+candidates ranked), w*max(cos, 0) with clamp."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +8,7 @@ import torch
 from .base import Reward
 
 
-class EvaluatorReward(Reward):
+class ClipScoreReward(Reward):
     name = "evaluator"
 
     def __init__(self, evaluator, clamp: bool = False):

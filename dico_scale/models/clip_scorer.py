@@ -1,4 +1,5 @@
-"""The frozen CLIP-based evaluator: CLIP-S = 2.5 * max(cos, 0), PAC-S = 2.0 * max(cos, 0); as a training reward
+"""The CLIP scorer behind the `evaluator:` config section (frozen in dico, scst and validation, trained by the
+`evaluator` stage): CLIP-S = 2.5 * max(cos, 0), PAC-S = 2.0 * max(cos, 0); as a training reward
 (dico.reward_clamp=false, the default) w * cos without the clamp, as the DiCO code scores candidates."""
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from .clip import create_clip
 METRIC_WEIGHTS = {"clips": 2.5, "pacs": 2.0}
 
 
-class Evaluator(nn.Module):
+class ClipScorer(nn.Module):
     def __init__(self, cfg: EvaluatorConfig, trainable: bool = False):
         super().__init__()
         self.clip, self.preprocess = create_clip(cfg.model, cfg.weights)
@@ -66,6 +67,6 @@ def reward(weight: float, cos: torch.Tensor, clamp: bool) -> torch.Tensor:
     return weight * (cos.clamp(min=0) if clamp else cos)
 
 
-def distinct_preprocess(evaluator: Evaluator, preprocess):
+def distinct_preprocess(evaluator: ClipScorer, preprocess):
     """The evaluator's image transform when it differs from the captioner's, else None (one tensor serves both)."""
     return None if repr(evaluator.preprocess) == repr(preprocess) else evaluator.preprocess
