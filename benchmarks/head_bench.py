@@ -1,11 +1,11 @@
 """The CPU output head: full [N*T, V] logits + cross-entropy (the path before the chunked head) against the chunked
-torch head (dico_scale.kernels.reference.fused_linear_sequence_logprobs), forward + backward, side by side.
+torch head (dico_scale.kernels.torch_path.fused_linear_sequence_logprobs), forward + backward, side by side.
 
     python benchmarks/head_bench.py --json runs/bench/head.json   # about a minute on 2 cores
     python benchmarks/head_bench.py --smoke                       # tiny shapes, a plumbing check
 
 Reported per shape: median seconds of each, their ratio, and the logits each holds at once (the full path holds
-N*T*V fp32 logits plus their gradient; the chunked one at most reference.MAX_CHUNK_LOGITS, whatever V).
+N*T*V fp32 logits plus their gradient; the chunked one at most torch_path.MAX_CHUNK_LOGITS, whatever V).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dico_scale.kernels import reference
+from dico_scale.kernels import torch_path
 
 SHAPES = [(16, 20, 256, 49409), (40, 20, 256, 49409), (8, 20, 256, 151936)]  # N, T, H, V
 SMOKE_SHAPES = [(2, 3, 16, 1000), (4, 5, 16, 3001)]
@@ -31,7 +31,7 @@ def full_logits(h, w, labels):
 
 
 def chunked(h, w, labels):
-    return -reference.fused_linear_sequence_logprobs(h, w, labels, torch.ones_like(labels, dtype=torch.bool)).sum()
+    return -torch_path.fused_linear_sequence_logprobs(h, w, labels, torch.ones_like(labels, dtype=torch.bool)).sum()
 
 
 def bench(N, T, H, V, repeats):
@@ -53,7 +53,7 @@ def bench(N, T, H, V, repeats):
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"shape": [N, T, H, V], "full_s": med["full"], "chunked_s": med["chunked"],
             "chunked_over_full": med["chunked"] / med["full"], "full_logits_mib": N * T * V * 4 / 2**20,
-            "chunked_logits_mib": min(N * T * V, reference.MAX_CHUNK_LOGITS) * 4 / 2**20}
+            "chunked_logits_mib": min(N * T * V, torch_path.MAX_CHUNK_LOGITS) * 4 / 2**20}
 
 
 def main(argv=None) -> int:
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat")
     args = p.parse_args(argv)
     if args.smoke:
-        reference.MAX_CHUNK_LOGITS = 4000  # several chunks even at these shapes
+        torch_path.MAX_CHUNK_LOGITS = 4000  # several chunks even at these shapes
     rows = [bench(*s, 1 if args.smoke else args.repeats) for s in (SMOKE_SHAPES if args.smoke else SHAPES)]
     print(f"{'N x T x H, V':<22} {'full s':>8} {'chunked s':>10} {'ratio':>6} {'full logits MiB':>16} "
           f"{'chunked MiB':>12}")

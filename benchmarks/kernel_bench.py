@@ -11,7 +11,7 @@ and ours (fused, and on materialised logits). Cases: the issue's three shapes, t
 frozen reference model), and beam-like candidates (k = 5, shared prefixes -> bitwise-equal hidden rows).
 Reported: median ms (CUDA events), peak MiB beyond inputs and their gradients, float64 errors of the first
 run, ratios to the best peer and to the floor 6*N*T*H*V / measured bf16 matmul rate; the copy bandwidth;
-dico_loss_triton vs the torch reference; a CUDA-graph replay of the 40x20x512 fused forward + backward.
+dico_loss_triton vs the plain-torch path; a CUDA-graph replay of the 40x20x512 fused forward + backward.
 
 Peers run when importable. The GPU machine is offline: fetch their wheels beforehand with
 benchmarks/fetch_wheels.sh and install them there with `pip install --no-deps benchmarks/wheels/*.whl`.
@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from dico_scale.kernels import reference
+from dico_scale.kernels import torch_path
 from dico_scale.kernels.loss import dico_loss_triton
 
 V_FULL = 49409
@@ -135,14 +135,14 @@ def beam_case(N, T, H, V, dev, gen, k=5):
     return table[pid].to(dev), labels.to(dev), mask.to(dev), shared
 
 
-def reference64(h, W, labels, mask, g, grad, chunk=16):
+def torch_path64(h, W, labels, mask, g, grad, chunk=16):
     """float64 values (and gradients) a few sequences at a time, to bound memory."""
     W64 = W.detach().double().requires_grad_(grad)
     vals, dh = [], torch.empty(h.shape, dtype=torch.float64, device=h.device) if grad else None
     for s in range(0, h.shape[0], chunk):
         h64 = h[s:s + chunk].detach().double().requires_grad_(grad)
         with torch.set_grad_enabled(grad):
-            v = reference.fused_linear_sequence_logprobs(h64, W64, labels[s:s + chunk], mask[s:s + chunk])
+            v = torch_path.fused_linear_sequence_logprobs(h64, W64, labels[s:s + chunk], mask[s:s + chunk])
             if grad:
                 v.backward(g[s:s + chunk].double())
                 dh[s:s + chunk] = h64.grad
@@ -224,7 +224,7 @@ def run_case(case, methods, W, dev, args, ceil):
     h, labels, mask = case["h"], case["labels"], case["mask"]
     gen = torch.Generator().manual_seed(1)
     g = torch.randn(h.shape[0], generator=gen).to(dev)
-    ref = reference64(h, W, labels, mask, g, case["train"])
+    ref = torch_path64(h, W, labels, mask, g, case["train"])
     N, T, H = h.shape
     case["floor_ms"] = 6 * N * T * H * W.shape[0] / (ceil["matmul_tflops"] * 1e9) * (1 if case["train"] else 1 / 3)
     results = {}
@@ -276,7 +276,7 @@ def time_dico_loss(B, dev, args):
     gen = torch.Generator().manual_seed(B)
     pi, ref, r = (torch.randn(B, 5, generator=gen).to(dev) for _ in range(3))
     row = {}
-    for name, fn in (("triton", dico_loss_triton), ("torch", reference.dico_loss)):
+    for name, fn in (("triton", dico_loss_triton), ("torch", torch_path.dico_loss)):
         p = pi.clone().requires_grad_(True)
 
         def step():
@@ -285,7 +285,7 @@ def time_dico_loss(B, dev, args):
         for _ in range(args.warmup + 1):
             step()
         row[name] = statistics.median(time_ms(step, dev) for _ in range(3 if args.smoke else 50))
-    exp = reference.dico_loss(pi.double(), ref.double(), r.double())[0]
+    exp = torch_path.dico_loss(pi.double(), ref.double(), r.double())[0]
     row["rel_err"] = rel_err(dico_loss_triton(pi, ref, r)[0].detach(), exp, 1e-30)
     return row
 
@@ -315,7 +315,7 @@ def bench_graph(methods, dev, args):
             out = fused(h, W, labels, mask)
             out.backward(g)
         graph.replay()
-        ref = reference64(h, W, labels, mask, g, False)[0]
+        ref = torch_path64(h, W, labels, mask, g, False)[0]
         return {"replay_ms": statistics.median(time_ms(graph.replay, dev) for _ in range(max(args.reps, 50))),
                 "val_err": rel_err(out.detach(), ref)}
     except Exception as e:
@@ -354,7 +354,7 @@ def markdown(report) -> str:
                 lines.append(f"| {c['name']} | {n} | {r['ms']:.2f} | {fmt(r.get('mib'), '.1f')} | "
                              f"{fmt(r['x_best_peer'], '.2f')} | {r['x_floor']:.1f} | {r['val_err']:.1e} | "
                              f"{fmt(r.get('dh_err'), '.1e')} | {fmt(r.get('dW_err'), '.1e')} |")
-    lines += ["", "| DiCO loss fwd + bwd | dico_loss_triton ms | torch reference ms | rel err vs fp64 |",
+    lines += ["", "| DiCO loss fwd + bwd | dico_loss_triton ms | torch path ms | rel err vs fp64 |",
               "|---|---|---|---|"]
     for case, r in report["dico_loss"].items():
         lines.append(f"| {case} | error: {r['error']} | | |" if "error" in r else

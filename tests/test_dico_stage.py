@@ -1,5 +1,5 @@
 """The dico stage's two log-prob paths on a real step: the fused head + Triton kernels (interpreted on the CPU) give
-the loss and gradients of the torch reference path, which materialises the logits."""
+the loss and gradients of the plain-torch path (loss.kernel=torch: the chunked torch head)."""
 import pytest
 import torch
 

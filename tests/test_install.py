@@ -109,7 +109,7 @@ def test_wheel_ships_dico_scale_kernels_and_no_top_level_kernels(tmp_path):
     (site / "deps.pth").write_text(deps + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
                     "--no-deps", str(wheel)], check=True, capture_output=True, timeout=300)
-    code = ("import torch, dico_scale.kernels as k; from dico_scale.kernels import reference; "
+    code = ("import torch, dico_scale.kernels as k; from dico_scale.kernels import torch_path; "
             "x = torch.randn(2, 3, 7, dtype=torch.float64); y = torch.randint(0, 7, (2, 3)); m = torch.ones(2, 3); "
             "got = k.sequence_logprobs(x, y, m, kernel='torch'); "
             "want = x.log_softmax(-1).gather(-1, y[..., None])[..., 0].sum(-1); "

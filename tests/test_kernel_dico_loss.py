@@ -1,4 +1,4 @@
-"""Triton DiCO loss (kernels/src/loss.py) against the torch reference run in float64.
+"""Triton DiCO loss (kernels/src/loss.py) against the plain-torch path run in float64.
 
 On CPU the kernels run through the Triton interpreter (conftest sets TRITON_INTERPRET=1);
 the `gpu` tests repeat the checks on CUDA with fresh random inputs.
@@ -11,7 +11,7 @@ import torch
 
 import dico_scale.kernels.loss as dl
 from dico_scale.kernels.loss import METRIC_NAMES, dico_loss_triton
-from dico_scale.kernels.reference import dico_loss
+from dico_scale.kernels.torch_path import dico_loss
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -33,7 +33,7 @@ def _inputs(B, k, gen, dtype=torch.float32, reward_values=None, reward_scale=1.0
     return [t.to(device=device, dtype=dtype) for t in (pi, ref, r)]
 
 
-def _reference64(pi, ref, r, beta, tau):
+def _torch_path64(pi, ref, r, beta, tau):
     """Loss, metrics and d loss / d pi in float64 on exactly the (possibly rounded) inputs."""
     p = pi.detach().double().requires_grad_(True)
     loss, metrics = dico_loss(p, ref.double(), r.double(), beta=beta, tau=tau)
@@ -65,7 +65,7 @@ def _rel(a, b, floor):
 
 
 def _check(pi, ref, r, beta=0.2, tau=300.0, rtol=1e-5, grad_rtol=None):
-    exp_loss, exp_metrics, exp_grad = _reference64(pi, ref, r, beta, tau)
+    exp_loss, exp_metrics, exp_grad = _torch_path64(pi, ref, r, beta, tau)
     loss, metrics, grad = _run(pi, ref, r, beta, tau)
     out_dtype = torch.float64 if pi.dtype == torch.float64 else torch.float32
     assert loss.dim() == 0 and loss.dtype == out_dtype
@@ -204,7 +204,7 @@ def test_grad_output_scale_and_noncontiguous_inputs():
     gen = torch.Generator().manual_seed(8)
     pi, ref, r = (t.t().contiguous().t() for t in _inputs(12, 5, gen))  # column-major views
     assert not pi.is_contiguous()
-    _, _, exp_grad = _reference64(pi, ref, r, 0.2, 300.0)
+    _, _, exp_grad = _torch_path64(pi, ref, r, 0.2, 300.0)
     p = pi.detach().clone().requires_grad_(True)
     loss, _ = dico_loss_triton(p, ref, r)
     (3.0 * loss).backward()
@@ -214,7 +214,7 @@ def test_grad_output_scale_and_noncontiguous_inputs():
 def test_forward_only_path():
     gen = torch.Generator().manual_seed(9)
     pi, ref, r = _inputs(10, 5, gen)
-    exp_loss, exp_metrics, _ = _reference64(pi, ref, r, 0.2, 300.0)
+    exp_loss, exp_metrics, _ = _torch_path64(pi, ref, r, 0.2, 300.0)
     p = pi.clone().requires_grad_(True)
     with torch.no_grad():
         loss, metrics = dico_loss_triton(p, ref, r)
@@ -244,7 +244,7 @@ def test_gradient_only_into_policy():
     ((12,), (12,), (12,)),
     ((2, 3, 4), (2, 3, 4), (2, 3, 4)),
 ])
-def test_bad_shapes_match_reference_messages(shapes):
+def test_bad_shapes_match_torch_path_messages(shapes):
     args = [torch.zeros(s) for s in shapes]
     with pytest.raises(ValueError) as expected:
         dico_loss(*args)
@@ -287,6 +287,6 @@ def test_gpu_ties_and_graph_capture():
     p.grad.zero_()
     graph.replay()
     torch.cuda.synchronize()
-    exp_loss, exp_metrics, exp_grad = _reference64(pi, ref, r, 0.2, 300.0)
+    exp_loss, exp_metrics, exp_grad = _torch_path64(pi, ref, r, 0.2, 300.0)
     assert _rel(loss, exp_loss, 1e-30) < 1e-5
     assert _rel(p.grad, exp_grad, 1e-30) < 1e-5

@@ -1,6 +1,6 @@
 """Triton log-prob kernels (kernels/src/logprobs.py, kernels/src/fused_linear.py) on the CPU through the interpreter.
 
-Expected values come from float64 log_softmax written out here (not from kernels/src/reference.py),
+Expected values come from float64 log_softmax written out here (not from kernels/src/torch_path.py),
 on the same (possibly half-precision) inputs upcast to float64.
 """
 
@@ -11,7 +11,7 @@ from helpers import poison_empty
 import dico_scale.kernels.fused_linear as fl
 from dico_scale.kernels.fused_linear import fused_linear_sequence_logprobs_triton
 from dico_scale.kernels.logprobs import sequence_logprobs_triton
-from dico_scale.kernels.reference import fused_linear_sequence_logprobs
+from dico_scale.kernels.torch_path import fused_linear_sequence_logprobs
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
@@ -218,7 +218,7 @@ def test_fused_forward_only_saves_nothing():
     assert all(t.numel() < 300 * 12 or t is hidden or t is weight for t in out.grad_fn.saved_tensors)
 
 
-def test_reference_fused_matches_float64():
+def test_torch_path_fused_matches_float64():
     labels, mask = make_batch(5, 4, 200, seed=6)
     hidden, weight = torch.randn(5, 4, 32, dtype=torch.float64), torch.randn(200, 32, dtype=torch.float64)
     got = fused_linear_sequence_logprobs(hidden, weight, labels, mask, max_chunk_logits=2 * 200)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch.overrides import TorchFunctionMode
 
-import dico_scale.kernels.reference as reference
+import dico_scale.kernels.torch_path as torch_path
 from dico_scale.config import load_config
 from dico_scale.kernels.fused_linear import fused_linear_sequence_logprobs_triton
 from dico_scale.models import build_captioner
@@ -65,9 +65,9 @@ def check_against_float64(fn, hidden, weight, labels, mask, tol, watch=contextli
 
 def test_torch_head_at_qwen2_vocab_matches_float64_and_holds_one_chunk(monkeypatch):
     hidden, weight, labels, mask = batch(3, 5, V_QWEN2, 16, seed=0)
-    monkeypatch.setattr(reference, "MAX_CHUNK_LOGITS", 2 * V_QWEN2)  # 2 tokens a chunk: several chunks here
+    monkeypatch.setattr(torch_path, "MAX_CHUNK_LOGITS", 2 * V_QWEN2)  # 2 tokens a chunk: several chunks here
     seen = LargestTensor([weight.shape])
-    check_against_float64(reference.fused_linear_sequence_logprobs, hidden, weight, labels, mask, 1e-5, seen)
+    check_against_float64(torch_path.fused_linear_sequence_logprobs, hidden, weight, labels, mask, 1e-5, seen)
     assert int(mask.sum()) > 2 and seen.largest <= 2 * V_QWEN2  # never more than one chunk of logits
 
 
@@ -77,7 +77,7 @@ def test_torch_head_is_the_same_in_one_chunk_or_many_in_bf16():
     results = []
     for budget in (10**9, 1, 3000):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        out = reference.fused_linear_sequence_logprobs(h, w, labels, mask, max_chunk_logits=budget)
+        out = torch_path.fused_linear_sequence_logprobs(h, w, labels, mask, max_chunk_logits=budget)
         out.backward(torch.arange(4.0))
         results.append((out, h.grad, w.grad))
     assert results[0][0].dtype == torch.float32 and results[0][2].dtype == torch.bfloat16
@@ -101,7 +101,7 @@ def test_xe_and_sequence_log_probs_of_a_captioner_never_hold_the_logits(monkeypa
     tokens = torch.randint(1, 4000, (N, T))
     tokens[:, 0], tokens[:, -1] = cap.tokenizer.bos, cap.tokenizer.eos
     pixels = torch.randn(N, *cap.preprocess(Image.new("RGB", (64, 48))).shape)
-    monkeypatch.setattr(reference, "MAX_CHUNK_LOGITS", 8 * V)
+    monkeypatch.setattr(torch_path, "MAX_CHUNK_LOGITS", 8 * V)
     with LargestTensor([cap.head_weight.shape]) as seen:
         logps = cap(tokens, pixels=pixels, output="logprobs")
         logps.sum().backward()

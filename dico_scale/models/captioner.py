@@ -93,7 +93,7 @@ class CaptionerModel(nn.Module):
           hidden    [N, T-1, H] decoder states
           logprobs  [N] summed log-probs of the scored tokens (scored_mask), never through the [N, T, V]
                     logits: fused=True runs the fused head + log-prob Triton kernel, otherwise the torch head
-                    runs in chunks of tokens (dico_scale.kernels.reference); kernel="triton" without fused
+                    runs in chunks of tokens (dico_scale.kernels.torch_path); kernel="triton" without fused
                     materialises the logits for the Triton log-prob kernel (kept to compare the paths)
           visual_tokens  [B, P, D] the features of `pixels` (tokens unused)
         """

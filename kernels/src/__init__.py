@@ -1,8 +1,8 @@
 """Loss kernels for DiCO training (installed as ``dico_scale.kernels``).
 
 Each entry point takes `kernel`: "triton" runs the Triton kernel (CUDA tensors, or CPU tensors under
-TRITON_INTERPRET=1), "torch" the plain-torch reference in reference.py, "auto" Triton for CUDA tensors and the
-reference otherwise. The Triton modules are imported on first use, so a CPU-only install never compiles anything.
+TRITON_INTERPRET=1), "torch" the plain-torch path in torch_path.py, "auto" Triton for CUDA tensors and the
+plain-torch path otherwise. The Triton modules are imported on first use, so a CPU-only install never compiles anything.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import os
 import torch
 from torch import Tensor
 
-from . import reference
+from . import torch_path
 
 KERNELS = ("auto", "triton", "torch")
 
@@ -39,7 +39,7 @@ def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor, kernel: str 
     if use_triton(kernel, logits):
         from .logprobs import sequence_logprobs_triton
         return sequence_logprobs_triton(logits, labels, mask)
-    return reference.sequence_logprobs(logits, labels, mask)
+    return torch_path.sequence_logprobs(logits, labels, mask)
 
 
 def fused_head_uses_triton(kernel: str, is_cuda: bool, needs_grad: bool) -> bool:
@@ -58,16 +58,16 @@ def fused_linear_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tenso
     if fused_head_uses_triton(kernel, hidden.is_cuda, needs_grad):
         from .fused_linear import fused_linear_sequence_logprobs_triton
         return fused_linear_sequence_logprobs_triton(hidden, weight, labels, mask)
-    return reference.fused_linear_sequence_logprobs(hidden, weight, labels, mask)
+    return torch_path.fused_linear_sequence_logprobs(hidden, weight, labels, mask)
 
 
 def dico_loss(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, beta: float = 0.2, tau: float = 300.0,
               kernel: str = "auto"):
-    """(scalar loss, detached metrics) of DiCO over [B, k] candidates; see reference.dico_loss."""
+    """(scalar loss, detached metrics) of DiCO over [B, k] candidates; see torch_path.dico_loss."""
     if use_triton(kernel, policy_logps):
         from .loss import dico_loss_triton
         return dico_loss_triton(policy_logps, ref_logps, rewards, beta=beta, tau=tau)
-    return reference.dico_loss(policy_logps, ref_logps, rewards, beta=beta, tau=tau)
+    return torch_path.dico_loss(policy_logps, ref_logps, rewards, beta=beta, tau=tau)
 
 
 __all__ = ["KERNELS", "sequence_logprobs", "fused_linear_sequence_logprobs", "dico_loss", "use_triton",

@@ -1,7 +1,7 @@
 """Per-sequence log-probs straight from decoder states and the lm_head, never writing [N*T, V] logits.
 
 fused_linear_sequence_logprobs_triton(hidden [N, T, H], weight [V, H], labels, mask) -> [N] fp32
-equals reference.fused_linear_sequence_logprobs. Logits are matmul tiles that live only in
+equals torch_path.fused_linear_sequence_logprobs. Logits are matmul tiles that live only in
 registers: the forward keeps an online log-sum-exp per row, the backward recomputes them.
 Rows are addressed through index arrays, so compaction (masked-in rows only) and exact
 dedup (bitwise-equal rows computed once) cost no copies of the hidden states. docs/kernels.md

@@ -2,7 +2,7 @@
 
 sequence_logprobs_triton(logits [N, T, V], labels [N, T], mask [N, T]) -> [N] fp32:
 sum over t of mask * (logits[label] - logsumexp(logits)), the same as
-reference.sequence_logprobs. One program per (n, t) row streams the vocabulary
+torch_path.sequence_logprobs. One program per (n, t) row streams the vocabulary
 in blocks with an online log-sum-exp; the backward recomputes the softmax from
 the saved logits and the per-row lse, so no fp32 copy of the logits is made.
 """

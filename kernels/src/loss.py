@@ -10,7 +10,7 @@ is a few dozen block iterations.
 Backward: one launch over row blocks recomputes gamma and z from the inputs (cheaper
 than saving them) and writes d loss / d policy = -g/B * sigmoid(-z) * beta * (onehot_w - gamma).
 
-Semantics, metric names and error messages follow kernels/src/reference.py:dico_loss.
+Semantics, metric names and error messages follow kernels/src/torch_path.py:dico_loss.
 """
 
 from typing import Dict, Tuple
@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .reference import check_dico_inputs
+from .torch_path import check_dico_inputs
 
 METRIC_NAMES = (
     "rewards/chosen",
@@ -192,7 +192,7 @@ def dico_loss_triton(
     beta: float = 0.2,
     tau: float = 300.0,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Triton DiCO loss; same contract as kernels.reference.dico_loss.
+    """Triton DiCO loss; same contract as kernels.torch_path.dico_loss.
 
     Inputs [B, k], k >= 2, any float dtype (fp16/bf16/fp32 accumulate in fp32, fp64 in
     fp64). Gradient flows into policy_logps only. Metrics are 0-dim detached views of

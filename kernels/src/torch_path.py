@@ -1,4 +1,4 @@
-"""Plain-torch reference implementations of the DiCO loss kernels.
+"""The plain-torch path of the DiCO loss kernels (`loss.kernel=torch`, and `auto` on the CPU).
 
 The Triton kernels replace these behind the same names and signatures; these
 stay as the CPU path and as the ground truth the kernels are tested against.
