@@ -32,7 +32,7 @@ class Rollout:
         policy.eval()
         try:
             with torch.no_grad():
-                memory = policy.encode(visual_tokens)
+                memory = policy.image_context(visual_tokens)
                 if g.strategy == "beam":
                     tokens, _ = beam_search(policy, memory, self.k, g.max_len, self.bos, self.eos, self.pad)
                 else:

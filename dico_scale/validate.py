@@ -27,7 +27,7 @@ __all__ = ["generate", "caption_split", "gather_records", "evaluator_scores", "s
 @torch.no_grad()
 def generate(captioner, tokenizer, pixels: torch.Tensor, beam_size: int, max_len: int) -> list[str]:
     """The best beam's caption for each image; the caller chooses the mode (eval for inference)."""
-    memory = captioner.encode(captioner.encode_image(pixels))
+    memory = captioner.image_context(captioner.visual_tokens(pixels))
     tokens, _ = beam_search(captioner, memory, beam_size, max_len, tokenizer.bos, tokenizer.eos, tokenizer.pad)
     return tokenizer.decode_batch(tokens[:, 0])
 

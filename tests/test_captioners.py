@@ -42,7 +42,7 @@ def test_builtin_without_encoder_layers_passes_the_visual_tokens_on():
 
     cap = build_captioner(load_config("configs/demo/xe.yaml", BLANK + ["captioner.encoder_layers=0"]))
     pixels = torch.stack([cap.preprocess(Image.new("RGB", (40, 30)))] * 2)
-    features = cap.encode_image(pixels)
-    assert torch.equal(cap.encode(features), cap.visual_proj(features))
+    features = cap.visual_tokens(pixels)
+    assert torch.equal(cap.image_context(features), cap.visual_proj(features))
     cap(torch.randint(1, 400, (2, 6)), pixels=pixels, output="logprobs").sum().backward()
     assert all(p.grad is not None for p in cap.visual_proj.parameters())

@@ -57,7 +57,7 @@ def test_beams_equal_generate_on_the_reference_modules(ref):
     folder, parts = ref
     ours, k, max_len = build_captioner(cfg_for(folder)).eval(), 3, 6
     with torch.no_grad():
-        mine, _ = beam_search(ours, ours.encode(ours.encode_image(pixels())), k, max_len, BOS, EOS, PAD)
+        mine, _ = beam_search(ours, ours.image_context(ours.visual_tokens(pixels())), k, max_len, BOS, EOS, PAD)
         memory = their_memory(parts, pixels())
         start = torch.full((memory.size(0), 1), BOS)
         theirs = parts["decoder."].generate(input_ids=start, encoder_hidden_states=memory, num_beams=k,

@@ -50,7 +50,7 @@ def test_best_beam_equals_transformers_generate(folders, family):
     cap, k, max_len = captioner(folders, family, untie=True), 3, 8
     tok, px = cap.tokenizer, pixels()
     with torch.no_grad():
-        ours, _ = beam_search(cap, cap.encode(cap.encode_image(px)), k, max_len, tok.bos, tok.eos, tok.pad)
+        ours, _ = beam_search(cap, cap.image_context(cap.visual_tokens(px)), k, max_len, tok.bos, tok.eos, tok.pad)
         banned = [[t] for t in banned_tokens(tok.bos, tok.eos, tok.pad)]  # ours never proposes BOS / PAD
         theirs = cap.model.generate(pixel_values=px, num_beams=k, num_return_sequences=k, length_penalty=0.0,
                                     max_new_tokens=max_len, do_sample=False,
@@ -81,7 +81,7 @@ def test_teacher_forced_logprobs_equal_gathered_log_softmax(folders, family):
 def test_fused_head_equals_torch_path(folders, family):
     """GPT-2 with an untied head; BLIP's head has a bias (one more input column of the fused kernel)."""
     cap = captioner(folders, family, untie=True)  # eval mode: no dropout, gradients still flow
-    tokens, vt = cap.tokenizer.batch(CAPTIONS, 40), cap.encode_image(pixels())
+    tokens, vt = cap.tokenizer.batch(CAPTIONS, 40), cap.visual_tokens(pixels())
     out = {}
     for fused in (False, True):
         cap.zero_grad()

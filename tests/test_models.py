@@ -143,7 +143,7 @@ def test_repeats_equal_explicit_repetition(tok):
     k = 3
     tokens = tok.batch((CAPTIONS * 2)[:2 * k], 16)  # 2 images x 3 rows
     with torch.no_grad():
-        vt = m.encode_image(pixels(2))
+        vt = m.visual_tokens(pixels(2))
         a = m(tokens, visual_tokens=vt, repeats=k)
         b = m(tokens, visual_tokens=vt.repeat_interleave(k, dim=0))
         c = m(tokens, pixels=pixels(2).repeat_interleave(k, dim=0))
@@ -204,8 +204,8 @@ def shaped(tok):
         base.load_state_dict(state)
         _shaped(base, tok, s, c, a, x)
         with torch.no_grad():
-            vt = base.encode_image(pixels(3))
-            mem = base.encode(vt)
+            vt = base.visual_tokens(pixels(3))
+            mem = base.image_context(vt)
         toks, _ = beam_search(base, mem, 4, 8, tok.bos, tok.eos, tok.pad)
         lengths = (toks != tok.pad).sum(-1)  # BOS .. EOS (or the end)
         if (lengths < toks.size(-1)).any() and lengths.unique().numel() >= 2 and not torch.equal(toks[0], toks[1]):
@@ -260,8 +260,8 @@ def test_beam_search_never_emits_bos_or_pad(tok):
         m.decoder.ln_f.bias.add_(4 * u)
         m.decoder.wte.weight[tok.bos] = 4 * u
         m.decoder.wte.weight[tok.pad] = 4 * u
-        vt = m.encode_image(pixels(2))
-        mem = m.encode(vt)
+        vt = m.visual_tokens(pixels(2))
+        mem = m.image_context(vt)
     tokens, scores = beam_search(m, mem, 3, 4, tok.bos, tok.eos, tok.pad)
     _check_beams(tokens, scores, tok, 2, 3, 4)
     assert tokens.shape == (2, 3, 5) and not ((tokens[:, :, 1:] == tok.bos) | (tokens[:, :, 1:] == tok.pad)).any()
@@ -276,8 +276,8 @@ def test_beam_search_random_model(tok):
     """An untouched random captioner: no beam finishes, all run to max_len."""
     m = make_captioner(tok, seed=5).eval()
     with torch.no_grad():
-        vt = m.encode_image(pixels(2))
-        mem = m.encode(vt)
+        vt = m.visual_tokens(pixels(2))
+        mem = m.image_context(vt)
     tokens, scores = beam_search(m, mem, 3, 5, tok.bos, tok.eos, tok.pad)
     assert tokens.shape == (2, 3, 6)
     _check_beams(tokens, scores, tok, 2, 3, 5)
@@ -290,7 +290,7 @@ def test_beam_search_max_len_one(shaped, tok):
     assert tokens.shape == (3, 4, 2)
     _check_beams(tokens, scores, tok, 3, 4, 1)
     with torch.no_grad():
-        logp = torch.log_softmax(m.logits(m.decode(torch.full((3, 1), tok.bos), mem))[:, -1].float(), -1)
+        logp = torch.log_softmax(m.logits(m.decoder_hidden(torch.full((3, 1), tok.bos), mem))[:, -1].float(), -1)
     logp[:, [tok.bos, tok.pad]] = float("-inf")
     top, idx = logp.topk(4, dim=-1)
     assert torch.equal(tokens[:, :, 1], idx)
@@ -304,7 +304,7 @@ def greedy(m, tok, mem, max_len):
     total = torch.zeros(mem.size(0), dtype=torch.float64)
     with torch.no_grad():
         for _ in range(max_len):
-            logp = torch.log_softmax(m.logits(m.decode(seq, mem))[:, -1].double(), -1)
+            logp = torch.log_softmax(m.logits(m.decoder_hidden(seq, mem))[:, -1].double(), -1)
             logp[:, [tok.bos, tok.pad]] = float("-inf")
             nxt = logp.argmax(-1)
             total += torch.where(done, 0.0, logp.gather(-1, nxt[:, None]).squeeze(-1))
@@ -330,17 +330,17 @@ def test_cached_decode_equals_full_forward(shaped, tok):
     m, mem, _ = shaped
     tokens = tok.batch(CAPTIONS[:3], 12)
     with torch.no_grad():
-        full = m.decode(tokens, mem)
+        full = m.decoder_hidden(tokens, mem)
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        steps = [m.decode(tokens[:, t:t + 1], mem, cache=cache)[:, -1] for t in range(tokens.size(1))]
+        steps = [m.decoder_hidden(tokens[:, t:t + 1], mem, cache=cache)[:, -1] for t in range(tokens.size(1))]
     assert torch.allclose(torch.stack(steps, 1), full, atol=1e-4)
     # and the cache reorders like the beams do
     with torch.no_grad():
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        m.decode(tokens[:, :4], mem, cache=cache)
+        m.decoder_hidden(tokens[:, :4], mem, cache=cache)
         perm = torch.tensor([2, 0, 1])
         cache.reorder_cache(perm)
-        step = m.decode(tokens[perm, 4:5], mem[perm], cache=cache)[:, -1]
+        step = m.decoder_hidden(tokens[perm, 4:5], mem[perm], cache=cache)[:, -1]
     assert torch.allclose(step, full[perm, 4], atol=1e-4)
 
 

@@ -20,26 +20,26 @@ TOY = SimpleNamespace(bos=BOS, eos=EOS, pad=PAD)
 
 
 class Bigram(CaptionerModel):
-    """A hand-made decoder with the captioner's generation API (encode / decode / logits, and the teacher-forced
+    """A hand-made decoder with the captioner's generation API (image_context / decoder_hidden / logits, and the teacher-forced
     forward that Rollout.sequence_logprobs calls): the next-token logits are table[last token] + a per-image bias, so
-    every step's distribution is known in closed form. decode ignores the KV cache it is given: its output at a
+    every step's distribution is known in closed form. decoder_hidden ignores the KV cache it is given: its output at a
     position depends on that position's token only."""
 
     def __init__(self, table: torch.Tensor):
         super().__init__()
         self.table = nn.Parameter(table)
 
-    def encode(self, visual_tokens):  # "visual tokens" [B, 1, V] are the per-image bias
+    def image_context(self, visual_tokens):  # "visual tokens" [B, 1, V] are the per-image bias
         return visual_tokens
 
-    def decode(self, tokens, memory, cache=None):
+    def decoder_hidden(self, tokens, memory, cache=None):
         return self.table[tokens] + memory
 
     def logits(self, hidden):
         return hidden
 
     def forward(self, tokens, visual_tokens=None, repeats=1, output="logits", kernel="auto", fused=False):
-        logits = self.decode(tokens[:, :-1], self.encode(visual_tokens).repeat_interleave(repeats, dim=0))
+        logits = self.decoder_hidden(tokens[:, :-1], self.image_context(visual_tokens).repeat_interleave(repeats, dim=0))
         if output == "logits":
             return logits
         assert output == "logprobs" and not fused
@@ -193,7 +193,7 @@ def captioner(tok):
     m = Captioner(CaptionerConfig(image_encoder="dico-tiny", width=64, heads=4, encoder_layers=1, decoder_layers=1,
                                   dropout=0.1), tok).train()
     with torch.no_grad():
-        vt = m.encode_image(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+        vt = m.visual_tokens(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
     return m, vt
 
 
@@ -204,7 +204,7 @@ def sample_without_cache(m, memory, k, max_len, tok, temperature, top_k, generat
     total = torch.zeros(memory.size(0))
     done = torch.zeros(memory.size(0), dtype=torch.bool)
     for _ in range(max_len):
-        logp = torch.log_softmax(m.logits(m.decode(seq, memory))[:, -1].float(), -1)
+        logp = torch.log_softmax(m.logits(m.decoder_hidden(seq, memory))[:, -1].float(), -1)
         logp[:, [tok.bos, tok.pad]] = float("-inf")
         vals, ids = logp.topk(top_k, dim=-1)
         nxt = ids.gather(-1, torch.multinomial(torch.softmax(vals / temperature, -1), 1, generator=generator))[:, 0]
@@ -221,7 +221,7 @@ def test_real_captioner_kv_cache_sampling_equals_full_forward_and_teacher_forcin
     m.eval()
     try:
         with torch.no_grad():
-            memory = m.encode(vt)
+            memory = m.image_context(vt)
             tokens, scores = sample(m, memory, 5, 6, tok.bos, tok.eos, tok.pad, temperature=0.7, top_k=50,
                                     generator=torch.Generator().manual_seed(0))
             ref_tokens, ref_scores = sample_without_cache(m, memory, 5, 6, tok, 0.7, 50,
@@ -243,7 +243,7 @@ def test_rollout_beam_is_exactly_beam_search_and_restores_train_mode(captioner, 
     assert m.training and not m.image_encoder.training  # restored; the frozen tower stays in eval mode
     m.eval()
     with torch.no_grad():
-        want, _ = beam_search(m, m.encode(vt), 3, 5, tok.bos, tok.eos, tok.pad)
+        want, _ = beam_search(m, m.image_context(vt), 3, 5, tok.bos, tok.eos, tok.pad)
     assert torch.equal(got, want.flatten(0, 1))
     assert torch.equal(rollout.candidates(m, vt), got) and not m.training  # eval mode is restored as eval
     m.train()

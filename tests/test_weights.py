@@ -162,7 +162,7 @@ def test_each_format_gives_the_source_features(files, fmt):
         close(pooled, img)
         assert patch_tokens.shape == (3, 64, 128)
         model.visual.output_tokens = True
-        close(captioner.encode_image(pixels()), model.visual(pixels())[1])
+        close(captioner.visual_tokens(pixels()), model.visual(pixels())[1])
 
 
 # ---- a captioner export, and evaluate / caption on it -----------------------------------------------------------

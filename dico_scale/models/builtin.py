@@ -64,12 +64,12 @@ class Captioner(CaptionerModel):
         """The tied output head. Under ZeRO-3 it is present only inside this module's forward (or `gathered`)."""
         return self.decoder.wte.weight
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+    def visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """Patch tokens [B, P, visual width]; no graph when the tower is frozen."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_image_encoder):
             return self.image_encoder(pixels)[1]
 
-    def encode(self, visual_tokens: torch.Tensor) -> torch.Tensor:
+    def image_context(self, visual_tokens: torch.Tensor) -> torch.Tensor:
         """Memory for cross-attention [B, P, width]."""
         x = self.visual_proj(visual_tokens)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -78,7 +78,7 @@ class Captioner(CaptionerModel):
             x = checkpoint(layer, x, use_reentrant=False) if recompute else layer(x)
         return x
 
-    def decode(self, tokens: torch.Tensor, memory: torch.Tensor, cache=None) -> torch.Tensor:
+    def decoder_hidden(self, tokens: torch.Tensor, memory: torch.Tensor, cache=None) -> torch.Tensor:
         out = self.decoder(input_ids=tokens, encoder_hidden_states=memory, cache=cache, use_cache=cache is not None)
         return out.last_hidden_state
 

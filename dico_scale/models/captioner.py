@@ -1,12 +1,13 @@
 """The captioner interface: what the stages, rollout, generation, validation, export, caption, the demo and the
 benchmarks need from any captioner architecture (the rows of `dico_scale.models.MODELS`).
 
-A captioner turns pixels into features (`encode_image`, frozen or not), features into the per-image context its
-decoder attends to (`encode`, computed once per image and `expand`ed to k candidates), and runs one decode step with
-a cache (`new_cache`, `decode`, `reorder_cache`); its output head is `head_weight` / `head_bias` (tied or untied).
-Teacher forcing runs inside `forward`, because ZeRO-3 gathers a parameter only inside the forward of the module
-that owns it. It carries its tokenizer (`.tokenizer`: bos, eos, pad, vocab_size, batch, decode_batch) and image
-transform (`.preprocess`).
+A captioner turns pixels into visual tokens (`visual_tokens`, frozen or not), those into the per-image context its
+decoder attends to (`image_context`, computed once per image and `expand`ed to k candidates), and runs the decoder
+over tokens, one step at a time with a cache (`new_cache`, `decoder_hidden`, `reorder_cache`); its output head is
+`head_weight` / `head_bias` (tied or untied). None of these encodes or decodes text: its tokenizer does
+(`.tokenizer`: bos, eos, pad, vocab_size, batch, decode_batch). Teacher forcing runs inside `forward`, because
+ZeRO-3 gathers a parameter only inside the forward of the module that owns it. It carries that tokenizer and its
+image transform (`.preprocess`).
 
 Token layout everywhere: [BOS, w1, ..., wn, EOS, PAD, ...], where BOS is the decoder's start token and PAD may equal
 EOS (tokenizers without a pad token): the scored tokens are those after BOS up to and including the first EOS.
@@ -34,7 +35,7 @@ def banned_tokens(bos: int, eos: int, pad: int) -> list[int]:
 
 
 class CaptionerModel(nn.Module):
-    """Base class of the MODELS rows. Subclasses implement `build`, `encode_image`, `encode`, `decode` and
+    """Base class of the MODELS rows. Subclasses implement `build`, `visual_tokens`, `image_context`, `decoder_hidden` and
     `head_weight` (and `head_bias` for a biased head); the rest has defaults for encoder-decoder captioners."""
 
     tokenizer = None  # set by the subclass
@@ -46,11 +47,11 @@ class CaptionerModel(nn.Module):
     def build(cls, cfg, image_encoder: bool = True) -> "CaptionerModel":
         raise NotImplementedError
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Image features [B, P, D] (no graph when the tower is frozen)."""
+    def visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Visual tokens [B, P, D]: the image tower's features (no graph when the tower is frozen)."""
         raise NotImplementedError
 
-    def encode(self, features: torch.Tensor) -> torch.Tensor:
+    def image_context(self, features: torch.Tensor) -> torch.Tensor:
         """Per-image context the decoder attends to [B, P, H], computed once per image."""
         raise NotImplementedError
 
@@ -65,7 +66,7 @@ class CaptionerModel(nn.Module):
         """Keeps the cache rows `src` (beam search's survivors), in that order."""
         cache.reorder_cache(src)
 
-    def decode(self, tokens: torch.Tensor, context: torch.Tensor, cache=None) -> torch.Tensor:
+    def decoder_hidden(self, tokens: torch.Tensor, context: torch.Tensor, cache=None) -> torch.Tensor:
         """Decoder states [N, t, H] of tokens [N, t] (with a cache: the new tokens only)."""
         raise NotImplementedError
 
@@ -98,10 +99,10 @@ class CaptionerModel(nn.Module):
           visual_tokens  [B, P, D] the features of `pixels` (tokens unused)
         """
         if output == "visual_tokens":
-            return self.encode_image(pixels)
+            return self.visual_tokens(pixels)
         if visual_tokens is None:
-            visual_tokens = self.encode_image(pixels)
-        hidden = self.decode(tokens[:, :-1], self.expand(self.encode(visual_tokens), repeats))
+            visual_tokens = self.visual_tokens(pixels)
+        hidden = self.decoder_hidden(tokens[:, :-1], self.expand(self.image_context(visual_tokens), repeats))
         if output == "hidden":
             return hidden
         if output == "logits":

@@ -104,14 +104,14 @@ class DicoRef(CaptionerModel):
     def head_weight(self) -> torch.Tensor:
         return self.decoder.lm_head.weight
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+    def visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_vision):
             return self.vision(pixel_values=pixels).last_hidden_state
 
-    def encode(self, features: torch.Tensor) -> torch.Tensor:
+    def image_context(self, features: torch.Tensor) -> torch.Tensor:
         return self.enc_to_dec(self.encoder(inputs_embeds=self.proj(features)).last_hidden_state)
 
-    def decode(self, tokens: torch.Tensor, context: torch.Tensor, cache=None) -> torch.Tensor:
+    def decoder_hidden(self, tokens: torch.Tensor, context: torch.Tensor, cache=None) -> torch.Tensor:
         out = self.decoder.transformer(input_ids=tokens, encoder_hidden_states=context, cache=cache,
                                        use_cache=cache is not None)
         return out.last_hidden_state

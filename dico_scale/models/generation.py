@@ -10,7 +10,7 @@ from .captioner import banned_tokens
 @torch.no_grad()
 def beam_search(model, memory: torch.Tensor, beam_size: int, max_len: int, bos: int, eos: int, pad: int):
     """Returns tokens [B, k, 1 + n] (BOS first, PAD after EOS) and summed log-probs [B, k], best beam first.
-    `model`: a captioner (models/captioner.py), `memory`: its per-image context [B, ...] (model.encode).
+    `model`: a captioner (models/captioner.py), `memory`: its per-image context [B, ...] (model.image_context).
 
     A finished beam can only be extended with PAD at no cost, so finished and running beams compete on one score.
     The caller chooses train/eval mode (dropout); this function never changes it.
@@ -23,7 +23,7 @@ def beam_search(model, memory: torch.Tensor, beam_size: int, max_len: int, bos: 
     finished = torch.zeros(B * k, dtype=torch.bool, device=memory.device)
     offsets = torch.arange(B, device=memory.device).unsqueeze(1) * k
     for _ in range(max_len):
-        hidden = model.decode(tokens[:, -1:], memory, cache=cache)[:, -1]
+        hidden = model.decoder_hidden(tokens[:, -1:], memory, cache=cache)[:, -1]
         logp = torch.log_softmax(model.logits(hidden).float(), dim=-1)
         logp[:, banned] = float("-inf")
         logp[finished] = float("-inf")
@@ -58,7 +58,7 @@ def sample(model, memory: torch.Tensor, k: int, max_len: int, bos: int, eos: int
     scores = torch.zeros(B * k, device=memory.device)
     finished = torch.zeros(B * k, dtype=torch.bool, device=memory.device)
     for _ in range(max_len):
-        hidden = model.decode(tokens[:, -1:], memory, cache=cache)[:, -1]
+        hidden = model.decoder_hidden(tokens[:, -1:], memory, cache=cache)[:, -1]
         logp = torch.log_softmax(model.logits(hidden).float(), dim=-1)
         logp[:, banned] = float("-inf")
         proposal, ids = logp.topk(min(top_k, logp.size(-1)), dim=-1) if top_k else (logp, None)

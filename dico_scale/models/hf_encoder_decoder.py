@@ -139,15 +139,15 @@ class HFEncoderDecoder(CaptionerModel):
     def head_bias(self) -> torch.Tensor | None:
         return self.head.bias
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+    def visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         vision = self.parts()["vision"][0]
         with torch.set_grad_enabled(torch.is_grad_enabled() and "vision" not in self.frozen):
             return vision(pixel_values=pixels).last_hidden_state
 
-    def encode(self, features: torch.Tensor) -> torch.Tensor:
+    def image_context(self, features: torch.Tensor) -> torch.Tensor:
         return features if self.projection is None else self.projection(features)
 
-    def decode(self, tokens: torch.Tensor, context: torch.Tensor, cache=None) -> torch.Tensor:
+    def decoder_hidden(self, tokens: torch.Tensor, context: torch.Tensor, cache=None) -> torch.Tensor:
         out = self.body(input_ids=tokens, encoder_hidden_states=context, cache=cache, use_cache=cache is not None,
                         **self.body_kwargs)
         hidden = out.last_hidden_state

@@ -124,7 +124,7 @@ class CaptionerStage(Stage):
         pixels = batch["pixels"].to(self.device, self.dtype)
         with gathered(engine) as policy:
             with torch.no_grad():
-                visual_tokens = policy.encode_image(pixels)
+                visual_tokens = policy.visual_tokens(pixels)
             return visual_tokens, [r.candidates(policy, visual_tokens) for r in rollouts]
 
     def score_candidates(self, batch: dict, candidates: torch.Tensor) -> torch.Tensor:

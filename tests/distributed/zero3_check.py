@@ -100,7 +100,7 @@ g = torch.Generator().manual_seed(5)
 pixels = torch.randn(2, 3, 64, 64, generator=g).to(stage.device, stage.dtype)
 with gathered(engine) as policy:
     with torch.no_grad():
-        visual_tokens = policy.encode_image(pixels)
+        visual_tokens = policy.visual_tokens(pixels)
     candidates = stage.rollout.candidates(policy, visual_tokens)
 with torch.no_grad():
     logps = stage.rollout.sequence_logprobs(engine, candidates, visual_tokens)  # partitioned, hooks back on
@@ -108,7 +108,7 @@ plain = build_captioner(stage.cfg)
 plain.load_state_dict(full_state(engine))
 plain.to(stage.device, stage.dtype).eval()  # the engine's dtype: the same arithmetic
 with torch.no_grad():
-    plain_candidates = stage.rollout.candidates(plain, plain.encode_image(pixels))
+    plain_candidates = stage.rollout.candidates(plain, plain.visual_tokens(pixels))
     plain_logps = stage.rollout.sequence_logprobs(plain, plain_candidates, visual_tokens)
 result["generation_equal"] = torch.equal(candidates, plain_candidates)
 result["logprobs_max_diff"] = float((logps - plain_logps).abs().max())
