@@ -167,8 +167,8 @@ def project(name: str, counts: dict, world: int, dtype_bytes: int = 2) -> dict:
     from dico_scale.memory import account
 
     out = {}
-    for setting, (train_stage, frozen_stage) in {"zero2": (2, 0), "zero3": (3, 3)}.items():
-        models = [account(m, n, t, train_stage if m == "captioner" else frozen_stage, world, dtype_bytes)
+    for setting, (train_zero_stage, frozen_zero_stage) in {"zero2": (2, 0), "zero3": (3, 3)}.items():
+        models = [account(m, n, t, train_zero_stage if m == "captioner" else frozen_zero_stage, world, dtype_bytes)
                   for m, (n, t) in counts.items()]
         out[setting] = {m.name: m.total for m in models} | {"total": sum(m.total for m in models)}
     return {"name": name, "world_size": world, "counts": counts, **out}

@@ -403,9 +403,10 @@ def read_deepspeed_config(path: str) -> dict:
         raise ConfigError(f"train.deepspeed_config '{path}': cannot read it ({e.strerror or e})") from None
     if not isinstance(ds, dict):
         raise ConfigError(f"train.deepspeed_config '{path}': not a JSON object")
-    stage = ds.get("zero_optimization", {}).get("stage", 0) if isinstance(ds.get("zero_optimization", {}), dict) else None
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.deepspeed_config '{path}': zero_optimization.stage {stage!r} is not 0, 1, 2 or 3")
+    zero = ds.get("zero_optimization", {})
+    declared = zero.get("stage", 0) if isinstance(zero, dict) else None  # the ZeRO stage the JSON asks for
+    if declared not in (0, 1, 2, 3):
+        raise ConfigError(f"train.deepspeed_config '{path}': zero_optimization.stage {declared!r} is not 0, 1, 2 or 3")
     return ds
 
 
@@ -423,11 +424,12 @@ def check_deepspeed_combination(c: "Config", ds: dict) -> None:
     """Combinations of the DeepSpeed JSON and the run config that DeepSpeed would refuse (or silently ignore) later,
     on every rank, after minutes of model building: one ConfigError line now instead."""
     path, zero = c.train.deepspeed_config, ds.get("zero_optimization") or {}
-    stage = zero.get("stage", 0)
-    if _offloaded(zero, "param") and stage != 3:
-        raise ConfigError(f"train.deepspeed_config '{path}': zero_optimization.offload_param needs stage 3, not {stage}")
-    if _offloaded(zero, "optimizer") and stage == 0:
-        raise ConfigError(f"train.deepspeed_config '{path}': zero_optimization.offload_optimizer needs stage 1, 2 or 3")
+    if _offloaded(zero, "param") and zero_stage(ds) != 3:
+        raise ConfigError(f"train.deepspeed_config '{path}': zero_optimization.offload_param needs ZeRO stage 3, "
+                          f"not {zero_stage(ds)}")
+    if _offloaded(zero, "optimizer") and zero_stage(ds) == 0:
+        raise ConfigError(f"train.deepspeed_config '{path}': zero_optimization.offload_optimizer needs ZeRO "
+                          "stage 1, 2 or 3")
     if _enabled(ds, "fp16") is True and _enabled(ds, "bf16") is True:
         raise ConfigError(f"train.deepspeed_config '{path}': fp16 and bf16 are both enabled; enable one")
     if "optimizer" in ds or "scheduler" in ds:  # engine.build_engine passes its own AdamW and schedule

@@ -121,8 +121,8 @@ def offloads_optimizer(ds: dict) -> bool:
 
 def frozen_ds_config(train_ds: dict, placement: str, width: int) -> dict:
     """A frozen model's DeepSpeed config (no optimizer, as OpenRLHF's get_eval_ds_config and TRL's prepare_deepspeed):
-    ZeRO-3 inference when sharded (TRL's thresholds for a model of hidden size `width`), else stage 0; the trainable
-    model's precision."""
+    ZeRO-3 inference when sharded (TRL's thresholds for a model of hidden size `width`), else ZeRO stage 0; the
+    trainable model's precision."""
     zero: dict = {"stage": 0}
     if placement in ("shard", "shard_offload"):
         zero = {"stage": 3, "stage3_param_persistence_threshold": 10 * width,

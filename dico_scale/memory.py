@@ -1,10 +1,10 @@
 """Bytes per rank of each model's parameters, gradients and optimizer state under its ZeRO stage.
 
 The accounting of the ZeRO paper (Rajbhandari et al., 2020, section 3), as DeepSpeed lays the tensors out:
-  parameters  the working copy in the training dtype (2 bytes bf16/fp16, 4 fp32); partitioned under stage 3
-  gradients   one per trainable parameter in the training dtype; partitioned from stage 2
+  parameters  the working copy in the training dtype (2 bytes bf16/fp16, 4 fp32); partitioned under ZeRO stage 3
+  gradients   one per trainable parameter in the training dtype; partitioned from ZeRO stage 2
   optimizer   Adam's fp32 m and v plus DeepSpeed's fp32 master copy of the trainable parameters (it keeps one in
-              fp32 training too): 12 bytes per trainable parameter; partitioned from stage 1
+              fp32 training too): 12 bytes per trainable parameter; partitioned from ZeRO stage 1
 A partitioned tensor costs ceil(n / world) per rank. Frozen parameters (the captioner's image tower, the reference,
 the evaluator) have no gradient and no optimizer state. Offloaded parts live in CPU memory, not on the accelerator;
 `device_bytes` counts only what stays there. benchmarks/memory.py checks these numbers against the tensors the ranks
@@ -21,7 +21,7 @@ OPTIMIZER_BYTES = 12  # fp32 master + Adam m + v
 @dataclass
 class ModelMemory:
     name: str
-    stage: int
+    zero_stage: int
     params: int  # bytes per rank
     grads: int
     optimizer: int
@@ -39,13 +39,14 @@ class ModelMemory:
                 + (0 if self.optimizer_offloaded else self.optimizer))
 
     def as_params(self) -> dict[str, str]:
-        """MLflow params: memory/<model>/{stage, params, grads, optimizer, device_bytes} (bytes per rank), *_offloaded."""
+        """MLflow params: memory/<model>/{zero_stage, params, grads, optimizer, device_bytes} (bytes per rank),
+        *_offloaded."""
         out = {f"memory/{self.name}/{k}": str(v) for k, v in asdict(self).items() if k != "name"}
         out[f"memory/{self.name}/device_bytes"] = str(self.device_bytes)
         return out
 
 
-def account(name: str, n_params: int, n_trainable: int, stage: int, world: int, dtype_bytes: int,
+def account(name: str, n_params: int, n_trainable: int, zero_stage: int, world: int, dtype_bytes: int,
             params_offloaded: bool = False, optimizer_offloaded: bool = False,
             local_params: int | None = None) -> ModelMemory:
     """Bytes per rank by the ZeRO paper's accounting (see the module docstring). local_params: the parameter elements
@@ -54,10 +55,10 @@ def account(name: str, n_params: int, n_trainable: int, stage: int, world: int, 
     def share(n: int, partitioned: bool) -> int:
         return math.ceil(n / world) if partitioned else n
 
-    held = local_params if local_params is not None and stage == 3 else share(n_params, stage == 3)
-    return ModelMemory(name, stage, params=held * dtype_bytes,
-                       grads=share(n_trainable, stage >= 2) * dtype_bytes,
-                       optimizer=share(n_trainable, stage >= 1) * OPTIMIZER_BYTES,
+    held = local_params if local_params is not None and zero_stage == 3 else share(n_params, zero_stage == 3)
+    return ModelMemory(name, zero_stage, params=held * dtype_bytes,
+                       grads=share(n_trainable, zero_stage >= 2) * dtype_bytes,
+                       optimizer=share(n_trainable, zero_stage >= 1) * OPTIMIZER_BYTES,
                        params_offloaded=params_offloaded, optimizer_offloaded=optimizer_offloaded)
 
 
@@ -96,7 +97,7 @@ def report(models: list[ModelMemory]) -> list[str]:
     for m in models:
         where = "".join([", parameters offloaded to CPU" if m.params_offloaded else "",
                          ", optimizer offloaded to CPU" if m.optimizer_offloaded else ""])
-        lines.append(f"memory per rank, {m.name} (ZeRO stage {m.stage}{where}): parameters {human(m.params)}, "
+        lines.append(f"memory per rank, {m.name} (ZeRO stage {m.zero_stage}{where}): parameters {human(m.params)}, "
                      f"gradients {human(m.grads)}, optimizer state {human(m.optimizer)}")
     total = sum(m.total for m in models)
     lines.append(f"memory per rank, all models: {human(total)} ({human(sum(m.device_bytes for m in models))} "

@@ -330,9 +330,10 @@ def test_shipped_deepspeed_configs_load_with_every_stage(ds_file):
 
 
 @pytest.mark.parametrize("block, needle", [
-    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "offload_param needs stage 3, not 2"),
+    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}},
+     "offload_param needs ZeRO stage 3, not 2"),
     ({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}},
-     "offload_optimizer needs stage 1, 2 or 3"),
+     "offload_optimizer needs ZeRO stage 1, 2 or 3"),
     ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "fp16 and bf16 are both enabled"),
     ({"optimizer": {"type": "Adam"}}, "remove its 'optimizer' block"),
 ])

@@ -138,7 +138,7 @@ def test_xe_then_dico_on_two_nodes_one_rank_each(xe_job):
     assert run.info.status == "FINISHED" and run.data.params["train.resume"] == "auto"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [1, 2]
     assert "rewards/accuracy" in run.data.metrics and "val/cider" in run.data.metrics
-    assert all(run.data.params[f"memory/{m}/stage"] == "3" for m in ("captioner", "reference", "evaluator"))
+    assert all(run.data.params[f"memory/{m}/zero_stage"] == "3" for m in ("captioner", "reference", "evaluator"))
 
 
 def _job_field(job: int, field: str) -> str:

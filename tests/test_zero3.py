@@ -68,7 +68,7 @@ def test_checkpointing_offload_and_frozen_placement_train_the_same_numbers(zero3
     if run == "dico_zero2_shard":  # frozen models sharded beside a ZeRO-2 captioner
         result, client, _ = zero3
         params = client.get_run(result["runs"][run]["mlflow_run_id"]).data.params
-        assert params["memory/captioner/stage"] == "2" and params["memory/evaluator/stage"] == "3"
+        assert params["memory/captioner/zero_stage"] == "2" and params["memory/evaluator/zero_stage"] == "3"
         assert params["memory/reference/params_offloaded"] == "True"
 
 
@@ -81,7 +81,7 @@ def test_frozen_models_are_sharded_and_never_change(zero3):
     params = client.get_run(result["runs"]["dico_zero3"]["mlflow_run_id"]).data.params
     replicated = client.get_run(result["runs"]["dico_zero2"]["mlflow_run_id"]).data.params
     for model in ("captioner", "reference", "evaluator"):  # memory accounting logged per model
-        assert int(params[f"memory/{model}/stage"]) == 3
+        assert int(params[f"memory/{model}/zero_stage"]) == 3
     for model in ("reference", "evaluator"):
         assert int(params[f"memory/{model}/params"]) * 2 >= int(replicated[f"memory/{model}/params"])
         assert int(params[f"memory/{model}/params"]) <= 0.55 * int(replicated[f"memory/{model}/params"])
