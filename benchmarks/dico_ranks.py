@@ -1,5 +1,5 @@
-"""DiCO training throughput per captioner row on CPU ranks, through the real trainer: dico_scale/train.py under the
-deepspeed launcher (ZeRO-2 over gloo), random weights, the demo's synthetic data. The rows run in turn, `--rounds`
+"""DiCO training throughput per captioner row on CPU ranks, through the real trainer: dico_scale/train.py under
+torchrun (ZeRO-2 over gloo), random weights, the demo's synthetic data. The rows run in turn, `--rounds`
 times over, so that load from other processes falls on all of them alike; images/s is the run's own
 `train/images_per_s` (all ranks' images over the wall time between two log points), read back from its MLflow store,
 after `--warmup` logged steps. benchmarks/dico_step.py splits one process's step into phases; this is the whole step

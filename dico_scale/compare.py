@@ -1,7 +1,7 @@
 """`python -m dico_scale.compare --config configs/demo/compare.yaml`: DiCO versus SCST from one XE checkpoint.
 
 DiCO and SCST (optionally also SCST rewarded by CIDEr-D, the classic recipe) start from the same XE captioner, with
-the same reward and number of steps, each through the real trainer as a child process under the deepspeed launcher
+the same reward and number of steps, each through the real trainer as a child process under torchrun
 (`--ranks` CPU ranks) and as a child run of one MLflow parent run. Then one figure: validation curves over the steps
 (evaluator score, CIDEr, mean caption length, repetition, vocabulary; the XE captioner at step 0), each run's
 selected checkpoint (train.select_best) marked, and the captions of the same held-out test images; and a table of

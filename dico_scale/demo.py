@@ -1,5 +1,5 @@
 """`make demo`: evaluator -> xe -> dico (the stage table's chain to dico) on the synthetic shapes data with 2 CPU
-ranks under the deepspeed launcher, then a table of XE vs DiCO on held-out test images (CIDEr and the evaluator's
+ranks under torchrun, then a table of XE vs DiCO on held-out test images (CIDEr and the evaluator's
 score)."""
 from __future__ import annotations
 
