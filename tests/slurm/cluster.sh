@@ -84,6 +84,8 @@ write_conf() {
     mkdir -p /etc/slurm /var/spool/slurmctld /var/log/slurm
     local n
     for n in "${NODES[@]}"; do mkdir -p "/var/spool/slurmd/$n"; done
+    # MinJobAge=0 (records never purged): `sbatch --wait` then polls every 2 s; it waits 2, 8, 32, 32... s between
+    # polls while MinJobAge/3 allows, so a 12 s job took 42 s to be seen finished.
     cat > "$CONF" <<CONF
 $MARKER
 ClusterName=dicotest
@@ -112,7 +114,7 @@ SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
 KillWait=10
-MinJobAge=300
+MinJobAge=0
 SchedulerType=sched/backfill
 NodeName=n[1-2] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=17001-17002 CPUs=$CPUS State=UNKNOWN
 PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
