@@ -144,9 +144,20 @@ def checkpoint(tmp_path_factory, tiny_shards):
     return {"tmp": tmp, "model": tmp / "model.pt"}
 
 
-def test_in_loop_validation_equals_evaluate(checkpoint, tiny_shards, clean_env):
+def test_in_loop_validation_equals_evaluate(checkpoint, tiny_shards, clean_env, monkeypatch):
+    import pycocoevalcap.meteor.meteor as meteor
+
     from dico_scale import evaluate
     from dico_scale.stages.xe import XEStage
+
+    class NoMeteor:
+        """METEOR has no in-loop twin, and its Java scorer costs ~10 s here: evaluate records it as an error, and the
+        CIDEr compared below still comes from evaluate's coco_scores (each scorer fails alone)."""
+
+        def __init__(self):
+            raise RuntimeError("METEOR is not part of this comparison")
+
+    monkeypatch.setattr(meteor, "Meteor", NoMeteor)
 
     tmp = checkpoint["tmp"]
     cfg = _config("xe", tmp, tiny_shards, [f"train.init_from={checkpoint['model']}"])

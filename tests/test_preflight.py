@@ -67,6 +67,29 @@ def _train(tmp_path, *overrides, timeout=60):
     return proc, time.time() - start
 
 
+def _train_in_process(tmp_path, monkeypatch, capsys, *overrides):
+    """dico_scale.train.main with _train's arguments, in this process, for a config error that the preflight checks
+    find before anything is built (test_deepspeed_config_with_invalid_json_fails_naming_the_file runs the real CLI):
+    its exit code and what it printed, as _train's process. A run that got past them would start a process group in
+    pytest's process: it fails the test instead."""
+    from types import SimpleNamespace
+
+    from dico_scale import supervision, train
+
+    def got_past_the_checks(cfg):
+        raise AssertionError("dico_scale.train got past the preflight checks")
+
+    monkeypatch.setattr(train, "run", got_past_the_checks)
+    monkeypatch.setattr(supervision, "_launchers", None)  # main() records the launcher chain once per process
+    capsys.readouterr()
+    start = time.time()
+    code = train.main(["--config", XE, *BLANK, f"data.root={tmp_path}/data",
+                       f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *overrides])
+    took = time.time() - start
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err), took
+
+
 def _one_error_line(proc) -> str:
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -85,7 +108,7 @@ def test_fp16_on_a_cpu_without_fp16_fails_before_any_process_group(tmp_path):
     assert took < 30 and not (tmp_path / "mlflow.db").exists()
 
 
-def test_deepspeed_config_with_invalid_json_fails_naming_the_file(tmp_path):
+def test_deepspeed_config_with_invalid_json_fails_naming_the_file(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "zero.json"
     bad.write_text('{"zero_optimization": {"stage": 2,}}')
     proc, took = _train(tmp_path, f"train.deepspeed_config={bad}")
@@ -94,22 +117,24 @@ def test_deepspeed_config_with_invalid_json_fails_naming_the_file(tmp_path):
                                      "Expecting property name enclosed in double quotes at line 1 column 35")
     assert took < 30
     bad.write_text('{"zero_optimization": {"stage": 5}}')
-    proc, _ = _train(tmp_path, f"train.deepspeed_config={bad}")
+    proc, _ = _train_in_process(tmp_path, monkeypatch, capsys, f"train.deepspeed_config={bad}")
+    assert proc.returncode == exit_codes.CONFIG_ERROR
     assert _one_error_line(proc).endswith("zero_optimization.stage 5 is not 0, 1, 2 or 3")
 
 
-def test_output_dir_that_cannot_be_created_fails_before_anything_is_built(tmp_path):
+def test_output_dir_that_cannot_be_created_fails_before_anything_is_built(tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    proc, took = _train(tmp_path, f"train.output_dir={blocker}/run")
+    proc, took = _train_in_process(tmp_path, monkeypatch, capsys, f"train.output_dir={blocker}/run")
     assert proc.returncode == exit_codes.CONFIG_ERROR
     assert _one_error_line(proc) == (f"dico_scale: config error: train.output_dir '{blocker}/run' cannot be created "
                                      "or written: Not a directory")
     assert took < 30 and not (tmp_path / "data").exists()  # failed before the data were even generated
 
 
-def test_unreachable_tracking_server_fails_in_seconds_naming_the_uri(tmp_path):
-    proc, took = _train(tmp_path, f"train.output_dir={tmp_path}/run", "tracking.uri=http://127.0.0.1:1")
+def test_unreachable_tracking_server_fails_in_seconds_naming_the_uri(tmp_path, monkeypatch, capsys):
+    proc, took = _train_in_process(tmp_path, monkeypatch, capsys, f"train.output_dir={tmp_path}/run",
+                                   "tracking.uri=http://127.0.0.1:1")
     assert proc.returncode == exit_codes.CONFIG_ERROR
     line = _one_error_line(proc)
     assert line.startswith("dico_scale: config error: tracking server 'http://127.0.0.1:1' is unusable: no answer "

@@ -76,8 +76,9 @@ def expected_reward(m, bias) -> float:
 
 @pytest.mark.parametrize("baseline", ["mean", "greedy"])
 def test_toy_policy_expected_reward_rises(baseline):
-    """A bigram policy trained by SCST for 200 steps on a fixed reward: its expected reward (Monte Carlo, 4000
-    samples per image; sd about 0.003) must rise from under 0.15 to over 0.6 (it reaches about 0.98)."""
+    """A bigram policy trained by SCST for 100 steps on a fixed reward: its expected reward (Monte Carlo, 4000
+    samples per image; sd about 0.003) must rise from under 0.15 to over 0.6 (it reaches about 0.86 with the mean
+    baseline, 0.79 with the greedy one; over 10 other sampling seeds, at least 0.87 and 0.77)."""
     torch.manual_seed(0)
     m, bias = toy(seed=7)
     k = 5
@@ -86,7 +87,7 @@ def test_toy_policy_expected_reward_rises(baseline):
     greedy = Rollout(GenerationConfig(candidates=1, max_len=6, strategy="beam"), TOY)
     before = expected_reward(m, bias)
     opt = torch.optim.Adam(m.parameters(), lr=0.05)
-    for _ in range(200):
+    for _ in range(100):
         cand = rollout.candidates(m, bias)
         rewards = toy_reward(cand).view(2, k)
         base = toy_reward(greedy.candidates(m, bias)).view(2, 1) if baseline == "greedy" else None

@@ -1,7 +1,8 @@
-"""One CPU rank, real DeepSpeed engines, the real loop over real shards: run A stops after STOP steps (checkpoint),
-run B resumes it up to MAX steps, run C goes to MAX steps uninterrupted. Writes each run's summary and the loaders
-the loop asked for, (epoch, start_batch, keys of each batch consumed), to OUT_DIR/result.json.
-Usage: python resume_check.py OUT_DIR SHARD_SPEC STOP MAX"""
+"""One CPU rank, real DeepSpeed engines, the real loop over real shards: for each STOP, run A stops after STOP steps
+(checkpoint) and run B resumes it up to MAX steps; run C goes to MAX steps uninterrupted (once: it does not depend on
+STOP). Writes each run's summary and the loaders the loop asked for, (epoch, start_batch, keys of each batch
+consumed), to OUT_DIR/result.json: {"C": ..., "<STOP>": {"A": ..., "B": ...}, ...}.
+Usage: python resume_check.py OUT_DIR SHARD_SPEC MAX STOP [STOP ...]"""
 import json
 import os
 import sys
@@ -19,7 +20,7 @@ from dico_scale.loop import LoopState, train_loop  # noqa: E402
 from dico_scale.stages.base import Stage, StepOutput  # noqa: E402
 from dico_scale.tracking import Tracker  # noqa: E402
 
-out, spec, stop, max_steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+out, spec, max_steps, stops = sys.argv[1], sys.argv[2], int(sys.argv[3]), [int(s) for s in sys.argv[4:]]
 BATCH, PER_EPOCH = 4, 24  # 6 batches per epoch
 
 
@@ -35,16 +36,16 @@ class PixelStage(Stage):
         return StepOutput(loss, {}, images=len(batch["keys"]), tokens=0)
 
 
-def segment(name: str, steps: int, resume: bool) -> dict:
+def segment(folder: str, steps: int, resume: bool) -> dict:
     cfg = load_config("configs/demo/xe.yaml", [
-        f"train.output_dir={out}/{name}", "tracking.enabled=false", f"train.max_steps={steps}", "train.log_every=1",
+        f"train.output_dir={folder}", "tracking.enabled=false", f"train.max_steps={steps}", "train.log_every=1",
         f"train.micro_batch_size={BATCH}", "evaluator.weights=", "captioner.image_encoder_weights=",
         f"data.samples_per_epoch={PER_EPOCH}", "data.shuffle_buffer=8", "data.num_workers=2"])
     stage = PixelStage()
     engine = build_engine(cfg, stage.module, on_gpu=False)
     state = LoopState()
     if resume:
-        state = LoopState.from_client_state(load_checkpoint(engine, complete_tags(f"{out}/A/checkpoints")[-1]))
+        state = LoopState.from_client_state(load_checkpoint(engine, complete_tags(f"{folder}/checkpoints")[-1]))
     collate = Collate(transforms.Compose([transforms.Resize(32), transforms.ToTensor()]), None, CaptionTokenizer(),
                       24, seed=0)
     loaders = []
@@ -62,6 +63,10 @@ def segment(name: str, steps: int, resume: bool) -> dict:
 
 setup_environment(load_config("configs/demo/xe.yaml", ["evaluator.weights=", "captioner.image_encoder_weights="]))
 init_distributed()
-result = {"A": segment("A", stop, False), "B": segment("A", max_steps, True), "C": segment("C", max_steps, False)}
+result = {}
+for stop in stops:
+    folder = f"{out}/stop_{stop}/A"
+    result[str(stop)] = {"A": segment(folder, stop, False), "B": segment(folder, max_steps, True)}
+result["C"] = segment(f"{out}/C", max_steps, False)
 with open(os.path.join(out, "result.json"), "w") as f:
     json.dump(result, f)
