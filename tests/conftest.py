@@ -71,6 +71,20 @@ def _tiny_clip_configs():
     register_model_configs(str(REPO / "configs" / "clip"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _empty_mlflow_store(tmp_path_factory):
+    """An empty MLflow sqlite store, tables made, that helpers.mlflow_uri copies for each new run store (also in the
+    processes the tests start: they inherit the variable)."""
+    from helpers import MLFLOW_TEMPLATE
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow_template") / "empty.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    os.environ[MLFLOW_TEMPLATE] = str(db)
+    yield
+    os.environ.pop(MLFLOW_TEMPLATE, None)
+
+
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> dict:
     """A small synthetic dataset as real tar shards: {split: brace pattern}."""
@@ -89,16 +103,35 @@ def clean_env(monkeypatch):
     return os.environ
 
 
-@pytest.fixture(scope="session")
-def chain(tmp_path_factory):
-    """Evaluator then XE, 2 CPU ranks each, a few steps: (folder, weight overrides), the weights the dico and scst
-    stages (and compare) start from; <folder>/xe/model.pt is the XE captioner. Built once per session."""
-    from helpers import check_ok, demo_overrides, launch
+# `make demo`'s driver at a few steps per stage (evaluator -> xe -> dico, 2 CPU ranks each): test_demo checks it, and
+# its evaluator and XE captioner are the weights the dico and scst tests and compare start from.
+DEMO_STEPS = ["train.max_steps=2", "train.micro_batch_size=4", "train.val_max_images=4", "generation.candidates=3",
+              "generation.max_len=5"]
 
-    tmp = tmp_path_factory.mktemp("chain")
-    check_ok(launch("dico_scale/train.py", "configs/demo/evaluator.yaml", demo_overrides(tmp) + [
-        f"train.output_dir={tmp}/evaluator", "train.max_steps=3", "train.micro_batch_size=8"]))
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The demo run once per session: (its --workdir, the finished process). Its stages' folders, store and data are
+    <workdir>/runs/demo/{evaluator,xe,dico,mlflow.db,data}; the data are helpers.demo_overrides' sizes, so that runs
+    given demo_overrides(<workdir>/runs/demo) read the same shards."""
+    import sys
+
+    from helpers import demo_overrides
+
+    work = tmp_path_factory.mktemp("demo")
+    data = [o for o in demo_overrides(work / "runs" / "demo") if not o.startswith("tracking.uri")]
+    proc = subprocess.run([sys.executable, "-m", "dico_scale.demo", "--workdir", str(work), *data, *DEMO_STEPS],
+                          capture_output=True, text=True, timeout=900)
+    return work, proc
+
+
+@pytest.fixture(scope="session")
+def chain(demo):
+    """The demo's evaluator and XE runs: (folder, weight overrides), the weights the dico and scst stages (and compare)
+    start from; <folder>/xe/model.pt is the XE captioner. Runs of other tests there use folders of their own (not
+    evaluator, xe or dico: those are the demo's)."""
+    work, proc = demo
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tmp = work / "runs" / "demo"
     weights = [f"evaluator.weights={tmp}/evaluator/model.pt", f"captioner.image_encoder_weights={tmp}/evaluator/model.pt"]
-    check_ok(launch("dico_scale/train.py", "configs/demo/xe.yaml", demo_overrides(tmp) + weights + [
-        f"train.output_dir={tmp}/xe", "train.max_steps=3", "train.micro_batch_size=4", "train.val_max_images=4"]))
     return tmp, weights

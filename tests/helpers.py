@@ -1,5 +1,6 @@
 """Small helpers shared by tests (pytest puts tests/ on sys.path)."""
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -36,18 +37,31 @@ def poison_empty(monkeypatch) -> None:
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_like(*a, **k)))
 
 
+MLFLOW_TEMPLATE = "DICO_SCALE_TEST_MLFLOW_TEMPLATE"  # the variable conftest sets to an empty store's file
+
+
+def mlflow_uri(db: str | Path) -> str:
+    """The sqlite URI of `db`. A missing `db` starts as a copy of the session's empty store (conftest makes it once):
+    a new sqlite store spends ~1.1 s creating MLflow's tables, at the start of every run that would make one."""
+    template = os.environ.get(MLFLOW_TEMPLATE)
+    db = Path(db)
+    if template and not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, db)
+    return f"sqlite:///{db}"
+
+
 def demo_overrides(tmp: Path) -> list[str]:
     """A small synthetic data set under tmp and an MLflow store there: the overrides of the 2-rank runs."""
-    return [f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "data.synthetic.n_train=200",
+    return [f"data.root={tmp}/data", f"tracking.uri={mlflow_uri(tmp / 'mlflow.db')}", "data.synthetic.n_train=200",
             "data.synthetic.n_val=12", "data.synthetic.n_test=12", "data.synthetic.samples_per_shard=50",
             "train.log_every=1", "data.samples_per_epoch=64", "data.shuffle_buffer=50"]
 
 
 def ranks_cmd(script: str, ranks: int = 2) -> list[str]:
     """`script` on `ranks` CPU ranks under torchrun (slurm/torchrun.py: the trainer's exit codes pass through), on a
-    free port. The deepspeed runner and its launch.py child would import DeepSpeed twice before any rank starts (12-25
-    s a launch here); test_supervision and the SIGUSR1 test in test_distributed keep it, where its own behaviour is
-    what they check."""
+    free port. The deepspeed runner and its launch.py child would import DeepSpeed twice before any rank starts (~7 s
+    more a launch here); test_supervision and test_ctrl_c keep it, where its own behaviour is what they check."""
     if ranks == 1:  # a plain process: the trainer sets RANK & co itself
         return [sys.executable, script]
     return [sys.executable, "slurm/torchrun.py", "--nproc_per_node", str(ranks), "--master_port", str(free_port()),
@@ -85,7 +99,7 @@ def kill_at(config: str, overrides: list[str], marker: Path, timeout: float = 30
 
 def xe_args(tmp: Path, out: Path) -> list[str]:
     """A small 1-or-2-rank xe run that trains until it is stopped (no weights files, no validation, no saves)."""
-    return ["--config", "configs/demo/xe.yaml", f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+    return ["--config", "configs/demo/xe.yaml", f"data.root={tmp}/data", f"tracking.uri={mlflow_uri(tmp / 'mlflow.db')}",
             "data.synthetic.n_train=100", "data.synthetic.n_val=8", "data.synthetic.n_test=8",
             "data.synthetic.samples_per_shard=25", "data.samples_per_epoch=32", "data.shuffle_buffer=10",
             "train.micro_batch_size=2", "train.log_every=1", "train.val_every=0", "train.save_every=1000",

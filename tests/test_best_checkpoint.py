@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import mlflow_uri
 
 REPO = Path(__file__).resolve().parent.parent
 XE = str(REPO / "configs" / "demo" / "xe.yaml")
@@ -205,7 +206,7 @@ def data_root(tmp_path_factory):
 
 def _train(tmp_path, data_root, *overrides):
     cmd = [sys.executable, "dico_scale/train.py", "--config", XE, *BLANK, f"data.root={data_root}/data",
-           f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"train.output_dir={tmp_path}/run", *TINY, *overrides]
+           f"tracking.uri={mlflow_uri(tmp_path / 'mlflow.db')}", f"train.output_dir={tmp_path}/run", *TINY, *overrides]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
 
 
@@ -287,7 +288,7 @@ def _script(out: str) -> None:
             return {"score": self.values.pop(0), "images": 4.0}, {}
 
     def segment(name, values, steps, *overrides, resume=None, snapshots=False):
-        cfg = load_config(XE, [f"train.output_dir={out}/{name}", f"tracking.uri=sqlite:///{out}/mlflow.db",
+        cfg = load_config(XE, [f"train.output_dir={out}/{name}", f"tracking.uri={mlflow_uri(f'{out}/mlflow.db')}",
                                f"train.max_steps={steps}", "train.val_every=1", "train.save_every=1",
                                "train.keep_checkpoints=20", "train.micro_batch_size=4", "optim.lr=0.05",
                                "optim.warmup_steps=0", "train.select_best=val/score", "train.patience=3",
@@ -321,7 +322,7 @@ def _script(out: str) -> None:
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump(r, f)
     from dico_scale.train import main  # last: its shutdown ends the process group
-    r["main"] = main(["--config", XE, *BLANK, f"data.root={out}/data", f"tracking.uri=sqlite:///{out}/mlflow.db",
+    r["main"] = main(["--config", XE, *BLANK, f"data.root={out}/data", f"tracking.uri={mlflow_uri(f'{out}/mlflow.db')}",
                       f"train.output_dir={out}/main", *TINY, "train.val_every=1", "train.select_best=val/cidr"])
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump(r, f)

@@ -12,7 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from helpers import check_ok, kill_at, ranks_cmd
+from helpers import check_ok, kill_at, mlflow_uri, ranks_cmd
 from PIL import Image
 
 pytestmark = pytest.mark.distributed
@@ -22,7 +22,7 @@ HF = ("vit-gpt2", "blip")  # the rows whose export has a transformers folder
 
 
 def _common(tmp) -> list[str]:
-    return [f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "data.synthetic.n_train=50",
+    return [f"data.root={tmp}/data", f"tracking.uri={mlflow_uri(tmp / 'mlflow.db')}", "data.synthetic.n_train=50",
             "data.synthetic.n_val=4", "data.synthetic.n_test=4", "data.synthetic.samples_per_shard=25",
             "train.log_every=1", "data.samples_per_epoch=16", "data.shuffle_buffer=10", "evaluator.weights=",
             "captioner.image_encoder_weights=", "train.micro_batch_size=2", "generation.candidates=3",
@@ -64,7 +64,7 @@ def test_killed_hf_row_resumes_on_the_same_mlflow_run(runs, repo):
 
     _, tmp = runs
     out, db = tmp / "blip_killed", tmp / "killed.db"
-    args = _common(tmp) + [f"tracking.uri=sqlite:///{db}", f"train.output_dir={out}", "train.save_every=1",
+    args = _common(tmp) + [f"tracking.uri={mlflow_uri(db)}", f"train.output_dir={out}", "train.save_every=1",
                            "train.keep_checkpoints=5", "train.val_every=0", "captioner.model=hf_encoder_decoder",
                            f"captioner.hf_path={tmp / 'models' / 'blip'}", f"train.init_from={tmp}/blip_xe/model.pt"]
     kill_at("configs/demo/dico.yaml", args + ["train.max_steps=1000"],

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import check_ok, ranks_cmd
+from helpers import check_ok, mlflow_uri, ranks_cmd
 from mlflow.tracking import MlflowClient
 
 from dico_scale.checkpoint import crc32, verify_local
@@ -21,7 +21,7 @@ ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
 def _args(tmp: Path, out: Path) -> list[str]:
-    return [f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "data.synthetic.n_train=100",
+    return [f"data.root={tmp}/data", f"tracking.uri={mlflow_uri(tmp / 'mlflow.db')}", "data.synthetic.n_train=100",
             "data.synthetic.n_val=8", "data.synthetic.n_test=8", "data.synthetic.samples_per_shard=25",
             "data.samples_per_epoch=32", "data.shuffle_buffer=10", "train.micro_batch_size=2", "train.log_every=1",
             "train.val_every=0", "train.val_max_images=2", "train.save_every=2", "train.keep_checkpoints=5",

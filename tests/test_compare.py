@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, check_ok
+from helpers import REPO, check_ok, mlflow_uri
 
 from dico_scale import compare
 
@@ -32,7 +32,7 @@ def test_compare_runs_dico_and_scst_as_child_runs_and_draws_the_figure(chain, tm
     from helpers import demo_overrides
     training = [o for o in demo_overrides(chain_dir) if not o.startswith("tracking.uri")]
     proc = subprocess.run([sys.executable, "-m", "dico_scale.compare", "--config", str(_config(tmp_path, chain_dir)),
-                           "--ranks", "2", f"tracking.uri=sqlite:///{db}", *training, *weights, *TINY],
+                           "--ranks", "2", f"tracking.uri={mlflow_uri(db)}", *training, *weights, *TINY],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     check_ok(proc)
     assert "selected checkpoints on 12 held-out test images" in proc.stdout

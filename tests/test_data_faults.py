@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import ranks_cmd
+from helpers import mlflow_uri, ranks_cmd
 from torchvision import transforms
 
 from dico_scale.data import pipeline
@@ -184,7 +184,7 @@ def test_skipped_share_bound_stops_both_ranks(shards, tmp_path):
     spec = "::".join([shards["faults"], shards["clean"], shards["trunc"], shards["missing"]])
     cmd = [*ranks_cmd("dico_scale/train.py"),
            "--config", "configs/demo/xe.yaml", "data.synthetic.enabled=false", f"data.train_shards={spec}",
-           "data.val_shards=", f"train.output_dir={tmp_path}/out", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+           "data.val_shards=", f"train.output_dir={tmp_path}/out", f"tracking.uri={mlflow_uri(tmp_path / 'mlflow.db')}",
            "evaluator.weights=", "captioner.image_encoder_weights=", "train.max_steps=50", "train.log_every=2",
            "train.micro_batch_size=4", "data.samples_per_epoch=64", "data.shuffle_buffer=8",
            "data.max_skipped_share=0.2", "data.skipped_share_min_samples=30", "data.num_workers=2"]

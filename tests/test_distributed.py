@@ -4,11 +4,12 @@ import os
 import re
 import signal
 import subprocess
-import time
+import threading
 from pathlib import Path
 
 import pytest
-from helpers import check_ok, demo_overrides as _common, free_port, kill_at, launch as _launch, steps_logged
+from helpers import (check_ok, demo_overrides as _common, free_port, kill_at, launch as _launch, mlflow_uri,
+                     ranks_cmd, steps_logged, wait_for)
 import torch
 
 pytestmark = pytest.mark.distributed
@@ -17,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_dico_zero2_two_ranks_step_and_stay_identical(chain):
     tmp, weights = chain
-    out = tmp / "dico"
+    out = tmp / "dico_replicas"  # not the demo's dico folder
     shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     proc = check_ok(_launch("tests/distributed/replica_check.py", "configs/demo/dico.yaml",
                        _common(tmp) + weights + [f"train.output_dir={out}", f"train.init_from={tmp}/xe/model.pt",
@@ -49,32 +50,50 @@ def test_dico_zero2_two_ranks_step_and_stay_identical(chain):
 
 
 def test_signal_checkpoints_all_ranks_and_exits_for_requeue(chain):
-    """SIGUSR1 to one rank only: the ranks agree at the next step, all checkpoint, exit 3; the resume continues the
-    same MLflow run and the saved epoch at its next batch. (A SIGKILLed job's resume: the SCST test below.)"""
+    """SIGUSR1 to one rank only: the ranks agree at the next step, all checkpoint, exit 3 (passed on by
+    slurm/torchrun.py); the resume continues the same MLflow run and the saved epoch at its next batch. (A SIGKILLed
+    job's resume: the SCST test below; the `deepspeed` runner's own signal handling: test_supervision.)"""
+    import psutil
+
     tmp, weights = chain
     out, db = tmp / "preempt", tmp / "preempt.db"
-    args = _common(tmp) + weights + [f"train.output_dir={out}", f"tracking.uri=sqlite:///{db}",
+    args = _common(tmp) + weights + [f"train.output_dir={out}", f"tracking.uri={mlflow_uri(db)}",
                                      "train.micro_batch_size=4", "train.val_every=0", "train.save_every=1000"]
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "dico_scale/train.py",
-           "--config", "configs/demo/xe.yaml", *args, "train.max_steps=1000"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu"}, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [*ranks_cmd("dico_scale/train.py"), "--config", "configs/demo/xe.yaml", *args, "train.max_steps=1000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []  # read as it comes: the ranks must never block on a full pipe
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
+    reader.start()
+
+    def find_rank1() -> list:
+        """torchrun's own children are the ranks (their DataLoader workers inherit RANK too, a level further down)."""
+        found = []
+        for p in psutil.Process(proc.pid).children():
+            try:
+                if p.environ().get("RANK") == "1":
+                    found.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
     try:
-        deadline = time.time() + 300
-        rank1 = None
-        while time.time() < deadline and proc.poll() is None:
-            found = subprocess.run(["pgrep", "-f", f"local_rank=1 .*output_dir={out}"], capture_output=True,
-                                   text=True).stdout.split()
-            if found and steps_logged(db) >= 2:
-                rank1 = int(found[0])
-                break
-            time.sleep(0.5)
-        assert rank1, "rank 1 never started training"
-        os.kill(rank1, signal.SIGUSR1)
-        output, _ = proc.communicate(timeout=300)
+        wait_for(lambda: proc.poll() is not None or (steps_logged(db) >= 2 and find_rank1()), 300, "2 steps")
+        assert proc.poll() is None, "".join(output)[-3000:]
+        (rank1,) = find_rank1()
+        assert "dico_scale/train.py" in rank1.cmdline() and rank1.environ()["LOCAL_RANK"] == "1"
+        os.kill(rank1.pid, signal.SIGUSR1)
+        proc.wait(timeout=300)
+        reader.join(timeout=60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:  # torchrun starts each rank in a session of its own: the whole tree
+            for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            proc.wait()
+    output = "".join(output)
     assert proc.returncode == 3, output[-3000:]
     saved = int(re.search(r"preempted: checkpoint saved at step (\d+)", output).group(1))
     tag = out / "checkpoints" / f"step_{saved:08d}"
@@ -134,7 +153,7 @@ def test_scst_two_ranks_killed_and_resumed_on_the_same_mlflow_run(chain):
     tmp, weights = chain
     out, db = tmp / "scst_resume", tmp / "scst_resume.db"
     args = _common(tmp) + weights + [
-        f"train.output_dir={out}", f"tracking.uri=sqlite:///{db}", f"train.init_from={tmp}/xe/model.pt",
+        f"train.output_dir={out}", f"tracking.uri={mlflow_uri(db)}", f"train.init_from={tmp}/xe/model.pt",
         "train.save_every=2", "train.keep_checkpoints=5", "train.micro_batch_size=2", "train.val_every=0",
         "train.val_max_images=4", "scst.candidates=2", "scst.baseline=greedy", "scst.reward=0.5*evaluator+cider",
         "generation.max_len=6", "optim.lr=1e-3", "train.deepspeed_config=configs/deepspeed/zero3.json"]

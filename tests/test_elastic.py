@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import check_ok, ranks_cmd
+from helpers import check_ok, mlflow_uri, ranks_cmd
 from mlflow.tracking import MlflowClient
 
 from dico_scale.checkpoint import verify_local
@@ -42,7 +42,7 @@ def _max_diff(a: dict, b: dict) -> float:
 
 def _args(tmp: Path) -> list[str]:
     return ["--config", "configs/demo/dico.yaml", "train.deepspeed_config=configs/deepspeed/zero3.json",
-            f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+            f"data.root={tmp}/data", f"tracking.uri={mlflow_uri(tmp / 'mlflow.db')}",
             "data.synthetic.n_train=64", "data.synthetic.n_val=0", "data.synthetic.n_test=0",
             "data.synthetic.samples_per_shard=16", "data.samples_per_epoch=32", "data.shuffle_buffer=10",
             "train.micro_batch_size=2", "train.log_every=1", "generation.candidates=2", "generation.max_len=4",
@@ -171,7 +171,7 @@ def test_bf16_zero3_checkpoint_resumes_at_one_rank_with_its_weights(tmp_path):
 
     def args(out: str, steps: int) -> list[str]:
         return ["--config", "configs/demo/xe.yaml", "train.deepspeed_config=configs/deepspeed/zero3.json",
-                "train.precision=bf16", f"data.root={tmp_path}/data", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                "train.precision=bf16", f"data.root={tmp_path}/data", f"tracking.uri={mlflow_uri(tmp_path / 'mlflow.db')}",
                 "data.synthetic.n_train=64", "data.synthetic.n_val=4", "data.synthetic.n_test=0",
                 "data.synthetic.samples_per_shard=16", "data.samples_per_epoch=32", "train.micro_batch_size=4",
                 "train.log_every=1", "train.val_every=0", "train.save_every=2", "evaluator.weights=",

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import pytest
-from helpers import check_ok, ranks_cmd
+from helpers import check_ok, mlflow_uri, ranks_cmd
 import torch
 import torch.nn.functional as F
 
@@ -34,7 +34,7 @@ def trained(tmp_path_factory):
     """2 XE steps on 2 ranks (ZeRO-2): <tmp>/xe/model.pt (the engine's export) and its checkpoint tag; 7 test images
     in shards of 4 + 3, so the 2 ranks get unequal shares."""
     tmp = tmp_path_factory.mktemp("evaluate")
-    overrides = [f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "data.synthetic.n_train=32",
+    overrides = [f"data.root={tmp}/data", f"tracking.uri={mlflow_uri(tmp / 'mlflow.db')}", "data.synthetic.n_train=32",
                  "data.synthetic.n_val=2", "data.synthetic.n_test=7", "data.synthetic.samples_per_shard=4",
                  "data.samples_per_epoch=16", "data.shuffle_buffer=8", "train.max_steps=2", "train.micro_batch_size=4",
                  "train.val_max_images=2", "evaluator.weights=", "captioner.image_encoder_weights=",

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port, wait_for
+from helpers import free_port, mlflow_uri, wait_for
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ def slurm_cluster():
 
 
 def _tiny(tmp: Path) -> list[str]:
-    return [f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "data.synthetic.n_train=100",
+    return [f"data.root={tmp}/data", f"tracking.uri={mlflow_uri(tmp / 'mlflow.db')}", "data.synthetic.n_train=100",
             "data.synthetic.n_val=8", "data.synthetic.n_test=8", "data.synthetic.samples_per_shard=25",
             "data.samples_per_epoch=16", "data.shuffle_buffer=10", "train.max_steps=2", "train.micro_batch_size=2",
             "train.val_max_images=4", "train.log_every=1", "train.threads=1", "generation.candidates=2",

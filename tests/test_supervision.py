@@ -9,7 +9,6 @@ from pathlib import Path
 import psutil
 import pytest
 from helpers import launch_xe, wait_for, xe_args
-from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parent.parent
@@ -20,6 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
                          ids=["TERM-launcher", "TERM-ranks"])
 def test_signal_to_the_launcher_alone_checkpoints_and_stops_every_rank(tmp_path, sig, target):
     """The launcher's PID alone (a supervisor, a container runtime) or SIGTERM forwarded to the ranks (torchrun)."""
+    from mlflow.tracking import MlflowClient  # here, not above: mp.spawn's ranks below import this module
+
     out, db, log = tmp_path / "xe", tmp_path / "mlflow.db", tmp_path / "launcher.log"
     launcher, tree = launch_xe(tmp_path, out, log)
     try:

@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import free_port, wait_for, xe_args
+from helpers import free_port, mlflow_uri, wait_for, xe_args
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ def start_server(tmp_path):
 
     def start(port: int) -> subprocess.Popen:
         log = open(tmp_path / "server.log", "a")
-        procs.append(subprocess.Popen(["mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+        procs.append(subprocess.Popen(["mlflow", "server", "--backend-store-uri", mlflow_uri(tmp_path / "server.db"),
                                        "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
                                        "--port", str(port), "--workers", "1"],
                                       start_new_session=True, stdout=log, stderr=subprocess.STDOUT))
@@ -120,7 +120,7 @@ def test_backlog_replay_stops_at_the_first_refusal_and_keeps_the_rest_in_order(t
     from dico_scale.backlog import Backlog
     from dico_scale.tracking import send
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(tracking_uri=mlflow_uri(tmp_path / "mlflow.db"))
     run_id = client.create_run(client.create_experiment("b")).info.run_id
     backlog = Backlog(tmp_path)
     records = [{"op": "batch", "run_id": run_id, "metrics": [["loss", 1.0, 1000, 1]]},
@@ -147,7 +147,7 @@ def test_a_full_queue_spills_to_the_backlog_and_everything_arrives(tmp_path):
     from dico_scale.backlog import Backlog
     from dico_scale.tracking import Sender
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(tracking_uri=mlflow_uri(tmp_path / "mlflow.db"))
     run_id = client.create_run(client.create_experiment("q")).info.run_id
     sender = Sender(client, "sqlite", Backlog(tmp_path), queue_size=2, retry_every_s=1)
     for step in range(1, 6):  # the sender is not running yet: a store that takes nothing

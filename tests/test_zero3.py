@@ -9,7 +9,7 @@ import os
 import subprocess
 
 import pytest
-from helpers import check_ok, ranks_cmd
+from helpers import check_ok, mlflow_uri, ranks_cmd
 
 pytestmark = pytest.mark.distributed
 
@@ -21,7 +21,7 @@ FP32_TOL, BF16_TOL = 1e-5, 2e-2
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory, repo):
     tmp = tmp_path_factory.mktemp("zero3")
-    common = [f"data.root={tmp}/data", f"tracking.uri=sqlite:///{tmp}/mlflow.db", "data.synthetic.n_train=100",
+    common = [f"data.root={tmp}/data", f"tracking.uri={mlflow_uri(tmp / 'mlflow.db')}", "data.synthetic.n_train=100",
               "data.synthetic.n_val=6", "data.synthetic.n_test=4", "data.synthetic.samples_per_shard=25",
               "train.log_every=1", "data.samples_per_epoch=32", "data.shuffle_buffer=20", "evaluator.weights=",
               "captioner.image_encoder_weights=", "train.micro_batch_size=2", "generation.candidates=3",
