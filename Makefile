@@ -28,7 +28,7 @@ test-latest:
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade -e '.[dev]'
 	$(LATEST_VENV)/bin/python tests/lockfile.py --newer-than-lock
-	$(LATEST_VENV)/bin/python -m pytest -q -m 'not distributed and not gpu' tests
+	$(LATEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) -m 'not distributed and not gpu' tests
 
 demo: install
 	$(PYTHON) -m dico_scale.demo
@@ -37,8 +37,12 @@ demo: install
 compare: install
 	$(PYTHON) -m dico_scale.compare --config configs/demo/compare.yaml --prepare
 
+# Two passes: the single-process tests on TEST_WORKERS processes (pytest-xdist), then the tests that start 2-rank
+# jobs one at a time (each job's ranks already take every core; two at once would only slow both down).
+TEST_WORKERS ?= 2
 test: install
-	$(PYTHON) -m pytest -q --durations=10 tests
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m 'not distributed' --durations=10 tests
+	$(PYTHON) -m pytest -q -m distributed --durations=10 tests
 
 test-gpu: install
 	$(PYTHON) -m pytest -q -m gpu tests

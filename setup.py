@@ -29,7 +29,7 @@ setup(
         "matplotlib>=3.8",  # dico_scale.compare draws its figure
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2"],
+        "dev": ["pytest>=8", "pytest-timeout>=2", "pytest-xdist>=3.5"],  # xdist: the single-process tests on every core
         # peers the kernel benchmark compares against (pure Python + Triton; need a GPU to run)
         "bench": ["liger-kernel==0.8.5", "cut-cross-entropy==25.1.1"],
     },
