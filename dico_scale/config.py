@@ -423,11 +423,11 @@ def _enabled(ds: dict, name: str):
 def check_deepspeed_combination(c: "Config", ds: dict) -> None:
     """Combinations of the DeepSpeed JSON and the run config that DeepSpeed would refuse (or silently ignore) later,
     on every rank, after minutes of model building: one ConfigError line now instead."""
-    path, zero = c.train.deepspeed_config, ds.get("zero_optimization") or {}
-    if _offloaded(zero, "param") and zero_stage(ds) != 3:
+    path, zero, stage = c.train.deepspeed_config, ds.get("zero_optimization") or {}, zero_stage(ds)
+    if _offloaded(zero, "param") and stage != 3:
         raise ConfigError(f"train.deepspeed_config '{path}': zero_optimization.offload_param needs ZeRO stage 3, "
-                          f"not {zero_stage(ds)}")
-    if _offloaded(zero, "optimizer") and zero_stage(ds) == 0:
+                          f"not {stage}")
+    if _offloaded(zero, "optimizer") and stage == 0:
         raise ConfigError(f"train.deepspeed_config '{path}': zero_optimization.offload_optimizer needs ZeRO "
                           "stage 1, 2 or 3")
     if _enabled(ds, "fp16") is True and _enabled(ds, "bf16") is True:

@@ -2,7 +2,6 @@
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -11,13 +10,9 @@ from pathlib import Path
 
 import torch
 
+from dico_scale.launch import free_port  # one free-port helper for the product and the tests
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_ok(proc):
