@@ -1,16 +1,16 @@
 """requirements.lock and setup.py's requirements, read for tests/test_lock.py and `make test-latest`.
 
-`python tests/lockfile.py --newer-than-lock` prints each installed package whose version differs from the lock's.
+`python tests/lockfile.py --newer-than-lock` prints each installed package whose version differs from the lock's;
+`python tests/lockfile.py --uv-index-args` prints pip's configured indexes as uv's options (`make install` installs
+the lock with uv, which reads no pip configuration). Runs without `packaging` for that (a fresh virtualenv has none).
 """
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parent.parent
 LOCK = REPO / "requirements.lock"
@@ -18,6 +18,9 @@ LOCK = REPO / "requirements.lock"
 
 def read_lock(path: Path = LOCK) -> dict[str, str]:
     """{canonical name: exact version}; any line that is not `name==version` (or a comment) is an error."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
     pins = {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         line = line.split("#", 1)[0].strip()
@@ -31,25 +34,53 @@ def read_lock(path: Path = LOCK) -> dict[str, str]:
     return pins
 
 
-def setup_requirements(extras: tuple[str, ...] = ("dev",)) -> list[Requirement]:
+def setup_requirements(extras: tuple[str, ...] = ("dev",)) -> list:
     """install_requires and the named extras, read from setup.py's source (the file is not run)."""
     call = next(node for node in ast.walk(ast.parse((REPO / "setup.py").read_text()))
                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setup")
     kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in ("install_requires", "extras_require")}
+    from packaging.requirements import Requirement
+
     lines = kwargs["install_requires"] + [r for extra in extras for r in kwargs["extras_require"][extra]]
     return [Requirement(line) for line in lines]
 
 
 def newer_than_lock() -> list[str]:
+    from packaging.utils import canonicalize_name
+
     pins = read_lock()
     installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
     return [f"{name}: lock {pins.get(name, '-')}, installed {version}" for name, version in sorted(installed.items())
-            if pins.get(name) != version and name not in ("dico-scale", "pip")]
+            if pins.get(name) != version and name not in ("dico-scale", "pip", "uv")]
+
+
+UV_INDEX_OPTIONS = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links"}
+
+
+def uv_index_args(pip_config: str | None = None) -> list[str]:
+    """pip's index-url, extra-index-url and find-links (files and PIP_* variables, `pip config list`) as uv options.
+    pip weighs every index alike; uv by default takes a package from the first index that has it, which on a machine
+    with a partial local mirror misses pinned versions: hence unsafe-best-match, pip's behaviour."""
+    if pip_config is None:
+        pip_config = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True,
+                                    text=True).stdout
+    args, seen = ["--index-strategy", "unsafe-best-match"], set()
+    for line in pip_config.splitlines():  # e.g. global.extra-index-url='a b' or :env:.find-links='/opt/wheels'
+        key, _, value = line.partition("=")
+        option = UV_INDEX_OPTIONS.get(key.rsplit(".", 1)[-1])
+        for item in value.strip().strip("'\"").split() if option else []:
+            if (option, item) not in seen:  # a file and a PIP_* variable may say the same
+                seen.add((option, item))
+                args += [option, item]
+    return args
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--uv-index-args"]:
+        print(" ".join(uv_index_args()))
+        sys.exit()
     if sys.argv[1:] != ["--newer-than-lock"]:
-        sys.exit("usage: python tests/lockfile.py --newer-than-lock")
+        sys.exit("usage: python tests/lockfile.py --newer-than-lock | --uv-index-args")
     lines = newer_than_lock()
     print("\n".join(["installed versions that differ from requirements.lock:", *lines] if lines
                     else ["installed versions equal requirements.lock"]))

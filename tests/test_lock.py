@@ -25,3 +25,14 @@ def test_a_range_or_a_missing_pin_is_refused(tmp_path):
         assert "requirements.lock:3: not an exact pin" in str(e)
     else:
         raise AssertionError("a range in the lock was accepted")
+
+
+def test_pips_indexes_become_uvs_options_once_each():
+    from lockfile import uv_index_args
+
+    config = ("global.extra-index-url='file:///a/simple file:///b/simple'\n:env:.find-links='/opt/wheels'\n"
+              "global.find-links='/opt/wheels'\nglobal.constraint='/etc/c.txt'\nglobal.index-url='https://mirror/simple'\n")
+    assert uv_index_args(config) == ["--index-strategy", "unsafe-best-match", "--extra-index-url", "file:///a/simple",
+                                     "--extra-index-url", "file:///b/simple", "--find-links", "/opt/wheels",
+                                     "--index-url", "https://mirror/simple"]
+    assert uv_index_args("") == ["--index-strategy", "unsafe-best-match"]
