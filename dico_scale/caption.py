@@ -62,7 +62,8 @@ def caption_files(captioner, tok, paths, cfg, device, batch_size: int):
                 pixels.append(load_pixels(captioner.preprocess, path))
             except Exception as e:
                 failed[path] = f"{type(e).__name__}: {str(e)[:200]}"
-        captions = iter(generate(captioner, tok, torch.stack(pixels).to(device), g.candidates, g.max_len)
+        stack = getattr(captioner.preprocess, "collate", torch.stack)  # a VLM's processor pads its own batch
+        captions = iter(generate(captioner, tok, stack(pixels).to(device), g.candidates, g.max_len)
                         if pixels else [])
         for path in chunk:
             yield (path, None, failed[path]) if path in failed else (path, next(captions), None)

@@ -67,6 +67,7 @@ class CaptionerConfig:
     model: str = "builtin"  # the captioner architecture: a row of dico_scale.models.MODELS
     hf_path: str = ""  # Hugging Face rows: local save_pretrained folder (weights, tokenizer, image processor)
     freeze: str = "vision"  # Hugging Face rows: frozen parts, comma-separated: vision, projection, embeddings
+    prompt: str = "Describe this image in one sentence."  # hf_vlm: the question, inside the folder's chat template
     image_encoder: str = "ViT-L-14"  # open_clip model name whose visual tower encodes images
     image_encoder_weights: str = ""  # local open_clip / OpenAI-layout checkpoint; empty = random init
     freeze_image_encoder: bool = True

@@ -134,3 +134,7 @@ def run_preflight(cfg: Config) -> None:
         from .models.dico_ref import check_folder_weights
 
         check_folder_weights(cfg.captioner.hf_path)  # missing / extra keys named, before any process group
+    if cfg.captioner.model == "hf_vlm":
+        from .models.hf_vlm import check_folder
+
+        check_folder(cfg.captioner.hf_path, cfg.captioner.prompt)  # processor and prompt, before any process group

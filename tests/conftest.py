@@ -95,6 +95,16 @@ def tiny_shards(tmp_path_factory) -> dict:
                                    samples_per_shard=16)
 
 
+@pytest.fixture(scope="session")
+def vlm_folders(tmp_path_factory) -> dict:
+    """Tiny random vision-language models of the hf_vlm row, one folder per family (dico_scale.models.tiny)."""
+    from dico_scale.models.tiny import write
+    from dico_scale.models.tiny_vlm import VLM_FAMILIES
+
+    root = tmp_path_factory.mktemp("vlm")
+    return {f: write(f, str(root / f)) for f in VLM_FAMILIES}
+
+
 @pytest.fixture
 def clean_env(monkeypatch):
     """No distributed variables inherited from the caller."""

@@ -71,3 +71,52 @@ def test_dico_ref_folder_with_missing_and_extra_keys_names_them(tmp_path, capsys
 def test_demo_unknown_captioner(capsys):
     assert demo.main(["--captioner", "t5"]) == 2
     assert "--captioner 't5' is not one of builtin" in capsys.readouterr().err
+
+
+IDEFICS3 = {"architectures": ["Idefics3ForConditionalGeneration"], "model_type": "idefics3"}
+
+
+@pytest.mark.parametrize("folder, message", [
+    (VED, "architecture VisionEncoderDecoderModel is not supported by hf_vlm"),
+    ({"architectures": ["MllamaForConditionalGeneration"]}, "architecture MllamaForConditionalGeneration is not "
+     "supported by hf_vlm (Idefics3ForConditionalGeneration"),
+    (IDEFICS3, "has no processor (processor_config.json or preprocessor_config.json)"),
+])
+def test_bad_vlm_folders_exit_2_with_one_line(tmp_path, capsys, folder, message):
+    path = config_folder(tmp_path, "m", folder)
+    code, err = run_train(tmp_path, capsys, "captioner.model=hf_vlm", f"captioner.hf_path={path}")
+    assert code == 2 and len(err) == 1 and message in err[0] and "captioner.hf_path" in err[0], err
+
+
+def _copy(folder, tmp_path, drop=()):
+    import shutil
+
+    out = tmp_path / "vlm"
+    shutil.copytree(folder, out, ignore=shutil.ignore_patterns(*drop))
+    return out
+
+
+@pytest.mark.parametrize("family, drop, prompt, message", [
+    ("idefics3", (), "<image>Describe this image.", "captioner.prompt: holds the image token <image>"),
+    ("idefics3", ("chat_template*",), "Describe this image.",
+     "captioner.prompt: '{path}' has no chat template, so the prompt must hold the image placeholder <image>"),
+    ("qwen2-vl", ("tokenizer*",), "Describe this image.", "its tokenizer does not know the image token <|image_pad|>"),
+])
+def test_bad_vlm_prompts_and_processors_exit_2_with_one_line(tmp_path, capsys, vlm_folders, family, drop, prompt,
+                                                             message):
+    path = _copy(vlm_folders[family], tmp_path, drop)
+    code, err = run_train(tmp_path, capsys, "captioner.model=hf_vlm", f"captioner.hf_path={path}",
+                          f"captioner.prompt={prompt}")
+    assert code == 2 and len(err) == 1 and message.format(path=path) in err[0], err
+
+
+def test_a_raw_prompt_with_the_placeholder_builds(tmp_path, vlm_folders):
+    """Without a chat template the prompt is used as written, image placeholder included."""
+    from dico_scale.config import load_config
+    from dico_scale.models import build_captioner
+
+    path = _copy(vlm_folders["idefics3"], tmp_path, ("chat_template*",))
+    cfg = load_config("configs/demo/xe.yaml", BASE[2:] + ["captioner.model=hf_vlm", f"captioner.hf_path={path}",
+                                                           "captioner.prompt=<image>A photo of"])
+    cap = build_captioner(cfg)
+    assert cap.text == "<image>A photo of" and cap.tokenizer.tok.decode([cap.tokenizer.bos]).strip() == "of"

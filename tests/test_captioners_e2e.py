@@ -1,8 +1,8 @@
 """Every Hugging Face captioner row through the real loop on 2 CPU ranks, in one launch of
 tests/distributed/captioners_check.py: xe -> dico -> scst (ZeRO-2) per family (vit-gpt2 and BLIP on
-hf_encoder_decoder, the DiCO reference's layout on dico_ref), dico in bf16, a ZeRO-3 dico run stopped and resumed
-on the same MLflow run, a BLIP dico run killed (SIGKILL) and resumed; then caption and
-evaluate on the exports, and the exported transformers folder (hf/)
+hf_encoder_decoder, the DiCO reference's layout on dico_ref, Idefics3 and Qwen2-VL on hf_vlm), dico in bf16, a
+ZeRO-3 dico run stopped and resumed on the same MLflow run, Qwen2-VL dico under ZeRO-3, a BLIP dico run killed
+(SIGKILL) and resumed; then caption and evaluate on the exports, and the exported transformers folder (hf/)
 generating the captions dico_scale.caption prints."""
 import json
 import math
@@ -17,8 +17,9 @@ from PIL import Image
 
 pytestmark = pytest.mark.distributed
 
-FAMILIES = ("vit-gpt2", "blip", "dico-ref")
-HF = ("vit-gpt2", "blip")  # the rows whose export has a transformers folder
+FAMILIES = ("vit-gpt2", "blip", "dico-ref", "idefics3", "qwen2-vl")  # the last: a vision-language model
+HF = ("vit-gpt2", "blip")  # the encoder-decoder rows whose export has a transformers folder
+VLM = ("idefics3", "qwen2-vl")
 
 
 def _common(tmp) -> list[str]:
@@ -117,6 +118,47 @@ def test_caption_and_evaluate_on_the_export_and_its_hf_folder(runs, family, tmp_
         assert evaluate.main(["--checkpoint", str(run / "model.pt"), "--shards", "test", "--no-spice",
                               "--out", str(tmp_path / "eval.json")]) == 0
         assert json.loads((tmp_path / "eval.json").read_text())["images"] == 4
+
+
+def test_qwen2_vl_dico_under_zero3(runs):
+    result, tmp = runs
+    r = result["runs"]["qwen2-vl_dico_zero3"]
+    assert r["step"] == 2 and math.isfinite(r["train"]["train/loss"])
+    assert (tmp / "qwen2-vl_dico_zero3" / "hf" / "processor_config.json").is_file()
+
+
+@pytest.mark.parametrize("family", VLM)
+def test_caption_on_a_vlm_export_equals_generate_on_its_hf_folder(runs, family, tmp_path, capsys):
+    """Images of two sizes (different tile counts / patch grids) captioned in one batch by dico_scale.caption, and
+    one by one by `generate` on the exported folder with its processor and chat template, as a user would."""
+    import transformers
+
+    from dico_scale import caption
+
+    _, tmp = runs
+    run = tmp / f"{family}_scst"
+    rng = np.random.default_rng(0)
+    paths = [str(tmp_path / f"{i}.png") for i in range(2)]
+    for p, shape in zip(paths, [(40, 56, 3), (16, 64, 3)]):
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(p)
+    assert caption.main(["--checkpoint", str(run / "model.pt"), *paths]) == 0
+    printed = capsys.readouterr().out
+
+    hf = run / "hf"
+    model = transformers.AutoModelForImageTextToText.from_pretrained(hf).eval()
+    processor = transformers.AutoProcessor.from_pretrained(hf)
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": "Describe this image in one sentence."}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    captions = []
+    for p in paths:
+        inputs = processor(images=[Image.open(p).convert("RGB")], text=[prompt], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, num_beams=3, length_penalty=0.0, max_new_tokens=6, do_sample=False,
+                                 bad_words_ids=[[processor.tokenizer.pad_token_id]])  # ours never proposes PAD
+        text = processor.tokenizer.decode(out[0, inputs["input_ids"].size(1):], skip_special_tokens=True)
+        captions.append(text.strip())
+    assert printed == "".join(f"{p}\t{c}\n" for p, c in zip(paths, captions))
 
 
 def test_caption_on_the_dico_ref_export(runs, tmp_path, capsys):

@@ -103,7 +103,10 @@ class _Batch:
 
 def _pixels(transform, images) -> torch.Tensor:
     """Evaluation images keep their own mode (see _decode); open_clip's and the official transforms convert to RGB
-    themselves, after the crop. A transform without that step gets the image through to_rgb first."""
+    themselves, after the crop. A transform without that step gets the image through to_rgb first. A transform
+    with a `collate` (a vision-language model's processor) batches its own outputs."""
+    if hasattr(transform, "collate"):
+        return transform.collate([transform(im) for im in images])
     out = []
     for im in images:
         x = transform(im)

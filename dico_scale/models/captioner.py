@@ -79,6 +79,10 @@ class CaptionerModel(nn.Module):
     def head_bias(self) -> torch.Tensor | None:
         return None
 
+    def banned_tokens(self, bos: int, eos: int, pad: int) -> list[int]:
+        """Tokens generation never proposes (see the module function)."""
+        return banned_tokens(bos, eos, pad)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.head_weight, self.head_bias)
 

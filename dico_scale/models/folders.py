@@ -9,7 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import ConfigError
+
 HF_ARCHITECTURES = ("VisionEncoderDecoderModel", "BlipForConditionalGeneration")
+# hf_vlm: decoder-only vision-language models (AutoModelForImageTextToText) whose prefill and positions we drive
+VLM_ARCHITECTURES = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration",
+                     "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                     "LlavaForConditionalGeneration")
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 HF_DECODERS = ("gpt2", "bert")  # VisionEncoderDecoderModel decoder model types whose head we can split off
 # captioner.freeze: the vision tower, its projection to the decoder width, the decoder's token and position
 # embeddings (with a tied head, the head too)
@@ -43,6 +50,25 @@ def hf_problem(config: dict, path: str) -> str | None:
     if eos_id(config, path) is None:
         return f"'{path}': neither the model config nor the tokenizer names an EOS token"
     return None
+
+
+def vlm_problem(config: dict, path: str) -> str | None:
+    """hf_vlm: a supported vision-language architecture, with a processor beside the weights."""
+    arch = (config.get("architectures") or [None])[0]
+    if arch not in VLM_ARCHITECTURES:
+        return f"'{path}': architecture {arch} is not supported by hf_vlm ({', '.join(VLM_ARCHITECTURES)})"
+    if not any((Path(path) / f).is_file() for f in PROCESSOR_FILES):
+        return f"'{path}' has no processor ({' or '.join(PROCESSOR_FILES)}): save the model's processor beside it"
+    return None
+
+
+def read_vlm_config(path: str) -> dict:
+    """The folder's config.json, checked for hf_vlm (ConfigError naming captioner.hf_path otherwise)."""
+    config = read_config(path)
+    problem = config if isinstance(config, str) else vlm_problem(config, path)
+    if problem:
+        raise ConfigError(f"captioner.hf_path {problem}")
+    return config
 
 
 def ref_problem(config: dict, path: str) -> str | None:
@@ -84,7 +110,8 @@ def folder_problem(model: str, path: str, freeze: str, tokens_needed: int) -> tu
     config = read_config(path)
     if isinstance(config, str):
         return "captioner.hf_path", config
-    if problem := (ref_problem if model == "dico_ref" else hf_problem)(config, path):
+    check = {"dico_ref": ref_problem, "hf_vlm": vlm_problem}.get(model, hf_problem)
+    if problem := check(config, path):
         return "captioner.hf_path", problem
     if (n := positions(config)) is not None and n < tokens_needed:
         return "generation.max_len", (f"captions of {tokens_needed} tokens (data.max_caption_tokens, generation.max_len"

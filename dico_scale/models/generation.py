@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from .captioner import banned_tokens
-
 
 @torch.no_grad()
 def beam_search(model, memory: torch.Tensor, beam_size: int, max_len: int, bos: int, eos: int, pad: int):
@@ -16,7 +14,7 @@ def beam_search(model, memory: torch.Tensor, beam_size: int, max_len: int, bos: 
     The caller chooses train/eval mode (dropout); this function never changes it.
     """
     B, k = memory.size(0), beam_size
-    memory, cache, banned = model.expand(memory, k), model.new_cache(), banned_tokens(bos, eos, pad)
+    memory, cache, banned = model.expand(memory, k), model.new_cache(), model.banned_tokens(bos, eos, pad)
     tokens = torch.full((B * k, 1), bos, dtype=torch.long, device=memory.device)
     scores = torch.full((B, k), float("-inf"), device=memory.device)
     scores[:, 0] = 0.0  # one live beam per image at the start, so the first expansion gives k distinct tokens
@@ -53,7 +51,7 @@ def sample(model, memory: torch.Tensor, k: int, max_len: int, bos: int, eos: int
     reproducible; None uses the global RNG. The caller chooses train/eval mode.
     """
     B = memory.size(0)
-    memory, cache, banned = model.expand(memory, k), model.new_cache(), banned_tokens(bos, eos, pad)
+    memory, cache, banned = model.expand(memory, k), model.new_cache(), model.banned_tokens(bos, eos, pad)
     tokens = torch.full((B * k, 1), bos, dtype=torch.long, device=memory.device)
     scores = torch.zeros(B * k, device=memory.device)
     finished = torch.zeros(B * k, dtype=torch.bool, device=memory.device)

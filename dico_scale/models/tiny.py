@@ -7,8 +7,9 @@ tokenizer, image processor), with nothing downloaded: the tokenizer is a byte-le
 Families: vit-gpt2 (VisionEncoderDecoderModel, GPT-2 style tokenizer: BOS = EOS = <|endoftext|>, no pad token),
 blip (BlipForConditionalGeneration, BERT style specials: [PAD] [SEP] [DEC]), dico-ref (the DiCO reference code's
 save_pretrained layout, written from transformers' CLIPVisionModel, BertModel and GPT2LMHeadModel; CLIP BPE
-vocabulary, no tokenizer files: the row brings open_clip's). Tests and `dico_scale.demo --captioner` use the same
-builder.
+vocabulary, no tokenizer files: the row brings open_clip's), and the vision-language families of the hf_vlm row,
+idefics3 and qwen2-vl (models/tiny_vlm.py: processor, chat template). Tests and `dico_scale.demo --captioner` use
+the same builder.
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import sys
 
 import torch
 
-FAMILIES = ("vit-gpt2", "blip", "dico-ref")
+from .tiny_vlm import VLM_FAMILIES, write_vlm
+
+FAMILIES = ("vit-gpt2", "blip", "dico-ref", *VLM_FAMILIES)
 SPECIALS = {"vit-gpt2": ["<|endoftext|>"], "blip": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]}
 
 
@@ -122,6 +125,8 @@ def write(family: str, out_dir: str, width: int = 32, layers: int = 2, heads: in
     if family == "dico-ref":
         dico_ref(out_dir, width, layers, heads, image_size)
         return out_dir
+    if family in VLM_FAMILIES:
+        return write_vlm(family, out_dir, width, layers, heads, image_size, vocab_size)
     tok = train_tokenizer(family)
     vocab = max(vocab_size, len(tok))
     model, processor = {"vit-gpt2": vit_gpt2, "blip": blip}[family](tok, width, layers, heads, image_size, vocab)

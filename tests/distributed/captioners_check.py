@@ -1,9 +1,10 @@
 """Run under `deepspeed --num_gpus 2`: every Hugging Face captioner row through the real loop (dico_scale.train.run)
 in one process group. Usage: captioners_check.py OUT_DIR FAMILY=FOLDER ... -- key=value ...
-(FAMILY: a dico_scale.models.tiny family; dico-ref runs the dico_ref row, the others hf_encoder_decoder)
+(FAMILY: a dico_scale.models.tiny family; dico-ref runs the dico_ref row, idefics3 and qwen2-vl hf_vlm, the others
+hf_encoder_decoder)
 
 Per family: xe -> dico -> scst (2 steps each, ZeRO-2); for the first family also dico in bf16, and dico under
-ZeRO-3 stopped at step 2 and resumed to step 3. Writes OUT_DIR/captioners.json (rank 0): each run's step, MLflow run id,
+ZeRO-3 stopped at step 2 and resumed to step 3; for the last (a vision-language model) dico under ZeRO-3. Writes OUT_DIR/captioners.json (rank 0): each run's step, MLflow run id,
 seconds and last train metrics."""
 import json
 import os
@@ -19,11 +20,12 @@ args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deep
 split = args.index("--")
 out, folders, common = args[0], dict(a.split("=", 1) for a in args[1:split]), args[split + 1:]
 DS = "configs/deepspeed/{}.json"
+ROWS = {"dico-ref": "dico_ref", "idefics3": "hf_vlm", "qwen2-vl": "hf_vlm"}
 result = {"runs": {}}
 
 
 def train(name: str, config: str, folder: str, *overrides: str) -> dict:
-    row = "dico_ref" if name.startswith("dico-ref") else "hf_encoder_decoder"
+    row = ROWS.get(name.split("_")[0], "hf_encoder_decoder")
     cfg = load_config(f"configs/demo/{config}.yaml", common + [
         f"train.output_dir={out}/{name}", f"captioner.model={row}", f"captioner.hf_path={folder}", *overrides])
     start = time.perf_counter()
@@ -45,6 +47,9 @@ for i, (family, folder) in enumerate(folders.items()):
         first = train(f"{family}_resume", "dico", folder, init, "train.max_steps=2", "train.save_every=1", zero3)
         result["resume_first_id"] = first["mlflow_run_id"]
         train(f"{family}_resume", "dico", folder, init, "train.max_steps=3", "train.resume=auto", zero3)
+    if i == len(folders) - 1:
+        train(f"{family}_dico_zero3", "dico", folder, init, "train.max_steps=2",
+              f"train.deepspeed_config={DS.format('zero3')}")
 
 if dist.get_rank() == 0:
     with open(os.path.join(out, "captioners.json"), "w") as f:

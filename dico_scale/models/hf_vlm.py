@@ -1,0 +1,285 @@
+"""Decoder-only vision-language captioners (MODELS row `hf_vlm`): an `AutoModelForImageTextToText` (Idefics3 /
+SmolVLM, Qwen2-VL / Qwen2.5-VL, LLaVA) read from a local folder (`captioner.hf_path`) with its processor and chat
+template, asked `captioner.prompt` about each image.
+
+The prompt (chat template, image tokens and all) is one row per image, left-padded in a batch. Its last token, the
+one after which the answer starts ("Assistant:", "<|im_start|>assistant\\n"), plays the built-in captioner's BOS: the
+prompt before it is prefilled once per image (`image_context`, a `Prompt` of key/value states) and that cache is
+expanded to the k candidates, and everything after it ([BOS, w1, ..., EOS]) is the caption the stages generate and
+score. So log-probs and losses cover the continuation only, EOS included, the prompt and the image never; XE is
+supervised fine-tuning with the prompt masked out. Positions are given explicitly (left padding must not shift them;
+Qwen2-VL's multimodal rotary positions come from the model's own `get_rope_index`), so an image's candidates and
+log-probs in a mixed batch equal those of the image alone.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache
+
+from ..errors import ConfigError
+from .captioner import CaptionerModel
+from .folders import read_vlm_config
+from .hf_encoder_decoder import HFTokenizer
+
+TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # one row per image, left-padded in a batch
+
+
+class VLMImages:
+    """A batch of images as the processor gives them, with the prompt: tensors by name. Text rows are left-padded
+    (pad id / 0), image tensors zero-padded to the largest (Idefics3 drops all-zero tiles, masks padded pixels) and
+    concatenated (Qwen2-VL's patches of all images in one list, their grids beside)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def size(self, dim: int = 0) -> int:
+        assert dim == 0, "VLMImages has a batch size only"
+        return self.tensors["input_ids"].size(0)
+
+    def to(self, device, dtype: torch.dtype | None = None) -> "VLMImages":
+        return VLMImages({k: v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device)
+                          for k, v in self.tensors.items()})
+
+    @staticmethod
+    def collate(items: list[dict[str, torch.Tensor]], pad_id: int) -> "VLMImages":
+        out = {}
+        for key in items[0]:
+            parts = [item[key] for item in items]
+            if key in TEXT_KEYS:
+                n = max(p.size(-1) for p in parts)
+                fill = pad_id if key == "input_ids" else 0
+                out[key] = torch.cat([F.pad(p, (n - p.size(-1), 0), value=fill) for p in parts])
+            else:
+                shape = [max(p.size(d) for p in parts) for d in range(1, parts[0].dim())]
+                out[key] = torch.cat([F.pad(p, [x for d in reversed(range(1, p.dim()))
+                                                for x in (0, shape[d - 1] - p.size(d))]) for p in parts])
+        return VLMImages(out)
+
+
+class VLMPreprocess:
+    """A PIL image -> the processor's tensors for the prompt about it (one row); `collate` batches them."""
+
+    def __init__(self, processor, text: str, pad_id: int):
+        self.processor, self.text, self.pad_id = processor, text, pad_id
+
+    def __call__(self, image) -> dict[str, torch.Tensor]:
+        out = self.processor(images=[image.convert("RGB")], text=[self.text], return_tensors="pt")
+        return {k: v for k, v in out.items() if torch.is_tensor(v)}
+
+    def collate(self, items: list[dict[str, torch.Tensor]]) -> VLMImages:
+        return VLMImages.collate(items, self.pad_id)
+
+    def __repr__(self):
+        return f"VLMPreprocess({type(self.processor).__name__}, {self.text!r})"
+
+
+@dataclass
+class Prompt:
+    """The prefilled prompt of each row (image context): per layer (keys, values) [N, heads, P, d], its padding mask
+    [N, P], and the position of the row's BOS (the prompt's last token) [N]."""
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor
+    bos_pos: torch.Tensor
+    mrope: bool
+
+    def size(self, dim: int = 0) -> int:
+        return self.mask.size(0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mask.device
+
+    @property
+    def length(self) -> int:
+        return self.mask.size(1)
+
+    def repeat(self, k: int) -> "Prompt":
+        return Prompt([(a.repeat_interleave(k, 0), b.repeat_interleave(k, 0)) for a, b in self.kv],
+                      self.mask.repeat_interleave(k, 0), self.bos_pos.repeat_interleave(k, 0), self.mrope)
+
+
+def prompt_text(processor, prompt: str, path: str) -> str:
+    """The text of one image's prompt: the chat template of a user turn (the image, then `prompt`) and the start of
+    the assistant's; without a chat template, `prompt` itself, which must then hold the processor's image token."""
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    if getattr(processor, "chat_template", None):
+        if image_token in prompt:
+            raise ConfigError(f"captioner.prompt: holds the image token {image_token}; '{path}' has a chat template "
+                              "that places the image itself")
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    if image_token not in prompt:
+        raise ConfigError(f"captioner.prompt: '{path}' has no chat template, so the prompt must hold the image "
+                          f"placeholder {image_token} where the image goes")
+    return prompt
+
+
+def load_processor(path: str):
+    """The folder's processor (AutoProcessor): a tokenizer and an image processor, or a ConfigError naming the key."""
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"captioner.hf_path '{path}': no processor that AutoProcessor reads "
+                          f"({(str(e).splitlines() or [''])[0][:200]})") from None
+    if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
+        raise ConfigError(f"captioner.hf_path '{path}': its processor ({type(processor).__name__}) lacks a tokenizer "
+                          "or an image processor")
+    return processor
+
+
+def prompt_ids(processor, prompt: str, path: str) -> tuple[str, list[int]]:
+    """(text, token ids) of one image's prompt (prompt_text), checked: the tokenizer knows the image token."""
+    text = prompt_text(processor, prompt, path)
+    tok = processor.tokenizer
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    known = tok.convert_tokens_to_ids(image_token)
+    if known is None or known == tok.unk_token_id or not tok(text, add_special_tokens=False)["input_ids"]:
+        raise ConfigError(f"captioner.hf_path '{path}': its tokenizer does not know the image token {image_token} "
+                          "(tokenizer files missing or of another model?)")
+    return text, tok(text, add_special_tokens=False)["input_ids"]
+
+
+def check_folder(path: str, prompt: str) -> None:
+    """Preflight of the hf_vlm row: the folder's config, processor and the prompt built from captioner.prompt."""
+    read_vlm_config(path)
+    prompt_ids(load_processor(path), prompt, path)
+
+
+class HFVLM(CaptionerModel):
+    tower_prefix = "\0"  # the frozen reference keeps its own tower: the prompt's prefill reads the image itself
+
+    def __init__(self, model, processor, prompt: str, path: str, freeze: set[str]):
+        super().__init__()
+        self.model, self.processor = model, processor
+        self.text, ids = prompt_ids(processor, prompt, path)
+        tok = processor.tokenizer
+        eos = eos_token(model, tok, path)
+        self.tokenizer = HFTokenizer(tok, bos=ids[-1], eos=eos, vocab_size=model.get_output_embeddings().out_features)
+        self.preprocess = VLMPreprocess(processor, self.text, self.tokenizer.pad)
+        self.mrope = hasattr(model.model, "get_rope_index")
+        self.width = model.config.get_text_config().hidden_size
+        self.frozen = freeze
+        for part, modules in self.parts().items():
+            for m in modules:
+                m.requires_grad_(part not in freeze)
+
+    @classmethod
+    def build(cls, cfg, image_encoder: bool = True) -> "HFVLM":
+        from transformers import AutoModelForImageTextToText
+
+        c = cfg.captioner
+        read_vlm_config(c.hf_path)
+        processor = load_processor(c.hf_path)
+        model = AutoModelForImageTextToText.from_pretrained(c.hf_path)
+        return cls(model, processor, c.prompt, c.hf_path, {p.strip() for p in c.freeze.split(",") if p.strip()})
+
+    def parts(self) -> dict[str, list[torch.nn.Module]]:
+        """captioner.freeze's parts: the image tower (Qwen2-VL's holds its patch merger), the connector to the text
+        model (Idefics3's, LLaVA's projector), the text model's token embeddings."""
+        inner = self.model.model
+
+        def present(*names):
+            return [getattr(inner, n) for n in names if getattr(inner, n, None) is not None]
+        return {"vision": present("vision_model", "visual", "vision_tower"),
+                "projection": present("connector", "multi_modal_projector"),
+                "embeddings": [self.model.get_input_embeddings()]}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if "vision" in self.frozen:
+            for m in self.parts()["vision"]:
+                m.eval()
+        return self
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.model.get_output_embeddings().weight
+
+    @property
+    def head_bias(self) -> torch.Tensor | None:
+        return self.model.get_output_embeddings().bias
+
+    def banned_tokens(self, bos: int, eos: int, pad: int) -> list[int]:
+        """BOS here is the prompt's last token (":", "\\n"), which a caption may contain: only PAD is never proposed."""
+        return [] if pad == eos else [pad]
+
+    def visual_tokens(self, pixels: VLMImages) -> VLMImages:
+        """The images stay the processor's tensors: the prompt's prefill reads them (see image_context)."""
+        return pixels
+
+    def image_context(self, images: VLMImages) -> Prompt:
+        """The prompt of each image but its last token, prefilled once: the image and text tokens' key/value states.
+        Gradients flow through it when the model trains (the policy's log-probs depend on the prompt's states)."""
+        ids, mask = images["input_ids"], images["attention_mask"]
+        if not bool((ids[:, -1] == self.tokenizer.bos).all()):
+            raise ValueError("every prompt row must end with the same token (the answer's start)")
+        if self.mrope:
+            extra = {k: images[k] for k in ("image_grid_thw", "mm_token_type_ids") if k in images.tensors}
+            pos, _ = self.model.model.get_rope_index(ids, attention_mask=mask, **extra)  # [3, B, L]
+            prefill, bos_pos = pos[..., :-1], pos[0, :, -1]
+        else:
+            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            prefill, bos_pos = pos[:, :-1], pos[:, -1]
+        cache = DynamicCache()
+        rest = {k: v for k, v in images.tensors.items() if k not in TEXT_KEYS}
+        self.model.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=prefill, cache=cache,
+                         use_cache=True, **rest)
+        return Prompt([(layer.keys, layer.values) for layer in cache.layers], mask[:, :-1], bos_pos, self.mrope)
+
+    def expand(self, context: Prompt, k: int) -> Prompt:
+        return context.repeat(k) if k > 1 else context
+
+    def new_cache(self):
+        return DynamicCache()
+
+    def decoder_hidden(self, tokens: torch.Tensor, context: Prompt, cache=None) -> torch.Tensor:
+        """States of tokens [N, t] after the prompt (with a cache: the new tokens after those it holds). A fresh cache
+        is filled with the prompt's states first; teacher forcing (no cache) reads them without copying them."""
+        if cache is None:
+            cache = DynamicCache(ddp_cache_data=context.kv)
+        elif cache.get_seq_length() == 0:
+            for i, (keys, values) in enumerate(context.kv):
+                cache.update(keys, values, i)
+        done = cache.get_seq_length() - context.length  # continuation tokens already in the cache
+        N, t = tokens.shape
+        pos = context.bos_pos[:, None] + done + torch.arange(t, device=tokens.device)
+        if context.mrope:
+            pos = pos[None].expand(3, N, t)
+        mask = torch.cat([context.mask, context.mask.new_ones(N, done + t)], dim=1)
+        out = self.model.model(input_ids=tokens, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        return out.last_hidden_state
+
+    def save_pretrained(self, folder: str | Path, state: dict[str, torch.Tensor]) -> None:
+        """A transformers folder of `state` (our state dict) with the processor, written beside and moved in."""
+        folder = Path(folder)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        own = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        self.model.save_pretrained(tmp, state_dict=own)
+        self.processor.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+
+
+def eos_token(model, tok, path: str) -> int:
+    """The token that ends the assistant's turn: the generation config's (first) EOS, else the text config's, else
+    the tokenizer's."""
+    for source in (model.generation_config.eos_token_id, model.config.get_text_config().eos_token_id,
+                   tok.eos_token_id):
+        if isinstance(source, (list, tuple)):
+            source = source[0] if source else None
+        if source is not None:
+            return int(source)
+    raise ConfigError(f"captioner.hf_path '{path}': neither the generation config, the model config nor the "
+                      "tokenizer names an EOS token")

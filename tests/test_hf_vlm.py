@@ -1,0 +1,107 @@
+"""The vision-language row (models/hf_vlm.py) against transformers itself, on tiny random Idefics3 and Qwen2-VL
+folders written by dico_scale.models.tiny (tiled images vs multimodal rotary positions): every beam of our search
+equals `generate`'s, teacher-forced log-probs equal log_softmax of the model's own logits over the continuation
+only (the prompt and the image never scored), and in a batch of images of different sizes (tile counts, patch
+grids) each image's candidates and log-probs equal those of the image alone."""
+import pytest
+import torch
+from PIL import Image
+
+from dico_scale.config import load_config
+from dico_scale.models import build_captioner
+from dico_scale.models.captioner import scored_mask
+from dico_scale.models.generation import beam_search
+from dico_scale.models.tiny_vlm import VLM_FAMILIES
+
+BLANK = ["evaluator.weights=", "captioner.image_encoder_weights=", "train.init_from="]
+CAPTIONS = ["a red circle at the top", "two shapes: a blue star and a small green square", "a square"]
+SIZES = [(64, 64), (64, 20), (30, 48)]  # (width, height): 5, 3 and 5 Idefics3 tiles; 3 different Qwen2-VL grids
+
+
+def captioner(folder: str):
+    cfg = load_config("configs/demo/xe.yaml", BLANK + ["captioner.model=hf_vlm", f"captioner.hf_path={folder}"])
+    return build_captioner(cfg).eval()
+
+
+def images():
+    g = torch.Generator().manual_seed(0)
+    return [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()) for w, h in SIZES]
+
+
+def batch(cap, ims):
+    return cap.preprocess.collate([cap.preprocess(im) for im in ims])
+
+
+@pytest.fixture(scope="module", params=VLM_FAMILIES)
+def cap(request, vlm_folders):
+    return captioner(vlm_folders[request.param])
+
+
+def test_every_beam_equals_transformers_generate(cap):
+    tok, k, max_len = cap.tokenizer, 3, 8
+    for im in images():
+        one = batch(cap, [im])
+        with torch.no_grad():
+            ours, _ = beam_search(cap, cap.image_context(one), k, max_len, tok.bos, tok.eos, tok.pad)
+            theirs = cap.model.generate(**one.tensors, num_beams=k, num_return_sequences=k, length_penalty=0.0,
+                                        max_new_tokens=max_len, do_sample=False, eos_token_id=tok.eos,
+                                        pad_token_id=tok.pad, bad_words_ids=[[tok.pad]])  # ours never proposes PAD
+        theirs = theirs[:, one["input_ids"].size(1):]  # the continuation after the prompt
+        for a, b in zip(ours[0], theirs):
+            n = int(scored_mask(b[None], tok.eos).sum())
+            assert a[1:n + 1].tolist() == b[:n].tolist()
+        assert any(len(c) > 0 for c in tok.decode_batch(ours[0]))
+
+
+def test_teacher_forced_logprobs_cover_the_continuation_only(cap):
+    tok, ims = cap.tokenizer, images()
+    tokens = tok.batch(CAPTIONS, 40)
+    with torch.no_grad():
+        ours = cap(tokens, pixels=batch(cap, ims), output="logprobs", kernel="torch")
+        for i, im in enumerate(ims):  # the model's own forward over prompt + caption, alone
+            one = batch(cap, [im])
+            caption = tokens[i:i + 1, 1:]
+            ids = torch.cat([one["input_ids"], caption], 1)
+            extra = {k: v for k, v in one.tensors.items() if k not in ("input_ids", "attention_mask")}
+            if "mm_token_type_ids" in extra:
+                extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(caption)], 1)
+            logits = cap.model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits
+            prompt = one["input_ids"].size(1)
+            logp = torch.log_softmax(logits[0, prompt - 1:-1].double(), -1)  # predicting w1 ... after the prompt
+            want = (logp.gather(-1, caption[0, :, None])[:, 0] * scored_mask(caption, tok.eos)[0]).sum()
+            torch.testing.assert_close(ours[i].double(), want, rtol=0, atol=1e-4)
+    assert tok.decode_batch(tokens) == CAPTIONS
+
+
+def test_a_mixed_batch_equals_each_image_alone(cap):
+    tok, ims, k = cap.tokenizer, images(), 3
+    mixed = batch(cap, ims)
+    lengths = {batch(cap, [im])["input_ids"].size(1) for im in ims}
+    assert len(lengths) >= 2, "the images should need different numbers of image tokens"
+    with torch.no_grad():
+        cands, _ = beam_search(cap, cap.image_context(mixed), k, 8, tok.bos, tok.eos, tok.pad)
+        logps = cap(cands.flatten(0, 1), visual_tokens=mixed, repeats=k, output="logprobs").view(len(ims), k)
+        for i, im in enumerate(ims):
+            one = batch(cap, [im])
+            alone, _ = beam_search(cap, cap.image_context(one), k, 8, tok.bos, tok.eos, tok.pad)
+            n = alone.size(-1)
+            assert torch.equal(cands[i, :, :n], alone[0]) and bool((cands[i, :, n:] == tok.pad).all())
+            lp = cap(alone[0], visual_tokens=one, repeats=k, output="logprobs")
+            torch.testing.assert_close(logps[i], lp, rtol=0, atol=1e-4)
+
+
+def test_gradients_reach_the_prompt_through_its_cache(cap):
+    """The policy's log-probs depend on the prompt's states: the text model's embeddings of the prompt tokens get a
+    gradient from a loss on the continuation alone."""
+    cap.train()
+    try:
+        tokens = cap.tokenizer.batch(CAPTIONS[:2], 40)
+        one = batch(cap, images()[:2])
+        emb = cap.model.get_input_embeddings().weight
+        emb.grad = None
+        cap(tokens, pixels=one, output="logprobs", kernel="torch").sum().backward()
+        prompt_only = sorted(set(one["input_ids"][0, :-1].tolist()) - set(tokens.flatten().tolist()))
+        assert prompt_only and emb.grad[prompt_only].abs().sum() > 0
+    finally:
+        cap.eval()
+        cap.zero_grad(set_to_none=True)
