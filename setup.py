@@ -25,6 +25,7 @@ setup(
         "mlflow>=3.0,<4",
         "pycocoevalcap>=1.2",
         "triton>=3.6",  # pinned by torch; the kernels in kernels/src/ (interpreted on the CPU in tests)
+        "peft>=0.17,<1",  # LoRA adapters (captioner.lora.*): injection, disabling for the DiCO reference, merging
         "tqdm>=4.60",
         "matplotlib>=3.8",  # dico_scale.compare draws its figure
     ],

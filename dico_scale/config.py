@@ -63,6 +63,18 @@ class DataConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through peft on a Hugging Face row (models/lora.py): only they train."""
+    r: int = 0  # >= 0; the adapters' rank, 0 = no LoRA (the weights train, as captioner.freeze says)
+    alpha: float = 16.0  # > 0; the adapters' output is scaled by alpha / r
+    dropout: float = 0.0  # [0, 1); dropout on the adapters' input
+    target_modules: str = "q_proj,v_proj"  # comma-separated linear layer names (peft's), or all-linear
+    # dico: the reference is the policy with its adapters disabled (no second copy of the weights); true keeps a
+    # separate frozen copy instead
+    separate_reference: bool = False
+
+
+@dataclass
 class CaptionerConfig:
     model: str = "builtin"  # the captioner architecture: a row of dico_scale.models.MODELS
     hf_path: str = ""  # Hugging Face rows: local save_pretrained folder (weights, tokenizer, image processor)
@@ -78,6 +90,7 @@ class CaptionerConfig:
     dropout: float = 0.1  # [0, 1)
     max_positions: int = 64  # >= 1; decoder positions: must cover data.max_caption_tokens and generation.max_len + 1
     gradient_checkpointing: bool = False  # recompute decoder / encoder (and a trainable tower's) activations in backward
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -335,6 +348,8 @@ RANGES = [
     ("captioner.encoder_layers", 0, False, None, False), ("captioner.decoder_layers", 1, False, None, False),
     ("captioner.width", 1, False, None, False), ("captioner.heads", 1, False, None, False),
     ("captioner.dropout", 0, False, 1, True), ("captioner.max_positions", 1, False, None, False),
+    ("captioner.lora.r", 0, False, None, False), ("captioner.lora.alpha", 0, True, None, False),
+    ("captioner.lora.dropout", 0, False, 1, True),
     ("generation.candidates", 1, False, None, False), ("generation.max_len", 1, False, None, False),
     ("generation.temperature", 0, True, None, False), ("generation.top_k", 0, False, None, False),
     ("dico.beta", 0, True, None, False), ("dico.tau", 0, False, None, False),
@@ -456,6 +471,9 @@ def _validate_captioner(c: Config) -> None:
     """The row exists; Hugging Face rows name a folder that fits them (models/folders.py), the others none."""
     cap = c.captioner
     check(cap.model in MODELS, "captioner.model", f"'{cap.model}' is not one of {', '.join(MODELS)}")
+    lora_rows = [name for name, spec in MODELS.items() if spec.lora]
+    check(cap.lora.r == 0 or MODELS[cap.model].lora, "captioner.lora.r",
+          f"LoRA adapts the rows {', '.join(lora_rows)}, not captioner.model={cap.model}")
     if not MODELS[cap.model].hf:
         check(not cap.hf_path, "captioner.hf_path", f"captioner.model={cap.model} reads no Hugging Face folder")
         return

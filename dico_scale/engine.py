@@ -250,15 +250,18 @@ def export_weights(engine, path: str | Path, extra: dict) -> None:
 
     The file holds {'state_dict': ...}: the layout open_clip's loader and `models.weights.load_weights` read. A
     captioner with `save_pretrained` (the Hugging Face rows) also gets hf/ beside the file: a folder transformers
-    loads.
+    loads. LoRA adapters are merged into their weights (models/lora.py): the export has the plain model's keys.
     """
     import deepspeed
     import torch.distributed as dist
+
+    from .models.lora import merged_state
 
     module = engine.module
     with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=engine.zero_optimization_stage() == 3):
         if dist.get_rank() == 0:
             state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+            state = merged_state(module, state)
             tmp = f"{path}.tmp"
             torch.save({"state_dict": state, **extra}, tmp)
             os.replace(tmp, path)

@@ -31,12 +31,14 @@ EVAL_OVERRIDES = ["train.init_from=", "train.resume=none", "captioner.image_enco
 
 
 def _client_state(tag: Path) -> dict:
-    """DeepSpeed's model-states file of a tag (client state included), memory-mapped: only the small keys are read."""
+    """DeepSpeed's model-states file of a tag (client state included), memory-mapped: only the small keys are read.
+    ZeRO-3 writes one per rank (zero_pp_rank_0_... holds the same client state)."""
     import torch
 
-    f = tag / "mp_rank_00_model_states.pt"
-    if not f.is_file():
-        raise ConfigError(f"checkpoint folder {tag} has no mp_rank_00_model_states.pt")
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    f = next((tag / n for n in names if (tag / n).is_file()), None)
+    if f is None:
+        raise ConfigError(f"checkpoint folder {tag} has no {' or '.join(names)}")
     return torch.load(f, map_location="cpu", weights_only=False, mmap=True)
 
 
@@ -192,6 +194,30 @@ def write_export(blob: dict, out: str, fmt: str) -> None:
     os.replace(f"{j}.tmp", j)
 
 
+def adapted_captioner(blob: dict):
+    """The captioner of a LoRA run's checkpoint with its adapters (from the blob's state), or None when the blob
+    holds no adapters."""
+    if not any(".lora_" in k for k in blob["state_dict"]):
+        return None
+    from dico_scale.models import build_captioner
+    from dico_scale.models.weights import load_state
+
+    captioner = build_captioner(_config_from_text(blob["config"], []))
+    load_state(captioner, blob["state_dict"], "the checkpoint")
+    return captioner
+
+
+def merge_adapters(blob: dict) -> dict:
+    """The blob with a LoRA run's adapters merged into their weights (the keys of the plain model), as training's
+    own export writes them."""
+    captioner = adapted_captioner(blob)
+    if captioner is None:
+        return blob
+    from dico_scale.models.lora import merged_state
+
+    return {**blob, "state_dict": merged_state(captioner, blob["state_dict"])}
+
+
 def write_hf_folder(blob: dict, out: str) -> str | None:
     """hf/ beside `out` for a Hugging Face captioner row (as training's own export writes it); None for others."""
     from dico_scale.models import MODELS, build_captioner
@@ -206,6 +232,18 @@ def write_hf_folder(blob: dict, out: str) -> str | None:
     return str(folder)
 
 
+def write_adapters(blob: dict, out: str) -> int:
+    """peft's adapter folder of a LoRA run's checkpoint (PeftModel.from_pretrained(base model, out) loads it)."""
+    from dico_scale.models.lora import save_adapters
+
+    captioner = adapted_captioner(blob)
+    if captioner is None:
+        raise ConfigError("--adapters-only: the checkpoint holds no LoRA adapters (captioner.lora.r=0)")
+    save_adapters(captioner, out)
+    print(f"wrote {out}: LoRA adapters (peft), stage={blob['stage']} step={blob['step']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dico_scale.export", description=__doc__.splitlines()[2])
     parser.add_argument("--checkpoint", required=True,
@@ -214,11 +252,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the file to write (fp32, whole model, with its config)")
     parser.add_argument("--format", choices=("pt", "safetensors"), default="pt",
                         help="pt: one torch file (as the run's model.pt); safetensors: OUT (.safetensors) + its .json")
+    parser.add_argument("--adapters-only", action="store_true",
+                        help="a LoRA run: write peft's adapter folder OUT (adapter_config.json, adapter_model."
+                        "safetensors) instead of the merged model")
     args = parser.parse_args(argv)
     try:
         if args.format == "safetensors" and not args.out.endswith(".safetensors"):
             raise ConfigError(f"--out '{args.out}' must end with .safetensors for --format safetensors")
         blob = consolidate(args.checkpoint, args.format)
+        if args.adapters_only:
+            return write_adapters(blob, args.out)
+        blob = merge_adapters(blob)
     except ConfigError as e:
         print(f"dico_scale.export: error: {e}", file=sys.stderr)
         return 2

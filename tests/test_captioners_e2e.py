@@ -1,13 +1,14 @@
 """Every Hugging Face captioner row through the real loop on 2 CPU ranks, in one launch of
 tests/distributed/captioners_check.py: xe -> dico -> scst (ZeRO-2) per family (vit-gpt2 and BLIP on
 hf_encoder_decoder, the DiCO reference's layout on dico_ref, Idefics3 and Qwen2-VL on hf_vlm), dico in bf16, a
-ZeRO-3 dico run stopped and resumed on the same MLflow run, Qwen2-VL dico under ZeRO-3, a BLIP dico run killed
-(SIGKILL) and resumed; then caption and evaluate on the exports, and the exported transformers folder (hf/)
-generating the captions dico_scale.caption prints."""
+ZeRO-3 dico run stopped and resumed on the same MLflow run, Qwen2-VL dico with LoRA under ZeRO-3, a BLIP dico run
+killed (SIGKILL) and resumed; then caption and evaluate on the exports, the exported transformers folder (hf/)
+generating the captions dico_scale.caption prints, and a LoRA run's adapters (peft) equal to its merged export."""
 import json
 import math
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -120,11 +121,34 @@ def test_caption_and_evaluate_on_the_export_and_its_hf_folder(runs, family, tmp_
         assert json.loads((tmp_path / "eval.json").read_text())["images"] == 4
 
 
-def test_qwen2_vl_dico_under_zero3(runs):
+def test_lora_under_zero3_exports_merged_weights_and_peft_adapters(runs, repo, tmp_path):
+    """The LoRA run's model.pt and hf/ hold the merged weights (no adapter keys); `dico_scale.export` writes the
+    same merged model from its checkpoint tag, or peft's adapter folder, which PeftModel loads onto the starting
+    model (the xe export) to give the merged folder's logits."""
+    import peft
+    import transformers
+
     result, tmp = runs
-    r = result["runs"]["qwen2-vl_dico_zero3"]
+    r, run = result["runs"]["qwen2-vl_lora_zero3"], tmp / "qwen2-vl_lora_zero3"
     assert r["step"] == 2 and math.isfinite(r["train"]["train/loss"])
-    assert (tmp / "qwen2-vl_dico_zero3" / "hf" / "processor_config.json").is_file()
+    final = torch.load(run / "model.pt", weights_only=True)["state_dict"]
+    assert not any(".lora_" in k for k in final)
+    tag = str(run / "checkpoints" / "step_00000002")
+    for args in (["--out", str(tmp_path / "model.pt")], ["--out", str(tmp_path / "adapters"), "--adapters-only"]):
+        check_ok(subprocess.run([sys.executable, "-m", "dico_scale.export", "--checkpoint", tag, *args], cwd=repo,
+                                env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True,
+                                timeout=300))
+    again = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
+    assert again.keys() == final.keys() and all(torch.allclose(again[k], final[k], atol=1e-6) for k in final)
+
+    merged = transformers.AutoModelForImageTextToText.from_pretrained(run / "hf").eval()
+    base = transformers.AutoModelForImageTextToText.from_pretrained(tmp / "qwen2-vl_xe" / "hf").eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapters").eval()  # injects into base
+        torch.testing.assert_close(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=0, atol=1e-4)
+    assert (before - merged(input_ids=ids).logits).abs().max() > 1e-4  # the adapters trained
 
 
 @pytest.mark.parametrize("family", VLM)

@@ -17,6 +17,7 @@ class ModelSpec:
     section: str  # the config section of its keys
     keys: tuple[str, ...]  # the keys of that section the row reads (the others must keep their defaults)
     hf: bool  # reads its weights, tokenizer and image processor from captioner.hf_path
+    lora: bool = False  # takes LoRA adapters (captioner.lora.*, peft) on its transformers model
 
 
 BUILTIN_KEYS = ("image_encoder", "image_encoder_weights", "freeze_image_encoder", "encoder_layers", "decoder_layers",
@@ -25,21 +26,31 @@ BUILTIN_KEYS = ("image_encoder", "image_encoder_weights", "freeze_image_encoder"
 MODELS: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("builtin", "dico_scale.models.builtin:Captioner", "captioner", BUILTIN_KEYS, hf=False),
     ModelSpec("hf_encoder_decoder", "dico_scale.models.hf_encoder_decoder:HFEncoderDecoder", "captioner",
-              ("hf_path", "freeze", "gradient_checkpointing"), hf=True),
+              ("hf_path", "freeze", "gradient_checkpointing", "lora"), hf=True, lora=True),
     ModelSpec("dico_ref", "dico_scale.models.dico_ref:DicoRef", "captioner",
               ("hf_path", "freeze", "gradient_checkpointing"), hf=True),
-    ModelSpec("hf_vlm", "dico_scale.models.hf_vlm:HFVLM", "captioner", ("hf_path", "freeze", "prompt"), hf=True),
+    ModelSpec("hf_vlm", "dico_scale.models.hf_vlm:HFVLM", "captioner", ("hf_path", "freeze", "prompt", "lora"),
+              hf=True, lora=True),
 ]}
 
 
 def build_captioner(cfg, weights: str | None = None, image_encoder: bool = True):
     """The captioner `cfg.captioner.model` names, built from the whole run config, with its tokenizer
     (`.tokenizer`) and image transform (`.preprocess`); `weights`: a dico_scale export or checkpoint tag to load
-    (strict). image_encoder=False leaves the image tower out (a frozen reference reads the policy's features)."""
+    (strict). image_encoder=False leaves the image tower out (a frozen reference reads the policy's features).
+    With captioner.lora.r > 0 the adapters are added after the weights are loaded (exports are merged), or before
+    when the weights hold adapters (a LoRA run's checkpoint tag)."""
     module, cls = MODELS[cfg.captioner.model].cls.split(":")
     captioner = getattr(importlib.import_module(module), cls).build(cfg, image_encoder=image_encoder)
-    if weights:
-        from .weights import load_weights
+    from .lora import add_lora
+    from .weights import load_state, read_weights
 
-        load_weights(captioner, weights)
+    state = read_weights(weights) if weights else None
+    adapted = state is not None and any(".lora_" in k for k in state)  # a LoRA run's checkpoint tag, not an export
+    if cfg.captioner.lora.r and adapted:
+        add_lora(captioner, cfg.captioner.lora)
+    if state is not None:
+        load_state(captioner, state, weights)
+    if cfg.captioner.lora.r and not adapted:
+        add_lora(captioner, cfg.captioner.lora)
     return captioner

@@ -8,10 +8,12 @@ Families (dico_scale.models.tiny writes them):
              fixed run of <image> tokens between <fake_token_around_image> markers; Llama text model
   qwen2-vl   Qwen2VLForConditionalGeneration: the image's patch grid follows its size (one <|image_pad|> per merged
              patch), multimodal rotary positions (mrope); Qwen2 text model
+  llava      LlavaForConditionalGeneration: a CLIP vision tower on images resized and cropped to one size (a fixed run
+             of <image> tokens), a projector, a Llama text model; "USER: <image>\n... ASSISTANT:" turns
 """
 from __future__ import annotations
 
-VLM_FAMILIES = ("idefics3", "qwen2-vl")
+VLM_FAMILIES = ("idefics3", "qwen2-vl", "llava")
 
 # Idefics3 / SmolVLM turns: "User:<image>Describe...<end_of_utterance>\nAssistant: ..."
 IDEFICS3_TEMPLATE = (
@@ -28,6 +30,14 @@ QWEN2VL_TEMPLATE = (
     "{% elif part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
+# LLaVA-1.5 turns: "USER: <image>\nDescribe... ASSISTANT:"
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% if message['role'] == 'user' %} {% else %}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
 IDEFICS3_SPECIALS = (["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>",
                       "<global-img>", "<image>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)])
 QWEN2VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -105,10 +115,33 @@ def qwen2_vl(width: int, layers: int, heads: int, image_size: int, vocab_size: i
     return model, processor
 
 
+def llava(width: int, layers: int, heads: int, image_size: int, vocab_size: int):
+    """(model, processor): images resized and cropped to image_size, 8-pixel patches: (image_size / 8)^2 <image>
+    tokens (the CLS feature dropped, vision_feature_select_strategy=default)."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tok = _tokenizer(LLAVA_SPECIALS, LLAVA_TEMPLATE, vocab_size, bos_token="<s>", eos_token="</s>",
+                     unk_token="<unk>", pad_token="<pad>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIALS}
+    text = _text_config(len(tok), width, layers, heads, bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
+                        pad_token_id=ids["<pad>"])
+    vision = dict(model_type="clip_vision_model", hidden_size=width, intermediate_size=2 * width,
+                  num_hidden_layers=layers, num_attention_heads=heads, image_size=image_size, patch_size=8,
+                  projection_dim=width)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=ids["<image>"],
+                         image_seq_length=(image_size // 8) ** 2, vision_feature_layer=-1, pad_token_id=ids["<pad>"])
+    model = LlavaForConditionalGeneration(config)
+    images = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size,
+                                                                               "width": image_size})
+    processor = LlavaProcessor(images, tok, patch_size=8, vision_feature_select_strategy="default",
+                               chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=1)
+    return model, processor
+
+
 def write_vlm(family: str, out_dir: str, width: int, layers: int, heads: int, image_size: int,
               vocab_size: int = 0) -> str:
     """The folder of a tiny `family` VLM (save_pretrained of the model and its processor). Seed first."""
-    build = {"idefics3": idefics3, "qwen2-vl": qwen2_vl}[family]
+    build = {"idefics3": idefics3, "qwen2-vl": qwen2_vl, "llava": llava}[family]
     model, processor = build(width, layers, heads, image_size, max(vocab_size, 400))
     model.generation_config.eos_token_id = model.config.text_config.eos_token_id
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id

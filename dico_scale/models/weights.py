@@ -43,6 +43,11 @@ def _fail(label: str, path: str, why: str):
 def load_weights(module: torch.nn.Module, path: str) -> None:
     """A dico_scale model's weights (strict): an exported file (engine.export_weights' model.pt, or
     `dico_scale.export --format safetensors`) or a DeepSpeed checkpoint tag folder."""
+    load_state(module, read_weights(path), path)
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """The state dict of load_weights' `path`; a ConfigError naming the file when it cannot be read."""
     try:
         if os.path.isdir(path):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -55,6 +60,11 @@ def load_weights(module: torch.nn.Module, path: str) -> None:
             state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     except Exception as e:
         raise ConfigError(f"cannot read weights '{path}': {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    return state
+
+
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """`state` into `module`, strictly; the first problems named otherwise."""
     own = module.state_dict()
     problems = [f"missing {k}" for k in own if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in own]

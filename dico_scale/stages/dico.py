@@ -1,7 +1,10 @@
 """DiCO: k candidates per image (beam search by default; dico_scale/rollout.py), scored by `dico.reward` (the frozen
 evaluator by default; dico_scale/rewards/), a DPO-style loss against a frozen reference copy of the starting
-captioner (Direct CLIP-based Optimization, BMVC 2024)."""
+captioner (Direct CLIP-based Optimization, BMVC 2024). With LoRA adapters the reference is the policy itself with
+its adapters disabled (captioner.lora.separate_reference=false, the default): no second copy of the weights."""
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -10,6 +13,7 @@ from ..engine import PhaseClock
 from ..kernels import dico_loss
 from ..models import build_captioner
 from ..models.captioner import CaptionerModel, disable_dropout
+from ..models.lora import adapters_disabled
 from ..rewards import build_reward
 from ..rollout import Rollout
 from .base import CaptionerStage, StepOutput, log_prob_path
@@ -37,7 +41,9 @@ class DicoStage(CaptionerStage):
         self.reward = build_reward(cfg.dico.reward, cfg, self.evaluator, clamp=cfg.dico.reward_clamp)
         if cfg.dico.disable_dropout:
             disable_dropout(self.module)
-        self.reference = self.build_reference()
+        lora = cfg.captioner.lora
+        self.adapter_free = lora.r > 0 and not lora.separate_reference  # the policy without adapters is the reference
+        self.reference = None if self.adapter_free else self.build_reference()
         self.reference_engine = self.reference
 
     def build_reference(self) -> CaptionerModel:
@@ -54,15 +60,25 @@ class DicoStage(CaptionerStage):
         return reference.requires_grad_(False).train(not self.cfg.dico.disable_dropout)
 
     def frozen_models(self):
+        if self.reference is None:
+            return super().frozen_models()
         return {**super().frozen_models(),
                 "reference": (self.reference, self.cfg.dico.reference_placement, self.reference.width)}
 
     def setup(self, engine, frozen=None):
         super().setup(engine, frozen)
-        if frozen and "reference" in frozen:
+        if self.reference is None:
+            self.reference_engine = engine
+        elif frozen and "reference" in frozen:
             self.reference_engine = frozen["reference"]
         else:
             self.reference.to(self.device, self.dtype)
+
+    def reference_logprobs(self, candidates, visual_tokens):
+        """The reference's summed log-probs of the candidates, without gradients: a frozen model of its own, or the
+        policy's engine with its adapters disabled (the same forward, so ZeRO-3 gathers as for the policy)."""
+        with torch.no_grad(), adapters_disabled(self.module) if self.adapter_free else contextlib.nullcontext():
+            return self.rollout.sequence_logprobs(self.reference_engine, candidates, visual_tokens)
 
     def step(self, engine, batch) -> StepOutput:
         k, rollout, clock = self.cfg.generation.candidates, self.rollout, PhaseClock(self.device)
@@ -75,8 +91,8 @@ class DicoStage(CaptionerStage):
         mask = rollout.mask(candidates)
         with clock("policy"):
             policy_logps = rollout.sequence_logprobs(engine, candidates, visual_tokens).view(B, k)
-        with clock("reference"), torch.no_grad():  # the reference's forward-only path saves nothing
-            ref_logps = rollout.sequence_logprobs(self.reference_engine, candidates, visual_tokens).view(B, k)
+        with clock("reference"):  # the reference's forward-only path saves nothing
+            ref_logps = self.reference_logprobs(candidates, visual_tokens).view(B, k)
         loss, metrics = dico_loss(policy_logps, ref_logps, rewards, beta=self.cfg.dico.beta, tau=self.cfg.dico.tau,
                                   kernel=self.kernel)
         metrics["dico/candidate_len"] = mask.sum(-1).float().mean()

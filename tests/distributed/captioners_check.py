@@ -4,7 +4,8 @@ in one process group. Usage: captioners_check.py OUT_DIR FAMILY=FOLDER ... -- ke
 hf_encoder_decoder)
 
 Per family: xe -> dico -> scst (2 steps each, ZeRO-2); for the first family also dico in bf16, and dico under
-ZeRO-3 stopped at step 2 and resumed to step 3; for the last (a vision-language model) dico under ZeRO-3. Writes OUT_DIR/captioners.json (rank 0): each run's step, MLflow run id,
+ZeRO-3 stopped at step 2 and resumed to step 3; for the last (a vision-language model) dico with LoRA adapters
+under ZeRO-3 (the reference: the policy with its adapters disabled), checkpointed at each step. Writes OUT_DIR/captioners.json (rank 0): each run's step, MLflow run id,
 seconds and last train metrics."""
 import json
 import os
@@ -48,8 +49,8 @@ for i, (family, folder) in enumerate(folders.items()):
         result["resume_first_id"] = first["mlflow_run_id"]
         train(f"{family}_resume", "dico", folder, init, "train.max_steps=3", "train.resume=auto", zero3)
     if i == len(folders) - 1:
-        train(f"{family}_dico_zero3", "dico", folder, init, "train.max_steps=2",
-              f"train.deepspeed_config={DS.format('zero3')}")
+        train(f"{family}_lora_zero3", "dico", folder, init, "train.max_steps=2", "train.save_every=1",
+              "captioner.lora.r=4", "optim.lr=1e-2", f"train.deepspeed_config={DS.format('zero3')}")
 
 if dist.get_rank() == 0:
     with open(os.path.join(out, "captioners.json"), "w") as f:

@@ -1,0 +1,91 @@
+"""LoRA adapters through peft (`captioner.lora.*`) on a Hugging Face row's transformers model (`captioner.model`).
+
+The adapters are injected into that model in place (peft's `get_peft_model`), so the captioner's state dict stays
+"model." + the model's own keys, the LoRA layers' `base_layer` / `lora_A` / `lora_B` included; the PeftModel that
+holds peft's utilities (disabling, adapter-only saving) is kept beside it, outside the module tree. Every base weight
+is frozen; only the adapters train. Adapters are added after the starting weights are loaded (an export is always
+merged: plain keys).
+
+With adapters disabled the policy is exactly its starting captioner: DiCO's reference without a second copy of the
+weights (`adapters_disabled`). Exports merge the adapters into the weights (`merged_state`, peft's own delta);
+`python -m dico_scale.export --adapters-only` writes peft's adapter folder instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+
+import torch
+
+from ..errors import ConfigError
+
+ALL_LINEAR = "all-linear"  # peft's name for every linear layer but the output head
+
+
+def target_modules(spec: str) -> list[str] | str:
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    return ALL_LINEAR if names == [ALL_LINEAR] else names
+
+
+def add_lora(captioner, lora) -> None:
+    """Injects the adapters of `lora` (captioner.lora) into captioner.model, outside its frozen parts; the base
+    weights stop training."""
+    from peft import LoraConfig, get_peft_model
+
+    targets, frozen = target_modules(lora.target_modules), frozen_names(captioner)
+    if targets != ALL_LINEAR:
+        linear = {name.rsplit(".", 1)[-1] for name, m in captioner.model.named_modules()
+                  if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
+                  and not any(name == f or name.startswith(f + ".") for f in frozen)}
+        if missing := sorted(set(targets) - linear):
+            raise ConfigError(f"bad value for config key 'captioner.lora.target_modules': {', '.join(missing)} "
+                              f"match no linear layer of {type(captioner.model).__name__} outside its frozen parts "
+                              f"(captioner.freeze); its linear layers: {', '.join(sorted(linear)[:12])}"
+                              f"{', ...' if len(linear) > 12 else ''}")
+    exclude = "|".join(rf"{re.escape(f)}(\..*)?" for f in frozen) or None  # peft full-matches one regex
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                        exclude_modules=exclude)
+    captioner.__dict__["peft"] = get_peft_model(captioner.model, config)  # plain attribute: not a submodule
+
+
+def frozen_names(captioner) -> list[str]:
+    """Module names (relative to captioner.model) of the captioner's frozen parts (captioner.freeze): adapters
+    there would train a tower the config keeps frozen."""
+    parts = getattr(captioner, "parts", None)
+    if parts is None:
+        return []
+    frozen = {id(m) for part, modules in parts().items() if part in captioner.frozen for m in modules}
+    return [name for name, m in captioner.model.named_modules() if id(m) in frozen]
+
+
+def has_lora(captioner) -> bool:
+    return "peft" in captioner.__dict__
+
+
+def adapters_disabled(captioner):
+    """A context in which the captioner runs without its adapters (its starting weights); nothing without LoRA."""
+    return captioner.peft.disable_adapter() if has_lora(captioner) else contextlib.nullcontext()
+
+
+def merged_state(captioner, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (the captioner's, adapters included) with each adapter merged into its base weight by peft's
+    `get_delta_weight`: the keys of the captioner without LoRA. Reads the adapters from the live module (under
+    ZeRO-3: inside a gather)."""
+    if not has_lora(captioner):
+        return state
+    from peft.tuners.lora import LoraLayer
+
+    out = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+    for name, m in captioner.named_modules():
+        if isinstance(m, LoraLayer) and "default" in m.lora_A:
+            key = f"{name}.weight"
+            delta = m.get_delta_weight("default").detach().to(out[key].device, out[key].dtype)
+            out[key] = out[key] + delta
+    return out
+
+
+def save_adapters(captioner, folder: str) -> None:
+    """peft's adapter folder (adapter_config.json, adapter_model.safetensors) of the captioner's live adapters."""
+    if not has_lora(captioner):
+        raise ConfigError("--adapters-only: this run trained no LoRA adapters (captioner.lora.r=0)")
+    captioner.peft.save_pretrained(folder)

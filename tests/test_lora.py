@@ -1,0 +1,77 @@
+"""LoRA adapters through peft (models/lora.py) on the vision-language row: only the adapters train, none sits in the
+frozen tower; with its adapters disabled the policy's log-probs equal those of a separate frozen copy of the
+starting captioner (DiCO's reference without a second copy of the weights); the merged export gives the adapted
+captioner's log-probs with the plain model's keys; bad LoRA keys are one line."""
+import pytest
+import torch
+
+from dico_scale.config import ConfigError, load_config
+from dico_scale.models import build_captioner
+from dico_scale.models.lora import adapters_disabled, merged_state
+
+BLANK = ["evaluator.weights=", "captioner.image_encoder_weights=", "train.init_from="]
+CAPTIONS = ["a red circle at the top", "two shapes: a blue star and a small green square"]
+
+
+def config(folder, *extra):
+    return load_config("configs/demo/dico.yaml", BLANK + ["captioner.model=hf_vlm", f"captioner.hf_path={folder}",
+                                                          *extra])
+
+
+def adapted(folder, *extra):
+    cap = build_captioner(config(folder, "captioner.lora.r=4", *extra)).eval()
+    with torch.no_grad():  # adapters that change the outputs (peft starts lora_B at zero)
+        g = torch.Generator().manual_seed(1)
+        for name, p in cap.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return cap
+
+
+def logprobs(cap, folder_images):
+    tokens = cap.tokenizer.batch(CAPTIONS, 40)
+    with torch.no_grad():
+        return cap(tokens, pixels=folder_images(cap), output="logprobs", kernel="torch")
+
+
+@pytest.fixture(scope="module")
+def images():
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    ims = [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()) for w, h in [(64, 64), (64, 20)]]
+    return lambda cap: cap.preprocess.collate([cap.preprocess(im) for im in ims])
+
+
+@pytest.mark.parametrize("family", ["idefics3", "qwen2-vl"])
+def test_adapters_disabled_equal_a_separate_frozen_copy(vlm_folders, images, family):
+    folder = vlm_folders[family]
+    cap, plain = adapted(folder), build_captioner(config(folder)).eval()
+    with adapters_disabled(cap):
+        reference = logprobs(cap, images)
+    torch.testing.assert_close(reference, logprobs(plain, images), rtol=0, atol=1e-5)
+    assert (logprobs(cap, images) - reference).abs().max() > 1e-3  # the adapters are back, and they matter
+
+    trainable = [n for n, p in cap.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert not any("vision" in n or "visual" in n for n in trainable)  # captioner.freeze=vision: no adapter there
+
+
+def test_the_merged_state_is_the_adapted_captioner_with_plain_keys(vlm_folders, images):
+    folder = vlm_folders["idefics3"]
+    cap, plain = adapted(folder), build_captioner(config(folder))
+    merged = merged_state(cap, {k: v.clone() for k, v in cap.state_dict().items()})
+    assert merged.keys() == plain.state_dict().keys()
+    plain.load_state_dict(merged, strict=True)
+    torch.testing.assert_close(logprobs(plain.eval(), images), logprobs(cap, images), rtol=0, atol=1e-4)
+
+
+def test_bad_lora_keys_are_one_line(vlm_folders):
+    with pytest.raises(ConfigError, match=r"'captioner.lora.target_modules': nope, qkv match no linear layer of "
+                                          r"Idefics3ForConditionalGeneration outside its frozen parts"):
+        build_captioner(config(vlm_folders["idefics3"], "captioner.lora.r=2", "captioner.lora.target_modules=qkv,nope"))
+    with pytest.raises(ConfigError, match="'captioner.lora.r': LoRA adapts the rows hf_encoder_decoder, hf_vlm, not "
+                                          "captioner.model=builtin"):
+        load_config("configs/demo/xe.yaml", BLANK + ["captioner.lora.r=2"])
+    with pytest.raises(ConfigError, match="'captioner.lora.dropout'"):
+        config(vlm_folders["idefics3"], "captioner.lora.r=2", "captioner.lora.dropout=1.0")
