@@ -439,3 +439,15 @@ def test_a_renamed_key_still_works_with_one_warning_line(tmp_path, capsys):
     assert load_config(str(both), BLANK).generation.candidates == 6
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and all(f"({p})" in line for line, p in zip(lines, (old, both)))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("smolvlm/*.yaml")) +
+                         sorted((REPO / "configs").glob("qwen2vl/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_vlm_configs_load_on_a_local_folder_of_their_family(path, vlm_folders):
+    family = {"smolvlm": "idefics3", "qwen2vl": "qwen2-vl"}[path.parent.name]
+    cfg = load_config(str(path), BLANK + [f"captioner.hf_path={vlm_folders[family]}", "train.init_from="])
+    assert cfg.train.stage == (path.stem if path.stem != "base" else "xe")
+    assert cfg.captioner.model == "hf_vlm" and cfg.captioner.lora.r == 16 and cfg.train.precision == "bf16"
+    assert cfg.train.deepspeed_config.endswith("zero3.json") and not cfg.captioner.image_encoder_weights
+    with pytest.raises(ConfigError, match="captioner.hf_path"):  # the placeholder folder is refused, in one line
+        load_config(str(path), BLANK + ["captioner.hf_path=/nowhere/SmolVLM", "train.init_from="])

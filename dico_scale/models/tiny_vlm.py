@@ -8,12 +8,13 @@ Families (dico_scale.models.tiny writes them):
              fixed run of <image> tokens between <fake_token_around_image> markers; Llama text model
   qwen2-vl   Qwen2VLForConditionalGeneration: the image's patch grid follows its size (one <|image_pad|> per merged
              patch), multimodal rotary positions (mrope); Qwen2 text model
+  qwen2.5-vl Qwen2_5_VLForConditionalGeneration: as qwen2-vl, with windowed attention in the vision tower
   llava      LlavaForConditionalGeneration: a CLIP vision tower on images resized and cropped to one size (a fixed run
              of <image> tokens), a projector, a Llama text model; "USER: <image>\n... ASSISTANT:" turns
 """
 from __future__ import annotations
 
-VLM_FAMILIES = ("idefics3", "qwen2-vl", "llava")
+VLM_FAMILIES = ("idefics3", "qwen2-vl", "qwen2.5-vl", "llava")
 
 # Idefics3 / SmolVLM turns: "User:<image>Describe...<end_of_utterance>\nAssistant: ..."
 IDEFICS3_TEMPLATE = (
@@ -89,11 +90,16 @@ def idefics3(width: int, layers: int, heads: int, image_size: int, vocab_size: i
     return model, Idefics3Processor(images, tok, image_seq_len=seq_len, chat_template=IDEFICS3_TEMPLATE)
 
 
-def qwen2_vl(width: int, layers: int, heads: int, image_size: int, vocab_size: int):
+def qwen2_vl(width: int, layers: int, heads: int, image_size: int, vocab_size: int, v25: bool = False):
     """(model, processor): 4-pixel patches merged 2 x 2, images of 16 x 16 to image_size x image_size pixels
-    (rounded to 8): between 4 and (image_size / 8)^2 <|image_pad|> tokens, following the image's size."""
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
-                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+    (rounded to 8): between 4 and (image_size / 8)^2 <|image_pad|> tokens, following the image's size. v25: the
+    Qwen2.5-VL classes (windowed vision attention, its last block full)."""
+    import transformers
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    prefix = "Qwen2_5_VL" if v25 else "Qwen2VL"
+    Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor = (
+        getattr(transformers, prefix + name) for name in ("Config", "ForConditionalGeneration", "Processor"))
 
     tok = _tokenizer(QWEN2VL_SPECIALS, QWEN2VL_TEMPLATE, vocab_size, eos_token="<|im_end|>",
                      pad_token="<|endoftext|>", unk_token="<|endoftext|>")
@@ -104,6 +110,10 @@ def qwen2_vl(width: int, layers: int, heads: int, image_size: int, vocab_size: i
                                          "mrope_section": [width // heads // 8] * 2 + [width // heads // 4]})
     vision = dict(depth=layers, embed_dim=width, hidden_size=width, num_heads=heads, patch_size=4,
                   spatial_merge_size=2, temporal_patch_size=2)
+    if v25:
+        vision = dict(depth=layers, hidden_size=width, out_hidden_size=width, intermediate_size=2 * width,
+                      num_heads=heads, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
+                      fullatt_block_indexes=[layers - 1])
     config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
@@ -141,7 +151,8 @@ def llava(width: int, layers: int, heads: int, image_size: int, vocab_size: int)
 def write_vlm(family: str, out_dir: str, width: int, layers: int, heads: int, image_size: int,
               vocab_size: int = 0) -> str:
     """The folder of a tiny `family` VLM (save_pretrained of the model and its processor). Seed first."""
-    build = {"idefics3": idefics3, "qwen2-vl": qwen2_vl, "llava": llava}[family]
+    build = {"idefics3": idefics3, "qwen2-vl": qwen2_vl, "llava": llava,
+             "qwen2.5-vl": lambda *a: qwen2_vl(*a, v25=True)}[family]
     model, processor = build(width, layers, heads, image_size, max(vocab_size, 400))
     model.generation_config.eos_token_id = model.config.text_config.eos_token_id
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id
