@@ -9,12 +9,14 @@ PIP_CAP := $(shell $(PIP) config list 2>/dev/null | sed -n "s/^global.constraint
 .PHONY: install lock test-latest demo compare test test-gpu bench-wheels gpu-check bench-data clean
 
 # Exactly the versions in requirements.lock (every package, torch included), then this package without dependencies.
-# uv installs the lock (~20 s into a fresh virtualenv here, pip ~110 s), from the indexes pip is configured with;
-# pip does it where uv cannot be installed or fails.
+# uv installs the lock (~35 s into a fresh virtualenv here, pip ~110 s), from the indexes pip is configured with;
+# pip does it where uv cannot be installed or fails. Bytecode is compiled at install, as pip does: with
+# PYTHONDONTWRITEBYTECODE set (CI, these machines) every process would otherwise compile each module it imports.
 install:
-	$(PIP) install -q $(UV) && $(PYTHON) -m uv pip install -q --python "$$($(PYTHON) -c 'import sys; print(sys.executable)')" \
+	$(PIP) install -q $(UV) && $(PYTHON) -m uv pip install -q --compile-bytecode --python "$$($(PYTHON) -c 'import sys; print(sys.executable)')" \
 	    $$($(PYTHON) tests/lockfile.py --uv-index-args) -r $(LOCK) || $(PIP) install -q -r $(LOCK)
 	$(PIP) install -q --no-deps -e .
+	$(PYTHON) -m compileall -q dico_scale kernels tests
 
 # Re-resolve requirements.lock to the newest releases setup.py allows (install_requires + dev), for this machine's
 # Python and platform, within pip's own constraints if it has any (this machine caps torch at what lies on its disk).

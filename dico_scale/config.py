@@ -66,7 +66,7 @@ class DataConfig:
 class LoraConfig:
     """LoRA adapters through peft on a Hugging Face row (models/lora.py): only they train."""
     r: int = 0  # >= 0; the adapters' rank, 0 = no LoRA (the weights train, as captioner.freeze says)
-    alpha: float = 16.0  # > 0; the adapters' output is scaled by alpha / r
+    alpha: float = 16.0  # (0, inf); the adapters' output is scaled by alpha / r
     dropout: float = 0.0  # [0, 1); dropout on the adapters' input
     target_modules: str = "q_proj,v_proj"  # comma-separated linear layer names (peft's), or all-linear
     # dico: the reference is the policy with its adapters disabled (no second copy of the weights); true keeps a

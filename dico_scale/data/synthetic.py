@@ -256,3 +256,9 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def caption_corpus(n: int = 400, seed: int = 0) -> list[str]:
+    """The captions of n random scenes: the text the tiny models' tokenizers are trained on (models/tiny.py)."""
+    rng = random.Random(seed)
+    return [c for _ in range(n) for c in scene_captions(make_scene(rng), rng)]

@@ -14,7 +14,6 @@ the same builder.
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 
 import torch
@@ -25,13 +24,6 @@ FAMILIES = ("vit-gpt2", "blip", "dico-ref", *VLM_FAMILIES)
 SPECIALS = {"vit-gpt2": ["<|endoftext|>"], "blip": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]}
 
 
-def captions(n: int = 400, seed: int = 0) -> list[str]:
-    from ..data.synthetic import make_scene, scene_captions
-
-    rng = random.Random(seed)
-    return [c for _ in range(n) for c in scene_captions(make_scene(rng), rng)]
-
-
 def train_tokenizer(family: str, vocab_size: int = 300):
     """A PreTrainedTokenizerFast over a byte-level BPE of the synthetic captions, with the family's special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -40,7 +32,9 @@ def train_tokenizer(family: str, vocab_size: int = 300):
     bpe = Tokenizer(models.BPE(unk_token="[UNK]" if family == "blip" else None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(captions(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS[family],
+    from ..data.synthetic import caption_corpus
+
+    bpe.train_from_iterator(caption_corpus(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS[family],
                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     if family == "vit-gpt2":
         return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",

@@ -49,13 +49,13 @@ def _tokenizer(specials: list[str], template: str, vocab_size: int, **named):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .tiny import captions
+    from ..data.synthetic import caption_corpus
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     prompts = ["User: Assistant: user assistant Describe this image in one sentence."] * 20
-    bpe.train_from_iterator(captions() + prompts, trainers.BpeTrainer(
+    bpe.train_from_iterator(caption_corpus() + prompts, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, **named)
     tok.chat_template = template
