@@ -161,6 +161,7 @@ class TrainConfig:
     seed: int = 0  # >= 0
     log_every: int = 10  # >= 1
     val_every: int = 0  # >= 0; 0: validate only at the end
+    validate_at_end: bool = True  # false: no validation after the last step (short runs; evaluate the export instead)
     val_max_images: int = 0  # >= 0; 0: the whole val split
     save_every: int = 0  # >= 0; 0: only at the end
     keep_checkpoints: int = 2  # >= 1

@@ -262,7 +262,7 @@ def _train(cfg: Config, stage, engine, tracker, make_train_loader, make_val_load
                 raise RuntimeError(f"epoch {state.epoch} of data.train_shards yielded no batch on rank {rank}")
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0  # also when a resume found the epoch complete
     bar.close()
-    if last_val != step:
+    if last_val != step and t.validate_at_end:
         validate()  # the last validation competes for the best too
     if last_saved != step:
         save()

@@ -49,7 +49,14 @@ def pytest_runtest_protocol(item, nextitem):
     _running["item"] = None
 
 
+# The longest single-process tests (seconds on 2 cores), collected first: the pytest-xdist workers start on them, so
+# that the pass does not end with one worker on a minute-long test while the other has nothing left.
+LONG_FIRST = ("test_tracking.py::test_a_dead_then_hung", "test_loop.py::test_nonfinite", "test_benchmark_step.py",
+              "test_toy_stage.py", "test_best_checkpoint.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not any(name in item.nodeid for name in LONG_FIRST))  # stable: the rest keep order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

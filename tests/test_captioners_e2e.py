@@ -51,6 +51,16 @@ def test_every_stage_trains_every_row(runs, family, stage):
     assert r["step"] == 2 and math.isfinite(r["train"]["train/loss"])
 
 
+def test_validation_on_2_ranks_and_runs_that_skip_it(runs):
+    """A VLM and an encoder-decoder row validate after their last step on 2 ranks (val_max_images=2 of 4); the
+    other runs set train.validate_at_end=false and have no validation at all."""
+    result, _ = runs
+    for name in ("idefics3_dico", "vit-gpt2_dico"):
+        val = result["runs"][name]["val"]
+        assert val["images"] == 2 and math.isfinite(val["cider"]) and "evaluator_score" in val, (name, val)
+    assert result["runs"]["idefics3_scst"]["val"] == {} and result["runs"]["qwen2-vl_xe"]["val"] == {}
+
+
 def test_zero3_resume_and_bf16_on_an_hf_row(runs):
     result, tmp = runs
     assert math.isfinite(result["runs"]["vit-gpt2_dico_bf16"]["train"]["train/loss"])

@@ -115,6 +115,12 @@ def test_zero3_checkpoint_resumes_at_the_next_step_on_the_same_run(zero3):
     assert result["checkpoint_matches_export"]  # the ZeRO-3 shards consolidate to the exported weights
 
 
+def test_runs_without_validation_at_the_end_skip_it(zero3):
+    result, _, _ = zero3
+    assert result["runs"]["dico_zero3"]["val"]["images"] == 4  # validated (train.val_max_images=4)
+    assert result["runs"]["dico_zero2"]["val"] == {} and result["runs"]["xe_zero2"]["val"] == {}
+
+
 def test_evaluator_stage_trains_under_zero3(zero3):
     result, client, _ = zero3
     run = result["runs"]["evaluator_zero3"]

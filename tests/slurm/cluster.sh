@@ -157,24 +157,24 @@ up() {
     sinfo -N
 }
 
-stop_pid() {  # stop_pid PIDFILE: TERM, then KILL after 10 s; only processes this script recorded
-    local f=$1 pid
-    [[ -s $f ]] || return 0
-    pid=$(cat "$f")
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-    fi
-    rm -f "$f"
+stop_pids() {  # stop_pids PIDFILE...: TERM to all at once, then KILL what is left after 10 s; only processes this
+    local f pid pids=()  # script recorded (each daemon takes ~2 s to stop: at once, not one after the other)
+    for f in "$@"; do
+        [[ -s $f ]] && pid=$(cat "$f") && kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
+        rm -f "$f"
+    done
+    for _ in $(seq 100); do
+        local alive=0
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        (( alive )) || break
+        sleep 0.1
+    done
+    for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
 }
 
 down() {
     need_root
-    local n
-    for n in "${NODES[@]}"; do stop_pid "$STATE/slurmd.$n.pid"; done
-    stop_pid "$STATE/slurmctld.pid"
-    stop_pid "$STATE/munged.pid"
+    stop_pids "$STATE"/slurmd.*.pid "$STATE/slurmctld.pid" "$STATE/munged.pid"
 }
 
 status() {
