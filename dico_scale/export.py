@@ -207,10 +207,9 @@ def adapted_captioner(blob: dict):
     return captioner
 
 
-def merge_adapters(blob: dict) -> dict:
-    """The blob with a LoRA run's adapters merged into their weights (the keys of the plain model), as training's
-    own export writes them."""
-    captioner = adapted_captioner(blob)
+def merge_adapters(blob: dict, captioner) -> dict:
+    """The blob with the adapters of `captioner` (adapted_captioner's) merged into their weights (the keys of the
+    plain model), as training's own export writes them; the blob itself without adapters."""
     if captioner is None:
         return blob
     from dico_scale.models.lora import merged_state
@@ -218,25 +217,25 @@ def merge_adapters(blob: dict) -> dict:
     return {**blob, "state_dict": merged_state(captioner, blob["state_dict"])}
 
 
-def write_hf_folder(blob: dict, out: str) -> str | None:
-    """hf/ beside `out` for a Hugging Face captioner row (as training's own export writes it); None for others."""
+def write_hf_folder(blob: dict, out: str, captioner=None) -> str | None:
+    """hf/ beside `out` for a Hugging Face captioner row (as training's own export writes it); None for others.
+    `captioner`: the run's, when already built (a LoRA run's, for its merge)."""
     from dico_scale.models import MODELS, build_captioner
 
     cfg = OmegaConf.create(blob["config"])
     row = cfg.get("captioner", {}).get("model", "builtin")
     if blob["stage"] not in captioner_stages() or not MODELS[row].hf:
         return None
-    captioner = build_captioner(_config_from_text(blob["config"], []))
+    captioner = captioner or build_captioner(_config_from_text(blob["config"], []))
     folder = Path(out).resolve().parent / "hf"
     captioner.save_pretrained(folder, blob["state_dict"])
     return str(folder)
 
 
-def write_adapters(blob: dict, out: str) -> int:
+def write_adapters(blob: dict, captioner, out: str) -> int:
     """peft's adapter folder of a LoRA run's checkpoint (PeftModel.from_pretrained(base model, out) loads it)."""
     from dico_scale.models.lora import save_adapters
 
-    captioner = adapted_captioner(blob)
     if captioner is None:
         raise ConfigError("--adapters-only: the checkpoint holds no LoRA adapters (captioner.lora.r=0)")
     save_adapters(captioner, out)
@@ -260,14 +259,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.format == "safetensors" and not args.out.endswith(".safetensors"):
             raise ConfigError(f"--out '{args.out}' must end with .safetensors for --format safetensors")
         blob = consolidate(args.checkpoint, args.format)
+        captioner = adapted_captioner(blob)  # built once: for the merge and the hf/ folder, or the adapters
         if args.adapters_only:
-            return write_adapters(blob, args.out)
-        blob = merge_adapters(blob)
+            return write_adapters(blob, captioner, args.out)
+        blob = merge_adapters(blob, captioner)
     except ConfigError as e:
         print(f"dico_scale.export: error: {e}", file=sys.stderr)
         return 2
     write_export(blob, args.out, args.format)
-    if hf := write_hf_folder(blob, args.out):
+    if hf := write_hf_folder(blob, args.out, captioner):
         print(f"wrote {hf}: a transformers save_pretrained folder")
     extra = f" + {sidecar(args.out)}" if args.format == "safetensors" else ""
     print(f"wrote {args.out}{extra}: {len(blob['state_dict'])} tensors, stage={blob['stage']} step={blob['step']}")

@@ -48,11 +48,8 @@ class Captioner(CaptionerModel):
             if self.image_encoder is not None and not self.frozen_image_encoder:
                 self.image_encoder.set_grad_checkpointing(True)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.frozen_image_encoder and self.image_encoder is not None:
-            self.image_encoder.eval()
-        return self
+    def frozen_towers(self) -> list[nn.Module]:
+        return [self.image_encoder] if self.frozen_image_encoder and self.image_encoder is not None else []
 
     @classmethod
     def build(cls, cfg, image_encoder: bool = True) -> "Captioner":

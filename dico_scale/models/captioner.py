@@ -79,6 +79,17 @@ class CaptionerModel(nn.Module):
     def head_bias(self) -> torch.Tensor | None:
         return None
 
+    def frozen_towers(self) -> list[nn.Module]:
+        """Modules that stay in eval mode whatever the captioner's mode (a frozen image tower: no dropout, fixed
+        norm statistics)."""
+        return []
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.frozen_towers():
+            m.eval()
+        return self
+
     def banned_tokens(self, bos: int, eos: int, pad: int) -> list[int]:
         """Tokens generation never proposes (see the module function)."""
         return banned_tokens(bos, eos, pad)

@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..data.tokenizer import CaptionTokenizer
 from .captioner import CaptionerModel
-from .folders import read_config, ref_problem
+from .folders import checked_config, ref_problem
 
 # the reference's state-dict prefixes -> ours
 REF_PREFIXES = {"encoder.vision_encoder.": "vision.", "encoder.vis_enc_to_enc_proj.": "proj.",
@@ -29,14 +29,6 @@ UNUSED = ("encoder.encoder.pooler.", "position_ids")
 
 def _sub(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "transformers_version")}
-
-
-def read_ref_config(path: str) -> dict:
-    config = read_config(path)
-    problem = config if isinstance(config, str) else ref_problem(config, path)
-    if problem:
-        raise ConfigError(f"captioner.hf_path {problem}")
-    return config
 
 
 class DicoRef(CaptionerModel):
@@ -77,7 +69,7 @@ class DicoRef(CaptionerModel):
         from .hf_encoder_decoder import freeze_parts
 
         c = cfg.captioner
-        config = read_ref_config(c.hf_path)
+        config = checked_config(c.hf_path, ref_problem)
         parts = freeze_parts(c.freeze)
         model = cls(config, image_encoder, "vision" in parts, c.gradient_checkpointing)
         tok = model.tokenizer
@@ -94,11 +86,8 @@ class DicoRef(CaptionerModel):
             m.requires_grad_(False)
         return model
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.frozen_vision and self.vision is not None:
-            self.vision.eval()  # the reference keeps its tower in eval mode
-        return self
+    def frozen_towers(self) -> list[nn.Module]:
+        return [self.vision] if self.frozen_vision and self.vision is not None else []
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -120,7 +109,7 @@ class DicoRef(CaptionerModel):
 def check_folder_weights(path: str) -> None:
     """The folder's weight names and shapes against its config.json's architecture, built on the meta device and
     the weights memory-mapped: nothing is materialised (preflight)."""
-    config = read_ref_config(path)
+    config = checked_config(path, ref_problem)
     with torch.device("meta"):
         model = DicoRef(config, image_encoder=True)
     tied = model.tied

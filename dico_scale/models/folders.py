@@ -62,12 +62,12 @@ def vlm_problem(config: dict, path: str) -> str | None:
     return None
 
 
-def read_vlm_config(path: str) -> dict:
-    """The folder's config.json, checked for hf_vlm (ConfigError naming captioner.hf_path otherwise)."""
+def checked_config(path: str, problem) -> dict:
+    """The folder's config.json, checked by a row's `problem` (hf_problem, ref_problem, vlm_problem): a ConfigError
+    naming captioner.hf_path otherwise."""
     config = read_config(path)
-    problem = config if isinstance(config, str) else vlm_problem(config, path)
-    if problem:
-        raise ConfigError(f"captioner.hf_path {problem}")
+    if found := config if isinstance(config, str) else problem(config, path):
+        raise ConfigError(f"captioner.hf_path {found}")
     return config
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..data.tokenizer import TokenLayout
 from .captioner import CaptionerModel
-from .folders import FREEZE_PARTS, hf_problem, read_config
+from .folders import FREEZE_PARTS, checked_config, hf_problem
 
 class HFTokenizer(TokenLayout):
     """A transformers tokenizer under the trainer's token layout [BOS, w..., EOS, PAD...]: BOS is the decoder's start
@@ -54,15 +54,6 @@ class HFPreprocess:
 
     def __repr__(self):
         return f"HFPreprocess({self.processor!r})"
-
-
-def read_hf_config(path: str) -> dict:
-    """The folder's config.json, checked: a transformers checkpoint of a supported architecture."""
-    config = read_config(path)
-    problem = config if isinstance(config, str) else hf_problem(config, path)
-    if problem:
-        raise ConfigError(f"captioner.hf_path {problem}")
-    return config
 
 
 def freeze_parts(spec: str) -> set[str]:
@@ -105,7 +96,7 @@ class HFEncoderDecoder(CaptionerModel):
         import transformers
 
         c = cfg.captioner
-        config = read_hf_config(c.hf_path)
+        config = checked_config(c.hf_path, hf_problem)
         arch = config["architectures"][0]
         model = getattr(transformers, arch).from_pretrained(c.hf_path)
         tokenizer = load_tokenizer(c.hf_path, model)
@@ -120,12 +111,8 @@ class HFEncoderDecoder(CaptionerModel):
                 "projection": [self.projection] if self.projection is not None else [],
                 "embeddings": [getattr(self.body, "embeddings", None) or nn.ModuleList([self.body.wte, self.body.wpe])]}
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if "vision" in self.frozen:
-            for m in self.parts()["vision"]:
-                m.eval()
-        return self
+    def frozen_towers(self) -> list[nn.Module]:
+        return self.parts()["vision"] if "vision" in self.frozen else []
 
     @property
     def head(self) -> nn.Linear:

@@ -24,7 +24,7 @@ from transformers.cache_utils import DynamicCache
 
 from ..errors import ConfigError
 from .captioner import CaptionerModel
-from .folders import read_vlm_config
+from .folders import checked_config, vlm_problem
 from .hf_encoder_decoder import HFTokenizer
 
 TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # one row per image, left-padded in a batch
@@ -143,16 +143,16 @@ def prompt_ids(processor, prompt: str, path: str) -> tuple[str, list[int]]:
     text = prompt_text(processor, prompt, path)
     tok = processor.tokenizer
     image_token = getattr(processor, "image_token", None) or "<image>"
-    known = tok.convert_tokens_to_ids(image_token)
-    if known is None or known == tok.unk_token_id or not tok(text, add_special_tokens=False)["input_ids"]:
+    known, ids = tok.convert_tokens_to_ids(image_token), tok(text, add_special_tokens=False)["input_ids"]
+    if known is None or known == tok.unk_token_id or not ids:
         raise ConfigError(f"captioner.hf_path '{path}': its tokenizer does not know the image token {image_token} "
                           "(tokenizer files missing or of another model?)")
-    return text, tok(text, add_special_tokens=False)["input_ids"]
+    return text, ids
 
 
 def check_folder(path: str, prompt: str) -> None:
     """Preflight of the hf_vlm row: the folder's config, processor and the prompt built from captioner.prompt."""
-    read_vlm_config(path)
+    checked_config(path, vlm_problem)
     prompt_ids(load_processor(path), prompt, path)
 
 
@@ -179,7 +179,7 @@ class HFVLM(CaptionerModel):
         from transformers import AutoModelForImageTextToText
 
         c = cfg.captioner
-        read_vlm_config(c.hf_path)
+        checked_config(c.hf_path, vlm_problem)
         processor = load_processor(c.hf_path)
         model = AutoModelForImageTextToText.from_pretrained(c.hf_path)
         return cls(model, processor, c.prompt, c.hf_path, {p.strip() for p in c.freeze.split(",") if p.strip()})
@@ -195,12 +195,8 @@ class HFVLM(CaptionerModel):
                 "projection": present("connector", "multi_modal_projector"),
                 "embeddings": [self.model.get_input_embeddings()]}
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if "vision" in self.frozen:
-            for m in self.parts()["vision"]:
-                m.eval()
-        return self
+    def frozen_towers(self) -> list[torch.nn.Module]:
+        return self.parts()["vision"] if "vision" in self.frozen else []
 
     @property
     def head_weight(self) -> torch.Tensor:
