@@ -3,9 +3,17 @@ torch head (dico_scale.kernels.torch_path.fused_linear_sequence_logprobs), forwa
 
     python benchmarks/head_bench.py --json runs/bench/head.json   # about a minute on 2 cores
     python benchmarks/head_bench.py --smoke                       # tiny shapes, a plumbing check
+    python benchmarks/head_bench.py --memory --json runs/bench/head_memory.json   # measured memory, ~2 minutes
 
 Reported per shape: median seconds of each, their ratio, and the logits each holds at once (the full path holds
 N*T*V fp32 logits plus their gradient; the chunked one at most torch_path.MAX_CHUNK_LOGITS, whatever V).
+
+--memory measures instead of computing: the extra memory of the sequence log-prob path (forward + backward, and
+forward alone as the reference model runs it) at N = 40 sequences x 30 tokens, H = 2048, V = 151,936: the materialised
+path (torch_path.sequence_logprobs over h @ w.T, what the DiCO code does) against the chunked head. Each run is its own
+process: the peak resident set (the kernel's VmHWM) beyond the resident set once the inputs exist, less the inputs'
+gradients when they are kept. Large CPU tensors are mmapped by malloc and given back on free, so the peak is the
+tensors' peak; torch keeps no CPU cache.
 """
 from __future__ import annotations
 
@@ -14,7 +22,10 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -56,12 +67,88 @@ def bench(N, T, H, V, repeats):
             "chunked_logits_mib": min(N * T * V, torch_path.MAX_CHUNK_LOGITS) * 4 / 2**20}
 
 
+MEMORY_SHAPE = (40, 30, 2048, 151936)
+SMOKE_MEMORY_SHAPE = (4, 5, 64, 30011)
+PATHS = {"materialised": lambda h, w, lab, m: torch_path.sequence_logprobs(h @ w.T, lab, m),
+         "chunked": torch_path.fused_linear_sequence_logprobs}
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+def memory_worker(path: str, N: int, T: int, H: int, V: int, dtype: str, backward: bool) -> dict:
+    """One path once, in this (fresh) process: bytes of peak resident set beyond the inputs (and their gradients)."""
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(N, T, H, generator=g).to(dt).requires_grad_(backward)
+    w = (torch.randn(V, H, generator=g) / H**0.5).to(dt).requires_grad_(backward)
+    labels = torch.randint(0, V, (N, T), generator=g)
+    mask = torch.ones(N, T, dtype=torch.bool)
+    with torch.no_grad():  # warm-up at a tiny size: kernels, thread pools and lazy imports are not the path's memory
+        PATHS[path](h[:1, :1].detach(), w[:8].detach(), labels[:1, :1] % 8, mask[:1, :1])
+    base = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS, so the peak below is this call's
+        f.write("5")
+    t0 = time.perf_counter()
+    with torch.set_grad_enabled(backward):
+        out = PATHS[path](h, w, labels, mask)
+        if backward:
+            out.sum().backward()
+    seconds = time.perf_counter() - t0
+    grads = sum(t.grad.nbytes for t in (h, w) if t.grad is not None)
+    extra = (_rss_kib("VmHWM") - base) * 1024 - grads
+    return {"path": path, "backward": backward, "dtype": dtype, "extra_bytes": extra, "grad_bytes": grads,
+            "seconds": seconds, "value": float(out.detach().double().sum())}
+
+
+def measure_memory(shape, dtypes, repeats: int) -> list[dict]:
+    rows = []
+    for dtype in dtypes:
+        for backward in (True, False):
+            for _ in range(repeats):  # alternate the paths: the machine's state hits both alike
+                for path in PATHS:
+                    cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", path, "--dtype", dtype,
+                           "--shape", *map(str, shape)] + ([] if backward else ["--forward-only"])
+                    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                    rows.append(json.loads(out.splitlines()[-1]))
+    return rows
+
+
+def memory_table(shape, rows) -> list[dict]:
+    """Per (dtype, backward): the median extra bytes of each path and chunked / materialised."""
+    out = []
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        for backward in (True, False):
+            med = {p: statistics.median(r["extra_bytes"] for r in rows
+                                        if (r["path"], r["dtype"], r["backward"]) == (p, dtype, backward))
+                   for p in PATHS}
+            vals = [r["value"] for r in rows if (r["dtype"], r["backward"]) == (dtype, backward)]
+            out.append({"shape": list(shape), "dtype": dtype, "backward": backward,
+                        "materialised_mib": med["materialised"] / 2**20, "chunked_mib": med["chunked"] / 2**20,
+                        "chunked_over_materialised": med["chunked"] / med["materialised"],
+                        "values_agree": max(vals) - min(vals) <= 1e-3 * max(1.0, abs(max(vals)))})
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default="")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat")
+    p.add_argument("--memory", action="store_true", help="measure the extra memory at N=40 x T=30, H=2048, V=151,936")
+    p.add_argument("--dtypes", nargs="+", default=["float32"], help="--memory: input dtypes (the CPU trains fp32)")
+    p.add_argument("--memory-worker", choices=list(PATHS), help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--shape", nargs=4, type=int, help=argparse.SUPPRESS)
+    p.add_argument("--forward-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.memory_worker:
+        print(json.dumps(memory_worker(args.memory_worker, *args.shape, args.dtype, not args.forward_only)))
+        return 0
+    if args.memory:
+        return memory_main(args)
     if args.smoke:
         torch_path.MAX_CHUNK_LOGITS = 4000  # several chunks even at these shapes
     rows = [bench(*s, 1 if args.smoke else args.repeats) for s in (SMOKE_SHAPES if args.smoke else SHAPES)]
@@ -76,6 +163,29 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "threads": torch.get_num_threads(), "machine": platform.platform(),
                        "date": datetime.date.today().isoformat()}, f, indent=1)
+    return 0
+
+
+def memory_main(args) -> int:
+    shape = SMOKE_MEMORY_SHAPE if args.smoke else MEMORY_SHAPE
+    rows = measure_memory(shape, args.dtypes, 1 if args.smoke else args.repeats)
+    table = memory_table(shape, rows)
+    N, T, H, V = shape
+    print(f"extra memory of the sequence log-prob path, N={N} x T={T}, H={H}, V={V:,} (median of "
+          f"{1 if args.smoke else args.repeats} processes each; peak RSS beyond inputs and their gradients)")
+    print(f"{'dtype':<9} {'pass':<18} {'materialised MiB':>17} {'chunked MiB':>12} {'ratio':>7}")
+    for r in table:
+        print(f"{r['dtype']:<9} {'forward + backward' if r['backward'] else 'forward':<18} "
+              f"{r['materialised_mib']:>17.1f} {r['chunked_mib']:>12.1f} {r['chunked_over_materialised']:>7.3f}")
+    if not all(r["values_agree"] for r in table):
+        print("the two paths' log-probs disagree", file=sys.stderr)
+        return 1
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "table": table, "threads": torch.get_num_threads(), "machine": platform.platform(),
+                       "max_chunk_logits": torch_path.MAX_CHUNK_LOGITS, "date": datetime.date.today().isoformat()},
+                      f, indent=1)
     return 0
 
 

@@ -3,6 +3,10 @@ time, measured side by side at world size 2 on the CPU; then the per-GPU figures
 
     python benchmarks/memory.py --json runs/bench/memory.json                 # demo config, 2 CPU ranks
     python benchmarks/memory.py --config configs/coco/dico.yaml --steps 2     # the COCO model sizes (slow on a CPU)
+    python benchmarks/memory.py --vlm --json runs/bench/memory_vlm.json      # vision-language captioners, projected
+
+--vlm projects a DiCO step of 2B- and 7B-class vision-language captioners (full or LoRA, separate or adapter-disabled
+reference, ZeRO-2 or 3, 1 x 8 or 8 x 8 GPUs) against 80 and 141 GB GPUs: benchmarks/vlm_memory.py.
 
 Measured: the dico stage built as train.py builds it (build_stage, build_engine, build_frozen), trained on random
 images; after the backward of the last step, before its optimizer step, every live tensor of the process is found
@@ -188,12 +192,18 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--json", default="")
+    p.add_argument("--vlm", action="store_true", help="project vision-language captioners (benchmarks/vlm_memory.py)")
     p.add_argument("--worker-out", default="")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = p.parse_args(argv)
     if args.worker_out:
         worker(args)
+        return 0
+    if args.vlm:
+        import vlm_memory  # beside this file
+
+        vlm_memory.main(args.json)
         return 0
     os.makedirs("runs/bench", exist_ok=True)
     tmp = os.path.abspath("runs/bench/memory_ranks.json")

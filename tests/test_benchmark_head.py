@@ -14,3 +14,16 @@ def test_head_benchmark_smoke(repo, tmp_path):
     assert all(r["full_s"] > 0 and r["chunked_s"] > 0 for r in rows)
     assert rows[1]["chunked_logits_mib"] < rows[1]["full_logits_mib"]  # 4000 logits a chunk, not 20 x 3001
     assert "chunked MiB" in proc.stdout
+
+
+def test_head_memory_benchmark_smoke(repo, tmp_path):
+    """--memory: each path in its own process, its peak resident set measured; both paths give the same log-probs."""
+    out = tmp_path / "mem.json"
+    proc = subprocess.run([sys.executable, "benchmarks/head_bench.py", "--memory", "--smoke", "--json", str(out)],
+                          cwd=repo, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert {(r["path"], r["backward"]) for r in result["rows"]} == {(p, b) for p in ("materialised", "chunked")
+                                                                      for b in (True, False)}
+    assert all(r["extra_bytes"] > 0 for r in result["rows"]) and all(t["values_agree"] for t in result["table"])
+    assert "forward + backward" in proc.stdout

@@ -86,6 +86,17 @@ def test_torch_head_is_the_same_in_one_chunk_or_many_in_bf16():
         assert all(torch.allclose(a.float(), b.float(), atol=1e-2) for a, b in zip(results[0][1:], other[1:]))
 
 
+def test_torch_head_backward_twice_through_a_kept_softmax():
+    """One chunk keeps its softmax for backward and builds the gradient in a copy: a second backward (retain_graph)
+    gets the same gradients."""
+    hidden, weight, labels, mask = batch(3, 4, 500, 16, seed=3)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = torch_path.fused_linear_sequence_logprobs(h, w, labels, mask)
+    first = torch.autograd.grad(out.sum(), (h, w), retain_graph=True)
+    second = torch.autograd.grad(out.sum(), (h, w))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
 @pytest.mark.parametrize("V", [V_QWEN2, 1000 + 37])
 def test_triton_head_at_large_and_odd_vocab_in_the_interpreter(V):
     hidden, weight, labels, mask = batch(2, 3, V, 32, seed=V)

@@ -116,19 +116,22 @@ MAX_CHUNK_LOGITS = 1 << 24
 
 class _ChunkedHeadLogprobs(torch.autograd.Function):
     """log softmax(h @ w.T)[label] of each row of h [R, H], a few rows at a time. Memory beyond the inputs and their
-    gradients: one chunk of logits (chunk x V), never R x V, whatever the vocabulary. When all rows fit one chunk the
-    softmax is kept for backward (no second matmul); otherwise forward keeps one logsumexp per row and backward
-    recomputes each chunk's softmax."""
+    gradients: one chunk of logits (chunk x V), never R x V, whatever the vocabulary: each chunk's softmax is computed
+    in its logits' buffer (in place). When all rows fit one chunk the softmax is kept for backward (no second matmul);
+    otherwise forward keeps one logsumexp per row and backward recomputes each chunk's softmax."""
 
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor, labels: Tensor, chunk: int) -> Tensor:
         out, lse, probs = h.new_empty(h.shape[0]), h.new_empty(h.shape[0]), None
         for s in range(0, h.shape[0], chunk):
-            logits = h[s:s + chunk] @ w.T
-            lse[s:s + chunk] = torch.logsumexp(logits, -1)
-            out[s:s + chunk] = logits.gather(1, labels[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+            x = h[s:s + chunk] @ w.T
+            m = x.amax(-1)
+            out[s:s + chunk] = x.gather(1, labels[s:s + chunk, None]).squeeze(1) - m
+            total = x.sub_(m[:, None]).exp_().sum(-1)  # x is now exp(logits - max)
+            lse[s:s + chunk] = m + total.log()
+            out[s:s + chunk] -= total.log()
             if chunk >= h.shape[0]:
-                probs = logits.sub_(lse[:, None]).exp_()
+                probs = x.div_(total[:, None])
         ctx.save_for_backward(h, w, labels, lse, probs)
         ctx.chunk = chunk
         return out
@@ -140,12 +143,13 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
         grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
         for s in range(0, h.shape[0], ctx.chunk):
             e = s + ctx.chunk
-            # d logp / d logits = onehot(label) - softmax, scaled by each row's incoming gradient
-            g = -(probs if probs is not None else (h[s:e] @ w.T - lse[s:e, None]).exp_())
+            # d logp / d logits = onehot(label) - softmax, scaled by each row's incoming gradient; built in the one
+            # chunk buffer (the kept softmax is copied once: a second backward through the graph must still see it)
+            g = probs.neg() if probs is not None else (h[s:e] @ w.T).sub_(lse[s:e, None]).exp_().neg_()
             g.scatter_add_(1, labels[s:e, None], g.new_ones(g.shape[0], 1))
             g.mul_(grad_out[s:e, None])
             if grad_h is not None:
-                grad_h[s:e] = g @ w
+                torch.mm(g, w, out=grad_h[s:e])
             if grad_w is not None:
                 grad_w.addmm_(g.T, h[s:e])
         return grad_h, grad_w, None, None

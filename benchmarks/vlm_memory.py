@@ -1,0 +1,231 @@
+"""Per-GPU memory of a DiCO step with a vision-language captioner (captioner.model=hf_vlm), projected: which settings
+fit 80 GB and 141 GB GPUs. Run as `python benchmarks/memory.py --vlm [--json F]`.
+
+Parameters are counted on transformers models built on the meta device from configs of the real checkpoints' sizes
+(no weights, no download). Per GPU, in bf16 with fp32 Adam (dico_scale.memory's accounting):
+  states      captioner parameters + gradients + optimizer state under ZeRO-2 or ZeRO-3; the reference (a separate
+              frozen copy, or none: the policy with its LoRA adapters disabled); the ViT-L/14 evaluator. Under
+              ZeRO-2 the frozen models are replicated, under ZeRO-3 sharded.
+  generation  beam search's transient: the KV cache of k candidates x (prompt + caption) tokens, and under ZeRO-3 the
+              whole captioner gathered for the call (dico_scale.engine.gathered).
+  training    the log-prob pass's transient: the activations autograd saves for k candidates of each image (prompt
+              prefilled once with gradients, continuation teacher-forced over the repeated prompt cache; the vision
+              tower frozen, so none there), and the chunked head's fp32 copy of the head weight (+ its fp32 gradient
+              when the head trains) and one chunk of logits.
+  buckets     DeepSpeed's communication buffers at our configs/deepspeed settings.
+peak = states + max(generation, training) + buckets. The activation bytes per token and layer are itemised from what
+autograd saves in our hf_vlm forward (listed with saved_tensors_hooks on tiny models of both families) and checked
+against a measurement on tiny models at every run (`validate`): the table prints measured / formula.
+"""
+from __future__ import annotations
+
+import tempfile
+
+BYTES = 2  # bf16
+GIB = 2**30
+GPUS = {"80 GB": 81_559 * 2**20, "141 GB": 143_771 * 2**20}  # nvidia-smi's totals (A100/H100 80GB, H200)
+HEADROOM = 3 * GIB  # CUDA context, allocator fragmentation
+EVALUATOR = 427_616_513  # open_clip ViT-L-14 (vision + text), counted on the meta device
+CHUNK_BYTES = 2 * (1 << 24) * 4  # the chunked head's chunk of fp32 logits and its softmax gradient
+BUCKETS = {2: (5e8 + 5e8) * BYTES, 3: (2 * 5e7 + 5e7) * BYTES}  # ZeRO-2 defaults; zero3.json, overlap_comm
+IMAGES, K, CAPTION = 8, 5, 30  # 8 images x k = 5 candidates x 30 caption tokens
+LORA = dict(r=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"))  # configs/smolvlm, configs/qwen2vl
+
+MODELS = {
+    # SmolVLM-Instruct (Idefics3): Llama text model, SigLIP so400m tower; a 640 x 480 COCO image is resized to
+    # 1536 x 1152 and split into 4 x 3 tiles of 384 plus the global one, 81 tokens each (+ ~25 prompt tokens)
+    "SmolVLM-2.2B-like": dict(
+        family="idefics3", prompt_tokens=13 * 81 + 25,
+        text=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=49155, tie_word_embeddings=False),
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                    patch_size=14, image_size=384), scale_factor=3),
+    # Qwen2-VL-7B-Instruct: a 640 x 480 image -> 644 x 476 (multiples of 28): 23 x 17 = 391 tokens (+ ~25)
+    "Qwen2-VL-7B-like": dict(
+        family="qwen2-vl", prompt_tokens=391 + 25,
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
+        vision=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2)),
+}
+
+
+def build_meta(spec: dict):
+    """The transformers model of `spec` on the meta device."""
+    import torch
+    import transformers
+
+    if spec["family"] == "idefics3":
+        config = transformers.Idefics3Config(text_config=spec["text"], vision_config=spec["vision"],
+                                             scale_factor=spec["scale_factor"], tie_word_embeddings=False)
+        cls = transformers.Idefics3ForConditionalGeneration
+    else:
+        config = transformers.Qwen2VLConfig(text_config=spec["text"], vision_config=spec["vision"],
+                                            tie_word_embeddings=False)
+        cls = transformers.Qwen2VLForConditionalGeneration
+    with torch.device("meta"):
+        return cls(config)
+
+
+def counts(spec: dict) -> dict:
+    """Parameter counts: total, the (frozen) vision tower, LoRA's adapters on the text model's targets."""
+    import torch
+
+    model = build_meta(spec)
+    inner = model.model
+    tower = getattr(inner, "vision_model", None) or inner.visual
+    total = sum(p.numel() for p in model.parameters())
+    vision = sum(p.numel() for p in tower.parameters())
+    text = getattr(inner, "text_model", None) or inner.language_model
+    lora = sum(LORA["r"] * (m.in_features + m.out_features) for name, m in text.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA["targets"])
+    return {"total": total, "vision": vision, "lora": lora}
+
+
+def token_bytes(t: dict, lora: bool) -> int:
+    """Bytes autograd saves per prompt token and decoder layer (bf16; RMSNorm keeps an fp32 copy of its input and a
+    rsqrt; attention keeps q, the keys and values, the output and an fp32 logsumexp per head; the SwiGLU MLP its
+    gate, up, activation and product, of which frozen weights need only the first three; each LoRA target its
+    dropped-out input, dropout's scale and the rank-r projection)."""
+    h, hkv, i, heads = t["hidden_size"], t["hidden_size"] // t["num_attention_heads"] * t["num_key_value_heads"], \
+        t["intermediate_size"], t["num_attention_heads"]
+    norms = 2 * (4 * h + 4)
+    attention = BYTES * (h + 2 * hkv + h) + 4 * heads
+    if lora:  # base weights frozen: the norms' bf16 outputs and the linear layers' inputs are not kept
+        return norms + attention + BYTES * 3 * i + len(LORA["targets"]) * BYTES * (2 * h + LORA["r"])
+    # + each norm's bf16 output before its weight, the q/k/v and the MLP inputs (the weighted norm outputs), the MLP's 4
+    return norms + attention + BYTES * (4 * h + 4 * i)
+
+
+def layer_bytes(t: dict, prompt: int, lora: bool) -> int:
+    """Saved bytes per decoder layer of one log-prob pass: the prompt's prefill (images x prompt tokens) and the
+    continuation (images*k x caption tokens), whose attention keeps the keys and values of prompt + caption for every
+    candidate (the prompt's cache repeated k times)."""
+    per = token_bytes(t, lora)
+    hkv = t["hidden_size"] // t["num_attention_heads"] * t["num_key_value_heads"]
+    n = IMAGES * K
+    return IMAGES * prompt * per + n * CAPTION * (per - 2 * hkv * BYTES) + n * (prompt + CAPTION) * 2 * hkv * BYTES
+
+
+def activations(t: dict, prompt: int, lora: bool) -> int:
+    mask = IMAGES * K * CAPTION * (prompt + CAPTION) * BYTES  # the 4-d attention mask, shared by the layers
+    return t["num_hidden_layers"] * layer_bytes(t, prompt, lora) + mask
+
+
+def generation(t: dict, prompt: int) -> int:
+    hkv = t["hidden_size"] // t["num_attention_heads"] * t["num_key_value_heads"]
+    return IMAGES * K * (prompt + CAPTION) * 2 * hkv * BYTES * t["num_hidden_layers"]
+
+
+def project(name: str, spec: dict, c: dict, lora: bool, separate_reference: bool, zero: int, world: int,
+            calibration: float = 1.0) -> dict:
+    from dico_scale.memory import account
+
+    t = spec["text"]
+    trainable = c["lora"] if lora else c["total"] - c["vision"]  # captioner.freeze=vision
+    params = c["total"] + (c["lora"] if lora else 0)
+    frozen_stage = 3 if zero == 3 else 0
+    states = account("captioner", params, trainable, zero, world, BYTES).total
+    reference = account("reference", c["total"], 0, frozen_stage, world, BYTES).total if separate_reference else 0
+    evaluator = account("evaluator", EVALUATOR, 0, frozen_stage, world, BYTES).total
+    head = t["vocab_size"] * t["hidden_size"] * 4 * (1 if lora else 2) + CHUNK_BYTES
+    gen = generation(t, spec["prompt_tokens"]) + (params * BYTES if zero == 3 else 0)
+    train = int(activations(t, spec["prompt_tokens"], lora) * calibration) + head
+    peak = states + reference + evaluator + max(gen, train) + BUCKETS[zero]
+    return {"model": name, "lora": lora, "separate_reference": separate_reference, "zero": zero, "world": world,
+            "captioner_states": states, "reference": reference, "evaluator": evaluator, "generation": gen,
+            "training": train, "buckets": BUCKETS[zero], "peak": peak,
+            "fits": {g: peak + HEADROOM <= cap for g, cap in GPUS.items()}}
+
+
+def validate(families=("idefics3", "qwen2-vl")) -> list[dict]:
+    """Saved bytes per decoder layer of our hf_vlm log-prob forward on tiny random models (bf16, 8 images x 5
+    candidates x 30 tokens; 4 layers minus 2, halved), measured with saved_tensors_hooks, against activations()."""
+    import types
+
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from dico_scale.models.hf_vlm import HFVLM, load_processor
+    from dico_scale.models.lora import add_lora
+    from dico_scale.models.tiny_vlm import write_vlm
+
+    def saved(family, layers, lora):
+        torch.manual_seed(0)
+        folder = write_vlm(family, tempfile.mkdtemp(), 64, layers, 4, 64)
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16)
+        cap = HFVLM(model, load_processor(folder), "Describe this image in one sentence.", folder, {"vision"})
+        if lora:
+            add_lora(cap, types.SimpleNamespace(r=LORA["r"], alpha=32.0, dropout=0.05,
+                                                target_modules=",".join(LORA["targets"])))
+        cap.to(torch.bfloat16).train()  # DeepSpeed's bf16 engine casts the adapters too
+        images = cap.preprocess.collate([cap.preprocess(Image.new("RGB", (128, 96), (20 * i, 90, 40)))
+                                         for i in range(IMAGES)])
+        tokens = torch.randint(10, 300, (IMAGES * K, CAPTION + 1))
+        tokens[tokens == cap.tokenizer.eos], tokens[:, 0] = 11, cap.tokenizer.bos
+        params, seen = {p.untyped_storage().data_ptr() for p in cap.parameters()}, {}
+
+        def pack(x):
+            s = x.untyped_storage()
+            if s.data_ptr() not in params:
+                seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+            return x
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            cap(tokens, pixels=images, repeats=K, output="hidden")
+        return sum(seen.values()), images["input_ids"].shape[1] - 1, model.config.get_text_config().to_dict()
+
+    rows = []
+    for family in families:
+        for lora in (False, True):
+            (two, prompt, text), (four, _, _) = saved(family, 2, lora), saved(family, 4, lora)
+            measured = (four - two) / 2
+            formula = layer_bytes(text, prompt, lora)
+            rows.append({"family": family, "lora": lora, "prompt_tokens": prompt, "measured_layer_bytes": measured,
+                         "formula_layer_bytes": formula, "measured_over_formula": measured / formula})
+    return rows
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.1f}"
+
+
+def main(json_path: str = "") -> list[dict]:
+    import json
+
+    checks = validate()
+    print("activation bytes per decoder layer, tiny models (8 images x 5 candidates x 30 tokens, bf16):")
+    for r in checks:
+        print(f"  {r['family']:<9} {'LoRA' if r['lora'] else 'full':<5} prompt {r['prompt_tokens']:>4} tokens: "
+              f"measured {r['measured_layer_bytes'] / 2**20:.2f} MiB, formula {r['formula_layer_bytes'] / 2**20:.2f} "
+              f"MiB, ratio {r['measured_over_formula']:.3f}")
+    calibration = max(1.0, max(r["measured_over_formula"] for r in checks))
+    print(f"the projections' activations are the formula's x {calibration:.3f} (the largest ratio)")
+    rows = []
+    for name, spec in MODELS.items():
+        c = counts(spec)
+        print(f"\n{name}: {c['total'] / 1e9:.2f} B parameters (vision tower {c['vision'] / 1e9:.2f} B, frozen), "
+              f"LoRA r={LORA['r']} on {'/'.join(LORA['targets'])}: {c['lora'] / 1e6:.1f} M; prompt "
+              f"{spec['prompt_tokens']} tokens; GiB per GPU, bf16:")
+        print(f"  {'setting':<34} {'GPUs':>5} {'states':>7} {'ref':>6} {'eval':>5} {'gen':>6} {'train':>6} "
+              f"{'peak':>6}  fits 80 GB / 141 GB")
+        for lora, separate in ((False, True), (True, True), (True, False)):
+            for zero in (2, 3):
+                for world in (8, 64):
+                    r = project(name, spec, c, lora, separate, zero, world, calibration)
+                    rows.append(r | {"counts": c})
+                    setting = f"{'LoRA' if lora else 'full'}, ref {'separate' if separate else 'adapters off'}, " \
+                              f"ZeRO-{zero}"
+                    print(f"  {setting:<34} {'1x8' if world == 8 else '8x8':>5} {gib(r['captioner_states']):>7} "
+                          f"{gib(r['reference']):>6} {gib(r['evaluator']):>5} {gib(r['generation']):>6} "
+                          f"{gib(r['training']):>6} {gib(r['peak']):>6}  "
+                          f"{' / '.join('yes' if r['fits'][g] else 'no' for g in GPUS)}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"validation": checks, "calibration": calibration, "projections": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
