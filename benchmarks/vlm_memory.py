@@ -113,13 +113,24 @@ def activations(t: dict, prompt: int, lora: bool) -> int:
     return t["num_hidden_layers"] * layer_bytes(t, prompt, lora) + mask
 
 
+def checkpointed_activations(t: dict, prompt: int, lora: bool) -> int:
+    """The same with captioner.gradient_checkpointing (formula only: what a checkpoint keeps is not a saved tensor):
+    each layer keeps its input states and the prompt's keys and values (once per image, and repeated for the k
+    candidates, which the continuation's cache holds), and one layer's activations exist at a time in backward."""
+    hkv = t["hidden_size"] // t["num_attention_heads"] * t["num_key_value_heads"]
+    tokens = IMAGES * prompt + IMAGES * K * CAPTION
+    kept = tokens * t["hidden_size"] * BYTES + (IMAGES + IMAGES * K) * prompt * 2 * hkv * BYTES
+    mask = IMAGES * K * CAPTION * (prompt + CAPTION) * BYTES
+    return t["num_hidden_layers"] * kept + layer_bytes(t, prompt, lora) + mask
+
+
 def generation(t: dict, prompt: int) -> int:
     hkv = t["hidden_size"] // t["num_attention_heads"] * t["num_key_value_heads"]
     return IMAGES * K * (prompt + CAPTION) * 2 * hkv * BYTES * t["num_hidden_layers"]
 
 
 def project(name: str, spec: dict, c: dict, lora: bool, separate_reference: bool, zero: int, world: int,
-            calibration: float = 1.0) -> dict:
+            calibration: float = 1.0, checkpointing: bool = False) -> dict:
     from dico_scale.memory import account
 
     t = spec["text"]
@@ -131,9 +142,11 @@ def project(name: str, spec: dict, c: dict, lora: bool, separate_reference: bool
     evaluator = account("evaluator", EVALUATOR, 0, frozen_stage, world, BYTES).total
     head = t["vocab_size"] * t["hidden_size"] * 4 * (1 if lora else 2) + CHUNK_BYTES
     gen = generation(t, spec["prompt_tokens"]) + (params * BYTES if zero == 3 else 0)
-    train = int(activations(t, spec["prompt_tokens"], lora) * calibration) + head
+    saved = (checkpointed_activations if checkpointing else activations)(t, spec["prompt_tokens"], lora)
+    train = int(saved * calibration) + head
     peak = states + reference + evaluator + max(gen, train) + BUCKETS[zero]
     return {"model": name, "lora": lora, "separate_reference": separate_reference, "zero": zero, "world": world,
+            "checkpointing": checkpointing,
             "captioner_states": states, "reference": reference, "evaluator": evaluator, "generation": gen,
             "training": train, "buckets": BUCKETS[zero], "peak": peak,
             "fits": {g: peak + HEADROOM <= cap for g, cap in GPUS.items()}}
@@ -208,19 +221,19 @@ def main(json_path: str = "") -> list[dict]:
         print(f"\n{name}: {c['total'] / 1e9:.2f} B parameters (vision tower {c['vision'] / 1e9:.2f} B, frozen), "
               f"LoRA r={LORA['r']} on {'/'.join(LORA['targets'])}: {c['lora'] / 1e6:.1f} M; prompt "
               f"{spec['prompt_tokens']} tokens; GiB per GPU, bf16:")
-        print(f"  {'setting':<34} {'GPUs':>5} {'states':>7} {'ref':>6} {'eval':>5} {'gen':>6} {'train':>6} "
+        print(f"  {'setting':<48} {'GPUs':>5} {'states':>7} {'ref':>6} {'eval':>5} {'gen':>6} {'train':>6} "
               f"{'peak':>6}  fits 80 GB / 141 GB")
-        for lora, separate in ((False, True), (True, True), (True, False)):
-            for zero in (2, 3):
-                for world in (8, 64):
-                    r = project(name, spec, c, lora, separate, zero, world, calibration)
-                    rows.append(r | {"counts": c})
-                    setting = f"{'LoRA' if lora else 'full'}, ref {'separate' if separate else 'adapters off'}, " \
-                              f"ZeRO-{zero}"
-                    print(f"  {setting:<34} {'1x8' if world == 8 else '8x8':>5} {gib(r['captioner_states']):>7} "
-                          f"{gib(r['reference']):>6} {gib(r['evaluator']):>5} {gib(r['generation']):>6} "
-                          f"{gib(r['training']):>6} {gib(r['peak']):>6}  "
-                          f"{' / '.join('yes' if r['fits'][g] else 'no' for g in GPUS)}")
+        settings = [(lora, separate, zero, world, False) for lora, separate in ((False, True), (True, True), (True, False))
+                    for zero in (2, 3) for world in (8, 64)]
+        for lora, separate, zero, world, ckpt in settings + [(False, True, 3, 8, True), (True, False, 3, 8, True)]:
+            r = project(name, spec, c, lora, separate, zero, world, calibration, ckpt)
+            rows.append(r | {"counts": c})
+            setting = f"{'LoRA' if lora else 'full'}, ref {'separate' if separate else 'adapters off'}, ZeRO-{zero}" \
+                      f"{', checkpointing' if ckpt else ''}"
+            print(f"  {setting:<48} {'1x8' if world == 8 else '8x8':>5} {gib(r['captioner_states']):>7} "
+                  f"{gib(r['reference']):>6} {gib(r['evaluator']):>5} {gib(r['generation']):>6} "
+                  f"{gib(r['training']):>6} {gib(r['peak']):>6}  "
+                  f"{' / '.join('yes' if r['fits'][g] else 'no' for g in GPUS)}")
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"validation": checks, "calibration": calibration, "projections": rows}, f, indent=1)

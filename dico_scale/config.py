@@ -472,9 +472,6 @@ def _validate_captioner(c: Config) -> None:
     """The row exists; Hugging Face rows name a folder that fits them (models/folders.py), the others none."""
     cap = c.captioner
     check(cap.model in MODELS, "captioner.model", f"'{cap.model}' is not one of {', '.join(MODELS)}")
-    check(not (cap.model == "hf_vlm" and cap.gradient_checkpointing), "captioner.gradient_checkpointing",
-          "not offered for hf_vlm (transformers turns the key/value cache off under it: the candidates share the "
-          "prompt's cache)")
     lora_rows = [name for name, spec in MODELS.items() if spec.lora]
     check(cap.lora.r == 0 or MODELS[cap.model].lora, "captioner.lora.r",
           f"LoRA adapts the rows {', '.join(lora_rows)}, not captioner.model={cap.model}")

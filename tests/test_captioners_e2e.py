@@ -139,6 +139,7 @@ def test_lora_under_zero3_exports_merged_weights_and_peft_adapters(runs, repo, t
     result, tmp = runs
     r, run = result["runs"]["qwen2-vl_lora_zero3"], tmp / "qwen2-vl_lora_zero3"
     assert r["step"] == 2 and math.isfinite(r["train"]["train/loss"])
+    assert "gradient_checkpointing: true" in (run / "config.yaml").read_text()
     final = torch.load(run / "model.pt", weights_only=True)["state_dict"]
     assert not any(".lora_" in k for k in final)
     tag = str(run / "checkpoints" / "step_00000002")

@@ -107,3 +107,34 @@ def test_gradients_reach_the_prompt_through_its_cache(cap):
     finally:
         cap.eval()
         cap.zero_grad(set_to_none=True)
+
+
+def test_gradient_checkpointing_gives_the_same_logprobs_and_gradients_and_keeps_less(cap, vlm_folders):
+    """captioner.gradient_checkpointing recomputes the text layers in backward (their cache writes replayed): the same
+    log-probs and gradients, prompt included, and a fraction of the activations kept for backward."""
+    family = next(f for f, path in vlm_folders.items() if path == cap.model.name_or_path)
+    cfg = load_config("configs/demo/xe.yaml", BLANK + ["captioner.model=hf_vlm", f"captioner.hf_path="
+                                                       f"{vlm_folders[family]}", "captioner.gradient_checkpointing=true"])
+    ckpt = build_captioner(cfg)
+    ckpt.load_state_dict(cap.state_dict())
+    tokens = cap.tokenizer.batch(CAPTIONS[:2] * 2, 40)
+    two = batch(cap, images()[:2])
+    results = []
+    for model in (cap, ckpt):
+        model.train()
+        kept = []
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.nbytes) or t, lambda t: t):
+                out = model(tokens, pixels=two, repeats=2, output="logprobs", kernel="torch")
+            out.sum().backward()
+            results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                           if p.grad is not None}, sum(kept)))
+        finally:
+            model.eval()
+            model.zero_grad(set_to_none=True)
+    (out, grads, kept), (out_c, grads_c, kept_c) = results
+    torch.testing.assert_close(out_c, out, rtol=0, atol=1e-5)
+    assert grads.keys() == grads_c.keys() and any("embed" in n for n in grads)
+    for n in grads:
+        torch.testing.assert_close(grads_c[n], grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert kept_c < kept / 2

@@ -10,17 +10,24 @@ score. So log-probs and losses cover the continuation only, EOS included, the pr
 supervised fine-tuning with the prompt masked out. Positions are given explicitly (left padding must not shift them;
 Qwen2-VL's multimodal rotary positions come from the model's own `get_rope_index`), so an image's candidates and
 log-probs in a mixed batch equal those of the image alone.
+
+`captioner.gradient_checkpointing` recomputes each text decoder layer in backward (torch's non-reentrant checkpoint
+around the layer's forward). The layers write the key/value cache, so the passes that train (the prompt's prefill and
+the teacher-forced continuation) run on `ReplayableLayer` caches, whose update is a function of its inputs: a layer
+replayed in backward gets the tensors it got the first time (transformers' own checkpointing switches the cache off).
 """
 from __future__ import annotations
 
 import os
 import shutil
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicCache
+from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..errors import ConfigError
 from .captioner import CaptionerModel
@@ -107,6 +114,48 @@ class Prompt:
                       self.mask.repeat_interleave(k, 0), self.bos_pos.repeat_interleave(k, 0), self.mrope)
 
 
+class ReplayableLayer(DynamicLayer):
+    """A cache layer whose update returns prefix + the given states and keeps them, rather than appending to what it
+    holds: called twice with the same states (a checkpointed layer replayed in backward) it gives the same result.
+    With a prefix (the prompt's states) it serves teacher forcing after the prompt; without, the prompt's prefill."""
+
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+        super().__init__()
+        self.prefix = (keys, values) if keys is not None else None
+        if keys is not None:
+            self.keys, self.values, self.device, self.is_initialized = keys, values, keys.device, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.prefix is not None:
+            key_states = torch.cat([self.prefix[0], key_states], dim=-2)
+            value_states = torch.cat([self.prefix[1], value_states], dim=-2)
+        self.keys, self.values, self.device, self.is_initialized = key_states, value_states, key_states.device, True
+        return key_states, value_states
+
+
+def replayable_cache(kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
+    """A cache of ReplayableLayers: empty (a prefill fills it), or holding the prompt's states `kv` as prefixes."""
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = ReplayableLayer
+    cache.layers = [ReplayableLayer(k, v) for k, v in kv or []]
+    return cache
+
+
+def _checkpointed_forward(self, *args, **kwargs):
+    """A decoder layer's forward, recomputed in backward when it trains (bound to the layer: a copy of the model
+    rebinds it to the copy)."""
+    forward = type(self).forward.__get__(self)
+    if self.training and torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def text_decoder_layers(model) -> torch.nn.ModuleList:
+    inner = model.model
+    text = getattr(inner, "text_model", None) or inner.language_model
+    return text.layers
+
+
 def prompt_text(processor, prompt: str, path: str) -> str:
     """The text of one image's prompt: the chat template of a user turn (the image, then `prompt`) and the start of
     the assistant's; without a chat template, `prompt` itself, which must then hold the processor's image token."""
@@ -159,7 +208,8 @@ def check_folder(path: str, prompt: str) -> None:
 class HFVLM(CaptionerModel):
     tower_prefix = "\0"  # the frozen reference keeps its own tower: the prompt's prefill reads the image itself
 
-    def __init__(self, model, processor, prompt: str, path: str, freeze: set[str]):
+    def __init__(self, model, processor, prompt: str, path: str, freeze: set[str],
+                 gradient_checkpointing: bool = False):
         super().__init__()
         self.model, self.processor = model, processor
         self.text, ids = prompt_ids(processor, prompt, path)
@@ -173,6 +223,9 @@ class HFVLM(CaptionerModel):
         for part, modules in self.parts().items():
             for m in modules:
                 m.requires_grad_(part not in freeze)
+        if gradient_checkpointing:
+            for layer in text_decoder_layers(model):
+                layer.forward = types.MethodType(_checkpointed_forward, layer)
 
     @classmethod
     def build(cls, cfg, image_encoder: bool = True) -> "HFVLM":
@@ -182,7 +235,8 @@ class HFVLM(CaptionerModel):
         checked_config(c.hf_path, vlm_problem)
         processor = load_processor(c.hf_path)
         model = AutoModelForImageTextToText.from_pretrained(c.hf_path)
-        return cls(model, processor, c.prompt, c.hf_path, {p.strip() for p in c.freeze.split(",") if p.strip()})
+        return cls(model, processor, c.prompt, c.hf_path, {p.strip() for p in c.freeze.split(",") if p.strip()},
+                   c.gradient_checkpointing)
 
     def parts(self) -> dict[str, list[torch.nn.Module]]:
         """captioner.freeze's parts: the image tower (Qwen2-VL's holds its patch merger), the connector to the text
@@ -227,7 +281,7 @@ class HFVLM(CaptionerModel):
         else:
             pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
             prefill, bos_pos = pos[:, :-1], pos[:, -1]
-        cache = DynamicCache()
+        cache = replayable_cache()
         rest = {k: v for k, v in images.tensors.items() if k not in TEXT_KEYS}
         self.model.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=prefill, cache=cache,
                          use_cache=True, **rest)
@@ -241,9 +295,9 @@ class HFVLM(CaptionerModel):
 
     def decoder_hidden(self, tokens: torch.Tensor, context: Prompt, cache=None) -> torch.Tensor:
         """States of tokens [N, t] after the prompt (with a cache: the new tokens after those it holds). A fresh cache
-        is filled with the prompt's states first; teacher forcing (no cache) reads them without copying them."""
+        is filled with the prompt's states first; teacher forcing (no cache) reads them as its layers' prefixes."""
         if cache is None:
-            cache = DynamicCache(ddp_cache_data=context.kv)
+            cache = replayable_cache(context.kv)
         elif cache.get_seq_length() == 0:
             for i, (keys, values) in enumerate(context.kv):
                 cache.update(keys, values, i)
