@@ -160,6 +160,17 @@ def test_lora_under_zero3_exports_merged_weights_and_peft_adapters(runs, repo, t
     assert (before - merged(input_ids=ids).logits).abs().max() > 1e-4  # the adapters trained
 
 
+def test_adapters_only_on_a_run_without_lora_is_one_line(runs, tmp_path, capsys):
+    from dico_scale import export
+
+    tag = runs[1] / "vit-gpt2_resume" / "checkpoints" / "step_00000002"  # ZeRO-3, no adapters
+    assert export.main(["--checkpoint", str(tag), "--out", str(tmp_path / "adapters"), "--adapters-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # DeepSpeed's consolidation speaks first
+    assert err[-1] == "dico_scale.export: error: --adapters-only: the checkpoint holds no LoRA adapters " \
+                      "(captioner.lora.r=0)"
+    assert not (tmp_path / "adapters").exists()
+
+
 @pytest.mark.parametrize("family", VLM)
 def test_caption_and_evaluate_on_a_vlm_export_and_generate_on_its_hf_folder(runs, family, tmp_path, capsys):
     """Images of two sizes (different tile counts / patch grids) captioned in one batch by dico_scale.caption, and

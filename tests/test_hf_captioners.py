@@ -117,3 +117,33 @@ def test_save_pretrained_round_trip(folders, tmp_path):
         assert torch.equal(again.generate(pixel_values=pixels(), **kw), cap.model.generate(pixel_values=pixels(), **kw))
     rebuilt = build_captioner(hf_config(str(tmp_path / "hf")))
     assert rebuilt.tokenizer.decode_batch(rebuilt.tokenizer.batch(CAPTIONS, 40)) == CAPTIONS
+
+
+@pytest.mark.parametrize("family,targets", [("vit-gpt2", "c_attn,c_proj"), ("blip", "query,value")])
+def test_lora_on_the_encoder_decoder_row(folders, family, targets):
+    """peft adapters on the decoder only (the tower frozen); disabled, the policy is the plain captioner; merged, the
+    plain captioner's keys give the adapted log-probs."""
+    from dico_scale.models.lora import adapters_disabled, merged_state
+
+    cap = build_captioner(hf_config(folders[family], "captioner.lora.r=4", f"captioner.lora.target_modules={targets}"))
+    plain = build_captioner(hf_config(folders[family])).eval()
+    cap.eval()
+    with torch.no_grad():  # adapters that change the outputs (peft starts lora_B at zero)
+        for name, p in cap.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    trainable = [n for n, p in cap.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert not any(n.startswith(cap.tower_prefix) for n in trainable)
+    tokens, px = cap.tokenizer.batch(CAPTIONS, 16), pixels()
+
+    def logprobs(model):
+        with torch.no_grad():
+            return model(tokens, pixels=px, output="logprobs", kernel="torch")
+    with adapters_disabled(cap):
+        torch.testing.assert_close(logprobs(cap), logprobs(plain), rtol=0, atol=1e-5)
+    assert (logprobs(cap) - logprobs(plain)).abs().max() > 1e-3
+    merged = merged_state(cap, {k: v.clone() for k, v in cap.state_dict().items()})
+    assert merged.keys() == plain.state_dict().keys()
+    plain.load_state_dict(merged, strict=True)
+    torch.testing.assert_close(logprobs(plain), logprobs(cap), rtol=0, atol=1e-4)

@@ -43,8 +43,11 @@ def add_lora(captioner, lora) -> None:
                               f"(captioner.freeze); its linear layers: {', '.join(sorted(linear)[:12])}"
                               f"{', ...' if len(linear) > 12 else ''}")
     exclude = "|".join(rf"{re.escape(f)}(\..*)?" for f in frozen) or None  # peft full-matches one regex
+    # GPT-2's Conv1D stores its weight transposed: peft must be told (else it warns and sets it per layer itself)
+    conv1d = any(type(m).__name__ == "Conv1D" and (targets == ALL_LINEAR or name.rsplit(".", 1)[-1] in targets)
+                 for name, m in captioner.model.named_modules())
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                        exclude_modules=exclude)
+                        exclude_modules=exclude, fan_in_fan_out=conv1d)
     captioner.__dict__["peft"] = get_peft_model(captioner.model, config)  # plain attribute: not a submodule
 
 
