@@ -138,3 +138,17 @@ def test_gradient_checkpointing_gives_the_same_logprobs_and_gradients_and_keeps_
     for n in grads:
         torch.testing.assert_close(grads_c[n], grads[n], rtol=1e-4, atol=1e-6, msg=n)
     assert kept_c < kept / 2
+
+
+def test_xe_targets_are_the_answer_the_chat_template_renders(cap):
+    """BOS, the caption and EOS are the tokens of the assistant's answer in the folder's own chat template, leading
+    space included (Idefics3, LLaVA: "Assistant: a red ..."; Qwen2-VL: none), and decode back to the caption."""
+    caption = CAPTIONS[1]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image in one sentence."}]},
+                {"role": "assistant", "content": [{"type": "text", "text": caption}]}]
+    full = cap.processor.tokenizer(cap.processor.apply_chat_template(messages), add_special_tokens=False)["input_ids"]
+    prompt = cap.processor.tokenizer(cap.text, add_special_tokens=False)["input_ids"]
+    row = cap.tokenizer.batch([caption], 40)[0]
+    row = row[:int(scored_mask(row[None, 1:], cap.tokenizer.eos).sum()) + 1].tolist()  # BOS .. EOS
+    assert full[:len(prompt)] == prompt and row == full[len(prompt) - 1:len(prompt) - 1 + len(row)]
+    assert cap.tokenizer.decode(row) == caption

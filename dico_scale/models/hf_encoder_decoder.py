@@ -25,12 +25,14 @@ class HFTokenizer(TokenLayout):
     token, EOS the model's end token, PAD the tokenizer's pad token or EOS when it has none. BOS may equal EOS
     (GPT-2): only the first position is read as BOS."""
 
-    def __init__(self, tok, bos: int, eos: int, vocab_size: int):
-        self.tok, self.bos, self.eos, self.vocab_size = tok, bos, eos, vocab_size
+    def __init__(self, tok, bos: int, eos: int, vocab_size: int, lead: str = ""):
+        self.tok, self.bos, self.eos, self.vocab_size, self.lead = tok, bos, eos, vocab_size, lead
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else eos
 
     def words(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        """A caption's tokens after BOS, as the model writes them: `lead` (a chat template's space after
+        "Assistant:") first."""
+        return self.tok(self.lead + text, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids) -> str:
         ids = ids.tolist() if torch.is_tensor(ids) else list(ids)

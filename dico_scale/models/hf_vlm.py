@@ -172,6 +172,19 @@ def prompt_text(processor, prompt: str, path: str) -> str:
     return prompt
 
 
+def answer_lead(processor, prompt: str, text: str) -> str:
+    """What the chat template writes between the start of the assistant's turn (the end of `text`) and its answer: a
+    space for Idefics3 / SmolVLM ("Assistant: A cat") and LLaVA, nothing for Qwen2-VL. Captions are tokenized with it
+    (XE's targets are the answers the model's own template renders); nothing without a chat template."""
+    if not getattr(processor, "chat_template", None):
+        return ""
+    mark = "CAPTIONHERE"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
+                {"role": "assistant", "content": [{"type": "text", "text": mark}]}]
+    full = processor.apply_chat_template(messages)
+    return full[len(text):full.index(mark)] if full.startswith(text) and mark in full else ""
+
+
 def load_processor(path: str):
     """The folder's processor (AutoProcessor): a tokenizer and an image processor, or a ConfigError naming the key."""
     from transformers import AutoProcessor
@@ -215,7 +228,8 @@ class HFVLM(CaptionerModel):
         self.text, ids = prompt_ids(processor, prompt, path)
         tok = processor.tokenizer
         eos = eos_token(model, tok, path)
-        self.tokenizer = HFTokenizer(tok, bos=ids[-1], eos=eos, vocab_size=model.get_output_embeddings().out_features)
+        self.tokenizer = HFTokenizer(tok, bos=ids[-1], eos=eos, vocab_size=model.get_output_embeddings().out_features,
+                                     lead=answer_lead(processor, prompt, self.text))
         self.preprocess = VLMPreprocess(processor, self.text, self.tokenizer.pad)
         self.mrope = hasattr(model.model, "get_rope_index")
         self.width = model.config.get_text_config().hidden_size
