@@ -26,6 +26,7 @@ setup(
         "pycocoevalcap>=1.2",
         "triton>=3.6",  # pinned by torch; the kernels in kernels/src/ (interpreted on the CPU in tests)
         "peft>=0.17,<1",  # LoRA adapters (captioner.lora.*): injection, disabling for the DiCO reference, merging
+        "num2words>=0.5",  # SmolVLM's processor spells numbers out (transformers refuses to build it without)
         "tqdm>=4.60",
         "matplotlib>=3.8",  # dico_scale.compare draws its figure
     ],

@@ -152,3 +152,15 @@ def test_xe_targets_are_the_answer_the_chat_template_renders(cap):
     row = row[:int(scored_mask(row[None, 1:], cap.tokenizer.eos).sum()) + 1].tolist()  # BOS .. EOS
     assert full[:len(prompt)] == prompt and row == full[len(prompt) - 1:len(prompt) - 1 + len(row)]
     assert cap.tokenizer.decode(row) == caption
+
+
+def test_the_demos_smolvlm_is_a_smolvlm2_folder(tmp_path):
+    import json
+
+    from dico_scale.demo import captioner_overrides
+
+    overrides = captioner_overrides("smolvlm", str(tmp_path), width=32, layers=1, heads=2, image_size=32)
+    folder = overrides[1].split("=", 1)[1]
+    assert overrides[0] == "captioner.model=hf_vlm"
+    assert json.loads((tmp_path / "smolvlm" / "config.json").read_text())["architectures"] == [
+        "SmolVLMForConditionalGeneration"] and folder == str(tmp_path / "smolvlm")

@@ -13,9 +13,11 @@ from ..errors import ConfigError
 
 HF_ARCHITECTURES = ("VisionEncoderDecoderModel", "BlipForConditionalGeneration")
 # hf_vlm: decoder-only vision-language models (AutoModelForImageTextToText) whose prefill and positions we drive
-# (SmolVLM: Idefics3ForConditionalGeneration; each has a tiny family in models/tiny_vlm.py that the tests run)
-VLM_ARCHITECTURES = ("Idefics3ForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-                     "Qwen2_5_VLForConditionalGeneration", "LlavaForConditionalGeneration")
+# (SmolVLM: Idefics3ForConditionalGeneration, SmolVLM2: SmolVLM...; each has a tiny family in models/tiny_vlm.py that
+# the tests run)
+VLM_ARCHITECTURES = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration",
+                     "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                     "LlavaForConditionalGeneration")
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 HF_DECODERS = ("gpt2", "bert")  # VisionEncoderDecoderModel decoder model types whose head we can split off
 # captioner.freeze: the vision tower, its projection to the decoder width, the decoder's token and position

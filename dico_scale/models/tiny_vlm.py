@@ -14,7 +14,7 @@ Families (dico_scale.models.tiny writes them):
 """
 from __future__ import annotations
 
-VLM_FAMILIES = ("idefics3", "qwen2-vl", "qwen2.5-vl", "llava")
+VLM_FAMILIES = ("idefics3", "smolvlm", "qwen2-vl", "qwen2.5-vl", "llava")
 
 # Idefics3 / SmolVLM turns: "User:<image>Describe...<end_of_utterance>\nAssistant: ..."
 IDEFICS3_TEMPLATE = (
@@ -68,11 +68,16 @@ def _text_config(vocab: int, width: int, layers: int, heads: int, **ids) -> dict
                 tie_word_embeddings=False, **ids)
 
 
-def idefics3(width: int, layers: int, heads: int, image_size: int, vocab_size: int):
+def idefics3(width: int, layers: int, heads: int, image_size: int, vocab_size: int, smolvlm: bool = False):
     """(model, processor): tiles of image_size pixels, 8-pixel patches, pixel shuffle by 2: 4 <image> tokens a tile;
-    an image up to 2 x image_size on its long side splits into up to 2 x 2 tiles plus the global one."""
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor,
-                              Idefics3Processor)
+    an image up to 2 x image_size on its long side splits into up to 2 x 2 tiles plus the global one. smolvlm: the
+    SmolVLM (SmolVLM2) classes, the same layout with a video processor beside the image one."""
+    import transformers
+
+    prefix = "SmolVLM" if smolvlm else "Idefics3"
+    (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor) = (
+        getattr(transformers, prefix + name) for name in ("Config", "ForConditionalGeneration", "ImageProcessor",
+                                                          "Processor"))
 
     tok = _tokenizer(IDEFICS3_SPECIALS, IDEFICS3_TEMPLATE, vocab_size, bos_token="<|im_start|>",
                      eos_token="<end_of_utterance>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")
@@ -87,6 +92,10 @@ def idefics3(width: int, layers: int, heads: int, image_size: int, vocab_size: i
     images = Idefics3ImageProcessor(size={"longest_edge": 2 * image_size}, max_image_size={"longest_edge": image_size},
                                     do_image_splitting=True)
     seq_len = (image_size // 8) ** 2 // 4
+    if smolvlm:
+        video = transformers.SmolVLMVideoProcessor(size={"longest_edge": 2 * image_size},
+                                                   max_image_size={"longest_edge": image_size})
+        return model, Idefics3Processor(images, tok, video, image_seq_len=seq_len, chat_template=IDEFICS3_TEMPLATE)
     return model, Idefics3Processor(images, tok, image_seq_len=seq_len, chat_template=IDEFICS3_TEMPLATE)
 
 
@@ -151,8 +160,8 @@ def llava(width: int, layers: int, heads: int, image_size: int, vocab_size: int)
 def write_vlm(family: str, out_dir: str, width: int, layers: int, heads: int, image_size: int,
               vocab_size: int = 0) -> str:
     """The folder of a tiny `family` VLM (save_pretrained of the model and its processor). Seed first."""
-    build = {"idefics3": idefics3, "qwen2-vl": qwen2_vl, "llava": llava,
-             "qwen2.5-vl": lambda *a: qwen2_vl(*a, v25=True)}[family]
+    build = {"idefics3": idefics3, "smolvlm": lambda *a: idefics3(*a, smolvlm=True), "qwen2-vl": qwen2_vl,
+             "llava": llava, "qwen2.5-vl": lambda *a: qwen2_vl(*a, v25=True)}[family]
     model, processor = build(width, layers, heads, image_size, max(vocab_size, 400))
     model.generation_config.eos_token_id = model.config.text_config.eos_token_id
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id
