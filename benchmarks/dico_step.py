@@ -6,8 +6,12 @@ device; benchmarks/data.py measures what the loader delivers. The reward's own s
     python benchmarks/dico_step.py                                     # the COCO model sizes (GPU)
     python benchmarks/dico_step.py --config configs/demo/dico.yaml     # the demo's tiny models (CPU)
     python benchmarks/dico_step.py --config configs/demo/scst.yaml --stage scst scst.reward=cider
+    python benchmarks/dico_step.py --config configs/smolvlm/dico.yaml --captioners idefics3,idefics3:lora \
+        --hf-size 1024,4,16,224 --kernels auto                         # a small VLM, full fine-tuning and LoRA (GPU)
 
-Each `--kernels` entry is timed in the same run (auto: the fused Triton head on CUDA; torch: materialised logits).
+Each `--kernels` entry is timed in the same run (auto: the fused Triton head on CUDA; torch: materialised logits),
+for each `--captioners` row; a row `NAME:lora` trains LoRA adapters as configs/smolvlm and configs/qwen2vl do, the
+others every weight the row does not freeze.
 """
 from __future__ import annotations
 
@@ -19,17 +23,21 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from dico_scale.config import load_config  # noqa: E402
+from dico_scale.data.pipeline import Collate  # noqa: E402
 from dico_scale.models.clip import register_model_configs  # noqa: E402
 from dico_scale.rewards import parse_reward  # noqa: E402
 from dico_scale.stages import build_stage  # noqa: E402
 
 # Random weights: the step's cost does not depend on them, and no checkpoint is needed.
 RANDOM_WEIGHTS = ["train.init_from=", "captioner.image_encoder_weights=", "evaluator.weights="]
+LORA = ["captioner.lora.r=16", "captioner.lora.alpha=32", "captioner.lora.target_modules=q_proj,k_proj,v_proj,o_proj"]
+IMAGE_PX = 224  # the random images' side: a VLM's processor tiles or patches them by its own rules
 
 
 class Local:
@@ -77,6 +85,17 @@ class Timed:
         return out
 
 
+def random_batch(stage, cfg, refs: list[list[str]]) -> dict:
+    """Random images (one per entry of refs) through the row's own transforms, collated as the loader does: a VLM's
+    processor gives its tiles or patch grid and the prompt, the evaluator its own pixels where they differ."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    samples = [(Image.fromarray(rng.integers(0, 256, (IMAGE_PX, IMAGE_PX, 3), dtype=np.uint8)), r, str(i))
+               for i, r in enumerate(refs)]
+    return Collate(stage.preprocess, stage.eval_preprocess, stage.tokenizer, cfg.data.max_caption_tokens, 0)(samples)
+
+
 def references(cfg, n: int) -> list[list[str]]:
     """The reference lists of the first n images of the config's training split (the CIDEr-D reward reads them)."""
     from dico_scale.data.splits import split_shards
@@ -112,19 +131,19 @@ class Bench:
         stage.reward = Timed(stage.reward, device)
         stage.generate = timed(stage.generate, self.phases, "generate", device)
         stage.score_candidates = timed(stage.score_candidates, self.phases, "reward", device)
-        if hasattr(stage, "reference_engine"):
-            stage.reference_engine = Local(stage.reference, self.phases, "reference", device)
-        self.opt = torch.optim.AdamW([p for p in stage.module.parameters() if p.requires_grad], lr=1e-6)
-        from PIL import Image  # any row's own transform gives its pixel shape
-
-        shape = stage.preprocess(Image.new("RGB", (64, 64))).shape
-        pixels = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+        if hasattr(stage, "reference_engine"):  # with LoRA the reference is the policy, its adapters disabled
+            reference = stage.module if stage.reference is None else stage.reference
+            stage.reference_engine = Local(reference, self.phases, "reference", device)
+        trainable = [p for p in stage.module.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(trainable, lr=1e-6)
         # only a reward that reads references (CIDEr-D) needs the training split; the others run without data
         spec = getattr(cfg, stage_name).reward
         refs = references(cfg, batch) if any(n == "cider" for _, n in parse_reward(spec)) else [[""]] * batch
-        self.batch_data = {"pixels": pixels, "refs": refs}
+        self.batch_data = random_batch(stage, cfg, refs)
         self.device, self.info = device, {"captioner": label, "stage": stage_name, "kernel": kernel,
-                                          "fused_head": stage.fused, "batch_images": batch}
+                                          "fused_head": stage.fused, "batch_images": batch,
+                                          "lora_r": cfg.captioner.lora.r,
+                                          "trainable_params": sum(p.numel() for p in trainable)}
         self.times, self.tokens, self.reward_s, self.shares, self.peak = [], [], [], [], 0.0
 
     def step(self, record: bool) -> None:
@@ -175,29 +194,46 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--stage", default="dico", choices=("dico", "scst"))
     p.add_argument("--captioners", default="builtin", help="comma-separated dico_scale.demo --captioner names "
-                   "(builtin, vit-gpt2, blip, dico_ref): each timed in the same run, HF rows at the demo's width and "
-                   "depth (a tiny random model written under runs/models/)")
+                   "(builtin, vit-gpt2, blip, dico_ref, idefics3, qwen2-vl, ...), each optionally NAME:lora: each "
+                   "timed in the same run, HF rows as random models of --hf-size written under --models")
+    p.add_argument("--hf-size", help="WIDTH,LAYERS,HEADS,IMAGE_SIZE of the HF rows' random models (default: the "
+                   "demo's 128,2,4,64)")
+    p.add_argument("--models", default="runs/models-bench", help="where the HF rows' random models are written")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
     a = p.parse_args(argv)
+    if bad := [c for c in a.captioners.split(",") if c.partition(":")[2] not in ("", "lora")]:
+        p.error(f"--captioners: {bad[0]}: the only suffix is :lora")
     device = torch.device(a.device)
     from dico_scale.demo import captioner_overrides
 
-    # HF rows with the CLIP BPE's vocabulary size, as the built-in captioner's head: the same width, depth and head
-    benches = [Bench(a.config, captioner_overrides(c, "runs/models-bench", vocab_size=49409) + a.overrides, k, a.batch,
-                     device, a.stage, c) for c in a.captioners.split(",") for k in a.kernels.split(",")]
+    size, root = {}, a.models
+    if a.hf_size:
+        size = dict(zip(("width", "layers", "heads", "image_size"), map(int, a.hf_size.split(","))))
+        root = os.path.join(a.models, "-".join(f"{k}{v}" for k, v in size.items()))  # one folder per size
+
+    def overrides(row: str) -> list[str]:
+        # HF rows with the CLIP BPE's vocabulary size, as the built-in captioner's head (a VLM's stays its BPE's)
+        name, _, mode = row.partition(":")
+        lora = LORA if mode == "lora" else ["captioner.lora.r=0"]
+        return captioner_overrides(name, root, vocab_size=49409, **size) + lora + a.overrides
+
+    benches = [Bench(a.config, overrides(c), k, a.batch, device, a.stage, c) for c in a.captioners.split(",")
+               for k in a.kernels.split(",")]
     rows = run_interleaved(benches, a.steps, a.warmup)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {name}; torch {torch.__version__}; config {a.config}; "
-          f"{a.steps} timed steps after {a.warmup} warm-up, the rows interleaved step by step")
-    print("| captioner | stage | loss.kernel | fused head | images/step | median step | images/s | reward (median) | "
-          "phase shares |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"{a.steps} timed steps after {a.warmup} warm-up, the rows interleaved step by step (peak GiB: the "
+          "device's peak in a row's steps, every row's models resident)")
+    print("| captioner | stage | loss.kernel | fused head | images/step | trained parameters | median step | "
+          "images/s | reward (median) | peak GiB | phase shares |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         shares = ", ".join(f"{k} {v:.0%}" for k, v in r["phase_shares"].items())
+        peak = f"{r['peak_mem_gib']:.2f}" if "peak_mem_gib" in r else "-"
         print(f"| {r['captioner']} | {r['stage']} | {r['kernel']} | {r['fused_head']} | {r['batch_images']} | "
-              f"{r['median_step_s'] * 1e3:.1f} ms | {r['images_per_s']:.1f} | {r['median_reward_s'] * 1e3:.1f} ms | "
-              f"{shares} |")
+              f"{r['trainable_params']:,} | {r['median_step_s'] * 1e3:.1f} ms | {r['images_per_s']:.1f} | "
+              f"{r['median_reward_s'] * 1e3:.1f} ms | {peak} | {shares} |")
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:

@@ -6,15 +6,24 @@
 #    wheels (benchmarks/fetch_wheels.sh fetches them beforehand on a machine with a registry);
 # 2. the kernels' GPU tests (marker gpu): float64 agreement, poisoned outputs, CUDA-graph capture;
 # 3. benchmarks/kernel_bench.py: ours vs naive fp32, half log_softmax, torch.compile, Liger, Cut Cross-Entropy;
-# 4. benchmarks/dico_step.py: images/s of a whole DiCO step at the COCO model sizes, loss.kernel auto vs torch.
-# 5. the training GPU tests (tests/test_gpu.py): xe and dico on CUDA in bf16; ZeRO-3 with the fused head (the
-#    reference's gradient-free log-probs) inside the captioner's forward, offloaded parameters and optimizer, fp16
-#    with loss scaling, gathered generation.
+#    also the untied heads of VLM vocabularies (V = 151,936 and 262,208) against Liger and Cut CE;
+# 4. benchmarks/dico_step.py: images/s of a whole DiCO step at the COCO model sizes, loss.kernel auto vs torch;
+# 5. the same for a small random VLM (Idefics3, width 1024, 4 layers, 224-pixel tiles; configs/smolvlm/dico.yaml,
+#    8 images x 5 candidates x 30 tokens): full fine-tuning vs LoRA, median step, images/s, peak GiB;
+# 6. the training GPU tests (tests/test_gpu.py): xe and dico on CUDA in bf16; a VLM's dico under ZeRO-3 in bf16,
+#    full and LoRA; ZeRO-3 with the fused head (the reference's gradient-free log-probs) inside the captioner's
+#    forward, offloaded parameters and optimizer, fp16 with loss scaling, gathered generation.
 # Each part runs under its own time limit (seconds; a lease is short, and a hung part must not cost the others):
-#   GPU_CHECK_LIMITS="tests bench step train", default "170 130 80 180" (about 10 minutes in all).
+#   GPU_CHECK_LIMITS="tests bench step vlm train", default "110 140 55 40 210";
+# and none runs past GPU_CHECK_BUDGET (default 555) seconds from the start, the install included: one 10-minute call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-read -r T_TESTS T_BENCH T_STEP T_TRAIN <<<"${GPU_CHECK_LIMITS:-170 130 80 180}"
+read -r T_TESTS T_BENCH T_STEP T_VLM T_TRAIN <<<"${GPU_CHECK_LIMITS:-110 140 55 40 210}"
+BUDGET=${GPU_CHECK_BUDGET:-555}
+limit() {  # a part's own limit, or what is left of the budget if less (at least 1 s: timeout 0 would mean none)
+    local left=$(( BUDGET - SECONDS ))
+    echo $(( $1 < left ? $1 : (left > 1 ? left : 1) ))
+}
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -29,14 +38,19 @@ else
 fi
 # -P: the repository's dico_scale/ (without kernels/src mapped in) must not shadow the installed package.
 # --noconftest: tests/conftest.py imports open_clip for the model tests, which this image lacks.
-timeout -k 5 $T_TESTS python3 -P -m pytest -v --durations=0 -o faulthandler_timeout=120 --noconftest -p no:cacheprovider -m gpu tests/test_gpu_kernels.py tests/test_kernel_dico_loss.py \
+timeout -k 5 $(limit $T_TESTS) python3 -P -m pytest -v --durations=0 -o faulthandler_timeout=120 --noconftest -p no:cacheprovider -m gpu tests/test_gpu_kernels.py tests/test_kernel_dico_loss.py \
     2>&1 | tee "$OUT/gpu_tests.txt"
 tests_rc=${PIPESTATUS[0]}
-timeout -k 5 $T_BENCH python3 benchmarks/kernel_bench.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.md"
+timeout -k 5 $(limit $T_BENCH) python3 benchmarks/kernel_bench.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.md"
 bench_rc=${PIPESTATUS[0]}
-timeout -k 5 $T_STEP python3 benchmarks/dico_step.py --json "$OUT/dico_step.json" 2>&1 | tee "$OUT/dico_step.md"
+timeout -k 5 $(limit $T_STEP) python3 benchmarks/dico_step.py --json "$OUT/dico_step.json" 2>&1 | tee "$OUT/dico_step.md"
 step_rc=${PIPESTATUS[0]}
-timeout -k 5 $T_TRAIN python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_training.txt"
+timeout -k 5 $(limit $T_VLM) python3 benchmarks/dico_step.py --config configs/smolvlm/dico.yaml \
+    --captioners idefics3,idefics3:lora --hf-size 1024,4,16,224 --kernels auto --steps 8 --warmup 2 \
+    --json "$OUT/vlm_step.json" 2>&1 | tee "$OUT/vlm_step.md"
+vlm_rc=${PIPESTATUS[0]}
+timeout -k 5 $(limit $T_TRAIN) python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_training.txt"
 train_rc=${PIPESTATUS[0]}
-echo "gpu tests rc=$tests_rc kernel benchmark rc=$bench_rc step benchmark rc=$step_rc training tests rc=$train_rc"
-exit $(( tests_rc || bench_rc || step_rc || train_rc ))
+echo "gpu tests rc=$tests_rc kernel benchmark rc=$bench_rc step benchmark rc=$step_rc vlm step benchmark rc=$vlm_rc" \
+    "training tests rc=$train_rc"
+exit $(( tests_rc || bench_rc || step_rc || vlm_rc || train_rc ))

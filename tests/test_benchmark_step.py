@@ -5,16 +5,24 @@ import sys
 
 
 def test_dico_step_benchmark_smoke(repo, tmp_path):
+    """The built-in captioner and a vision-language model with LoRA adapters (a random Idefics3 of --hf-size, its
+    images through its own processor; the reference is the policy with its adapters disabled)."""
     out = tmp_path / "step.json"
     cmd = [sys.executable, "benchmarks/dico_step.py", "--config", "configs/demo/dico.yaml", "--kernels", "torch",
-           "--batch", "2", "--steps", "2", "--warmup", "1", "--json", str(out), "generation.candidates=2",
+           "--batch", "2", "--steps", "2", "--warmup", "1", "--captioners", "builtin,idefics3:lora", "--hf-size",
+           "32,1,2,32", "--models", str(tmp_path / "models"), "--json", str(out), "generation.candidates=2",
            "generation.max_len=4"]
     p = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "| dico | torch | False | 2 |" in p.stdout
+    for row in ("| builtin | dico | torch | False | 2 |", "| idefics3:lora | dico | torch | False | 2 |"):
+        assert row in p.stdout, row
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 1 and rows[0]["images_per_s"] > 0 and rows[0]["candidate_tokens_per_step"] > 0
-    assert 0 < rows[0]["median_reward_s"] < rows[0]["median_step_s"]
+    assert [r["captioner"] for r in rows] == ["builtin", "idefics3:lora"] and [r["lora_r"] for r in rows] == [0, 16]
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["candidate_tokens_per_step"] > 0
+        assert 0 < r["median_reward_s"] < r["median_step_s"] and r["phase_shares"]["reference"] > 0
+    assert rows[1]["trainable_params"] == 4 * 2 * 16 * 32  # only the adapters: A and B of q, k, v, o in 1 layer
+    assert (tmp_path / "models" / "width32-layers1-heads2-image_size32" / "idefics3" / "config.json").is_file()
 
 
 def test_dico_ranks_benchmark_smoke(repo, tmp_path):

@@ -34,6 +34,56 @@ def test_xe_then_dico_on_cuda_bf16(tmp_path):
     assert "done: stage=dico step=3" in proc.stdout
 
 
+VLM = ["captioner.model=hf_vlm", "train.precision=bf16", "train.deepspeed_config=configs/deepspeed/zero3.json",
+       "train.init_from=", "train.max_steps=2", "train.max_nonfinite_steps=1", "optim.lr=1e-4", "optim.warmup_steps=0"]
+LORA = ["captioner.lora.r=16", "captioner.lora.alpha=32", "captioner.lora.target_modules=q_proj,k_proj,v_proj,o_proj"]
+
+
+def test_vlm_dico_zero3_bf16_full_and_lora(tmp_path):
+    """hf_vlm on one GPU: a random Idefics3 (SmolVLM's layout, width 512) trained by DiCO under ZeRO-3 in bf16, with
+    full fine-tuning and with LoRA (configs/smolvlm's adapters; its text layers recomputed in backward), the two runs
+    side by side. Every loss is finite
+    (train.max_nonfinite_steps=1 stops a run at the first that is not). In the last checkpoint the frozen weights
+    (the vision tower; with LoRA every base weight) equal the starting ones in bf16, and every trained one moved
+    (with LoRA: each adapter's B, zero at the start)."""
+    import torch
+
+    from dico_scale.config import load_config
+    from dico_scale.models import build_captioner
+    from dico_scale.models.tiny import write
+    from dico_scale.models.weights import read_weights
+
+    folder = write("idefics3", str(tmp_path / "idefics3"), width=512, layers=2, heads=8, image_size=64)
+    args = {name: [f"data.root={tmp_path}/{name}/data", f"train.output_dir={tmp_path}/{name}",
+                   f"captioner.hf_path={folder}", *COMMON, *VLM, *extra]
+            for name, extra in (("full", ["captioner.lora.r=0"]),
+                                ("lora", LORA + ["captioner.gradient_checkpointing=true"]))}
+    procs = {}
+    for name, a in args.items():  # side by side, each writing to its own log (a full pipe would stall it)
+        with open(tmp_path / f"{name}.log", "w") as log:
+            procs[name] = subprocess.Popen([sys.executable, "dico_scale/train.py", "--config", "configs/demo/dico.yaml",
+                                            *a], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=ENV)
+    for name, proc in procs.items():
+        proc.wait(timeout=600)
+        log = (tmp_path / f"{name}.log").read_text()
+        assert proc.returncode == 0 and "done: stage=dico step=2" in log, f"{name}: {log[-4000:]}"
+    for name, a in args.items():
+        # the starting weights (the folder's, fresh adapters) as the run holds them: in bf16
+        start = {k: (p.detach().to(torch.bfloat16).float(), p.requires_grad)
+                 for k, p in build_captioner(load_config("configs/demo/dico.yaml", a)).named_parameters()}
+        end = read_weights(str(tmp_path / name / "checkpoints" / "step_00000002"))
+        frozen = {k for k, (_, grad) in start.items() if not grad}
+        trained = set(start) - frozen
+        moved = {k for k, (p, _) in start.items() if not torch.equal(end[k].float(), p)}
+        assert frozen and not moved & frozen, (name, sorted(moved & frozen)[:5])
+        assert all(torch.isfinite(end[k]).all() for k in trained), name
+        if name == "full":
+            assert all(".vision_model." in k for k in frozen) and moved == trained, sorted(trained - moved)[:5]
+        else:  # only the adapters train: each lora_B starts at zero (lora_A at random, another draw here)
+            assert all(".lora_" in k for k in trained) and any(".base_layer." in k for k in frozen)
+            assert {k for k in trained if ".lora_B." in k} <= moved
+
+
 def test_zero3_on_cuda_fused_head_offload_fp16(tmp_path):
     """tests/distributed/zero3_check.py in gpu mode: bf16 (the GPU default), the fused Triton head inside the
     captioner's forward under ZeRO-3 (the reference's gradient-free log-probs; loss.kernel=auto trains through the
