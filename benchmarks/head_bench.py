@@ -103,10 +103,10 @@ def memory_worker(path: str, N: int, T: int, H: int, V: int, dtype: str, backwar
             "seconds": seconds, "value": float(out.detach().double().sum())}
 
 
-def measure_memory(shape, dtypes, repeats: int) -> list[dict]:
+def measure_memory(shape, dtypes, repeats: int, passes=(True, False)) -> list[dict]:
     rows = []
     for dtype in dtypes:
-        for backward in (True, False):
+        for backward in passes:
             for _ in range(repeats):  # alternate the paths: the machine's state hits both alike
                 for path in PATHS:
                     cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", path, "--dtype", dtype,
@@ -120,7 +120,7 @@ def memory_table(shape, rows) -> list[dict]:
     """Per (dtype, backward): the median extra bytes of each path and chunked / materialised."""
     out = []
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
-        for backward in (True, False):
+        for backward in dict.fromkeys(r["backward"] for r in rows):
             med = {p: statistics.median(r["extra_bytes"] for r in rows
                                         if (r["path"], r["dtype"], r["backward"]) == (p, dtype, backward))
                    for p in PATHS}
@@ -168,7 +168,8 @@ def main(argv=None) -> int:
 
 def memory_main(args) -> int:
     shape = SMOKE_MEMORY_SHAPE if args.smoke else MEMORY_SHAPE
-    rows = measure_memory(shape, args.dtypes, 1 if args.smoke else args.repeats)
+    rows = measure_memory(shape, args.dtypes, 1 if args.smoke else args.repeats,
+                          (True,) if args.smoke else (True, False))  # smoke: forward + backward only
     table = memory_table(shape, rows)
     N, T, H, V = shape
     print(f"extra memory of the sequence log-prob path, N={N} x T={T}, H={H}, V={V:,} (median of "

@@ -23,7 +23,6 @@ def test_head_memory_benchmark_smoke(repo, tmp_path):
                           cwd=repo, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert {(r["path"], r["backward"]) for r in result["rows"]} == {(p, b) for p in ("materialised", "chunked")
-                                                                      for b in (True, False)}
+    assert {(r["path"], r["backward"]) for r in result["rows"]} == {("materialised", True), ("chunked", True)}
     assert all(r["extra_bytes"] > 0 for r in result["rows"]) and all(t["values_agree"] for t in result["table"])
     assert "forward + backward" in proc.stdout

@@ -18,6 +18,9 @@ REPO = Path(__file__).resolve().parent.parent
 # A hung request gives up after 60 s (longer than the hung phase lasts): a tracker on the training path would hold
 # a step that long.
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+# The server without MLflow 3's job runner: its 8 consumer processes cost seconds of CPU at every start, and no job
+# is ever submitted here.
+SERVER_ENV = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 @pytest.fixture
@@ -31,7 +34,7 @@ def start_server(tmp_path):
         procs.append(subprocess.Popen(["mlflow", "server", "--backend-store-uri", mlflow_uri(tmp_path / "server.db"),
                                        "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
                                        "--port", str(port), "--workers", "1"],
-                                      start_new_session=True, stdout=log, stderr=subprocess.STDOUT))
+                                      start_new_session=True, stdout=log, stderr=subprocess.STDOUT, env=SERVER_ENV))
         wait_for(lambda: _healthy(port), 120, "mlflow server to answer")
         return procs[-1]
     yield start
