@@ -159,10 +159,38 @@ def hide_deepspeed_deprecation() -> None:
     warnings.filterwarnings("ignore", message=DEEPSPEED_DEPRECATION, category=FutureWarning)
 
 
+# DeepSpeed's ZeRO code imports its Muon optimizer (to check the optimizer's type), whose module decorates its
+# Newton-Schulz steps with torch.compile at import: that imports torch's compiler, ~1.5 s of CPU in every process that
+# builds a ZeRO engine. The trainer's optimizer is AdamW (optim.*), never Muon: the module is imported once with
+# torch.compile a no-op (the functions stay plain eager code), before DeepSpeed asks for it.
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def _no_compile(model=None, **kwargs):
+    return model if model is not None else (lambda fn: fn)
+
+
+def import_deepspeed_muon_eagerly() -> None:
+    import importlib
+    import sys
+
+    if MUON_MODULE in sys.modules:
+        return
+    compile_ = torch.compile
+    torch.compile = _no_compile
+    try:
+        importlib.import_module(MUON_MODULE)
+    except ImportError:  # a DeepSpeed without Muon
+        pass
+    finally:
+        torch.compile = compile_
+
+
 def build_engine(cfg: Config, module: torch.nn.Module, on_gpu: bool, load_universal: bool = False):
     import deepspeed
 
     hide_deepspeed_deprecation()
+    import_deepspeed_muon_eagerly()
     ds = ds_config(cfg, on_gpu, load_universal)
     params = [p for p in module.parameters() if p.requires_grad]
     kw = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
