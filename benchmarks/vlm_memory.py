@@ -72,15 +72,21 @@ def counts(spec: dict) -> dict:
     """Parameter counts: total, the (frozen) vision tower, LoRA's adapters on the text model's targets."""
     import torch
 
+    from dico_scale.models.hf_vlm import text_model
+
     model = build_meta(spec)
-    inner = model.model
-    tower = getattr(inner, "vision_model", None) or inner.visual
+    tower = getattr(model.model, "vision_model", None) or model.model.visual
     total = sum(p.numel() for p in model.parameters())
     vision = sum(p.numel() for p in tower.parameters())
-    text = getattr(inner, "text_model", None) or inner.language_model
+    text = text_model(model)
     lora = sum(LORA["r"] * (m.in_features + m.out_features) for name, m in text.named_modules()
                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA["targets"])
     return {"total": total, "vision": vision, "lora": lora}
+
+
+def kv_width(t: dict) -> int:
+    """The keys' (and values') width of a text config: head size x key/value heads (fewer than heads under GQA)."""
+    return t["hidden_size"] // t["num_attention_heads"] * t["num_key_value_heads"]
 
 
 def token_bytes(t: dict, lora: bool) -> int:
@@ -88,8 +94,7 @@ def token_bytes(t: dict, lora: bool) -> int:
     rsqrt; attention keeps q, the keys and values, the output and an fp32 logsumexp per head; the SwiGLU MLP its
     gate, up, activation and product, of which frozen weights need only the first three; each LoRA target its
     dropped-out input, dropout's scale and the rank-r projection)."""
-    h, hkv, i, heads = t["hidden_size"], t["hidden_size"] // t["num_attention_heads"] * t["num_key_value_heads"], \
-        t["intermediate_size"], t["num_attention_heads"]
+    h, hkv, i, heads = t["hidden_size"], kv_width(t), t["intermediate_size"], t["num_attention_heads"]
     norms = 2 * (4 * h + 4)
     attention = BYTES * (h + 2 * hkv + h) + 4 * heads
     if lora:  # base weights frozen: the norms' bf16 outputs and the linear layers' inputs are not kept
@@ -103,7 +108,7 @@ def layer_bytes(t: dict, prompt: int, lora: bool) -> int:
     continuation (images*k x caption tokens), whose attention keeps the keys and values of prompt + caption for every
     candidate (the prompt's cache repeated k times)."""
     per = token_bytes(t, lora)
-    hkv = t["hidden_size"] // t["num_attention_heads"] * t["num_key_value_heads"]
+    hkv = kv_width(t)
     n = IMAGES * K
     return IMAGES * prompt * per + n * CAPTION * (per - 2 * hkv * BYTES) + n * (prompt + CAPTION) * 2 * hkv * BYTES
 
@@ -117,7 +122,7 @@ def checkpointed_activations(t: dict, prompt: int, lora: bool) -> int:
     """The same with captioner.gradient_checkpointing (formula only: what a checkpoint keeps is not a saved tensor):
     each layer keeps its input states and the prompt's keys and values (once per image, and repeated for the k
     candidates, which the continuation's cache holds), and one layer's activations exist at a time in backward."""
-    hkv = t["hidden_size"] // t["num_attention_heads"] * t["num_key_value_heads"]
+    hkv = kv_width(t)
     tokens = IMAGES * prompt + IMAGES * K * CAPTION
     kept = tokens * t["hidden_size"] * BYTES + (IMAGES + IMAGES * K) * prompt * 2 * hkv * BYTES
     mask = IMAGES * K * CAPTION * (prompt + CAPTION) * BYTES
@@ -125,7 +130,7 @@ def checkpointed_activations(t: dict, prompt: int, lora: bool) -> int:
 
 
 def generation(t: dict, prompt: int) -> int:
-    hkv = t["hidden_size"] // t["num_attention_heads"] * t["num_key_value_heads"]
+    hkv = kv_width(t)
     return IMAGES * K * (prompt + CAPTION) * 2 * hkv * BYTES * t["num_hidden_layers"]
 
 

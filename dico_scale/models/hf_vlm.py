@@ -150,10 +150,15 @@ def _checkpointed_forward(self, *args, **kwargs):
     return forward(*args, **kwargs)
 
 
-def text_decoder_layers(model) -> torch.nn.ModuleList:
-    inner = model.model
-    text = getattr(inner, "text_model", None) or inner.language_model
-    return text.layers
+def text_model(model) -> torch.nn.Module:
+    """The language model inside an AutoModelForImageTextToText (Idefics3 / SmolVLM: text_model; the others:
+    language_model)."""
+    return getattr(model.model, "text_model", None) or model.model.language_model
+
+
+def user_turn(prompt: str) -> dict:
+    """The chat message that asks about one image: the image, then `prompt`."""
+    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
 
 
 def prompt_text(processor, prompt: str, path: str) -> str:
@@ -164,8 +169,7 @@ def prompt_text(processor, prompt: str, path: str) -> str:
         if image_token in prompt:
             raise ConfigError(f"captioner.prompt: holds the image token {image_token}; '{path}' has a chat template "
                               "that places the image itself")
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
+        return processor.apply_chat_template([user_turn(prompt)], add_generation_prompt=True)
     if image_token not in prompt:
         raise ConfigError(f"captioner.prompt: '{path}' has no chat template, so the prompt must hold the image "
                           f"placeholder {image_token} where the image goes")
@@ -179,9 +183,8 @@ def answer_lead(processor, prompt: str, text: str) -> str:
     if not getattr(processor, "chat_template", None):
         return ""
     mark = "CAPTIONHERE"
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
-                {"role": "assistant", "content": [{"type": "text", "text": mark}]}]
-    full = processor.apply_chat_template(messages)
+    full = processor.apply_chat_template([user_turn(prompt),
+                                          {"role": "assistant", "content": [{"type": "text", "text": mark}]}])
     return full[len(text):full.index(mark)] if full.startswith(text) and mark in full else ""
 
 
@@ -238,7 +241,7 @@ class HFVLM(CaptionerModel):
             for m in modules:
                 m.requires_grad_(part not in freeze)
         if gradient_checkpointing:
-            for layer in text_decoder_layers(model):
+            for layer in text_model(model).layers:
                 layer.forward = types.MethodType(_checkpointed_forward, layer)
 
     @classmethod

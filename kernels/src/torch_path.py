@@ -125,11 +125,10 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
         out, lse, probs = h.new_empty(h.shape[0]), h.new_empty(h.shape[0]), None
         for s in range(0, h.shape[0], chunk):
             x = h[s:s + chunk] @ w.T
-            m = x.amax(-1)
-            out[s:s + chunk] = x.gather(1, labels[s:s + chunk, None]).squeeze(1) - m
+            picked, m = x.gather(1, labels[s:s + chunk, None]).squeeze(1), x.amax(-1)
             total = x.sub_(m[:, None]).exp_().sum(-1)  # x is now exp(logits - max)
             lse[s:s + chunk] = m + total.log()
-            out[s:s + chunk] -= total.log()
+            out[s:s + chunk] = picked - lse[s:s + chunk]
             if chunk >= h.shape[0]:
                 probs = x.div_(total[:, None])
         ctx.save_for_backward(h, w, labels, lse, probs)
