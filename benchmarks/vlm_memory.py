@@ -10,8 +10,9 @@ Parameters are counted on transformers models built on the meta device from conf
               whole captioner gathered for the call (dico_scale.engine.gathered).
   training    the log-prob pass's transient: the activations autograd saves for k candidates of each image (prompt
               prefilled once with gradients, continuation teacher-forced over the repeated prompt cache; the vision
-              tower frozen, so none there), and the chunked head's fp32 copy of the head weight (+ its fp32 gradient
-              when the head trains) and one chunk of logits.
+              tower frozen, so none there), and the chunked head's blocks: one block of fp32 logits, one fp32
+              vocabulary slice of the head weight (+ its fp32 gradient when the head trains), and the scored tokens'
+              fp32 head rows and state gradients.
   buckets     DeepSpeed's communication buffers at our configs/deepspeed settings.
 peak = states + max(generation, training) + buckets. The activation bytes per token and layer are itemised from what
 autograd saves in our hf_vlm forward (listed with saved_tensors_hooks on tiny models of both families) and checked
@@ -26,7 +27,7 @@ GIB = 2**30
 GPUS = {"80 GB": 81_559 * 2**20, "141 GB": 143_771 * 2**20}  # nvidia-smi's totals (A100/H100 80GB, H200)
 HEADROOM = 3 * GIB  # CUDA context, allocator fragmentation
 EVALUATOR = 427_616_513  # open_clip ViT-L-14 (vision + text), counted on the meta device
-CHUNK_BYTES = 2 * (1 << 24) * 4  # the chunked head's chunk of fp32 logits and its softmax gradient
+BLOCK_BYTES = (1 << 24) * 4  # the chunked head's block of fp32 logits, and its fp32 slice of the head weight
 BUCKETS = {2: (5e8 + 5e8) * BYTES, 3: (2 * 5e7 + 5e7) * BYTES}  # ZeRO-2 defaults; zero3.json, overlap_comm
 IMAGES, K, CAPTION = 8, 5, 30  # 8 images x k = 5 candidates x 30 caption tokens
 LORA = dict(r=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"))  # configs/smolvlm, configs/qwen2vl
@@ -145,7 +146,7 @@ def project(name: str, spec: dict, c: dict, lora: bool, separate_reference: bool
     states = account("captioner", params, trainable, zero, world, BYTES).total
     reference = account("reference", c["total"], 0, frozen_stage, world, BYTES).total if separate_reference else 0
     evaluator = account("evaluator", EVALUATOR, 0, frozen_stage, world, BYTES).total
-    head = t["vocab_size"] * t["hidden_size"] * 4 * (1 if lora else 2) + CHUNK_BYTES
+    head = BLOCK_BYTES * (2 if lora else 3) + 2 * IMAGES * K * CAPTION * t["hidden_size"] * 4
     gen = generation(t, spec["prompt_tokens"]) + (params * BYTES if zero == 3 else 0)
     saved = (checkpointed_activations if checkpointing else activations)(t, spec["prompt_tokens"], lora)
     train = int(saved * calibration) + head

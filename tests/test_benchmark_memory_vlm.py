@@ -29,6 +29,7 @@ def test_projections_of_a_7b_captioner():
     assert lora["captioner_states"] < full["captioner_states"] and off["peak"] < lora["peak"] < full["peak"]
     assert z3_64["captioner_states"] < z3["captioner_states"] < full["captioner_states"]
     assert z3["generation"] > full["generation"]  # ZeRO-3 gathers the whole captioner for beam search
-    assert not full["fits"]["80 GB"] and full["fits"]["141 GB"]
+    # the tightest setting fits 80 GB since the chunked head stopped upcasting the whole head (BENCHMARKS.md)
+    assert full["fits"]["80 GB"] and full["peak"] > 70 * vlm_memory.GIB
     recomputed = peak(lora=False, separate_reference=True, zero=3, world=8, checkpointing=True)
     assert recomputed["training"] < z3["training"] / 3 and recomputed["captioner_states"] == z3["captioner_states"]

@@ -1,7 +1,8 @@
 """Vocabularies up to 262k: neither log-prob path holds [N, T, V] logits. The torch head (the CPU path of DiCO, SCST
-and XE) runs in chunks of tokens, forward and backward, with a chunk of at most MAX_CHUNK_LOGITS logits; the Triton
-head kernel (CUDA, here in the interpreter) streams the vocabulary in tiles, V not a multiple of the tile included."""
+and XE, and what trains on CUDA) runs in blocks of tokens x vocabulary, forward and backward, a block of at most
+MAX_CHUNK_LOGITS logits, a half-precision head upcast a slice at a time; the Triton head kernel (CUDA, here in the interpreter) streams the vocabulary in tiles, V not a multiple of the tile included."""
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -17,16 +18,18 @@ V_QWEN2 = 151_936  # Qwen2-VL's vocabulary; 64 does not divide 151_936 + 1 (a bi
 
 
 class LargestTensor(TorchFunctionMode):
-    """The largest tensor any torch operation returns while active, weight-shaped ones aside."""
+    """The largest tensor (in elements) any torch operation returns while active, those of the skipped (shape, dtype)
+    pairs aside (the weight and its gradient; a transposed view too)."""
 
-    def __init__(self, skip_shapes):
+    def __init__(self, skip):
         super().__init__()
-        self.skip, self.largest = {tuple(s) for s in skip_shapes} | {tuple(s)[::-1] for s in skip_shapes}, 0
+        self.skip = {(tuple(s), d) for s, d in skip} | {(tuple(s)[::-1], d) for s, d in skip}
+        self.largest = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and tuple(t.shape) not in self.skip:
+            if isinstance(t, torch.Tensor) and (tuple(t.shape), t.dtype) not in self.skip:
                 self.largest = max(self.largest, t.numel())
         return out
 
@@ -42,40 +45,68 @@ def batch(N, T, V, H, seed, dtype=torch.float32):
     return hidden, weight, labels, mask
 
 
-def float64_reference(hidden, weight, labels, mask):
+def float64_reference(hidden, weight, labels, mask, bias=None):
     h = hidden.detach().double().requires_grad_()
     w = weight.detach().double().requires_grad_()
-    lp = torch.log_softmax(h @ w.T, -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+    b = None if bias is None else bias.detach().double().requires_grad_()
+    logits = h @ w.T if b is None else h @ w.T + b
+    lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
     out = (lp * mask).sum(-1)
-    return out, h, w
+    return out, h, w, b
 
 
-def check_against_float64(fn, hidden, weight, labels, mask, tol, watch=contextlib.nullcontext()):
+def check_against_float64(fn, hidden, weight, labels, mask, tol, watch=contextlib.nullcontext(), grad_tol=None,
+                          bias=None):
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    b = None if bias is None else bias.clone().requires_grad_()
     grad = torch.randn(hidden.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     with watch:  # forward and backward of the path under test only
-        out = fn(h, w, labels, mask)
+        out = fn(h, w, labels, mask) if b is None else fn(h, w, labels, mask, bias=b)
         out.backward(grad.to(out.dtype))
-    want, h64, w64 = float64_reference(hidden, weight, labels, mask)
+    want, h64, w64, b64 = float64_reference(hidden, weight, labels, mask, bias)
     want.backward(grad)
     assert torch.allclose(out.double(), want, rtol=tol, atol=tol)
-    for got, ref in ((h.grad, h64.grad), (w.grad, w64.grad)):
-        assert ((got.double() - ref).norm() / ref.norm()).item() < tol
+    pairs = [(h.grad, h64.grad), (w.grad, w64.grad)] + ([] if b is None else [(b.grad, b64.grad)])
+    for got, ref in pairs:
+        assert got.dtype == hidden.dtype and ((got.double() - ref).norm() / ref.norm()).item() < (grad_tol or tol)
 
 
 def test_torch_head_at_qwen2_vocab_matches_float64_and_holds_one_chunk(monkeypatch):
     hidden, weight, labels, mask = batch(3, 5, V_QWEN2, 16, seed=0)
     monkeypatch.setattr(torch_path, "MAX_CHUNK_LOGITS", 2 * V_QWEN2)  # 2 tokens a chunk: several chunks here
-    seen = LargestTensor([weight.shape])
+    seen = LargestTensor([(weight.shape, weight.dtype)])
     check_against_float64(torch_path.fused_linear_sequence_logprobs, hidden, weight, labels, mask, 1e-5, seen)
     assert int(mask.sum()) > 2 and seen.largest <= 2 * V_QWEN2  # never more than one chunk of logits
+
+
+def test_torch_head_never_upcasts_a_whole_half_precision_head(monkeypatch):
+    """A bf16 head (CUDA training under loss.kernel=auto) is upcast to fp32 one vocabulary slice at a time, forward
+    and backward: no fp32 copy of the [V, H] weight nor of its gradient, and still float64's values."""
+    hidden, weight, labels, mask = batch(6, 5, V_QWEN2, 16, seed=4, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch_path, "MAX_CHUNK_LOGITS", 2 * V_QWEN2)  # slices of V/8 rows; 16 tokens a block
+    seen = LargestTensor([(weight.shape, torch.bfloat16)])
+    check_against_float64(torch_path.fused_linear_sequence_logprobs, hidden, weight, labels, mask, 1e-5, seen,
+                          grad_tol=1e-2)  # gradients stored in bf16
+    assert int(mask.sum()) > 16 and seen.largest <= 2 * V_QWEN2  # several row blocks; nothing V x H in fp32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_head_with_a_bias_matches_float64(dtype):
+    """A biased head (BLIP's) in several slices and row blocks: values and the gradients of h, W and b."""
+    hidden, weight, labels, mask = batch(4, 5, 1000 + 37, 16, seed=5, dtype=dtype)
+    bias = torch.randn(weight.shape[0], generator=torch.Generator().manual_seed(6)).to(dtype)
+    fn = functools.partial(torch_path.fused_linear_sequence_logprobs, max_chunk_logits=16 * 40)
+    check_against_float64(fn, hidden, weight, labels, mask, 1e-5, grad_tol=1e-5 if dtype == torch.float32 else 1e-2,
+                          bias=bias)
+    with pytest.raises(ValueError, match="bias must be"):
+        torch_path.fused_linear_sequence_logprobs(hidden, weight, labels, mask, bias=bias[:-1])
 
 
 def test_torch_head_is_the_same_in_one_chunk_or_many_in_bf16():
     """One chunk keeps the softmax for backward, several recompute it: same values and gradients."""
     hidden, weight, labels, mask = batch(4, 6, 1000, 32, seed=2, dtype=torch.bfloat16)
     results = []
-    for budget in (10**9, 1, 3000):
+    for budget in (10**9, 64, 3000):  # one block; 2-row slices; 93-row slices
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         out = torch_path.fused_linear_sequence_logprobs(h, w, labels, mask, max_chunk_logits=budget)
         out.backward(torch.arange(4.0))
@@ -113,7 +144,7 @@ def test_xe_and_sequence_log_probs_of_a_captioner_never_hold_the_logits(monkeypa
     tokens[:, 0], tokens[:, -1] = cap.tokenizer.bos, cap.tokenizer.eos
     pixels = torch.randn(N, *cap.preprocess(Image.new("RGB", (64, 48))).shape)
     monkeypatch.setattr(torch_path, "MAX_CHUNK_LOGITS", 8 * V)
-    with LargestTensor([cap.head_weight.shape]) as seen:
+    with LargestTensor([(cap.head_weight.shape, cap.head_weight.dtype)]) as seen:
         logps = cap(tokens, pixels=pixels, output="logprobs")
         logps.sum().backward()
     assert seen.largest <= 8 * V < N * (T - 1) * V

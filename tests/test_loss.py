@@ -147,7 +147,7 @@ def test_fused_head_auto_keeps_gradients_on_the_torch_head(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert use("triton", is_cuda=False, needs_grad=True)
     calls = []  # on CPU tensors: the interpreted kernel under "triton", the torch head under "auto" and "torch"
-    monkeypatch.setattr(kernels.torch_path, "fused_linear_sequence_logprobs", lambda *a: calls.append("torch"))
+    monkeypatch.setattr(kernels.torch_path, "fused_linear_sequence_logprobs", lambda *a, **kw: calls.append("torch"))
     h, w = torch.randn(2, 3, 8, requires_grad=True), torch.randn(16, 8)
     labels, mask = torch.randint(16, (2, 3)), torch.ones(2, 3)
     kernels.fused_linear_sequence_logprobs(h, w, labels, mask, kernel="auto")

@@ -128,13 +128,10 @@ class CaptionerModel(nn.Module):
         mask = scored_mask(labels, self.tokenizer.eos)
         if kernel == "triton" and not fused:  # the log-prob kernel over materialised logits (tests compare paths)
             return sequence_logprobs(self.logits(hidden), labels, mask, kernel=kernel)
-        weight, bias = self.head_weight, self.head_bias
-        if bias is not None:  # a biased head as one more input column: [h, 1] @ [W, b]^T
-            hidden = torch.cat([hidden, hidden.new_ones(*hidden.shape[:-1], 1)], dim=-1)
-            weight = torch.cat([weight, bias[:, None].to(weight.dtype)], dim=1)
         # fused: the Triton head kernel (under "auto" for gradient-free calls only, see fused_head_uses_triton);
-        # otherwise the torch head in chunks of tokens. Neither holds [N, T, V].
-        return fused_linear_sequence_logprobs(hidden, weight, labels, mask, kernel=kernel if fused else "torch")
+        # otherwise the torch head in blocks of tokens x vocabulary. Neither holds [N, T, V].
+        return fused_linear_sequence_logprobs(hidden, self.head_weight, labels, mask,
+                                              kernel=kernel if fused else "torch", bias=self.head_bias)
 
 
 def disable_dropout(model: nn.Module) -> None:

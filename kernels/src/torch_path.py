@@ -110,68 +110,116 @@ def dico_loss(
     return loss, metrics
 
 
-# Logits held at once by the chunked head, in elements (64 MiB of fp32): a chunk is max(1, this // V) tokens.
+# Elements in one block of the chunked head (64 MiB of fp32): a block of logits holds at most this many, and so
+# does a vocabulary slice of a half-precision head weight upcast to fp32.
 MAX_CHUNK_LOGITS = 1 << 24
 
 
+def _block_shape(rows: int, V: int, H: int, upcast: bool, budget: int) -> tuple[int, int]:
+    """(tokens, vocabulary rows) of one block. An fp32 weight is read in place (one slice: all of V); a half-precision
+    one is upcast a slice at a time, the slice bounded by the budget too."""
+    vocab = max(1, min(V, budget // max(1, H))) if upcast else V
+    return max(1, min(rows, budget // vocab)), vocab
+
+
 class _ChunkedHeadLogprobs(torch.autograd.Function):
-    """log softmax(h @ w.T)[label] of each row of h [R, H], a few rows at a time. Memory beyond the inputs and their
-    gradients: one chunk of logits (chunk x V), never R x V, whatever the vocabulary: each chunk's softmax is computed
-    in its logits' buffer (in place). When all rows fit one chunk the softmax is kept for backward (no second matmul);
-    otherwise forward keeps one logsumexp per row and backward recomputes each chunk's softmax."""
+    """log softmax(h @ w.T + b)[label] of each row of h [R, H] (compute dtype) under a head w [V, H] (any float dtype),
+    in blocks of (tokens x vocabulary slice): the log-sum-exp is kept online across slices, so memory beyond the inputs
+    and their gradients is one block of logits, one fp32 slice of a half-precision head and its gradient, and a
+    per-token [R, H] gradient: never R x V, nor V x H in fp32, whatever the vocabulary. A single block keeps its softmax
+    for backward (no second matmul); otherwise forward keeps one log-sum-exp per row and backward recomputes blocks."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor, labels: Tensor, chunk: int) -> Tensor:
-        out, lse, probs = h.new_empty(h.shape[0]), h.new_empty(h.shape[0]), None
-        for s in range(0, h.shape[0], chunk):
-            x = h[s:s + chunk] @ w.T
-            picked, m = x.gather(1, labels[s:s + chunk, None]).squeeze(1), x.amax(-1)
-            total = x.sub_(m[:, None]).exp_().sum(-1)  # x is now exp(logits - max)
-            lse[s:s + chunk] = m + total.log()
-            out[s:s + chunk] = picked - lse[s:s + chunk]
-            if chunk >= h.shape[0]:
-                probs = x.div_(total[:, None])
-        ctx.save_for_backward(h, w, labels, lse, probs)
-        ctx.chunk = chunk
-        return out
+    def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, labels: Tensor, budget: int) -> Tensor:
+        R, V = h.shape[0], w.shape[0]
+        rows, vocab = _block_shape(R, V, w.shape[1], w.dtype != h.dtype, budget)
+        m, s, probs = h.new_full((R,), float("-inf")), h.new_zeros(R), None
+        for v0 in range(0, V, vocab):
+            ws, bs = _slice(w, b, v0, vocab, h.dtype)
+            for r0 in range(0, R, rows):
+                r1 = r0 + rows
+                x = _logits(h[r0:r1], ws, bs)
+                top = torch.maximum(m[r0:r1], x.amax(-1))
+                total = x.sub_(top[:, None]).exp_().sum(-1)  # x is now exp(logits - top): in place, one block
+                s[r0:r1] = s[r0:r1] * (m[r0:r1] - top).exp() + total
+                m[r0:r1] = top
+                if rows >= R and vocab >= V:
+                    probs = x.div_(total[:, None])
+        lse = m + s.log()
+        picked = (h * w[labels].to(h.dtype)).sum(-1)  # each row's own logit, without a gather from the blocks
+        if b is not None:
+            picked = picked + b[labels].to(h.dtype)
+        ctx.save_for_backward(h, w, b, labels, lse, probs)
+        ctx.block = rows, vocab
+        return picked - lse
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        h, w, labels, lse, probs = ctx.saved_tensors
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
-        for s in range(0, h.shape[0], ctx.chunk):
-            e = s + ctx.chunk
-            # d logp / d logits = onehot(label) - softmax, scaled by each row's incoming gradient; built in the one
-            # chunk buffer (the kept softmax is copied once: a second backward through the graph must still see it)
-            g = probs.neg() if probs is not None else (h[s:e] @ w.T).sub_(lse[s:e, None]).exp_().neg_()
-            g.scatter_add_(1, labels[s:e, None], g.new_ones(g.shape[0], 1))
-            g.mul_(grad_out[s:e, None])
-            if grad_h is not None:
-                torch.mm(g, w, out=grad_h[s:e])
-            if grad_w is not None:
-                grad_w.addmm_(g.T, h[s:e])
-        return grad_h, grad_w, None, None
+        h, w, b, labels, lse, probs = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        (R, H), V, (rows, vocab) = h.shape, w.shape[0], ctx.block
+        c = grad_out.to(h.dtype)
+        # d logp / d logits = onehot(label) - softmax, times each row's incoming gradient c. The one-hot part is added
+        # row by row (c * W[label] to dh, c * h to dW[label]); the softmax part block by block.
+        grad_h = c[:, None] * w[labels].to(h.dtype) if need_h else None
+        grad_w = torch.zeros_like(w) if need_w else None
+        grad_b = torch.zeros(V, dtype=h.dtype, device=h.device) if need_b else None
+        in_place = w.dtype == h.dtype
+        for v0 in range(0, V, vocab):
+            v1 = min(v0 + vocab, V)
+            ws, bs = _slice(w, b, v0, vocab, h.dtype)
+            # the slice's weight gradient in the compute dtype: grad_w itself for an fp32 head, else one fp32 slice
+            gws = None if not need_w else grad_w[v0:v1] if in_place else h.new_zeros(v1 - v0, H)
+            for r0 in range(0, R, rows):
+                r1 = r0 + rows
+                # -c * softmax, in the block's buffer (a kept softmax is copied: a second backward must still see it)
+                g = probs.mul(-c[:, None]) if probs is not None else \
+                    _logits(h[r0:r1], ws, bs).sub_(lse[r0:r1, None]).exp_().mul_(-c[r0:r1, None])
+                if need_h:
+                    grad_h[r0:r1].addmm_(g, ws)
+                if need_w:
+                    gws.addmm_(g.T, h[r0:r1])
+                if need_b:
+                    grad_b[v0:v1] += g.sum(0)
+            if need_w:
+                hit = (labels >= v0) & (labels < v1)
+                gws.index_add_(0, labels[hit] - v0, c[hit, None] * h[hit])
+                if not in_place:
+                    grad_w[v0:v1] = gws
+        if need_b:
+            grad_b = grad_b.index_add_(0, labels, c).to(b.dtype)
+        return grad_h, grad_w, grad_b, None, None
+
+
+def _slice(w: Tensor, b: Tensor | None, v0: int, vocab: int, dtype: torch.dtype):
+    """Vocabulary rows [v0, v0 + vocab) of the head in the compute dtype (a copy only for a half-precision head)."""
+    return w[v0:v0 + vocab].to(dtype), (b[v0:v0 + vocab].to(dtype) if b is not None else None)
+
+
+def _logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return h @ w.T if b is None else torch.addmm(b, h, w.T)
 
 
 def fused_linear_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor,
-                                   max_chunk_logits: int | None = None) -> Tensor:
-    """sequence_logprobs(hidden @ weight.T, labels, mask) without the [N, T, V] logits.
+                                   max_chunk_logits: int | None = None, bias: Tensor | None = None) -> Tensor:
+    """sequence_logprobs(hidden @ weight.T + bias, labels, mask) without the [N, T, V] logits.
 
-    hidden [N, T, H], weight [V, H] (the output head, tied or not). Only the scored tokens (mask) go through the
-    head, max(1, max_chunk_logits // V) at a time, forward and backward (_ChunkedHeadLogprobs): the extra memory
-    stays bounded at any vocabulary size. Labels under the mask are never read. Half-precision inputs are upcast
-    before the matmul (fp32 logits, as in the Triton kernel); the gradients come back in the inputs' dtypes.
+    hidden [N, T, H], weight [V, H] (the output head, tied or not), bias [V] or None. Only the scored tokens (mask) go
+    through the head, in blocks of at most max_chunk_logits logits, forward and backward (_ChunkedHeadLogprobs): the
+    extra memory stays bounded at any vocabulary size. Labels under the mask are never read. Logits are fp32 (fp64 for
+    fp64 inputs), as in the Triton kernel: a half-precision head is upcast a vocabulary slice at a time, never whole;
+    the gradients come back in the inputs' dtypes.
     """
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [N, T, H], got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
         raise ValueError(f"weight must be [V, {hidden.shape[2]}], got shape {tuple(weight.shape)}")
-    # Logits in fp32 (fp64 for fp64), as the Triton kernel accumulates them: bf16 logits would lose bits.
+    if bias is not None and tuple(bias.shape) != weight.shape[:1]:
+        raise ValueError(f"bias must be [{weight.shape[0]}], got shape {tuple(bias.shape)}")
     dtype = _compute_dtype(hidden)
     scored = mask.bool()
     rows = scored.nonzero()[:, 0]  # the sequence of each scored token
-    chunk = max(1, (max_chunk_logits or MAX_CHUNK_LOGITS) // max(1, weight.shape[0]))
-    tokens = _ChunkedHeadLogprobs.apply(hidden[scored].to(dtype), weight.to(dtype), labels[scored].long(), chunk)
+    tokens = _ChunkedHeadLogprobs.apply(hidden[scored].to(dtype), weight, bias, labels[scored].long(),
+                                        max_chunk_logits or MAX_CHUNK_LOGITS)
     tokens = tokens * mask[scored].to(dtype)  # a float mask weighs its tokens
     return tokens.new_zeros(hidden.shape[0]).index_add(0, rows, tokens)
