@@ -5,10 +5,12 @@
 #   - the kernel benchmark's peers: Liger's fused linear cross-entropy and Apple's Cut Cross-Entropy;
 #   - what training needs (tests/test_gpu.py, benchmarks/dico_step.py): DeepSpeed and pydantic, open_clip,
 #     webdataset, omegaconf, our transformers. No MLflow and no pycocoevalcap: the GPU tests train without tracking
-#     and without a validation split. DeepSpeed and antlr4 come as source only: built here into pure-Python wheels.
+#     and without a validation split. DeepSpeed comes as source only: built here into a pure-Python wheel
+#     (omegaconf 2.4 needs no antlr4).
 #   - the vision-language rows (hf_vlm, LoRA): peft and accelerate; transformers 5.25 needs huggingface_hub >= 2.4
 #     (with the HTTP stack it imports) and tokenizers 0.23, so those come at the lock's versions too, with timm
-#     (open_clip's, which imports huggingface_hub).
+#     (open_clip's, which imports huggingface_hub). transformers checks regex >= 2025.10.22 at import: the image's
+#     regex is of unknown age (KINDS.md lists no version), so the lock's comes along.
 # Versions are requirements.lock's; the folder holds only this fetch (pip refuses two versions of one package).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -21,6 +23,6 @@ python3 -m pip download --no-deps -d wheels open_clip_torch==3.3.0 ftfy==6.3.1 o
     huggingface-hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 h11==0.16.0 anyio==4.16.0 idna==3.20 truststore==0.10.5
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d wheels pydantic-core==2.50.5 tokenizers==0.23.3 \
-    wcwidth==0.9.4
-python3 -m pip wheel --no-deps -w wheels deepspeed==0.19.8 antlr4-python3-runtime==4.9.3
+    wcwidth==0.9.4 regex==2026.11.19
+python3 -m pip wheel --no-deps -w wheels deepspeed==0.19.8
 ls -l wheels

@@ -36,3 +36,19 @@ def test_pips_indexes_become_uvs_options_once_each():
                                      "--extra-index-url", "file:///b/simple", "--find-links", "/opt/wheels",
                                      "--index-url", "https://mirror/simple"]
     assert uv_index_args("") == ["--index-strategy", "unsafe-best-match"]
+
+
+def test_the_gpu_machines_wheels_are_the_locks_versions():
+    """benchmarks/fetch_wheels.sh fetches what the GPU check carries: at the lock's versions, so the GPU runs the code
+    the suite tested (the benchmark's peers, which the lock does not hold, aside)."""
+    import re
+
+    from lockfile import REPO
+
+    pins, peers = read_lock(), {"liger-kernel", "cut-cross-entropy"}
+    script = (REPO / "benchmarks" / "fetch_wheels.sh").read_text()
+    fetched = {canonicalize_name(n): v for n, v in re.findall(r"\b([A-Za-z0-9][\w.-]*)==([\w.]+)", script)}
+    assert {"transformers", "deepspeed", "peft", "regex"} <= set(fetched)
+    for name, version in fetched.items():
+        if name not in peers:
+            assert pins.get(name) == version, f"fetch_wheels.sh fetches {name}=={version}, the lock pins {pins.get(name)}"
