@@ -21,7 +21,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from . import exit_codes
-from .config import load_config, load_structured, parse_select_best, resolve_path
+from .checks import parse_select_best
+from .config import load_config, load_structured, resolve_path
 from .errors import ConfigError
 from .rewards import RewardSpecError, parse_reward
 

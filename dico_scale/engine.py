@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, read_deepspeed_config
+from .config import Config
+from .deepspeed_json import frozen_placement, read_deepspeed_config
 from .errors import ConfigError
 
 
@@ -208,11 +209,9 @@ def build_engine(cfg: Config, module: torch.nn.Module, on_gpu: bool, load_univer
 
 def build_frozen(cfg: Config, module: torch.nn.Module, placement: str, width: int, on_gpu: bool):
     """A frozen model as a DeepSpeed engine without an optimizer, in eval mode unless `module.training` was set
-    (the reference with dropout kept on). placement: PLACEMENTS of config.py (auto resolved against the trainable
+    (the reference with dropout kept on). placement: deepspeed_json.PLACEMENTS (auto resolved against the trainable
     model's JSON). Never given to an optimizer: requires_grad is off for every parameter."""
     import deepspeed
-
-    from .config import frozen_placement
 
     hide_deepspeed_deprecation()
     train_ds = ds_config(cfg, on_gpu)

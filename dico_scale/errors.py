@@ -1,6 +1,6 @@
 """The exceptions that cross layers: raised deep in data/, models/, checkpoint.py or loop.py and turned into an exit
 code (dico_scale/exit_codes.py) by the entry points. They live here, importing nothing, so that any module can raise
-them without importing config.py (which imports the model and stage tables: a circle otherwise)."""
+them without importing config.py (whose checks import the model and stage tables: a circle otherwise)."""
 from __future__ import annotations
 
 

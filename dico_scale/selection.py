@@ -11,7 +11,8 @@ from pathlib import Path
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .config import Config, parse_select_best, parse_select_floor, to_yaml
+from .checks import parse_select_best, parse_select_floor
+from .config import Config, to_yaml
 from .errors import AgreedConfigError
 from .engine import export_weights
 

@@ -44,13 +44,13 @@ def test_demo_configs_load(name, stage):
 
 
 def test_stage_table_is_what_config_export_and_the_demo_read():
-    """config.py imports the table without torch (a fresh interpreter), every row's class exists, the demo's chain
+    """config.py (through checks.py) imports the table without torch (a fresh interpreter), every row's class exists, the demo's chain
     and the captioner stages (what evaluate, caption and export accept) come from it."""
     import importlib
 
     from dico_scale.stages import STAGES, captioner_stages, chain
 
-    code = "import sys, dico_scale.config as c; print(sorted(c.STAGES), 'torch' in sys.modules)"
+    code = "import sys, dico_scale.config, dico_scale.checks as c; print(sorted(c.STAGES), 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True).stdout.split("\n")[0]
     assert out == "['dico', 'evaluator', 'scst', 'xe'] False"
     for spec in STAGES.values():
@@ -373,7 +373,7 @@ def test_bad_precision_or_placement_names_the_key(override, key):
 def test_frozen_placement_follows_the_trainable_model(placement, ds_file, want):
     import json
 
-    from dico_scale.config import frozen_placement
+    from dico_scale.deepspeed_json import frozen_placement
 
     ds = json.loads((REPO / "configs" / "deepspeed" / ds_file).read_text())
     assert frozen_placement(placement, ds) == want

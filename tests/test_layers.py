@@ -28,14 +28,19 @@ def targets(node: ast.AST, module: str, is_package: bool) -> list[str]:
     return [base] + [f"{base}.{a.name}" for a in node.names]
 
 
-def module_level(tree: ast.Module):
-    """Import statements that run when the module loads: not those inside functions, nor `if TYPE_CHECKING:`."""
+def type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def module_level(tree: ast.Module, functions: bool = False):
+    """Import statements that run when the module loads (with functions=True: or when a function runs); never those
+    under `if TYPE_CHECKING:`, which no run executes."""
     stack = list(tree.body)
     while stack:
         node = stack.pop()
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        if not functions and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             continue
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+        if type_checking(node):
             continue
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             yield node
@@ -53,7 +58,7 @@ def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
         def known(nodes):
             return {t for node in nodes for t in targets(node, name, package) if t in files and t != name}
         loading[name] = known(module_level(tree))
-        anywhere[name] = known(n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)))
+        anywhere[name] = known(module_level(tree, functions=True))
     return loading, anywhere
 
 
@@ -104,3 +109,8 @@ def test_the_checks_see_cycles_and_relative_imports():
     loads = [t for n in module_level(tree) for t in targets(n, "dico_scale.stages.dico", False)]
     assert {"dico_scale.config", "dico_scale.stages.base", "dico_scale.errors"} <= set(loads)
     assert "dico_scale.train" not in loads
+    anywhere = [t for n in module_level(tree, functions=True) for t in targets(n, "dico_scale.stages.dico", False)]
+    assert "dico_scale.train" in anywhere
+    # An import only type checkers read closes no circle: no run executes it.
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .config import Config\n")
+    assert [n for n in module_level(tree, functions=True) if "config" in ast.unparse(n)] == []

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from dico_scale import exit_codes
-from dico_scale.config import RANGES, Config, ConfigError, load_config
+from dico_scale.checks import RANGES
+from dico_scale.config import Config, ConfigError, load_config
 from dico_scale.loop import data_summary
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from helpers import REPO
 TOY_MODULE = '''
 """Toy stage: XE on the captioner, trained "against" a frozen evaluator (only to show that its weights are
 fingerprinted), with a config check of its own."""
-from dico_scale.config import check
+from dico_scale.checks import check
 from dico_scale.stages.xe import XEStage
 
 

@@ -2,7 +2,7 @@
 export, caption, the demo and the benchmarks build captioners only through `build_captioner`; a new architecture is
 one module in this package (a `models.captioner.CaptionerModel`) and one row here.
 
-Importable without torch (config.py reads it): the classes are named as strings and imported by `build_captioner`.
+Importable without torch (checks.py reads it): the classes are named as strings and imported by `build_captioner`.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 stops with one line before any model is built or process group started: not a transformers checkpoint, an
 architecture the row does not support, no EOS token, captioner.* keys or lengths that contradict the folder's config.
 
-Each check returns a problem as text (None when fine); config.py turns it into a ConfigError naming the key.
+Each check returns a problem as text (None when fine); checks.py turns it into a ConfigError naming the key.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """The stage table: every stage the trainer knows, in one place. Config validation, `build_stage`, export, evaluate,
 the demo and `compare` read it; a new stage is one module in this package and one row here. What is particular to
-a stage lives on its class (stages/base.py): its config checks (`check_config`, which config.validate calls last)
+a stage lives on its class (stages/base.py): its config checks (`check_config`, which checks.validate calls last)
 and the frozen weight files a resume must find unchanged (`frozen_files`, which frozen.py fingerprints).
 
-Importable without torch (config.py reads it before anything heavy): the stage classes are named as strings and
+Importable without torch (checks.py reads it before anything heavy): the stage classes are named as strings and
 imported only by `stage_class`.
 """
 from __future__ import annotations

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import Config, check_reward
+from ..checks import check_reward
+from ..config import Config
 from ..data.tokenizer import CaptionTokenizer
 from ..engine import gathered
 from ..errors import ConfigError
@@ -42,8 +43,8 @@ class Stage:
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
-        """Checks of the keys only this stage reads (config.check: a one-line ConfigError naming the key);
-        config.validate calls it last, after the checks every stage shares."""
+        """Checks of the keys only this stage reads (checks.check: a one-line ConfigError naming the key);
+        checks.validate calls it last, after the checks every stage shares."""
 
     @classmethod
     def frozen_files(cls, cfg: Config) -> dict[str, str]:

@@ -8,7 +8,7 @@ import contextlib
 
 import torch
 
-from ..config import check, check_placement
+from ..checks import check, check_placement
 from ..engine import PhaseClock
 from ..kernels import dico_loss
 from ..models import build_captioner

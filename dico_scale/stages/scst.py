@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from ..config import check
+from ..checks import check
 from ..engine import PhaseClock
 from ..models.captioner import disable_dropout
 from ..rewards import build_reward, needs_evaluator
