@@ -1,11 +1,19 @@
 import os
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 # Without a GPU the Triton kernels run through Triton's interpreter; it is read when triton is first imported.
 if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Every process the tests start finds the scripts installed beside this Python first (deepspeed, mlflow, ninja), as an
+# activated virtualenv has it, however pytest was started (`make test PYTHON=venv/bin/python` activates nothing).
+# Otherwise PATH's other installs run: a deepspeed whose Python lacks dico_scale, or the system's ninja 1.11 beside
+# pip's 1.13, each discarding the other's build log, so DeepSpeed's shared-memory op was rebuilt (~27 s) at every
+# switch between processes started by name and by sys.executable: four times a suite.
+os.environ["PATH"] = f"{sysconfig.get_path('scripts')}{os.pathsep}{os.environ.get('PATH', '')}"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -15,13 +15,6 @@ from dico_scale.launch import free_port  # one free-port helper for the product 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def with_our_scripts(env: dict) -> dict:
-    """env with this Python's script folder first on PATH, as an activated virtualenv has it: `deepspeed` and `mlflow`
-    are then the ones installed beside the Python running the tests, not another install's (whose own Python may lack
-    dico_scale, or hold another checkout's)."""
-    return {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
-
-
 def check_ok(proc):
     """The finished process, or a failure showing the tail of what it printed."""
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -135,8 +128,7 @@ def launch_xe(tmp: Path, out: Path, log: Path):
     with open(log, "w") as f:
         launcher = subprocess.Popen(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
                                      "dico_scale/train.py", *xe_args(tmp, out)], cwd=REPO, start_new_session=True,
-                                    env=with_our_scripts({**os.environ, "DS_ACCELERATOR": "cpu",
-                                                          "PYTHONUNBUFFERED": "1"}),
+                                    env={**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"},
                                     stdout=f, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: steps_logged(tmp / "mlflow.db") >= 2, 300, "2 training steps")

@@ -1,4 +1,6 @@
 """requirements.lock (what `make install` installs) pins every package exactly, within setup.py's ranges."""
+from pathlib import Path
+
 from packaging.utils import canonicalize_name
 
 from lockfile import LOCK, read_lock, setup_requirements
@@ -52,3 +54,14 @@ def test_the_gpu_machines_wheels_are_the_locks_versions():
     for name, version in fetched.items():
         if name not in peers:
             assert pins.get(name) == version, f"fetch_wheels.sh fetches {name}=={version}, the lock pins {pins.get(name)}"
+
+
+def test_processes_the_tests_start_run_this_pythons_scripts():
+    """conftest puts the scripts installed with this Python first on PATH: the 2-rank tests' `deepspeed`, the tracking
+    test's `mlflow server` and the ninja that builds DeepSpeed's ops are this install's, whatever PATH held."""
+    import shutil
+    import sysconfig
+
+    for script in ("deepspeed", "mlflow", "ninja"):
+        found = shutil.which(script)
+        assert found and Path(found).parent == Path(sysconfig.get_path("scripts")), f"{script} on PATH is {found}"

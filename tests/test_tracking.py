@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import free_port, mlflow_uri, wait_for, with_our_scripts, xe_args
+from helpers import free_port, mlflow_uri, wait_for, xe_args
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parent.parent
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
 # The server without MLflow 3's job runner: its 8 consumer processes cost seconds of CPU at every start, and no job
 # is ever submitted here.
-SERVER_ENV = with_our_scripts({**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+SERVER_ENV = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 @pytest.fixture
