@@ -16,6 +16,9 @@
 # Each part runs under its own time limit (seconds; a lease is short, and a hung part must not cost the others):
 #   GPU_CHECK_LIMITS="tests bench step vlm train", default "110 140 55 40 210";
 # and none runs past GPU_CHECK_BUDGET (default 555) seconds from the start, the install included: one 10-minute call.
+# A part at its limit gets SIGINT (killed 10 s later): pytest then prints where it stood and what passed, a benchmark
+# its traceback. A test running over 45 s dumps every thread's stack (faulthandler) and goes on: the 2026-12-04 run
+# lost its kernel tests to a limit with nothing to say where they hung.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 read -r T_TESTS T_BENCH T_STEP T_VLM T_TRAIN <<<"${GPU_CHECK_LIMITS:-110 140 55 40 210}"
@@ -38,18 +41,18 @@ else
 fi
 # -P: the repository's dico_scale/ (without kernels/src mapped in) must not shadow the installed package.
 # --noconftest: tests/conftest.py imports open_clip for the model tests, which this image lacks.
-timeout -k 5 $(limit $T_TESTS) python3 -P -m pytest -v --durations=0 -o faulthandler_timeout=120 --noconftest -p no:cacheprovider -m gpu tests/test_gpu_kernels.py tests/test_kernel_dico_loss.py \
+timeout -s INT -k 10 $(limit $T_TESTS) python3 -P -m pytest -v --durations=0 -o faulthandler_timeout=45 --noconftest -p no:cacheprovider -m gpu tests/test_gpu_kernels.py tests/test_kernel_dico_loss.py \
     2>&1 | tee "$OUT/gpu_tests.txt"
 tests_rc=${PIPESTATUS[0]}
-timeout -k 5 $(limit $T_BENCH) python3 benchmarks/kernel_bench.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.md"
+timeout -s INT -k 10 $(limit $T_BENCH) python3 benchmarks/kernel_bench.py --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.md"
 bench_rc=${PIPESTATUS[0]}
-timeout -k 5 $(limit $T_STEP) python3 benchmarks/dico_step.py --json "$OUT/dico_step.json" 2>&1 | tee "$OUT/dico_step.md"
+timeout -s INT -k 10 $(limit $T_STEP) python3 benchmarks/dico_step.py --json "$OUT/dico_step.json" 2>&1 | tee "$OUT/dico_step.md"
 step_rc=${PIPESTATUS[0]}
-timeout -k 5 $(limit $T_VLM) python3 benchmarks/dico_step.py --config configs/smolvlm/dico.yaml \
+timeout -s INT -k 10 $(limit $T_VLM) python3 benchmarks/dico_step.py --config configs/smolvlm/dico.yaml \
     --captioners idefics3,idefics3:lora --hf-size 1024,4,16,224 --kernels auto --steps 8 --warmup 2 \
     --json "$OUT/vlm_step.json" 2>&1 | tee "$OUT/vlm_step.md"
 vlm_rc=${PIPESTATUS[0]}
-timeout -k 5 $(limit $T_TRAIN) python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_training.txt"
+timeout -s INT -k 10 $(limit $T_TRAIN) python3 -P -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_training.txt"
 train_rc=${PIPESTATUS[0]}
 echo "gpu tests rc=$tests_rc kernel benchmark rc=$bench_rc step benchmark rc=$step_rc vlm step benchmark rc=$vlm_rc" \
     "training tests rc=$train_rc"
