@@ -1,6 +1,7 @@
 """Vocabularies up to 262k: neither log-prob path holds [N, T, V] logits. The torch head (the CPU path of DiCO, SCST
 and XE, and what trains on CUDA) runs in blocks of tokens x vocabulary, forward and backward, a block of at most
-MAX_CHUNK_LOGITS logits, a half-precision head upcast a slice at a time; the Triton head kernel (CUDA, here in the interpreter) streams the vocabulary in tiles, V not a multiple of the tile included."""
+MAX_CHUNK_LOGITS logits, a half-precision head upcast a slice at a time; the Triton head kernel (CUDA, here in the
+interpreter) streams the vocabulary in tiles, V not a multiple of the tile included."""
 import contextlib
 import functools
 

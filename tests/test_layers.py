@@ -28,10 +28,6 @@ def targets(node: ast.AST, module: str, is_package: bool) -> list[str]:
     return [base] + [f"{base}.{a.name}" for a in node.names]
 
 
-def type_checking(node: ast.AST) -> bool:
-    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-
-
 def module_level(tree: ast.Module, functions: bool = False):
     """Import statements that run when the module loads (with functions=True: or when a function runs); never those
     under `if TYPE_CHECKING:`, which no run executes."""
@@ -40,7 +36,7 @@ def module_level(tree: ast.Module, functions: bool = False):
         node = stack.pop()
         if not functions and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             continue
-        if type_checking(node):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             continue
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             yield node
