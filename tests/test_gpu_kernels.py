@@ -112,7 +112,24 @@ def check_fused(hidden, weight, labels, mask, grad_out, dedup):
     return out
 
 
-# First: the check that localises the dhidden fault the H200 showed (a cut run still reports it).
+# First: the checks that localise the dhidden fault the H200 showed (a cut run still reports them): per autotune
+# config and transpose, then per operand dtype and dW chunking.
+@pytest.mark.parametrize("config", range(len(fl._BWD_CONFIGS)),
+                         ids=[f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']}-w{c.num_warps}-s"
+                              f"{c.num_stages}" for c in fl._BWD_CONFIGS])
+@pytest.mark.parametrize("transpose_free", [False, True], ids=["trans", "transpose-free"])
+def test_fused_linear_backward_per_config(config, transpose_free, monkeypatch):
+    """The peaked bf16 case with the backward's autotuning replaced by one config each: a fault that only some
+    block shapes or warp counts show (the autotuner picks by speed, per chip) is named here; each with dW's operand
+    transposed by tl.trans (the default) and computed as its own tile (TRANSPOSE_FREE: Triton has miscompiled
+    tl.trans of a dot result on Hopper), so a fault the default shows and the other does not names its fix."""
+    monkeypatch.setattr(fl, "TRANSPOSE_FREE", transpose_free)
+    monkeypatch.setattr(fl._bwd_kernel, "configs", [fl._BWD_CONFIGS[config]])  # one config: no benchmarking
+    monkeypatch.setattr(fl._bwd_kernel, "cache", {})
+    hidden, weight, labels, mask, grad_out = batch(40, 20, 512, torch.bfloat16, seed=23)
+    check_fused((hidden.float() * 3).to(torch.bfloat16), weight, labels, mask, grad_out, dedup=False)
+
+
 @pytest.mark.parametrize("chunks", ["one dW chunk", "13 dW chunks"])
 @pytest.mark.parametrize("upcast", [False, True], ids=["input-dtype tiles", "fp32 tiles"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -126,18 +143,6 @@ def test_fused_linear_peaked_softmax(dtype, upcast, chunks, monkeypatch):
     monkeypatch.setattr(fl, "DW_CHUNK_BYTES", 1 << 30 if chunks.startswith("one") else 4 * 512 * 4096)
     hidden, weight, labels, mask, grad_out = batch(40, 20, 512, dtype, seed=23)
     check_fused((hidden.float() * 3).to(dtype), weight, labels, mask, grad_out, dedup=False)
-
-
-@pytest.mark.parametrize("config", range(len(fl._BWD_CONFIGS)),
-                         ids=[f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']}-w{c.num_warps}-s"
-                              f"{c.num_stages}" for c in fl._BWD_CONFIGS])
-def test_fused_linear_backward_per_config(config, monkeypatch):
-    """The peaked bf16 case with the backward's autotuning replaced by one config each: a fault that only some
-    block shapes or warp counts show (the autotuner picks by speed, per chip) is named here."""
-    monkeypatch.setattr(fl._bwd_kernel, "configs", [fl._BWD_CONFIGS[config]])  # one config: no benchmarking
-    monkeypatch.setattr(fl._bwd_kernel, "cache", {})
-    hidden, weight, labels, mask, grad_out = batch(40, 20, 512, torch.bfloat16, seed=23)
-    check_fused((hidden.float() * 3).to(torch.bfloat16), weight, labels, mask, grad_out, dedup=False)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

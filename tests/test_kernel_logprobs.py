@@ -134,6 +134,14 @@ def test_fused_values_and_grads(dtype, V, dedup, monkeypatch, poisoned_empty):
     assert out[-1] == 0
 
 
+@pytest.mark.parametrize("dtype,V,dedup", [(torch.float32, 2500, False), (torch.bfloat16, 1000, True)])
+def test_fused_transpose_free_backward(dtype, V, dedup, monkeypatch, poisoned_empty):
+    """The backward whose dW operand is a logits tile of its own (fused_linear.TRANSPOSE_FREE, the candidate fix the
+    GPU check tries for the H200's dhidden fault): the same values and gradients against float64."""
+    monkeypatch.setattr(fl, "TRANSPOSE_FREE", True)
+    test_fused_values_and_grads(dtype, V, dedup, monkeypatch, poisoned_empty)
+
+
 def beam_batch(images, k, T, H, V, seed):
     """Beam-search-like candidates: k per image sharing prefixes; equal prefixes give bitwise-equal states.
 

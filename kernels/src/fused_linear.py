@@ -27,6 +27,11 @@ DW_CHUNK_BYTES = 32 << 20
 # Half-precision tiles in fp32 (tf32 dots), as the interpreter must: on a GPU, a diagnostic that tells the bf16 operand
 # path's faults from the algorithm's (tests/test_gpu_kernels.py runs both).
 UPCAST_HALF = False
+# The dW operand as a logits tile of its own, W[cols] @ h[rows]^T, instead of the transpose of dh's probability tile:
+# one more matmul per tile (4 instead of 3), and no tl.trans of a dot result, which Triton has miscompiled on Hopper
+# (triton-lang/triton#6124; flash-linear-attention #640, #984: wrong gradients by block shape and warp count). On a
+# GPU, a candidate fix for the dhidden fault of 2026-12-04 that tests/test_gpu_kernels.py tries beside the default.
+TRANSPOSE_FREE = False
 # Blocks the interpreter runs with (autotune with several configs fails there).
 _INTERP_META = dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=32)
 
@@ -115,12 +120,12 @@ def _label_logit_kernel(h_ptr, trow_ptr, w_ptr, lab_ptr, tmask_ptr, out_ptr, H, 
 @triton.jit
 def _bwd_kernel(h_ptr, urow_ptr, w_ptr, lse_ptr, coef_ptr, g_ptr, d_ptr, U, H, v_begin, v_end,
                 stride_h, stride_w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr, TRANSPOSE_FREE: tl.constexpr):
     # Program (row tile, vocabulary tile): recompute p = softmax tile, then per H block
     #   G[u] += p @ W[cols]             (the dense part of dh)
     #   D[cols] += (coef_u * p).T @ h_u  (the dense part of dW)
     # with fp32 atomics. One pass recomputes each logit once: 3 matmuls in all, like the
-    # forward-plus-backward floor of 6*R*V*H flops.
+    # forward-plus-backward floor of 6*R*V*H flops (4 with TRANSPOSE_FREE).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -134,14 +139,20 @@ def _bwd_kernel(h_ptr, urow_ptr, w_ptr, lse_ptr, coef_ptr, g_ptr, d_ptr, U, H, v
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp(x - lse[:, None]), 0.0)
     coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
+    if TRANSPOSE_FREE:  # the same probabilities [BLOCK_N, BLOCK_M], transposed by the matmul's operand order
+        xt = _logits_tile(w_ptr, cols64, col_ok, h_ptr, hrows, row_ok, H, stride_w, stride_h,
+                          BLOCK_N, BLOCK_M, BLOCK_K, UPCAST, PRECISION)
+        pct = tl.where(col_ok[:, None] & row_ok[None, :], tl.exp(xt - lse[None, :]), 0.0) * coef[None, :]
+    else:
+        pct = tl.trans(p * coef[:, None])
     # Both probability operands are cast once, to the input dtype (bf16 on GPU: tensor cores,
     # half the registers), before the H loop; fp32 accumulate. The interpreter keeps fp32.
     if UPCAST:
         p_in = p
-        pct_in = tl.trans(p * coef[:, None])
+        pct_in = pct
     else:
         p_in = p.to(w_ptr.dtype.element_ty)
-        pct_in = tl.trans(p * coef[:, None]).to(h_ptr.dtype.element_ty)
+        pct_in = pct.to(h_ptr.dtype.element_ty)
     rows64 = rows.to(tl.int64)
     dcols = (cols - v_begin).to(tl.int64)
     for k0 in range(0, H, BLOCK_K):
@@ -267,7 +278,7 @@ def _backward(h2: Tensor, weight: Tensor, plan: _Plan, lse: Tensor, grad_out: Te
         if U:
             grid = lambda meta: (triton.cdiv(U, meta["BLOCK_M"]), triton.cdiv(v1 - v0, meta["BLOCK_N"]))  # noqa: E731
             _bwd_kernel[grid](h2, plan.urow, weight, lse, coef, g, d, U, H, v0, v1, h2.stride(0),
-                              weight.stride(0), **_flags(h2), **_meta())
+                              weight.stride(0), TRANSPOSE_FREE=TRANSPOSE_FREE, **_flags(h2), **_meta())
         if Rt:
             _onehot_dw_kernel[(Rt,)](h2, plan.trow, plan.lab, c, d, H, v0, v1, h2.stride(0), BLOCK_H=block_h)
         torch.neg(d, out=d)
