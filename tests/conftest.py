@@ -73,6 +73,7 @@ def work_unit(nodeid: str) -> str:
     return "chain" if name in CHAIN_FILES else name
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest without xdist (-p no:xdist) does not know the hook
 def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") != "loadfile":
         return None  # xdist's own

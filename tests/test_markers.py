@@ -44,7 +44,7 @@ def built(request):  # a module fixture that must be built once per module
 def test_one(built, i):
     time.sleep(DELAY)
     with open(os.environ["LOG"], "a") as f:
-        f.write(f"{os.environ['PYTEST_XDIST_WORKER']} {__name__}\\n")
+        f.write(f"{os.environ.get('PYTEST_XDIST_WORKER', 'alone')} {__name__}\\n")
 """
 
 
@@ -74,3 +74,8 @@ def test_make_tests_scheduler_keeps_a_unit_on_one_worker(tmp_path):
             workers.setdefault(module, set()).add(worker)
     assert all(len(w) == 1 for w in workers.values()), workers
     assert workers["test_demo"] == workers["test_compare"]
+    # the hook is optional: pytest without xdist runs the same folder
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-k", "test_x",
+                        str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "LOG": str(log)})
+    assert p.returncode == 0 and "4 passed" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
