@@ -43,7 +43,7 @@ compare: install
 	$(PYTHON) -m dico_scale.compare --config configs/demo/compare.yaml --prepare
 
 # One pass on TEST_WORKERS pytest-xdist workers, a module (or the demo's chain) per unit of work, the longest first
-# (tests/conftest.py). The 2-rank jobs run two at a time beside the single-process tests: a job alone keeps 2 cores
+# (tests/work_units.py). The 2-rank jobs run two at a time beside the single-process tests: a job alone keeps 2 cores
 # only ~60% busy (imports, launchers, barriers, checkpoint writes), so one pass fills the gaps the other leaves.
 TEST_WORKERS ?= 2
 test: install

@@ -1,12 +1,13 @@
 """The `distributed` marker is what `-m 'not distributed'` (make test-latest, quick runs) relies on: a test that starts
 a multi-rank job without it fails at the launch instead of slipping into those runs. And `make test`'s units of work
-(pytest-xdist --dist loadfile with conftest's scheduler): a module each, the demo's chain one, the longest first."""
+(pytest-xdist --dist loadfile with work_units' scheduler): a module each, the demo's chain one, the longest first."""
 import os
 import subprocess
 import sys
 
 import pytest
-from conftest import CHAIN_FILES, LONG_FIRST, REPO, _starts_ranks, work_unit
+from conftest import REPO, _starts_ranks
+from work_units import CHAIN_FILES, LONG_FIRST, work_unit
 
 
 @pytest.mark.parametrize("argv, multi", [
@@ -49,20 +50,19 @@ def test_one(built, i):
 
 
 def test_make_tests_scheduler_keeps_a_unit_on_one_worker(tmp_path):
-    """Four modules under this conftest's scheduler on 2 workers: each module's tests on one worker, its module
-    fixture built once, the two chain modules on the same worker (xdist's --dist loadgroup failed all three). A slow
+    """Four modules under work_units' scheduler on 2 workers: each module's tests on one worker, its module fixture
+    built once, the two chain modules on the same worker (xdist's --dist loadgroup failed all three). A slow
     test_compare makes plain loadfile hand test_demo to the other worker."""
-    (tmp_path / "conftest.py").write_text(
-        "import importlib.util\n"
-        f"spec = importlib.util.spec_from_file_location('suite_conftest', {str(REPO / 'tests' / 'conftest.py')!r})\n"
-        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-        "pytest_xdist_make_scheduler = m.pytest_xdist_make_scheduler\n")
     for name in ("test_compare", "test_d1", "test_demo", "test_x"):
         (tmp_path / f"{name}.py").write_text(f"DELAY = {1.0 if name == 'test_compare' else 0.0}\n" + SPY)
     log = tmp_path / "log"
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "--dist", "loadfile",
-                        str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "LOG": str(log)})
+    env = {**os.environ, "LOG": str(log), "PYTHONPATH": str(REPO / "tests")}
+
+    def pytest(*args):
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "work_units", *args,
+                               str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+
+    p = pytest("-n", "2", "--dist", "loadfile")
     assert p.returncode == 0 and "16 passed" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
     lines = log.read_text().split("\n")
     assert sorted(line for line in lines if line.startswith("built")) == [f"built {m}" for m in
@@ -74,8 +74,5 @@ def test_make_tests_scheduler_keeps_a_unit_on_one_worker(tmp_path):
             workers.setdefault(module, set()).add(worker)
     assert all(len(w) == 1 for w in workers.values()), workers
     assert workers["test_demo"] == workers["test_compare"]
-    # the hook is optional: pytest without xdist runs the same folder
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-k", "test_x",
-                        str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "LOG": str(log)})
+    p = pytest("-p", "no:xdist", "-k", "test_x")  # the hook is optional: pytest without xdist runs the same folder
     assert p.returncode == 0 and "4 passed" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
