@@ -42,12 +42,14 @@ demo: install
 compare: install
 	$(PYTHON) -m dico_scale.compare --config configs/demo/compare.yaml --prepare
 
-# One pass on TEST_WORKERS pytest-xdist workers, a module (or the demo's chain) per unit of work, the longest first
-# (tests/work_units.py). The 2-rank jobs run two at a time beside the single-process tests: a job alone keeps 2 cores
-# only ~60% busy (imports, launchers, barriers, checkpoint writes), so one pass fills the gaps the other leaves.
+# Two passes on TEST_WORKERS pytest-xdist workers: the single-process tests, then the tests that start 2-rank jobs,
+# two jobs at a time (a job alone keeps 2 cores only ~60% busy: imports, launchers, barriers, checkpoint writes), a
+# module (or the demo's chain) per unit of work, the longest first (tests/work_units.py). The first pass builds
+# DeepSpeed's C++ op while its other worker goes on; in one pass both workers' first 2-rank jobs waited for it.
 TEST_WORKERS ?= 2
 test: install
-	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m 'not distributed' --durations=10 tests
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m distributed --durations=10 tests
 
 test-gpu: install
 	$(PYTHON) -m pytest -q -m gpu tests
