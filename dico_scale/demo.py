@@ -12,6 +12,7 @@ import time
 
 from . import exit_codes
 from .launch import demo_config, train_stage
+from .models.tiny_vlm import VLM_FAMILIES
 from .stages import STAGES, chain
 
 
@@ -61,10 +62,8 @@ def usage_error(message: str) -> int:
 
 # --captioner: a MODELS row, or a Hugging Face family of dico_scale.models.tiny (hf_encoder_decoder = vit-gpt2)
 CAPTIONER_FAMILIES = {"hf_encoder_decoder": "vit-gpt2", "vit-gpt2": "vit-gpt2", "blip": "blip", "dico_ref": "dico-ref",
-                      "hf_vlm": "idefics3", "idefics3": "idefics3", "smolvlm": "smolvlm", "qwen2-vl": "qwen2-vl",
-                      "qwen2.5-vl": "qwen2.5-vl", "llava": "llava"}
-FAMILY_ROWS = {"dico-ref": "dico_ref", "idefics3": "hf_vlm", "smolvlm": "hf_vlm", "qwen2-vl": "hf_vlm",
-               "qwen2.5-vl": "hf_vlm", "llava": "hf_vlm"}  # the others: hf_encoder_decoder
+                      "hf_vlm": "idefics3", **{f: f for f in VLM_FAMILIES}}
+FAMILY_ROWS = {"dico-ref": "dico_ref", **{f: "hf_vlm" for f in VLM_FAMILIES}}  # the others: hf_encoder_decoder
 DEMO_SIZE = dict(width=128, layers=2, heads=4, image_size=64)  # the built-in demo captioner's width and depth
 
 
@@ -87,8 +86,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="dico_scale.demo", description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=int, default=2, help="CPU ranks per stage")
     p.add_argument("--captioner", default="builtin", help="builtin (default), hf_encoder_decoder (= vit-gpt2), "
-                   "vit-gpt2, blip, dico_ref, hf_vlm (= idefics3), idefics3, smolvlm (SmolVLM2), qwen2-vl, qwen2.5-vl "
-                   "or llava: a tiny random model of that family, written under runs/models/")
+                   "vit-gpt2, blip, dico_ref, hf_vlm (= idefics3), idefics3, smolvlm (SmolVLM2), qwen2-vl, qwen2.5-vl, "
+                   "qwen3-vl, llava or gemma3: a tiny random model of that family, written under runs/models/")
     p.add_argument("--keep", action="store_true", help="keep runs/demo from an earlier demo instead of starting over")
     p.add_argument("--workdir", default=".", help="where runs/demo and data/demo go (default: here)")
     p.add_argument("overrides", nargs="*", help="key=value overrides passed to every stage")

@@ -81,6 +81,8 @@ IDEFICS3 = {"architectures": ["Idefics3ForConditionalGeneration"], "model_type":
     ({"architectures": ["MllamaForConditionalGeneration"]}, "architecture MllamaForConditionalGeneration is not "
      "supported by hf_vlm (Idefics3ForConditionalGeneration"),
     (IDEFICS3, "has no processor (processor_config.json or preprocessor_config.json)"),
+    ({"architectures": ["Gemma3ForConditionalGeneration"], "text_config": {"final_logit_softcapping": 30.0}},
+     "final_logit_softcapping=30.0 in its text config is not supported"),
 ])
 def test_bad_vlm_folders_exit_2_with_one_line(tmp_path, capsys, folder, message):
     path = config_folder(tmp_path, "m", folder)

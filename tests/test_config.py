@@ -441,10 +441,13 @@ def test_a_renamed_key_still_works_with_one_warning_line(tmp_path, capsys):
     assert len(lines) == 2 and all(f"({p})" in line for line, p in zip(lines, (old, both)))
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("smolvlm/*.yaml")) +
-                         sorted((REPO / "configs").glob("qwen2vl/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+VLM_CONFIGS = {"smolvlm": "idefics3", "qwen2vl": "qwen2-vl", "qwen3vl": "qwen3-vl", "gemma3": "gemma3"}
+
+
+@pytest.mark.parametrize("path", [p for d in VLM_CONFIGS for p in sorted((REPO / "configs" / d).glob("*.yaml"))],
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_vlm_configs_load_on_a_local_folder_of_their_family(path, vlm_folders):
-    family = {"smolvlm": "idefics3", "qwen2vl": "qwen2-vl"}[path.parent.name]
+    family = VLM_CONFIGS[path.parent.name]
     cfg = load_config(str(path), BLANK + [f"captioner.hf_path={vlm_folders[family]}", "train.init_from="])
     assert cfg.train.stage == (path.stem if path.stem != "base" else "xe")
     assert cfg.captioner.model == "hf_vlm" and cfg.captioner.lora.r == 16 and cfg.train.precision == "bf16"

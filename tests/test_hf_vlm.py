@@ -1,9 +1,9 @@
-"""The vision-language row (models/hf_vlm.py) against transformers itself, on tiny random Idefics3, Qwen2-VL and
-LLaVA folders written by dico_scale.models.tiny (tiled images, multimodal rotary positions, one fixed image size):
-every beam of our search
-equals `generate`'s, teacher-forced log-probs equal log_softmax of the model's own logits over the continuation
-only (the prompt and the image never scored), and in a batch of images of different sizes (tile counts, patch
-grids) each image's candidates and log-probs equal those of the image alone."""
+"""The vision-language row (models/hf_vlm.py) against transformers itself, on the tiny random folders of every family
+dico_scale.models.tiny writes (Idefics3 tiles, Qwen2-VL / Qwen3-VL patch grids and multimodal rotary positions,
+Qwen3-VL's deepstack, LLaVA's and Gemma 3's one image size, Gemma 3's bidirectional image attention, sliding windows
+and tied head): every beam of our search equals `generate`'s, teacher-forced log-probs equal log_softmax of the
+model's own logits over the continuation only (the prompt and the image never scored), and in a batch of images of
+different sizes (tile counts, patch grids) each image's candidates and log-probs equal those of the image alone."""
 import pytest
 import torch
 from PIL import Image
@@ -38,6 +38,22 @@ def cap(request, vlm_folders):
     return captioner(vlm_folders[request.param])
 
 
+def test_the_prompt_row_is_the_one_the_processors_chat_path_builds(cap):
+    """One image's prompt row (image tokens, chat template, BOS) equals apply_chat_template(tokenize=True) with the
+    image: Gemma 3's template writes <bos> and its tokenizer adds one too, which must not give two."""
+    from dico_scale.models.hf_vlm import user_turn
+
+    for im in images()[:2]:
+        turn = user_turn("Describe this image in one sentence.")
+        turn["content"][0]["image"] = im
+        theirs = cap.processor.apply_chat_template([turn], add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True, return_tensors="pt")
+        ours = batch(cap, [im])
+        assert ours["input_ids"].tolist() == theirs["input_ids"].tolist()
+        for key in set(theirs) & set(ours.tensors) - {"input_ids"}:
+            assert torch.equal(ours[key], theirs[key]), key
+
+
 def test_every_beam_equals_transformers_generate(cap):
     tok, k, max_len = cap.tokenizer, 3, 8
     for im in images():
@@ -64,8 +80,9 @@ def test_teacher_forced_logprobs_cover_the_continuation_only(cap):
             caption = tokens[i:i + 1, 1:]
             ids = torch.cat([one["input_ids"], caption], 1)
             extra = {k: v for k, v in one.tensors.items() if k not in ("input_ids", "attention_mask")}
-            if "mm_token_type_ids" in extra:
-                extra["mm_token_type_ids"] = torch.cat([extra["mm_token_type_ids"], torch.zeros_like(caption)], 1)
+            for key in ("mm_token_type_ids", "token_type_ids"):  # the caption's tokens are text
+                if key in extra:
+                    extra[key] = torch.cat([extra[key], torch.zeros_like(caption)], 1)
             logits = cap.model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits
             prompt = one["input_ids"].size(1)
             logp = torch.log_softmax(logits[0, prompt - 1:-1].double(), -1)  # predicting w1 ... after the prompt
@@ -78,7 +95,7 @@ def test_a_mixed_batch_equals_each_image_alone(cap):
     tok, ims, k = cap.tokenizer, images(), 3
     mixed = batch(cap, ims)
     lengths = {batch(cap, [im])["input_ids"].size(1) for im in ims}
-    if cap.model.config.model_type != "llava":  # LLaVA resizes every image to one size: one run of image tokens
+    if cap.model.config.model_type not in ("llava", "gemma3"):  # these resize every image to one size
         assert len(lengths) >= 2, "the images should need different numbers of image tokens"
     with torch.no_grad():
         cands, _ = beam_search(cap, cap.image_context(mixed), k, 8, tok.bos, tok.eos, tok.pad)
@@ -109,7 +126,8 @@ def test_gradients_reach_the_prompt_through_its_cache(cap):
         cap.zero_grad(set_to_none=True)
 
 
-@pytest.mark.parametrize("family", ["idefics3", "qwen2-vl"])  # tiles + 1-d positions; patches + multimodal rotary
+# tiles + 1-d positions; patches + multimodal rotary; bidirectional image attention + sliding windows
+@pytest.mark.parametrize("family", ["idefics3", "qwen2-vl", "gemma3"])
 def test_gradient_checkpointing_gives_the_same_logprobs_and_gradients_and_keeps_less(vlm_folders, family):
     """captioner.gradient_checkpointing recomputes the text layers in backward (their cache writes replayed): the same
     log-probs and gradients, prompt included, and a fraction of the activations kept for backward."""
@@ -143,7 +161,8 @@ def test_gradient_checkpointing_gives_the_same_logprobs_and_gradients_and_keeps_
 
 def test_xe_targets_are_the_answer_the_chat_template_renders(cap):
     """BOS, the caption and EOS are the tokens of the assistant's answer in the folder's own chat template, leading
-    space included (Idefics3, LLaVA: "Assistant: a red ..."; Qwen2-VL: none), and decode back to the caption."""
+    space included (Idefics3, LLaVA: "Assistant: a red ..."; Qwen2-VL: none), and decode back to the caption. EOS is
+    the end of turn the template writes, of those the generation config lists (Gemma 3: <end_of_turn>, not <eos>)."""
     caption = CAPTIONS[1]
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image in one sentence."}]},
                 {"role": "assistant", "content": [{"type": "text", "text": caption}]}]
@@ -153,6 +172,21 @@ def test_xe_targets_are_the_answer_the_chat_template_renders(cap):
     row = row[:int(scored_mask(row[None, 1:], cap.tokenizer.eos).sum()) + 1].tolist()  # BOS .. EOS
     assert full[:len(prompt)] == prompt and row == full[len(prompt) - 1:len(prompt) - 1 + len(row)]
     assert cap.tokenizer.decode(row) == caption
+
+
+def test_the_exported_folder_reads_back_as_the_same_captioner(cap, tmp_path):
+    """save_pretrained (exports' hf/) writes weights and processor that load back to the same prompt rows and
+    log-probs (Gemma 3's head tied to its embeddings, Qwen3-VL's deepstack tower)."""
+    cap.save_pretrained(tmp_path / "hf", cap.state_dict())
+    again = captioner(str(tmp_path / "hf"))
+    ims, tokens = images(), cap.tokenizer.batch(CAPTIONS, 40)
+    assert batch(again, ims)["input_ids"].tolist() == batch(cap, ims)["input_ids"].tolist()
+    assert (again.tokenizer.bos, again.tokenizer.eos, again.tokenizer.pad) == (cap.tokenizer.bos, cap.tokenizer.eos,
+                                                                                cap.tokenizer.pad)
+    with torch.no_grad():
+        want = cap(tokens, pixels=batch(cap, ims), output="logprobs", kernel="torch")
+        got = again(tokens, pixels=batch(again, ims), output="logprobs", kernel="torch")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_the_demos_smolvlm_is_a_smolvlm2_folder(tmp_path):

@@ -17,7 +17,8 @@ HF_ARCHITECTURES = ("VisionEncoderDecoderModel", "BlipForConditionalGeneration")
 # the tests run)
 VLM_ARCHITECTURES = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration",
                      "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
-                     "LlavaForConditionalGeneration")
+                     "Qwen3VLForConditionalGeneration", "LlavaForConditionalGeneration",
+                     "Gemma3ForConditionalGeneration")
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 HF_DECODERS = ("gpt2", "bert")  # VisionEncoderDecoderModel decoder model types whose head we can split off
 # captioner.freeze: the vision tower, its projection to the decoder width, the decoder's token and position
@@ -59,6 +60,9 @@ def vlm_problem(config: dict, path: str) -> str | None:
     arch = (config.get("architectures") or [None])[0]
     if arch not in VLM_ARCHITECTURES:
         return f"'{path}': architecture {arch} is not supported by hf_vlm ({', '.join(VLM_ARCHITECTURES)})"
+    if (cap := text_config(config).get("final_logit_softcapping")) is not None:  # Gemma 2 style; Gemma 3 ships None
+        return (f"'{path}': final_logit_softcapping={cap} in its text config is not supported (the log-prob heads "
+                "compute the plain logits h @ W.T)")
     if not any((Path(path) / f).is_file() for f in PROCESSOR_FILES):
         return f"'{path}' has no processor ({' or '.join(PROCESSOR_FILES)}): save the model's processor beside it"
     return None

@@ -34,7 +34,9 @@ from .captioner import CaptionerModel
 from .folders import checked_config, vlm_problem
 from .hf_encoder_decoder import HFTokenizer
 
-TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # one row per image, left-padded in a batch
+# One row per image, left-padded in a batch. The token types mark image tokens: Qwen-VL's rotary positions read them,
+# Gemma 3's prefill lets image tokens attend to each other both ways.
+TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
 class VLMImages:
@@ -77,9 +79,13 @@ class VLMPreprocess:
 
     def __init__(self, processor, text: str, pad_id: int):
         self.processor, self.text, self.pad_id = processor, text, pad_id
+        # A chat template that writes the BOS itself (Gemma 3's) must not get a second one from the tokenizer.
+        bos = processor.tokenizer.bos_token
+        self.special_tokens = not (bos and text.startswith(bos))
 
     def __call__(self, image) -> dict[str, torch.Tensor]:
-        out = self.processor(images=[image.convert("RGB")], text=[self.text], return_tensors="pt")
+        out = self.processor(images=[image.convert("RGB")], text=[self.text], return_tensors="pt",
+                             add_special_tokens=self.special_tokens)
         return {k: v for k, v in out.items() if torch.is_tensor(v)}
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> VLMImages:
@@ -176,16 +182,32 @@ def prompt_text(processor, prompt: str, path: str) -> str:
     return prompt
 
 
+ANSWER = "CAPTIONHERE"
+
+
+def answer_turn(processor, prompt: str) -> tuple[str, str] | None:
+    """The chat template's rendering of one exchange (the image and `prompt`, then an answer), split around the answer:
+    (before, after); None without a chat template."""
+    if not getattr(processor, "chat_template", None):
+        return None
+    full = processor.apply_chat_template([user_turn(prompt),
+                                          {"role": "assistant", "content": [{"type": "text", "text": ANSWER}]}])
+    before, found, after = full.partition(ANSWER)
+    return (before, after) if found else None
+
+
 def answer_lead(processor, prompt: str, text: str) -> str:
     """What the chat template writes between the start of the assistant's turn (the end of `text`) and its answer: a
     space for Idefics3 / SmolVLM ("Assistant: A cat") and LLaVA, nothing for Qwen2-VL. Captions are tokenized with it
     (XE's targets are the answers the model's own template renders); nothing without a chat template."""
-    if not getattr(processor, "chat_template", None):
-        return ""
-    mark = "CAPTIONHERE"
-    full = processor.apply_chat_template([user_turn(prompt),
-                                          {"role": "assistant", "content": [{"type": "text", "text": mark}]}])
-    return full[len(text):full.index(mark)] if full.startswith(text) and mark in full else ""
+    turn = answer_turn(processor, prompt)
+    return turn[0][len(text):] if turn and turn[0].startswith(text) else ""
+
+
+def answer_end(processor, prompt: str) -> list[int]:
+    """The tokens the chat template writes right after an answer (Qwen2-VL: <|im_end|>, "\n"); none without one."""
+    turn = answer_turn(processor, prompt)
+    return processor.tokenizer(turn[1], add_special_tokens=False)["input_ids"] if turn else []
 
 
 def load_processor(path: str):
@@ -230,7 +252,7 @@ class HFVLM(CaptionerModel):
         self.model, self.processor = model, processor
         self.text, ids = prompt_ids(processor, prompt, path)
         tok = processor.tokenizer
-        eos = eos_token(model, tok, path)
+        eos = eos_token(model, processor, prompt, path)
         self.tokenizer = HFTokenizer(tok, bos=ids[-1], eos=eos, vocab_size=model.get_output_embeddings().out_features,
                                      lead=answer_lead(processor, prompt, self.text))
         self.preprocess = VLMPreprocess(processor, self.text, self.tokenizer.pad)
@@ -299,7 +321,8 @@ class HFVLM(CaptionerModel):
             pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
             prefill, bos_pos = pos[:, :-1], pos[:, -1]
         cache = replayable_cache()
-        rest = {k: v for k, v in images.tensors.items() if k not in TEXT_KEYS}
+        rest = {k: v if k not in TEXT_KEYS else v[:, :-1] for k, v in images.tensors.items()
+                if k not in ("input_ids", "attention_mask")}
         self.model.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=prefill, cache=cache,
                          use_cache=True, **rest)
         return Prompt([(layer.keys, layer.values) for layer in cache.layers], mask[:, :-1], bos_pos, self.mrope)
@@ -339,14 +362,17 @@ class HFVLM(CaptionerModel):
         os.replace(tmp, folder)
 
 
-def eos_token(model, tok, path: str) -> int:
-    """The token that ends the assistant's turn: the generation config's (first) EOS, else the text config's, else
-    the tokenizer's."""
+def eos_token(model, processor, prompt: str, path: str) -> int:
+    """The token that ends the assistant's turn. Of the end tokens the generation config lists (else the text
+    config's, else the tokenizer's), the one the chat template writes after an answer (Gemma 3 lists <eos> before
+    <end_of_turn>, and its turns end with the latter); without a template, or where it writes none of them, the
+    first."""
+    tok = processor.tokenizer
     for source in (model.generation_config.eos_token_id, model.config.get_text_config().eos_token_id,
                    tok.eos_token_id):
-        if isinstance(source, (list, tuple)):
-            source = source[0] if source else None
-        if source is not None:
-            return int(source)
+        ends = [int(t) for t in (source if isinstance(source, (list, tuple)) else [source]) if t is not None]
+        if ends:
+            after = answer_end(processor, prompt)
+            return next((t for t in after[:1] if t in ends), ends[0])
     raise ConfigError(f"captioner.hf_path '{path}': neither the generation config, the model config nor the "
                       "tokenizer names an EOS token")

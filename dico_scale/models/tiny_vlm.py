@@ -9,12 +9,18 @@ Families (dico_scale.models.tiny writes them):
   qwen2-vl   Qwen2VLForConditionalGeneration: the image's patch grid follows its size (one <|image_pad|> per merged
              patch), multimodal rotary positions (mrope); Qwen2 text model
   qwen2.5-vl Qwen2_5_VLForConditionalGeneration: as qwen2-vl, with windowed attention in the vision tower
+  qwen3-vl   Qwen3VLForConditionalGeneration: as qwen2-vl, with interleaved mrope, the vision tower's learned position
+             grid interpolated to the image, and its deepstack features added to the first text layers
   llava      LlavaForConditionalGeneration: a CLIP vision tower on images resized and cropped to one size (a fixed run
              of <image> tokens), a projector, a Llama text model; "USER: <image>\n... ASSISTANT:" turns
+  gemma3     Gemma3ForConditionalGeneration: a SigLIP tower on images resized to one size, pooled to a fixed run of
+             <image_soft_token>s; image tokens attend to each other both ways in the prefill (token_type_ids); sliding-window and global layers; a tied head; the tokenizer adds <bos> and
+             the chat template writes it too; turns end with <end_of_turn>, which the generation config lists after
+             <eos>
 """
 from __future__ import annotations
 
-VLM_FAMILIES = ("idefics3", "smolvlm", "qwen2-vl", "qwen2.5-vl", "llava")
+VLM_FAMILIES = ("idefics3", "smolvlm", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava", "gemma3")
 
 # Idefics3 / SmolVLM turns: "User:<image>Describe...<end_of_utterance>\nAssistant: ..."
 IDEFICS3_TEMPLATE = (
@@ -38,6 +44,15 @@ LLAVA_TEMPLATE = (
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
     "{% if message['role'] == 'user' %} {% else %}</s>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+# Gemma 3 turns: "<bos><start_of_turn>user\n<start_of_image>Describe...<end_of_turn>\n<start_of_turn>model\n"
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<start_of_image>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] | trim }}{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+GEMMA3_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                   "<end_of_image>", "<image_soft_token>"]
 LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
 IDEFICS3_SPECIALS = (["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>",
                       "<global-img>", "<image>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)])
@@ -45,8 +60,9 @@ QWEN2VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_sta
                     "<|image_pad|>", "<|video_pad|>"]
 
 
-def _tokenizer(specials: list[str], template: str, vocab_size: int, **named):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _tokenizer(specials: list[str], template: str, vocab_size: int, prepend: str = "", **named):
+    """prepend: a special token the tokenizer adds in front of every text (Gemma's <bos>), as a post-processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from ..data.synthetic import caption_corpus
@@ -57,6 +73,9 @@ def _tokenizer(specials: list[str], template: str, vocab_size: int, **named):
     prompts = ["User: Assistant: user assistant Describe this image in one sentence."] * 20
     bpe.train_from_iterator(caption_corpus() + prompts, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if prepend:
+        bpe.post_processor = processors.TemplateProcessing(single=f"{prepend} $A", pair=f"{prepend} $A $B",
+                                                           special_tokens=[(prepend, bpe.token_to_id(prepend))])
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, **named)
     tok.chat_template = template
     return tok
@@ -99,38 +118,72 @@ def idefics3(width: int, layers: int, heads: int, image_size: int, vocab_size: i
     return model, Idefics3Processor(images, tok, image_seq_len=seq_len, chat_template=IDEFICS3_TEMPLATE)
 
 
-def qwen2_vl(width: int, layers: int, heads: int, image_size: int, vocab_size: int, v25: bool = False):
+def qwen_vl(width: int, layers: int, heads: int, image_size: int, vocab_size: int, version: str = "2"):
     """(model, processor): 4-pixel patches merged 2 x 2, images of 16 x 16 to image_size x image_size pixels
-    (rounded to 8): between 4 and (image_size / 8)^2 <|image_pad|> tokens, following the image's size. v25: the
-    Qwen2.5-VL classes (windowed vision attention, its last block full)."""
+    (rounded to 8): between 4 and (image_size / 8)^2 <|image_pad|> tokens, following the image's size. version "2.5":
+    the Qwen2.5-VL classes (windowed vision attention, its last block full); "3": Qwen3-VL's (interleaved mrope
+    sections; a learned 8 x 8 position grid in the tower, interpolated; deepstack features of its first block added to
+    the first text layer)."""
     import transformers
-    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    from transformers import Qwen2VLImageProcessor
 
-    prefix = "Qwen2_5_VL" if v25 else "Qwen2VL"
-    Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor = (
+    prefix = {"2": "Qwen2VL", "2.5": "Qwen2_5_VL", "3": "Qwen3VL"}[version]
+    Config, ForConditionalGeneration, Processor = (
         getattr(transformers, prefix + name) for name in ("Config", "ForConditionalGeneration", "Processor"))
+    VideoProcessor = transformers.Qwen3VLVideoProcessor if version == "3" else transformers.Qwen2VLVideoProcessor
 
     tok = _tokenizer(QWEN2VL_SPECIALS, QWEN2VL_TEMPLATE, vocab_size, eos_token="<|im_end|>",
                      pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIALS}
+    head_dim = width // heads
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_dim // 8] * 2 + [head_dim // 4]}
+    extra = dict(head_dim=head_dim, rope_parameters={**rope, "mrope_interleaved": True}) if version == "3" else \
+        dict(rope_parameters=rope)
     text = _text_config(len(tok), width, layers, heads, bos_token_id=ids["<|endoftext|>"],
-                        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                         "mrope_section": [width // heads // 8] * 2 + [width // heads // 4]})
-    vision = dict(depth=layers, embed_dim=width, hidden_size=width, num_heads=heads, patch_size=4,
-                  spatial_merge_size=2, temporal_patch_size=2)
-    if v25:
-        vision = dict(depth=layers, hidden_size=width, out_hidden_size=width, intermediate_size=2 * width,
-                      num_heads=heads, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
-                      fullatt_block_indexes=[layers - 1])
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
-    model = Qwen2VLForConditionalGeneration(config)
+                        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], **extra)
+    common = dict(depth=layers, hidden_size=width, num_heads=heads, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    vision = {"2": dict(common, embed_dim=width),
+              "2.5": dict(common, out_hidden_size=width, intermediate_size=2 * width, window_size=16,
+                          fullatt_block_indexes=[layers - 1]),
+              "3": dict(common, out_hidden_size=width, intermediate_size=2 * width, num_position_embeddings=64,
+                        deepstack_visual_indexes=[0])}[version]
+    config = Config(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                    video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                    vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    model = ForConditionalGeneration(config)
     size = {"shortest_edge": 16 * 16, "longest_edge": image_size * image_size}
     kw = dict(size=size, patch_size=4, merge_size=2, temporal_patch_size=2)
-    processor = Qwen2VLProcessor(Qwen2VLImageProcessor(**kw), tok, Qwen2VLVideoProcessor(**kw),
-                                 chat_template=QWEN2VL_TEMPLATE)
+    processor = Processor(Qwen2VLImageProcessor(**kw), tok, VideoProcessor(**kw), chat_template=QWEN2VL_TEMPLATE)
+    return model, processor
+
+
+def gemma3(width: int, layers: int, heads: int, image_size: int, vocab_size: int):
+    """(model, processor): images resized to image_size, 8-pixel SigLIP patches pooled to 4 <image_soft_token>s (the
+    processor's pan-and-scan crops are off unless a call asks for them, as in Gemma 3's releases). Alternating
+    sliding-window (8 tokens) and global layers, a tied head, two KV heads shared by `heads` query heads."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+
+    tok = _tokenizer(GEMMA3_SPECIALS, GEMMA3_TEMPLATE, vocab_size, prepend="<bos>", bos_token="<bos>",
+                     eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+                     extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                           "image_token": "<image_soft_token>"})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in GEMMA3_SPECIALS}
+    head_dim = width // heads
+    text = dict(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=head_dim,
+                query_pre_attn_scalar=head_dim, sliding_window=8, max_position_embeddings=256,
+                layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+                bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"], pad_token_id=ids["<pad>"])
+    vision = dict(model_type="siglip_vision_model", hidden_size=width, intermediate_size=2 * width,
+                  num_hidden_layers=layers, num_attention_heads=heads, image_size=image_size, patch_size=8)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+                          image_token_index=ids["<image_soft_token>"], tie_word_embeddings=True)
+    model = Gemma3ForConditionalGeneration(config)
+    images = Gemma3ImageProcessor(size={"height": image_size, "width": image_size})
+    processor = Gemma3Processor(images, tok, chat_template=GEMMA3_TEMPLATE, image_seq_length=4)
+    model.generation_config.eos_token_id = [ids["<eos>"], ids["<end_of_turn>"]]  # as Gemma 3's releases list them
     return model, processor
 
 
@@ -160,10 +213,10 @@ def llava(width: int, layers: int, heads: int, image_size: int, vocab_size: int)
 def write_vlm(family: str, out_dir: str, width: int, layers: int, heads: int, image_size: int,
               vocab_size: int = 0) -> str:
     """The folder of a tiny `family` VLM (save_pretrained of the model and its processor). Seed first."""
-    build = {"idefics3": idefics3, "smolvlm": lambda *a: idefics3(*a, smolvlm=True), "qwen2-vl": qwen2_vl,
-             "llava": llava, "qwen2.5-vl": lambda *a: qwen2_vl(*a, v25=True)}[family]
+    build = {"idefics3": idefics3, "smolvlm": lambda *a: idefics3(*a, smolvlm=True), "qwen2-vl": qwen_vl,
+             "qwen2.5-vl": lambda *a: qwen_vl(*a, version="2.5"), "qwen3-vl": lambda *a: qwen_vl(*a, version="3"),
+             "llava": llava, "gemma3": gemma3}[family]
     model, processor = build(width, layers, heads, image_size, max(vocab_size, 400))
-    model.generation_config.eos_token_id = model.config.text_config.eos_token_id
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
