@@ -15,8 +15,9 @@ Parameters are counted on transformers models built on the meta device from conf
               fp32 head rows and state gradients.
   buckets     DeepSpeed's communication buffers at our configs/deepspeed settings.
 peak = states + max(generation, training) + buckets. The activation bytes per token and layer are itemised from what
-autograd saves in our hf_vlm forward (listed with saved_tensors_hooks on tiny models of both families) and checked
-against a measurement on tiny models at every run (`validate`): the table prints measured / formula.
+autograd saves in our hf_vlm forward (listed with saved_tensors_hooks on tiny models of each family: the norms differ,
+Qwen3 and Gemma 3 add q / k norms, keys and values are saved repeated to every query head) and checked against a
+measurement on tiny GQA models at every run (`validate`): the table prints measured / formula.
 """
 from __future__ import annotations
 
@@ -49,6 +50,26 @@ MODELS = {
                   rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
         vision=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
                     spatial_merge_size=2, temporal_patch_size=2)),
+    # Qwen3-VL-8B-Instruct: 32-pixel merged patches, a 640 x 480 image -> 20 x 15 = 300 tokens (+ ~25)
+    "Qwen3-VL-8B-like": dict(
+        family="qwen3-vl", prompt_tokens=300 + 25,
+        text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                                   "mrope_interleaved": True}),
+        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                    spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=4096, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[8, 16, 24])),
+    # Gemma-3-4B-it: every image 896 x 896, 256 tokens (+ ~25); a 262,208-token vocabulary, the head tied to the
+    # embeddings; head size 256 (8 query heads of 256 = 2048 < hidden 2560)
+    "Gemma-3-4B-like": dict(
+        family="gemma3", prompt_tokens=256 + 25,
+        text=dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, vocab_size=262208,
+                  sliding_window=1024, tie_word_embeddings=True),
+        vision=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                    num_hidden_layers=27, num_attention_heads=16, patch_size=14, image_size=896),
+        mm_tokens_per_image=256),
 }
 
 
@@ -57,14 +78,12 @@ def build_meta(spec: dict):
     import torch
     import transformers
 
-    if spec["family"] == "idefics3":
-        config = transformers.Idefics3Config(text_config=spec["text"], vision_config=spec["vision"],
-                                             scale_factor=spec["scale_factor"], tie_word_embeddings=False)
-        cls = transformers.Idefics3ForConditionalGeneration
-    else:
-        config = transformers.Qwen2VLConfig(text_config=spec["text"], vision_config=spec["vision"],
-                                            tie_word_embeddings=False)
-        cls = transformers.Qwen2VLForConditionalGeneration
+    prefix, extra = {"idefics3": ("Idefics3", ("scale_factor",)), "qwen2-vl": ("Qwen2VL", ()),
+                     "qwen3-vl": ("Qwen3VL", ()), "gemma3": ("Gemma3", ("mm_tokens_per_image",))}[spec["family"]]
+    config = getattr(transformers, prefix + "Config")(
+        text_config=spec["text"], vision_config=spec["vision"], tie_word_embeddings=spec["text"]["tie_word_embeddings"],
+        **{k: spec[k] for k in extra})
+    cls = getattr(transformers, prefix + "ForConditionalGeneration")
     with torch.device("meta"):
         return cls(config)
 
@@ -76,7 +95,7 @@ def counts(spec: dict) -> dict:
     from dico_scale.models.hf_vlm import text_model
 
     model = build_meta(spec)
-    tower = getattr(model.model, "vision_model", None) or model.model.visual
+    tower = next(getattr(model.model, n) for n in ("vision_model", "visual", "vision_tower") if hasattr(model.model, n))
     total = sum(p.numel() for p in model.parameters())
     vision = sum(p.numel() for p in tower.parameters())
     text = text_model(model)
@@ -86,40 +105,63 @@ def counts(spec: dict) -> dict:
 
 
 def kv_width(t: dict) -> int:
-    """The keys' (and values') width of a text config: head size x key/value heads (fewer than heads under GQA)."""
-    return t["hidden_size"] // t["num_attention_heads"] * t["num_key_value_heads"]
+    """The cached keys' (and values') width of a text config: head size x key/value heads (fewer than heads under
+    GQA)."""
+    return head_dim(t) * t["num_key_value_heads"]
 
 
-def token_bytes(t: dict, lora: bool) -> int:
-    """Bytes autograd saves per prompt token and decoder layer (bf16; RMSNorm keeps an fp32 copy of its input and a
-    rsqrt; attention keeps q, the keys and values, the output and an fp32 logsumexp per head; the SwiGLU MLP its
-    gate, up, activation and product, of which frozen weights need only the first three; each LoRA target its
-    dropped-out input, dropout's scale and the rank-r projection)."""
-    h, hkv, i, heads = t["hidden_size"], kv_width(t), t["intermediate_size"], t["num_attention_heads"]
-    norms = 2 * (4 * h + 4)
-    attention = BYTES * (h + 2 * hkv + h) + 4 * heads
-    if lora:  # base weights frozen: the norms' bf16 outputs and the linear layers' inputs are not kept
-        return norms + attention + BYTES * 3 * i + len(LORA["targets"]) * BYTES * (2 * h + LORA["r"])
-    # + each norm's bf16 output before its weight, the q/k/v and the MLP inputs (the weighted norm outputs), the MLP's 4
-    return norms + attention + BYTES * (4 * h + 4 * i)
+def head_dim(t: dict) -> int:
+    return t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
 
 
-def layer_bytes(t: dict, prompt: int, lora: bool) -> int:
+def norm_bytes(width: int, rows: int, style: str, trains: bool) -> int:
+    """Bytes an RMSNorm over `width` features saves per token: its fp32 input copy and one rsqrt per row; with a
+    trained weight also the normalised input, bf16 (Llama, Qwen) or fp32 (Gemma multiplies in fp32)."""
+    return 4 * width + 4 * rows + (width * (2 if style == "llama" else 4) if trains else 0)
+
+
+def token_bytes(t: dict, lora: bool, style: str = "llama", qk_norm: bool = False) -> int:
+    """Bytes autograd saves per prompt token and decoder layer (bf16): the RMSNorms (2 a layer; Gemma: 4, and q / k
+    norms on the head size in Qwen3 and Gemma 3); attention keeps q, the keys and values repeated to every query head
+    (transformers repeats them for SDPA under an attention mask, which our padded batches always have), the output
+    and an fp32 logsumexp per head; the MLP (SwiGLU / GeLU-gated) its gate, up, activation and product, of which frozen
+    weights need only the first three; trained linear layers their inputs; each LoRA target its dropped-out input,
+    dropout's scale and the rank-r projection."""
+    h, i, heads = t["hidden_size"], t["intermediate_size"], t["num_attention_heads"]
+    hq, hkv = head_dim(t) * heads, kv_width(t)
+    trains = not lora
+    norms = (2 if style == "llama" else 4) * norm_bytes(h, 1, style, trains)
+    if qk_norm:
+        norms += norm_bytes(hq, heads, style, trains) + norm_bytes(hkv, t["num_key_value_heads"], style, trains)
+    attention = BYTES * 4 * hq + 4 * heads
+    if lora:  # base weights frozen: the linear layers' inputs are not kept; the adapters' are (o_proj's is hq wide)
+        inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": hq}
+        return norms + attention + BYTES * 3 * i + sum(BYTES * (2 * inputs[m] + LORA["r"]) for m in LORA["targets"])
+    # + the q/k/v and the MLP inputs (the norms' bf16 outputs), the MLP's 4
+    return norms + attention + BYTES * (2 * h + 4 * i)
+
+
+# Each family's text layer, for token_bytes: (norm style, q / k norms)
+LAYERS = {"idefics3": ("llama", False), "qwen2-vl": ("llama", False), "qwen3-vl": ("llama", True),
+          "gemma3": ("gemma", True)}
+
+
+def layer_bytes(t: dict, prompt: int, lora: bool, family: str) -> int:
     """Saved bytes per decoder layer of one log-prob pass: the prompt's prefill (images x prompt tokens) and the
     continuation (images*k x caption tokens), whose attention keeps the keys and values of prompt + caption for every
-    candidate (the prompt's cache repeated k times)."""
-    per = token_bytes(t, lora)
-    hkv = kv_width(t)
+    candidate (the prompt's cache repeated k times), repeated to every query head."""
+    per = token_bytes(t, lora, *LAYERS[family])
+    kv = head_dim(t) * t["num_attention_heads"]
     n = IMAGES * K
-    return IMAGES * prompt * per + n * CAPTION * (per - 2 * hkv * BYTES) + n * (prompt + CAPTION) * 2 * hkv * BYTES
+    return IMAGES * prompt * per + n * CAPTION * (per - 2 * kv * BYTES) + n * (prompt + CAPTION) * 2 * kv * BYTES
 
 
-def activations(t: dict, prompt: int, lora: bool) -> int:
+def activations(t: dict, prompt: int, lora: bool, family: str) -> int:
     mask = IMAGES * K * CAPTION * (prompt + CAPTION) * BYTES  # the 4-d attention mask, shared by the layers
-    return t["num_hidden_layers"] * layer_bytes(t, prompt, lora) + mask
+    return t["num_hidden_layers"] * layer_bytes(t, prompt, lora, family) + mask
 
 
-def checkpointed_activations(t: dict, prompt: int, lora: bool) -> int:
+def checkpointed_activations(t: dict, prompt: int, lora: bool, family: str) -> int:
     """The same with captioner.gradient_checkpointing (formula only: what a checkpoint keeps is not a saved tensor):
     each layer keeps its input states and the prompt's keys and values (once per image, and repeated for the k
     candidates, which the continuation's cache holds), and one layer's activations exist at a time in backward."""
@@ -127,7 +169,7 @@ def checkpointed_activations(t: dict, prompt: int, lora: bool) -> int:
     tokens = IMAGES * prompt + IMAGES * K * CAPTION
     kept = tokens * t["hidden_size"] * BYTES + (IMAGES + IMAGES * K) * prompt * 2 * hkv * BYTES
     mask = IMAGES * K * CAPTION * (prompt + CAPTION) * BYTES
-    return t["num_hidden_layers"] * kept + layer_bytes(t, prompt, lora) + mask
+    return t["num_hidden_layers"] * kept + layer_bytes(t, prompt, lora, family) + mask
 
 
 def generation(t: dict, prompt: int) -> int:
@@ -148,7 +190,8 @@ def project(name: str, spec: dict, c: dict, lora: bool, separate_reference: bool
     evaluator = account("evaluator", EVALUATOR, 0, frozen_stage, world, BYTES).total
     head = BLOCK_BYTES * (2 if lora else 3) + 2 * IMAGES * K * CAPTION * t["hidden_size"] * 4
     gen = generation(t, spec["prompt_tokens"]) + (params * BYTES if zero == 3 else 0)
-    saved = (checkpointed_activations if checkpointing else activations)(t, spec["prompt_tokens"], lora)
+    saved = (checkpointed_activations if checkpointing else activations)(t, spec["prompt_tokens"], lora,
+                                                                          spec["family"])
     train = int(saved * calibration) + head
     peak = states + reference + evaluator + max(gen, train) + BUCKETS[zero]
     return {"model": name, "lora": lora, "separate_reference": separate_reference, "zero": zero, "world": world,
@@ -158,14 +201,15 @@ def project(name: str, spec: dict, c: dict, lora: bool, separate_reference: bool
             "fits": {g: peak + HEADROOM <= cap for g, cap in GPUS.items()}}
 
 
-def validate(families=("idefics3", "qwen2-vl")) -> list[dict]:
+def validate(families=tuple(LAYERS)) -> list[dict]:
     """Saved bytes per decoder layer of our hf_vlm log-prob forward on tiny random models (bf16, 8 images x 5
-    candidates x 30 tokens; 4 layers minus 2, halved), measured with saved_tensors_hooks, against activations()."""
+    candidates x 30 tokens; 4 layers minus 2, halved; 4 query heads on 2 key/value heads), measured with
+    saved_tensors_hooks, against activations()."""
     import types
 
     import torch
     from PIL import Image
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     from dico_scale.models.hf_vlm import HFVLM, load_processor
     from dico_scale.models.lora import add_lora
@@ -174,7 +218,9 @@ def validate(families=("idefics3", "qwen2-vl")) -> list[dict]:
     def saved(family, layers, lora):
         torch.manual_seed(0)
         folder = write_vlm(family, tempfile.mkdtemp(), 64, layers, 4, 64)
-        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16)
+        config = AutoConfig.from_pretrained(folder)
+        config.text_config.num_key_value_heads = 2  # GQA, as the real models: 4 query heads share 2 key/value heads
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
         cap = HFVLM(model, load_processor(folder), "Describe this image in one sentence.", folder, {"vision"})
         if lora:
             add_lora(cap, types.SimpleNamespace(r=LORA["r"], alpha=32.0, dropout=0.05,
@@ -200,7 +246,7 @@ def validate(families=("idefics3", "qwen2-vl")) -> list[dict]:
         for lora in (False, True):
             (two, prompt, text), (four, _, _) = saved(family, 2, lora), saved(family, 4, lora)
             measured = (four - two) / 2
-            formula = layer_bytes(text, prompt, lora)
+            formula = layer_bytes(text, prompt, lora, family)
             rows.append({"family": family, "lora": lora, "prompt_tokens": prompt, "measured_layer_bytes": measured,
                          "formula_layer_bytes": formula, "measured_over_formula": measured / formula})
     return rows
