@@ -1,7 +1,8 @@
 """Bad captioner input gets one line and exit 2 before any process group starts (dico_scale.train's config check and
 preflight, in this process: no launcher): a folder that is not a transformers checkpoint, an unsupported
 architecture, no EOS token, captioner.* keys or lengths that contradict the folder, a dico_ref folder with missing
-or extra weights (named); the demo's unknown --captioner."""
+or extra weights (named), processors and chat templates that do not build; Hugging Face weights that do not load are
+one ConfigError naming the folder when the row is built; the demo's unknown --captioner."""
 import json
 
 import pytest
@@ -110,6 +111,44 @@ def test_bad_vlm_prompts_and_processors_exit_2_with_one_line(tmp_path, capsys, v
     code, err = run_train(tmp_path, capsys, "captioner.model=hf_vlm", f"captioner.hf_path={path}",
                           f"captioner.prompt={prompt}")
     assert code == 2 and len(err) == 1 and message.format(path=path) in err[0], err
+
+
+def _edit_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_processors_and_templates_that_do_not_build_exit_2_with_one_line(tmp_path, capsys, vlm_folders):
+    """A tokenizer without the tokens its processor names (Gemma 3's boi / eoi / image tokens), a chat template that
+    does not render: one line, exit 2, in preflight."""
+    path = _copy(vlm_folders["gemma3"], tmp_path)
+    _edit_json(path / "tokenizer_config.json", lambda d: [d.pop(k) for k in ("boi_token", "eoi_token", "image_token")])
+    code, err = run_train(tmp_path, capsys, "captioner.model=hf_vlm", f"captioner.hf_path={path}")
+    assert code == 2 and len(err) == 1 and "no processor that AutoProcessor reads" in err[0] and "boi_token" in err[0]
+    path = _copy(vlm_folders["qwen3-vl"], tmp_path / "q")
+    (path / "chat_template.jinja").write_text("{% for m in messages %}{{ m['role'] }")
+    code, err = run_train(tmp_path, capsys, "captioner.model=hf_vlm", f"captioner.hf_path={path}")
+    assert code == 2 and len(err) == 1 and "its chat template does not render" in err[0], err
+
+
+@pytest.mark.parametrize("family, row", [("gemma3", "hf_vlm"), ("vit-gpt2", "hf_encoder_decoder")])
+def test_weights_that_do_not_load_are_one_config_error(tmp_path, vlm_folders, family, row):
+    """Truncated weights, and weights of other shapes than config.json says: a ConfigError naming the folder, which
+    train.py prints as one line with exit 2 (every rank raises it while building)."""
+    from dico_scale.config import ConfigError, load_config
+    from dico_scale.models import build_captioner
+    from dico_scale.models.tiny import write
+
+    folder = vlm_folders[family] if family in vlm_folders else write(family, str(tmp_path / family))
+    cut, wide = _copy(folder, tmp_path / "cut"), _copy(folder, tmp_path / "wide")
+    (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:3000])
+    key = "text_config" if row == "hf_vlm" else "decoder"
+    _edit_json(wide / "config.json", lambda d: d[key].update({"hidden_size" if row == "hf_vlm" else "n_embd": 48}))
+    for path, why in ((cut, "SafetensorError"), (wide, "RuntimeError")):
+        cfg = load_config("configs/demo/xe.yaml", BASE[2:] + [f"captioner.model={row}", f"captioner.hf_path={path}"])
+        with pytest.raises(ConfigError, match=rf"captioner.hf_path '{path}': its weights do not load \({why}"):
+            build_captioner(cfg)
 
 
 def test_a_raw_prompt_with_the_placeholder_builds(tmp_path, vlm_folders):

@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..data.tokenizer import TokenLayout
 from .captioner import CaptionerModel
-from .folders import FREEZE_PARTS, checked_config, hf_problem
+from .folders import FREEZE_PARTS, checked_config, from_folder, hf_problem
 
 class HFTokenizer(TokenLayout):
     """A transformers tokenizer under the trainer's token layout [BOS, w..., EOS, PAD...]: BOS is the decoder's start
@@ -100,7 +100,7 @@ class HFEncoderDecoder(CaptionerModel):
         c = cfg.captioner
         config = checked_config(c.hf_path, hf_problem)
         arch = config["architectures"][0]
-        model = getattr(transformers, arch).from_pretrained(c.hf_path)
+        model = from_folder(getattr(transformers, arch).from_pretrained, c.hf_path)
         tokenizer = load_tokenizer(c.hf_path, model)
         preprocess = None
         if image_encoder:

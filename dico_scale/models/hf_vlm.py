@@ -31,7 +31,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..errors import ConfigError
 from .captioner import CaptionerModel
-from .folders import checked_config, vlm_problem
+from .folders import checked_config, from_folder, vlm_problem
 from .hf_encoder_decoder import HFTokenizer
 
 # One row per image, left-padded in a batch. The token types mark image tokens: Qwen-VL's rotary positions read them,
@@ -175,7 +175,13 @@ def prompt_text(processor, prompt: str, path: str) -> str:
         if image_token in prompt:
             raise ConfigError(f"captioner.prompt: holds the image token {image_token}; '{path}' has a chat template "
                               "that places the image itself")
-        return processor.apply_chat_template([user_turn(prompt)], add_generation_prompt=True)
+        from jinja2 import TemplateError
+
+        try:
+            return processor.apply_chat_template([user_turn(prompt)], add_generation_prompt=True)
+        except TemplateError as e:
+            raise ConfigError(f"captioner.hf_path '{path}': its chat template does not render a user turn of an "
+                              f"image and captioner.prompt ({type(e).__name__}: {e})") from None
     if image_token not in prompt:
         raise ConfigError(f"captioner.prompt: '{path}' has no chat template, so the prompt must hold the image "
                           f"placeholder {image_token} where the image goes")
@@ -216,7 +222,7 @@ def load_processor(path: str):
 
     try:
         processor = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError, TypeError, KeyError) as e:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # AttributeError: a token it names is missing
         raise ConfigError(f"captioner.hf_path '{path}': no processor that AutoProcessor reads "
                           f"({(str(e).splitlines() or [''])[0][:200]})") from None
     if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
@@ -273,7 +279,7 @@ class HFVLM(CaptionerModel):
         c = cfg.captioner
         checked_config(c.hf_path, vlm_problem)
         processor = load_processor(c.hf_path)
-        model = AutoModelForImageTextToText.from_pretrained(c.hf_path)
+        model = from_folder(AutoModelForImageTextToText.from_pretrained, c.hf_path)
         return cls(model, processor, c.prompt, c.hf_path, {p.strip() for p in c.freeze.split(",") if p.strip()},
                    c.gradient_checkpointing)
 
