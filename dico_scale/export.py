@@ -121,9 +121,26 @@ def _config_from_text(text: str, overrides: list[str]) -> Config:
         return load_config(str(f), EVAL_OVERRIDES + list(overrides))
 
 
+def own_folder(meta: dict) -> list[str]:
+    """An override of captioner.hf_path to the export's own transformers folder (hf/ beside model.pt, or in the run's
+    output folder for a checkpoint tag) when the folder the run started from is gone: the architecture and processor
+    are the same, and the weights are the checkpoint's anyway. None when the folder is there or no hf/ exists."""
+    hf_path = OmegaConf.select(OmegaConf.create(meta["config"]), "captioner.hf_path", default="")
+    if not hf_path or (Path(hf_path) / "config.json").is_file():
+        return []
+    p = Path(meta["path"])
+    for folder in (p.parent / "hf", p.parent.parent / "hf"):
+        if (folder / "config.json").is_file():
+            print(f"dico_scale: note: captioner.hf_path '{hf_path}' is gone: using the export's own folder {folder}",
+                  file=sys.stderr, flush=True)
+            return [f"captioner.hf_path={folder}"]
+    return []
+
+
 def load_run_config(meta: dict, overrides: list[str] = ()) -> Config:
-    """The checkpoint's resolved config with EVAL_OVERRIDES and then the user's key=value overrides on top."""
-    cfg = _config_from_text(meta["config"], overrides)
+    """The checkpoint's resolved config with EVAL_OVERRIDES and then the user's key=value overrides on top; a Hugging
+    Face row whose starting folder is gone reads the export's own (own_folder)."""
+    cfg = _config_from_text(meta["config"], own_folder(meta) + list(overrides))
     stage = cfg.train.stage
     if stage not in captioner_stages():
         raise ConfigError(f"checkpoint {meta['path']} is a '{stage}'-stage model, not a captioner "

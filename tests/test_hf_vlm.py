@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dico_scale.config import load_config
+from dico_scale.config import ConfigError, load_config
 from dico_scale.models import build_captioner
 from dico_scale.models.captioner import scored_mask
 from dico_scale.models.generation import beam_search
@@ -187,6 +187,36 @@ def test_the_exported_folder_reads_back_as_the_same_captioner(cap, tmp_path):
         want = cap(tokens, pixels=batch(cap, ims), output="logprobs", kernel="torch")
         got = again(tokens, pixels=batch(again, ims), output="logprobs", kernel="torch")
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_an_export_whose_starting_folder_is_gone_reads_its_own(vlm_folders, tmp_path, capsys):
+    """caption / evaluate on a model.pt whose run started from a folder since moved: the export's own hf/ (same
+    architecture and processor) stands in, with a note; the weights are the export's."""
+    import shutil
+
+    from dico_scale.config import to_yaml
+    from dico_scale.export import checkpoint_meta, load_captioner, load_run_config
+
+    start = tmp_path / "start"
+    shutil.copytree(vlm_folders["gemma3"], start)
+    cfg = load_config("configs/demo/xe.yaml", BLANK + ["captioner.model=hf_vlm", f"captioner.hf_path={start}"])
+    cap = build_captioner(cfg).eval()
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"state_dict": cap.state_dict(), "config": to_yaml(cfg), "stage": "xe", "step": 3}, run / "model.pt")
+    cap.save_pretrained(run / "hf", cap.state_dict())
+    shutil.rmtree(start)
+    meta = checkpoint_meta(str(run / "model.pt"))
+    again, _ = load_captioner(load_run_config(meta, ["evaluator.weights="]), meta, "cpu")
+    assert f"captioner.hf_path '{start}' is gone: using the export's own folder {run / 'hf'}" in capsys.readouterr().err
+    tokens = cap.tokenizer.batch(CAPTIONS, 40)
+    with torch.no_grad():
+        want = cap(tokens, pixels=batch(cap, images()), output="logprobs", kernel="torch")
+        got = again(tokens, pixels=batch(again, images()), output="logprobs", kernel="torch")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    shutil.rmtree(run / "hf")  # neither folder: the one-line error names the missing one
+    with pytest.raises(ConfigError, match=f"'{start}' is not a transformers checkpoint folder"):
+        load_run_config(checkpoint_meta(str(run / "model.pt")), ["evaluator.weights="])
 
 
 def test_the_demos_smolvlm_is_a_smolvlm2_folder(tmp_path):
