@@ -137,4 +137,5 @@ def run_preflight(cfg: Config) -> None:
     if cfg.captioner.model == "hf_vlm":
         from .models.hf_vlm import check_folder
 
-        check_folder(cfg.captioner.hf_path, cfg.captioner.prompt)  # processor and prompt, before any process group
+        # processor, prompt and image options, before any process group
+        check_folder(cfg.captioner.hf_path, cfg.captioner.prompt, dict(cfg.captioner.images_kwargs))

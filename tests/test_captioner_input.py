@@ -113,6 +113,22 @@ def test_bad_vlm_prompts_and_processors_exit_2_with_one_line(tmp_path, capsys, v
     assert code == 2 and len(err) == 1 and message.format(path=path) in err[0], err
 
 
+@pytest.mark.parametrize("options, message", [
+    (["captioner.images_kwargs.max_pixel=100"], "captioner.images_kwargs: max_pixel not among the options of "
+                                                "Gemma3ImageProcessor (crop_size, "),
+    (["captioner.images_kwargs.do_pan_and_scan=true", "captioner.images_kwargs.pan_and_scan_max_num_crops=abc"],
+     "the processor of '{path}' refuses them (StrictDataclassFieldValidationError"),
+])
+def test_bad_image_options_exit_2_with_one_line(tmp_path, capsys, vlm_folders, options, message):
+    """captioner.images_kwargs: a key the folder's image processor does not take, a value its processor refuses (on
+    one picture in preflight, not in a data worker); on a row without a processor."""
+    path = vlm_folders["gemma3"]
+    code, err = run_train(tmp_path, capsys, "captioner.model=hf_vlm", f"captioner.hf_path={path}", *options)
+    assert code == 2 and len(err) == 1 and message.format(path=path) in err[0], err
+    code, err = run_train(tmp_path, capsys, "captioner.images_kwargs.max_pixels=4")
+    assert code == 2 and len(err) == 1 and "processor (hf_vlm), not captioner.model=builtin" in err[0], err
+
+
 def _edit_json(path, edit):
     data = json.loads(path.read_text())
     edit(data)

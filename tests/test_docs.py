@@ -65,7 +65,17 @@ def schema_keys(node=Config(), prefix: str = "") -> set[str]:
     return out
 
 
+def free_dicts(node=Config(), prefix: str = "") -> set[str]:
+    """The schema's free-form dict keys (captioner.images_kwargs): any key below them is a user's."""
+    out = set()
+    for f in fields(node):
+        key, val = prefix + f.name, getattr(node, f.name)
+        out |= free_dicts(val, key + ".") if is_dataclass(val) else {key} if isinstance(val, dict) else set()
+    return out
+
+
 SCHEMA = schema_keys() | set(RENAMED)  # an old name still works (with a warning): docs may name it
+FREE = free_dicts()
 # `section.key`, not part of a path (dico_scale/train.py), a module (dico_scale.train) or a file name (train.py)
 DOTTED = re.compile(r"(?<![\w./-])([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)+)(?![\w/-])")
 FILE_SUFFIX = {"py", "md", "yaml", "json", "jsonl", "pt", "pth", "sh", "db", "tar", "png", "bin", "safetensors"}
@@ -75,7 +85,7 @@ def unknown_keys(text: str, schema: set[str] = SCHEMA) -> list[str]:
     sections = {k.split(".")[0] for k in schema if "." in k}
     return [f"config key {key}: not in the schema (dico_scale/config.py)" for key in DOTTED.findall(split_code(text)[1])
             if key.split(".")[0] in sections and key.rsplit(".", 1)[1] not in FILE_SUFFIX
-            and key not in schema | BAD_ON_PURPOSE]
+            and key not in schema | BAD_ON_PURPOSE and not any(key.startswith(f + ".") for f in FREE)]
 
 
 def missing_modules(text: str) -> list[str]:

@@ -19,8 +19,16 @@ CAPTIONS = ["a red circle at the top", "two shapes: a blue star and a small gree
 SIZES = [(64, 64), (64, 20), (30, 48)]  # (width, height): 5, 3 and 5 Idefics3 tiles; 3 different Qwen2-VL grids
 
 
-def captioner(folder: str):
-    cfg = load_config("configs/demo/xe.yaml", BLANK + ["captioner.model=hf_vlm", f"captioner.hf_path={folder}"])
+# Gemma 3 with its processor's pan-and-scan crops (captioner.images_kwargs): an elongated image gets more runs of
+# image tokens, so a batch holds prompts of different lengths and its token types are left-padded with them
+PAN_AND_SCAN = ["captioner.images_kwargs.do_pan_and_scan=true", "captioner.images_kwargs.pan_and_scan_min_crop_size=8",
+                "captioner.images_kwargs.pan_and_scan_min_ratio_to_activate=1.2"]
+VARIANTS = {"gemma3:pan-and-scan": ("gemma3", PAN_AND_SCAN)}
+
+
+def captioner(folder: str, *extra: str):
+    cfg = load_config("configs/demo/xe.yaml", BLANK + ["captioner.model=hf_vlm", f"captioner.hf_path={folder}",
+                                                       *extra])
     return build_captioner(cfg).eval()
 
 
@@ -33,9 +41,10 @@ def batch(cap, ims):
     return cap.preprocess.collate([cap.preprocess(im) for im in ims])
 
 
-@pytest.fixture(scope="module", params=VLM_FAMILIES)
+@pytest.fixture(scope="module", params=VLM_FAMILIES + tuple(VARIANTS))
 def cap(request, vlm_folders):
-    return captioner(vlm_folders[request.param])
+    family, extra = VARIANTS.get(request.param, (request.param, []))
+    return captioner(vlm_folders[family], *extra)
 
 
 def test_the_prompt_row_is_the_one_the_processors_chat_path_builds(cap):
@@ -47,7 +56,8 @@ def test_the_prompt_row_is_the_one_the_processors_chat_path_builds(cap):
         turn = user_turn("Describe this image in one sentence.")
         turn["content"][0]["image"] = im
         theirs = cap.processor.apply_chat_template([turn], add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True, return_tensors="pt")
+                                                   return_dict=True, return_tensors="pt",
+                                                   images_kwargs=dict(cap.preprocess.images_kwargs))
         ours = batch(cap, [im])
         assert ours["input_ids"].tolist() == theirs["input_ids"].tolist()
         for key in set(theirs) & set(ours.tensors) - {"input_ids"}:
@@ -95,7 +105,7 @@ def test_a_mixed_batch_equals_each_image_alone(cap):
     tok, ims, k = cap.tokenizer, images(), 3
     mixed = batch(cap, ims)
     lengths = {batch(cap, [im])["input_ids"].size(1) for im in ims}
-    if cap.model.config.model_type not in ("llava", "gemma3"):  # these resize every image to one size
+    if cap.model.config.model_type not in ("llava", "gemma3") or cap.preprocess.images_kwargs:  # one size: one run
         assert len(lengths) >= 2, "the images should need different numbers of image tokens"
     with torch.no_grad():
         cands, _ = beam_search(cap, cap.image_context(mixed), k, 8, tok.bos, tok.eos, tok.pad)
@@ -178,7 +188,8 @@ def test_the_exported_folder_reads_back_as_the_same_captioner(cap, tmp_path):
     """save_pretrained (exports' hf/) writes weights and processor that load back to the same prompt rows and
     log-probs (Gemma 3's head tied to its embeddings, Qwen3-VL's deepstack tower)."""
     cap.save_pretrained(tmp_path / "hf", cap.state_dict())
-    again = captioner(str(tmp_path / "hf"))
+    again = captioner(str(tmp_path / "hf"), *[f"captioner.images_kwargs.{k}={v}"  # the run config carries them
+                                              for k, v in cap.preprocess.images_kwargs.items()])
     ims, tokens = images(), cap.tokenizer.batch(CAPTIONS, 40)
     assert batch(again, ims)["input_ids"].tolist() == batch(cap, ims)["input_ids"].tolist()
     assert (again.tokenizer.bos, again.tokenizer.eos, again.tokenizer.pad) == (cap.tokenizer.bos, cap.tokenizer.eos,

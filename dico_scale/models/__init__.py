@@ -30,7 +30,7 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("dico_ref", "dico_scale.models.dico_ref:DicoRef", "captioner",
               ("hf_path", "freeze", "gradient_checkpointing"), hf=True),
     ModelSpec("hf_vlm", "dico_scale.models.hf_vlm:HFVLM", "captioner",
-              ("hf_path", "freeze", "prompt", "gradient_checkpointing", "lora"), hf=True, lora=True),
+              ("hf_path", "freeze", "prompt", "images_kwargs", "gradient_checkpointing", "lora"), hf=True, lora=True),
 ]}
 
 

@@ -75,17 +75,20 @@ class VLMImages:
 
 
 class VLMPreprocess:
-    """A PIL image -> the processor's tensors for the prompt about it (one row); `collate` batches them."""
+    """A PIL image -> the processor's tensors for the prompt about it (one row); `collate` batches them.
+    images_kwargs: the image call's options (captioner.images_kwargs), passed on every call: a processor's own
+    defaults (Gemma 3's do_pan_and_scan=False) override what its image processor was saved with."""
 
-    def __init__(self, processor, text: str, pad_id: int):
+    def __init__(self, processor, text: str, pad_id: int, images_kwargs: dict | None = None):
         self.processor, self.text, self.pad_id = processor, text, pad_id
+        self.images_kwargs = dict(images_kwargs or {})
         # A chat template that writes the BOS itself (Gemma 3's) must not get a second one from the tokenizer.
         bos = processor.tokenizer.bos_token
         self.special_tokens = not (bos and text.startswith(bos))
 
     def __call__(self, image) -> dict[str, torch.Tensor]:
         out = self.processor(images=[image.convert("RGB")], text=[self.text], return_tensors="pt",
-                             add_special_tokens=self.special_tokens)
+                             add_special_tokens=self.special_tokens, images_kwargs=dict(self.images_kwargs))
         return {k: v for k, v in out.items() if torch.is_tensor(v)}
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> VLMImages:
@@ -243,17 +246,38 @@ def prompt_ids(processor, prompt: str, path: str) -> tuple[str, list[int]]:
     return text, ids
 
 
-def check_folder(path: str, prompt: str) -> None:
-    """Preflight of the hf_vlm row: the folder's config, processor and the prompt built from captioner.prompt."""
+def checked_images_kwargs(processor, images_kwargs: dict) -> dict:
+    """captioner.images_kwargs, each key one the folder's image processor takes (its valid_kwargs), else a
+    ConfigError naming the key and those it takes."""
+    valid = set(getattr(getattr(processor.image_processor, "valid_kwargs", None), "__annotations__", {}))
+    valid -= {"return_tensors", "device", "data_format", "input_data_format"}  # ours to set
+    if bad := sorted(set(images_kwargs) - valid):
+        raise ConfigError(f"captioner.images_kwargs: {', '.join(bad)} not among the options of "
+                          f"{type(processor.image_processor).__name__} ({', '.join(sorted(valid))})")
+    return dict(images_kwargs)
+
+
+def check_folder(path: str, prompt: str, images_kwargs: dict | None = None) -> None:
+    """Preflight of the hf_vlm row: the folder's config, processor and the prompt built from captioner.prompt; the
+    image options on one small picture (a bad value fails here, not in a data worker)."""
+    from PIL import Image
+
     checked_config(path, vlm_problem)
-    prompt_ids(load_processor(path), prompt, path)
+    processor = load_processor(path)
+    text, _ = prompt_ids(processor, prompt, path)
+    preprocess = VLMPreprocess(processor, text, 0, checked_images_kwargs(processor, images_kwargs or {}))
+    try:
+        preprocess(Image.new("RGB", (64, 48)))
+    except Exception as e:  # the processor's own check of a value, whatever its type
+        raise ConfigError(f"captioner.images_kwargs {preprocess.images_kwargs}: the processor of '{path}' refuses "
+                          f"them ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
 
 
 class HFVLM(CaptionerModel):
     tower_prefix = "\0"  # the frozen reference keeps its own tower: the prompt's prefill reads the image itself
 
     def __init__(self, model, processor, prompt: str, path: str, freeze: set[str],
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, images_kwargs: dict | None = None):
         super().__init__()
         self.model, self.processor = model, processor
         self.text, ids = prompt_ids(processor, prompt, path)
@@ -261,7 +285,10 @@ class HFVLM(CaptionerModel):
         eos = eos_token(model, processor, prompt, path)
         self.tokenizer = HFTokenizer(tok, bos=ids[-1], eos=eos, vocab_size=model.get_output_embeddings().out_features,
                                      lead=answer_lead(processor, prompt, self.text))
-        self.preprocess = VLMPreprocess(processor, self.text, self.tokenizer.pad)
+        self.preprocess = VLMPreprocess(processor, self.text, self.tokenizer.pad,
+                                        checked_images_kwargs(processor, images_kwargs or {}))
+        for key, value in self.preprocess.images_kwargs.items():  # recorded in exports' hf/ processor too
+            setattr(processor.image_processor, key, value)
         self.mrope = hasattr(model.model, "get_rope_index")
         self.width = model.config.get_text_config().hidden_size
         self.frozen = freeze
@@ -281,7 +308,7 @@ class HFVLM(CaptionerModel):
         processor = load_processor(c.hf_path)
         model = from_folder(AutoModelForImageTextToText.from_pretrained, c.hf_path)
         return cls(model, processor, c.prompt, c.hf_path, {p.strip() for p in c.freeze.split(",") if p.strip()},
-                   c.gradient_checkpointing)
+                   c.gradient_checkpointing, dict(c.images_kwargs))
 
     def parts(self) -> dict[str, list[torch.nn.Module]]:
         """captioner.freeze's parts: the image tower (Qwen2-VL's holds its patch merger), the connector to the text
