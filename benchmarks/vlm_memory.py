@@ -211,7 +211,8 @@ def validate(families=tuple(LAYERS)) -> list[dict]:
     from PIL import Image
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from dico_scale.models.hf_vlm import HFVLM, load_processor
+    from dico_scale.models.hf_vlm import HFVLM
+    from dico_scale.models.vlm_processor import load_processor
     from dico_scale.models.lora import add_lora
     from dico_scale.models.tiny_vlm import write_vlm
 

@@ -135,7 +135,7 @@ def run_preflight(cfg: Config) -> None:
 
         check_folder_weights(cfg.captioner.hf_path)  # missing / extra keys named, before any process group
     if cfg.captioner.model == "hf_vlm":
-        from .models.hf_vlm import check_folder
+        from .models.vlm_processor import check_folder
 
         # processor, prompt and image options, before any process group
         check_folder(cfg.captioner.hf_path, cfg.captioner.prompt, dict(cfg.captioner.images_kwargs))

@@ -50,7 +50,7 @@ def cap(request, vlm_folders):
 def test_the_prompt_row_is_the_one_the_processors_chat_path_builds(cap):
     """One image's prompt row (image tokens, chat template, BOS) equals apply_chat_template(tokenize=True) with the
     image: Gemma 3's template writes <bos> and its tokenizer adds one too, which must not give two."""
-    from dico_scale.models.hf_vlm import user_turn
+    from dico_scale.models.vlm_processor import user_turn
 
     for im in images()[:2]:
         turn = user_turn("Describe this image in one sentence.")
