@@ -40,9 +40,9 @@ LORA = ["captioner.lora.r=16", "captioner.lora.alpha=32", "captioner.lora.target
 
 
 def test_vlm_dico_zero3_bf16_full_and_lora(tmp_path):
-    """hf_vlm on one GPU: a random Idefics3 (SmolVLM's layout, width 512) trained by DiCO under ZeRO-3 in bf16, with
-    full fine-tuning and with LoRA (configs/smolvlm's adapters; its text layers recomputed in backward), the two runs
-    side by side. Every loss is finite
+    """hf_vlm on one GPU, two families side by side, trained by DiCO under ZeRO-3 in bf16: a random Idefics3 (SmolVLM's
+    layout, width 512) fully fine-tuned, and a random Gemma 3 (width 512: bidirectional image attention in the prefill,
+    sliding-window layers, a tied head) with LoRA (the configs' adapters; its text layers recomputed in backward). Every loss is finite
     (train.max_nonfinite_steps=1 stops a run at the first that is not). In the last checkpoint the frozen weights
     (the vision tower; with LoRA every base weight) equal the starting ones in bf16, and every trained one moved
     (with LoRA: each adapter's B, zero at the start)."""
@@ -53,9 +53,10 @@ def test_vlm_dico_zero3_bf16_full_and_lora(tmp_path):
     from dico_scale.models.tiny import write
     from dico_scale.models.weights import read_weights
 
-    folder = write("idefics3", str(tmp_path / "idefics3"), width=512, layers=2, heads=8, image_size=64)
+    folders = {name: write(family, str(tmp_path / family), width=512, layers=2, heads=8, image_size=64)
+               for name, family in (("full", "idefics3"), ("lora", "gemma3"))}
     args = {name: [f"data.root={tmp_path}/{name}/data", f"train.output_dir={tmp_path}/{name}",
-                   f"captioner.hf_path={folder}", *COMMON, *VLM, *extra]
+                   f"captioner.hf_path={folders[name]}", *COMMON, *VLM, *extra]
             for name, extra in (("full", ["captioner.lora.r=0"]),
                                 ("lora", LORA + ["captioner.gradient_checkpointing=true"]))}
     procs = {}
