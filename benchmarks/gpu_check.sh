@@ -10,9 +10,9 @@
 # 4. benchmarks/dico_step.py: images/s of a whole DiCO step at the COCO model sizes, loss.kernel auto vs torch;
 # 5. the same for a small random VLM (Idefics3, width 1024, 4 layers, 224-pixel tiles; configs/smolvlm/dico.yaml,
 #    8 images x 5 candidates x 30 tokens): full fine-tuning vs LoRA, median step, images/s, peak GiB;
-# 6. the training GPU tests (tests/test_gpu.py): xe and dico on CUDA in bf16; a VLM's dico under ZeRO-3 in bf16,
-#    full and LoRA; ZeRO-3 with the fused head (the reference's gradient-free log-probs) inside the captioner's
-#    forward, offloaded parameters and optimizer, fp16 with loss scaling, gathered generation.
+# 6. the training GPU tests (tests/test_gpu.py): xe and dico on CUDA in bf16; VLMs' dico under ZeRO-3 in bf16,
+#    Idefics3 full and Gemma 3 with LoRA; ZeRO-3 with the fused head (the reference's gradient-free log-probs)
+#    inside the captioner's forward, offloaded parameters and optimizer, fp16 with loss scaling, gathered generation.
 # Each part runs under its own time limit (seconds; a lease is short, and a hung part must not cost the others):
 #   GPU_CHECK_LIMITS="tests bench step vlm train", default "110 140 55 40 210";
 # and none runs past GPU_CHECK_BUDGET (default 555) seconds from the start, the install included: one 10-minute call.
