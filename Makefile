@@ -4,9 +4,10 @@ PIP := $(PYTHON) -m pip
 LOCK := requirements.lock
 UV := uv==0.13.9
 LATEST_VENV ?= /tmp/dico-scale-latest
+FLOOR_VENV ?= /tmp/dico-scale-floor
 PIP_CAP := $(shell $(PIP) config list 2>/dev/null | sed -n "s/^global.constraint='\(.*\)'/\1/p")
 
-.PHONY: install lock test-latest demo compare test test-gpu bench-wheels gpu-check bench-data clean
+.PHONY: install lock test-latest test-floor demo compare test test-gpu bench-wheels gpu-check bench-data clean
 
 # Exactly the versions in requirements.lock (every package, torch included), then this package without dependencies.
 # uv installs the lock (~35 s into a fresh virtualenv here, pip ~110 s), from the indexes pip is configured with;
@@ -34,6 +35,16 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade -e '.[dev]'
 	$(LATEST_VENV)/bin/python tests/lockfile.py --newer-than-lock
 	$(LATEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) -m 'not distributed and not gpu' tests
+
+# The oldest transformers setup.py allows, on purpose (its models' signatures move fastest: 5.20-5.23 took
+# `past_key_values`, not the `cache` we pass): the lock with transformers at its floor, in a throwaway virtualenv,
+# the tests that start no 2-rank job.
+test-floor:
+	rm -rf $(FLOOR_VENV)
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(MAKE) install PYTHON=$(FLOOR_VENV)/bin/python
+	$(FLOOR_VENV)/bin/python -m pip install -q "transformers==$$($(FLOOR_VENV)/bin/python tests/lockfile.py --floor transformers)"
+	$(FLOOR_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) -m 'not distributed and not gpu' tests
 
 demo: install
 	$(PYTHON) -m dico_scale.demo

@@ -16,7 +16,9 @@ setup(
         "torch>=2.11,<2.15",
         "torchvision>=0.26,<0.30",  # the torchvision built for your torch (open_clip imports it)
         "deepspeed>=0.19,<0.20",
-        "transformers>=5.20,<5.40",  # 5.40 drops `past_key_values`; we pass `cache`
+        # 5.24 renamed the models' `past_key_values` to `cache`, which we pass (5.20-5.23 ignore it: generation ran
+        # without its cache and failed); 5.40 drops the old name
+        "transformers>=5.24,<5.40",
         "tokenizers>=0.21",  # dico_scale.models.tiny trains the tiny models' BPE (transformers brings it too)
         "safetensors>=0.4",  # the DiCO reference's and Hugging Face folders' weights, safetensors exports
         "open_clip_torch>=3.3,<4",

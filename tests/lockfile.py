@@ -2,7 +2,8 @@
 
 `python tests/lockfile.py --newer-than-lock` prints each installed package whose version differs from the lock's;
 `python tests/lockfile.py --uv-index-args` prints pip's configured indexes as uv's options (`make install` installs
-the lock with uv, which reads no pip configuration). Runs without `packaging` for that (a fresh virtualenv has none).
+the lock with uv, which reads no pip configuration); `--floor NAME` the lowest version setup.py allows (`make
+test-floor`). Runs without `packaging` for that (a fresh virtualenv has none).
 """
 from __future__ import annotations
 
@@ -54,6 +55,12 @@ def newer_than_lock() -> list[str]:
             if pins.get(name) != version and name not in ("dico-scale", "pip", "uv")]
 
 
+def floor(name: str) -> str:
+    """The version of setup.py's `name>=X` requirement: the oldest release we claim to work with."""
+    req = next(r for r in setup_requirements() if r.name == name)
+    return next(s.version for s in req.specifier if s.operator == ">=")
+
+
 UV_INDEX_OPTIONS = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links"}
 
 
@@ -79,8 +86,11 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--uv-index-args"]:
         print(" ".join(uv_index_args()))
         sys.exit()
+    if len(sys.argv) == 3 and sys.argv[1] == "--floor":
+        print(floor(sys.argv[2]))
+        sys.exit()
     if sys.argv[1:] != ["--newer-than-lock"]:
-        sys.exit("usage: python tests/lockfile.py --newer-than-lock | --uv-index-args")
+        sys.exit("usage: python tests/lockfile.py --newer-than-lock | --uv-index-args | --floor NAME")
     lines = newer_than_lock()
     print("\n".join(["installed versions that differ from requirements.lock:", *lines] if lines
                     else ["installed versions equal requirements.lock"]))

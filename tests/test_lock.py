@@ -29,6 +29,21 @@ def test_a_range_or_a_missing_pin_is_refused(tmp_path):
         raise AssertionError("a range in the lock was accepted")
 
 
+def test_the_floor_is_setups_and_lies_below_the_lock():
+    """`make test-floor` installs transformers at the version setup.py's range starts from (lockfile.py --floor)."""
+    import subprocess
+    import sys
+
+    from lockfile import REPO, floor
+    from packaging.version import Version
+
+    assert Version(floor("transformers")) >= Version("5.24")  # 5.20-5.23 do not take the `cache` we pass
+    assert Version(floor("transformers")) <= Version(read_lock()["transformers"])
+    out = subprocess.run([sys.executable, "tests/lockfile.py", "--floor", "transformers"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == floor("transformers")
+
+
 def test_pips_indexes_become_uvs_options_once_each():
     from lockfile import uv_index_args
 
