@@ -4,6 +4,11 @@ them without importing config.py (whose checks import the model and stage tables
 from __future__ import annotations
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception as one short line for a one-line error or warning: its type and the first line of its message."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:limit]}"
+
+
 class ConfigError(ValueError):
     """A bad config value or file; the message is one line and names the key."""
 

@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our 
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 from dico_scale.config import Config, load_config  # noqa: E402
-from dico_scale.errors import ConfigError  # noqa: E402
+from dico_scale.errors import ConfigError, first_line  # noqa: E402
 from dico_scale.stages import captioner_stages  # noqa: E402
 
 # Overrides applied before the user's: evaluation needs neither the training start point nor the tower's source
@@ -66,7 +66,7 @@ def _safetensors_meta(p: Path) -> dict:
         with safe_open(str(p), framework="pt") as f:
             f.keys()
     except Exception as e:
-        raise ConfigError(f"cannot read checkpoint '{p}': {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        raise ConfigError(f"cannot read checkpoint '{p}': {first_line(e)}") from None
     j = sidecar(p)
     if not j.is_file():
         raise ConfigError(f"checkpoint '{p}' has no {j.name} beside it (config, stage, step: written by "
@@ -104,7 +104,7 @@ def checkpoint_meta(path: str) -> dict:
         try:
             blob = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
-            raise ConfigError(f"cannot read checkpoint '{path}': {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            raise ConfigError(f"cannot read checkpoint '{path}': {first_line(e)}")
         if not isinstance(blob, dict) or "state_dict" not in blob or "config" not in blob:
             raise ConfigError(f"checkpoint '{path}' is not a dico_scale export (needs 'state_dict' and 'config')")
         meta = {"config": blob["config"], "step": blob.get("step"), "mlflow_run_id": blob.get("mlflow_run_id")}

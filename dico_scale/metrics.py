@@ -20,6 +20,8 @@ import re
 
 import torch
 
+from .errors import first_line
+
 COCO_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 SCORE_NAMES = {"clips": ("CLIP-S", "RefCLIP-S"), "pacs": ("PAC-S", "RefPAC-S")}
 RECALL_KS = (1, 5, 10)
@@ -52,10 +54,6 @@ def spice_missing(lib: str | None = None) -> str | None:
     return (f"SPICE skipped: missing {', '.join(missing)} in {lib}; run `python -m pycocoevalcap.spice."
             f"get_stanford_models` with network access, or copy both jars from stanford-corenlp-full-2015-12-09.zip "
             f"(nlp.stanford.edu/software) into that folder")
-
-
-def _one_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
 
 
 def ptb_tokenize(records: list[dict]) -> tuple[dict, dict]:
@@ -97,7 +95,7 @@ def coco_scores(records: list[dict], spice: bool = True) -> tuple[dict, dict]:
     try:
         gts, res = ptb_tokenize(records)
     except Exception as e:
-        return scores, {"PTBTokenizer": _one_line(e)}
+        return scores, {"PTBTokenizer": first_line(e, 300)}
     scorers = [(lambda g, r: Bleu(4).compute_score(g, r)[0], ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"]),
                (lambda g, r: Meteor().compute_score(g, r)[0], ["METEOR"]),
                (lambda g, r: Rouge().compute_score(g, r)[0], ["ROUGE-L"]), (cider_score, ["CIDEr"])]
@@ -113,7 +111,7 @@ def coco_scores(records: list[dict], spice: bool = True) -> tuple[dict, dict]:
             with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its internals
                 score = fn(gts, res)
         except Exception as e:
-            errors[names[0] if len(names) == 1 else "BLEU"] = _one_line(e)
+            errors[names[0] if len(names) == 1 else "BLEU"] = first_line(e, 300)
             continue
         values = score if isinstance(score, list) else [score]
         scores.update({n: float(v) for n, v in zip(names, values)})

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .backlog import Backlog
 from .config import Config, flatten, to_yaml
+from .errors import first_line
 
 FINISH_WAIT_S = 15.0  # at the end, how long the sender may take to empty the queue before the rest goes to disk
 _STOP = object()
@@ -70,10 +71,6 @@ def send(client, record: dict) -> None:
 
 def _say(line: str) -> None:
     print(f"dico_scale: {line}", file=sys.stderr, flush=True)
-
-
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
 class Sender(threading.Thread):
@@ -128,7 +125,7 @@ class Sender(threading.Thread):
         self.next_retry = time.monotonic() + self.retry_every_s
         if not self.down:
             self.down = True
-            _say(f"warning: tracking: {self.uri} does not answer ({_first_line(e)}); training goes on, the records "
+            _say(f"warning: tracking: {self.uri} does not answer ({first_line(e)}); training goes on, the records "
                  f"are kept in {self.backlog.path} and retried every {self.retry_every_s:g} s")
 
     def put(self, record: dict) -> None:
@@ -257,7 +254,7 @@ def sync(run_dir: str, uri: str | None) -> int:
     try:
         sent, _ = backlog.replay(lambda r: send(client, r))
     except Exception as e:  # noqa: BLE001 - one line; the unsent records stay
-        _say(f"tracking sync: {uri}: {_first_line(e)}; {len(backlog)} records left in {backlog.path}")
+        _say(f"tracking sync: {uri}: {first_line(e)}; {len(backlog)} records left in {backlog.path}")
         return FAILED
     print(f"sent {sent} records to {uri}; {backlog.path} is cleared")
     return OK

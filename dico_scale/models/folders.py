@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 
 HF_ARCHITECTURES = ("VisionEncoderDecoderModel", "BlipForConditionalGeneration")
 # hf_vlm: decoder-only vision-language models (AutoModelForImageTextToText) whose prefill and positions we drive
@@ -26,14 +26,13 @@ HF_DECODERS = ("gpt2", "bert")  # VisionEncoderDecoderModel decoder model types 
 FREEZE_PARTS = ("vision", "projection", "embeddings")
 
 
-def from_folder(load, path: str, what: str = "weights"):
-    """load(path) (a transformers from_pretrained), its failure on a bad folder (truncated or corrupt weights, shapes
-    that contradict config.json, tokenizer files it cannot read) a ConfigError naming captioner.hf_path in one line."""
+def from_folder(load, path: str):
+    """load(path) (a model's from_pretrained), its failure on a bad folder (truncated or corrupt weights, shapes that
+    contradict config.json) a ConfigError naming captioner.hf_path in one line."""
     try:
         return load(path)
     except Exception as e:  # transformers and safetensors raise many types for one cause: the folder's files
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ConfigError(f"captioner.hf_path '{path}': its {what} do not load ({type(e).__name__}: {first})") from None
+        raise ConfigError(f"captioner.hf_path '{path}': its weights do not load ({first_line(e)})") from None
 
 
 def read_config(path: str) -> dict | str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from .folders import checked_config, vlm_problem
 
 # One row per image, left-padded in a batch. The token types mark image tokens: Qwen-VL's rotary positions read them,
@@ -135,8 +135,8 @@ def load_processor(path: str):
     try:
         processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # AttributeError: a token it names is missing
-        raise ConfigError(f"captioner.hf_path '{path}': no processor that AutoProcessor reads "
-                          f"({(str(e).splitlines() or [''])[0][:200]})") from None
+        raise ConfigError(f"captioner.hf_path '{path}': no processor that AutoProcessor reads ({first_line(e)})") \
+            from None
     if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
         raise ConfigError(f"captioner.hf_path '{path}': its processor ({type(processor).__name__}) lacks a tokenizer "
                           "or an image processor")
@@ -179,7 +179,7 @@ def check_folder(path: str, prompt: str, images_kwargs: dict | None = None) -> N
         preprocess(Image.new("RGB", (64, 48)))
     except Exception as e:  # the processor's own check of a value, whatever its type
         raise ConfigError(f"captioner.images_kwargs {preprocess.images_kwargs}: the processor of '{path}' refuses "
-                          f"them ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
+                          f"them ({first_line(e)})") from None
 
 
 def eos_token(model, processor, prompt: str, path: str) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 
 KNOWN = ("an OpenAI TorchScript archive (ViT-B-32.pt), an open_clip state dict (.bin/.pt/.pth, PAC-S, "
          "dico_scale export), a .safetensors file, or a Hugging Face CLIPModel folder (config.json + "
@@ -59,7 +59,7 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     except Exception as e:
-        raise ConfigError(f"cannot read weights '{path}': {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        raise ConfigError(f"cannot read weights '{path}': {first_line(e)}") from None
     return state
 
 
