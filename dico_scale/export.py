@@ -124,7 +124,7 @@ def _config_from_text(text: str, overrides: list[str]) -> Config:
 def own_folder(meta: dict) -> list[str]:
     """An override of captioner.hf_path to the export's own transformers folder (hf/ beside model.pt, or in the run's
     output folder for a checkpoint tag) when the folder the run started from is gone: the architecture and processor
-    are the same, and the weights are the checkpoint's anyway. None when the folder is there or no hf/ exists."""
+    are the same, and the weights are the checkpoint's anyway. No override when the folder is there or no hf/ exists."""
     hf_path = OmegaConf.select(OmegaConf.create(meta["config"]), "captioner.hf_path", default="")
     if not hf_path or (Path(hf_path) / "config.json").is_file():
         return []

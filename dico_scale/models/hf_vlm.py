@@ -31,8 +31,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from .captioner import CaptionerModel
 from .folders import checked_config, from_folder, vlm_problem
 from .hf_encoder_decoder import HFTokenizer
-from .vlm_processor import (TEXT_KEYS, VLMImages, VLMPreprocess, answer_lead, checked_images_kwargs, eos_token,
-                            load_processor, prompt_ids)
+from .vlm_processor import (TEXT_KEYS, VLMImages, VLMPreprocess, answer_lead, answer_turn, checked_images_kwargs,
+                            eos_token, load_processor, prompt_ids)
 
 @dataclass
 class Prompt:
@@ -109,10 +109,10 @@ class HFVLM(CaptionerModel):
         super().__init__()
         self.model, self.processor = model, processor
         self.text, ids = prompt_ids(processor, prompt, path)
-        tok = processor.tokenizer
-        eos = eos_token(model, processor, prompt, path)
-        self.tokenizer = HFTokenizer(tok, bos=ids[-1], eos=eos, vocab_size=model.get_output_embeddings().out_features,
-                                     lead=answer_lead(processor, prompt, self.text))
+        tok, turn = processor.tokenizer, answer_turn(processor, prompt)  # the template rendered once
+        self.tokenizer = HFTokenizer(tok, bos=ids[-1], eos=eos_token(model, tok, turn, path),
+                                     vocab_size=model.get_output_embeddings().out_features,
+                                     lead=answer_lead(turn, self.text))
         self.preprocess = VLMPreprocess(processor, self.text, self.tokenizer.pad,
                                         checked_images_kwargs(processor, images_kwargs or {}))
         for key, value in self.preprocess.images_kwargs.items():  # recorded in exports' hf/ processor too

@@ -114,18 +114,11 @@ def answer_turn(processor, prompt: str) -> tuple[str, str] | None:
     return (before, after) if found else None
 
 
-def answer_lead(processor, prompt: str, text: str) -> str:
-    """What the chat template writes between the start of the assistant's turn (the end of `text`) and its answer: a
-    space for Idefics3 / SmolVLM ("Assistant: A cat") and LLaVA, nothing for Qwen2-VL. Captions are tokenized with it
-    (XE's targets are the answers the model's own template renders); nothing without a chat template."""
-    turn = answer_turn(processor, prompt)
+def answer_lead(turn: tuple[str, str] | None, text: str) -> str:
+    """What the chat template writes (answer_turn) between the start of the assistant's turn (the end of `text`) and
+    its answer: a space for Idefics3 / SmolVLM ("Assistant: A cat") and LLaVA, nothing for Qwen2-VL. Captions are
+    tokenized with it (XE's targets are the answers the model's own template renders); nothing without a template."""
     return turn[0][len(text):] if turn and turn[0].startswith(text) else ""
-
-
-def answer_end(processor, prompt: str) -> list[int]:
-    """The tokens the chat template writes right after an answer (Qwen2-VL: <|im_end|>, "\n"); none without one."""
-    turn = answer_turn(processor, prompt)
-    return processor.tokenizer(turn[1], add_special_tokens=False)["input_ids"] if turn else []
 
 
 def load_processor(path: str):
@@ -182,17 +175,16 @@ def check_folder(path: str, prompt: str, images_kwargs: dict | None = None) -> N
                           f"them ({first_line(e)})") from None
 
 
-def eos_token(model, processor, prompt: str, path: str) -> int:
+def eos_token(model, tok, turn: tuple[str, str] | None, path: str) -> int:
     """The token that ends the assistant's turn. Of the end tokens the generation config lists (else the text
-    config's, else the tokenizer's), the one the chat template writes after an answer (Gemma 3 lists <eos> before
-    <end_of_turn>, and its turns end with the latter); without a template, or where it writes none of them, the
-    first."""
-    tok = processor.tokenizer
+    config's, else the tokenizer's), the one the chat template writes right after an answer (answer_turn; Gemma 3
+    lists <eos> before <end_of_turn>, and its turns end with the latter); without a template, or where it writes none
+    of them, the first."""
     for source in (model.generation_config.eos_token_id, model.config.get_text_config().eos_token_id,
                    tok.eos_token_id):
         ends = [int(t) for t in (source if isinstance(source, (list, tuple)) else [source]) if t is not None]
         if ends:
-            after = answer_end(processor, prompt)
+            after = tok(turn[1], add_special_tokens=False)["input_ids"] if turn else []
             return next((t for t in after[:1] if t in ends), ends[0])
     raise ConfigError(f"captioner.hf_path '{path}': neither the generation config, the model config nor the "
                       "tokenizer names an EOS token")
