@@ -92,12 +92,11 @@ def counts(spec: dict) -> dict:
     """Parameter counts: total, the (frozen) vision tower, LoRA's adapters on the text model's targets."""
     import torch
 
-    from dico_scale.models.hf_vlm import text_model
+    from dico_scale.models.hf_vlm import text_model, towers
 
     model = build_meta(spec)
-    tower = next(getattr(model.model, n) for n in ("vision_model", "visual", "vision_tower") if hasattr(model.model, n))
     total = sum(p.numel() for p in model.parameters())
-    vision = sum(p.numel() for p in tower.parameters())
+    vision = sum(p.numel() for tower in towers(model) for p in tower.parameters())
     text = text_model(model)
     lora = sum(LORA["r"] * (m.in_features + m.out_features) for name, m in text.named_modules()
                if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA["targets"])

@@ -95,6 +95,13 @@ def _checkpointed_forward(self, *args, **kwargs):
     return forward(*args, **kwargs)
 
 
+def towers(model) -> list[torch.nn.Module]:
+    """The image tower inside an AutoModelForImageTextToText (Idefics3: vision_model; Qwen-VL: visual, its patch
+    merger included; LLaVA, Gemma 3: vision_tower)."""
+    return [getattr(model.model, n) for n in ("vision_model", "visual", "vision_tower")
+            if getattr(model.model, n, None) is not None]
+
+
 def text_model(model) -> torch.nn.Module:
     """The language model inside an AutoModelForImageTextToText (Idefics3 / SmolVLM: text_model; the others:
     language_model)."""
@@ -139,14 +146,12 @@ class HFVLM(CaptionerModel):
                    c.gradient_checkpointing, dict(c.images_kwargs))
 
     def parts(self) -> dict[str, list[torch.nn.Module]]:
-        """captioner.freeze's parts: the image tower (Qwen2-VL's holds its patch merger), the connector to the text
-        model (Idefics3's, LLaVA's projector), the text model's token embeddings."""
+        """captioner.freeze's parts: the image tower (towers), the connector to the text model (Idefics3's, LLaVA's
+        and Gemma 3's projector), the text model's token embeddings."""
         inner = self.model.model
-
-        def present(*names):
-            return [getattr(inner, n) for n in names if getattr(inner, n, None) is not None]
-        return {"vision": present("vision_model", "visual", "vision_tower"),
-                "projection": present("connector", "multi_modal_projector"),
+        return {"vision": towers(self.model),
+                "projection": [getattr(inner, n) for n in ("connector", "multi_modal_projector")
+                               if getattr(inner, n, None) is not None],
                 "embeddings": [self.model.get_input_embeddings()]}
 
     def frozen_towers(self) -> list[torch.nn.Module]:
