@@ -37,7 +37,7 @@ def setup_environment(cfg: Config) -> None:
 
 
 def init_distributed() -> torch.device:
-    import deepspeed
+    deepspeed = import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 
     on_cpu = get_accelerator().device_name() == "cpu"
@@ -160,10 +160,11 @@ def hide_deepspeed_deprecation() -> None:
     warnings.filterwarnings("ignore", message=DEEPSPEED_DEPRECATION, category=FutureWarning)
 
 
-# DeepSpeed's ZeRO code imports its Muon optimizer (to check the optimizer's type), whose module decorates its
-# Newton-Schulz steps with torch.compile at import: that imports torch's compiler, ~1.5 s of CPU in every process that
-# builds a ZeRO engine. The trainer's optimizer is AdamW (optim.*), never Muon: the module is imported once with
-# torch.compile a no-op (the functions stay plain eager code), before DeepSpeed asks for it.
+# DeepSpeed imports its Muon optimizer (ZeRO checks the optimizer's type against it; 0.19.2 already with `import
+# deepspeed`), whose module decorates its Newton-Schulz steps with torch.compile at import: that imports torch's
+# compiler, ~1.5 s of CPU in every process that builds a ZeRO engine. The trainer's optimizer is AdamW (optim.*), never
+# Muon: DeepSpeed and that module are imported once with torch.compile a no-op (the functions stay plain eager code).
+# The trainer's processes import deepspeed through import_deepspeed.
 MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
 
 
@@ -171,27 +172,26 @@ def _no_compile(model=None, **kwargs):
     return model if model is not None else (lambda fn: fn)
 
 
-def import_deepspeed_muon_eagerly() -> None:
+def import_deepspeed():
     import importlib
     import sys
 
-    if MUON_MODULE in sys.modules:
-        return
-    compile_ = torch.compile
-    torch.compile = _no_compile
-    try:
-        importlib.import_module(MUON_MODULE)
-    except ImportError:  # a DeepSpeed without Muon
-        pass
-    finally:
-        torch.compile = compile_
+    if MUON_MODULE not in sys.modules:
+        compile_ = torch.compile
+        torch.compile = _no_compile
+        try:
+            importlib.import_module("deepspeed")
+            importlib.import_module(MUON_MODULE)
+        except ImportError:  # a DeepSpeed without Muon
+            pass
+        finally:
+            torch.compile = compile_
+    return importlib.import_module("deepspeed")
 
 
 def build_engine(cfg: Config, module: torch.nn.Module, on_gpu: bool, load_universal: bool = False):
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     hide_deepspeed_deprecation()
-    import_deepspeed_muon_eagerly()
     ds = ds_config(cfg, on_gpu, load_universal)
     params = [p for p in module.parameters() if p.requires_grad]
     kw = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
@@ -211,7 +211,7 @@ def build_frozen(cfg: Config, module: torch.nn.Module, placement: str, width: in
     """A frozen model as a DeepSpeed engine without an optimizer, in eval mode unless `module.training` was set
     (the reference with dropout kept on). placement: deepspeed_json.PLACEMENTS (auto resolved against the trainable
     model's JSON). Never given to an optimizer: requires_grad is off for every parameter."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     hide_deepspeed_deprecation()
     train_ds = ds_config(cfg, on_gpu)
@@ -279,7 +279,7 @@ def export_weights(engine, path: str | Path, extra: dict) -> None:
     captioner with `save_pretrained` (the Hugging Face rows) also gets hf/ beside the file: a folder transformers
     loads. LoRA adapters are merged into their weights (models/lora.py): the export has the plain model's keys.
     """
-    import deepspeed
+    deepspeed = import_deepspeed()
     import torch.distributed as dist
 
     from .models.lora import merged_state
