@@ -5,6 +5,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,11 +74,15 @@ def launch(script: str, config: str, overrides: list[str], timeout=600, ranks: i
 def kill_at(config: str, overrides: list[str], marker: Path, timeout: float = 300) -> None:
     """Trains with 2 ranks (torchrun) until `marker` exists, then SIGKILLs the whole job (launcher and ranks, no clean-up)."""
     cmd = [*ranks_cmd("dico_scale/train.py"), "--config", config, *overrides]
+    log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu"}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + timeout
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
+    if proc.poll() is not None and not marker.exists():  # the job failed by itself: its output says why
+        log.seek(0)
+        raise AssertionError(f"the job exited ({proc.returncode}) before {marker}:\n{log.read()[-4000:]}")
     # torchrun starts each rank in a session of its own: killing the launcher's group would leave them training
     import psutil
 
