@@ -1,6 +1,7 @@
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -14,6 +15,10 @@ if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidiactl"):
 # pip's 1.13, each discarding the other's build log, so DeepSpeed's shared-memory op was rebuilt (~27 s) at every
 # switch between processes started by name and by sys.executable: four times a suite.
 os.environ["PATH"] = f"{sysconfig.get_path('scripts')}{os.pathsep}{os.environ.get('PATH', '')}"
+# The Slurm launcher (slurm/launch.sh) runs $PYTHON: `make X PYTHON=...` exports make's own, which need not be the
+# Python under test (`make test-floor PYTHON=venv/bin/python` ran its Slurm jobs on that venv's MLflow, whose newer
+# database schema this Python's MLflow then refused).
+os.environ["PYTHON"] = sys.executable
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
