@@ -36,15 +36,23 @@ test-latest:
 	$(LATEST_VENV)/bin/python tests/lockfile.py --newer-than-lock
 	$(LATEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) -m 'not distributed and not gpu' tests
 
-# The oldest transformers setup.py allows, on purpose (its models' signatures move fastest: 5.20-5.23 took
-# `past_key_values`, not the `cache` we pass): the lock with transformers at its floor, in a throwaway virtualenv,
-# the tests that start no 2-rank job.
+# The oldest releases setup.py allows, on purpose: each direct requirement at the bottom of its range (uv's
+# lowest-direct resolution; what they pull in comes at its newest, as a user's pip would take it), in a throwaway
+# virtualenv, the whole suite. torch, torchvision and triton stay at the lock's: their floor (torch 2.11, triton 3.6)
+# is the lent GPU machine's image, which `make gpu-check` runs on, and from a registry a CUDA build of several GB.
+# Floors that failed here were raised: transformers 5.20-5.23, peft 0.17, mlflow 3.0-3.8, num2words 0.5.0-0.5.4,
+# DeepSpeed 0.19.0-0.19.7.
 test-floor:
 	rm -rf $(FLOOR_VENV)
 	$(PYTHON) -m venv $(FLOOR_VENV)
-	$(MAKE) install PYTHON=$(FLOOR_VENV)/bin/python
-	$(FLOOR_VENV)/bin/python -m pip install -q "transformers==$$($(FLOOR_VENV)/bin/python tests/lockfile.py --floor transformers)"
-	$(FLOOR_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) -m 'not distributed and not gpu' tests
+	$(FLOOR_VENV)/bin/python -m pip install -q $(UV)
+	grep -E '^(torch|torchvision|triton)==' $(LOCK) > $(FLOOR_VENV)/torch.txt
+	$(FLOOR_VENV)/bin/python -m uv pip compile setup.py --extra dev --python-version 3.11 --no-header --quiet \
+	    --resolution lowest-direct --constraint $(FLOOR_VENV)/torch.txt $$($(PYTHON) tests/lockfile.py --uv-index-args) \
+	    -o $(FLOOR_VENV)/floor.lock
+	$(MAKE) install PYTHON=$(FLOOR_VENV)/bin/python LOCK=$(FLOOR_VENV)/floor.lock
+	$(FLOOR_VENV)/bin/python tests/lockfile.py --newer-than-lock
+	$(call run-tests,$(FLOOR_VENV)/bin/python)
 
 demo: install
 	$(PYTHON) -m dico_scale.demo
@@ -58,9 +66,12 @@ compare: install
 # module (or the demo's chain) per unit of work, the longest first (tests/work_units.py). The first pass builds
 # DeepSpeed's C++ op while its other worker goes on; in one pass both workers' first 2-rank jobs waited for it.
 TEST_WORKERS ?= 2
+define run-tests
+	$(1) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m 'not distributed' --durations=10 tests
+	$(1) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m distributed --durations=10 tests
+endef
 test: install
-	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m 'not distributed' --durations=10 tests
-	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m distributed --durations=10 tests
+	$(call run-tests,$(PYTHON))
 
 test-gpu: install
 	$(PYTHON) -m pytest -q -m gpu tests

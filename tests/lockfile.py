@@ -2,8 +2,8 @@
 
 `python tests/lockfile.py --newer-than-lock` prints each installed package whose version differs from the lock's;
 `python tests/lockfile.py --uv-index-args` prints pip's configured indexes as uv's options (`make install` installs
-the lock with uv, which reads no pip configuration); `--floor NAME` the lowest version setup.py allows (`make
-test-floor`). Runs without `packaging` for that (a fresh virtualenv has none).
+the lock with uv, which reads no pip configuration). Runs without `packaging` for that (a fresh virtualenv has
+none).
 """
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def newer_than_lock() -> list[str]:
 
 
 def floor(name: str) -> str:
-    """The version of setup.py's `name>=X` requirement: the oldest release we claim to work with."""
+    """The version of setup.py's `name>=X` requirement: the oldest release we claim to work with (`make test-floor`
+    installs it)."""
     req = next(r for r in setup_requirements() if r.name == name)
     return next(s.version for s in req.specifier if s.operator == ">=")
 
@@ -86,11 +87,8 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--uv-index-args"]:
         print(" ".join(uv_index_args()))
         sys.exit()
-    if len(sys.argv) == 3 and sys.argv[1] == "--floor":
-        print(floor(sys.argv[2]))
-        sys.exit()
     if sys.argv[1:] != ["--newer-than-lock"]:
-        sys.exit("usage: python tests/lockfile.py --newer-than-lock | --uv-index-args | --floor NAME")
+        sys.exit("usage: python tests/lockfile.py --newer-than-lock | --uv-index-args")
     lines = newer_than_lock()
     print("\n".join(["installed versions that differ from requirements.lock:", *lines] if lines
                     else ["installed versions equal requirements.lock"]))
