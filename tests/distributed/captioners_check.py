@@ -1,7 +1,7 @@
 """Run under `deepspeed --num_gpus 2`: every Hugging Face captioner row through the real loop (dico_scale.train.run)
 in one process group. Usage: captioners_check.py OUT_DIR FAMILY=FOLDER ... -- key=value ...
-(FAMILY: a dico_scale.models.tiny family; dico-ref runs the dico_ref row, idefics3 and qwen2-vl hf_vlm, the others
-hf_encoder_decoder)
+(FAMILY: a dico_scale.models.tiny family; dico-ref runs the dico_ref row, the vision-language families hf_vlm, the
+others hf_encoder_decoder)
 
 Per family: xe -> dico -> scst (2 steps each, ZeRO-2); for the first family also dico in bf16, and dico under
 ZeRO-3 stopped at step 2 and resumed to step 3; for the last (a vision-language model) dico with LoRA adapters
@@ -15,13 +15,14 @@ import time
 import torch.distributed as dist
 
 from dico_scale.config import load_config  # noqa: E402
+from dico_scale.models.tiny_vlm import VLM_FAMILIES  # noqa: E402
 from dico_scale.train import run, shutdown  # noqa: E402
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
 split = args.index("--")
 out, folders, common = args[0], dict(a.split("=", 1) for a in args[1:split]), args[split + 1:]
 DS = "configs/deepspeed/{}.json"
-ROWS = {"dico-ref": "dico_ref", "idefics3": "hf_vlm", "qwen2-vl": "hf_vlm"}
+ROWS = {"dico-ref": "dico_ref", **{family: "hf_vlm" for family in VLM_FAMILIES}}
 result = {"runs": {}}
 
 
