@@ -5,6 +5,8 @@ LOCK := requirements.lock
 UV := uv==0.13.9
 LATEST_VENV ?= /tmp/dico-scale-latest
 FLOOR_VENV ?= /tmp/dico-scale-floor
+# One resolution of setup.py (install_requires + dev, for Python 3.11): the lock's newest and test-floor's oldest
+RESOLVE := uv pip compile setup.py --extra dev --python-version 3.11 --no-header --quiet
 PIP_CAP := $(shell $(PIP) config list 2>/dev/null | sed -n "s/^global.constraint='\(.*\)'/\1/p")
 
 .PHONY: install lock test-latest test-floor demo compare test test-gpu bench-wheels gpu-check bench-data clean
@@ -24,8 +26,7 @@ install:
 # Run `make test` on the new lock before committing it.
 lock:
 	$(PIP) install -q $(UV)
-	$(PYTHON) -m uv pip compile setup.py --extra dev --python-version 3.11 --no-header --quiet -o $(LOCK) \
-	    $(if $(PIP_CAP),--constraint $(PIP_CAP))
+	$(PYTHON) -m $(RESOLVE) -o $(LOCK) $(if $(PIP_CAP),--constraint $(PIP_CAP))
 
 # The newest releases setup.py allows, on purpose: a throwaway virtualenv without the lock, the tests that start no
 # 2-rank job. An upstream release that breaks us shows here before a user meets it.
@@ -47,9 +48,8 @@ test-floor:
 	$(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/python -m pip install -q $(UV)
 	grep -E '^(torch|torchvision|triton)==' $(LOCK) > $(FLOOR_VENV)/torch.txt
-	$(FLOOR_VENV)/bin/python -m uv pip compile setup.py --extra dev --python-version 3.11 --no-header --quiet \
-	    --resolution lowest-direct --constraint $(FLOOR_VENV)/torch.txt $$($(PYTHON) tests/lockfile.py --uv-index-args) \
-	    -o $(FLOOR_VENV)/floor.lock
+	$(FLOOR_VENV)/bin/python -m $(RESOLVE) --resolution lowest-direct --constraint $(FLOOR_VENV)/torch.txt \
+	    $$($(PYTHON) tests/lockfile.py --uv-index-args) -o $(FLOOR_VENV)/floor.lock
 	$(MAKE) install PYTHON=$(FLOOR_VENV)/bin/python LOCK=$(FLOOR_VENV)/floor.lock
 	$(FLOOR_VENV)/bin/python tests/lockfile.py --newer-than-lock
 	$(call run-tests,$(FLOOR_VENV)/bin/python)
