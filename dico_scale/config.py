@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -285,7 +286,7 @@ def load_structured(schema, path: str | None, overrides: list[str] = ()):
         except OmegaConfBaseException as e:
             raise _one_line(e, path) from None
     for item in overrides:
-        if "=" not in item:
+        if "=" not in item or not item.split("=", 1)[0].strip():
             raise ConfigError(f"override '{item}' is not key=value")
         if item.endswith("="):  # `key=` means the empty string (OmegaConf would read null)
             item += "''"
@@ -294,6 +295,9 @@ def load_structured(schema, path: str | None, overrides: list[str] = ()):
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
             raise _one_line(e, f"override {item}", item.split("=", 1)[0]) from None
+        except yaml.YAMLError:  # the value is read as YAML: `[`, `{a`, `,` are not
+            raise ConfigError(f"override '{item}': the value is not valid YAML (quote it: "
+                              f"'{item.split('=', 1)[0]}=\"...\"')") from None
     try:
         OmegaConf.resolve(cfg)
         return OmegaConf.to_object(cfg)

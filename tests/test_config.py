@@ -145,6 +145,14 @@ def test_max_caption_tokens_must_hold_bos_and_eos():
 
 def test_override_without_equals():
     _one_line_error(DEMO / "dico.yaml", BLANK + ["optim.lr"], "optim.lr", "key=value")
+    _one_line_error(DEMO / "dico.yaml", BLANK + ["=3"], "'=3'", "key=value")
+
+
+@pytest.mark.parametrize("value", ["[", "{a", ","])
+def test_override_whose_value_is_not_yaml_says_to_quote_it(value):
+    _one_line_error(DEMO / "dico.yaml", BLANK + [f"captioner.prompt={value}"], f"'captioner.prompt={value}'",
+                    "not valid YAML", "captioner.prompt=")
+    assert load_config(str(DEMO / "dico.yaml"), BLANK + [f"captioner.prompt='{value}'"]).captioner.prompt == value
 
 
 def test_section_replaced_by_scalar_names_the_key():

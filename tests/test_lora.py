@@ -70,6 +70,11 @@ def test_bad_lora_keys_are_one_line(vlm_folders):
     with pytest.raises(ConfigError, match=r"'captioner.lora.target_modules': nope, qkv match no linear layer of "
                                           r"Idefics3ForConditionalGeneration outside its frozen parts"):
         build_captioner(config(vlm_folders["idefics3"], "captioner.lora.r=2", "captioner.lora.target_modules=qkv,nope"))
+    with pytest.raises(ConfigError, match=r"'captioner.lora.target_modules': lm_head is the output head of "
+                                          r"Qwen2VLForConditionalGeneration, which LoRA does not adapt"):
+        build_captioner(config(vlm_folders["qwen2-vl"], "captioner.lora.r=2", "captioner.lora.target_modules=q_proj,lm_head"))
+    with pytest.raises(ConfigError, match="'captioner.lora.target_modules': names no layer"):
+        config(vlm_folders["idefics3"], "captioner.lora.r=2", "captioner.lora.target_modules=' , '")
     with pytest.raises(ConfigError, match="'captioner.lora.r': LoRA adapts the rows hf_encoder_decoder, hf_vlm, not "
                                           "captioner.model=builtin"):
         load_config("configs/demo/xe.yaml", BLANK + ["captioner.lora.r=2"])

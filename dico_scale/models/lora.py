@@ -34,6 +34,13 @@ def add_lora(captioner, lora) -> None:
 
     targets, frozen = target_modules(lora.target_modules), frozen_names(captioner)
     if targets != ALL_LINEAR:
+        # the losses read the output head's weight itself (captioner.head_weight), never the module: adapters there
+        # would never act; peft's all-linear leaves the head out too
+        head = captioner.model.get_output_embeddings()
+        if names := sorted({n.rsplit(".", 1)[-1] for n, m in captioner.model.named_modules() if m is head} & set(targets)):
+            raise ConfigError(f"bad value for config key 'captioner.lora.target_modules': {', '.join(names)} is the "
+                              f"output head of {type(captioner.model).__name__}, which LoRA does not adapt (the "
+                              "losses read its weight directly; all-linear leaves it out too)")
         linear = {name.rsplit(".", 1)[-1] for name, m in captioner.model.named_modules()
                   if (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
                   and not any(name == f or name.startswith(f + ".") for f in frozen)}
