@@ -1,6 +1,7 @@
 """Captions image files: `python -m dico_scale.caption --checkpoint PATH images... [--beam-size 5 --max-len 20]`.
 
-Prints "path<TAB>caption" per image, in the order given (a folder: its .jpg/.jpeg/.png files, sorted, not recursive).
+Prints "path<TAB>caption" per image, in the order given (a folder: its .jpg, .jpeg, .png, .webp, .bmp,
+.gif, .tif and .tiff files, sorted, not recursive).
 Runs on the CPU by default; a model.pt export needs no DeepSpeed.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our 
 
 from dico_scale.errors import ConfigError  # noqa: E402
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # formats PIL reads
 
 
 def image_paths(items: list[str]) -> list[str]:
@@ -29,13 +30,19 @@ def image_paths(items: list[str]) -> list[str]:
     return paths
 
 
+def positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="dico_scale.caption", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="model.pt export or checkpoint tag folder")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--beam-size", type=int, default=0, help="default: the checkpoint's generation.candidates")
-    p.add_argument("--max-len", type=int, default=0, help="generated tokens; default: generation.max_len")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--beam-size", type=positive, help="default: the checkpoint's generation.candidates")
+    p.add_argument("--max-len", type=positive, help="generated tokens; default: generation.max_len")
+    p.add_argument("--batch-size", type=positive, default=16)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     return p.parse_args(argv)
 
@@ -51,6 +58,7 @@ def load_pixels(preprocess, path: str):
 def caption_files(captioner, tok, paths, cfg, device, batch_size: int):
     """Yields (path, caption or None, error or None) in order; an unreadable image is reported, not fatal."""
     import torch
+    from PIL import UnidentifiedImageError
 
     from dico_scale.validate import generate
 
@@ -60,6 +68,8 @@ def caption_files(captioner, tok, paths, cfg, device, batch_size: int):
         for path in chunk:
             try:
                 pixels.append(load_pixels(captioner.preprocess, path))
+            except UnidentifiedImageError:
+                failed[path] = "not an image file PIL can read"
             except Exception as e:
                 failed[path] = f"{type(e).__name__}: {str(e)[:200]}"
         stack = getattr(captioner.preprocess, "collate", torch.stack)  # a VLM's processor pads its own batch
@@ -77,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         paths = image_paths(args.images)
         meta = checkpoint_meta(args.checkpoint)
         overrides = ["evaluator.weights="]  # no evaluator is needed here
-        if args.beam_size:
+        if args.beam_size is not None:
             overrides.append(f"generation.candidates={args.beam_size}")
-        if args.max_len:
+        if args.max_len is not None:
             overrides.append(f"generation.max_len={args.max_len}")
         cfg = load_run_config(meta, overrides)
         import torch

@@ -289,10 +289,12 @@ def run(args, cfg, meta) -> int:
 
     from dico_scale.data.pipeline import eval_loader
     from dico_scale.export import load_captioner
+    from dico_scale.models.clip import register_model_configs
     from dico_scale.models.clip_scorer import ClipScorer
     from dico_scale.validate import caption_split, gather_records
 
     rank, world, device = init_ranks(cfg)
+    register_model_configs(cfg.clip_model_configs)  # the evaluators' (a Hugging Face captioner registers none)
     torch.manual_seed(cfg.train.seed)  # random-init evaluators (tests, demos) must be alike on every rank
     captioner, tok = load_captioner(cfg, meta, device)
     evaluators = {}

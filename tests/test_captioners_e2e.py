@@ -208,8 +208,16 @@ def test_caption_and_evaluate_on_a_vlm_export_and_generate_on_its_hf_folder(runs
     assert printed == "".join(f"{p}\t{c}\n" for p, c in zip(paths, captions))
 
     if family == "idefics3":  # evaluate's Java metrics cost ~20 s a call on 2 cores: one row (batches of tiles)
-        from dico_scale import evaluate
+        import open_clip
 
+        from dico_scale import evaluate
+        from dico_scale.models import clip
+
+        # as in a fresh process: the demo's tiny CLIP configs unknown until evaluate registers them itself (a VLM
+        # captioner, unlike the built-in one, registers none)
+        for name in [n for n in open_clip.list_models() if n.startswith("dico-")]:
+            del open_clip.factory._MODEL_CONFIGS[name]
+        clip._registered.clear()
         assert evaluate.main(["--checkpoint", str(run / "model.pt"), "--shards", "test", "--no-spice",
                               "--out", str(tmp_path / "eval.json")]) == 0
         assert json.loads((tmp_path / "eval.json").read_text())["images"] == 4

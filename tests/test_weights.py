@@ -418,6 +418,20 @@ def test_safetensors_export_round_trips(captioner_pt, tiny_shards, clean_env, no
         assert caption.main(["--checkpoint", str(ckpt), str(tmp_path / "a.png"), str(tmp_path / "b.jpg")]) == 0
         lines[ckpt] = capsys.readouterr().out
     assert lines[out] == lines[captioner_pt] and len(lines[out].splitlines()) == 2
+
+    folder = tmp_path / "photos"  # a folder: its images in order, a file that is no image skipped with a reason
+    folder.mkdir()
+    Image.open(tmp_path / "a.png").save(folder / "c.webp")
+    (folder / "b.jpg").write_text("not a picture")
+    (folder / "notes.txt").write_text("not listed")
+    assert caption.main(["--checkpoint", str(out), str(folder), "--beam-size", "2"]) == 1
+    printed = capsys.readouterr()
+    assert [line.split("\t")[0] for line in printed.out.splitlines()] == [str(folder / "c.webp")]
+    assert printed.err == f"dico_scale.caption: skipping {folder / 'b.jpg'}: not an image file PIL can read\n"
+    for flag in ("--beam-size", "--max-len", "--batch-size"):
+        with pytest.raises(SystemExit) as e:  # argparse's usage error: 0 never means "the default"
+            caption.main(["--checkpoint", str(out), str(folder), flag, "0"])
+        assert e.value.code == 2 and f"argument {flag}: '0' is not a whole number >= 1" in capsys.readouterr().err
     results = [run_evaluate(c, tiny_shards["test"], tmp_path / f"eval_{i}.json") for i, c in enumerate(
         (captioner_pt, out))]
     assert [e["caption"] for e in results[0]["captions"]] == [e["caption"] for e in results[1]["captions"]]
