@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our 
 
 from dico_scale.config import Config, load_config  # noqa: E402
 from dico_scale.errors import ConfigError, first_line  # noqa: E402
+from dico_scale.models.export_folder import foreign_folder  # noqa: E402
 from dico_scale.stages import captioner_stages  # noqa: E402
 
 # Overrides applied before the user's: evaluation needs neither the training start point nor the tower's source
@@ -234,19 +235,22 @@ def merge_adapters(blob: dict, captioner) -> dict:
     return {**blob, "state_dict": merged_state(captioner, blob["state_dict"])}
 
 
-def write_hf_folder(blob: dict, out: str, captioner=None) -> str | None:
-    """hf/ beside `out` for a Hugging Face captioner row (as training's own export writes it); None for others.
-    `captioner`: the run's, when already built (a LoRA run's, for its merge)."""
-    from dico_scale.models import MODELS, build_captioner
+def hf_folder(blob: dict, out: str) -> Path | None:
+    """hf/ beside `out` for a Hugging Face captioner row (as training's own export writes it); None for others."""
+    from dico_scale.models import MODELS
 
-    cfg = OmegaConf.create(blob["config"])
-    row = cfg.get("captioner", {}).get("model", "builtin")
+    row = OmegaConf.create(blob["config"]).get("captioner", {}).get("model", "builtin")
     if blob["stage"] not in captioner_stages() or not MODELS[row].hf:
         return None
+    return Path(out).resolve().parent / "hf"
+
+
+def write_hf_folder(blob: dict, folder: Path, captioner=None) -> None:
+    """`captioner`: the run's, when already built (a LoRA run's, for its merge)."""
+    from dico_scale.models import build_captioner
+
     captioner = captioner or build_captioner(_config_from_text(blob["config"], []))
-    folder = Path(out).resolve().parent / "hf"
     captioner.save_pretrained(folder, blob["state_dict"])
-    return str(folder)
 
 
 def write_adapters(blob: dict, captioner, out: str) -> int:
@@ -273,9 +277,16 @@ def main(argv: list[str] | None = None) -> int:
                         "safetensors) instead of the merged model")
     args = parser.parse_args(argv)
     try:
+        if args.adapters_only and args.format != "pt":
+            raise ConfigError("--adapters-only writes peft's adapter folder (safetensors): --format does not apply")
         if args.format == "safetensors" and not args.out.endswith(".safetensors"):
             raise ConfigError(f"--out '{args.out}' must end with .safetensors for --format safetensors")
+        if problem := (foreign_folder(args.out) if args.adapters_only else Path(args.out).is_dir() and
+                       f"{args.out} is a folder; name the file to write (e.g. {Path(args.out) / 'model.pt'})"):
+            raise ConfigError(f"--out: {problem}")
         blob = consolidate(args.checkpoint, args.format)
+        if (hf := None if args.adapters_only else hf_folder(blob, args.out)) and (problem := foreign_folder(hf)):
+            raise ConfigError(f"--out: a Hugging Face row's export writes hf/ beside it, but {problem}")
         captioner = adapted_captioner(blob)  # built once: for the merge and the hf/ folder, or the adapters
         if args.adapters_only:
             return write_adapters(blob, captioner, args.out)
@@ -284,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dico_scale.export: error: {e}", file=sys.stderr)
         return 2
     write_export(blob, args.out, args.format)
-    if hf := write_hf_folder(blob, args.out, captioner):
+    if hf:
+        write_hf_folder(blob, hf, captioner)
         print(f"wrote {hf}: a transformers save_pretrained folder")
     extra = f" + {sidecar(args.out)}" if args.format == "safetensors" else ""
     print(f"wrote {args.out}{extra}: {len(blob['state_dict'])} tensors, stage={blob['stage']} step={blob['step']}")

@@ -163,6 +163,31 @@ def test_lora_under_zero3_exports_merged_weights_and_peft_adapters(runs, repo, t
     assert (before - merged(input_ids=ids).logits).abs().max() > 1e-4  # the adapters trained
 
 
+def test_export_never_replaces_a_folder_it_did_not_write(runs, tmp_path, capsys):
+    """hf/ beside --out, or --adapters-only's folder, holding a user's files (the starting model's folder, say) is
+    refused before anything is written; an empty one or an earlier export is replaced."""
+    from dico_scale import export
+
+    tag = str(runs[1] / "vit-gpt2_resume" / "checkpoints" / "step_00000002")
+    theirs = tmp_path / "hf" / "config.json"
+    theirs.parent.mkdir()
+    theirs.write_text("{}")
+    bad = {("--out", str(tmp_path / "model.pt")): f"{tmp_path / 'hf'} holds files and is not a dico_scale export",
+           ("--out", str(tmp_path), ): f"--out: {tmp_path} is a folder; name the file to write",
+           ("--out", str(tmp_path / "hf"), "--adapters-only"): f"--out: {tmp_path / 'hf'} holds files",
+           ("--out", str(tmp_path / "a.safetensors"), "--adapters-only", "--format", "safetensors"):
+               "--format does not apply"}
+    for args, needle in bad.items():
+        assert export.main(["--checkpoint", tag, *args]) == 2
+        assert needle in capsys.readouterr().err.strip().splitlines()[-1]
+    assert theirs.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+    theirs.unlink()  # empty: written; then an earlier export: replaced
+    for _ in range(2):
+        assert export.main(["--checkpoint", tag, "--out", str(tmp_path / "model.pt")]) == 0
+        assert {"config.json", "dico_scale_export.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+
+
 def test_adapters_only_on_a_run_without_lora_is_one_line(runs, tmp_path, capsys):
     from dico_scale import export
 

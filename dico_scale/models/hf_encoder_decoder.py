@@ -8,8 +8,6 @@ generation, the fused log-prob kernel and ZeRO-3 see the same pieces as for the 
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -18,6 +16,7 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..data.tokenizer import TokenLayout
 from .captioner import CaptionerModel
+from .export_folder import write_folder
 from .folders import FREEZE_PARTS, checked_config, from_folder, hf_problem
 
 class HFTokenizer(TokenLayout):
@@ -143,18 +142,17 @@ class HFEncoderDecoder(CaptionerModel):
         return hidden if self.transform is None else self.transform(hidden)
 
     def save_pretrained(self, folder: str | Path, state: dict[str, torch.Tensor]) -> None:
-        """A transformers folder of `state` (our state dict) with the tokenizer and image processor, written to a
-        temporary folder and moved into place."""
-        folder = Path(folder)
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        """A transformers folder of `state` (our state dict) with the tokenizer and image processor, written beside
+        and moved in (models/export_folder.py)."""
         own = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-        self.model.save_pretrained(tmp, state_dict=own)
-        self.tokenizer.tok.save_pretrained(tmp)
-        if self.preprocess is not None:
-            self.preprocess.processor.save_pretrained(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp, state_dict=own)
+            self.tokenizer.tok.save_pretrained(tmp)
+            if self.preprocess is not None:
+                self.preprocess.processor.save_pretrained(tmp)
+
+        write_folder(folder, write, "a transformers save_pretrained folder")
 
 
 def load_tokenizer(path: str, model) -> HFTokenizer:

@@ -18,8 +18,6 @@ replayed in backward gets the tensors it got the first time (transformers' own c
 """
 from __future__ import annotations
 
-import os
-import shutil
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .captioner import CaptionerModel
+from .export_folder import write_folder
 from .folders import checked_config, from_folder, vlm_problem
 from .hf_encoder_decoder import HFTokenizer
 from .vlm_processor import (TEXT_KEYS, VLMImages, VLMPreprocess, answer_lead, answer_turn, checked_images_kwargs,
@@ -217,12 +216,12 @@ class HFVLM(CaptionerModel):
         return out.last_hidden_state
 
     def save_pretrained(self, folder: str | Path, state: dict[str, torch.Tensor]) -> None:
-        """A transformers folder of `state` (our state dict) with the processor, written beside and moved in."""
-        folder = Path(folder)
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        """A transformers folder of `state` (our state dict) with the processor, written beside and moved in
+        (models/export_folder.py)."""
         own = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-        self.model.save_pretrained(tmp, state_dict=own)
-        self.processor.save_pretrained(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp, state_dict=own)
+            self.processor.save_pretrained(tmp)
+
+        write_folder(folder, write, "a transformers save_pretrained folder")

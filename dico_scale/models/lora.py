@@ -18,6 +18,7 @@ import re
 import torch
 
 from ..errors import ConfigError
+from .export_folder import write_folder
 
 ALL_LINEAR = "all-linear"  # peft's name for every linear layer but the output head
 
@@ -98,4 +99,4 @@ def save_adapters(captioner, folder: str) -> None:
     """peft's adapter folder (adapter_config.json, adapter_model.safetensors) of the captioner's live adapters."""
     if not has_lora(captioner):
         raise ConfigError("--adapters-only: this run trained no LoRA adapters (captioner.lora.r=0)")
-    captioner.peft.save_pretrained(folder)
+    write_folder(folder, captioner.peft.save_pretrained, "peft LoRA adapters")

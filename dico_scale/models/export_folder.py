@@ -1,0 +1,40 @@
+"""Folders an export writes (a Hugging Face row's `hf/` beside model.pt, peft's adapter folder): written beside, then
+moved in place of the earlier export, never in place of a folder of something else.
+
+An export folder carries a mark (EXPORT_MARK); the export CLI, which writes where the user points it, replaces only a
+missing or empty folder or one with that mark, so that `--out /models/model.pt` cannot wipe a `/models/hf/` (the
+starting model's folder, say) that is not ours. A training run writes its own output_dir only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+EXPORT_MARK = "dico_scale_export.json"
+
+
+def write_folder(folder: str | Path, write: Callable[[Path], None], what: str) -> None:
+    """`write(tmp)` fills a folder beside `folder`; it is marked ours (what it holds: `what`) and moved in place."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    (tmp / EXPORT_MARK).write_text(json.dumps({"written_by": "dico_scale", "holds": what}) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def foreign_folder(folder: str | Path) -> str | None:
+    """Why an export must not replace `folder` (None when it may: missing, empty, or an earlier export)."""
+    folder = Path(folder)
+    if not folder.exists():
+        return None
+    if not folder.is_dir():
+        return f"{folder} exists and is not a folder"
+    if (folder / EXPORT_MARK).is_file() or not any(folder.iterdir()):
+        return None
+    return (f"{folder} holds files and is not a dico_scale export (no {EXPORT_MARK}): the export would replace it; "
+            "move it or export elsewhere")
