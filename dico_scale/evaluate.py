@@ -159,23 +159,25 @@ def init_ranks(cfg):
 
 class EvalCollate:
     """Captioner pixels plus each evaluator's own pixels (their transforms may differ); equal transforms run once.
-    Images go through the transforms as the training Collate's (`pipeline._pixels`: RGB conversion where needed)."""
+    Images go through the transforms as the training Collate's (`pipeline.Collate`: prepared per sample, then
+    batched)."""
 
     def __init__(self, preprocess, eval_preprocess: dict):
-        self.preprocess, self.eval_preprocess = preprocess, eval_preprocess
+        self.transforms = {repr(t): t for t in (preprocess, *eval_preprocess.values())}
+        self.preprocess, self.eval_preprocess = repr(preprocess), {n: repr(t) for n, t in eval_preprocess.items()}
+
+    def prepare(self, image) -> dict:
+        from dico_scale.data.pipeline import transformed
+
+        return {name: transformed(t, image) for name, t in self.transforms.items()}
 
     def __call__(self, samples):
-        from dico_scale.data.pipeline import _pixels
+        from dico_scale.data.pipeline import stacked
 
-        images, refs, keys = zip(*samples)
-        done = {}
-
-        def pixels(transform):
-            if repr(transform) not in done:
-                done[repr(transform)] = _pixels(transform, images)
-            return done[repr(transform)]
-        return {"pixels": pixels(self.preprocess), "refs": list(refs), "keys": list(keys),
-                "eval_pixels": {n: pixels(t) for n, t in self.eval_preprocess.items()}}
+        prepared, refs, keys = zip(*samples)
+        done = {name: stacked(t, [p[name] for p in prepared]) for name, t in self.transforms.items()}
+        return {"pixels": done[self.preprocess], "refs": list(refs), "keys": list(keys),
+                "eval_pixels": {n: done[t] for n, t in self.eval_preprocess.items()}}
 
 
 def training_captions(spec: str, rank: int, world: int) -> set[str]:

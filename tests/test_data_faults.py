@@ -128,6 +128,45 @@ def test_train_loader_counts_every_kind(shards, collate, workers, clean_env):
     assert stats["read"] >= 96 + stats["skipped"]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_image_the_processor_refuses_is_a_fault_not_a_failed_batch(vlm_folders, tmp_path, workers, clean_env):
+    """Qwen2-VL's processor refuses an aspect ratio past 200: that sample is one refused_image fault, skipped, and
+    the batches hold the other images, in training, in-loop validation and evaluate's collate alike (it failed the
+    whole batch, and so the run, before)."""
+    from PIL import Image
+
+    from dico_scale.config import load_config
+    from dico_scale.evaluate import EvalCollate
+    from dico_scale.models import build_captioner
+
+    cfg = load_config(str(REPO / "configs/demo/xe.yaml"), ["evaluator.weights=", "captioner.image_encoder_weights=",
+                                                            "captioner.model=hf_vlm",
+                                                            f"captioner.hf_path={vlm_folders['qwen2-vl']}"])
+    cap = build_captioner(cfg)
+
+    def sample(key, size):
+        buf = io.BytesIO()
+        Image.new("RGB", size, (0, 90, 200)).save(buf, "JPEG")
+        return key, {"jpg": buf.getvalue(), "json": b'["a blue shape"]'}
+    _write(tmp_path / "a.tar", [sample(f"ok_{i}", (64, 48)) for i in range(3)] + [sample("strip", (3000, 10))])
+    _write(tmp_path / "b.tar", [sample(f"ok_{i}", (40, 64)) for i in range(3, 5)])
+    spec = [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    clip = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])  # an evaluator's own pixels
+    collate, evaluate = Collate(cap.preprocess, clip, cap.tokenizer, 24, seed=0), EvalCollate(cap.preprocess,
+                                                                                              {"clips": clip})
+    ok = {f"ok_{i}" for i in range(5)}
+    for c in (collate, evaluate):
+        batches = list(eval_loader(spec, c, batch_size=3, num_workers=workers))
+        assert sorted(k for b in batches for k in b["keys"]) == sorted(ok)
+        assert _sum_stats(batches) == {"read": 6, "skipped": 1, "refused_image": 1}
+        assert sum(b["pixels"]["input_ids"].size(0) for b in batches) == 5
+    loader, n = train_loader(spec, collate, batch_size=2, samples_per_epoch=8, world_size=1, num_workers=workers,
+                             shuffle_buffer=2, seed=0)
+    batches = list(loader)
+    assert len(batches) == n == 4 and {k for b in batches for k in b["keys"]} <= ok
+    assert all(b["pixels"]["input_ids"].size(0) == 2 and b["eval_pixels"].size(0) == 2 for b in batches)
+
+
 def test_each_fault_logged_on_one_line_with_key_or_shard(shards, collate, caplog, clean_env):
     spec = [shards["missing"], shards["trunc"], shards["faults"], shards["clean"]]
     with caplog.at_level(logging.WARNING, logger="dico_scale.data.pipeline"):

@@ -32,7 +32,8 @@ from .tokenizer import CaptionTokenizer
 
 log = logging.getLogger(__name__)
 
-KINDS = ("corrupt_image", "image_too_large", "bad_json", "empty_captions", "truncated_tar", "missing_shard", "other")
+KINDS = ("corrupt_image", "image_too_large", "refused_image", "bad_json", "empty_captions", "truncated_tar",
+         "missing_shard", "other")
 MAX_EMPTY_SHARDS = 100  # shards in a row without a single file: the stream is dead, not unlucky
 
 class Tally(Counter):
@@ -72,18 +73,27 @@ def skip_fault(exn: Exception) -> bool:
 
 
 class Collate:
-    """Turns decoded samples into one batch; picks the reference caption used for teacher forcing."""
+    """Turns decoded samples into one batch; picks the reference caption used for teacher forcing.
+
+    A loader's collate has two steps: `prepare(image)`, each image through the transforms, run per sample while
+    decoding (an image a transform refuses, such as one past a processor's aspect-ratio limit, is a `refused_image`
+    fault and skipped, never a failed batch), then the call, on (prepared, refs, key) samples, which batches them."""
 
     def __init__(self, preprocess, eval_preprocess, tokenizer: CaptionTokenizer, max_tokens: int, seed: int):
         self.preprocess, self.eval_preprocess = preprocess, eval_preprocess
         self.tokenizer, self.max_tokens = tokenizer, max_tokens
         self.rng = random.Random(seed)
 
+    def prepare(self, image):
+        eval_pixels = None if self.eval_preprocess is None else transformed(self.eval_preprocess, image)
+        return transformed(self.preprocess, image), eval_pixels
+
     def __call__(self, samples):
-        images, refs, keys = zip(*samples)
-        batch = {"pixels": _pixels(self.preprocess, images), "refs": list(refs), "keys": list(keys)}
+        prepared, refs, keys = zip(*samples)
+        pixels, eval_pixels = zip(*prepared)
+        batch = {"pixels": stacked(self.preprocess, pixels), "refs": list(refs), "keys": list(keys)}
         if self.eval_preprocess is not None:
-            batch["eval_pixels"] = _pixels(self.eval_preprocess, images)
+            batch["eval_pixels"] = stacked(self.eval_preprocess, eval_pixels)
         batch["captions"] = [self.rng.choice(r) for r in refs]
         batch["tokens"] = self.tokenizer.batch(batch["captions"], self.max_tokens)
         return batch
@@ -101,19 +111,19 @@ class _Batch:
         return batch
 
 
-def _pixels(transform, images) -> torch.Tensor:
-    """Evaluation images keep their own mode (see _decode); open_clip's and the official transforms convert to RGB
-    themselves, after the crop. A transform without that step gets the image through to_rgb first. A transform
-    with a `collate` (a vision-language model's processor) batches its own outputs."""
-    if hasattr(transform, "collate"):
-        return transform.collate([transform(im) for im in images])
-    out = []
-    for im in images:
-        x = transform(im)
-        if im.mode != "RGB" and x.shape[-3] != 3:
-            x = transform(to_rgb(im))
-        out.append(x)
-    return torch.stack(out)
+def transformed(transform, image):
+    """One image through a transform. Evaluation images keep their own mode (see _decode); open_clip's and the
+    official transforms convert to RGB themselves, after the crop. A transform without that step gets the image
+    through to_rgb first. A vision-language model's processor (a transform with `collate`) gives its own outputs."""
+    x = transform(image)
+    if not hasattr(transform, "collate") and image.mode != "RGB" and x.shape[-3] != 3:
+        x = transform(to_rgb(image))
+    return x
+
+
+def stacked(transform, pixels):
+    """Transformed images as one batch (a processor pads and batches its own outputs)."""
+    return transform.collate(list(pixels)) if hasattr(transform, "collate") else torch.stack(pixels)
 
 
 # ---- reading -----------------------------------------------------------------------------------------------------
@@ -175,8 +185,8 @@ def _group(src, tally: Tally):
     return wds.tariterators.group_by_keys(src, handler=skip)
 
 
-def _decode(src, tally: Tally, evaluation: bool = False):
-    """Samples -> (image, captions, key); a bad one is counted under its kind and skipped.
+def _decode(src, tally: Tally, prepare, evaluation: bool = False):
+    """Samples -> (prepare(image), captions, key); a bad one is counted under its kind and skipped.
 
     Training images go through to_rgb. Evaluation images keep their own mode (for_eval), so that the transform
     resizes and crops first and converts to RGB last, as the official CLIP-S / PAC-S tools do."""
@@ -204,7 +214,12 @@ def _decode(src, tally: Tally, evaluation: bool = False):
         except Exception as e:
             tally.fault("corrupt_image", where, "no .jpg" if isinstance(e, KeyError) else e)
             continue
-        yield image, refs, key
+        try:
+            prepared = prepare(image)
+        except Exception as e:
+            tally.fault("refused_image", where, f"{type(e).__name__}: {e}")
+            continue
+        yield prepared, refs, key
 
 
 def _reader_shuffle(bufsize: int, seed: int):
@@ -259,7 +274,7 @@ def train_loader(spec, collate: Collate, batch_size: int, samples_per_epoch: int
         wds.split_by_worker,
         functools.partial(_read_shards, tally=tally), functools.partial(_group, tally=tally),
         _reader_shuffle(shuffle_buffer, seed),
-        functools.partial(_decode, tally=tally),
+        functools.partial(_decode, tally=tally, prepare=collate.prepare),
         wds.batched(batch_size, collation_fn=_Batch(collate, tally), partial=False),
         _worker_share(batches),
     ]
@@ -289,7 +304,7 @@ def eval_loader(spec, collate: Collate, batch_size: int, num_workers: int = 0):
     else:
         stages = [wds.SimpleShardList(urls), functools.partial(_read_shards, tally=tally, shared=True), group,
                   _split_samples]
-    stages.append(functools.partial(_decode, tally=tally, evaluation=True))
+    stages.append(functools.partial(_decode, tally=tally, prepare=collate.prepare, evaluation=True))
     stages.append(wds.batched(batch_size, collation_fn=_Batch(collate, tally), partial=True))
     return wds.WebLoader(wds.DataPipeline(*stages), batch_size=None, num_workers=num_workers,
                            worker_init_fn=_ignore_ctrl_c)
