@@ -4,6 +4,7 @@ equal log_softmax of the model's own logits, the fused head (Triton interpreter,
 torch path, and an export's save_pretrained folder generates the same captions."""
 import pytest
 import torch
+from helpers import caption_with_specials_as_text
 
 from dico_scale.config import ConfigError, load_config
 from dico_scale.models import build_captioner
@@ -90,6 +91,11 @@ def test_fused_head_equals_torch_path(folders, family):
         out[fused] = (lp.detach(), cap.head_weight.grad.clone())
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_caption_holding_special_tokens_as_text_stays_text(folders, family):
+    caption_with_specials_as_text(captioner(folders, family).tokenizer, caption_decodes=family == "vit-gpt2")
 
 
 def test_freeze_parts_and_the_reference_without_tower(folders):

@@ -6,6 +6,7 @@ model's own logits over the continuation only (the prompt and the image never sc
 different sizes (tile counts, patch grids) each image's candidates and log-probs equal those of the image alone."""
 import pytest
 import torch
+from helpers import caption_with_specials_as_text
 from PIL import Image
 
 from dico_scale.config import ConfigError, load_config
@@ -182,6 +183,10 @@ def test_xe_targets_are_the_answer_the_chat_template_renders(cap):
     row = row[:int(scored_mask(row[None, 1:], cap.tokenizer.eos).sum()) + 1].tolist()  # BOS .. EOS
     assert full[:len(prompt)] == prompt and row == full[len(prompt) - 1:len(prompt) - 1 + len(row)]
     assert cap.tokenizer.decode(row) == caption
+
+
+def test_a_caption_holding_special_tokens_as_text_stays_text(cap):
+    caption_with_specials_as_text(cap.tokenizer)
 
 
 def test_the_exported_folder_reads_back_as_the_same_captioner(cap, tmp_path):

@@ -30,8 +30,9 @@ class HFTokenizer(TokenLayout):
 
     def words(self, text: str) -> list[int]:
         """A caption's tokens after BOS, as the model writes them: `lead` (a chat template's space after
-        "Assistant:") first."""
-        return self.tok(self.lead + text, add_special_tokens=False)["input_ids"]
+        "Assistant:") first. A caption is text: "<image>" or "<|im_end|>" in it are characters, never the image
+        token or an end of turn inside the caption (split_special_tokens)."""
+        return self.tok(self.lead + text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def decode(self, ids) -> str:
         ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
