@@ -211,7 +211,7 @@ def select_resume_tag(resume: str, ckpt_dir: str, log) -> Path | None:
         skipped.append(tag)
     if chosen is None and skipped:
         raise AgreedConfigError(f"train.resume=auto: none of the {len(skipped)} complete checkpoints in {ckpt_dir} "
-                                "verifies (see above); remove them, or set train.resume=none to start over")
+                                "verifies (see above); remove them to start over")
     return chosen
 
 

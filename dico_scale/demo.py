@@ -88,7 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--captioner", default="builtin", help="builtin (default), hf_encoder_decoder (= vit-gpt2), "
                    "vit-gpt2, blip, dico_ref, hf_vlm (= idefics3), idefics3, smolvlm (SmolVLM2), qwen2-vl, qwen2.5-vl, "
                    "qwen3-vl, llava or gemma3: a tiny random model of that family, written under runs/models/")
-    p.add_argument("--keep", action="store_true", help="keep runs/demo from an earlier demo instead of starting over")
+    p.add_argument("--keep", action="store_true",
+                   help="keep runs/demo from an earlier demo instead of starting over: each stage continues it")
     p.add_argument("--workdir", default=".", help="where runs/demo and data/demo go (default: here)")
     p.add_argument("overrides", nargs="*", help="key=value overrides passed to every stage")
     args = p.parse_args(argv)
@@ -105,7 +106,9 @@ def main(argv=None) -> int:
     if not args.keep:
         shutil.rmtree("runs/demo", ignore_errors=True)
     start = time.time()
-    overrides = captioner_overrides(args.captioner) + args.overrides  # train.py checks them before any group
+    # --keep: each stage continues its checkpoints of the earlier demo (a finished one exports again)
+    resume = ["train.resume=auto"] if args.keep else []
+    overrides = captioner_overrides(args.captioner) + resume + args.overrides  # train.py checks them first
     for stage in chain("dico"):
         train_stage(stage, args.ranks, overrides)
     results = compare(overrides)

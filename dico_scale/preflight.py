@@ -125,10 +125,33 @@ def check_stage(cfg: Config, rank: int) -> None:
                           "train.output_dir per stage (and train.init_from=<the other folder>/model.pt)")
 
 
+def check_history(cfg: Config) -> None:
+    """A run must not start beside complete checkpoints of another history: all of the folder's when it starts
+    fresh or from another folder's tag, those after its tag when it resumes an older one of its own. They would
+    outlive its own in the pruning (the newest are kept), and a later train.resume=auto (a requeued job's) would
+    continue them instead of this run."""
+    from .checkpoint import complete_tags
+
+    t, out = cfg.train, Path(cfg.train.output_dir)
+    tags = complete_tags(out / "checkpoints")
+    if t.resume == "auto" or not tags:
+        return
+    start = None if t.resume == "none" else Path(t.resume).resolve()
+    own = start is not None and start.parent == (out / "checkpoints").resolve()
+    if not (other := [p for p in tags if p.name > start.name] if own else tags):
+        return
+    this = f"resumes {start.name}" if own else "starts fresh" if start is None else f"starts from {t.resume}"
+    held = f"checkpoints after {start.name}" if own else "another run's checkpoints"
+    raise ConfigError(f"train.output_dir '{out}' holds {held} (up to {other[-1].name}) and this run {this}: a later "
+                      "train.resume=auto would continue those instead; continue them with train.resume=auto, or "
+                      "remove them (or use another output_dir) to start over")
+
+
 def run_preflight(cfg: Config) -> None:
     rank = int(os.environ.get("RANK", "0"))
     check_output_dir(cfg.train.output_dir)
     check_stage(cfg, rank)
+    check_history(cfg)
     check_tracking(cfg, rank)
     if cfg.captioner.model == "dico_ref" and STAGES[cfg.train.stage].exports == "captioner":
         from .models.dico_ref import check_folder_weights

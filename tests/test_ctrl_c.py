@@ -15,7 +15,7 @@ import torch
 from helpers import launch_xe, steps_logged, wait_for, xe_args
 
 from dico_scale.config import ConfigError, load_config
-from dico_scale.preflight import check_stage
+from dico_scale.preflight import check_history, check_stage
 from dico_scale.supervision import SAME_CTRL_C_S
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,3 +104,32 @@ def test_a_folder_with_another_stages_export_is_refused_and_an_unrecorded_stage_
     (old / "config.yaml").write_text("train:\n  stage: scst\n")  # older tags: the config saved beside them
     with pytest.raises(ConfigError, match="its newest checkpoint step_00000002 belongs to the scst stage"):
         check_stage(_cfg(tmp_path, "dico", "auto"), rank=0)
+
+
+def test_a_run_never_starts_beside_checkpoints_of_another_history(tmp_path):
+    """Fresh, or from another folder's tag, beside complete checkpoints; or from an older tag of its own beside later
+    ones: refused (a later resume=auto, a requeued job's, would continue those, and the pruning would keep them
+    over this run's). Continuing the newest (auto, or its own tag) is fine; so is a folder without complete tags."""
+    ckpts = tmp_path / "checkpoints"
+    for n in (2, 4):
+        (ckpts / f"step_{n:08d}").mkdir(parents=True)
+    (ckpts / "step_00000006").mkdir()  # never completed: no history
+    check_history(_cfg(tmp_path, "xe"))
+    for n in (2, 4):
+        (ckpts / f"step_{n:08d}" / "complete").write_text("{}")
+    other = tmp_path / "elsewhere" / "step_00000009"
+    other.mkdir(parents=True)
+    refused = {"none": "another run's checkpoints (up to step_00000004) and this run starts fresh",
+               str(ckpts / "step_00000002"): "checkpoints after step_00000002 (up to step_00000004) and this run "
+                                             "resumes step_00000002",
+               str(other): f"another run's checkpoints (up to step_00000004) and this run starts from {other}"}
+    for resume, needle in refused.items():
+        with pytest.raises(ConfigError) as e:
+            check_history(_cfg(tmp_path, "xe", resume))
+        assert str(e.value) == (f"train.output_dir '{tmp_path}' holds {needle}: a later train.resume=auto would "
+                                "continue those instead; continue them with train.resume=auto, or remove them (or "
+                                "use another output_dir) to start over")
+    for resume in ("auto", str(ckpts / "step_00000004"), str(tmp_path / "checkpoints" / ".." / "checkpoints" /
+                                                               "step_00000004")):
+        check_history(_cfg(tmp_path, "xe", resume))
+
