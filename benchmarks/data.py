@@ -64,10 +64,11 @@ def make_dataset(root: str, n: int, w: int, h: int, samples_per_shard: int) -> t
 
 
 class FolderDataset(torch.utils.data.Dataset):
-    """The baseline: one file per image, captions held in memory; yields what the pipeline's decoder yields."""
+    """The baseline: one file per image, captions held in memory; yields what the pipeline's decoder yields (the
+    image through the collate's transforms: `prepare`)."""
 
-    def __init__(self, rows):
-        self.rows = rows
+    def __init__(self, rows, prepare):
+        self.rows, self.prepare = rows, prepare
 
     def __len__(self):
         return len(self.rows)
@@ -75,7 +76,7 @@ class FolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path, captions, key = self.rows[i]
         with Image.open(path) as im:
-            return im.convert("RGB"), captions, key
+            return self.prepare(im.convert("RGB")), captions, key
 
 
 def samples_per_s(loader, epochs: int, warmup: int) -> float:
@@ -97,7 +98,7 @@ def run(a) -> dict:
     results = []
     for w in a.workers:
         pipe, _ = train_loader(spec, collate, a.batch_size, len(rows), 1, w, a.shuffle_buffer, 0)
-        folder = torch.utils.data.DataLoader(FolderDataset(rows), batch_size=a.batch_size, shuffle=True,
+        folder = torch.utils.data.DataLoader(FolderDataset(rows, collate.prepare), batch_size=a.batch_size, shuffle=True,
                                              drop_last=True, num_workers=w, collate_fn=collate)
         p, f = samples_per_s(pipe, a.epochs, a.warmup), samples_per_s(folder, a.epochs, a.warmup)
         results.append({"workers": w, "pipeline_samples_per_s": round(p, 1), "folder_samples_per_s": round(f, 1),

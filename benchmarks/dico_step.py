@@ -91,9 +91,9 @@ def random_batch(stage, cfg, refs: list[list[str]]) -> dict:
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    samples = [(Image.fromarray(rng.integers(0, 256, (IMAGE_PX, IMAGE_PX, 3), dtype=np.uint8)), r, str(i))
-               for i, r in enumerate(refs)]
-    return Collate(stage.preprocess, stage.eval_preprocess, stage.tokenizer, cfg.data.max_caption_tokens, 0)(samples)
+    collate = Collate(stage.preprocess, stage.eval_preprocess, stage.tokenizer, cfg.data.max_caption_tokens, 0)
+    images = [Image.fromarray(rng.integers(0, 256, (IMAGE_PX, IMAGE_PX, 3), dtype=np.uint8)) for _ in refs]
+    return collate([(collate.prepare(im), r, str(i)) for i, (im, r) in enumerate(zip(images, refs))])
 
 
 def references(cfg, n: int) -> list[list[str]]:
