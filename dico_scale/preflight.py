@@ -17,7 +17,7 @@ from .errors import ConfigError
 from .stages import STAGES
 
 
-def _write_problem(folder) -> str | None:
+def write_problem(folder) -> str | None:
     """Creates the folder and writes a probe file into it (removed again); why that failed, or None."""
     try:
         os.makedirs(folder, exist_ok=True)
@@ -29,7 +29,7 @@ def _write_problem(folder) -> str | None:
 
 
 def check_output_dir(path: str) -> None:
-    if problem := _write_problem(path):
+    if problem := write_problem(path):
         raise ConfigError(f"train.output_dir '{path}' cannot be created or written: {problem}")
 
 
@@ -54,7 +54,7 @@ def check_sqlite_store(uri: str) -> str | None:
     if not uri.startswith("sqlite:///"):
         return None
     folder = Path(uri[len("sqlite:///"):]).parent
-    problem = _write_problem(folder)
+    problem = write_problem(folder)
     return f"cannot write the sqlite store's folder {folder} ({problem})" if problem else None
 
 

@@ -237,6 +237,9 @@ def test_bad_input_is_one_line_and_exit_2(trained):
         "bad shard spec": ["dico_scale.evaluate", "--checkpoint", model, "--shards", "/nonexistent/x-{0..3}.tar"],
         "UnbalancedBraces": ["dico_scale.evaluate", "--checkpoint", model, "--shards", "/tmp/x-{0.."],
         "generation.candidatese": ["dico_scale.evaluate", "--checkpoint", model, "generation.candidatese=3"],
+        "--ngrams '0' is not": ["dico_scale.evaluate", "--checkpoint", model, "--ngrams", "0"],
+        f"--out '{REPO}' is a folder": ["dico_scale.evaluate", "--checkpoint", model, "--out", str(REPO)],
+        "cannot be written": ["dico_scale.evaluate", "--checkpoint", model, "--out", "/proc/none/eval.json"],
         "not a checkpoint folder": ["dico_scale.export", "--checkpoint", model, "--out", "/tmp/x.pt"],
         "no such image": ["dico_scale.caption", "--checkpoint", model, "/nonexistent.jpg"],
     }
