@@ -2,6 +2,8 @@
 written by dico_scale.models.tiny: our beam search's best beam equals `generate`'s, our teacher-forced log-probs
 equal log_softmax of the model's own logits, the fused head (Triton interpreter, untied or biased weight) equals the
 torch path, and an export's save_pretrained folder generates the same captions."""
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import caption_with_specials_as_text
@@ -96,6 +98,24 @@ def test_fused_head_equals_torch_path(folders, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_caption_holding_special_tokens_as_text_stays_text(folders, family):
     caption_with_specials_as_text(captioner(folders, family).tokenizer, caption_decodes=family == "vit-gpt2")
+
+
+def test_the_tiny_builders_cli_refuses_bad_sizes_and_a_folder_that_holds_files(folders, tmp_path, capsys):
+    """One usage line, exit 2; a folder holding a model (a real one, say) is never written over."""
+    from dico_scale.models.tiny import main
+
+    before = {p.name: p.stat().st_mtime_ns for p in Path(folders["vit-gpt2"]).iterdir()}
+    cases = {("--width", "0"): "--width 0: sizes are whole numbers >= 1",
+             ("--width", "30", "--heads", "4"): "--width 30 is not a multiple of --heads 4",
+             ("--vocab-size", "-1"): "--vocab-size -1: sizes",
+             ("--out",): f"{folders['vit-gpt2']} exists and is not an empty folder"}
+    for args, needle in cases.items():
+        out = folders["vit-gpt2"] if args == ("--out",) else str(tmp_path / "new")
+        with pytest.raises(SystemExit) as e:
+            main(["vit-gpt2", out, *(a for a in args if a != "--out")])
+        assert e.value.code == 2 and needle in capsys.readouterr().err.strip().splitlines()[-1]
+    assert {p.name: p.stat().st_mtime_ns for p in Path(folders["vit-gpt2"]).iterdir()} == before
+    assert not (tmp_path / "new").exists()
 
 
 def test_freeze_parts_and_the_reference_without_tower(folders):

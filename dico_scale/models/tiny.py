@@ -14,6 +14,7 @@ the same builder.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -141,6 +142,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=0, help="decoder vocabulary (default: the tokenizer's)")
     a = p.parse_args(argv)
+    sizes = {"--width": a.width, "--layers": a.layers, "--heads": a.heads, "--image-size": a.image_size}
+    if bad := [f"{k} {v}" for k, v in sizes.items() if v < 1] + [f"--vocab-size {a.vocab_size}"] * (a.vocab_size < 0):
+        p.error(f"{', '.join(bad)}: sizes are whole numbers >= 1 (--vocab-size: 0 or more)")
+    if a.width % a.heads:
+        p.error(f"--width {a.width} is not a multiple of --heads {a.heads}")
+    if os.path.exists(a.out_dir) and (not os.path.isdir(a.out_dir) or os.listdir(a.out_dir)):
+        # save_pretrained would overwrite a real model's files, and prune its weight shards
+        p.error(f"{a.out_dir} exists and is not an empty folder: a tiny random model goes into a new one")
     print(write(a.family, a.out_dir, a.width, a.layers, a.heads, a.image_size, a.seed, a.vocab_size))
     return 0
 
