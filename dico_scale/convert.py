@@ -17,6 +17,7 @@ if __package__ in (None, ""):  # run as a file: our folder must not shadow other
 
 from dico_scale.config import REPO_ROOT, load_config, to_yaml  # noqa: E402
 from dico_scale.errors import ConfigError  # noqa: E402
+from dico_scale.preflight import out_file_problem  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo", "xe.yaml")
 
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="run config the export carries (default: configs/demo/xe.yaml)")
     args = p.parse_args(argv)
     try:
+        if problem := out_file_problem(args.out):
+            raise ConfigError(f"--out {problem}")
         blob = convert_dico_ref(args.folder, args.out, args.config)
     except ConfigError as e:
         print(f"dico_scale.convert: error: {str(e).splitlines()[0]}", file=sys.stderr)

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv):
     """(args, cfg, meta): everything checked before any model is built or a process group starts."""
     from dico_scale.export import checkpoint_meta, load_run_config
-    from dico_scale.preflight import write_problem
+    from dico_scale.preflight import out_file_problem
 
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
@@ -70,9 +70,8 @@ def parse_args(argv):
     args.ngrams = ngrams
     if args.batch_size < 0:
         raise ConfigError(f"--batch-size {args.batch_size} must be >= 0 (0: train.micro_batch_size)")
-    if args.out and (Path(args.out).is_dir() or (problem := write_problem(Path(args.out).resolve().parent))):
-        why = "is a folder" if Path(args.out).is_dir() else f"cannot be written ({problem})"
-        raise ConfigError(f"--out '{args.out}' {why}: name the JSON file to write")  # not after the whole split
+    if args.out and (problem := out_file_problem(args.out)):
+        raise ConfigError(f"--out {problem}")  # now, not after captioning the whole split
     meta = checkpoint_meta(args.checkpoint)
     cfg = load_run_config(meta, args.overrides)
     args.evaluators = evaluator_configs(args, cfg)

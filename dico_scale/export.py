@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our 
 from dico_scale.config import Config, load_config  # noqa: E402
 from dico_scale.errors import ConfigError, first_line  # noqa: E402
 from dico_scale.models.export_folder import foreign_folder  # noqa: E402
+from dico_scale.preflight import out_file_problem  # noqa: E402
 from dico_scale.stages import captioner_stages  # noqa: E402
 
 # Overrides applied before the user's: evaluation needs neither the training start point nor the tower's source
@@ -281,12 +282,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--adapters-only writes peft's adapter folder (safetensors): --format does not apply")
         if args.format == "safetensors" and not args.out.endswith(".safetensors"):
             raise ConfigError(f"--out '{args.out}' must end with .safetensors for --format safetensors")
-        if problem := (foreign_folder(args.out) if args.adapters_only else Path(args.out).is_dir() and
-                       f"{args.out} is a folder; name the file to write (e.g. {Path(args.out) / 'model.pt'})"):
-            raise ConfigError(f"--out: {problem}")
+        if problem := (foreign_folder(args.out) if args.adapters_only else out_file_problem(args.out)):
+            raise ConfigError(f"--out {problem}")
         blob = consolidate(args.checkpoint, args.format)
         if (hf := None if args.adapters_only else hf_folder(blob, args.out)) and (problem := foreign_folder(hf)):
-            raise ConfigError(f"--out: a Hugging Face row's export writes hf/ beside it, but {problem}")
+            raise ConfigError(f"--out {args.out}: a Hugging Face row's export writes hf/ beside it, but {problem}")
         captioner = adapted_captioner(blob)  # built once: for the merge and the hf/ folder, or the adapters
         if args.adapters_only:
             return write_adapters(blob, captioner, args.out)

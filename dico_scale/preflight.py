@@ -28,6 +28,15 @@ def write_problem(folder) -> str | None:
     return None
 
 
+def out_file_problem(path: str) -> str | None:
+    """Why a file cannot be written at `path` (an entry point's --out), checked before the work that ends in it."""
+    if os.path.isdir(path):
+        return f"'{path}' is a folder; name the file to write"
+    if problem := write_problem(Path(path).resolve().parent):
+        return f"'{path}' cannot be written ({problem})"
+    return None
+
+
 def check_output_dir(path: str) -> None:
     if problem := write_problem(path):
         raise ConfigError(f"train.output_dir '{path}' cannot be created or written: {problem}")

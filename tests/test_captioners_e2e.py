@@ -173,8 +173,8 @@ def test_export_never_replaces_a_folder_it_did_not_write(runs, tmp_path, capsys)
     theirs.parent.mkdir()
     theirs.write_text("{}")
     bad = {("--out", str(tmp_path / "model.pt")): f"{tmp_path / 'hf'} holds files and is not a dico_scale export",
-           ("--out", str(tmp_path), ): f"--out: {tmp_path} is a folder; name the file to write",
-           ("--out", str(tmp_path / "hf"), "--adapters-only"): f"--out: {tmp_path / 'hf'} holds files",
+           ("--out", str(tmp_path), ): f"--out '{tmp_path}' is a folder; name the file to write",
+           ("--out", str(tmp_path / "hf"), "--adapters-only"): f"--out {tmp_path / 'hf'} holds files",
            ("--out", str(tmp_path / "a.safetensors"), "--adapters-only", "--format", "safetensors"):
                "--format does not apply"}
     for args, needle in bad.items():

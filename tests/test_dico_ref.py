@@ -102,3 +102,7 @@ def test_converter_writes_a_model_pt_that_loads_back(ref, tmp_path, capsys):
     assert all(torch.equal(v, blob["state_dict"][k]) for k, v in again.state_dict().items())
     assert convert_main(["dico-ref", str(tmp_path), "--out", str(tmp_path / "x.pt")]) == 2
     assert "no config.json" in capsys.readouterr().err
+    for out, needle in ((tmp_path, "is a folder; name the file to write"), ("/proc/none/x.pt", "cannot be written")):
+        assert convert_main(["dico-ref", str(folder), "--out", str(out)]) == 2  # before converting anything
+        assert capsys.readouterr().err == f"dico_scale.convert: error: --out '{out}' {needle}" + (
+            "\n" if out == tmp_path else " (No such file or directory)\n")
