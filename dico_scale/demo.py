@@ -89,7 +89,8 @@ def main(argv=None) -> int:
                    "vit-gpt2, blip, dico_ref, hf_vlm (= idefics3), idefics3, smolvlm (SmolVLM2), qwen2-vl, qwen2.5-vl, "
                    "qwen3-vl, llava or gemma3: a tiny random model of that family, written under runs/models/")
     p.add_argument("--keep", action="store_true",
-                   help="keep runs/demo from an earlier demo instead of starting over: each stage continues it")
+                   help="keep runs/demo from an earlier demo instead of starting over: its finished stages as they are, "
+                   "the others continue their checkpoints")
     p.add_argument("--workdir", default=".", help="where runs/demo and data/demo go (default: here)")
     p.add_argument("overrides", nargs="*", help="key=value overrides passed to every stage")
     args = p.parse_args(argv)
@@ -106,10 +107,14 @@ def main(argv=None) -> int:
     if not args.keep:
         shutil.rmtree("runs/demo", ignore_errors=True)
     start = time.time()
-    # --keep: each stage continues its checkpoints of the earlier demo (a finished one exports again)
+    # --keep: a stage the earlier demo finished (its model.pt) is kept as it is (exported again, its file would
+    # change and the next stage's resume would refuse its reference); one it did not finish continues its checkpoints
     resume = ["train.resume=auto"] if args.keep else []
     overrides = captioner_overrides(args.captioner) + resume + args.overrides  # train.py checks them first
     for stage in chain("dico"):
+        if args.keep and os.path.isfile(f"runs/demo/{stage}/model.pt"):
+            print(f"\n=== {stage}: kept from the earlier demo (runs/demo/{stage}/model.pt)", flush=True)
+            continue
         train_stage(stage, args.ranks, overrides)
     results = compare(overrides)
     with open("runs/demo/summary.json", "w") as f:

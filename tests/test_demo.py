@@ -33,6 +33,31 @@ def test_demo_runs_all_stages_and_prints_the_table(demo):
     assert (tmp_path / "runs" / "demo" / "mlflow.db").is_file()
 
 
+def test_demo_keep_keeps_finished_stages_and_continues_the_others(demo, tmp_path):
+    """--keep on a demo whose dico stage did not export: evaluator and xe are kept as they are (byte for byte: dico's
+    reference is xe's file), dico continues its checkpoint, and the table is printed again."""
+    import shutil
+
+    from conftest import DEMO_STEPS
+    from helpers import demo_overrides
+
+    work, proc = demo
+    assert proc.returncode == 0
+    copy = tmp_path / "work"
+    shutil.copytree(work / "runs", copy / "runs")
+    (copy / "runs" / "demo" / "dico" / "model.pt").unlink()
+    xe = (copy / "runs" / "demo" / "xe" / "model.pt").read_bytes()
+    data = [o for o in demo_overrides(copy / "runs" / "demo") if not o.startswith("tracking.uri")]
+    again = subprocess.run([sys.executable, "-m", "dico_scale.demo", "--workdir", str(copy), "--keep", *data,
+                            *DEMO_STEPS], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    for stage in ("evaluator", "xe"):
+        assert f"=== {stage}: kept from the earlier demo (runs/demo/{stage}/model.pt)" in again.stdout
+    assert "resumed from runs/demo/dico/checkpoints/step_00000002 at step 2" in again.stdout + again.stderr
+    assert (copy / "runs" / "demo" / "dico" / "model.pt").is_file() and "XE vs DiCO on 12" in again.stdout
+    assert (copy / "runs" / "demo" / "xe" / "model.pt").read_bytes() == xe
+
+
 def test_demo_bad_override_fails_with_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dico_scale.demo", "--workdir", str(tmp_path), "optim.lrr=1"],
                           capture_output=True, text=True, timeout=300)
