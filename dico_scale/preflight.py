@@ -99,14 +99,37 @@ def tag_stage(tag: Path) -> str | None:
     return stage
 
 
-def export_stage(path: Path) -> str | None:
-    """The stage of an exported model.pt (engine.export_weights records it); mapped, not read, however large."""
+def export_record(path: Path) -> dict:
+    """What an exported model.pt records beside its weights (engine.export_weights: stage, step, ...); mapped, not
+    read, however large. {} when it is missing or unreadable."""
     import torch
 
+    if not path.is_file():
+        return {}
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("stage")
-    except Exception:  # noqa: BLE001 - an unreadable export has no known stage
+        blob = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:  # noqa: BLE001 - an unreadable export records nothing
+        return {}
+    return {k: v for k, v in blob.items() if k != "state_dict"} if isinstance(blob, dict) else {}
+
+
+def export_stage(path: Path) -> str | None:
+    return export_record(path).get("stage")
+
+
+def finished_run(cfg: Config) -> str | None:
+    """With train.resume=auto, a folder whose run has finished (its newest complete checkpoint at train.max_steps or
+    past it, and model.pt exported at that step): what to say instead of building anything. A finished Slurm job
+    resubmitted or requeued would otherwise load every model to train no step and export model.pt again."""
+    from .checkpoint import complete_tags
+
+    t, out = cfg.train, Path(cfg.train.output_dir)
+    tags = complete_tags(out / "checkpoints") if t.resume == "auto" else []
+    step = int(tags[-1].name.split("_")[-1]) if tags else -1
+    if step < t.max_steps or export_record(out / "model.pt").get("step") != step:
         return None
+    return (f"train.output_dir '{out}': the run finished at step {step} ({out / 'model.pt'}); nothing to do "
+            "(raise train.max_steps to train on)")
 
 
 def check_stage(cfg: Config, rank: int) -> None:

@@ -170,10 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         return exit_codes.CONFIG_ERROR
     from dico_scale.data.pipeline import one_line
     from dico_scale.errors import CheckpointError, DataError
-    from dico_scale.preflight import run_preflight
+    from dico_scale.preflight import finished_run, run_preflight
 
     try:
         run_preflight(cfg)  # output directory, tracking server: seconds, before any process group starts
+        if done := finished_run(cfg):
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(done, flush=True)
+            return exit_codes.OK
         summary = run(cfg)
     except ConfigError as e:  # bad input found while building (weights files, model names, no shard exists)
         _error(f"config error: {e}")

@@ -15,7 +15,7 @@ import torch
 from helpers import launch_xe, steps_logged, wait_for, xe_args
 
 from dico_scale.config import ConfigError, load_config
-from dico_scale.preflight import check_history, check_stage
+from dico_scale.preflight import check_history, check_stage, finished_run
 from dico_scale.supervision import SAME_CTRL_C_S
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,4 +132,29 @@ def test_a_run_never_starts_beside_checkpoints_of_another_history(tmp_path):
     for resume in ("auto", str(ckpts / "step_00000004"), str(tmp_path / "checkpoints" / ".." / "checkpoints" /
                                                                "step_00000004")):
         check_history(_cfg(tmp_path, "xe", resume))
+
+
+def test_a_finished_run_resumed_does_nothing(tmp_path, capsys, clean_env):
+    """train.resume=auto on a folder whose newest checkpoint is at train.max_steps with model.pt of that step (a
+    finished Slurm job resubmitted): exit 0 with one line, nothing built, model.pt untouched. Without the export of
+    that step, or with a higher max_steps, the run goes on."""
+    from dico_scale import train
+
+    tag = tmp_path / "checkpoints" / "step_00000004"
+    tag.mkdir(parents=True)
+    (tag / "complete").write_text(json.dumps({"stage": "xe", "step": 4}))
+    torch.save({"state_dict": {}, "stage": "xe", "step": 3}, tmp_path / "model.pt")
+    assert finished_run(_cfg(tmp_path, "xe", "auto")) is None  # exported before the last checkpoint: not done
+    torch.save({"state_dict": {}, "stage": "xe", "step": 4}, tmp_path / "model.pt")
+    for resume, steps in (("none", 4), ("auto", 5)):
+        assert finished_run(load_config(str(REPO / "configs/demo/xe.yaml"), [
+            f"train.output_dir={tmp_path}", f"train.resume={resume}", f"train.max_steps={steps}",
+            "evaluator.weights=", "captioner.image_encoder_weights="])) is None
+    before = (tmp_path / "model.pt").stat().st_mtime_ns
+    assert train.main(["--config", str(REPO / "configs/demo/xe.yaml"), f"train.output_dir={tmp_path}",
+                       "train.resume=auto", "train.max_steps=4", "evaluator.weights=",
+                       "captioner.image_encoder_weights=", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]) == 0
+    assert capsys.readouterr().out == (f"train.output_dir '{tmp_path}': the run finished at step 4 ({tmp_path}/"
+                                       "model.pt); nothing to do (raise train.max_steps to train on)\n")
+    assert (tmp_path / "model.pt").stat().st_mtime_ns == before and not (tmp_path / "mlflow.db").exists()
 
