@@ -118,15 +118,16 @@ def export_stage(path: Path) -> str | None:
 
 
 def finished_run(cfg: Config) -> str | None:
-    """With train.resume=auto, a folder whose run has finished (its newest complete checkpoint at train.max_steps or
-    past it, and model.pt exported at that step): what to say instead of building anything. A finished Slurm job
-    resubmitted or requeued would otherwise load every model to train no step and export model.pt again."""
+    """With train.resume=auto, a folder whose run has finished (its newest complete checkpoint at train.max_steps and
+    model.pt exported at that step): what to say instead of building anything. A finished Slurm job resubmitted or
+    requeued would otherwise load every model to train no step and export model.pt again. Any other case (a lower
+    max_steps, a newer tag that may not verify) goes through the resume as before."""
     from .checkpoint import complete_tags
 
     t, out = cfg.train, Path(cfg.train.output_dir)
     tags = complete_tags(out / "checkpoints") if t.resume == "auto" else []
     step = int(tags[-1].name.split("_")[-1]) if tags else -1
-    if step < t.max_steps or export_record(out / "model.pt").get("step") != step:
+    if step != t.max_steps or export_record(out / "model.pt").get("step") != step:
         return None
     return (f"train.output_dir '{out}': the run finished at step {step} ({out / 'model.pt'}); nothing to do "
             "(raise train.max_steps to train on)")

@@ -137,7 +137,7 @@ def test_a_run_never_starts_beside_checkpoints_of_another_history(tmp_path):
 def test_a_finished_run_resumed_does_nothing(tmp_path, capsys, clean_env):
     """train.resume=auto on a folder whose newest checkpoint is at train.max_steps with model.pt of that step (a
     finished Slurm job resubmitted): exit 0 with one line, nothing built, model.pt untouched. Without the export of
-    that step, or with a higher max_steps, the run goes on."""
+    that step, or with another max_steps, the run goes on."""
     from dico_scale import train
 
     tag = tmp_path / "checkpoints" / "step_00000004"
@@ -146,7 +146,7 @@ def test_a_finished_run_resumed_does_nothing(tmp_path, capsys, clean_env):
     torch.save({"state_dict": {}, "stage": "xe", "step": 3}, tmp_path / "model.pt")
     assert finished_run(_cfg(tmp_path, "xe", "auto")) is None  # exported before the last checkpoint: not done
     torch.save({"state_dict": {}, "stage": "xe", "step": 4}, tmp_path / "model.pt")
-    for resume, steps in (("none", 4), ("auto", 5)):
+    for resume, steps in (("none", 4), ("auto", 5), ("auto", 3)):  # a lower max_steps: the resume decides as before
         assert finished_run(load_config(str(REPO / "configs/demo/xe.yaml"), [
             f"train.output_dir={tmp_path}", f"train.resume={resume}", f"train.max_steps={steps}",
             "evaluator.weights=", "captioner.image_encoder_weights="])) is None
