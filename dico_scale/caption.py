@@ -57,9 +57,9 @@ def load_pixels(preprocess, path: str):
 
 def caption_files(captioner, tok, paths, cfg, device, batch_size: int):
     """Yields (path, caption or None, error or None) in order; an unreadable image is reported, not fatal."""
-    import torch
     from PIL import UnidentifiedImageError
 
+    from dico_scale.data.pipeline import stacked
     from dico_scale.validate import generate
 
     g = cfg.generation
@@ -72,9 +72,8 @@ def caption_files(captioner, tok, paths, cfg, device, batch_size: int):
                 failed[path] = "not an image file PIL can read"
             except Exception as e:
                 failed[path] = f"{type(e).__name__}: {str(e)[:200]}"
-        stack = getattr(captioner.preprocess, "collate", torch.stack)  # a VLM's processor pads its own batch
-        captions = iter(generate(captioner, tok, stack(pixels).to(device), g.candidates, g.max_len)
-                        if pixels else [])
+        captions = iter(generate(captioner, tok, stacked(captioner.preprocess, pixels).to(device), g.candidates,
+                                 g.max_len) if pixels else [])
         for path in chunk:
             yield (path, None, failed[path]) if path in failed else (path, next(captions), None)
 
