@@ -43,7 +43,8 @@ def images():
     return lambda cap: cap.preprocess.collate([cap.preprocess(im) for im in ims])
 
 
-@pytest.mark.parametrize("family", ["idefics3", "qwen2-vl", "qwen3-vl", "gemma3"])
+@pytest.mark.parametrize("family", ["idefics3", "qwen2-vl", "qwen3-vl", "gemma3", "llava-next", "llava-onevision",
+                                    "internvl"])
 def test_adapters_disabled_equal_a_separate_frozen_copy(vlm_folders, images, family):
     folder = vlm_folders[family]
     cap, plain = adapted(folder), build_captioner(config(folder)).eval()

@@ -18,6 +18,8 @@ HF_ARCHITECTURES = ("VisionEncoderDecoderModel", "BlipForConditionalGeneration")
 VLM_ARCHITECTURES = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration",
                      "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
                      "Qwen3VLForConditionalGeneration", "LlavaForConditionalGeneration",
+                     "LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
+                     "InternVLForConditionalGeneration",
                      "Gemma3ForConditionalGeneration")
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 HF_DECODERS = ("gpt2", "bert")  # VisionEncoderDecoderModel decoder model types whose head we can split off

@@ -144,12 +144,13 @@ class HFVLM(CaptionerModel):
         return cls(model, processor, c.prompt, c.hf_path, {p.strip() for p in c.freeze.split(",") if p.strip()},
                    c.gradient_checkpointing, dict(c.images_kwargs))
 
-    def parts(self) -> dict[str, list[torch.nn.Module]]:
+    def parts(self) -> dict[str, list[torch.nn.Module | torch.nn.Parameter]]:
         """captioner.freeze's parts: the image tower (towers), the connector to the text model (Idefics3's, LLaVA's
-        and Gemma 3's projector), the text model's token embeddings."""
+        and Gemma 3's projector; LLaVA-NeXT's too, with the feature it puts after each row of tiles), the text
+        model's token embeddings."""
         inner = self.model.model
         return {"vision": towers(self.model),
-                "projection": [getattr(inner, n) for n in ("connector", "multi_modal_projector")
+                "projection": [getattr(inner, n) for n in ("connector", "multi_modal_projector", "image_newline")
                                if getattr(inner, n, None) is not None],
                 "embeddings": [self.model.get_input_embeddings()]}
 

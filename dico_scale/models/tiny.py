@@ -8,8 +8,8 @@ Families: vit-gpt2 (VisionEncoderDecoderModel, GPT-2 style tokenizer: BOS = EOS 
 blip (BlipForConditionalGeneration, BERT style specials: [PAD] [SEP] [DEC]), dico-ref (the DiCO reference code's
 save_pretrained layout, written from transformers' CLIPVisionModel, BertModel and GPT2LMHeadModel; CLIP BPE
 vocabulary, no tokenizer files: the row brings open_clip's), and the vision-language families of the hf_vlm row
-(models/tiny_vlm.py: idefics3, smolvlm, qwen2-vl, qwen2.5-vl, qwen3-vl, llava, gemma3; processor, chat template). Tests and `dico_scale.demo --captioner` use
-the same builder.
+(models/tiny_vlm.py: idefics3, smolvlm, qwen2-vl, qwen2.5-vl, qwen3-vl, internvl, llava, llava-next, llava-onevision,
+gemma3; processor, chat template). Tests and `dico_scale.demo --captioner` use the same builder.
 """
 from __future__ import annotations
 

@@ -11,8 +11,15 @@ Families (dico_scale.models.tiny writes them):
   qwen2.5-vl Qwen2_5_VLForConditionalGeneration: as qwen2-vl, with windowed attention in the vision tower
   qwen3-vl   Qwen3VLForConditionalGeneration: as qwen2-vl, with interleaved mrope, the vision tower's learned position
              grid interpolated to the image, and its deepstack features added to the first text layers
+  internvl   InternVLForConditionalGeneration: images cut into a grid of tiles nearest their aspect ratio (plus a
+             thumbnail), every image's tiles in one list; a fixed run of <IMG_CONTEXT> tokens a tile between <img> and
+             </img>; Qwen2 text model, tied head
   llava      LlavaForConditionalGeneration: a CLIP vision tower on images resized and cropped to one size (a fixed run
              of <image> tokens), a projector, a Llama text model; "USER: <image>\n... ASSISTANT:" turns
+  llava-next LlavaNextForConditionalGeneration: anyres tiles (a grid chosen by the image's size, plus the whole image)
+             zero-padded to the batch's largest tile count, their features unpadded to the aspect ratio with a
+             newline feature per row, so tile and token counts follow the size; Mistral-style [INST] turns
+  llava-onevision  LlavaOnevisionForConditionalGeneration: LLaVA-NeXT's tiles on a SigLIP tower, Qwen2 text model
   gemma3     Gemma3ForConditionalGeneration: a SigLIP tower on images resized to one size, pooled to a fixed run of
              <image_soft_token>s; image tokens attend to each other both ways in the prefill (token_type_ids); sliding-window and global layers; a tied head; the tokenizer adds <bos> and
              the chat template writes it too; turns end with <end_of_turn>, which the generation config lists after
@@ -20,7 +27,8 @@ Families (dico_scale.models.tiny writes them):
 """
 from __future__ import annotations
 
-VLM_FAMILIES = ("idefics3", "smolvlm", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava", "gemma3")
+VLM_FAMILIES = ("idefics3", "smolvlm", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl", "llava", "llava-next",
+                "llava-onevision", "gemma3")
 
 # Idefics3 / SmolVLM turns: "User:<image>Describe...<end_of_utterance>\nAssistant: ..."
 IDEFICS3_TEMPLATE = (
@@ -37,6 +45,11 @@ QWEN2VL_TEMPLATE = (
     "{% elif part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
+# InternVL (the -hf releases) turns: Qwen2-VL's, the image as "<IMG_CONTEXT>\n" (the processor widens it)
+INTERNVL_TEMPLATE = QWEN2VL_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n")
+# LLaVA-OneVision turns: Qwen2-VL's, the image as "<image>\n"
+ONEVISION_TEMPLATE = QWEN2VL_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>\n")
+
 # LLaVA-1.5 turns: "USER: <image>\nDescribe... ASSISTANT:"
 LLAVA_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
@@ -44,6 +57,12 @@ LLAVA_TEMPLATE = (
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
     "{% if message['role'] == 'user' %} {% else %}</s>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+# LLaVA-NeXT (llava-v1.6-mistral) turns: "<s>[INST] <image>\nDescribe... [/INST] A cat.</s>"
+LLAVA_NEXT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}[INST] "
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %} [/INST]"
+    "{% else %} {{ message['content'][0]['text'] }}</s>{% endif %}{% endfor %}")
 # Gemma 3 turns: "<bos><start_of_turn>user\n<start_of_image>Describe...<end_of_turn>\n<start_of_turn>model\n"
 GEMMA3_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -53,7 +72,10 @@ GEMMA3_TEMPLATE = (
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 GEMMA3_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
                    "<end_of_image>", "<image_soft_token>"]
+INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+ONEVISION_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+LLAVA_NEXT_SPECIALS = LLAVA_SPECIALS + ["[INST]", "[/INST]"]
 IDEFICS3_SPECIALS = (["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>",
                       "<global-img>", "<image>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)])
 QWEN2VL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -85,6 +107,12 @@ def _text_config(vocab: int, width: int, layers: int, heads: int, **ids) -> dict
     return dict(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256,
                 tie_word_embeddings=False, **ids)
+
+
+def _vision_config(model_type: str, width: int, layers: int, heads: int, image_size: int, **extra) -> dict:
+    """A CLIP or SigLIP vision tower of 8-pixel patches."""
+    return dict(model_type=model_type, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                num_attention_heads=heads, image_size=image_size, patch_size=8, **extra)
 
 
 def idefics3(width: int, layers: int, heads: int, image_size: int, vocab_size: int, smolvlm: bool = False):
@@ -175,8 +203,7 @@ def gemma3(width: int, layers: int, heads: int, image_size: int, vocab_size: int
                 query_pre_attn_scalar=head_dim, sliding_window=8, max_position_embeddings=256,
                 layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
                 bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"], pad_token_id=ids["<pad>"])
-    vision = dict(model_type="siglip_vision_model", hidden_size=width, intermediate_size=2 * width,
-                  num_hidden_layers=layers, num_attention_heads=heads, image_size=image_size, patch_size=8)
+    vision = _vision_config("siglip_vision_model", width, layers, heads, image_size)
     config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
                           boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
                           image_token_index=ids["<image_soft_token>"], tie_word_embeddings=True)
@@ -197,9 +224,7 @@ def llava(width: int, layers: int, heads: int, image_size: int, vocab_size: int)
     ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_SPECIALS}
     text = _text_config(len(tok), width, layers, heads, bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
                         pad_token_id=ids["<pad>"])
-    vision = dict(model_type="clip_vision_model", hidden_size=width, intermediate_size=2 * width,
-                  num_hidden_layers=layers, num_attention_heads=heads, image_size=image_size, patch_size=8,
-                  projection_dim=width)
+    vision = _vision_config("clip_vision_model", width, layers, heads, image_size, projection_dim=width)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=ids["<image>"],
                          image_seq_length=(image_size // 8) ** 2, vision_feature_layer=-1, pad_token_id=ids["<pad>"])
     model = LlavaForConditionalGeneration(config)
@@ -210,12 +235,95 @@ def llava(width: int, layers: int, heads: int, image_size: int, vocab_size: int)
     return model, processor
 
 
+def llava_next(width: int, layers: int, heads: int, image_size: int, vocab_size: int):
+    """(model, processor): anyres tiles: each image resized to the grid of image_size tiles (1 x 2, 2 x 1 or 2 x 2)
+    that fits it best, cut into those tiles plus the whole image as one more, 8-pixel patches; the tiles' features
+    unpadded to the image's aspect ratio with a newline feature after each row, so the number of <image> tokens and
+    of tiles both follow the image's size. The tokenizer adds <s>; Mistral-style [INST] turns."""
+    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
+                              LlavaNextProcessor)
+
+    tok = _tokenizer(LLAVA_NEXT_SPECIALS, LLAVA_NEXT_TEMPLATE, vocab_size, prepend="<s>", bos_token="<s>",
+                     eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in LLAVA_NEXT_SPECIALS}
+    text = _text_config(len(tok), width, layers, heads, bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
+                        pad_token_id=ids["<pad>"])
+    vision = _vision_config("clip_vision_model", width, layers, heads, image_size, projection_dim=width)
+    grid = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=ids["<image>"],
+                             image_grid_pinpoints=grid, image_seq_length=(image_size // 8) ** 2,
+                             vision_feature_layer=-1, pad_token_id=ids["<pad>"])
+    model = LlavaNextForConditionalGeneration(config)
+    images = LlavaNextImageProcessor(size={"shortest_edge": image_size}, image_grid_pinpoints=grid,
+                                     crop_size={"height": image_size, "width": image_size})
+    processor = LlavaNextProcessor(images, tok, patch_size=8, vision_feature_select_strategy="default",
+                                   chat_template=LLAVA_NEXT_TEMPLATE, num_additional_image_tokens=1)
+    return model, processor
+
+
+def llava_onevision(width: int, layers: int, heads: int, image_size: int, vocab_size: int):
+    """(model, processor): LLaVA-NeXT's anyres tiles (grids of 1 x 2, 2 x 1, 2 x 2 image_size tiles plus the whole
+    image) on a SigLIP tower (no CLS feature), unpadded to the image's aspect ratio with a newline feature per row;
+    a Qwen2 text model and Qwen-style turns."""
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor)
+
+    tok = _tokenizer(ONEVISION_SPECIALS, ONEVISION_TEMPLATE, vocab_size, eos_token="<|im_end|>",
+                     pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ONEVISION_SPECIALS}
+    text = _text_config(len(tok), width, layers, heads, eos_token_id=ids["<|im_end|>"],
+                        pad_token_id=ids["<|endoftext|>"], model_type="qwen2")
+    vision = _vision_config("siglip_vision_model", width, layers, heads, image_size)
+    grid = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=ids["<image>"],
+                                  video_token_index=ids["<video>"], image_grid_pinpoints=grid,
+                                  vision_feature_select_strategy="full", vision_feature_layer=-1,
+                                  tie_word_embeddings=False)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    size = {"height": image_size, "width": image_size}
+    images = LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=grid)
+    video = LlavaOnevisionVideoProcessor(size=size)
+    processor = LlavaOnevisionProcessor(images, tok, video, num_image_tokens=(image_size // 8) ** 2,
+                                        vision_feature_select_strategy="full", chat_template=ONEVISION_TEMPLATE)
+    return model, processor
+
+
+def internvl(width: int, layers: int, heads: int, image_size: int, vocab_size: int):
+    """(model, processor): dynamic tiles: an image resized to the grid of image_size tiles (up to 4) nearest its
+    aspect ratio, cut into them, plus a thumbnail tile when there are several; 8-pixel patches, pixel shuffle by 2:
+    4 <IMG_CONTEXT> tokens a tile between <img> and </img>, so the token count follows the tile count. All images'
+    tiles go in one list (no per-image padding); Qwen2 text model, tied head."""
+    from transformers import (GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration,
+                              InternVLProcessor, InternVLVideoProcessor)
+
+    tok = _tokenizer(INTERNVL_SPECIALS, INTERNVL_TEMPLATE, vocab_size, eos_token="<|im_end|>",
+                     pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+                     extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                                           "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in INTERNVL_SPECIALS}
+    text = _text_config(len(tok), width, layers, heads, eos_token_id=ids["<|im_end|>"],
+                        pad_token_id=ids["<|endoftext|>"], model_type="qwen2")
+    vision = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=heads,
+                  image_size=[image_size, image_size], patch_size=[8, 8])
+    config = InternVLConfig(vision_config=vision, text_config=text, image_token_id=ids["<IMG_CONTEXT>"],
+                            image_seq_length=(image_size // 8) ** 2 // 4, downsample_ratio=0.5,
+                            tie_word_embeddings=True)
+    model = InternVLForConditionalGeneration(config)
+    images = GotOcr2ImageProcessor(size={"height": image_size, "width": image_size}, crop_to_patches=True,
+                                   min_patches=1, max_patches=4)
+    video = InternVLVideoProcessor(size={"height": image_size, "width": image_size})
+    processor = InternVLProcessor(images, tok, video, image_seq_length=(image_size // 8) ** 2 // 4,
+                                  chat_template=INTERNVL_TEMPLATE)
+    return model, processor
+
+
 def write_vlm(family: str, out_dir: str, width: int, layers: int, heads: int, image_size: int,
               vocab_size: int = 0) -> str:
     """The folder of a tiny `family` VLM (save_pretrained of the model and its processor). Seed first."""
     build = {"idefics3": idefics3, "smolvlm": lambda *a: idefics3(*a, smolvlm=True), "qwen2-vl": qwen_vl,
              "qwen2.5-vl": lambda *a: qwen_vl(*a, version="2.5"), "qwen3-vl": lambda *a: qwen_vl(*a, version="3"),
-             "llava": llava, "gemma3": gemma3}[family]
+             "internvl": internvl, "llava": llava, "llava-next": llava_next,
+             "llava-onevision": llava_onevision, "gemma3": gemma3}[family]
     model, processor = build(width, layers, heads, image_size, max(vocab_size, 400))
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id
     model.save_pretrained(out_dir)
