@@ -129,6 +129,24 @@ def test_bad_image_options_exit_2_with_one_line(tmp_path, capsys, vlm_folders, o
     assert code == 2 and len(err) == 1 and "processor (hf_vlm), not captioner.model=builtin" in err[0], err
 
 
+def test_image_options_the_model_would_not_read_exit_2_with_one_line(tmp_path, capsys, vlm_folders):
+    """An image option the model's config.json holds too (LLaVA-NeXT's tile grids, Qwen-VL's patch size), set by
+    captioner.images_kwargs or in the folder's processor file, with another value than the model's: one line in
+    preflight, not a traceback from inside the model at the first batch."""
+    path = vlm_folders["llava-next"]
+    code, err = run_train(tmp_path, capsys, "captioner.model=hf_vlm", f"captioner.hf_path={path}",
+                          "captioner.images_kwargs.image_grid_pinpoints=[[32,32],[32,96]]")
+    assert code == 2 and len(err) == 1, err
+    assert (f"captioner.images_kwargs.image_grid_pinpoints=[[32, 32], [32, 96]] differs from the model's "
+            f"image_grid_pinpoints [[32, 64], [64, 32], [64, 64]] in '{path}/config.json'") in err[0], err
+    path = _copy(vlm_folders["qwen2-vl"], tmp_path / "q")
+    _edit_json(path / "processor_config.json", lambda d: d["image_processor"].update(patch_size=8))
+    code, err = run_train(tmp_path, capsys, "captioner.model=hf_vlm", f"captioner.hf_path={path}")
+    assert code == 2 and len(err) == 1, err
+    assert (f"captioner.hf_path '{path}': its image processor's patch_size 8 differs from the model's "
+            "vision_config.patch_size 4") in err[0], err
+
+
 def _edit_json(path, edit):
     data = json.loads(path.read_text())
     edit(data)

@@ -4,6 +4,8 @@ tensors batched (left-padded text, zero-padded images). models/hf_vlm.py drives 
 """
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn.functional as F
 
@@ -159,15 +161,37 @@ def checked_images_kwargs(processor, images_kwargs: dict) -> dict:
     return dict(images_kwargs)
 
 
+def _plain(value):
+    """A config value as JSON would hold it (tuples and omegaconf lists as lists), for comparing two sources."""
+    return json.loads(json.dumps(value, default=list))
+
+
+def check_image_geometry(processor, config: dict, images_kwargs: dict, path: str) -> None:
+    """The image options (the processor's own, captioner.images_kwargs over them) that the model's config.json holds
+    too must have its values: LLaVA-NeXT's image_grid_pinpoints, Qwen-VL's patch sizes. Otherwise the processor cuts
+    images into tiles or patches the model does not count the same way, and the first batch dies in the model."""
+    options = {k: v for k, v in {**processor.image_processor.to_dict(), **images_kwargs}.items() if v is not None}
+    for where, held in (("", config), ("vision_config.", config.get("vision_config") or {})):
+        for key in sorted(set(options) & set(held)):
+            if _plain(options[key]) == _plain(held[key]):
+                continue
+            source = (f"captioner.images_kwargs.{key}={_plain(options[key])}" if key in images_kwargs else
+                      f"captioner.hf_path '{path}': its image processor's {key} {_plain(options[key])}")
+            raise ConfigError(f"{source} differs from the model's {where}{key} {_plain(held[key])} in "
+                              f"'{path}/config.json': the model would not read the processor's tiles / patches")
+
+
 def check_folder(path: str, prompt: str, images_kwargs: dict | None = None) -> None:
     """Preflight of the hf_vlm row: the folder's config, processor and the prompt built from captioner.prompt; the
-    image options on one small picture (a bad value fails here, not in a data worker)."""
+    image options against the model's config and on one small picture (a bad value fails here, not in a data
+    worker or the model)."""
     from PIL import Image
 
-    checked_config(path, vlm_problem)
+    config = checked_config(path, vlm_problem)
     processor = load_processor(path)
     text, _ = prompt_ids(processor, prompt, path)
     preprocess = VLMPreprocess(processor, text, 0, checked_images_kwargs(processor, images_kwargs or {}))
+    check_image_geometry(processor, config, preprocess.images_kwargs, path)
     try:
         preprocess(Image.new("RGB", (64, 48)))
     except Exception as e:  # the processor's own check of a value, whatever its type
