@@ -70,6 +70,15 @@ MODELS = {
         vision=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
                     num_hidden_layers=27, num_attention_heads=16, patch_size=14, image_size=896),
         mm_tokens_per_image=256),
+    # llava-v1.6-mistral-7b-hf (LLaVA-NeXT): CLIP ViT-L/14 at 336, a Mistral-7B text model. A 640 x 480 image is
+    # cut into the 2 x 2 grid of 336 tiles plus the whole image, unpadded to 4:3 with a newline feature per row:
+    # 2,340 image tokens (LlavaNextProcessor's count, + ~25 prompt tokens), 5.6 times Qwen2-VL's for the same picture
+    "LLaVA-NeXT-7B-like": dict(
+        family="llava-next", prompt_tokens=2340 + 25,
+        text=dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, vocab_size=32064, tie_word_embeddings=False),
+        vision=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                    num_attention_heads=16, patch_size=14, image_size=336, projection_dim=768)),
 }
 
 
@@ -79,7 +88,8 @@ def build_meta(spec: dict):
     import transformers
 
     prefix, extra = {"idefics3": ("Idefics3", ("scale_factor",)), "qwen2-vl": ("Qwen2VL", ()),
-                     "qwen3-vl": ("Qwen3VL", ()), "gemma3": ("Gemma3", ("mm_tokens_per_image",))}[spec["family"]]
+                     "qwen3-vl": ("Qwen3VL", ()), "gemma3": ("Gemma3", ("mm_tokens_per_image",)),
+                     "llava-next": ("LlavaNext", ())}[spec["family"]]
     config = getattr(transformers, prefix + "Config")(
         text_config=spec["text"], vision_config=spec["vision"], tie_word_embeddings=spec["text"]["tie_word_embeddings"],
         **{k: spec[k] for k in extra})
@@ -142,7 +152,7 @@ def token_bytes(t: dict, lora: bool, style: str = "llama", qk_norm: bool = False
 
 # Each family's text layer, for token_bytes: (norm style, q / k norms)
 LAYERS = {"idefics3": ("llama", False), "qwen2-vl": ("llama", False), "qwen3-vl": ("llama", True),
-          "gemma3": ("gemma", True)}
+          "gemma3": ("gemma", True), "llava-next": ("llama", False)}
 
 
 def layer_bytes(t: dict, prompt: int, lora: bool, family: str) -> int:

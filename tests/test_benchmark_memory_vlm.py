@@ -45,3 +45,16 @@ def test_projections_of_a_7b_captioner():
     assert not full["fits"]["80 GB"] and full["fits"]["141 GB"] and z3["fits"]["80 GB"]
     recomputed = peak(lora=False, separate_reference=True, zero=3, world=8, checkpointing=True)
     assert recomputed["training"] < z3["training"] / 3 and recomputed["captioner_states"] == z3["captioner_states"]
+
+
+def test_a_long_prompt_needs_recomputation():
+    """LLaVA-NeXT-7B: 2,340 image tokens for a COCO picture (anyres tiles), so the log-prob pass of 8 images x 5
+    candidates does not fit even a 141 GB GPU without gradient checkpointing, and fits 80 GB with it; what
+    configs/llava_next sets."""
+    spec = vlm_memory.MODELS["LLaVA-NeXT-7B-like"]
+    c = vlm_memory.counts(spec)
+    assert 7.4e9 < c["total"] < 7.7e9 and 0.29e9 < c["vision"] < 0.32e9
+    plain = vlm_memory.project("n", spec, c, lora=True, separate_reference=False, zero=3, world=8)
+    recomputed = vlm_memory.project("n", spec, c, lora=True, separate_reference=False, zero=3, world=8,
+                                    checkpointing=True)
+    assert not plain["fits"]["141 GB"] and recomputed["fits"]["80 GB"]

@@ -141,8 +141,9 @@ def test_gradients_reach_the_prompt_through_its_cache(cap):
         cap.zero_grad(set_to_none=True)
 
 
-# tiles + 1-d positions; patches + multimodal rotary; bidirectional image attention + sliding windows
-@pytest.mark.parametrize("family", ["idefics3", "qwen2-vl", "gemma3"])
+# tiles + 1-d positions; patches + multimodal rotary; bidirectional image attention + sliding windows; anyres tiles
+# (configs/llava_next turns it on)
+@pytest.mark.parametrize("family", ["idefics3", "qwen2-vl", "gemma3", "llava-next"])
 def test_gradient_checkpointing_gives_the_same_logprobs_and_gradients_and_keeps_less(vlm_folders, family):
     """captioner.gradient_checkpointing recomputes the text layers in backward (their cache writes replayed): the same
     log-probs and gradients, prompt included, and a fraction of the activations kept for backward."""
