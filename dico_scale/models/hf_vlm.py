@@ -1,6 +1,7 @@
 """Decoder-only vision-language captioners (MODELS row `hf_vlm`): an `AutoModelForImageTextToText` (Idefics3 /
-SmolVLM, Qwen2-VL / Qwen2.5-VL / Qwen3-VL, LLaVA, Gemma 3) read from a local folder (`captioner.hf_path`) with its
-processor and chat template, asked `captioner.prompt` about each image (the processor side: models/vlm_processor.py).
+SmolVLM, Qwen2-VL / Qwen2.5-VL / Qwen3-VL, InternVL, LLaVA / LLaVA-NeXT / LLaVA-OneVision, Gemma 3) read from a local
+folder (`captioner.hf_path`) with its processor and chat template, asked `captioner.prompt` about each image (the
+processor side: models/vlm_processor.py).
 
 The prompt (chat template, image tokens and all) is one row per image, left-padded in a batch. Its last token, the
 one after which the answer starts ("Assistant:", "<|im_start|>assistant\\n"), plays the built-in captioner's BOS: the
@@ -96,7 +97,7 @@ def _checkpointed_forward(self, *args, **kwargs):
 
 def towers(model) -> list[torch.nn.Module]:
     """The image tower inside an AutoModelForImageTextToText (Idefics3: vision_model; Qwen-VL: visual, its patch
-    merger included; LLaVA, Gemma 3: vision_tower)."""
+    merger included; InternVL, the LLaVAs, Gemma 3: vision_tower)."""
     return [getattr(model.model, n) for n in ("vision_model", "visual", "vision_tower")
             if getattr(model.model, n, None) is not None]
 
@@ -145,9 +146,9 @@ class HFVLM(CaptionerModel):
                    c.gradient_checkpointing, dict(c.images_kwargs))
 
     def parts(self) -> dict[str, list[torch.nn.Module | torch.nn.Parameter]]:
-        """captioner.freeze's parts: the image tower (towers), the connector to the text model (Idefics3's, LLaVA's
-        and Gemma 3's projector; LLaVA-NeXT's too, with the feature it puts after each row of tiles), the text
-        model's token embeddings."""
+        """captioner.freeze's parts: the image tower (towers), the connector to the text model (Idefics3's, LLaVA's,
+        InternVL's and Gemma 3's projector; LLaVA-NeXT's and LLaVA-OneVision's too, with the feature they put after
+        each row of tiles), the text model's token embeddings."""
         inner = self.model.model
         return {"vision": towers(self.model),
                 "projection": [getattr(inner, n) for n in ("connector", "multi_modal_projector", "image_newline")
