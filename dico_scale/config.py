@@ -68,8 +68,8 @@ class CaptionerConfig:
     hf_path: str = ""  # Hugging Face rows: local save_pretrained folder (weights, tokenizer, image processor)
     freeze: str = "vision"  # Hugging Face rows: frozen parts, comma-separated: vision, projection, embeddings
     prompt: str = "Describe this image in one sentence."  # hf_vlm: the question, inside the folder's chat template
-    # hf_vlm: options of the processor's image call, e.g. max_pixels (Qwen-VL), do_pan_and_scan (Gemma 3),
-    # do_image_splitting (SmolVLM): how many image tokens a picture becomes
+    # hf_vlm: options of the processor's image call, e.g. size (Qwen-VL's pixel bounds), do_pan_and_scan (Gemma 3),
+    # do_image_splitting (SmolVLM), max_patches (InternVL): how many image tokens a picture becomes
     images_kwargs: Dict[str, Any] = field(default_factory=dict)
     image_encoder: str = "ViT-L-14"  # open_clip model name whose visual tower encodes images
     image_encoder_weights: str = ""  # local open_clip / OpenAI-layout checkpoint; empty = random init

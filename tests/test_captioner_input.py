@@ -130,8 +130,8 @@ def test_bad_image_options_exit_2_with_one_line(tmp_path, capsys, vlm_folders, o
 
 
 def test_image_options_the_model_would_not_read_exit_2_with_one_line(tmp_path, capsys, vlm_folders):
-    """An image option the model's config.json holds too (LLaVA-NeXT's tile grids, Qwen-VL's patch size), set by
-    captioner.images_kwargs or in the folder's processor file, with another value than the model's: one line in
+    """An image option the model's config.json holds too (LLaVA-NeXT's tile grids, Qwen-VL's patch size, InternVL's
+    tokens a tile), set by captioner.images_kwargs or in the folder's processor file, with another value than the model's: one line in
     preflight, not a traceback from inside the model at the first batch."""
     path = vlm_folders["llava-next"]
     code, err = run_train(tmp_path, capsys, "captioner.model=hf_vlm", f"captioner.hf_path={path}",
@@ -143,8 +143,13 @@ def test_image_options_the_model_would_not_read_exit_2_with_one_line(tmp_path, c
     _edit_json(path / "processor_config.json", lambda d: d["image_processor"].update(patch_size=8))
     code, err = run_train(tmp_path, capsys, "captioner.model=hf_vlm", f"captioner.hf_path={path}")
     assert code == 2 and len(err) == 1, err
-    assert (f"captioner.hf_path '{path}': its image processor's patch_size 8 differs from the model's "
+    assert (f"captioner.hf_path '{path}': its processor's patch_size 8 differs from the model's "
             "vision_config.patch_size 4") in err[0], err
+    path = _copy(vlm_folders["internvl"], tmp_path / "i")  # a processor-level option: its image tokens a tile
+    _edit_json(path / "processor_config.json", lambda d: d.update(image_seq_length=16))
+    code, err = run_train(tmp_path, capsys, "captioner.model=hf_vlm", f"captioner.hf_path={path}")
+    assert code == 2 and len(err) == 1, err
+    assert "its processor's image_seq_length 16 differs from the model's image_seq_length 4" in err[0], err
 
 
 def _edit_json(path, edit):

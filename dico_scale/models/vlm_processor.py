@@ -167,16 +167,18 @@ def _plain(value):
 
 
 def check_image_geometry(processor, config: dict, images_kwargs: dict, path: str) -> None:
-    """The image options (the processor's own, captioner.images_kwargs over them) that the model's config.json holds
-    too must have its values: LLaVA-NeXT's image_grid_pinpoints, Qwen-VL's patch sizes. Otherwise the processor cuts
-    images into tiles or patches the model does not count the same way, and the first batch dies in the model."""
-    options = {k: v for k, v in {**processor.image_processor.to_dict(), **images_kwargs}.items() if v is not None}
+    """The image options (the processor's and its image processor's own, captioner.images_kwargs over them) that the
+    model's config.json holds too must have its values: LLaVA-NeXT's image_grid_pinpoints, Qwen-VL's and LLaVA's
+    patch sizes, InternVL's image_seq_length, LLaVA's vision_feature_select_strategy. Otherwise the processor writes
+    image tokens or cuts tiles the model does not count the same way, and the first batch dies in the model."""
+    own = {**processor.to_dict(), **processor.image_processor.to_dict()}
+    options = {k: v for k, v in {**own, **images_kwargs}.items() if v is not None and not isinstance(v, dict)}
     for where, held in (("", config), ("vision_config.", config.get("vision_config") or {})):
         for key in sorted(set(options) & set(held)):
             if _plain(options[key]) == _plain(held[key]):
                 continue
             source = (f"captioner.images_kwargs.{key}={_plain(options[key])}" if key in images_kwargs else
-                      f"captioner.hf_path '{path}': its image processor's {key} {_plain(options[key])}")
+                      f"captioner.hf_path '{path}': its processor's {key} {_plain(options[key])}")
             raise ConfigError(f"{source} differs from the model's {where}{key} {_plain(held[key])} in "
                               f"'{path}/config.json': the model would not read the processor's tiles / patches")
 
