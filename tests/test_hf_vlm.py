@@ -67,8 +67,8 @@ def test_the_prompt_row_is_the_one_the_processors_chat_path_builds(cap):
 
 def test_beams_equal_transformers_generate(cap):
     """The best beam always; every beam while none of ours ends early. After one has (EOS before max_len), the
-    searches part on purpose: a finished beam keeps its slot in ours (finished and running beams compete on one score,
-    as in the DiCO reference), while `generate` sets it aside and keeps k beams running."""
+    searches part: a finished beam keeps its slot in ours (finished and running beams compete on one score;
+    models/generation.py), while `generate` sets it aside and keeps k beams running."""
     tok, k, max_len = cap.tokenizer, 3, 8
     for im in images():
         one = batch(cap, [im])
