@@ -1,0 +1,18 @@
+"""benchmarks/beam_vs_generate.py runs end to end on a tiny random VLM folder and synthetic test shards."""
+import json
+import os
+import sys
+
+sys.path.insert(0, "benchmarks")
+import beam_vs_generate  # noqa: E402
+
+
+def test_beam_vs_generate_smoke(vlm_folders, tiny_shards, tmp_path):
+    shards = os.path.join(os.path.dirname(tiny_shards["test"]), "test-*.tar")
+    out = tmp_path / "beam.json"
+    result = beam_vs_generate.main(["--folder", vlm_folders["qwen2-vl"], "--shards", shards, "--images", "3",
+                                    "--beams", "3", "--max-len", "6", "--json", str(out)])
+    assert result["images"] == 3 and json.loads(out.read_text()) == result
+    same = result["same"]
+    assert set(same) == {"0.0", "1.0"} and all(0 <= n <= 3 for v in same.values() for n in v.values())
+    assert same["0.0"]["best"] == 3  # with summed log-probs both searches find the same best beam
