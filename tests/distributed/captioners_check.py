@@ -63,3 +63,7 @@ if dist.get_rank() == 0:
     with open(os.path.join(out, "captioners.json"), "w") as f:
         json.dump(result, f, indent=1, default=float)
 shutdown()
+
+from dico_scale.exit_codes import leave  # noqa: E402
+
+leave(0)  # as the entry points: no interpreter teardown, in which a thread's destructor once aborted a rank
