@@ -122,14 +122,14 @@ def finished_run(cfg: Config) -> str | None:
     model.pt exported at that step): what to say instead of building anything. A finished Slurm job resubmitted or
     requeued would otherwise load every model to train no step and export model.pt again. Any other case (a lower
     max_steps, a newer tag that may not verify) goes through the resume as before."""
-    from .checkpoint import complete_tags
+    from .checkpoint import complete_tags, tag_name
 
     t, out = cfg.train, Path(cfg.train.output_dir)
     tags = complete_tags(out / "checkpoints") if t.resume == "auto" else []
-    step = int(tags[-1].name.split("_")[-1]) if tags else -1
-    if step != t.max_steps or export_record(out / "model.pt").get("step") != step:
+    newest_is_last = bool(tags) and tags[-1].name == tag_name(t.max_steps)
+    if not newest_is_last or export_record(out / "model.pt").get("step") != t.max_steps:
         return None
-    return (f"train.output_dir '{out}': the run finished at step {step} ({out / 'model.pt'}); nothing to do "
+    return (f"train.output_dir '{out}': the run finished at step {t.max_steps} ({out / 'model.pt'}); nothing to do "
             "(raise train.max_steps to train on)")
 
 

@@ -131,8 +131,8 @@ def test_bad_image_options_exit_2_with_one_line(tmp_path, capsys, vlm_folders, o
 
 def test_image_options_the_model_would_not_read_exit_2_with_one_line(tmp_path, capsys, vlm_folders):
     """An image option the model's config.json holds too (LLaVA-NeXT's tile grids, Qwen-VL's patch size, InternVL's
-    tokens a tile), set by captioner.images_kwargs or in the folder's processor file, with another value than the model's: one line in
-    preflight, not a traceback from inside the model at the first batch."""
+    tokens a tile), set by captioner.images_kwargs or in the folder's processor file, with another value than the
+    model's: one line in preflight, not a traceback from inside the model at the first batch."""
     path = vlm_folders["llava-next"]
     code, err = run_train(tmp_path, capsys, "captioner.model=hf_vlm", f"captioner.hf_path={path}",
                           "captioner.images_kwargs.image_grid_pinpoints=[[32,32],[32,96]]")

@@ -2,9 +2,9 @@
 tests/distributed/captioners_check.py: xe -> dico -> scst (ZeRO-2) per family (vit-gpt2 and BLIP on
 hf_encoder_decoder, the DiCO reference's layout on dico_ref, Idefics3, Gemma 3, Qwen3-VL, LLaVA-NeXT, InternVL and
 Qwen2-VL on hf_vlm), dico in bf16, a ZeRO-3 dico run stopped and resumed on the same MLflow run, Qwen2-VL dico with
-LoRA under ZeRO-3, an Idefics3 dico run with LoRA killed (SIGKILL) and resumed; then caption and evaluate on the exports, the exported
-transformers folder (hf/) generating the captions dico_scale.caption prints, and a LoRA run's adapters (peft) equal to
-its merged export."""
+LoRA under ZeRO-3, an Idefics3 dico run with LoRA killed (SIGKILL) and resumed; then caption and evaluate on the
+exports, the exported transformers folder (hf/) generating the captions dico_scale.caption prints, and a LoRA
+run's adapters (peft) equal to its merged export."""
 import json
 import math
 import os

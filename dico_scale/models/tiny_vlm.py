@@ -115,6 +115,11 @@ def _vision_config(model_type: str, width: int, layers: int, heads: int, image_s
                 num_attention_heads=heads, image_size=image_size, patch_size=8, **extra)
 
 
+def _anyres_grid(image_size: int) -> list[list[int]]:
+    """LLaVA-NeXT's and LLaVA-OneVision's tile grids (image_grid_pinpoints): 1 x 2, 2 x 1 and 2 x 2 tiles."""
+    return [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+
+
 def idefics3(width: int, layers: int, heads: int, image_size: int, vocab_size: int, smolvlm: bool = False):
     """(model, processor): tiles of image_size pixels, 8-pixel patches, pixel shuffle by 2: 4 <image> tokens a tile;
     an image up to 2 x image_size on its long side splits into up to 2 x 2 tiles plus the global one. smolvlm: the
@@ -249,7 +254,7 @@ def llava_next(width: int, layers: int, heads: int, image_size: int, vocab_size:
     text = _text_config(len(tok), width, layers, heads, bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
                         pad_token_id=ids["<pad>"])
     vision = _vision_config("clip_vision_model", width, layers, heads, image_size, projection_dim=width)
-    grid = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    grid = _anyres_grid(image_size)
     config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=ids["<image>"],
                              image_grid_pinpoints=grid, image_seq_length=(image_size // 8) ** 2,
                              vision_feature_layer=-1, pad_token_id=ids["<pad>"])
@@ -274,7 +279,7 @@ def llava_onevision(width: int, layers: int, heads: int, image_size: int, vocab_
     text = _text_config(len(tok), width, layers, heads, eos_token_id=ids["<|im_end|>"],
                         pad_token_id=ids["<|endoftext|>"], model_type="qwen2")
     vision = _vision_config("siglip_vision_model", width, layers, heads, image_size)
-    grid = [[image_size, 2 * image_size], [2 * image_size, image_size], [2 * image_size, 2 * image_size]]
+    grid = _anyres_grid(image_size)
     config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=ids["<image>"],
                                   video_token_index=ids["<video>"], image_grid_pinpoints=grid,
                                   vision_feature_select_strategy="full", vision_feature_layer=-1,
