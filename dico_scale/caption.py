@@ -1,4 +1,5 @@
-"""Captions image files: `python -m dico_scale.caption --checkpoint PATH images... [--beam-size 5 --max-len 20]`.
+"""Captions image files: `python -m dico_scale.caption --checkpoint PATH images... [--beam-size 5 --max-len 20
+--length-penalty 1.0]`.
 
 Prints "path<TAB>caption" per image, in the order given (a folder: its .jpg, .jpeg, .png, .webp, .bmp,
 .gif, .tif and .tiff files, sorted, not recursive).
@@ -7,6 +8,7 @@ Runs on the CPU by default; a model.pt export needs no DeepSpeed.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -36,12 +38,24 @@ def positive(text: str) -> int:
     return int(text)
 
 
+def finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="dico_scale.caption", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="model.pt export or checkpoint tag folder")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--beam-size", type=positive, help="default: the checkpoint's generation.candidates")
     p.add_argument("--max-len", type=positive, help="generated tokens; default: generation.max_len")
+    p.add_argument("--length-penalty", type=finite, help="ended beams rank by log-prob sum / length ** this; "
+                   "default: generation.length_penalty")
     p.add_argument("--batch-size", type=positive, default=16)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     return p.parse_args(argv)
@@ -62,7 +76,6 @@ def caption_files(captioner, tok, paths, cfg, device, batch_size: int):
     from dico_scale.data.pipeline import stacked
     from dico_scale.validate import generate
 
-    g = cfg.generation
     for start in range(0, len(paths), batch_size):
         chunk, pixels, failed = paths[start:start + batch_size], [], {}
         for path in chunk:
@@ -72,8 +85,8 @@ def caption_files(captioner, tok, paths, cfg, device, batch_size: int):
                 failed[path] = "not an image file PIL can read"
             except Exception as e:
                 failed[path] = f"{type(e).__name__}: {str(e)[:200]}"
-        captions = iter(generate(captioner, tok, stacked(captioner.preprocess, pixels).to(device), g.candidates,
-                                 g.max_len) if pixels else [])
+        captions = iter(generate(captioner, tok, stacked(captioner.preprocess, pixels).to(device), cfg.generation)
+                        if pixels else [])
         for path in chunk:
             yield (path, None, failed[path]) if path in failed else (path, next(captions), None)
 
@@ -90,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"generation.candidates={args.beam_size}")
         if args.max_len is not None:
             overrides.append(f"generation.max_len={args.max_len}")
+        if args.length_penalty is not None:
+            overrides.append(f"generation.length_penalty={args.length_penalty}")
         cfg = load_run_config(meta, overrides)
         import torch
 

@@ -55,6 +55,7 @@ RANGES = [
     ("captioner.lora.dropout", 0, False, 1, True),
     ("generation.candidates", 1, False, None, False), ("generation.max_len", 1, False, None, False),
     ("generation.temperature", 0, True, None, False), ("generation.top_k", 0, False, None, False),
+    ("generation.length_penalty", -10, False, 10, False),
     ("dico.beta", 0, True, None, False), ("dico.tau", 0, False, None, False),
     ("scst.candidates", 1, False, None, False),
     ("optim.lr", 0, True, None, False), ("optim.weight_decay", 0, False, None, False),

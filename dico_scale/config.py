@@ -101,6 +101,7 @@ class GenerationConfig:
     strategy: str = "beam"  # beam | sample: how the training stages' rollouts propose candidates
     temperature: float = 1.0  # (0, inf); sampling only
     top_k: int = 0  # >= 0; sampling only, 0 = whole vocabulary
+    length_penalty: float = 1.0  # [-10, 10]; beam: ended beams rank by log-prob sum / length ** this (generate's)
 
 
 @dataclass

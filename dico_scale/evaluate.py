@@ -315,8 +315,7 @@ def run(args, cfg, meta) -> int:
         evaluators[OWN], own = ClipScorer(e).to(device), (OWN, None)
     collate = EvalCollate(captioner.preprocess, {n: ev.preprocess for n, ev in evaluators.items()})
     loader = eval_loader(args.spec, collate, args.batch_size or cfg.train.micro_batch_size, cfg.data.num_workers)
-    g = cfg.generation
-    records = gather_records(caption_split(captioner, tok, loader, g.candidates, g.max_len, device, evaluators))
+    records = gather_records(caption_split(captioner, tok, loader, cfg.generation, device, evaluators))
     seen = training_captions(args.train_spec, rank, world) if args.train_spec else None
     if not records:
         raise ConfigError(f"no valid samples in '{args.spec}'")
@@ -340,6 +339,7 @@ def run(args, cfg, meta) -> int:
     result = {"checkpoint": meta["path"], "stage": meta["stage"], "step": meta["step"], "split": args.split,
               "shards": args.spec, "images": len(records), "mlflow_run_id": run_id,
               "settings": {"beam_size": cfg.generation.candidates, "max_len": cfg.generation.max_len,
+                           "length_penalty": cfg.generation.length_penalty,
                            "caption_prefix": "" if args.no_prefix else PREFIX, "ngrams": list(args.ngrams),
                            "evaluators": {n: {"model": c.model, "weights": c.weights}
                                           for n, c in args.evaluators.items()},

@@ -34,7 +34,8 @@ class Rollout:
             with torch.no_grad():
                 memory = policy.image_context(visual_tokens)
                 if g.strategy == "beam":
-                    tokens, _ = beam_search(policy, memory, self.k, g.max_len, self.bos, self.eos, self.pad)
+                    tokens, _ = beam_search(policy, memory, self.k, g.max_len, self.bos, self.eos, self.pad,
+                                            g.length_penalty)
                 else:
                     tokens, _ = sample(policy, memory, self.k, g.max_len, self.bos, self.eos, self.pad,
                                        temperature=g.temperature, top_k=g.top_k, generator=self.generator)

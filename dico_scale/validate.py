@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .config import GenerationConfig
 from .data.pipeline import Collate, eval_loader
 from .data.splits import data_shards
 from .metrics import caption_stats, cider, clip_score, mean, text_features
@@ -25,10 +26,12 @@ __all__ = ["generate", "caption_split", "gather_records", "evaluator_scores", "s
 
 
 @torch.no_grad()
-def generate(captioner, tokenizer, pixels: torch.Tensor, beam_size: int, max_len: int) -> list[str]:
-    """The best beam's caption for each image; the caller chooses the mode (eval for inference)."""
+def generate(captioner, tokenizer, pixels: torch.Tensor, g: GenerationConfig) -> list[str]:
+    """The best beam's caption for each image (g.candidates beams, g.max_len tokens, g.length_penalty); the caller
+    chooses the mode (eval for inference)."""
     memory = captioner.image_context(captioner.visual_tokens(pixels))
-    tokens, _ = beam_search(captioner, memory, beam_size, max_len, tokenizer.bos, tokenizer.eos, tokenizer.pad)
+    tokens, _ = beam_search(captioner, memory, g.candidates, g.max_len, tokenizer.bos, tokenizer.eos, tokenizer.pad,
+                            g.length_penalty)
     return tokenizer.decode_batch(tokens[:, 0])
 
 
@@ -42,10 +45,11 @@ def _eval_pixels(batch: dict, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def caption_split(captioner, tokenizer, loader, beam_size: int, max_len: int, device, evaluators: dict | None = None,
+def caption_split(captioner, tokenizer, loader, g: GenerationConfig, device, evaluators: dict | None = None,
                   max_images: int = 0) -> list[dict]:
     """This rank's records {key, caption, refs, feats: {name: normalised fp32 image feature (CPU)}}, one per image,
-    the best beam of each in eval mode (the captioner's mode is restored). Pixels are cast to the captioner's dtype.
+    the best beam of each (by `generate`) in eval mode (the captioner's mode is restored). Pixels are cast to the
+    captioner's dtype.
     `max_images` > 0 stops after that many images. Runs locally (no collectives)."""
     evaluators = evaluators or {}
     dtype = next(captioner.parameters()).dtype
@@ -54,7 +58,7 @@ def caption_split(captioner, tokenizer, loader, beam_size: int, max_len: int, de
     records = []
     try:
         for batch in loader:
-            captions = generate(captioner, tokenizer, batch["pixels"].to(device, dtype), beam_size, max_len)
+            captions = generate(captioner, tokenizer, batch["pixels"].to(device, dtype), g)
             feats = {n: ev.image_features(_eval_pixels(batch, n).to(device)).cpu() for n, ev in evaluators.items()}
             for i, (key, caption, refs) in enumerate(zip(batch["keys"], captions, batch["refs"])):
                 # clone: a row view would pickle the whole batch's storage into the gather
@@ -120,8 +124,7 @@ def heldout(cfg, models: dict[str, str], split: str = "test", examples: int = 3,
         collate = Collate(captioner.preprocess, distinct_preprocess(evaluator, captioner.preprocess), tok,
                           cfg.data.max_caption_tokens, seed=0)
         loader = eval_loader(shards[split], collate, batch_size)
-        records = caption_split(captioner, tok, loader, cfg.generation.candidates, cfg.generation.max_len,
-                                torch.device("cpu"), {"evaluator": evaluator})
+        records = caption_split(captioner, tok, loader, cfg.generation, torch.device("cpu"), {"evaluator": evaluator})
         records = score_records(records, evaluator)  # as in-loop validation scores
         results[label] = {"metrics": caption_metrics(records), "examples": records[:examples]}
     return results

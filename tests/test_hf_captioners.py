@@ -49,21 +49,24 @@ def hf_logits(cap, px, inputs):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_best_beam_equals_transformers_generate(folders, family):
+def test_beams_equal_transformers_generate(folders, family):
+    """All k candidates in generate's order, at the reference's length penalty (1.0) and at summed log-probs (0.0)."""
     cap, k, max_len = captioner(folders, family, untie=True), 3, 8
     tok, px = cap.tokenizer, pixels()
-    with torch.no_grad():
-        ours, _ = beam_search(cap, cap.image_context(cap.visual_tokens(px)), k, max_len, tok.bos, tok.eos, tok.pad)
-        banned = [[t] for t in banned_tokens(tok.bos, tok.eos, tok.pad)]  # ours never proposes BOS / PAD
-        theirs = cap.model.generate(pixel_values=px, num_beams=k, num_return_sequences=k, length_penalty=0.0,
-                                    max_new_tokens=max_len, do_sample=False,
-                                    **({"bad_words_ids": banned} if banned else {}))
-    best = theirs.view(px.size(0), k, -1)[:, 0]
-    assert tok.decode_batch(ours[:, 0]) == tok.decode_batch(best)
-    assert any(len(c) > 0 for c in tok.decode_batch(best))  # a real search, not EOS at once
-    for a, b in zip(ours[:, 0], best):
-        n = int(scored_mask(b[None, 1:], tok.eos).sum())
-        assert a[: n + 1].tolist() == b[: n + 1].tolist()
+    banned = [[t] for t in banned_tokens(tok.bos, tok.eos, tok.pad)]  # ours never proposes BOS / PAD
+    for lp in (1.0, 0.0):
+        with torch.no_grad():
+            ours, _ = beam_search(cap, cap.image_context(cap.visual_tokens(px)), k, max_len, tok.bos, tok.eos,
+                                  tok.pad, lp)
+            theirs = cap.model.generate(pixel_values=px, num_beams=k, num_return_sequences=k, length_penalty=lp,
+                                        max_new_tokens=max_len, do_sample=False,
+                                        **({"bad_words_ids": banned} if banned else {}))
+        theirs = theirs.view(px.size(0), k, -1)
+        assert tok.decode_batch(ours.flatten(0, 1)) == tok.decode_batch(theirs.flatten(0, 1))
+        assert any(len(c) > 0 for c in tok.decode_batch(theirs[:, 0]))  # a real search, not EOS at once
+        for a, b in zip(ours.flatten(0, 1), theirs.flatten(0, 1)):
+            n = int(scored_mask(b[None, 1:], tok.eos).sum())
+            assert a[: n + 1].tolist() == b[: n + 1].tolist()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

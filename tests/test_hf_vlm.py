@@ -66,23 +66,24 @@ def test_the_prompt_row_is_the_one_the_processors_chat_path_builds(cap):
 
 
 def test_beams_equal_transformers_generate(cap):
-    """The best beam always; every beam while none of ours ends early. After one has (EOS before max_len), the
-    searches part: a finished beam keeps its slot in ours (finished and running beams compete on one score;
-    models/generation.py), while `generate` sets it aside and keeps k beams running."""
+    """All k candidates, in generate's order, at the reference's length penalty (1.0) and at summed log-probs (0.0);
+    the random models end some beams early, which generate sets aside while k keep running."""
     tok, k, max_len = cap.tokenizer, 3, 8
-    for im in images():
-        one = batch(cap, [im])
-        with torch.no_grad():
-            ours, _ = beam_search(cap, cap.image_context(one), k, max_len, tok.bos, tok.eos, tok.pad)
-            theirs = cap.model.generate(**one.tensors, num_beams=k, num_return_sequences=k, length_penalty=0.0,
-                                        max_new_tokens=max_len, do_sample=False, eos_token_id=tok.eos,
-                                        pad_token_id=tok.pad, bad_words_ids=[[tok.pad]])  # ours never proposes PAD
-        theirs = theirs[:, one["input_ids"].size(1):]  # the continuation after the prompt
-        early = bool((scored_mask(ours[0, :, 1:], tok.eos).sum(-1) < max_len).any())
-        for a, b in list(zip(ours[0], theirs))[:1 if early else k]:
-            n = int(scored_mask(b[None], tok.eos).sum())
-            assert a[1:n + 1].tolist() == b[:n].tolist()
-        assert any(len(c) > 0 for c in tok.decode_batch(ours[0]))
+    for lp in (1.0, 0.0):
+        for im in images():
+            one = batch(cap, [im])
+            with torch.no_grad():
+                ours, sums = beam_search(cap, cap.image_context(one), k, max_len, tok.bos, tok.eos, tok.pad, lp)
+                theirs = cap.model.generate(**one.tensors, num_beams=k, num_return_sequences=k, length_penalty=lp,
+                                            max_new_tokens=max_len, do_sample=False, eos_token_id=tok.eos,
+                                            pad_token_id=tok.pad, bad_words_ids=[[tok.pad]])  # ours never proposes PAD
+            theirs = theirs[:, one["input_ids"].size(1):]  # the continuation after the prompt
+            for a, b in zip(ours[0], theirs):
+                n = int(scored_mask(b[None], tok.eos).sum())
+                assert a[1:n + 1].tolist() == b[:n].tolist() and bool((a[n + 1:] == tok.pad).all()), lp
+            assert any(len(c) > 0 for c in tok.decode_batch(ours[0]))
+            lens = scored_mask(ours[0, :, 1:], tok.eos).sum(-1)
+            assert (sums[0] / lens ** lp).diff().le(1e-6).all()  # best first
 
 
 def test_teacher_forced_logprobs_cover_the_continuation_only(cap):

@@ -10,7 +10,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from dico_scale.config import CaptionerConfig, ConfigError, EvaluatorConfig
 from dico_scale.data.tokenizer import CaptionTokenizer
 from dico_scale.models.builtin import Captioner
-from dico_scale.models.captioner import disable_dropout
+from dico_scale.models.captioner import disable_dropout, scored_mask
 from dico_scale.models.clip import create_clip
 from dico_scale.models.clip_scorer import ClipScorer
 from dico_scale.models.generation import beam_search
@@ -223,11 +223,12 @@ def teacher_forced_scores(m, tok, tokens, vt, k):
     return (lp * (tgt != tok.pad)).sum(-1).view(tokens.shape[:2])
 
 
-def _check_beams(tokens, scores, tok, B, k, max_len):
+def _check_beams(tokens, scores, tok, B, k, max_len, length_penalty=1.0):
     assert tokens.shape[:2] == (B, k) and 2 <= tokens.size(2) <= max_len + 1 and scores.shape == (B, k)
     assert (tokens[:, :, 0] == tok.bos).all()
     assert torch.isfinite(scores).all()
-    assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
+    ranked = scores / scored_mask(tokens[:, :, 1:], tok.eos).sum(-1) ** length_penalty
+    assert (ranked[:, :-1] >= ranked[:, 1:] - 1e-6).all()  # best first
     for b in range(B):
         rows = {tuple(r) for r in tokens[b].tolist()}
         assert len(rows) == k, "beams of one image must differ"

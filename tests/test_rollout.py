@@ -11,7 +11,7 @@ from dico_scale.config import CaptionerConfig, ConfigError, GenerationConfig, lo
 from dico_scale.data.tokenizer import CaptionTokenizer
 from dico_scale.kernels import sequence_logprobs
 from dico_scale.models.builtin import Captioner
-from dico_scale.models.captioner import CaptionerModel
+from dico_scale.models.captioner import CaptionerModel, scored_mask
 from dico_scale.models.generation import beam_search, sample
 from dico_scale.rollout import Rollout
 
@@ -238,12 +238,12 @@ def test_real_captioner_kv_cache_sampling_equals_full_forward_and_teacher_forcin
 
 def test_rollout_beam_is_exactly_beam_search_and_restores_train_mode(captioner, tok):
     m, vt = captioner
-    rollout = Rollout(GenerationConfig(candidates=3, max_len=5), tok)
+    rollout = Rollout(GenerationConfig(candidates=3, max_len=5, length_penalty=0.5), tok)
     got = rollout.candidates(m, vt)
     assert m.training and not m.image_encoder.training  # restored; the frozen tower stays in eval mode
     m.eval()
     with torch.no_grad():
-        want, _ = beam_search(m, m.image_context(vt), 3, 5, tok.bos, tok.eos, tok.pad)
+        want, _ = beam_search(m, m.image_context(vt), 3, 5, tok.bos, tok.eos, tok.pad, 0.5)
     assert torch.equal(got, want.flatten(0, 1))
     assert torch.equal(rollout.candidates(m, vt), got) and not m.training  # eval mode is restored as eval
     m.train()
@@ -286,3 +286,17 @@ def test_sampling_config_loads():
                                                        "generation.top_k=40"]).generation
     assert (g.strategy, g.temperature, g.top_k) == ("sample", 0.7, 40)
     assert math.isclose(GenerationConfig().temperature, 1.0) and GenerationConfig().strategy == "beam"
+
+
+def test_rollout_beam_ranks_by_the_configured_length_penalty(captioner, tok):
+    """A length penalty far below 0 favours short candidates, far above 0 long ones: the rollout must pass it on."""
+    m, vt = captioner
+    logits, lengths = m.logits, {}
+    m.logits = lambda h: logits(h) + (torch.arange(tok.vocab_size) == tok.eos)  # EOS likelier: mixed lengths
+    try:
+        for lp in (-4.0, 0.0, 4.0):
+            got = Rollout(GenerationConfig(candidates=3, max_len=8, length_penalty=lp), tok).candidates(m, vt)
+            lengths[lp] = scored_mask(got[:, 1:], tok.eos).sum(-1).tolist()
+    finally:
+        del m.logits
+    assert sum(lengths[-4.0]) <= sum(lengths[0.0]) < sum(lengths[4.0])

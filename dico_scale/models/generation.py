@@ -1,42 +1,68 @@
-"""Batched generation with a KV cache: the k best beams of every image (k = beam size, as the DiCO reference), or k
-independent samples of every image (SCST)."""
+"""Batched generation with a KV cache: the k best beams of every image (k = beam size; transformers' beam search, as
+the DiCO reference), or k independent samples of every image (SCST)."""
 from __future__ import annotations
 
 import torch
 
 
 @torch.no_grad()
-def beam_search(model, memory: torch.Tensor, beam_size: int, max_len: int, bos: int, eos: int, pad: int):
-    """Returns tokens [B, k, 1 + n] (BOS first, PAD after EOS) and summed log-probs [B, k], best beam first.
+def beam_search(model, memory: torch.Tensor, beam_size: int, max_len: int, bos: int, eos: int, pad: int,
+                length_penalty: float = 1.0):
+    """Returns tokens [B, k, 1 + n] (BOS first, PAD after EOS) and summed log-probs [B, k], best first.
     `model`: a captioner (models/captioner.py), `memory`: its per-image context [B, ...] (model.image_context).
 
-    A finished beam can only be extended with PAD at no cost, so finished and running beams compete on one score.
-    The caller chooses train/eval mode (dropout); this function never changes it.
+    transformers' beam search (`generate(num_beams=k, num_return_sequences=k)`, which the DiCO reference draws its
+    candidates with): k beams keep running; a candidate that ends (EOS, or max_len tokens) among the step's k best
+    is set aside, and the k best of those set aside, by summed log-prob / length ** length_penalty (length: generated
+    tokens, EOS included), are returned. The search stops at max_len, or once no running beam can beat the worst of a
+    full set by transformers' heuristic (early_stopping=False). k = 1 is greedy search, as generate's num_beams=1.
+    The caller chooses train/eval mode.
     """
-    B, k = memory.size(0), beam_size
+    B, k, dev = memory.size(0), beam_size, memory.device
+    length_penalty = length_penalty if k > 1 else 0.0  # one beam, ranked by its sum: the first to end is the argmax
     memory, cache, banned = model.expand(memory, k), model.new_cache(), model.banned_tokens(bos, eos, pad)
-    tokens = torch.full((B * k, 1), bos, dtype=torch.long, device=memory.device)
-    scores = torch.full((B, k), float("-inf"), device=memory.device)
-    scores[:, 0] = 0.0  # one live beam per image at the start, so the first expansion gives k distinct tokens
-    finished = torch.zeros(B * k, dtype=torch.bool, device=memory.device)
-    offsets = torch.arange(B, device=memory.device).unsqueeze(1) * k
-    for _ in range(max_len):
-        hidden = model.decoder_hidden(tokens[:, -1:], memory, cache=cache)[:, -1]
+    rows = torch.arange(B, device=dev)[:, None]
+    running = torch.full((B, k, max_len + 1), pad, dtype=torch.long, device=dev)
+    running[..., 0] = bos
+    run_scores = torch.zeros(B, k, device=dev)
+    run_scores[:, 1:] = -1e9  # one live beam per image at the start, so the first expansion gives k distinct tokens
+    done, done_scores = running.clone(), torch.full((B, k), -1e9, device=dev)  # the k best ended candidates
+    done_sums, done_lens = torch.zeros(B, k, device=dev), torch.zeros(B, k, dtype=torch.long, device=dev)
+    done_real = torch.zeros(B, k, dtype=torch.bool, device=dev)
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    in_top_k = torch.arange(2 * k, device=dev) < k
+    for t in range(1, max_len + 1):
+        hidden = model.decoder_hidden(running.view(B * k, -1)[:, t - 1:t], memory, cache=cache)[:, -1]
         logp = torch.log_softmax(model.logits(hidden).float(), dim=-1)
         logp[:, banned] = float("-inf")
-        logp[finished] = float("-inf")
-        logp[finished, pad] = 0.0
         V = logp.size(-1)
-        top, idx = (scores.view(-1, 1) + logp).view(B, k * V).topk(k, dim=-1)
-        src = (offsets + idx // V).view(-1)
-        new = (idx % V).view(-1, 1)
-        tokens = torch.cat([tokens[src], new], dim=1)
-        finished = finished[src] | (new.squeeze(1) == eos)
-        scores = top
-        model.reorder_cache(cache, src)
-        if finished.all():
+        # 2k continuations: enough that k of them are still running even if the k best all end with EOS
+        top, idx = (run_scores.view(-1, 1) + logp).view(B, k * V).topk(2 * k, dim=-1)
+        beam, token = idx // V, idx % V
+        cands = running[rows, beam]
+        cands[..., t] = token
+        ends = (token == eos) | (t == max_len)
+        # set aside: the ended candidates among the k best, while the image's set can still improve
+        ended = ends & in_top_k & improvable
+        score = top / t ** length_penalty + (~ended) * -1e9
+        best = torch.cat([done_scores, score], 1).topk(k, dim=1).indices
+        done = torch.cat([done, cands], 1)[rows, best]
+        done_scores = torch.cat([done_scores, score], 1)[rows, best]
+        done_sums = torch.cat([done_sums, top], 1)[rows, best]
+        done_lens = torch.cat([done_lens, torch.full_like(token, t)], 1)[rows, best]
+        done_real = torch.cat([done_real, ended], 1)[rows, best]
+        if t == max_len:
             break
-    return tokens.view(B, k, -1), scores
+        alive = top + ends * -1e9
+        keep = alive.topk(k, dim=1).indices
+        running, run_scores = cands[rows, keep], alive[rows, keep]
+        model.reorder_cache(cache, (rows * k + beam[rows, keep]).view(-1))
+        # transformers' heuristic: the best running beam, scored at its current length, against the worst set aside
+        worst = torch.where(done_real, done_scores.min(1, keepdim=True).values, -1e9)
+        improvable &= (run_scores[:, :1] / t ** length_penalty > worst).any(1, keepdim=True)
+        if not improvable.any():
+            break
+    return done[..., :1 + int(done_lens.max())], done_sums
 
 
 @torch.no_grad()

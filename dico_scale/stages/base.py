@@ -148,8 +148,8 @@ class CaptionerStage(Stage):
             limit = max(1, limit // world)
         evaluators = {"evaluator": self.evaluator} if self.evaluator is not None else {}
         with gathered(engine) as captioner, gathered(self.evaluator_engine):
-            records = gather_records(caption_split(captioner, self.tokenizer, loader, g.candidates, g.max_len,
-                                                   self.device, evaluators, limit))
+            records = gather_records(caption_split(captioner, self.tokenizer, loader, g, self.device, evaluators,
+                                                   limit))
             if rank != 0:
                 return {}, {}
             records = score_records(records, self.evaluator)
