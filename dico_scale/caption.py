@@ -15,7 +15,7 @@ import sys
 if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our folder must not shadow other modules
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from dico_scale.errors import ConfigError  # noqa: E402
+from dico_scale.errors import ConfigError, OneLineParser  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # formats PIL reads
 
@@ -49,7 +49,7 @@ def finite(text: str) -> float:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="dico_scale.caption", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="dico_scale.caption", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="model.pt export or checkpoint tag folder")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--beam-size", type=positive, help="default: the checkpoint's generation.candidates")

@@ -12,7 +12,6 @@ Arguments `key=value` set this command's keys (below, no dot) or, with a dot, a 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from . import exit_codes
 from .checks import parse_select_best
 from .config import load_config, load_structured, resolve_path
-from .errors import ConfigError
+from .errors import ConfigError, OneLineParser
 from .rewards import RewardSpecError, parse_reward
 
 PROG = "dico_scale.compare"
@@ -208,7 +207,7 @@ def prepare(c: CompareConfig, training: list[str], ranks: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="compare YAML (configs/demo/compare.yaml); may `extends:` another")
     p.add_argument("--ranks", type=int, default=2, help="CPU ranks per run (deepspeed --num_gpus)")
     p.add_argument("--prepare", action="store_true", help="train evaluator -> xe first when xe_checkpoint is missing")

@@ -8,7 +8,6 @@ evaluate and caption. Bad input: one line and exit 2 (missing or extra weight ke
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -16,7 +15,7 @@ if __package__ in (None, ""):  # run as a file: our folder must not shadow other
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 from dico_scale.config import REPO_ROOT, load_config, to_yaml  # noqa: E402
-from dico_scale.errors import ConfigError  # noqa: E402
+from dico_scale.errors import ConfigError, OneLineParser  # noqa: E402
 from dico_scale.preflight import out_file_problem  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo", "xe.yaml")
@@ -42,7 +41,7 @@ def convert_dico_ref(folder: str, out: str, config: str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dico_scale.convert", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="dico_scale.convert", description=__doc__.splitlines()[0])
     p.add_argument("format", choices=("dico-ref",))
     p.add_argument("folder", help="the reference's save_pretrained folder")
     p.add_argument("--out", required=True, help="model.pt to write")

@@ -3,7 +3,6 @@ ranks under torchrun, then a table of XE vs DiCO on held-out test images (CIDEr 
 score)."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -11,6 +10,7 @@ import sys
 import time
 
 from . import exit_codes
+from .errors import OneLineParser
 from .launch import demo_config, train_stage
 from .models.tiny_vlm import VLM_FAMILIES
 from .stages import STAGES, chain
@@ -83,7 +83,7 @@ def captioner_overrides(name: str, root: str = "runs/models", **size) -> list[st
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="dico_scale.demo", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="dico_scale.demo", description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=int, default=2, help="CPU ranks per stage")
     p.add_argument("--captioner", default="builtin", help="builtin (default), hf_encoder_decoder (= vit-gpt2), "
                    "vit-gpt2, blip, dico_ref, hf_vlm (= idefics3), idefics3, smolvlm (SmolVLM2), qwen2-vl, qwen2.5-vl, "

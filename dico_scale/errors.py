@@ -1,12 +1,23 @@
 """The exceptions that cross layers: raised deep in data/, models/, checkpoint.py or loop.py and turned into an exit
-code (dico_scale/exit_codes.py) by the entry points. They live here, importing nothing, so that any module can raise
-them without importing config.py (whose checks import the model and stage tables: a circle otherwise)."""
+code (dico_scale/exit_codes.py) by the entry points, and the entry points' one-line argument parser. They live here,
+importing nothing of ours, so that any module can raise them without importing config.py (whose checks import the
+model and stage tables: a circle otherwise)."""
 from __future__ import annotations
+
+import argparse
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
     """An exception as one short line for a one-line error or warning: its type and the first line of its message."""
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:limit]}"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """The entry points' parser: a bad argument gives one line naming it and exit code 2, without argparse's usage
+    block (`--help` still shows it)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 class ConfigError(ValueError):

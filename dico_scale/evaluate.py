@@ -25,14 +25,14 @@ if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our 
 
 from dico_scale import exit_codes  # noqa: E402
 from dico_scale.config import EvaluatorConfig  # noqa: E402
-from dico_scale.errors import ConfigError  # noqa: E402
+from dico_scale.errors import ConfigError, OneLineParser  # noqa: E402
 
 PREFIX = "A photo depicts "  # what the official CLIP-S and PAC-S tools put before every text they encode
 SPLITS = ("train", "val", "test")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dico_scale.evaluate", description="Evaluates a captioner checkpoint over a "
+    p = OneLineParser(prog="dico_scale.evaluate", description="Evaluates a captioner checkpoint over a "
                                 "split (see docs/evaluation.md).")
     p.add_argument("--checkpoint", required=True, help="model.pt export or checkpoint tag folder")
     p.add_argument("--shards", default="test", help="a split of the run's config (val, test) or a webdataset spec")

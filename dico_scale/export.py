@@ -8,7 +8,6 @@ every form (model.pt, .safetensors + .json, tag folder) for evaluate, caption an
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -22,7 +21,7 @@ if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our 
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 from dico_scale.config import Config, load_config  # noqa: E402
-from dico_scale.errors import ConfigError, first_line  # noqa: E402
+from dico_scale.errors import ConfigError, OneLineParser, first_line  # noqa: E402
 from dico_scale.models.export_folder import foreign_folder  # noqa: E402
 from dico_scale.preflight import out_file_problem  # noqa: E402
 from dico_scale.stages import captioner_stages  # noqa: E402
@@ -266,7 +265,7 @@ def write_adapters(blob: dict, captioner, out: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dico_scale.export", description=__doc__.splitlines()[2])
+    parser = OneLineParser(prog="dico_scale.export", description=__doc__.splitlines()[2])
     parser.add_argument("--checkpoint", required=True,
                         help="a checkpoint tag folder, e.g. <output_dir>/checkpoints/step_00000100 (with "
                         "--format safetensors also a model.pt export)")

@@ -9,7 +9,6 @@ tracking.retry_every_s while the run lives, and sent afterwards with
 """
 from __future__ import annotations
 
-import argparse
 import atexit
 import os
 import queue
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from .backlog import Backlog
 from .config import Config, flatten, to_yaml
-from .errors import first_line
+from .errors import OneLineParser, first_line
 
 FINISH_WAIT_S = 15.0  # at the end, how long the sender may take to empty the queue before the rest goes to disk
 _STOP = object()
@@ -261,7 +260,7 @@ def sync(run_dir: str, uri: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dico_scale.tracking", description="MLflow tracking tools")
+    parser = OneLineParser(prog="python -m dico_scale.tracking", description="MLflow tracking tools")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("sync", help="send a run folder's mlflow_backlog.jsonl (what the run could not send)")
     p.add_argument("run_dir", help="the run's train.output_dir")

@@ -14,11 +14,11 @@ if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our 
 
 from dico_scale import exit_codes  # noqa: E402
 from dico_scale.config import Config, load_config, to_yaml  # noqa: E402
-from dico_scale.errors import ConfigError, Preempted  # noqa: E402
+from dico_scale.errors import ConfigError, OneLineParser, Preempted  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> Config:
-    parser = argparse.ArgumentParser(prog="dico_scale.train", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="dico_scale.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML file (may `extends:` a base file)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by deepspeed
     parser.add_argument("overrides", nargs="*", help="key=value config overrides (dotted keys)")

@@ -243,6 +243,8 @@ def test_bad_input_is_one_line_and_exit_2(trained):
         "cannot be written": ["dico_scale.evaluate", "--checkpoint", model, "--out", "/proc/none/eval.json"],
         "not a checkpoint folder": ["dico_scale.export", "--checkpoint", model, "--out", "/tmp/x.pt"],
         "no such image": ["dico_scale.caption", "--checkpoint", model, "/nonexistent.jpg"],
+        "--length-penalty: 'inf' is not a finite": ["dico_scale.caption", "--checkpoint", model, "x.jpg",
+                                                     "--length-penalty", "inf"],
     }
     procs = {k: subprocess.Popen([sys.executable, "-m", *argv], cwd=REPO, env=ENV, text=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k, argv in cases.items()}

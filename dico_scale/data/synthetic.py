@@ -4,11 +4,13 @@ Every image is built from a Scene (1-3 shapes in distinct cells of a 3x3 grid, s
 captions are generated from the same Scene, so they are correct by construction and a captioner has to look at
 the image (colour, shape, size, position, count) to get them right. Deterministic from a seed, byte for byte.
 """
-import argparse, fcntl, io, json, math, os, random, shutil, tarfile
+import fcntl, io, json, math, os, random, shutil, tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from ..errors import OneLineParser
 
 SPLITS = ("train", "val", "test")
 SHAPES = ("circle", "square", "triangle", "star", "cross")
@@ -242,7 +244,8 @@ def ensure_synthetic_dataset(out_dir: str | Path, **kwargs) -> dict[str, str]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Generate the synthetic shapes captioning dataset (WebDataset shards).")
+    p = OneLineParser(prog="dico_scale.data.synthetic",
+                      description="Generate the synthetic shapes captioning dataset (WebDataset shards).")
     p.add_argument("out_dir")
     for name, default in DEFAULTS.items():
         p.add_argument("--" + name.replace("_", "-"), type=int, default=default)

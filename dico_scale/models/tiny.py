@@ -13,12 +13,12 @@ gemma3; processor, chat template). Tests and `dico_scale.demo --captioner` use t
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
+from ..errors import OneLineParser
 from .tiny_vlm import VLM_FAMILIES, write_vlm
 
 FAMILIES = ("vit-gpt2", "blip", "dico-ref", *VLM_FAMILIES)
@@ -132,7 +132,7 @@ def write(family: str, out_dir: str, width: int = 32, layers: int = 2, heads: in
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="dico_scale.models.tiny", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="dico_scale.models.tiny", description=__doc__.splitlines()[0])
     p.add_argument("family", choices=FAMILIES)
     p.add_argument("out_dir")
     p.add_argument("--width", type=int, default=32)

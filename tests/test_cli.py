@@ -1,0 +1,51 @@
+"""Every command-line entry point answers a bad argument with one line naming it and exit code 2, not argparse's
+usage block; --help still prints the usage."""
+import os
+import subprocess
+import sys
+
+from helpers import REPO
+
+# module: the prog its one-line errors start with (write_shards keeps its short name for all of its errors)
+ENTRY_POINTS = {
+    "dico_scale.train": "dico_scale.train", "dico_scale.evaluate": "dico_scale.evaluate",
+    "dico_scale.caption": "dico_scale.caption", "dico_scale.export": "dico_scale.export",
+    "dico_scale.compare": "dico_scale.compare", "dico_scale.demo": "dico_scale.demo",
+    "dico_scale.convert": "dico_scale.convert", "dico_scale.tracking": "python -m dico_scale.tracking",
+    "dico_scale.models.tiny": "dico_scale.models.tiny", "dico_scale.data.synthetic": "dico_scale.data.synthetic",
+    "dico_scale.data.write_shards": "write_shards",
+}
+NOT_COMMANDS = {"dico_scale.exit_codes"}  # prints the exit codes for shell scripts; takes no arguments
+
+
+def modules_with_a_main() -> set[str]:
+    found = set()
+    for root, _, files in os.walk(REPO / "dico_scale"):
+        for f in files:
+            path = os.path.join(root, f)
+            if f.endswith(".py") and 'if __name__ == "__main__":' in open(path).read():
+                found.add(os.path.relpath(path, REPO)[:-3].replace(os.sep, "."))
+    return found
+
+
+def test_every_entry_point_is_listed():
+    assert modules_with_a_main() - NOT_COMMANDS == set(ENTRY_POINTS)
+
+
+def test_a_bad_flag_is_one_line_and_exit_2():
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    procs = {m: subprocess.Popen([sys.executable, "-m", m, "--no-such-flag"], cwd=REPO, env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for m in ENTRY_POINTS}
+    for module, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (module, out, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"{ENTRY_POINTS[module]}: error:"), (module, err)
+        assert "usage:" not in err, (module, err)
+
+
+def test_help_still_shows_the_usage():
+    proc = subprocess.run([sys.executable, "-m", "dico_scale.caption", "--help"], cwd=REPO, text=True,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: dico_scale.caption")
+    assert "--length-penalty" in proc.stdout
