@@ -152,6 +152,25 @@ def test_image_options_the_model_would_not_read_exit_2_with_one_line(tmp_path, c
     assert "its processor's image_seq_length 16 differs from the model's image_seq_length 4" in err[0], err
 
 
+@pytest.mark.parametrize("family, processor, option, message", [
+    ("idefics3", {"image_seq_len": 9}, None, "its processor's image_seq_len 9 differs from the model's "
+     "(vision_config.image_size // patch_size) ** 2 / scale_factor ** 2 4"),
+    ("gemma3", {"image_seq_length": 16}, None, "its processor's image_seq_length 16 differs from the model's "
+     "mm_tokens_per_image 4"),
+    ("qwen2-vl", {}, "merge_size=1", "captioner.images_kwargs.merge_size=1 differs from the model's "
+     "vision_config.spatial_merge_size 2"),
+])
+def test_image_options_the_model_spells_another_way(tmp_path, capsys, vlm_folders, family, processor, option,
+                                                    message):
+    """The same for options the model's config.json names differently: the image tokens a tile of Idefics3 /
+    SmolVLM (derived from the vision config) and Gemma 3, Qwen-VL's merge size."""
+    path = _copy(vlm_folders[family], tmp_path)
+    _edit_json(path / "processor_config.json", lambda d: d.update(processor))
+    extra = [f"captioner.images_kwargs.{option}"] if option else []
+    code, err = run_train(tmp_path, capsys, "captioner.model=hf_vlm", f"captioner.hf_path={path}", *extra)
+    assert code == 2 and len(err) == 1 and message in err[0] and f"'{path}/config.json'" in err[0], err
+
+
 def _edit_json(path, edit):
     data = json.loads(path.read_text())
     edit(data)

@@ -162,25 +162,47 @@ def checked_images_kwargs(processor, images_kwargs: dict) -> dict:
 
 
 def _plain(value):
-    """A config value as JSON would hold it (tuples and omegaconf lists as lists), for comparing two sources."""
-    return json.loads(json.dumps(value, default=list))
+    """A config value as JSON would hold it (tuples and omegaconf lists as lists, anything else as its str), for
+    comparing two sources."""
+    return json.loads(json.dumps(value, default=lambda v: list(v) if hasattr(v, "__iter__") else str(v)))
+
+
+def _idefics3_tokens(config: dict) -> int | None:
+    """Image tokens a tile, as Idefics3 / SmolVLM compute them from config.json (their processors' docs)."""
+    vision, scale = config.get("vision_config") or {}, config.get("scale_factor")
+    if not (scale and vision.get("image_size") and vision.get("patch_size")):
+        return None
+    return int((vision["image_size"] // vision["patch_size"]) ** 2 / scale ** 2)
+
+
+# Processor options the model's config.json spells another way: option -> (the model's spelling, its value or None)
+DERIVED = {
+    "image_seq_len": ("(vision_config.image_size // patch_size) ** 2 / scale_factor ** 2", _idefics3_tokens),
+    "image_seq_length": ("mm_tokens_per_image", lambda c: c.get("mm_tokens_per_image")),  # Gemma 3
+    "merge_size": ("vision_config.spatial_merge_size",  # Qwen-VL
+                   lambda c: (c.get("vision_config") or {}).get("spatial_merge_size")),
+}
 
 
 def check_image_geometry(processor, config: dict, images_kwargs: dict, path: str) -> None:
     """The image options (the processor's and its image processor's own, captioner.images_kwargs over them) that the
-    model's config.json holds too must have its values: LLaVA-NeXT's image_grid_pinpoints, Qwen-VL's and LLaVA's
-    patch sizes, InternVL's image_seq_length, LLaVA's vision_feature_select_strategy. Otherwise the processor writes
-    image tokens or cuts tiles the model does not count the same way, and the first batch dies in the model."""
+    model's config.json holds too, under their name or another (DERIVED), must have its values: LLaVA-NeXT's
+    image_grid_pinpoints, Qwen-VL's and LLaVA's patch sizes and Qwen-VL's merge size, the image tokens a tile of
+    InternVL, Idefics3 and Gemma 3, LLaVA's vision_feature_select_strategy. Otherwise the processor writes image
+    tokens or cuts tiles the model does not count the same way, and the first batch dies in the model."""
     own = {**processor.to_dict(), **processor.image_processor.to_dict()}
     options = {k: v for k, v in {**own, **images_kwargs}.items() if v is not None and not isinstance(v, dict)}
-    for where, held in (("", config), ("vision_config.", config.get("vision_config") or {})):
-        for key in sorted(set(options) & set(held)):
-            if _plain(options[key]) == _plain(held[key]):
-                continue
-            source = (f"captioner.images_kwargs.{key}={_plain(options[key])}" if key in images_kwargs else
-                      f"captioner.hf_path '{path}': its processor's {key} {_plain(options[key])}")
-            raise ConfigError(f"{source} differs from the model's {where}{key} {_plain(held[key])} in "
-                              f"'{path}/config.json': the model would not read the processor's tiles / patches")
+    vision = config.get("vision_config") or {}
+    pairs = [(key, f"{where}{key}", held[key]) for key in sorted(options)
+             for where, held in (("", config), ("vision_config.", vision)) if key in held]
+    pairs += [(key, spelling, derive(config)) for key, (spelling, derive) in DERIVED.items() if key in options]
+    for key, spelling, want in pairs:
+        if want is None or _plain(options[key]) == _plain(want):
+            continue
+        source = (f"captioner.images_kwargs.{key}={_plain(options[key])}" if key in images_kwargs else
+                  f"captioner.hf_path '{path}': its processor's {key} {_plain(options[key])}")
+        raise ConfigError(f"{source} differs from the model's {spelling} {_plain(want)} in '{path}/config.json': "
+                          "the model would not read the processor's tiles / patches")
 
 
 def check_folder(path: str, prompt: str, images_kwargs: dict | None = None) -> None:
