@@ -321,8 +321,9 @@ def to_yaml(c: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(c))
 
 
-def flatten(c: Config) -> dict[str, str]:
-    """Dotted key -> value, for MLflow params."""
+def flatten(c: Config | dict) -> dict[str, str]:
+    """Dotted key -> value (of a config, or of a plain nested dict such as a checkpoint's config.yaml), for MLflow
+    params and for comparing two configs."""
     out = {}
 
     def walk(node, prefix):
@@ -331,5 +332,5 @@ def flatten(c: Config) -> dict[str, str]:
                 walk(v, f"{prefix}{k}.")
             else:
                 out[f"{prefix}{k}"] = v
-    walk(OmegaConf.to_container(OmegaConf.structured(c)), "")
+    walk(c if isinstance(c, dict) else OmegaConf.to_container(OmegaConf.structured(c)), "")
     return out

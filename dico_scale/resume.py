@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from .checkpoint import load_checkpoint, read_marker, saved_world_size, select_resume_tag
-from .config import Config
+from .config import RENAMED, Config, flatten
 from .frozen import check_fingerprints, frozen_fingerprints
 from .loop import LoopState
 from .universal import finish_universal_load, universal_checkpoint
@@ -31,6 +32,23 @@ class ResumePlan:
         return self.tag is not None and self.load_dir != self.tag
 
 
+NOT_SETTINGS = {"train.resume"}  # differs between a run and its resumption by design
+
+
+def changed_settings(saved_yaml: str, cfg: Config, shown: int = 8) -> str | None:
+    """The settings this run changes against the config the checkpoint recorded (its tag's config.yaml), as
+    "key old -> new" in one line (the first `shown`, then a count), or None when none changed. A resumed run trains
+    on with this run's config: an upgrade's new key or an edited learning rate changes the run from here on."""
+    saved = {RENAMED.get(k, k): v for k, v in flatten(OmegaConf.to_container(OmegaConf.create(saved_yaml))).items()}
+    now = flatten(cfg)
+    changes = [f"{key} {saved.get(key, '(not recorded)')!s} -> {now.get(key, '(no longer a key)')!s}"
+               for key in sorted((set(saved) | set(now)) - NOT_SETTINGS) if saved.get(key) != now.get(key)]
+    if not changes:
+        return None
+    more = f" and {len(changes) - shown} more" if len(changes) > shown else ""
+    return f"{len(changes)} setting(s) differ from the checkpoint's: {', '.join(changes[:shown])}{more}"
+
+
 def plan_resume(cfg: Config, log) -> ResumePlan:
     """The tag (verified), the frozen models checked against it (ConfigError naming the file), then its universal
     conversion when the world size differs: nothing is built and the MLflow run is not touched before the checks."""
@@ -40,6 +58,9 @@ def plan_resume(cfg: Config, log) -> ResumePlan:
         return ResumePlan(None, None, frozen)
     marker = read_marker(tag)
     check_fingerprints(marker, frozen, tag, log)
+    saved_config = tag / "config.yaml"
+    if saved_config.is_file() and (changes := changed_settings(saved_config.read_text(), cfg)):
+        log(f"resuming {tag} with this run's config; {changes}")
     # ZeRO-0 keeps the whole optimizer state in the model states file, which any world size loads as it is
     elastic = saved_world_size(tag) not in (None, dist.get_world_size()) and marker.get("zero_stage") != 0
     return ResumePlan(tag, universal_checkpoint(tag, log) if elastic else tag, frozen)

@@ -88,6 +88,8 @@ def test_damaged_newest_tags_fall_back_to_the_previous_complete_one(trained, tmp
     assert skip4 == [f"skipping checkpoint {work}/checkpoints/step_00000004: "
                      "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing"]
     assert f"resumed from {work}/checkpoints/step_00000002 at step 2" in proc.stdout
+    assert (f"resuming {work}/checkpoints/step_00000002 with this run's config; 2 setting(s) differ from the "
+            f"checkpoint's: train.max_steps 6 -> 3, train.output_dir {out} -> {work}") in lines  # a moved, shorter run
     assert "Traceback" not in proc.stderr
     assert _run_status(tmp) == (run_id, "FINISHED")  # resumed on the same run, finished again
     assert json.loads((work / "checkpoints" / "step_00000003" / "complete").read_text())["step"] == 3

@@ -11,9 +11,9 @@ from helpers import check_ok, mlflow_uri, ranks_cmd
 from mlflow.tracking import MlflowClient
 
 from dico_scale.checkpoint import verify_local
-from dico_scale.config import ConfigError
+from dico_scale.config import ConfigError, load_config, to_yaml
 from dico_scale.frozen import check_fingerprints, fingerprint, frozen_model_files, sha256_of
-from dico_scale.resume import rescale_position
+from dico_scale.resume import changed_settings, rescale_position
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
@@ -258,6 +258,24 @@ def test_rescale_position_rounds_down_to_whole_micro_steps():
     assert rescale_position(2, 2, 2, 1, 2) == 4  # 8 samples: 4 batches of 2
     assert rescale_position(5, 1, 2, 2, 2) == 2  # 10 samples: 2 micro-steps of 4, 2 samples not counted
     assert rescale_position(3, 4, 8, 8, 4) == 3  # the same samples per micro-step
+
+
+def test_changed_settings_name_what_a_resumed_run_changes():
+    blank = ["evaluator.weights=", "captioner.image_encoder_weights=", "train.init_from="]
+    saved = load_config(str(REPO / "configs/demo/dico.yaml"), blank)
+    assert changed_settings(to_yaml(saved), saved) is None
+    now = load_config(str(REPO / "configs/demo/dico.yaml"), blank + ["optim.lr=2e-5", "train.resume=auto"])
+    assert changed_settings(to_yaml(saved), now) == "1 setting(s) differ from the checkpoint's: optim.lr 1e-05 -> 2e-05"
+    # a checkpoint of an older release: a key it did not have, one it had under its old name (the same value)
+    older = to_yaml(saved).replace("  length_penalty: 1.0\n", "")
+    older = older.replace("  candidates: 5\n  max_len", "  beam_size: 5\n  max_len")
+    assert "beam_size" in older and "length_penalty" not in older
+    assert changed_settings(older, saved) == ("1 setting(s) differ from the checkpoint's: generation.length_penalty "
+                                              "(not recorded) -> 1.0")
+    many = load_config(str(REPO / "configs/demo/dico.yaml"), blank + [f"train.{k}=7" for k in
+                                                                       ("seed", "log_every", "save_every", "keep_checkpoints")])
+    line = changed_settings(to_yaml(saved), many, shown=2)
+    assert line.startswith("4 setting(s) differ") and line.endswith(" and 2 more") and line.count("->") == 2
 
 
 def test_fingerprints_of_files_folders_and_random_weights(tmp_path):
