@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from .checkpoint import load_checkpoint, read_marker, saved_world_size, select_resume_tag
 from .config import RENAMED, Config, flatten
+from .errors import first_line
 from .frozen import check_fingerprints, frozen_fingerprints
 from .loop import LoopState
 from .universal import finish_universal_load, universal_checkpoint
@@ -49,6 +50,17 @@ def changed_settings(saved_yaml: str, cfg: Config, shown: int = 8) -> str | None
     return f"{len(changes)} setting(s) differ from the checkpoint's: {', '.join(changes[:shown])}{more}"
 
 
+def settings_note(tag: Path, cfg: Config) -> str | None:
+    """The log line for resuming `tag` with cfg: the differing settings, or why they were not compared (a note: the
+    verified tag resumes all the same); None when the tag's config.yaml matches or is absent."""
+    saved = tag / "config.yaml"
+    try:
+        changes = changed_settings(saved.read_text(), cfg) if saved.is_file() else None
+    except Exception as e:  # noqa: BLE001
+        changes = f"its config.yaml was not compared ({first_line(e)})"
+    return f"resuming {tag} with this run's config; {changes}" if changes else None
+
+
 def plan_resume(cfg: Config, log) -> ResumePlan:
     """The tag (verified), the frozen models checked against it (ConfigError naming the file), then its universal
     conversion when the world size differs: nothing is built and the MLflow run is not touched before the checks."""
@@ -58,9 +70,8 @@ def plan_resume(cfg: Config, log) -> ResumePlan:
         return ResumePlan(None, None, frozen)
     marker = read_marker(tag)
     check_fingerprints(marker, frozen, tag, log)
-    saved_config = tag / "config.yaml"
-    if saved_config.is_file() and (changes := changed_settings(saved_config.read_text(), cfg)):
-        log(f"resuming {tag} with this run's config; {changes}")
+    if note := settings_note(tag, cfg):
+        log(note)
     # ZeRO-0 keeps the whole optimizer state in the model states file, which any world size loads as it is
     elastic = saved_world_size(tag) not in (None, dist.get_world_size()) and marker.get("zero_stage") != 0
     return ResumePlan(tag, universal_checkpoint(tag, log) if elastic else tag, frozen)

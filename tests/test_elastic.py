@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from dico_scale.checkpoint import verify_local
 from dico_scale.config import ConfigError, load_config, to_yaml
 from dico_scale.frozen import check_fingerprints, fingerprint, frozen_model_files, sha256_of
-from dico_scale.resume import changed_settings, rescale_position
+from dico_scale.resume import changed_settings, rescale_position, settings_note
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
@@ -276,6 +276,19 @@ def test_changed_settings_name_what_a_resumed_run_changes():
                                                                        ("seed", "log_every", "save_every", "keep_checkpoints")])
     line = changed_settings(to_yaml(saved), many, shown=2)
     assert line.startswith("4 setting(s) differ") and line.endswith(" and 2 more") and line.count("->") == 2
+
+
+def test_settings_note_never_stops_a_resume(tmp_path):
+    """The note is for the log: a tag without config.yaml, or with one that does not parse, still resumes."""
+    cfg = load_config(str(REPO / "configs/demo/dico.yaml"),
+                      ["evaluator.weights=", "captioner.image_encoder_weights=", "train.init_from="])
+    assert settings_note(tmp_path, cfg) is None
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    assert settings_note(tmp_path, cfg) is None
+    (tmp_path / "config.yaml").write_text("optim: [1, 2\n")
+    note = settings_note(tmp_path, cfg)
+    assert note.startswith(f"resuming {tmp_path} with this run's config; its config.yaml was not compared (")
+    assert "\n" not in note
 
 
 def test_fingerprints_of_files_folders_and_random_weights(tmp_path):
