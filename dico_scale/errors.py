@@ -14,10 +14,11 @@ def first_line(e: BaseException, limit: int = 200) -> str:
 
 class OneLineParser(argparse.ArgumentParser):
     """The entry points' parser: a bad argument gives one line naming it and exit code 2, without argparse's usage
-    block (`--help` still shows it)."""
+    block (`--help` still shows it). The line starts with `name`, else the prog."""
+    name: str | None = None
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.name or self.prog}: error: {message}\n")
 
 
 class ConfigError(ValueError):

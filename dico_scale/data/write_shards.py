@@ -29,6 +29,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from ..errors import OneLineParser
 from .images import ImageTooLarge, exif_orientation, open_image, to_rgb
 from .sources import Item, SourceError, check_unique, read_jsonl, read_karpathy, sanitize
 
@@ -252,15 +253,13 @@ def _positive(text: str) -> int:
     return v
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """Bad arguments give one line naming the problem, without argparse's usage block."""
-
-    def error(self, message):
-        self.exit(2, f"write_shards: error: {message}\n")
+class ShardsParser(OneLineParser):
+    """One line for bad arguments, in every subcommand, with the prefix of write_shards' other errors."""
+    name = "write_shards"
 
 
 def parser() -> argparse.ArgumentParser:
-    common = OneLineParser(add_help=False)
+    common = ShardsParser(add_help=False)
     common.add_argument("--out", required=True, help="output folder for shards and manifest.json")
     common.add_argument("--splits", help="comma-separated splits to write (default: all in the source)")
     common.add_argument("--layout", choices=["image", "caption"], default="image",
@@ -276,7 +275,7 @@ def parser() -> argparse.ArgumentParser:
                         help="decoding/resizing processes (the output does not depend on it)")
     common.add_argument("--overwrite", action="store_true", help="replace shards and manifest already in --out")
     common.add_argument("--no-progress", action="store_true")
-    p = OneLineParser(prog="python -m dico_scale.data.write_shards", description=__doc__.split("\n")[0])
+    p = ShardsParser(prog="python -m dico_scale.data.write_shards", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="source", required=True)
     k = sub.add_parser("karpathy", parents=[common], help="COCO / Flickr30k Karpathy split file + image root")
     k.add_argument("--split-file", required=True, help="dataset_coco.json, dataset_flickr30k.json, ...")
