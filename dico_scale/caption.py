@@ -56,6 +56,8 @@ def parse_args(argv):
     p.add_argument("--max-len", type=positive, help="generated tokens; default: generation.max_len")
     p.add_argument("--length-penalty", type=finite, help="ended beams rank by log-prob sum / length ** this; "
                    "default: generation.length_penalty")
+    p.add_argument("--early-stopping", choices=("false", "true", "never"), help="when the beam search stops before "
+                   "--max-len (transformers' early_stopping); default: generation.early_stopping")
     p.add_argument("--batch-size", type=positive, default=16)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     return p.parse_args(argv)
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"generation.max_len={args.max_len}")
         if args.length_penalty is not None:
             overrides.append(f"generation.length_penalty={args.length_penalty}")
+        if args.early_stopping is not None:
+            overrides.append(f"generation.early_stopping={args.early_stopping}")
         cfg = load_run_config(meta, overrides)
         import torch
 

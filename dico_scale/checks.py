@@ -143,6 +143,8 @@ def validate(c: Config) -> None:
     check(c.loss.kernel in ("auto", "triton", "torch"), "loss.kernel", f"'{c.loss.kernel}' is not auto, triton or torch")
     check(c.generation.strategy in ("beam", "sample"), "generation.strategy",
           f"'{c.generation.strategy}' is not beam or sample")
+    check(c.generation.early_stopping.lower() in ("false", "true", "never"), "generation.early_stopping",
+          f"'{c.generation.early_stopping}' is not false, true or never (transformers' early_stopping)")
     check(c.evaluator.metric in ("pacs", "clips"), "evaluator.metric", f"'{c.evaluator.metric}' is not pacs or clips")
     check(t.precision in PRECISIONS, "train.precision", f"'{t.precision}' is not one of {', '.join(PRECISIONS)}")
     check_placement(c.evaluator.placement, "evaluator.placement")

@@ -102,6 +102,7 @@ class GenerationConfig:
     temperature: float = 1.0  # (0, inf); sampling only
     top_k: int = 0  # >= 0; sampling only, 0 = whole vocabulary
     length_penalty: float = 1.0  # [-10, 10]; beam: ended beams rank by log-prob sum / length ** this (generate's)
+    early_stopping: str = "false"  # false | true | never; beam: when the search stops before max_len (generate's)
 
 
 @dataclass
@@ -273,6 +274,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     obj: Config = load_structured(Config, path, overrides)
     obj.train.deepspeed_config = resolve_path(obj.train.deepspeed_config)
     obj.clip_model_configs = resolve_path(obj.clip_model_configs)
+    obj.generation.early_stopping = obj.generation.early_stopping.lower()  # YAML's true reads back as 'True'
     validate(obj)
     return obj
 

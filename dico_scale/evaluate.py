@@ -340,6 +340,7 @@ def run(args, cfg, meta) -> int:
               "shards": args.spec, "images": len(records), "mlflow_run_id": run_id,
               "settings": {"beam_size": cfg.generation.candidates, "max_len": cfg.generation.max_len,
                            "length_penalty": cfg.generation.length_penalty,
+                           "early_stopping": cfg.generation.early_stopping,
                            "caption_prefix": "" if args.no_prefix else PREFIX, "ngrams": list(args.ngrams),
                            "evaluators": {n: {"model": c.model, "weights": c.weights}
                                           for n, c in args.evaluators.items()},

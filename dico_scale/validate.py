@@ -27,11 +27,11 @@ __all__ = ["generate", "caption_split", "gather_records", "evaluator_scores", "s
 
 @torch.no_grad()
 def generate(captioner, tokenizer, pixels: torch.Tensor, g: GenerationConfig) -> list[str]:
-    """The best beam's caption for each image (g.candidates beams, g.max_len tokens, g.length_penalty); the caller
-    chooses the mode (eval for inference)."""
+    """The best beam's caption for each image (g.candidates beams, g.max_len tokens, g.length_penalty,
+    g.early_stopping); the caller chooses the mode (eval for inference)."""
     memory = captioner.image_context(captioner.visual_tokens(pixels))
     tokens, _ = beam_search(captioner, memory, g.candidates, g.max_len, tokenizer.bos, tokenizer.eos, tokenizer.pad,
-                            g.length_penalty)
+                            g.length_penalty, g.early_stopping)
     return tokenizer.decode_batch(tokens[:, 0])
 
 

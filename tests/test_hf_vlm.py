@@ -65,25 +65,47 @@ def test_the_prompt_row_is_the_one_the_processors_chat_path_builds(cap):
             assert torch.equal(ours[key], theirs[key]), key
 
 
+def beams_equal_generate(cap, im, k, max_len, lp, early_stopping=False):
+    """Our k beams for one image equal generate's, in its order; returns ours (tokens [k, 1 + n], sums [k])."""
+    tok, one = cap.tokenizer, batch(cap, [im])
+    with torch.no_grad():
+        ours, sums = beam_search(cap, cap.image_context(one), k, max_len, tok.bos, tok.eos, tok.pad, lp,
+                                 early_stopping)
+        theirs = cap.model.generate(**one.tensors, num_beams=k, num_return_sequences=k, length_penalty=lp,
+                                    early_stopping=early_stopping, max_new_tokens=max_len, do_sample=False,
+                                    eos_token_id=tok.eos, pad_token_id=tok.pad,
+                                    bad_words_ids=[[tok.pad]])  # ours never proposes PAD
+    theirs = theirs[:, one["input_ids"].size(1):]  # the continuation after the prompt
+    for a, b in zip(ours[0], theirs):
+        n = int(scored_mask(b[None], tok.eos).sum())
+        assert a[1:n + 1].tolist() == b[:n].tolist() and bool((a[n + 1:] == tok.pad).all()), (lp, early_stopping)
+    return ours[0], sums[0]
+
+
 def test_beams_equal_transformers_generate(cap):
     """All k candidates, in generate's order, at the reference's length penalty (1.0) and at summed log-probs (0.0);
     the random models end some beams early, which generate sets aside while k keep running."""
     tok, k, max_len = cap.tokenizer, 3, 8
     for lp in (1.0, 0.0):
         for im in images():
-            one = batch(cap, [im])
-            with torch.no_grad():
-                ours, sums = beam_search(cap, cap.image_context(one), k, max_len, tok.bos, tok.eos, tok.pad, lp)
-                theirs = cap.model.generate(**one.tensors, num_beams=k, num_return_sequences=k, length_penalty=lp,
-                                            max_new_tokens=max_len, do_sample=False, eos_token_id=tok.eos,
-                                            pad_token_id=tok.pad, bad_words_ids=[[tok.pad]])  # ours never proposes PAD
-            theirs = theirs[:, one["input_ids"].size(1):]  # the continuation after the prompt
-            for a, b in zip(ours[0], theirs):
-                n = int(scored_mask(b[None], tok.eos).sum())
-                assert a[1:n + 1].tolist() == b[:n].tolist() and bool((a[n + 1:] == tok.pad).all()), lp
-            assert any(len(c) > 0 for c in tok.decode_batch(ours[0]))
-            lens = scored_mask(ours[0, :, 1:], tok.eos).sum(-1)
-            assert (sums[0] / lens ** lp).diff().le(1e-6).all()  # best first
+            ours, sums = beams_equal_generate(cap, im, k, max_len, lp)
+            assert any(len(c) > 0 for c in tok.decode_batch(ours))
+            lens = scored_mask(ours[:, 1:], tok.eos).sum(-1)
+            assert (sums / lens ** lp).diff().le(1e-6).all()  # best first
+
+
+@pytest.mark.parametrize("family", ["idefics3", "qwen2-vl"])
+def test_every_early_stopping_mode_equals_generate(vlm_folders, family):
+    """generate's early_stopping False (its heuristic), True (stop once k are set aside) and "never" (a running beam
+    scored at max_length): the same k candidates as generate. EOS made likelier, so that beams end at mixed lengths
+    and the three modes do choose differently here."""
+    cap = captioner(vlm_folders[family])
+    tok, k, max_len = cap.tokenizer, 3, 8
+    with torch.no_grad():
+        cap.model.get_output_embeddings().weight[tok.eos] *= 3
+    got = {(lp, stop): [tok.decode_batch(beams_equal_generate(cap, im, k, max_len, lp, stop)[0]) for im in images()]
+           for lp in (1.0, 2.0) for stop in (False, True, "never")}
+    assert got[1.0, False] != got[1.0, "never"] and got[2.0, False] != got[2.0, True]
 
 
 def test_teacher_forced_logprobs_cover_the_continuation_only(cap):

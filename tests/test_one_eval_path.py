@@ -188,6 +188,9 @@ def test_in_loop_validation_equals_evaluate(checkpoint, tiny_shards, clean_env, 
         assert (r["caption"], r["refs"]) == (c["caption"], c["refs"])
         assert r["score"] == pytest.approx(c["evaluator_score"], abs=1e-9)
     assert result["settings"]["evaluator_score"]["caption_prefix"] == ""  # the run's, not evaluate's CLIP-S prefix
+    g = cfg.generation  # the search in-loop validation used, recorded
+    assert [result["settings"][k] for k in ("beam_size", "max_len", "length_penalty", "early_stopping")] == [
+        g.candidates, g.max_len, g.length_penalty, g.early_stopping]
 
 
 @pytest.fixture

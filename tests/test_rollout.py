@@ -274,11 +274,20 @@ BLANK = ["evaluator.weights=", "captioner.image_encoder_weights=", "train.init_f
     ("generation.temperature=0", "'generation.temperature': 0.0 must lie in (0, inf)"),
     ("generation.temperature=-1", "'generation.temperature': -1.0 must lie in (0, inf)"),
     ("generation.top_k=-1", "'generation.top_k': -1 must be >= 0"),
+    ("generation.early_stopping=maybe", "'generation.early_stopping': 'maybe' is not false, true or never"),
+    ("generation.early_stopping=1", "'generation.early_stopping': '1' is not false, true or never"),
 ])
 def test_bad_generation_keys_fail_with_one_line_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config("configs/demo/dico.yaml", BLANK + [override])
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_early_stopping_loads_as_generate_spells_it():
+    for value, want in (("true", "true"), ("False", "false"), ("NEVER", "never")):
+        g = load_config("configs/demo/dico.yaml", BLANK + [f"generation.early_stopping={value}"]).generation
+        assert g.early_stopping == want
+    assert GenerationConfig().early_stopping == "false"  # generate's default, and the DiCO reference's
 
 
 def test_sampling_config_loads():
@@ -300,3 +309,23 @@ def test_rollout_beam_ranks_by_the_configured_length_penalty(captioner, tok):
     finally:
         del m.logits
     assert sum(lengths[-4.0]) <= sum(lengths[0.0]) < sum(lengths[4.0])
+
+
+def test_rollout_beam_stops_by_the_configured_early_stopping(captioner, tok):
+    """With long candidates favoured (length penalty 4), early_stopping true stops once k have ended (shorter
+    candidates), "never" keeps searching longer than false's heuristic: the rollout must pass it on."""
+    m, vt = captioner
+    logits, lengths = m.logits, {}
+    m.logits = lambda h: logits(h) + (torch.arange(tok.vocab_size) == tok.eos)  # EOS likelier: mixed lengths
+    try:
+        for stop in ("true", "false", "never"):
+            g = GenerationConfig(candidates=3, max_len=8, length_penalty=4.0, early_stopping=stop)
+            got = Rollout(g, tok).candidates(m, vt)
+            m.eval()
+            want, _ = beam_search(m, m.image_context(vt), 3, 8, tok.bos, tok.eos, tok.pad, 4.0, stop)
+            m.train()
+            assert torch.equal(got, want.flatten(0, 1))
+            lengths[stop] = scored_mask(got[:, 1:], tok.eos).sum(-1).tolist()
+    finally:
+        del m.logits
+    assert sum(lengths["true"]) < sum(lengths["false"]) < sum(lengths["never"])

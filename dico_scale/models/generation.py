@@ -7,17 +7,22 @@ import torch
 
 @torch.no_grad()
 def beam_search(model, memory: torch.Tensor, beam_size: int, max_len: int, bos: int, eos: int, pad: int,
-                length_penalty: float = 1.0):
+                length_penalty: float = 1.0, early_stopping: bool | str = False):
     """Returns tokens [B, k, 1 + n] (BOS first, PAD after EOS) and summed log-probs [B, k], best first.
     `model`: a captioner (models/captioner.py), `memory`: its per-image context [B, ...] (model.image_context).
 
     transformers' beam search (`generate(num_beams=k, num_return_sequences=k)`, which the DiCO reference draws its
     candidates with): k beams keep running; a candidate that ends (EOS, or max_len tokens) among the step's k best
     is set aside, and the k best of those set aside, by summed log-prob / length ** length_penalty (length: generated
-    tokens, EOS included), are returned. The search stops at max_len, or once no running beam can beat the worst of a
-    full set by transformers' heuristic (early_stopping=False). k = 1 is greedy search, as generate's num_beams=1.
-    The caller chooses train/eval mode.
+    tokens, EOS included), are returned. The search stops at max_len, or earlier by generate's `early_stopping`:
+    False, once no running beam, scored at its current length, beats the worst of a full set (transformers'
+    heuristic); "never", the same with a running beam scored at max_len when length_penalty > 0 (where a longer
+    candidate scores higher); True, also as soon as k candidates are set aside. k = 1 is greedy search, as
+    generate's num_beams=1. The caller chooses train/eval mode.
     """
+    stop = str(early_stopping).lower()  # generate's True / False / "never"; configs hold "true" / "false" / "never"
+    if stop not in ("false", "true", "never"):
+        raise ValueError(f"early_stopping {early_stopping!r} is not false, true or never")
     B, k, dev = memory.size(0), beam_size, memory.device
     length_penalty = length_penalty if k > 1 else 0.0  # one beam, ranked by its sum: the first to end is the argmax
     memory, cache, banned = model.expand(memory, k), model.new_cache(), model.banned_tokens(bos, eos, pad)
@@ -30,6 +35,7 @@ def beam_search(model, memory: torch.Tensor, beam_size: int, max_len: int, bos: 
     done_sums, done_lens = torch.zeros(B, k, device=dev), torch.zeros(B, k, dtype=torch.long, device=dev)
     done_real = torch.zeros(B, k, dtype=torch.bool, device=dev)
     improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    full = torch.zeros(B, 1, dtype=torch.bool, device=dev)  # early_stopping true: k set aside, no more taken
     in_top_k = torch.arange(2 * k, device=dev) < k
     for t in range(1, max_len + 1):
         hidden = model.decoder_hidden(running.view(B * k, -1)[:, t - 1:t], memory, cache=cache)[:, -1]
@@ -43,7 +49,7 @@ def beam_search(model, memory: torch.Tensor, beam_size: int, max_len: int, bos: 
         cands[..., t] = token
         ends = (token == eos) | (t == max_len)
         # set aside: the ended candidates among the k best, while the image's set can still improve
-        ended = ends & in_top_k & improvable
+        ended = ends & in_top_k & improvable & ~full
         score = top / t ** length_penalty + (~ended) * -1e9
         best = torch.cat([done_scores, score], 1).topk(k, dim=1).indices
         done = torch.cat([done, cands], 1)[rows, best]
@@ -51,15 +57,18 @@ def beam_search(model, memory: torch.Tensor, beam_size: int, max_len: int, bos: 
         done_sums = torch.cat([done_sums, top], 1)[rows, best]
         done_lens = torch.cat([done_lens, torch.full_like(token, t)], 1)[rows, best]
         done_real = torch.cat([done_real, ended], 1)[rows, best]
-        if t == max_len:
+        full |= done_real.all(1, keepdim=True) & (stop == "true")
+        if t == max_len or full.all():
             break
         alive = top + ends * -1e9
         keep = alive.topk(k, dim=1).indices
         running, run_scores = cands[rows, keep], alive[rows, keep]
         model.reorder_cache(cache, (rows * k + beam[rows, keep]).view(-1))
-        # transformers' heuristic: the best running beam, scored at its current length, against the worst set aside
+        # transformers' heuristic: the best running beam, scored at its current length (at max_len for "never" with a
+        # positive penalty), against the worst set aside
         worst = torch.where(done_real, done_scores.min(1, keepdim=True).values, -1e9)
-        improvable &= (run_scores[:, :1] / t ** length_penalty > worst).any(1, keepdim=True)
+        length = max_len if stop == "never" and length_penalty > 0 else t
+        improvable &= (run_scores[:, :1] / length ** length_penalty > worst).any(1, keepdim=True)
         if not improvable.any():
             break
     return done[..., :1 + int(done_lens.max())], done_sums
