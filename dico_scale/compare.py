@@ -7,6 +7,10 @@ the same reward and number of steps, each through the real trainer as a child pr
 selected checkpoint (train.select_best) marked, and the captions of the same held-out test images; and a table of
 the selected checkpoints' metrics on the test split, printed and logged on the parent run.
 
+Single runs do not settle which method is better: `seeds=[0,1,2]` trains every run once per seed (`train.seed`:
+data order, dropout, sampled candidates) from the same XE captioner; the table then gives each method's mean and
+standard deviation over the seeds, and each SCST run's difference from DiCO paired by seed.
+
 Arguments `key=value` set this command's keys (below, no dot) or, with a dot, a training key of every run
 (`train.micro_batch_size=4`). Bad input stops with one line and exit code 2 before anything is trained.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,6 +47,7 @@ class CompareConfig:
     examples: int = 4  # >= 0; held-out images in the figure's caption table
     figure: str = "docs/dico_vs_scst.png"
     overrides: list[str] = field(default_factory=list)  # key=value for every run
+    seeds: list[int] = field(default_factory=lambda: [0])  # train.seed of the runs; several: every run once per seed
 
 
 # (run name, stage, label); the reward of the last is CIDEr-D whatever `reward` says
@@ -66,6 +72,11 @@ def load(path: str, args: list[str]) -> tuple[CompareConfig, list[str]]:
         parse_select_best(c.select_best)
     except ConfigError as e:
         raise ConfigError(str(e).replace("config key 'train.select_best'", "compare key 'select_best'")) from None
+    if not c.seeds or min(c.seeds) < 0 or len(set(c.seeds)) < len(c.seeds):
+        raise ConfigError(f"bad value for compare key 'seeds': {c.seeds} must be distinct integers >= 0, at least one")
+    for item in list(c.overrides) + training:
+        if item.split("=", 1)[0].strip() == "train.seed":
+            raise ConfigError(f"'{item}': compare sets each run's train.seed from its key 'seeds' (seeds=[0,1,2])")
     for key in ("dico_config", "scst_config"):
         if not os.path.isfile(getattr(c, key)):
             raise ConfigError(f"bad value for compare key '{key}': '{getattr(c, key)}' does not exist")
@@ -75,17 +86,21 @@ def load(path: str, args: list[str]) -> tuple[CompareConfig, list[str]]:
 
 
 def plan(c: CompareConfig, training: list[str], parent_run_id: str = "") -> list[dict]:
-    """Each run: name, stage, label, config file, overrides (compare's first: the run's own overrides win)."""
+    """Each run, seed by seed (a stopped compare has whole seeds): name (the method's, with `_seed<s>` when there
+    are several seeds), method, seed, stage, label, config file, overrides (compare's first: the run's own win)."""
     runs = []
-    for name, stage, label in RUNS if c.scst_cider else RUNS[:2]:
-        reward = "cider" if name == "scst_cider" else c.reward
-        overrides = [f"train.init_from={os.path.abspath(c.xe_checkpoint)}", f"train.max_steps={c.steps}",
-                     f"train.val_every={c.val_every}", f"train.select_best={c.select_best}",
-                     "train.val_max_images=0", "train.resume=none",  # the whole val split: the same images as XE's
-                     f"train.output_dir={os.path.join(c.output_dir, name)}", f"{stage}.reward={reward}",
-                     f"tracking.run_name={name}", f"tracking.parent_run_id={parent_run_id}", *training]
-        runs.append({"name": name, "stage": stage, "label": label, "overrides": overrides,
-                     "config": c.dico_config if stage == "dico" else c.scst_config})
+    for seed in c.seeds:
+        for method, stage, label in RUNS if c.scst_cider else RUNS[:2]:
+            name = method if len(c.seeds) == 1 else f"{method}_seed{seed}"
+            reward = "cider" if method == "scst_cider" else c.reward
+            overrides = [f"train.init_from={os.path.abspath(c.xe_checkpoint)}", f"train.max_steps={c.steps}",
+                         f"train.val_every={c.val_every}", f"train.select_best={c.select_best}",
+                         "train.val_max_images=0", "train.resume=none",  # the whole val split: the same images as XE's
+                         f"train.seed={seed}", f"train.output_dir={os.path.join(c.output_dir, name)}",
+                         f"{stage}.reward={reward}", f"tracking.run_name={name}",
+                         f"tracking.parent_run_id={parent_run_id}", *training]
+            runs.append({"name": name, "method": method, "seed": seed, "stage": stage, "label": label,
+                         "overrides": overrides, "config": c.dico_config if stage == "dico" else c.scst_config})
     return runs
 
 
@@ -118,7 +133,8 @@ def parent_run(cfg, c: CompareConfig):
 
 
 def histories(client, parent_id: str, runs: list[dict]) -> dict:
-    """{label: {"run_id", "curves": {metric: [(step, value)]}, "best_step"}} of the parent's child runs."""
+    """{label: [{"seed", "run_id", "curves": {metric: [(step, value)]}, "best_step"} per seed]} of the parent's
+    child runs."""
     children = client.search_runs([client.get_run(parent_id).info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
     by_name = {r.info.run_name: r for r in children}
@@ -128,7 +144,8 @@ def histories(client, parent_id: str, runs: list[dict]) -> dict:
         curves = {m: sorted((h.step, h.value) for h in client.get_metric_history(child.info.run_id, f"val/{m}"))
                   for m in CURVES}
         best = child.data.tags.get("best_step")
-        out[r["label"]] = {"run_id": child.info.run_id, "curves": curves, "best_step": int(best) if best else None}
+        out.setdefault(r["label"], []).append({"seed": r["seed"], "run_id": child.info.run_id, "curves": curves,
+                                               "best_step": int(best) if best else None})
     return out
 
 
@@ -137,14 +154,54 @@ def selected_model(run_dir: str) -> str:
     return best if os.path.isfile(best) else os.path.join(run_dir, "model.pt")
 
 
-def print_table(test: dict) -> None:
+def by_method(per_run: dict, runs: list[dict]) -> dict:
+    """heldout's {run name: result} as {label: {"metrics": mean over the seeds, "std": sample standard deviation
+    (0 for one seed), "seeds": {seed: metrics}, "examples": the first seed's}}; XE as heldout gave it."""
+    test = {"XE": dict(per_run["XE"], std={}, seeds={})}
+    for r in runs:
+        m = test.setdefault(r["label"], {"seeds": {}, "examples": per_run[r["name"]]["examples"]})
+        m["seeds"][r["seed"]] = per_run[r["name"]]["metrics"]
+    for label, m in list(test.items())[1:]:
+        values = {k: [s[k] for s in m["seeds"].values()] for k in next(iter(m["seeds"].values()))}
+        m["metrics"] = {k: statistics.fmean(v) for k, v in values.items()}
+        m["std"] = {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in values.items()}
+    return test
+
+
+def paired(test: dict) -> dict:
+    """Each other method against DiCO, seed by seed: {label: {metric: {"mean": mean of DiCO - it, "dico_higher":
+    seeds where DiCO's is higher, "seeds"}}} for the reward and CIDEr."""
+    dico = test["DiCO"]["seeds"]
+    out = {}
+    for label, m in test.items():
+        if label in ("XE", "DiCO"):
+            continue
+        out[label] = {}
+        for k in ("evaluator_score", "cider"):
+            diffs = [dico[s][k] - m["seeds"][s][k] for s in dico if k in dico[s] and s in m["seeds"]]
+            if diffs:
+                out[label][k] = {"mean": statistics.fmean(diffs), "dico_higher": sum(d > 0 for d in diffs),
+                                 "seeds": len(diffs)}
+    return out
+
+
+def print_table(test: dict, differences: dict) -> None:
     n = int(next(iter(test.values()))["metrics"]["images"])
-    print(f"\nselected checkpoints on {n} held-out test images")
-    print(f"{'model':<16}{'evaluator':>11}{'CIDEr':>9}{'length':>9}{'repetition':>12}{'vocab':>7}")
-    for label, r in test.items():
-        m = r["metrics"]
-        print(f"{label:<16}{m.get('evaluator_score', float('nan')):>11.3f}{m['cider']:>9.3f}{m['mean_length']:>9.2f}"
-              f"{m['repetition']:>12.3f}{int(m['vocab_size']):>7d}")
+    seeds = max(len(m["seeds"]) for m in test.values())
+    cell = (lambda m, k, f: f"{m['metrics'][k]:{f}} ± {m['std'].get(k, 0):{f}}") if seeds > 1 else \
+        (lambda m, k, f: f"{m['metrics'][k]:{f}}")
+    w = 16 if seeds > 1 else 9
+    print(f"\nselected checkpoints on {n} held-out test images" + (f", mean ± std over {seeds} seeds" if seeds > 1
+                                                                     else ""))
+    print(f"{'model':<16}{'evaluator':>{w}}{'CIDEr':>{w}}{'length':>{w}}{'repetition':>{w}}{'vocab':>{w}}")
+    for label, m in test.items():
+        m = dict(m, metrics={"evaluator_score": float("nan"), **m["metrics"]})
+        formats = (("evaluator_score", ".3f"), ("cider", ".3f"), ("mean_length", ".2f"), ("repetition", ".3f"),
+                   ("vocab_size", ".0f"))
+        print(f"{label:<16}" + "".join(f"{cell(m, k, f):>{w}}" for k, f in formats))
+    for label, diff in differences.items():
+        print(f"DiCO - {label}, paired by seed: " + "; ".join(
+            f"{k} {d['mean']:+.3f} (DiCO higher on {d['dico_higher']}/{d['seeds']})" for k, d in diff.items()))
 
 
 def compare(c: CompareConfig, training: list[str], ranks: int) -> dict:
@@ -162,35 +219,43 @@ def compare(c: CompareConfig, training: list[str], ranks: int) -> dict:
         curves = histories(client, parent_id, runs)
         start = heldout(cfg, {"XE": c.xe_checkpoint}, "val", 0, cfg.train.micro_batch_size)["XE"]["metrics"]
         models = {"XE": c.xe_checkpoint}
-        models.update({r["label"]: selected_model(os.path.join(c.output_dir, r["name"])) for r in runs})
-        test = heldout(cfg, models, "test", c.examples)
+        models.update({r["name"]: selected_model(os.path.join(c.output_dir, r["name"])) for r in runs})
+        test = by_method(heldout(cfg, models, "test", c.examples), runs)
+        differences = paired(test)
         summary = {"config": asdict(c), "parent_run_id": parent_id, "start": start, "runs": curves, "test": test,
-                   "selected": models}
+                   "dico_minus": differences, "selected": models}
         os.makedirs(os.path.dirname(os.path.abspath(c.figure)), exist_ok=True)
+        seeds = f", {len(c.seeds)} seeds" if len(c.seeds) > 1 else ""
         draw(c.figure, curves, start, test, title=f"DiCO vs SCST from one XE captioner, reward '{c.reward}', "
-             f"{c.steps} steps each")
+             f"{c.steps} steps each{seeds}", table="selected checkpoints" + (f", seed {c.seeds[0]}" if seeds else ""))
         path = os.path.join(c.output_dir, "summary.json")
         with open(path, "w") as f:
             json.dump(summary, f, indent=1)
-        log_parent(client, parent_id, test, c.figure, path)
+        log_parent(client, parent_id, test, differences, c.figure, path)
     except BaseException:
         client.set_terminated(parent_id, status="FAILED")
         raise
     client.set_terminated(parent_id)
-    print_table(test)
+    print_table(test, differences)
     return summary
 
 
-def log_parent(client, parent_id: str, test: dict, figure: str, summary: str) -> None:
+def log_parent(client, parent_id: str, test: dict, differences: dict, figure: str, summary: str) -> None:
+    """test/<method>/<metric> (the mean over the seeds), with several seeds also .../<metric>_std and
+    test/dico_minus_<method>/<metric>; the figure and summary.json as artifacts."""
     import math
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     names = {"XE": "xe", **{label: name for name, _, label in RUNS}}
-    metrics = [Metric(f"test/{names[label]}/{k}", float(v), now, 0)
-               for label, r in test.items() for k, v in r["metrics"].items() if math.isfinite(float(v))]
-    client.log_batch(parent_id, metrics=metrics)
+    values = {f"test/{names[label]}/{k}": v for label, r in test.items() for k, v in r["metrics"].items()}
+    if max(len(r["seeds"]) for r in test.values()) > 1:
+        values.update({f"test/{names[label]}/{k}_std": v for label, r in test.items() for k, v in r["std"].items()})
+        values.update({f"test/dico_minus_{names[label]}/{k}": d["mean"]
+                       for label, diff in differences.items() for k, d in diff.items()})
+    client.log_batch(parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()
+                                         if math.isfinite(float(v))])
     client.log_artifact(parent_id, figure)
     client.log_artifact(parent_id, summary)
 

@@ -9,9 +9,11 @@ PANELS = [("evaluator_score", "evaluator score (reward)"), ("cider", "CIDEr"), (
 STYLES = {"DiCO": ("tab:blue", "-"), "SCST": ("tab:red", "-"), "SCST (CIDEr-D)": ("tab:orange", "--")}
 
 
-def draw(path: str, runs: dict, start: dict, test: dict, title: str = "") -> None:
-    """runs: {label: {"curves": {metric: [(step, value)]}, "best_step"}}; start: the XE captioner's validation
-    metrics (drawn at step 0 of every curve); test: {label: {"examples": records}} for the caption table."""
+def draw(path: str, runs: dict, start: dict, test: dict, title: str = "",
+         table: str = "selected checkpoints") -> None:
+    """runs: {label: [{"curves": {metric: [(step, value)]}, "best_step"} per seed]}; start: the XE captioner's
+    validation metrics (drawn at step 0 of every curve); test: {label: {"examples": records}} for the caption
+    table. Several seeds: each seed's curve thin, their mean bold."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display
@@ -21,18 +23,15 @@ def draw(path: str, runs: dict, start: dict, test: dict, title: str = "") -> Non
     grid = fig.add_gridspec(3, 3, height_ratios=[1, 1, 1.25], hspace=0.35, wspace=0.25)
     for i, (metric, name) in enumerate(PANELS):
         ax = fig.add_subplot(grid[i // 3, i % 3])
-        for label, run in runs.items():
+        for label, seeds in runs.items():
             color, style = STYLES.get(label, (None, "-"))
-            points = list(run["curves"].get(metric, []))
-            if metric in start:  # every run starts from the XE captioner
-                points.insert(0, (0, start[metric]))
-            if not points:
-                continue
-            steps, values = zip(*points)
-            ax.plot(steps, values, style, color=color, marker=".", label=label)
-            best = dict(points).get(run.get("best_step"))
-            if best is not None:
-                ax.plot([run["best_step"]], [best], "*", color=color, markersize=15, markeredgecolor="black")
+            curves = [_points(run, metric, start) for run in seeds]
+            for run, points in zip(seeds, curves):
+                if points:
+                    _curve(ax, run, points, color, style, label if len(seeds) == 1 else None, thin=len(seeds) > 1)
+            mean = _mean(curves)
+            if len(seeds) > 1 and mean:
+                ax.plot(*zip(*mean), style, color=color, linewidth=2.5, label=f"{label} (mean of {len(seeds)} seeds)")
         if metric in start:
             ax.plot([0], [start[metric]], "o", color="black", label="XE (step 0)")
         ax.set_title(name)
@@ -44,14 +43,37 @@ def draw(path: str, runs: dict, start: dict, test: dict, title: str = "") -> Non
     handles.append(plt.Line2D([], [], marker="*", color="grey", markeredgecolor="black", markersize=15, ls=""))
     labels.append("selected checkpoint (train.select_best)")
     legend.legend(handles, labels, loc="center", fontsize=12)
-    _caption_table(fig.add_subplot(grid[2, :]), test)
+    _caption_table(fig.add_subplot(grid[2, :]), test, table)
     if title:
         fig.suptitle(title, fontsize=14)
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
 
 
-def _caption_table(ax, test: dict) -> None:
+def _points(run: dict, metric: str, start: dict) -> list:
+    points = list(run["curves"].get(metric, []))
+    if metric in start:  # every run starts from the XE captioner
+        points.insert(0, (0, start[metric]))
+    return points
+
+
+def _curve(ax, run: dict, points: list, color, style: str, label, thin: bool) -> None:
+    """One run's curve, its selected checkpoint a star."""
+    steps, values = zip(*points)
+    ax.plot(steps, values, style, color=color, marker="" if thin else ".", label=label,
+            alpha=0.45 if thin else 1.0, linewidth=1.0 if thin else 1.5)
+    best = dict(points).get(run.get("best_step"))
+    if best is not None:
+        ax.plot([run["best_step"]], [best], "*", color=color, markersize=10 if thin else 15, markeredgecolor="black")
+
+
+def _mean(curves: list) -> list:
+    """(step, mean) at the steps every curve has."""
+    steps = sorted(set.intersection(*(set(dict(c)) for c in curves))) if curves and all(curves) else []
+    return [(s, sum(dict(c)[s] for c in curves) / len(curves)) for s in steps]
+
+
+def _caption_table(ax, test: dict, which: str) -> None:
     """One row per held-out image: its first reference, then each model's caption."""
     ax.axis("off")
     labels = list(test)
@@ -64,4 +86,4 @@ def _caption_table(ax, test: dict) -> None:
     table.auto_set_font_size(False)
     table.set_fontsize(9)
     table.scale(1, 3.2)
-    ax.set_title("captions of the same held-out test images (selected checkpoints)")
+    ax.set_title(f"captions of the same held-out test images ({which})")

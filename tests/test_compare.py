@@ -26,16 +26,18 @@ def _config(tmp: Path, chain_dir: Path, **keys) -> Path:
 
 
 @pytest.mark.distributed
-def test_compare_runs_dico_and_scst_as_child_runs_and_draws_the_figure(chain, tmp_path):
+def test_compare_runs_dico_and_scst_per_seed_as_child_runs_and_draws_the_figure(chain, tmp_path):
     chain_dir, weights = chain
     db = tmp_path / "mlflow.db"
     from helpers import demo_overrides
     training = [o for o in demo_overrides(chain_dir) if not o.startswith("tracking.uri")]
-    proc = subprocess.run([sys.executable, "-m", "dico_scale.compare", "--config", str(_config(tmp_path, chain_dir)),
-                           "--ranks", "2", f"tracking.uri={mlflow_uri(db)}", *training, *weights, *TINY],
+    proc = subprocess.run([sys.executable, "-m", "dico_scale.compare", "--config",
+                           str(_config(tmp_path, chain_dir, seeds=[0, 1])), "--ranks", "2",
+                           f"tracking.uri={mlflow_uri(db)}", *training, *weights, *TINY],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     check_ok(proc)
-    assert "selected checkpoints on 12 held-out test images" in proc.stdout
+    assert "selected checkpoints on 12 held-out test images, mean ± std over 2 seeds" in proc.stdout
+    assert "DiCO - SCST, paired by seed: evaluator_score " in proc.stdout
 
     import matplotlib.image
     png = matplotlib.image.imread(tmp_path / "figure.png")
@@ -46,30 +48,45 @@ def test_compare_runs_dico_and_scst_as_child_runs_and_draws_the_figure(chain, tm
     exp = client.get_experiment_by_name("dico-demo").experiment_id
     (parent,) = client.search_runs([exp], filter_string="tags.stage = 'compare'")
     children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(r.info.run_name for r in children) == ["dico", "scst"]
+    assert sorted(r.info.run_name for r in children) == ["dico_seed0", "dico_seed1", "scst_seed0", "scst_seed1"]
     assert parent.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in children)
     for child in children:
-        assert child.data.params["train.stage"] == child.info.run_name
+        method, seed = child.info.run_name.split("_seed")
+        assert child.data.params["train.stage"] == method and child.data.params["train.seed"] == seed
         assert child.data.params["train.init_from"] == f"{chain_dir}/xe/model.pt"
         assert child.data.params["train.max_steps"] == "2"
-        assert child.data.params[f"{child.info.run_name}.reward"] == "evaluator"  # the same reward
+        assert child.data.params[f"{method}.reward"] == "evaluator"  # the same reward
         for key in ("val/evaluator_score", "val/cider", "val/mean_length", "val/repetition", "val/vocab_size"):
             assert [m.step for m in client.get_metric_history(child.info.run_id, key)] == [1, 2], key
         assert child.data.tags["best_step"] in ("1", "2")
+    # the seed changes the run (data order): the two seeds' last losses differ (DiCO's first is log 2 at any data)
+    losses = {r.info.run_name: sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id,
+                                                                                          "train/loss"))[-1]
+              for r in children}
+    assert losses["dico_seed0"] != losses["dico_seed1"] and losses["scst_seed0"] != losses["scst_seed1"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"figure.png", "summary.json"} <= artifacts
     for label in ("xe", "dico", "scst"):
         for metric in ("evaluator_score", "cider", "repetition", "vocab_size"):
             assert f"test/{label}/{metric}" in parent.data.metrics, (label, metric)
+    assert "test/dico/cider_std" in parent.data.metrics and "test/dico_minus_scst/evaluator_score" in parent.data.metrics
 
     summary = json.loads((tmp_path / "compare" / "summary.json").read_text())
     assert list(summary["test"]) == ["XE", "DiCO", "SCST"]
     keys = [[e["key"] for e in r["examples"]] for r in summary["test"].values()]
     assert keys[0] == keys[1] == keys[2] and len(keys[0]) == 2  # the table shows the same images for every model
     for label in ("DiCO", "SCST"):
-        run = summary["runs"][label]
-        assert summary["selected"][label].endswith(os.path.join("best", "model.pt"))
-        assert run["best_step"] in (1, 2) and [s for s, _ in run["curves"]["cider"]] == [1, 2]
+        test = summary["test"][label]
+        assert sorted(test["seeds"]) == ["0", "1"]  # JSON keys
+        mean = sum(s["cider"] for s in test["seeds"].values()) / 2
+        assert abs(test["metrics"]["cider"] - mean) < 1e-9
+        assert [run["seed"] for run in summary["runs"][label]] == [0, 1]
+        for run in summary["runs"][label]:
+            assert run["best_step"] in (1, 2) and [s for s, _ in run["curves"]["cider"]] == [1, 2]
+        for seed in ("0", "1"):
+            name = f"{label.lower()}_seed{seed}"
+            assert summary["selected"][name].endswith(os.path.join(name, "best", "model.pt"))
+    assert summary["dico_minus"]["SCST"]["cider"]["seeds"] == 2
     assert summary["start"]["images"] == 12  # XE at step 0: the whole val split, as the runs validate it
 
 
@@ -82,6 +99,11 @@ def test_compare_runs_dico_and_scst_as_child_runs_and_draws_the_figure(chain, tm
     (["stepz=3"], "unknown config key 'stepz'"),
     (["train.lrr=1"], "run dico: unknown config key 'train.lrr'"),
     (["--ranks", "0"], "--ranks 0 must be >= 1"),
+    (["seeds=[]"], "bad value for compare key 'seeds': [] must be distinct integers >= 0"),
+    (["seeds=[0,-1]"], "bad value for compare key 'seeds': [0, -1]"),
+    (["seeds=[2,2]"], "bad value for compare key 'seeds': [2, 2]"),
+    (["seeds=[0,x]"], "seeds"),
+    (["train.seed=3"], "'train.seed=3': compare sets each run's train.seed from its key 'seeds'"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
     xe = tmp_path / "xe.pt"
@@ -90,3 +112,57 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
     assert compare.main(["--config", str(_config(tmp_path, tmp_path, xe_checkpoint=str(xe))), *args, *cfg]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dico_scale.compare: config error: ") and message in err[0], err
+
+
+def test_plan_runs_every_method_once_per_seed_seed_by_seed():
+    one = compare.plan(compare.CompareConfig(output_dir="out"), ["optim.lr=1"])
+    assert [r["name"] for r in one] == ["dico", "scst", "scst_cider"]
+    assert "train.seed=0" in one[0]["overrides"] and one[0]["overrides"][-1] == "optim.lr=1"  # the user's last
+    runs = compare.plan(compare.CompareConfig(output_dir="out", seeds=[3, 0], scst_cider=False), [])
+    assert [(r["name"], r["method"], r["seed"]) for r in runs] == [
+        ("dico_seed3", "dico", 3), ("scst_seed3", "scst", 3), ("dico_seed0", "dico", 0), ("scst_seed0", "scst", 0)]
+    for r in runs:
+        assert f"train.seed={r['seed']}" in r["overrides"]
+        assert f"train.output_dir={os.path.join('out', r['name'])}" in r["overrides"]
+        assert f"tracking.run_name={r['name']}" in r["overrides"]
+
+
+def _metrics(score, cider, length=10.0):
+    return {"evaluator_score": score, "cider": cider, "mean_length": length, "repetition": 0.5, "vocab_size": 40.0,
+            "images": 12.0}
+
+
+def test_several_seeds_give_mean_std_and_differences_paired_by_seed(tmp_path, capsys):
+    runs = compare.plan(compare.CompareConfig(seeds=[0, 1, 2], scst_cider=False), [])
+    dico, scst = {0: (1.7, 1.3), 1: (1.8, 1.2), 2: (1.6, 1.5)}, {0: (1.6, 1.4), 1: (1.7, 1.4), 2: (1.65, 1.3)}
+    per_run = {"XE": {"metrics": _metrics(1.5, 1.4), "examples": [{"key": "a", "refs": ["r"], "caption": "xe"}]}}
+    for r in runs:
+        score, cider = (dico if r["method"] == "dico" else scst)[r["seed"]]
+        per_run[r["name"]] = {"metrics": _metrics(score, cider),
+                              "examples": [{"key": "a", "refs": ["r"], "caption": r["name"]}]}
+    test = compare.by_method(per_run, runs)
+    assert list(test) == ["XE", "DiCO", "SCST"]
+    assert test["DiCO"]["metrics"]["evaluator_score"] == pytest.approx(1.7)
+    assert test["DiCO"]["std"]["evaluator_score"] == pytest.approx(0.1)  # sample standard deviation
+    assert test["SCST"]["metrics"]["cider"] == pytest.approx(4.1 / 3)
+    assert test["DiCO"]["examples"][0]["caption"] == "dico_seed0"  # the first seed's captions in the figure
+    assert sorted(test["SCST"]["seeds"]) == [0, 1, 2] and test["XE"]["metrics"]["cider"] == 1.4
+    diff = compare.paired(test)["SCST"]
+    assert diff["evaluator_score"]["mean"] == pytest.approx((0.1 + 0.1 - 0.05) / 3)
+    assert (diff["evaluator_score"]["dico_higher"], diff["cider"]["dico_higher"], diff["cider"]["seeds"]) == (2, 1, 3)
+
+    compare.print_table(test, compare.paired(test))
+    out = capsys.readouterr().out
+    assert "mean ± std over 3 seeds" in out and "1.700 ± 0.100" in out
+    assert "DiCO - SCST, paired by seed: evaluator_score +0.050 (DiCO higher on 2/3)" in out
+
+    from dico_scale.figure import draw
+    curves = {label: [{"seed": s, "curves": {"cider": [(1, 1.4 + s / 10), (2, 1.5)]}, "best_step": 2}
+                      for s in range(3)] for label in ("DiCO", "SCST")}
+    draw(str(tmp_path / "f.png"), curves, _metrics(1.5, 1.4), test, title="seeds")
+    import matplotlib.image
+    assert matplotlib.image.imread(tmp_path / "f.png").shape[1] > 800
+    from dico_scale.figure import _mean, _points
+    points = [_points(run, "cider", {"cider": 1.4}) for run in curves["DiCO"]]
+    assert _mean(points) == [(0, pytest.approx(1.4)), (1, pytest.approx(1.5)), (2, pytest.approx(1.5))]
+    assert _mean([[(1, 1.0), (2, 2.0)], [(2, 4.0)]]) == [(2, 3.0)]  # only the steps every seed has
