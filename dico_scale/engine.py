@@ -272,12 +272,13 @@ def gathered(model):
                 module._engine = bound
 
 
-def export_weights(engine, path: str | Path, extra: dict) -> None:
+def export_weights(engine, path: str | Path, extra: dict, generation=None) -> None:
     """One fp32 state dict of the whole module (frozen parts included) on rank 0, written atomically.
 
     The file holds {'state_dict': ...}: the layout open_clip's loader and `models.weights.load_weights` read. A
     captioner with `save_pretrained` (the Hugging Face rows) also gets hf/ beside the file: a folder transformers
-    loads. LoRA adapters are merged into their weights (models/lora.py): the export has the plain model's keys.
+    loads, whose generate searches as `generation` (the run's config) does. LoRA adapters are merged into their
+    weights (models/lora.py): the export has the plain model's keys.
     """
     deepspeed = import_deepspeed()
     import torch.distributed as dist
@@ -293,5 +294,5 @@ def export_weights(engine, path: str | Path, extra: dict) -> None:
             torch.save({"state_dict": state, **extra}, tmp)
             os.replace(tmp, path)
             if hasattr(module, "save_pretrained"):  # Hugging Face rows: a transformers folder beside it too
-                module.save_pretrained(Path(path).parent / "hf", state)
+                module.save_pretrained(Path(path).parent / "hf", state, generation)
     dist.barrier()

@@ -249,8 +249,9 @@ def write_hf_folder(blob: dict, folder: Path, captioner=None) -> None:
     """`captioner`: the run's, when already built (a LoRA run's, for its merge)."""
     from dico_scale.models import build_captioner
 
-    captioner = captioner or build_captioner(_config_from_text(blob["config"], []))
-    captioner.save_pretrained(folder, blob["state_dict"])
+    cfg = _config_from_text(blob["config"], [])
+    captioner = captioner or build_captioner(cfg)
+    captioner.save_pretrained(folder, blob["state_dict"], cfg.generation)
 
 
 def write_adapters(blob: dict, captioner, out: str) -> int:

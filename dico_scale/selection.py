@@ -152,7 +152,7 @@ def select_best(sel: Selection, cfg: Config, engine, tracker, state, metrics: di
             best_dir.mkdir(parents=True, exist_ok=True)
         export_weights(engine, best_dir / "model.pt",
                        {"config": to_yaml(cfg), "stage": cfg.train.stage, "step": step,
-                        "mlflow_run_id": state.mlflow_run_id, "best": best})
+                        "mlflow_run_id": state.mlflow_run_id, "best": best}, cfg.generation)
         if dist.get_rank() == 0:  # after the weights: best.json never names weights that are not there yet
             _write_json(best_dir / "best.json", best)
             tqdm.write(f"best {sel.name}={best['value']:.6g} at step {step}: {best_dir / 'model.pt'}")

@@ -117,7 +117,7 @@ def _run_locked(cfg: Config, device) -> dict:
         summary = train_loop(cfg, stage, engine, tracker, make_train_loader, make_val_loader, state)
         export_weights(engine, os.path.join(cfg.train.output_dir, "model.pt"),
                        {"config": to_yaml(cfg), "stage": cfg.train.stage, "init_from": cfg.train.init_from,
-                        "step": summary["step"], "mlflow_run_id": state.mlflow_run_id})
+                        "step": summary["step"], "mlflow_run_id": state.mlflow_run_id}, cfg.generation)
     except Preempted as p:
         tracker.finish("KILLED")  # the requeued job sets it back to RUNNING when it resumes
         summary = {"step": p.step, "val": {}, "preempted": True}

@@ -126,10 +126,12 @@ def test_caption_on_the_export_and_its_hf_folder(runs, family, tmp_path, capsys)
     tok = load_tokenizer(str(hf), model)
     pixels = processor(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
     banned = [[t] for t in banned_tokens(tok.bos, tok.eos, tok.pad)]
-    with torch.no_grad():
-        out = model.generate(pixel_values=pixels, num_beams=3, num_return_sequences=3, length_penalty=0.0,
-                             max_new_tokens=6, do_sample=False, **({"bad_words_ids": banned} if banned else {}))
-    assert printed == "".join(f"{p}\t{c}\n" for p, c in zip(paths, tok.decode_batch(out[::3])))
+    search = model.generation_config  # the run's search, written by the export: generate needs no arguments
+    assert (search.num_beams, search.max_new_tokens, search.length_penalty, search.early_stopping) == (3, 6, 1.0, False)
+    assert search.bad_words_ids == (banned or None) and search.do_sample is False
+    with torch.no_grad():  # BLIP's generate gives its text decoder that decoder's own defaults unless told otherwise
+        out = model.generate(pixel_values=pixels, **({"generation_config": search} if family == "blip" else {}))
+    assert printed == "".join(f"{p}\t{c}\n" for p, c in zip(paths, tok.decode_batch(out)))
 
 
 
@@ -153,6 +155,10 @@ def test_lora_under_zero3_exports_merged_weights_and_peft_adapters(runs, repo, t
                                 timeout=300))
     again = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
     assert again.keys() == final.keys() and all(torch.allclose(again[k], final[k], atol=1e-6) for k in final)
+    for folder in (run / "hf", tmp_path / "hf"):  # the training's export and the command's: the run's search
+        search = json.loads((folder / "generation_config.json").read_text())
+        assert {k: search.get(k) for k in ("num_beams", "max_new_tokens", "length_penalty", "early_stopping")} == {
+            "num_beams": 3, "max_new_tokens": 6, "length_penalty": 1.0, "early_stopping": False}, folder
 
     merged = transformers.AutoModelForImageTextToText.from_pretrained(run / "hf").eval()
     base = transformers.AutoModelForImageTextToText.from_pretrained(tmp / "qwen2-vl_xe" / "hf").eval()
@@ -203,7 +209,8 @@ def test_adapters_only_on_a_run_without_lora_is_one_line(runs, tmp_path, capsys)
 @pytest.mark.parametrize("family", VLM)
 def test_caption_and_evaluate_on_a_vlm_export_and_generate_on_its_hf_folder(runs, family, tmp_path, capsys):
     """Images of two sizes (different tile counts / patch grids) captioned in one batch by dico_scale.caption, and
-    one by one by `generate` on the exported folder with its processor and chat template, as a user would."""
+    one by one by `generate` on the exported folder with its processor and chat template, as a user would: no search
+    arguments, the folder's generation config is the run's."""
     import transformers
 
     from dico_scale import caption
@@ -226,9 +233,8 @@ def test_caption_and_evaluate_on_a_vlm_export_and_generate_on_its_hf_folder(runs
     captions = []
     for p in paths:
         inputs = processor(images=[Image.open(p).convert("RGB")], text=[prompt], return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(**inputs, num_beams=3, length_penalty=0.0, max_new_tokens=6, do_sample=False,
-                                 bad_words_ids=[[processor.tokenizer.pad_token_id]])  # ours never proposes PAD
+        with torch.no_grad():  # the run's search is the folder's generation config (the export wrote it)
+            out = model.generate(**inputs)
         text = processor.tokenizer.decode(out[0, inputs["input_ids"].size(1):], skip_special_tokens=True)
         captions.append(text.strip())
     assert printed == "".join(f"{p}\t{c}\n" for p, c in zip(paths, captions))

@@ -108,6 +108,34 @@ def test_every_early_stopping_mode_equals_generate(vlm_folders, family):
     assert got[1.0, False] != got[1.0, "never"] and got[2.0, False] != got[2.0, True]
 
 
+@pytest.mark.parametrize("family", ["gemma3", "qwen2-vl"])
+def test_the_exported_folder_generates_our_captions_by_default(vlm_folders, family, tmp_path):
+    """The export's transformers folder holds the run's search as its generation config: generate(**inputs), no
+    search arguments, gives our best beam (Gemma 3's config lists two end tokens; ours stops at the turn's end)."""
+    import transformers
+
+    from dico_scale.config import GenerationConfig
+
+    cap = captioner(vlm_folders[family])
+    tok, g = cap.tokenizer, GenerationConfig(candidates=3, max_len=8, length_penalty=2.0, early_stopping="never")
+    ends = cap.model.generation_config.eos_token_id
+    others = [e for e in (ends if isinstance(ends, list) else [ends]) if e != tok.eos]  # Gemma 3: <eos>
+    with torch.no_grad():
+        head = cap.model.get_output_embeddings().weight
+        head[tok.eos] *= 3  # beams of mixed lengths
+        head[others] *= 5  # and the folder's other end token in ours: the export's generate must not stop there
+    cap.save_pretrained(tmp_path / "hf", cap.state_dict(), g)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
+    assert (model.generation_config.num_beams, model.generation_config.early_stopping) == (3, "never")
+    for im in images():
+        one = batch(cap, [im])
+        with torch.no_grad():
+            ours, _ = beam_search(cap, cap.image_context(one), 3, 8, tok.bos, tok.eos, tok.pad, 2.0, "never")
+            theirs = model.generate(**one.tensors)[0, one["input_ids"].size(1):]
+        n = int(scored_mask(theirs[None], tok.eos).sum())
+        assert ours[0, 0, 1:n + 1].tolist() == theirs[:n].tolist() and bool((ours[0, 0, n + 1:] == tok.pad).all())
+
+
 def test_teacher_forced_logprobs_cover_the_continuation_only(cap):
     tok, ims = cap.tokenizer, images()
     tokens = tok.batch(CAPTIONS, 40)

@@ -2,6 +2,8 @@
 the DiCO reference), or k independent samples of every image (SCST)."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -104,3 +106,18 @@ def sample(model, memory: torch.Tensor, k: int, max_len: int, bos: int, eos: int
         if finished.all():
             break
     return tokens.view(B, k, -1), scores.view(B, k)
+
+
+def exported_search(generation_config, captioner, g):
+    """A copy of a transformers GenerationConfig that searches as beam_search does with `g` (validation's and
+    caption's search): k beams, max_len new tokens, the length penalty and early stopping, the tokens our search
+    never proposes, and the one EOS it stops at. An exported Hugging Face folder holds it, so that
+    `generate(**inputs)` on the folder gives the captions dico_scale.caption prints."""
+    tok, out = captioner.tokenizer, copy.deepcopy(generation_config)
+    banned = captioner.banned_tokens(tok.bos, tok.eos, tok.pad)
+    out.update(num_beams=g.candidates, max_new_tokens=g.max_len, length_penalty=g.length_penalty,
+               early_stopping={"false": False, "true": True}.get(g.early_stopping, g.early_stopping),
+               do_sample=False, bad_words_ids=[[t] for t in banned] or None, eos_token_id=tok.eos,
+               pad_token_id=tok.pad, num_return_sequences=1)
+    out._from_model_config = False  # ours, not one transformers may rebuild from the model config
+    return out

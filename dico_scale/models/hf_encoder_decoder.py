@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..data.tokenizer import TokenLayout
 from .captioner import CaptionerModel
 from .export_folder import write_folder
+from .generation import exported_search
 from .folders import FREEZE_PARTS, checked_config, from_folder, hf_problem
 
 class HFTokenizer(TokenLayout):
@@ -142,13 +143,15 @@ class HFEncoderDecoder(CaptionerModel):
         hidden = out.last_hidden_state
         return hidden if self.transform is None else self.transform(hidden)
 
-    def save_pretrained(self, folder: str | Path, state: dict[str, torch.Tensor]) -> None:
+    def save_pretrained(self, folder: str | Path, state: dict[str, torch.Tensor], generation=None) -> None:
         """A transformers folder of `state` (our state dict) with the tokenizer and image processor, written beside
-        and moved in (models/export_folder.py)."""
+        and moved in (models/export_folder.py); `generation`: the run's GenerationConfig, generate's default there."""
         own = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
 
         def write(tmp: Path) -> None:
             self.model.save_pretrained(tmp, state_dict=own)
+            if generation is not None:  # the run's search as the folder's default (models/generation.py)
+                exported_search(self.model.generation_config, self, generation).save_pretrained(tmp)
             self.tokenizer.tok.save_pretrained(tmp)
             if self.preprocess is not None:
                 self.preprocess.processor.save_pretrained(tmp)

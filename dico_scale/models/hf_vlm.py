@@ -29,6 +29,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .captioner import CaptionerModel
 from .export_folder import write_folder
+from .generation import exported_search
 from .folders import checked_config, from_folder, vlm_problem
 from .hf_encoder_decoder import HFTokenizer
 from .vlm_processor import (TEXT_KEYS, VLMImages, VLMPreprocess, answer_lead, answer_turn, checked_images_kwargs,
@@ -217,13 +218,15 @@ class HFVLM(CaptionerModel):
         out = self.model.model(input_ids=tokens, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
         return out.last_hidden_state
 
-    def save_pretrained(self, folder: str | Path, state: dict[str, torch.Tensor]) -> None:
+    def save_pretrained(self, folder: str | Path, state: dict[str, torch.Tensor], generation=None) -> None:
         """A transformers folder of `state` (our state dict) with the processor, written beside and moved in
-        (models/export_folder.py)."""
+        (models/export_folder.py); `generation`: the run's GenerationConfig, generate's default there."""
         own = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
 
         def write(tmp: Path) -> None:
             self.model.save_pretrained(tmp, state_dict=own)
+            if generation is not None:  # the run's search as the folder's default (models/generation.py)
+                exported_search(self.model.generation_config, self, generation).save_pretrained(tmp)
             self.processor.save_pretrained(tmp)
 
         write_folder(folder, write, "a transformers save_pretrained folder")
