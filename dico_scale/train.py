@@ -63,6 +63,7 @@ def _run_locked(cfg: Config, device) -> dict:
     from dico_scale.loop import train_loop
     from dico_scale.memory import engine_memory, report
     from dico_scale.models.clip import register_model_configs
+    from dico_scale.models.folders import generation_note
     from dico_scale.resume import plan_resume, resume_state
     from dico_scale.stages import build_stage
     from dico_scale.tracking import Tracker
@@ -71,6 +72,8 @@ def _run_locked(cfg: Config, device) -> dict:
     # Before anything heavy is built: a damaged newest tag is skipped, a bad explicit one or changed frozen model
     # files stop the run; a tag of another world size is converted (once) for this one.
     plan = plan_resume(cfg, _log0)
+    if cfg.captioner.hf_path and (note := generation_note(cfg.captioner.hf_path, cfg.generation)):
+        _log0(note)
     torch.manual_seed(cfg.train.seed)
     register_model_configs(cfg.clip_model_configs)
     shards, missing_shards = training_shards(cfg, rank)

@@ -81,6 +81,8 @@ def test_killed_vlm_with_lora_resumes_on_the_same_mlflow_run(runs, repo):
 
     _, tmp = runs
     out, db = tmp / "idefics3_killed", tmp / "killed.db"
+    search = tmp / "models" / "idefics3" / "generation_config.json"  # a folder asking generate for another search
+    search.write_text(json.dumps({**json.loads(search.read_text()), "no_repeat_ngram_size": 3}))
     args = _common(tmp) + [f"tracking.uri={mlflow_uri(db)}", f"train.output_dir={out}", "train.save_every=1",
                            "train.keep_checkpoints=5", "train.val_every=0", "captioner.model=hf_vlm",
                            "captioner.lora.r=4", f"captioner.hf_path={tmp / 'models' / 'idefics3'}",
@@ -94,6 +96,8 @@ def test_killed_vlm_with_lora_resumes_on_the_same_mlflow_run(runs, repo):
                                      env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True,
                                      timeout=600))
     assert f"at step {resumed_from}" in second.stdout
+    assert f"note: {search} sets no_repeat_ngram_size=3 (not applied): " in second.stdout  # rank 0's, once
+    assert second.stdout.count(f"note: {search}") == 1
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     (run,) = client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id])
     assert run.info.status == "FINISHED"

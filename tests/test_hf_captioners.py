@@ -2,6 +2,7 @@
 written by dico_scale.models.tiny: our beam search's best beam equals `generate`'s, our teacher-forced log-probs
 equal log_softmax of the model's own logits, the fused head (Triton interpreter, untied or biased weight) equals the
 torch path, and an export's save_pretrained folder generates the same captions."""
+import json
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,34 @@ def test_save_pretrained_round_trip(folders, tmp_path):
         assert torch.equal(again.generate(pixel_values=pixels(), **kw), cap.model.generate(pixel_values=pixels(), **kw))
     rebuilt = build_captioner(hf_config(str(tmp_path / "hf")))
     assert rebuilt.tokenizer.decode_batch(rebuilt.tokenizer.batch(CAPTIONS, 40)) == CAPTIONS
+
+
+def test_a_folders_search_settings_ours_does_not_follow_are_named(folders, tmp_path):
+    """A folder's generation_config.json asking generate for another search (num_beams, no_repeat_ngram_size, ...)
+    is named in one note; a folder our export wrote with the run's search gives none."""
+    import shutil
+
+    from dico_scale.config import GenerationConfig
+    from dico_scale.models.folders import generation_note
+
+    g = GenerationConfig(candidates=5, max_len=20, length_penalty=1.0, early_stopping="false")
+    folder = tmp_path / "theirs"
+    shutil.copytree(folders["vit-gpt2"], folder)
+    assert generation_note(str(folder), g) is None  # token ids only, as save_pretrained wrote it
+    config = json.loads((folder / "generation_config.json").read_text())
+    config.update(num_beams=3, early_stopping=True, length_penalty=1, no_repeat_ngram_size=3, min_length=0,
+                  repetition_penalty=1.2, do_sample=False)
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    note = generation_note(str(folder), g)
+    assert note.startswith(f"note: {folder}/generation_config.json sets num_beams=3 (ours: generation.candidates=5), "
+                           "early_stopping=True (ours: generation.early_stopping=false), no_repeat_ngram_size=3 (not "
+                           "applied), repetition_penalty=1.2 (not applied): ") and "\n" not in note
+    (folder / "generation_config.json").write_text("{not json")
+    assert generation_note(str(folder), g) is None  # transformers itself reports a broken file when it loads
+
+    cap = captioner(folders, "vit-gpt2")
+    cap.save_pretrained(tmp_path / "hf", {k: v.detach() for k, v in cap.state_dict().items()}, g)
+    assert generation_note(str(tmp_path / "hf"), g) is None
 
 
 @pytest.mark.parametrize("family,targets", [("vit-gpt2", "c_attn,c_proj"), ("blip", "query,value")])

@@ -134,3 +134,40 @@ def folder_problem(model: str, path: str, freeze: str, tokens_needed: int) -> tu
         return "generation.max_len", (f"captions of {tokens_needed} tokens (data.max_caption_tokens, generation.max_len"
                                       f" + 1) exceed the decoder's {n} positions in '{path}'")
     return None
+
+
+# generate's options in a folder's generation_config.json that shape a search: those our search has as generation.*
+# keys, and those it never applies (with the value that means off)
+SEARCH_KEYS = {"num_beams": "candidates", "max_new_tokens": "max_len", "length_penalty": "length_penalty",
+               "early_stopping": "early_stopping"}
+NOT_APPLIED = {"do_sample": False, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "min_length": 0,
+               "min_new_tokens": None, "num_beam_groups": 1, "diversity_penalty": 0.0,
+               "encoder_no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0, "exponential_decay_length_penalty": None, "suppress_tokens": None,
+               "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+               "sequence_bias": None}
+
+
+def _same(theirs, ours) -> bool:
+    if isinstance(theirs, (int, float)) and not isinstance(theirs, bool):
+        return float(theirs) == float(ours)
+    return str(theirs).lower() == str(ours).lower()
+
+
+def generation_note(path: str, g) -> str | None:
+    """A one-line note naming what the folder's generation_config.json asks of generate that our search does not
+    do (it searches as `g`, the run's generation.*: candidates, validation and captions), or None. A foreign folder's
+    num_beams=3 or no_repeat_ngram_size=3 would otherwise be silently ignored."""
+    try:
+        theirs = json.loads((Path(path) / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(theirs, dict):
+        return None
+    items = [f"{k}={theirs[k]} (ours: generation.{ours}={getattr(g, ours)})" for k, ours in SEARCH_KEYS.items()
+             if theirs.get(k) is not None and not _same(theirs[k], getattr(g, ours))]
+    items += [f"{k}={theirs[k]} (not applied)" for k, off in NOT_APPLIED.items()
+              if theirs.get(k) not in (None, off, [])]
+    if not items:
+        return None
+    return (f"note: {Path(path) / 'generation_config.json'} sets {', '.join(items)}: the candidates, validation and "
+            "captions search as generation.* says (the export's hf/ folder records it)")
