@@ -48,6 +48,12 @@ def finite(text: str) -> float:
     return value
 
 
+def whole(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
 def parse_args(argv):
     p = OneLineParser(prog="dico_scale.caption", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="model.pt export or checkpoint tag folder")
@@ -58,6 +64,10 @@ def parse_args(argv):
                    "default: generation.length_penalty")
     p.add_argument("--early-stopping", choices=("false", "true", "never"), help="when the beam search stops before "
                    "--max-len (transformers' early_stopping); default: generation.early_stopping")
+    p.add_argument("--repetition-penalty", type=finite, help="log-probs of tokens already in the prompt or caption "
+                   "are multiplied by this (transformers'); default: generation.repetition_penalty")
+    p.add_argument("--no-repeat-ngram-size", type=whole, help="no n-gram of this size twice (0: off; "
+                   "transformers'); default: generation.no_repeat_ngram_size")
     p.add_argument("--batch-size", type=positive, default=16)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     return p.parse_args(argv)
@@ -109,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"generation.length_penalty={args.length_penalty}")
         if args.early_stopping is not None:
             overrides.append(f"generation.early_stopping={args.early_stopping}")
+        if args.repetition_penalty is not None:
+            overrides.append(f"generation.repetition_penalty={args.repetition_penalty}")
+        if args.no_repeat_ngram_size is not None:
+            overrides.append(f"generation.no_repeat_ngram_size={args.no_repeat_ngram_size}")
         cfg = load_run_config(meta, overrides)
         import torch
 

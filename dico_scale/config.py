@@ -103,6 +103,8 @@ class GenerationConfig:
     top_k: int = 0  # >= 0; sampling only, 0 = whole vocabulary
     length_penalty: float = 1.0  # [-10, 10]; beam: ended beams rank by log-prob sum / length ** this (generate's)
     early_stopping: str = "false"  # false | true | never; beam: when the search stops before max_len (generate's)
+    repetition_penalty: float = 1.0  # (0, 10]; beam: log-probs of tokens already in the prompt or caption x this
+    no_repeat_ngram_size: int = 0  # >= 0; beam: no n-gram of this size twice in prompt + caption, 0 = off (generate's)
 
 
 @dataclass

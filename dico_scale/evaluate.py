@@ -341,6 +341,8 @@ def run(args, cfg, meta) -> int:
               "settings": {"beam_size": cfg.generation.candidates, "max_len": cfg.generation.max_len,
                            "length_penalty": cfg.generation.length_penalty,
                            "early_stopping": cfg.generation.early_stopping,
+                           "repetition_penalty": cfg.generation.repetition_penalty,
+                           "no_repeat_ngram_size": cfg.generation.no_repeat_ngram_size,
                            "caption_prefix": "" if args.no_prefix else PREFIX, "ngrams": list(args.ngrams),
                            "evaluators": {n: {"model": c.model, "weights": c.weights}
                                           for n, c in args.evaluators.items()},

@@ -7,7 +7,7 @@ import torch
 
 from .config import GenerationConfig
 from .models.captioner import scored_mask
-from .models.generation import beam_search, sample
+from .models.generation import beam_search, sample, search_options
 
 
 class Rollout:
@@ -35,7 +35,7 @@ class Rollout:
                 memory = policy.image_context(visual_tokens)
                 if g.strategy == "beam":
                     tokens, _ = beam_search(policy, memory, self.k, g.max_len, self.bos, self.eos, self.pad,
-                                            g.length_penalty, g.early_stopping)
+                                            **search_options(g))
                 else:
                     tokens, _ = sample(policy, memory, self.k, g.max_len, self.bos, self.eos, self.pad,
                                        temperature=g.temperature, top_k=g.top_k, generator=self.generator)

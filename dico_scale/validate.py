@@ -19,7 +19,7 @@ from .metrics import caption_stats, cider, clip_score, mean, text_features
 from .models import build_captioner
 from .models.clip import register_model_configs
 from .models.clip_scorer import ClipScorer, distinct_preprocess
-from .models.generation import beam_search
+from .models.generation import beam_search, search_options
 
 __all__ = ["generate", "caption_split", "gather_records", "evaluator_scores", "score_records", "cider",
            "caption_metrics", "heldout"]
@@ -27,11 +27,11 @@ __all__ = ["generate", "caption_split", "gather_records", "evaluator_scores", "s
 
 @torch.no_grad()
 def generate(captioner, tokenizer, pixels: torch.Tensor, g: GenerationConfig) -> list[str]:
-    """The best beam's caption for each image (g.candidates beams, g.max_len tokens, g.length_penalty,
-    g.early_stopping); the caller chooses the mode (eval for inference)."""
+    """The best beam's caption for each image (g.candidates beams, g.max_len tokens, and g's search options:
+    generation.search_options); the caller chooses the mode (eval for inference)."""
     memory = captioner.image_context(captioner.visual_tokens(pixels))
     tokens, _ = beam_search(captioner, memory, g.candidates, g.max_len, tokenizer.bos, tokenizer.eos, tokenizer.pad,
-                            g.length_penalty, g.early_stopping)
+                            **search_options(g))
     return tokenizer.decode_batch(tokens[:, 0])
 
 

@@ -217,14 +217,16 @@ def test_caption_cli_on_a_folder(trained, exported, tmp_path):
         Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(tmp_path / name)
     (tmp_path / "notes.txt").write_text("not an image")
     cmd = [sys.executable, "-m", "dico_scale.caption", "--checkpoint", str(exported), str(tmp_path),
-           "--beam-size", "2", "--max-len", "6", "--length-penalty", "0.5", "--early-stopping", "never"]
+           "--beam-size", "2", "--max-len", "6", "--length-penalty", "0.5", "--early-stopping", "never",
+           "--repetition-penalty", "1.2", "--no-repeat-ngram-size", "2"]
     lines = check_ok(subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)).stdout.splitlines()
     paths = [str(tmp_path / n) for n in ("a.png", "b.jpg", "c.jpeg")]
     assert [line.split("\t")[0] for line in lines] == paths
 
     meta = checkpoint_meta(str(trained["model"]))  # the engine's export: same weights, same captions
     cfg = load_run_config(meta, ["evaluator.weights=", "generation.candidates=2", "generation.max_len=6",
-                                 "generation.length_penalty=0.5", "generation.early_stopping=never"])
+                                 "generation.length_penalty=0.5", "generation.early_stopping=never",
+                                 "generation.repetition_penalty=1.2", "generation.no_repeat_ngram_size=2"])
     captioner, tok = load_captioner(cfg, meta, torch.device("cpu"))
     pixels = torch.stack([captioner.preprocess(Image.open(p).convert("RGB")) for p in paths])
     assert [line.split("\t", 1)[1] for line in lines] == generate(captioner, tok, pixels, cfg.generation)
@@ -247,6 +249,10 @@ def test_bad_input_is_one_line_and_exit_2(trained):
                                                      "--length-penalty", "inf"],
         "--early-stopping: invalid choice: 'maybe'": ["dico_scale.caption", "--checkpoint", model, "x.jpg",
                                                       "--early-stopping", "maybe"],
+        "--no-repeat-ngram-size: '-1' is not a whole": ["dico_scale.caption", "--checkpoint", model, "x.jpg",
+                                                        "--no-repeat-ngram-size", "-1"],
+        "'generation.repetition_penalty': 0.0 must lie": ["dico_scale.caption", "--checkpoint", model,
+                                                          str(REPO / "docs"), "--repetition-penalty", "0"],
     }
     procs = {k: subprocess.Popen([sys.executable, "-m", *argv], cwd=REPO, env=ENV, text=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k, argv in cases.items()}

@@ -71,6 +71,28 @@ def test_beams_equal_transformers_generate(folders, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_repetition_options_equal_transformers_generate(folders, family):
+    """generate's repetition_penalty and no_repeat_ngram_size over the decoder's tokens (from its start token), on
+    beam search's log-probs (k = 3) and greedy search's logits (k = 1): the same captions, which the options change
+    (greedily with the tied random head, which repeats its input)."""
+    for untie, k in ((True, 3), (False, 1)):
+        cap = captioner(folders, family, untie=untie)
+        tok, px = cap.tokenizer, pixels()
+        banned = [[t] for t in banned_tokens(tok.bos, tok.eos, tok.pad)]
+        got = []
+        for options in ({}, {"repetition_penalty": 2.0}, {"no_repeat_ngram_size": 1}):
+            with torch.no_grad():
+                ours, _ = beam_search(cap, cap.image_context(cap.visual_tokens(px)), k, 8, tok.bos, tok.eos,
+                                      tok.pad, **options)
+                theirs = cap.model.generate(pixel_values=px, num_beams=k, num_return_sequences=k, max_new_tokens=8,
+                                            do_sample=False, **({"bad_words_ids": banned} if banned else {}),
+                                            **options)
+            got.append(tok.decode_batch(ours.flatten(0, 1)))
+            assert got[-1] == tok.decode_batch(theirs), (k, options)
+        assert got[0] != got[1] and got[0] != got[2], k
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_teacher_forced_logprobs_equal_gathered_log_softmax(folders, family):
     cap = captioner(folders, family)
     tok, px = cap.tokenizer, pixels()
@@ -163,12 +185,13 @@ def test_a_folders_search_settings_ours_does_not_follow_are_named(folders, tmp_p
     assert generation_note(str(folder), g) is None  # token ids only, as save_pretrained wrote it
     config = json.loads((folder / "generation_config.json").read_text())
     config.update(num_beams=3, early_stopping=True, length_penalty=1, no_repeat_ngram_size=3, min_length=0,
-                  repetition_penalty=1.2, do_sample=False)
+                  repetition_penalty=1.2, do_sample=False, num_beam_groups=2)
     (folder / "generation_config.json").write_text(json.dumps(config))
     note = generation_note(str(folder), g)
     assert note.startswith(f"note: {folder}/generation_config.json sets num_beams=3 (ours: generation.candidates=5), "
-                           "early_stopping=True (ours: generation.early_stopping=false), no_repeat_ngram_size=3 (not "
-                           "applied), repetition_penalty=1.2 (not applied): ") and "\n" not in note
+                           "early_stopping=True (ours: generation.early_stopping=false), repetition_penalty=1.2 (ours: "
+                           "generation.repetition_penalty=1.0), no_repeat_ngram_size=3 (ours: "
+                           "generation.no_repeat_ngram_size=0), num_beam_groups=2 (not applied): ") and "\n" not in note
     (folder / "generation_config.json").write_text("{not json")
     assert generation_note(str(folder), g) is None  # transformers itself reports a broken file when it loads
 

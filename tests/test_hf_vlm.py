@@ -12,7 +12,7 @@ from PIL import Image
 from dico_scale.config import ConfigError, load_config
 from dico_scale.models import build_captioner
 from dico_scale.models.captioner import scored_mask
-from dico_scale.models.generation import beam_search
+from dico_scale.models.generation import beam_search, search_options
 from dico_scale.models.tiny_vlm import VLM_FAMILIES
 
 BLANK = ["evaluator.weights=", "captioner.image_encoder_weights=", "train.init_from="]
@@ -65,16 +65,17 @@ def test_the_prompt_row_is_the_one_the_processors_chat_path_builds(cap):
             assert torch.equal(ours[key], theirs[key]), key
 
 
-def beams_equal_generate(cap, im, k, max_len, lp, early_stopping=False):
-    """Our k beams for one image equal generate's, in its order; returns ours (tokens [k, 1 + n], sums [k])."""
+def beams_equal_generate(cap, im, k, max_len, lp, early_stopping=False, **options):
+    """Our k beams for one image equal generate's, in its order; returns ours (tokens [k, 1 + n], sums [k]).
+    options: repetition_penalty, no_repeat_ngram_size."""
     tok, one = cap.tokenizer, batch(cap, [im])
     with torch.no_grad():
         ours, sums = beam_search(cap, cap.image_context(one), k, max_len, tok.bos, tok.eos, tok.pad, lp,
-                                 early_stopping)
+                                 early_stopping, **options)
         theirs = cap.model.generate(**one.tensors, num_beams=k, num_return_sequences=k, length_penalty=lp,
                                     early_stopping=early_stopping, max_new_tokens=max_len, do_sample=False,
                                     eos_token_id=tok.eos, pad_token_id=tok.pad,
-                                    bad_words_ids=[[tok.pad]])  # ours never proposes PAD
+                                    bad_words_ids=[[tok.pad]], **options)  # ours never proposes PAD
     theirs = theirs[:, one["input_ids"].size(1):]  # the continuation after the prompt
     for a, b in zip(ours[0], theirs):
         n = int(scored_mask(b[None], tok.eos).sum())
@@ -108,6 +109,42 @@ def test_every_early_stopping_mode_equals_generate(vlm_folders, family):
     assert got[1.0, False] != got[1.0, "never"] and got[2.0, False] != got[2.0, True]
 
 
+@pytest.mark.parametrize("family", ["idefics3", "qwen2-vl"])
+def test_repetition_penalty_and_ngram_ban_equal_generate(vlm_folders, family):
+    """generate's repetition_penalty and no_repeat_ngram_size count the prompt (chat template, image tokens) and the
+    caption so far, on beam search's log-probs and greedy search's logits: the same candidates as generate. The
+    tiny random models repeat themselves, so each option does change the captions here."""
+    cap = captioner(vlm_folders[family])
+    tok, ims = cap.tokenizer, images()[:2]
+    for k in (3, 1):
+        plain = [tok.decode_batch(beams_equal_generate(cap, im, k, 8, 1.0)[0]) for im in ims]
+        for options in ({"repetition_penalty": 1.5}, {"no_repeat_ngram_size": 1},
+                        {"repetition_penalty": 0.7, "no_repeat_ngram_size": 2}):
+            got = [tok.decode_batch(beams_equal_generate(cap, im, k, 8, 1.0, **options)[0]) for im in ims]
+            assert got != plain, (k, options)
+
+
+def test_the_prompts_padding_is_not_a_token_the_options_count(vlm_folders):
+    """In a batch of prompts of different lengths (left-padded), each image's candidates under a repetition
+    penalty and an n-gram ban equal those of the image alone: padding is neither repeated nor part of an n-gram.
+    Padded with EOS, as a tokenizer without a pad token is: counted, it would penalise ending in padded rows."""
+    cap = captioner(vlm_folders["llava-next"])  # a prompt without EOS (Idefics3's, Qwen's end their user turn with it)
+    cap.tokenizer.pad = cap.preprocess.pad_id = cap.tokenizer.eos
+    with torch.no_grad():
+        cap.model.get_output_embeddings().weight[cap.tokenizer.eos] *= 5  # candidates that do end
+    tok, ims, options = cap.tokenizer, images(), {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2}
+    mixed = batch(cap, ims)
+    assert bool((mixed["attention_mask"] == 0).any())
+    assert cap.banned_tokens(tok.bos, tok.eos, tok.pad) == []  # EOS is proposed: its padding must not count
+    with torch.no_grad():
+        cands, _ = beam_search(cap, cap.image_context(mixed), 3, 8, tok.bos, tok.eos, tok.pad, **options)
+        for i, im in enumerate(ims):
+            alone, _ = beam_search(cap, cap.image_context(batch(cap, [im])), 3, 8, tok.bos, tok.eos, tok.pad,
+                                   **options)
+            n = alone.size(-1)
+            assert torch.equal(cands[i, :, :n], alone[0]) and bool((cands[i, :, n:] == tok.pad).all())
+
+
 @pytest.mark.parametrize("family", ["gemma3", "qwen2-vl"])
 def test_the_exported_folder_generates_our_captions_by_default(vlm_folders, family, tmp_path):
     """The export's transformers folder holds the run's search as its generation config: generate(**inputs), no
@@ -117,7 +154,8 @@ def test_the_exported_folder_generates_our_captions_by_default(vlm_folders, fami
     from dico_scale.config import GenerationConfig
 
     cap = captioner(vlm_folders[family])
-    tok, g = cap.tokenizer, GenerationConfig(candidates=3, max_len=8, length_penalty=2.0, early_stopping="never")
+    tok, g = cap.tokenizer, GenerationConfig(candidates=3, max_len=8, length_penalty=2.0, early_stopping="never",
+                                             repetition_penalty=1.3, no_repeat_ngram_size=3)
     ends = cap.model.generation_config.eos_token_id
     others = [e for e in (ends if isinstance(ends, list) else [ends]) if e != tok.eos]  # Gemma 3: <eos>
     with torch.no_grad():
@@ -126,11 +164,13 @@ def test_the_exported_folder_generates_our_captions_by_default(vlm_folders, fami
         head[others] *= 5  # and the folder's other end token in ours: the export's generate must not stop there
     cap.save_pretrained(tmp_path / "hf", cap.state_dict(), g)
     model = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "hf").eval()
-    assert (model.generation_config.num_beams, model.generation_config.early_stopping) == (3, "never")
+    search = model.generation_config
+    assert (search.num_beams, search.early_stopping, search.repetition_penalty, search.no_repeat_ngram_size) == (
+        3, "never", 1.3, 3)
     for im in images():
         one = batch(cap, [im])
         with torch.no_grad():
-            ours, _ = beam_search(cap, cap.image_context(one), 3, 8, tok.bos, tok.eos, tok.pad, 2.0, "never")
+            ours, _ = beam_search(cap, cap.image_context(one), 3, 8, tok.bos, tok.eos, tok.pad, **search_options(g))
             theirs = model.generate(**one.tensors)[0, one["input_ids"].size(1):]
         n = int(scored_mask(theirs[None], tok.eos).sum())
         assert ours[0, 0, 1:n + 1].tolist() == theirs[:n].tolist() and bool((ours[0, 0, n + 1:] == tok.pad).all())

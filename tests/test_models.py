@@ -591,3 +591,28 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tok):
     assert grads.keys() == grads_ckpt.keys() and any(n.startswith("image_encoder.") for n in grads)
     for n, g in grads.items():
         torch.testing.assert_close(grads_ckpt[n], g, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_processed_scores_follow_generates_logits_processors():
+    """repetition_penalty: a token seen in the row (prompt or caption; -1 is padding) is penalised, negative
+    scores multiplied, positive divided; no_repeat_ngram_size: the token completing an n-gram seen before is banned,
+    an n-gram through padding never counts. Both against transformers' own processors."""
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    from dico_scale.models.generation import processed
+
+    scores = torch.tensor([[-1.0, 2.0, -3.0, 4.0, -0.5], [0.5, -1.0, 1.5, -2.0, 3.0]])
+    seen = torch.tensor([[1, 2, 1, 2], [-1, 3, 4, 3]])  # row 2: left-padded
+    want = torch.tensor([[-1.0, 1.0, -6.0, 4.0, -0.5], [0.5, -1.0, 1.5, -4.0, 1.5]])
+    assert torch.equal(processed(scores, seen, 2.0, 0), want)
+    real = seen[:1]  # without padding, transformers' processors give the same
+    theirs = RepetitionPenaltyLogitsProcessor(2.0)(real, scores[:1].clone())
+    assert torch.equal(processed(scores[:1], real, 2.0, 0), theirs)
+    banned = processed(scores, seen, 1.0, 2)  # row 1 ends "2", and "2 1" came before: 1 banned; row 2: "3 4"
+    assert banned.isinf().nonzero().tolist() == [[0, 1], [1, 4]]
+    for n in (2, 3):
+        theirs = NoRepeatNGramLogitsProcessor(n)(real, scores[:1].clone())
+        assert torch.equal(processed(scores[:1], real, 1.0, n), theirs)
+    padded = torch.tensor([[-1, -1, 7], [7, 7, 7]])  # a 2-gram "-1 -1" is not one; "7 7" is
+    assert processed(torch.zeros(2, 8), padded, 1.0, 2).isinf().nonzero().tolist() == [[1, 7]]
+    assert torch.equal(processed(scores, seen[:, :1], 1.0, 3), scores)  # shorter than n - 1: nothing banned

@@ -189,8 +189,9 @@ def test_in_loop_validation_equals_evaluate(checkpoint, tiny_shards, clean_env, 
         assert r["score"] == pytest.approx(c["evaluator_score"], abs=1e-9)
     assert result["settings"]["evaluator_score"]["caption_prefix"] == ""  # the run's, not evaluate's CLIP-S prefix
     g = cfg.generation  # the search in-loop validation used, recorded
-    assert [result["settings"][k] for k in ("beam_size", "max_len", "length_penalty", "early_stopping")] == [
-        g.candidates, g.max_len, g.length_penalty, g.early_stopping]
+    assert [result["settings"][k] for k in ("beam_size", "max_len", "length_penalty", "early_stopping",
+                                            "repetition_penalty", "no_repeat_ngram_size")] == [
+        g.candidates, g.max_len, g.length_penalty, g.early_stopping, g.repetition_penalty, g.no_repeat_ngram_size]
 
 
 @pytest.fixture

@@ -276,6 +276,9 @@ BLANK = ["evaluator.weights=", "captioner.image_encoder_weights=", "train.init_f
     ("generation.top_k=-1", "'generation.top_k': -1 must be >= 0"),
     ("generation.early_stopping=maybe", "'generation.early_stopping': 'maybe' is not false, true or never"),
     ("generation.early_stopping=1", "'generation.early_stopping': '1' is not false, true or never"),
+    ("generation.repetition_penalty=0", "'generation.repetition_penalty': 0.0 must lie in (0, 10]"),
+    ("generation.repetition_penalty=11", "'generation.repetition_penalty': 11.0 must lie in (0, 10]"),
+    ("generation.no_repeat_ngram_size=-1", "'generation.no_repeat_ngram_size': -1 must be >= 0"),
 ])
 def test_bad_generation_keys_fail_with_one_line_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
@@ -329,3 +332,21 @@ def test_rollout_beam_stops_by_the_configured_early_stopping(captioner, tok):
     finally:
         del m.logits
     assert sum(lengths["true"]) < sum(lengths["false"]) < sum(lengths["never"])
+
+
+def test_rollout_beam_applies_the_configured_repetition_options(captioner, tok):
+    """no_repeat_ngram_size=1 (no token twice) and a strong repetition penalty: the rollout's candidates are the
+    search's with those options, and no candidate repeats a token where the plain search's do."""
+    m, vt = captioner
+
+    def repeats(rows):  # tokens that occur again in their own caption (EOS included), over all candidates
+        lengths = scored_mask(rows[:, 1:], tok.eos).sum(-1).tolist()
+        return sum(n - len(set(r[1:n + 1])) for r, n in zip(rows.tolist(), lengths))
+    plain = Rollout(GenerationConfig(candidates=3, max_len=8), tok).candidates(m, vt)
+    assert repeats(plain) > 0
+    for options, most in (({"no_repeat_ngram_size": 1}, 0), ({"repetition_penalty": 10.0}, repeats(plain) - 1)):
+        got = Rollout(GenerationConfig(candidates=3, max_len=8, **options), tok).candidates(m, vt)
+        m.eval()
+        want, _ = beam_search(m, m.image_context(vt), 3, 8, tok.bos, tok.eos, tok.pad, **options)
+        m.train()
+        assert torch.equal(got, want.flatten(0, 1)) and repeats(got) <= most, options

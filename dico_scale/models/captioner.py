@@ -55,6 +55,11 @@ class CaptionerModel(nn.Module):
         """Per-image context the decoder attends to [B, P, H], computed once per image."""
         raise NotImplementedError
 
+    def context_tokens(self, context) -> torch.Tensor | None:
+        """Tokens [B, P] the decoder has read before BOS (-1: padding): a decoder-only captioner's prompt, which
+        generate's repetition penalty and n-gram ban count; None for an encoder-decoder (its decoder starts at BOS)."""
+        return None
+
     def expand(self, context: torch.Tensor, k: int) -> torch.Tensor:
         """The context of each image repeated for its k candidates (consecutive rows)."""
         return context.repeat_interleave(k, dim=0) if k > 1 else context

@@ -9,7 +9,8 @@ import torch
 
 @torch.no_grad()
 def beam_search(model, memory: torch.Tensor, beam_size: int, max_len: int, bos: int, eos: int, pad: int,
-                length_penalty: float = 1.0, early_stopping: bool | str = False):
+                length_penalty: float = 1.0, early_stopping: bool | str = False, repetition_penalty: float = 1.0,
+                no_repeat_ngram_size: int = 0):
     """Returns tokens [B, k, 1 + n] (BOS first, PAD after EOS) and summed log-probs [B, k], best first.
     `model`: a captioner (models/captioner.py), `memory`: its per-image context [B, ...] (model.image_context).
 
@@ -20,13 +21,21 @@ def beam_search(model, memory: torch.Tensor, beam_size: int, max_len: int, bos: 
     False, once no running beam, scored at its current length, beats the worst of a full set (transformers'
     heuristic); "never", the same with a running beam scored at max_len when length_penalty > 0 (where a longer
     candidate scores higher); True, also as soon as k candidates are set aside. k = 1 is greedy search, as
-    generate's num_beams=1. The caller chooses train/eval mode.
+    generate's num_beams=1. generate's repetition_penalty and no_repeat_ngram_size shape the search as its logits
+    processors do (`processed`: beam search's log-probs, greedy search's logits); the sums returned are the scores
+    the search ranked by. The caller chooses train/eval mode.
     """
     stop = str(early_stopping).lower()  # generate's True / False / "never"; configs hold "true" / "false" / "never"
     if stop not in ("false", "true", "never"):
         raise ValueError(f"early_stopping {early_stopping!r} is not false, true or never")
     B, k, dev = memory.size(0), beam_size, memory.device
     length_penalty = length_penalty if k > 1 else 0.0  # one beam, ranked by its sum: the first to end is the argmax
+    options = (repetition_penalty, no_repeat_ngram_size)
+    options = options if options != (1.0, 0) else None  # generate's logits processors, when asked for
+    history = model.context_tokens(memory) if options else None  # generate's input_ids before BOS (a VLM's prompt)
+    if history is None:
+        history = torch.empty(B, 0, dtype=torch.long, device=dev)
+    history = history.repeat_interleave(k, 0)
     memory, cache, banned = model.expand(memory, k), model.new_cache(), model.banned_tokens(bos, eos, pad)
     rows = torch.arange(B, device=dev)[:, None]
     running = torch.full((B, k, max_len + 1), pad, dtype=torch.long, device=dev)
@@ -41,8 +50,14 @@ def beam_search(model, memory: torch.Tensor, beam_size: int, max_len: int, bos: 
     in_top_k = torch.arange(2 * k, device=dev) < k
     for t in range(1, max_len + 1):
         hidden = model.decoder_hidden(running.view(B * k, -1)[:, t - 1:t], memory, cache=cache)[:, -1]
-        logp = torch.log_softmax(model.logits(hidden).float(), dim=-1)
+        logits = model.logits(hidden).float()
+        seen = torch.cat([history, running.view(B * k, -1)[:, :t]], 1) if options else None
+        if options and k == 1:  # greedy search: generate processes the logits
+            logits = processed(logits, seen, *options)
+        logp = torch.log_softmax(logits, dim=-1)
         logp[:, banned] = float("-inf")
+        if options and k > 1:  # beam search: generate processes the log-probs
+            logp = processed(logp, seen, *options)
         V = logp.size(-1)
         # 2k continuations: enough that k of them are still running even if the k best all end with EOS
         top, idx = (run_scores.view(-1, 1) + logp).view(B, k * V).topk(2 * k, dim=-1)
@@ -74,6 +89,33 @@ def beam_search(model, memory: torch.Tensor, beam_size: int, max_len: int, bos: 
         if not improvable.any():
             break
     return done[..., :1 + int(done_lens.max())], done_sums
+
+
+def processed(scores: torch.Tensor, seen: torch.Tensor, repetition_penalty: float, ngram: int) -> torch.Tensor:
+    """generate's repetition_penalty and no_repeat_ngram_size on next-token scores [N, V], given each row's tokens
+    so far [N, L] (what generate's input_ids hold; -1: padding, never a token): the score of a token already in the
+    row is multiplied by the penalty where negative, divided where positive (> 1 makes it less likely), and a token
+    that would repeat an n-gram of the row is banned."""
+    N, V = scores.shape
+    if repetition_penalty != 1.0:
+        present = torch.zeros(N, V + 1, dtype=torch.bool, device=scores.device)  # column V: padding's
+        present.scatter_(1, seen.masked_fill(seen < 0, V), True)
+        penalised = torch.where(scores < 0, scores * repetition_penalty, scores / repetition_penalty)
+        scores = torch.where(present[:, :V], penalised, scores)
+    if ngram and seen.size(1) >= ngram:  # generate bans nothing before the row holds n - 1 tokens + the new one
+        grams = seen.unfold(1, ngram, 1)  # [N, L - n + 1, n]: every n-gram of the row
+        tail = seen[:, seen.size(1) - ngram + 1:]  # the last n - 1 tokens, which the next one would extend
+        repeat = (grams[..., :-1] == tail[:, None]).all(-1) & (grams >= 0).all(-1) & (tail >= 0).all(-1, True)
+        ban = torch.zeros(N, V + 1, dtype=torch.bool, device=scores.device)
+        ban.scatter_(1, torch.where(repeat, grams[..., -1], V), True)
+        scores = scores.masked_fill(ban[:, :V], float("-inf"))
+    return scores
+
+
+def search_options(g) -> dict:
+    """beam_search's keyword arguments from a GenerationConfig (the run's search: rollouts, validation, caption)."""
+    return dict(length_penalty=g.length_penalty, early_stopping=g.early_stopping,
+                repetition_penalty=g.repetition_penalty, no_repeat_ngram_size=g.no_repeat_ngram_size)
 
 
 @torch.no_grad()
@@ -110,13 +152,14 @@ def sample(model, memory: torch.Tensor, k: int, max_len: int, bos: int, eos: int
 
 def exported_search(generation_config, captioner, g):
     """A copy of a transformers GenerationConfig that searches as beam_search does with `g` (validation's and
-    caption's search): k beams, max_len new tokens, the length penalty and early stopping, the tokens our search
-    never proposes, and the one EOS it stops at. An exported Hugging Face folder holds it, so that
-    `generate(**inputs)` on the folder gives the captions dico_scale.caption prints."""
+    caption's search): k beams, max_len new tokens, the length penalty, early stopping, repetition penalty and
+    n-gram ban, the tokens our search never proposes, and the one EOS it stops at. An exported Hugging Face folder
+    holds it, so that `generate(**inputs)` on the folder gives the captions dico_scale.caption prints."""
     tok, out = captioner.tokenizer, copy.deepcopy(generation_config)
     banned = captioner.banned_tokens(tok.bos, tok.eos, tok.pad)
     out.update(num_beams=g.candidates, max_new_tokens=g.max_len, length_penalty=g.length_penalty,
                early_stopping={"false": False, "true": True}.get(g.early_stopping, g.early_stopping),
+               repetition_penalty=g.repetition_penalty, no_repeat_ngram_size=g.no_repeat_ngram_size,
                do_sample=False, bad_words_ids=[[t] for t in banned] or None, eos_token_id=tok.eos,
                pad_token_id=tok.pad, num_return_sequences=1)
     out._from_model_config = False  # ours, not one transformers may rebuild from the model config

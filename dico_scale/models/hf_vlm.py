@@ -38,9 +38,10 @@ from .vlm_processor import (TEXT_KEYS, VLMImages, VLMPreprocess, answer_lead, an
 @dataclass
 class Prompt:
     """The prefilled prompt of each row (image context): per layer (keys, values) [N, heads, P, d], its padding mask
-    [N, P], and the position of the row's BOS (the prompt's last token) [N]."""
+    [N, P], its tokens [N, P] (-1: padding), and the position of the row's BOS (the prompt's last token) [N]."""
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     mask: torch.Tensor
+    tokens: torch.Tensor
     bos_pos: torch.Tensor
     mrope: bool
 
@@ -57,7 +58,8 @@ class Prompt:
 
     def repeat(self, k: int) -> "Prompt":
         return Prompt([(a.repeat_interleave(k, 0), b.repeat_interleave(k, 0)) for a, b in self.kv],
-                      self.mask.repeat_interleave(k, 0), self.bos_pos.repeat_interleave(k, 0), self.mrope)
+                      self.mask.repeat_interleave(k, 0), self.tokens.repeat_interleave(k, 0),
+                      self.bos_pos.repeat_interleave(k, 0), self.mrope)
 
 
 class ReplayableLayer(DynamicLayer):
@@ -193,7 +195,13 @@ class HFVLM(CaptionerModel):
                 if k not in ("input_ids", "attention_mask")}
         self.model.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=prefill, cache=cache,
                          use_cache=True, **rest)
-        return Prompt([(layer.keys, layer.values) for layer in cache.layers], mask[:, :-1], bos_pos, self.mrope)
+        return Prompt([(layer.keys, layer.values) for layer in cache.layers], mask[:, :-1],
+                      ids[:, :-1].masked_fill(mask[:, :-1] == 0, -1), bos_pos, self.mrope)
+
+    def context_tokens(self, context: Prompt) -> torch.Tensor:
+        """The prompt before BOS, image tokens and chat template included: generate's input_ids hold it, and its
+        repetition penalty and n-gram ban count it."""
+        return context.tokens
 
     def expand(self, context: Prompt, k: int) -> Prompt:
         return context.repeat(k) if k > 1 else context
