@@ -96,7 +96,8 @@ def test_killed_vlm_with_lora_resumes_on_the_same_mlflow_run(runs, repo):
                                      env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True,
                                      timeout=600))
     assert f"at step {resumed_from}" in second.stdout
-    assert f"note: {search} sets no_repeat_ngram_size=3 (not applied): " in second.stdout  # rank 0's, once
+    assert (f"note: {search} sets no_repeat_ngram_size=3 (ours: generation.no_repeat_ngram_size=0): "
+            in second.stdout)  # rank 0's, once
     assert second.stdout.count(f"note: {search}") == 1
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     (run,) = client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id])
