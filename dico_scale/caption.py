@@ -107,22 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         from dico_scale.export import checkpoint_meta, load_run_config
+        from dico_scale.models.folders import SEARCH_OPTIONS
 
         paths = image_paths(args.images)
         meta = checkpoint_meta(args.checkpoint)
-        overrides = ["evaluator.weights="]  # no evaluator is needed here
-        if args.beam_size is not None:
-            overrides.append(f"generation.candidates={args.beam_size}")
-        if args.max_len is not None:
-            overrides.append(f"generation.max_len={args.max_len}")
-        if args.length_penalty is not None:
-            overrides.append(f"generation.length_penalty={args.length_penalty}")
-        if args.early_stopping is not None:
-            overrides.append(f"generation.early_stopping={args.early_stopping}")
-        if args.repetition_penalty is not None:
-            overrides.append(f"generation.repetition_penalty={args.repetition_penalty}")
-        if args.no_repeat_ngram_size is not None:
-            overrides.append(f"generation.no_repeat_ngram_size={args.no_repeat_ngram_size}")
+        # the search flags (argparse's dests) and the generation.* keys they set; unset, the checkpoint's value stands
+        flags = {"beam_size": "candidates", "max_len": "max_len", **{k: k for k in SEARCH_OPTIONS}}
+        overrides = ["evaluator.weights="] + [f"generation.{key}={getattr(args, flag)}"  # no evaluator needed here
+                                              for flag, key in flags.items() if getattr(args, flag) is not None]
         cfg = load_run_config(meta, overrides)
         import torch
 

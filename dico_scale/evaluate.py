@@ -297,6 +297,7 @@ def run(args, cfg, meta) -> int:
     from dico_scale.export import load_captioner
     from dico_scale.models.clip import register_model_configs
     from dico_scale.models.clip_scorer import ClipScorer
+    from dico_scale.models.generation import search_options
     from dico_scale.validate import caption_split, gather_records
 
     rank, world, device = init_ranks(cfg)
@@ -339,10 +340,7 @@ def run(args, cfg, meta) -> int:
     result = {"checkpoint": meta["path"], "stage": meta["stage"], "step": meta["step"], "split": args.split,
               "shards": args.spec, "images": len(records), "mlflow_run_id": run_id,
               "settings": {"beam_size": cfg.generation.candidates, "max_len": cfg.generation.max_len,
-                           "length_penalty": cfg.generation.length_penalty,
-                           "early_stopping": cfg.generation.early_stopping,
-                           "repetition_penalty": cfg.generation.repetition_penalty,
-                           "no_repeat_ngram_size": cfg.generation.no_repeat_ngram_size,
+                           **search_options(cfg.generation),
                            "caption_prefix": "" if args.no_prefix else PREFIX, "ngrams": list(args.ngrams),
                            "evaluators": {n: {"model": c.model, "weights": c.weights}
                                           for n, c in args.evaluators.items()},

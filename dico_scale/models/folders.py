@@ -136,11 +136,12 @@ def folder_problem(model: str, path: str, freeze: str, tokens_needed: int) -> tu
     return None
 
 
+# generate's beam-search options that GenerationConfig holds under transformers' own names: beam_search's keywords
+# (generation.search_options), an export's generation_config.json, evaluate's settings, caption's flags
+SEARCH_OPTIONS = ("length_penalty", "early_stopping", "repetition_penalty", "no_repeat_ngram_size")
 # generate's options in a folder's generation_config.json that shape a search: those our search has as generation.*
 # keys, and those it never applies (with the value that means off)
-SEARCH_KEYS = {"num_beams": "candidates", "max_new_tokens": "max_len", "length_penalty": "length_penalty",
-               "early_stopping": "early_stopping", "repetition_penalty": "repetition_penalty",
-               "no_repeat_ngram_size": "no_repeat_ngram_size"}
+SEARCH_KEYS = {"num_beams": "candidates", "max_new_tokens": "max_len", **{k: k for k in SEARCH_OPTIONS}}
 NOT_APPLIED = {"do_sample": False, "min_length": 0, "min_new_tokens": None, "num_beam_groups": 1,
                "diversity_penalty": 0.0, "encoder_no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
                "exponential_decay_length_penalty": None, "suppress_tokens": None, "begin_suppress_tokens": None,

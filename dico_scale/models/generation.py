@@ -6,6 +6,8 @@ import copy
 
 import torch
 
+from .folders import SEARCH_OPTIONS
+
 
 @torch.no_grad()
 def beam_search(model, memory: torch.Tensor, beam_size: int, max_len: int, bos: int, eos: int, pad: int,
@@ -114,8 +116,7 @@ def processed(scores: torch.Tensor, seen: torch.Tensor, repetition_penalty: floa
 
 def search_options(g) -> dict:
     """beam_search's keyword arguments from a GenerationConfig (the run's search: rollouts, validation, caption)."""
-    return dict(length_penalty=g.length_penalty, early_stopping=g.early_stopping,
-                repetition_penalty=g.repetition_penalty, no_repeat_ngram_size=g.no_repeat_ngram_size)
+    return {k: getattr(g, k) for k in SEARCH_OPTIONS}
 
 
 @torch.no_grad()
@@ -157,10 +158,10 @@ def exported_search(generation_config, captioner, g):
     holds it, so that `generate(**inputs)` on the folder gives the captions dico_scale.caption prints."""
     tok, out = captioner.tokenizer, copy.deepcopy(generation_config)
     banned = captioner.banned_tokens(tok.bos, tok.eos, tok.pad)
-    out.update(num_beams=g.candidates, max_new_tokens=g.max_len, length_penalty=g.length_penalty,
-               early_stopping={"false": False, "true": True}.get(g.early_stopping, g.early_stopping),
-               repetition_penalty=g.repetition_penalty, no_repeat_ngram_size=g.no_repeat_ngram_size,
-               do_sample=False, bad_words_ids=[[t] for t in banned] or None, eos_token_id=tok.eos,
-               pad_token_id=tok.pad, num_return_sequences=1)
+    options = search_options(g)
+    options["early_stopping"] = {"false": False, "true": True}.get(g.early_stopping, g.early_stopping)
+    out.update(num_beams=g.candidates, max_new_tokens=g.max_len, **options, do_sample=False,
+               bad_words_ids=[[t] for t in banned] or None, eos_token_id=tok.eos, pad_token_id=tok.pad,
+               num_return_sequences=1)
     out._from_model_config = False  # ours, not one transformers may rebuild from the model config
     return out
