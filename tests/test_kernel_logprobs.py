@@ -142,6 +142,25 @@ def test_fused_transpose_free_backward(dtype, V, dedup, monkeypatch, poisoned_em
     test_fused_values_and_grads(dtype, V, dedup, monkeypatch, poisoned_empty)
 
 
+GPU_BLOCKS = sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"])
+                     for c in fl._FWD_CONFIGS + fl._BWD_CONFIGS})
+
+
+@pytest.mark.parametrize("blocks", GPU_BLOCKS, ids=["x".join(map(str, b)) for b in GPU_BLOCKS])
+def test_fused_at_each_gpu_configs_blocks(blocks, monkeypatch, poisoned_empty):
+    """Forward and backward at the block shapes the GPU autotunes over (the interpreter runs one fixed shape), with
+    rows, columns, dW chunks and H all ragged against them: each shape's tiling is exact here, so a GPU fault at one
+    of them (tests/test_gpu_kernels.py runs each backward config) is the compiler's, not the tiling's."""
+    monkeypatch.setattr(fl, "_INTERP_META", dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), blocks)))
+    monkeypatch.setattr(fl, "DW_CHUNK_BYTES", 4 * 80 * 320)  # dW chunks of 256 columns, 700 = 2 x 256 + 188
+    N, T, H, V = 10, 15, 80, 700  # 150 rows: two or three row tiles
+    labels, mask = make_batch(N, T, V, seed=sum(blocks))
+    g = torch.Generator().manual_seed(sum(blocks))
+    hidden = torch.randn(N, T, H, generator=g).to(torch.bfloat16)
+    weight = (torch.randn(V, H, generator=g) * 0.5).to(torch.bfloat16)
+    check_fused(hidden, weight, labels, mask, dedup=False, tol=TOL[torch.bfloat16])
+
+
 def beam_batch(images, k, T, H, V, seed):
     """Beam-search-like candidates: k per image sharing prefixes; equal prefixes give bitwise-equal states.
 
