@@ -71,6 +71,9 @@ class CaptionerConfig:
     # hf_vlm: options of the processor's image call, e.g. size (Qwen-VL's pixel bounds), do_pan_and_scan (Gemma 3),
     # do_image_splitting (SmolVLM), max_patches (InternVL): how many image tokens a picture becomes
     images_kwargs: Dict[str, Any] = field(default_factory=dict)
+    # Hugging Face rows: transformers' attention (eager, sdpa, flex_attention, flash_attention_2, ...: the names
+    # from_pretrained takes); empty = transformers' choice (sdpa where the model has it, else eager)
+    attn_implementation: str = ""
     image_encoder: str = "ViT-L-14"  # open_clip model name whose visual tower encodes images
     image_encoder_weights: str = ""  # local open_clip / OpenAI-layout checkpoint; empty = random init
     freeze_image_encoder: bool = True

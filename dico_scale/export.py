@@ -27,8 +27,10 @@ from dico_scale.preflight import out_file_problem  # noqa: E402
 from dico_scale.stages import captioner_stages  # noqa: E402
 
 # Overrides applied before the user's: evaluation needs neither the training start point nor the tower's source
-# weights (the checkpoint holds the whole model), and those paths may be gone.
-EVAL_OVERRIDES = ["train.init_from=", "train.resume=none", "captioner.image_encoder_weights="]
+# weights (the checkpoint holds the whole model), and those paths may be gone; the attention the run used is its
+# machine's (flash-attn on a GPU): here transformers chooses again, unless the user's overrides name one.
+EVAL_OVERRIDES = ["train.init_from=", "train.resume=none", "captioner.image_encoder_weights=",
+                  "captioner.attn_implementation="]
 
 
 def _client_state(tag: Path) -> dict:

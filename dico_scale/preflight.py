@@ -190,6 +190,10 @@ def run_preflight(cfg: Config) -> None:
         from .models.dico_ref import check_folder_weights
 
         check_folder_weights(cfg.captioner.hf_path)  # missing / extra keys named, before any process group
+    if cfg.captioner.attn_implementation:  # before any process group: an attention this model or machine lacks
+        from .models.folders import check_attention
+
+        check_attention(cfg.captioner.hf_path, cfg.captioner.attn_implementation)
     if cfg.captioner.model == "hf_vlm":
         from .models.vlm_processor import check_folder
 

@@ -3,6 +3,7 @@ preflight, in this process: no launcher): a folder that is not a transformers ch
 architecture, no EOS token, captioner.* keys or lengths that contradict the folder, a dico_ref folder with missing
 or extra weights (named), processors and chat templates that do not build; Hugging Face weights that do not load are
 one ConfigError naming the folder when the row is built; the demo's unknown --captioner."""
+import importlib.util
 import json
 
 import pytest
@@ -127,6 +128,39 @@ def test_bad_image_options_exit_2_with_one_line(tmp_path, capsys, vlm_folders, o
     assert code == 2 and len(err) == 1 and message.format(path=path) in err[0], err
     code, err = run_train(tmp_path, capsys, "captioner.images_kwargs.max_pixels=4")
     assert code == 2 and len(err) == 1 and "processor (hf_vlm), not captioner.model=builtin" in err[0], err
+
+
+@pytest.mark.parametrize("model, name, message", [
+    ("hf_vlm", "bogus", 'captioner.attn_implementation=bogus: ValueError: Specified `attn_implementation="bogus"` is '
+                        'not supported'),
+    ("hf_vlm", "flash_attention_2", "captioner.attn_implementation=flash_attention_2: ImportError: FlashAttention2 has "
+                                    "been toggled on, but it cannot be used"),
+    ("builtin", "eager", "bad value for config key 'captioner.attn_implementation': sets the attention of a "
+                         "transformers row (hf_encoder_decoder, hf_vlm), not captioner.model=builtin"),
+])
+def test_an_attention_the_model_or_machine_lacks_exits_2_with_one_line(tmp_path, capsys, vlm_folders, model, name,
+                                                                        message):
+    """captioner.attn_implementation: an unknown name, one whose package is not installed (no flash-attn here), a row
+    that is not transformers': one line from the config check or preflight."""
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn"):
+        pytest.skip("flash-attn is installed here")
+    folder = [f"captioner.hf_path={vlm_folders['qwen2-vl']}"] if model != "builtin" else []
+    code, err = run_train(tmp_path, capsys, f"captioner.model={model}", *folder, f"captioner.attn_implementation={name}")
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_a_checkpoint_read_elsewhere_chooses_its_attention_again(tmp_path, vlm_folders):
+    """A run trained with flash-attn on a GPU is evaluated, captioned or exported on a machine without it: the
+    checkpoint's config reads back with transformers' choice, or the one the user's override names."""
+    from dico_scale.config import load_config, to_yaml
+    from dico_scale.export import load_run_config
+
+    cfg = load_config("configs/demo/xe.yaml", BASE[2:] + ["captioner.model=hf_vlm", "train.init_from=",
+                                                          f"captioner.hf_path={vlm_folders['qwen2-vl']}"])
+    cfg.captioner.attn_implementation = "flash_attention_2"  # as a GPU run records it (no load here: not installed)
+    meta = {"config": to_yaml(cfg), "path": str(tmp_path)}
+    assert load_run_config(meta).captioner.attn_implementation == ""
+    assert load_run_config(meta, ["captioner.attn_implementation=eager"]).captioner.attn_implementation == "eager"
 
 
 def test_image_options_the_model_would_not_read_exit_2_with_one_line(tmp_path, capsys, vlm_folders):

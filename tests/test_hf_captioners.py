@@ -106,6 +106,23 @@ def test_teacher_forced_logprobs_equal_gathered_log_softmax(folders, family):
     assert tok.decode_batch(tokens) == CAPTIONS
 
 
+def test_the_attention_implementation_reaches_encoder_and_decoder(folders):
+    """captioner.attn_implementation=eager on ViT + GPT-2 (sdpa by default): both halves take it, same log-probs;
+    BLIP has eager attention only, and asking it for sdpa is one line naming the key."""
+    px, got = pixels(), {}
+    for extra in ([], ["captioner.attn_implementation=eager"]):
+        cap = build_captioner(hf_config(folders["vit-gpt2"], *extra)).eval()
+        tokens = cap.tokenizer.batch(CAPTIONS, 40)
+        with torch.no_grad():
+            got[bool(extra)] = cap(tokens, pixels=px, output="logprobs", kernel="torch")
+        impls = {cap.model.config.encoder._attn_implementation, cap.model.config.decoder._attn_implementation}
+        assert impls == ({"eager"} if extra else {"sdpa"})
+    torch.testing.assert_close(got[True], got[False], rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"^captioner.attn_implementation=sdpa: ValueError: "
+                                          r"BlipForConditionalGeneration does not support an attention implementation"):
+        build_captioner(hf_config(folders["blip"], "captioner.attn_implementation=sdpa"))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fused_head_equals_torch_path(folders, family):
     """GPT-2 with an untied head; BLIP's head has a bias (one more input column of the fused kernel)."""

@@ -215,6 +215,29 @@ def test_a_mixed_batch_equals_each_image_alone(cap):
             torch.testing.assert_close(logps[i], lp, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["idefics3", "gemma3"])
+def test_eager_attention_gives_the_same_candidates_and_logprobs(vlm_folders, family):
+    """captioner.attn_implementation reaches every sub-model (text and vision), and the prompt's prefill, the expanded
+    cache, the left padding of a mixed batch and teacher forcing give the same candidates and log-probs under eager
+    attention as under transformers' default (sdpa): Idefics3's tiles; Gemma 3's bidirectional image attention, a
+    mask of its own. (flex_attention compiles through inductor, which fails on this CPU in torch 2.14.1.)"""
+    base = captioner(vlm_folders[family])
+    tok, mixed, k = base.tokenizer, batch(base, images()), 3
+    assert base.model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        want, want_sums = beam_search(base, base.image_context(mixed), k, 8, tok.bos, tok.eos, tok.pad)
+        want_lp = base(want.flatten(0, 1), visual_tokens=mixed, repeats=k, output="logprobs")
+    cap = captioner(vlm_folders[family], "captioner.attn_implementation=eager")
+    configs = [cap.model.config] + [getattr(cap.model.config, key) for key in cap.model.config.sub_configs]
+    assert {c._attn_implementation for c in configs if c is not None} == {"eager"}
+    with torch.no_grad():
+        got, sums = beam_search(cap, cap.image_context(mixed), k, 8, tok.bos, tok.eos, tok.pad)
+        lp = cap(want.flatten(0, 1), visual_tokens=mixed, repeats=k, output="logprobs")
+    assert torch.equal(got, want)
+    torch.testing.assert_close(sums, want_sums, rtol=0, atol=1e-4)
+    torch.testing.assert_close(lp, want_lp, rtol=0, atol=1e-4)
+
+
 def test_gradients_reach_the_prompt_through_its_cache(cap):
     """The policy's log-probs depend on the prompt's states: the text model's embeddings of the prompt tokens get a
     gradient from a loss on the continuation alone."""

@@ -26,11 +26,12 @@ BUILTIN_KEYS = ("image_encoder", "image_encoder_weights", "freeze_image_encoder"
 MODELS: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("builtin", "dico_scale.models.builtin:Captioner", "captioner", BUILTIN_KEYS, hf=False),
     ModelSpec("hf_encoder_decoder", "dico_scale.models.hf_encoder_decoder:HFEncoderDecoder", "captioner",
-              ("hf_path", "freeze", "gradient_checkpointing", "lora"), hf=True, lora=True),
+              ("hf_path", "freeze", "gradient_checkpointing", "lora", "attn_implementation"), hf=True, lora=True),
     ModelSpec("dico_ref", "dico_scale.models.dico_ref:DicoRef", "captioner",
               ("hf_path", "freeze", "gradient_checkpointing"), hf=True),
     ModelSpec("hf_vlm", "dico_scale.models.hf_vlm:HFVLM", "captioner",
-              ("hf_path", "freeze", "prompt", "images_kwargs", "gradient_checkpointing", "lora"), hf=True, lora=True),
+              ("hf_path", "freeze", "prompt", "images_kwargs", "gradient_checkpointing", "lora", "attn_implementation"),
+              hf=True, lora=True),
 ]}
 
 

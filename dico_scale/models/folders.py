@@ -28,13 +28,31 @@ HF_DECODERS = ("gpt2", "bert")  # VisionEncoderDecoderModel decoder model types 
 FREEZE_PARTS = ("vision", "projection", "embeddings")
 
 
-def from_folder(load, path: str):
+def from_folder(load, path: str, attn_implementation: str = ""):
     """load(path) (a model's from_pretrained), its failure on a bad folder (truncated or corrupt weights, shapes that
-    contradict config.json) a ConfigError naming captioner.hf_path in one line."""
+    contradict config.json) a ConfigError naming captioner.hf_path in one line. attn_implementation: transformers'
+    attention (captioner.attn_implementation), checked first (check_attention) so that its fault is named as such."""
+    if attn_implementation:
+        check_attention(path, attn_implementation)
     try:
-        return load(path)
+        return load(path, **({"attn_implementation": attn_implementation} if attn_implementation else {}))
     except Exception as e:  # transformers and safetensors raise many types for one cause: the folder's files
         raise ConfigError(f"captioner.hf_path '{path}': its weights do not load ({first_line(e)})") from None
+
+
+def check_attention(path: str, name: str) -> None:
+    """captioner.attn_implementation against the folder's model on this machine: the model built without weights (on
+    the meta device, in milliseconds at any size) with that attention, as from_pretrained would; an unknown name, one
+    the architecture lacks (BLIP has eager only) or whose package is missing (flash-attn) is one ConfigError."""
+    import torch
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+        with torch.device("meta"):  # _from_config: what from_pretrained and the Auto classes' from_config call
+            getattr(transformers, config.architectures[0])._from_config(config, attn_implementation=name)
+    except Exception as e:  # ValueError (unknown, unsupported), ImportError (not installed), the kernels hub's own
+        raise ConfigError(f"captioner.attn_implementation={name}: {first_line(e)}") from None
 
 
 def read_config(path: str) -> dict | str:

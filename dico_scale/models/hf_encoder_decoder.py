@@ -101,7 +101,7 @@ class HFEncoderDecoder(CaptionerModel):
         c = cfg.captioner
         config = checked_config(c.hf_path, hf_problem)
         arch = config["architectures"][0]
-        model = from_folder(getattr(transformers, arch).from_pretrained, c.hf_path)
+        model = from_folder(getattr(transformers, arch).from_pretrained, c.hf_path, c.attn_implementation)
         tokenizer = load_tokenizer(c.hf_path, model)
         preprocess = None
         if image_encoder:

@@ -144,7 +144,7 @@ class HFVLM(CaptionerModel):
         c = cfg.captioner
         checked_config(c.hf_path, vlm_problem)
         processor = load_processor(c.hf_path)
-        model = from_folder(AutoModelForImageTextToText.from_pretrained, c.hf_path)
+        model = from_folder(AutoModelForImageTextToText.from_pretrained, c.hf_path, c.attn_implementation)
         return cls(model, processor, c.prompt, c.hf_path, {p.strip() for p in c.freeze.split(",") if p.strip()},
                    c.gradient_checkpointing, dict(c.images_kwargs))
 
