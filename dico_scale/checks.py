@@ -120,6 +120,9 @@ def _validate_captioner(c: Config) -> None:
     lora_rows = [name for name, spec in MODELS.items() if spec.lora]
     check(cap.lora.r == 0 or MODELS[cap.model].lora, "captioner.lora.r",
           f"LoRA adapts the rows {', '.join(lora_rows)}, not captioner.model={cap.model}")
+    check(cap.lora.r > 0 or not cap.lora.modules_to_save.strip(), "captioner.lora.modules_to_save",
+          "trains modules whole beside LoRA adapters (captioner.lora.r > 0); without LoRA, captioner.freeze says what "
+          "trains")
     check(cap.lora.r == 0 or any(n.strip() for n in cap.lora.target_modules.split(",")),
           "captioner.lora.target_modules", "names no layer (comma-separated layer names, or all-linear)")
     check(not cap.images_kwargs or cap.model == "hf_vlm", "captioner.images_kwargs",

@@ -52,11 +52,14 @@ class DataConfig:
 
 @dataclass
 class LoraConfig:
-    """LoRA adapters through peft on a Hugging Face row (models/lora.py): only they train."""
+    """LoRA adapters through peft on a Hugging Face row (models/lora.py): only they (and modules_to_save) train."""
     r: int = 0  # >= 0; the adapters' rank, 0 = no LoRA (the weights train, as captioner.freeze says)
     alpha: float = 16.0  # (0, inf); the adapters' output is scaled by alpha / r
     dropout: float = 0.0  # [0, 1); dropout on the adapters' input
     target_modules: str = "q_proj,v_proj"  # comma-separated linear layer names (peft's), or all-linear
+    # comma-separated module names (peft's modules_to_save, e.g. connector, multi_modal_projector) trained whole beside
+    # the adapters; their starting copy stays for the adapter-disabled reference. Empty: only the adapters train
+    modules_to_save: str = ""
     # dico: the reference is the policy with its adapters disabled (no second copy of the weights); true keeps a
     # separate frozen copy instead
     separate_reference: bool = False

@@ -74,9 +74,11 @@ def test_zero3_resume_and_bf16_on_an_hf_row(runs):
 
 
 def test_killed_vlm_with_lora_resumes_on_the_same_mlflow_run(runs, repo):
-    """Idefics3 (hf_vlm) dico with LoRA adapters, 2 ranks: SIGKILL (launcher and ranks) after its step-2 checkpoint,
-    then train.resume=auto goes on from the newest complete tag (adapters and their optimizer state), on the same
-    MLflow run. (The other rows' stop-and-resume: the ZeRO-3 run of the fixture.)"""
+    """Idefics3 (hf_vlm) dico with LoRA adapters and its connector trained whole (captioner.lora.modules_to_save),
+    2 ranks: SIGKILL (launcher and ranks) after its step-2 checkpoint, then train.resume=auto goes on from the newest
+    complete tag (adapters, the connector's two copies and their optimizer state), on the same MLflow run; the export
+    holds the trained connector under its plain name. (The other rows' stop-and-resume: the ZeRO-3 run of the
+    fixture.)"""
     from mlflow.tracking import MlflowClient
 
     _, tmp = runs
@@ -85,7 +87,8 @@ def test_killed_vlm_with_lora_resumes_on_the_same_mlflow_run(runs, repo):
     search.write_text(json.dumps({**json.loads(search.read_text()), "no_repeat_ngram_size": 3}))
     args = _common(tmp) + [f"tracking.uri={mlflow_uri(db)}", f"train.output_dir={out}", "train.save_every=1",
                            "train.keep_checkpoints=5", "train.val_every=0", "captioner.model=hf_vlm",
-                           "captioner.lora.r=4", f"captioner.hf_path={tmp / 'models' / 'idefics3'}",
+                           "captioner.lora.r=4", "captioner.lora.modules_to_save=connector",
+                           f"captioner.hf_path={tmp / 'models' / 'idefics3'}",
                            f"train.init_from={tmp}/idefics3_xe/model.pt"]
     kill_at("configs/demo/dico.yaml", args + ["train.max_steps=1000"],
             out / "checkpoints" / "step_00000002" / "complete")
@@ -104,6 +107,10 @@ def test_killed_vlm_with_lora_resumes_on_the_same_mlflow_run(runs, repo):
     assert run.info.status == "FINISHED"
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
     assert set(range(1, resumed_from + 2)) <= steps
+    start, final = (torch.load(p, weights_only=True)["state_dict"] for p in (tmp / "idefics3_xe" / "model.pt",
+                                                                               out / "model.pt"))
+    connector = "model.model.connector.modality_projection.proj.weight"
+    assert final.keys() == start.keys() and not torch.equal(final[connector], start[connector])
 
 
 @pytest.mark.parametrize("family", HF)
@@ -141,9 +148,10 @@ def test_caption_on_the_export_and_its_hf_folder(runs, family, tmp_path, capsys)
 
 
 def test_lora_under_zero3_exports_merged_weights_and_peft_adapters(runs, repo, tmp_path):
-    """The LoRA run's model.pt and hf/ hold the merged weights (no adapter keys); `dico_scale.export` writes the
-    same merged model from its checkpoint tag, or peft's adapter folder, which PeftModel loads onto the starting
-    model (the xe export) to give the merged folder's logits."""
+    """The LoRA run's model.pt and hf/ hold the merged weights (no adapter keys; the text model's final norm, trained
+    whole by captioner.lora.modules_to_save, under its plain name); `dico_scale.export` writes the same merged model
+    from its checkpoint tag, or peft's adapter folder (the norm in it), which PeftModel loads onto the starting model
+    (the xe export) to give the merged folder's logits."""
     import peft
     import transformers
 
@@ -152,7 +160,11 @@ def test_lora_under_zero3_exports_merged_weights_and_peft_adapters(runs, repo, t
     assert r["step"] == 2 and math.isfinite(r["train"]["train/loss"])
     assert "gradient_checkpointing: true" in (run / "config.yaml").read_text()
     final = torch.load(run / "model.pt", weights_only=True)["state_dict"]
-    assert not any(".lora_" in k for k in final)
+    assert not any(".lora_" in k or "original_module" in k or "modules_to_save" in k for k in final)
+    start = torch.load(tmp / "qwen2-vl_xe" / "model.pt", weights_only=True)["state_dict"]
+    assert final.keys() == start.keys()
+    norm, frozen = "model.model.language_model.norm.weight", "model.model.language_model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(final[norm], start[norm]) and torch.equal(final[frozen], start[frozen])
     tag = str(run / "checkpoints" / "step_00000002")
     for args in (["--out", str(tmp_path / "model.pt")], ["--out", str(tmp_path / "adapters"), "--adapters-only"]):
         check_ok(subprocess.run([sys.executable, "-m", "dico_scale.export", "--checkpoint", tag, *args], cwd=repo,

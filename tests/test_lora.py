@@ -67,6 +67,36 @@ def test_the_merged_state_is_the_adapted_captioner_with_plain_keys(vlm_folders, 
     torch.testing.assert_close(logprobs(plain.eval(), images), logprobs(cap, images), rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("family, name", [("idefics3", "connector"), ("llava-next", "multi_modal_projector")])
+def test_modules_to_save_train_whole_beside_the_adapters(vlm_folders, images, family, name):
+    """captioner.lora.modules_to_save: the projector trains whole (peft's copy; no adapter inside it), its starting
+    copy is what the adapter-disabled reference runs (equal to a plain captioner although the trained copy moved), and
+    the merged state is the trained captioner with the plain model's keys."""
+    folder = vlm_folders[family]
+    cap, plain = adapted(folder, f"captioner.lora.modules_to_save={name}"), build_captioner(config(folder)).eval()
+    trainable = [n for n, p in cap.named_parameters() if p.requires_grad]
+    whole = [n for n in trainable if ".lora_" not in n]
+    assert whole and all(f".{name}.modules_to_save.default." in n for n in whole)
+    assert not any(f".{name}." in n for n in trainable if ".lora_" in n)  # no adapter inside the saved module
+    with torch.no_grad():  # the trained copy moves (the adapters already do)
+        g = torch.Generator().manual_seed(2)
+        for n, p in cap.named_parameters():
+            if n in whole:
+                p.add_(torch.randn(p.shape, generator=g))
+    with adapters_disabled(cap):
+        reference = logprobs(cap, images)
+    torch.testing.assert_close(reference, logprobs(plain, images), rtol=0, atol=1e-5)
+    merged = merged_state(cap, {k: v.clone() for k, v in cap.state_dict().items()})
+    assert merged.keys() == plain.state_dict().keys()
+    plain.load_state_dict(merged, strict=True)
+    torch.testing.assert_close(logprobs(plain, images), logprobs(cap, images), rtol=0, atol=1e-4)
+    with torch.no_grad():  # adapters back at zero: the trained copy alone changes the outputs
+        for n, p in cap.named_parameters():
+            if ".lora_B" in n:
+                p.zero_()
+    assert (logprobs(cap, images) - reference).abs().max() > 1e-3
+
+
 def test_bad_lora_keys_are_one_line(vlm_folders):
     with pytest.raises(ConfigError, match=r"'captioner.lora.target_modules': nope, qkv match no linear layer of "
                                           r"Idefics3ForConditionalGeneration outside its frozen parts"):
@@ -74,6 +104,19 @@ def test_bad_lora_keys_are_one_line(vlm_folders):
     with pytest.raises(ConfigError, match=r"'captioner.lora.target_modules': lm_head is the output head of "
                                           r"Qwen2VLForConditionalGeneration, which LoRA does not adapt"):
         build_captioner(config(vlm_folders["qwen2-vl"], "captioner.lora.r=2", "captioner.lora.target_modules=q_proj,lm_head"))
+    with pytest.raises(ConfigError, match=r"'captioner.lora.modules_to_save': nope matches no module of "
+                                          r"Idefics3ForConditionalGeneration"):
+        build_captioner(config(vlm_folders["idefics3"], "captioner.lora.r=2", "captioner.lora.modules_to_save=nope"))
+    with pytest.raises(ConfigError, match=r"'captioner.lora.modules_to_save': vision_model matches model.vision_model, "
+                                          r"which is or holds a frozen part \(captioner.freeze\)"):
+        build_captioner(config(vlm_folders["idefics3"], "captioner.lora.r=2",
+                               "captioner.lora.modules_to_save=connector,vision_model"))
+    with pytest.raises(ConfigError, match=r"'captioner.lora.modules_to_save': embed_tokens matches "
+                                          r"model.language_model.embed_tokens, which holds the output head's weight"):
+        build_captioner(config(vlm_folders["gemma3"], "captioner.lora.r=2",
+                               "captioner.lora.modules_to_save=embed_tokens"))
+    with pytest.raises(ConfigError, match=r"'captioner.lora.modules_to_save': trains modules whole beside LoRA"):
+        config(vlm_folders["idefics3"], "captioner.lora.modules_to_save=connector")
     with pytest.raises(ConfigError, match="'captioner.lora.target_modules': names no layer"):
         config(vlm_folders["idefics3"], "captioner.lora.r=2", "captioner.lora.target_modules=' , '")
     with pytest.raises(ConfigError, match="'captioner.lora.r': LoRA adapts the rows hf_encoder_decoder, hf_vlm, not "

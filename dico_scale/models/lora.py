@@ -3,12 +3,14 @@
 The adapters are injected into that model in place (peft's `get_peft_model`), so the captioner's state dict stays
 "model." + the model's own keys, the LoRA layers' `base_layer` / `lora_A` / `lora_B` included; the PeftModel that
 holds peft's utilities (disabling, adapter-only saving) is kept beside it, outside the module tree. Every base weight
-is frozen; only the adapters train. Adapters are added after the starting weights are loaded (an export is always
-merged: plain keys).
+is frozen; only the adapters train, and the modules named by captioner.lora.modules_to_save (peft's wrapper: a trained
+copy beside the starting one, keys `...modules_to_save.default...` and `...original_module...`). Adapters are added
+after the starting weights are loaded (an export is always merged: plain keys).
 
-With adapters disabled the policy is exactly its starting captioner: DiCO's reference without a second copy of the
-weights (`adapters_disabled`). Exports merge the adapters into the weights (`merged_state`, peft's own delta);
-`python -m dico_scale.export --adapters-only` writes peft's adapter folder instead.
+With adapters disabled the policy is exactly its starting captioner (the saved modules' starting copies act): DiCO's
+reference without a second copy of the weights (`adapters_disabled`). Exports merge the adapters into the weights
+(`merged_state`, peft's own delta; the saved modules' trained copies under their plain names);
+`python -m dico_scale.export --adapters-only` writes peft's adapter folder instead (the saved modules in it).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ def add_lora(captioner, lora) -> None:
     from peft import LoraConfig, get_peft_model
 
     targets, frozen = target_modules(lora.target_modules), frozen_names(captioner)
+    saved, saved_keys = modules_to_save(captioner, lora.modules_to_save, frozen)
     if targets != ALL_LINEAR:
         # the losses read the output head's weight itself (captioner.head_weight), never the module: adapters there
         # would never act; peft's all-linear leaves the head out too
@@ -50,13 +53,37 @@ def add_lora(captioner, lora) -> None:
                               f"match no linear layer of {type(captioner.model).__name__} outside its frozen parts "
                               f"(captioner.freeze); its linear layers: {', '.join(sorted(linear)[:12])}"
                               f"{', ...' if len(linear) > 12 else ''}")
-    exclude = "|".join(rf"{re.escape(f)}(\..*)?" for f in frozen) or None  # peft full-matches one regex
+    # no adapters in the frozen parts, nor in a module trained whole (its copy would carry them twice)
+    exclude = "|".join(rf"{re.escape(f)}(\..*)?" for f in frozen + saved_keys) or None  # peft full-matches one regex
     # GPT-2's Conv1D stores its weight transposed: peft must be told (else it warns and sets it per layer itself)
     conv1d = any(type(m).__name__ == "Conv1D" and (targets == ALL_LINEAR or name.rsplit(".", 1)[-1] in targets)
                  for name, m in captioner.model.named_modules())
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                        exclude_modules=exclude, fan_in_fan_out=conv1d)
+                        exclude_modules=exclude, fan_in_fan_out=conv1d, modules_to_save=saved or None)
     captioner.__dict__["peft"] = get_peft_model(captioner.model, config)  # plain attribute: not a submodule
+
+
+def modules_to_save(captioner, spec: str, frozen: list[str]) -> tuple[list[str], list[str]]:
+    """captioner.lora.modules_to_save's names, and the modules they match as peft matches them (every module whose
+    name ends with one): each name matches, and no match is or holds a frozen part or the output head's weight (the
+    losses read that weight directly; a tied input embedding is the same weight)."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    modules = dict(captioner.model.named_modules(remove_duplicate=False))
+    head = captioner.model.get_output_embeddings().weight
+    bad = "bad value for config key 'captioner.lora.modules_to_save'"
+    matched = []
+    for name in names:
+        keys = [k for k in modules if k and k.endswith(name)]
+        if not keys:
+            raise ConfigError(f"{bad}: {name} matches no module of {type(captioner.model).__name__}")
+        for k in keys:
+            if any(k == f or k.startswith(f + ".") or f.startswith(k + ".") for f in frozen):
+                raise ConfigError(f"{bad}: {name} matches {k}, which is or holds a frozen part (captioner.freeze)")
+            if any(p is head for p in modules[k].parameters()):
+                raise ConfigError(f"{bad}: {name} matches {k}, which holds the output head's weight (the losses "
+                                  "read it directly)")
+        matched += keys
+    return names, matched
 
 
 def frozen_names(captioner) -> list[str]:
@@ -86,7 +113,9 @@ def merged_state(captioner, state: dict[str, torch.Tensor]) -> dict[str, torch.T
         return state
     from peft.tuners.lora import LoraLayer
 
-    out = {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+    # the saved modules' trained copies take their plain names; their starting copies go
+    out = {k.replace(".base_layer.", ".").replace(".modules_to_save.default.", "."): v for k, v in state.items()
+           if ".lora_" not in k and ".original_module." not in k}
     for name, m in captioner.named_modules():
         if isinstance(m, LoraLayer) and "default" in m.lora_A:
             key = f"{name}.weight"

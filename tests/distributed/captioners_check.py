@@ -54,10 +54,10 @@ for i, (family, folder) in enumerate(folders.items()):
         first = train(f"{family}_resume", "dico", folder, init, "train.max_steps=2", "train.save_every=1", zero3)
         result["resume_first_id"] = first["mlflow_run_id"]
         train(f"{family}_resume", "dico", folder, init, "train.max_steps=3", "train.resume=auto", zero3)
-    if i == len(folders) - 1:  # LoRA under ZeRO-3, its text layers recomputed in backward
+    if i == len(folders) - 1:  # LoRA under ZeRO-3, its text layers recomputed in backward, its final norm trained whole
         train(f"{family}_lora_zero3", "dico", folder, init, "train.max_steps=2", "train.save_every=1",
               "captioner.lora.r=4", "optim.lr=1e-2", f"train.deepspeed_config={DS.format('zero3')}",
-              "captioner.gradient_checkpointing=true")
+              "captioner.gradient_checkpointing=true", "captioner.lora.modules_to_save=language_model.norm")
 
 if dist.get_rank() == 0:
     with open(os.path.join(out, "captioners.json"), "w") as f:
