@@ -127,9 +127,9 @@ def _validate_captioner(c: Config) -> None:
           "captioner.lora.target_modules", "names no layer (comma-separated layer names, or all-linear)")
     check(not cap.images_kwargs or cap.model == "hf_vlm", "captioner.images_kwargs",
           f"options of a vision-language model's processor (hf_vlm), not captioner.model={cap.model}")
-    check(not cap.attn_implementation or "attn_implementation" in MODELS[cap.model].keys,
-          "captioner.attn_implementation", "sets the attention of a transformers row ("
-          f"{', '.join(n for n, s in MODELS.items() if 'attn_implementation' in s.keys)}), not captioner.model={cap.model}")
+    attn_rows = [name for name, spec in MODELS.items() if "attn_implementation" in spec.keys]
+    check(not cap.attn_implementation or cap.model in attn_rows, "captioner.attn_implementation",
+          f"sets the attention of a transformers row ({', '.join(attn_rows)}), not captioner.model={cap.model}")
     if not MODELS[cap.model].hf:
         check(not cap.hf_path, "captioner.hf_path", f"captioner.model={cap.model} reads no Hugging Face folder")
         return
