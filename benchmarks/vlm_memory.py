@@ -234,7 +234,7 @@ def validate(families=tuple(LAYERS)) -> list[dict]:
         cap = HFVLM(model, load_processor(folder), "Describe this image in one sentence.", folder, {"vision"})
         if lora:
             add_lora(cap, types.SimpleNamespace(r=LORA["r"], alpha=32.0, dropout=0.05,
-                                                target_modules=",".join(LORA["targets"])))
+                                                target_modules=",".join(LORA["targets"]), modules_to_save=""))
         cap.to(torch.bfloat16).train()  # DeepSpeed's bf16 engine casts the adapters too
         images = cap.preprocess.collate([cap.preprocess(Image.new("RGB", (128, 96), (20 * i, 90, 40)))
                                          for i in range(IMAGES)])

@@ -217,6 +217,40 @@ def test_a_folders_search_settings_ours_does_not_follow_are_named(folders, tmp_p
     assert generation_note(str(tmp_path / "hf"), g) is None
 
 
+@pytest.mark.parametrize("family, targets, inner, held, why", [
+    ("vit-gpt2", "c_attn", "ln_f", "transformer", "holds the output head's weight"),  # GPT-2's tied embedding
+    ("blip", "query", "transform.LayerNorm", "transform", "HFEncoderDecoder calls itself")])
+def test_modules_to_save_on_the_encoder_decoder_row(folders, family, targets, inner, held, why):
+    """captioner.lora.modules_to_save inside the decoder: peft's trained copy is what runs (it alone changes the
+    log-probs; disabled, the plain captioner's), merged under plain keys. A module the row calls itself (its views of
+    the decoder: BLIP's head transform) is refused: the view would go on running the starting copy."""
+    from dico_scale.models.lora import adapters_disabled, merged_state
+
+    cap = build_captioner(hf_config(folders[family], "captioner.lora.r=4", f"captioner.lora.target_modules={targets}",
+                                    f"captioner.lora.modules_to_save={inner}")).eval()
+    plain = build_captioner(hf_config(folders[family])).eval()
+    tokens, px = cap.tokenizer.batch(CAPTIONS, 16), pixels()
+    whole = [n for n, p in cap.named_parameters() if p.requires_grad and ".lora_" not in n]
+    assert whole and all(".modules_to_save.default." in n for n in whole)
+    with torch.no_grad():  # adapters at zero (peft's start): the trained copy alone moves
+        g = torch.Generator().manual_seed(2)
+        for n, p in cap.named_parameters():
+            if n in whole:
+                p.add_(torch.randn(p.shape, generator=g))
+        ours = cap(tokens, pixels=px, output="logprobs", kernel="torch")
+        with adapters_disabled(cap):
+            reference = cap(tokens, pixels=px, output="logprobs", kernel="torch")
+        torch.testing.assert_close(reference, plain(tokens, pixels=px, output="logprobs", kernel="torch"), rtol=0,
+                                   atol=1e-5)
+        assert (ours - reference).abs().max() > 1e-3
+        plain.load_state_dict(merged_state(cap, dict(cap.state_dict())), strict=True)
+        torch.testing.assert_close(plain(tokens, pixels=px, output="logprobs", kernel="torch"), ours, rtol=0,
+                                   atol=1e-4)
+    with pytest.raises(ConfigError, match=rf"'captioner.lora.modules_to_save': {held} matches .*{held}, which {why}"):
+        build_captioner(hf_config(folders[family], "captioner.lora.r=4", f"captioner.lora.target_modules={targets}",
+                                  f"captioner.lora.modules_to_save={held}"))
+
+
 @pytest.mark.parametrize("family,targets", [("vit-gpt2", "c_attn,c_proj"), ("blip", "query,value")])
 def test_lora_on_the_encoder_decoder_row(folders, family, targets):
     """peft adapters on the decoder only (the tower frozen); disabled, the policy is the plain captioner; merged, the

@@ -65,11 +65,15 @@ def add_lora(captioner, lora) -> None:
 
 def modules_to_save(captioner, spec: str, frozen: list[str]) -> tuple[list[str], list[str]]:
     """captioner.lora.modules_to_save's names, and the modules they match as peft matches them (every module whose
-    name ends with one): each name matches, and no match is or holds a frozen part or the output head's weight (the
-    losses read that weight directly; a tied input embedding is the same weight)."""
+    name ends with one): each name matches, and no match is or holds a frozen part, the output head's weight (the
+    losses read that weight directly; a tied input embedding is the same weight) or a module the row holds itself
+    (hf_encoder_decoder's views of its decoder: they would go on running the starting copy peft keeps)."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        return [], []
     modules = dict(captioner.model.named_modules(remove_duplicate=False))
-    head = captioner.model.get_output_embeddings().weight
+    head = captioner.head_weight  # BLIP's transformers model names no output embeddings: the row does
+    held = {id(v) for v in vars(captioner).values() if isinstance(v, torch.nn.Module)}  # plain attributes
     bad = "bad value for config key 'captioner.lora.modules_to_save'"
     matched = []
     for name in names:
@@ -82,6 +86,9 @@ def modules_to_save(captioner, spec: str, frozen: list[str]) -> tuple[list[str],
             if any(p is head for p in modules[k].parameters()):
                 raise ConfigError(f"{bad}: {name} matches {k}, which holds the output head's weight (the losses "
                                   "read it directly)")
+            if any(id(m) in held for m in modules[k].modules()):
+                raise ConfigError(f"{bad}: {name} matches {k}, which {type(captioner).__name__} calls itself (it "
+                                  "would run the starting copy, not the trained one); name a module inside it")
         matched += keys
     return names, matched
 
