@@ -10,7 +10,8 @@
 #   - the vision-language rows (hf_vlm, LoRA): peft and accelerate; transformers 5.25 needs huggingface_hub >= 2.4
 #     (with the HTTP stack it imports) and tokenizers 0.23, so those come at the lock's versions too, with timm
 #     (open_clip's, which imports huggingface_hub). transformers checks regex >= 2025.10.22 at import: the image's
-#     regex is of unknown age (KINDS.md lists no version), so the lock's comes along.
+#     regex is of unknown age (KINDS.md lists no version), so the lock's comes along. Loading a VLM asks for Hugging
+#     Face's `kernels` (0.19.1 <= v < 0.20; the H100 run of 2026-12-06 failed without it).
 # Versions are requirements.lock's; the folder holds only this fetch (pip refuses two versions of one package).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -23,6 +24,6 @@ python3 -m pip download --no-deps -d wheels open_clip_torch==3.3.0 ftfy==6.3.1 o
     huggingface-hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 h11==0.16.0 anyio==4.16.0 idna==3.20 truststore==0.10.5
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d wheels pydantic-core==2.50.5 tokenizers==0.23.3 \
-    wcwidth==0.9.4 regex==2026.11.19
+    wcwidth==0.9.4 regex==2026.11.19 kernels==0.19.1
 python3 -m pip wheel --no-deps -w wheels deepspeed==0.19.8
 ls -l wheels

@@ -131,7 +131,8 @@ def check_fused(hidden, weight, labels, mask, grad_out, dedup):
 def test_fused_linear_backward_per_config(config, transpose_free, monkeypatch):
     """The peaked bf16 case with the backward's autotuning replaced by one config each: a fault that only some
     block shapes or warp counts show (the autotuner picks by speed, per chip) is named here; each with dW's operand
-    transposed by tl.trans (the default) and computed as its own tile (TRANSPOSE_FREE: Triton has miscompiled
+    transposed by tl.trans and computed as its own tile (TRANSPOSE_FREE, the default since the H100 run of
+    2026-12-06 failed every config with tl.trans and passed every one without it: Triton has miscompiled
     tl.trans of a dot result on Hopper), so a fault the default shows and the other does not names its fix."""
     monkeypatch.setattr(fl, "TRANSPOSE_FREE", transpose_free)
     monkeypatch.setattr(fl._bwd_kernel, "configs", [fl._BWD_CONFIGS[config]])  # one config: no benchmarking
