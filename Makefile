@@ -80,7 +80,7 @@ test-gpu: install
 bench-wheels:
 	bash benchmarks/fetch_wheels.sh
 
-# On the lent GPU machine: the kernels' GPU tests and benchmarks/kernel_bench.py, results under $$OUT.
+# On the lent GPU machine: the GPU tests (kernels, then training), then the benchmarks; results under $$OUT.
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
