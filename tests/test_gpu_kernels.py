@@ -10,6 +10,7 @@ import torch
 from helpers import poison_empty
 
 import dico_scale.kernels.fused_linear as fl
+import dico_scale.kernels.torch_path as torch_path
 from dico_scale.kernels.fused_linear import fused_linear_sequence_logprobs_triton
 from dico_scale.kernels.logprobs import sequence_logprobs_triton
 
@@ -104,10 +105,10 @@ def onehot_terms(hidden, weight, labels, mask, grad_out):
     return dh, dw.index_add_(0, safe, c[:, None] * hidden.reshape(-1, H).double())
 
 
-def check_fused(hidden, weight, labels, mask, grad_out, dedup):
+def check_fused(hidden, weight, labels, mask, grad_out, dedup, head=fused_linear_sequence_logprobs_triton):
     tol = TOL[hidden.dtype]
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    out = fused_linear_sequence_logprobs_triton(h, w, labels, mask, dedup=dedup)
+    out = head(h, w, labels, mask) if dedup is None else head(h, w, labels, mask, dedup=dedup)
     out.backward(grad_out)
     want, dh, dw = fused_reference(hidden, weight, labels, mask, grad_out)
     assert torch.isfinite(out).all() and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
@@ -157,6 +158,14 @@ def test_fused_linear_peaked_softmax(upcast, chunks, monkeypatch):
 def test_fused_linear_against_float64(shape, dtype):
     for seed in (0, 1):  # fresh inputs each check; the second run also reuses the tuned configs
         check_fused(*batch(*shape, dtype, seed=hash((shape, seed)) % 2**31), dedup="auto")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_torch_head_against_float64(shape, monkeypatch):
+    """The chunked torch head (what loss.kernel=auto trains through on CUDA): bf16 operands, fp32 results (torch.mm's
+    out_dtype), slices of the head at a budget small enough for several of them here."""
+    monkeypatch.setattr(torch_path, "MAX_CHUNK_LOGITS", 1 << 22)
+    check_fused(*batch(*shape, torch.bfloat16, seed=31), dedup=None, head=torch_path.fused_linear_sequence_logprobs)
 
 
 @pytest.mark.parametrize("dedup", [False, True])

@@ -91,6 +91,37 @@ def test_torch_head_never_upcasts_a_whole_half_precision_head(monkeypatch):
     assert int(mask.sum()) > 16 and seen.largest <= 2 * V_QWEN2  # several row blocks; nothing V x H in fp32
 
 
+def cuda_half_operands_on_the_cpu(monkeypatch):
+    """The head's CUDA arithmetic for half-precision inputs, here: half operands, fp32 products (torch.mm's out_dtype
+    exists on CUDA only; an fp32 matmul of bf16-valued operands gives what its fp32 accumulation gives)."""
+    monkeypatch.setattr(torch_path, "_half_operands", lambda h, w: h.dtype in torch_path.HALF and w.dtype == h.dtype)
+    calls = []
+
+    def mm32(a, b):
+        assert a.dtype == b.dtype == torch.bfloat16  # never an upcast copy of the operands
+        calls.append(a.shape)
+        return a.float() @ b.float()
+    monkeypatch.setattr(torch_path, "_mm32", mm32)
+    return calls
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no bias", "bias"])
+def test_torch_head_multiplies_half_operands_on_cuda(monkeypatch, bias):
+    """On CUDA a bf16 head's three matmuls (logits, dh, dW) take bf16 operands with fp32 results, as the fused
+    kernel's tiles do; no fp32 slice of the head is made (the largest tensor is a block of logits), and the values
+    and gradients are float64's to bf16's precision."""
+    calls = cuda_half_operands_on_the_cpu(monkeypatch)
+    hidden, weight, labels, mask = batch(6, 5, V_QWEN2, 16, seed=4, dtype=torch.bfloat16)
+    b = torch.randn(V_QWEN2, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16) if bias else None
+    monkeypatch.setattr(torch_path, "MAX_CHUNK_LOGITS", 2 * V_QWEN2)  # slices of V/8 rows; 16 tokens a block
+    seen = LargestTensor([(weight.shape, torch.bfloat16)])
+    check_against_float64(torch_path.fused_linear_sequence_logprobs, hidden, weight, labels, mask, 1e-5, seen,
+                          grad_tol=1e-2, bias=b)
+    assert int(mask.sum()) > 16 and seen.largest <= 2 * V_QWEN2
+    blocks = 8 * -(-int(mask.sum()) // 16)  # 8 slices x row blocks: logits forward; logits, dh and dW backward
+    assert len(calls) == 4 * blocks
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torch_head_with_a_bias_matches_float64(dtype):
     """A biased head (BLIP's) in several slices and row blocks: values and the gradients of h, W and b."""

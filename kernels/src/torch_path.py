@@ -113,32 +113,49 @@ def dico_loss(
 # Elements in one block of the chunked head (64 MiB of fp32): a block of logits holds at most this many, and so
 # does a vocabulary slice of a half-precision head weight upcast to fp32.
 MAX_CHUNK_LOGITS = 1 << 24
+HALF = (torch.float16, torch.bfloat16)
 
 
-def _block_shape(rows: int, V: int, H: int, upcast: bool, budget: int) -> tuple[int, int]:
+def _half_operands(h: Tensor, w: Tensor) -> bool:
+    """Whether the head's matmuls take half-precision operands with fp32 results (CUDA: tensor cores, fp32
+    accumulate, the fused kernel's arithmetic). Upcast to fp32, they ran 10x slower than the naive bf16 logits on an
+    H100 (BENCHMARKS.md, 2026-12-06); the CPU has no such matmul (torch 2.14), so it upcasts."""
+    return h.is_cuda and h.dtype in HALF and w.dtype == h.dtype
+
+
+def _mm32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in fp32 from half-precision operands."""
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+def _block_shape(rows: int, V: int, H: int, sliced: bool, budget: int) -> tuple[int, int]:
     """(tokens, vocabulary rows) of one block. An fp32 weight is read in place (one slice: all of V); a half-precision
-    one is upcast a slice at a time, the slice bounded by the budget too."""
-    vocab = max(1, min(V, budget // max(1, H))) if upcast else V
+    one is read a slice at a time (upcast, or its fp32 gradient slice), the slice bounded by the budget too."""
+    vocab = max(1, min(V, budget // max(1, H))) if sliced else V
     return max(1, min(rows, budget // vocab)), vocab
 
 
 class _ChunkedHeadLogprobs(torch.autograd.Function):
-    """log softmax(h @ w.T + b)[label] of each row of h [R, H] (compute dtype) under a head w [V, H] (any float dtype),
-    in blocks of (tokens x vocabulary slice): the log-sum-exp is kept online across slices, so memory beyond the inputs
-    and their gradients is one block of logits, one fp32 slice of a half-precision head and its gradient, and a
-    per-token [R, H] gradient: never R x V, nor V x H in fp32, whatever the vocabulary. A single block keeps its softmax
-    for backward (no second matmul); otherwise forward keeps one log-sum-exp per row and backward recomputes blocks."""
+    """log softmax(h @ w.T + b)[label] of each row of h [R, H] under a head w [V, H] (any float dtype), in blocks of
+    (tokens x vocabulary slice): the log-sum-exp is kept online across slices, so memory beyond the inputs and their
+    gradients is one block of logits, one slice of a half-precision head (fp32 on the CPU) and its fp32 gradient, and
+    a per-token [R, H] gradient: never R x V, nor V x H in fp32, whatever the vocabulary. Logits and sums are fp32
+    (fp64 for fp64 inputs). A single block keeps its softmax for backward (no second matmul); otherwise forward keeps
+    one log-sum-exp per row and backward recomputes blocks."""
 
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, labels: Tensor, budget: int) -> Tensor:
-        R, V = h.shape[0], w.shape[0]
-        rows, vocab = _block_shape(R, V, w.shape[1], w.dtype != h.dtype, budget)
-        m, s, probs = h.new_full((R,), float("-inf")), h.new_zeros(R), None
+        (R, H), V = h.shape, w.shape[0]
+        dtype = _compute_dtype(h)
+        operands = h.dtype if _half_operands(h, w) else dtype
+        hc, ho = h.to(dtype), h.to(operands)
+        rows, vocab = _block_shape(R, V, H, w.dtype != dtype, budget)
+        m, s, probs = hc.new_full((R,), float("-inf")), hc.new_zeros(R), None
         for v0 in range(0, V, vocab):
-            ws, bs = _slice(w, b, v0, vocab, h.dtype)
+            ws, bs = _slice(w, b, v0, vocab, operands)
             for r0 in range(0, R, rows):
                 r1 = r0 + rows
-                x = _logits(h[r0:r1], ws, bs)
+                x = _logits(ho[r0:r1], ws, bs)
                 top = torch.maximum(m[r0:r1], x.amax(-1))
                 total = x.sub_(top[:, None]).exp_().sum(-1)  # x is now exp(logits - top): in place, one block
                 s[r0:r1] = s[r0:r1] * (m[r0:r1] - top).exp() + total
@@ -146,9 +163,9 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
                 if rows >= R and vocab >= V:
                     probs = x.div_(total[:, None])
         lse = m + s.log()
-        picked = (h * w[labels].to(h.dtype)).sum(-1)  # each row's own logit, without a gather from the blocks
+        picked = (hc * w[labels].to(dtype)).sum(-1)  # each row's own logit, without a gather from the blocks
         if b is not None:
-            picked = picked + b[labels].to(h.dtype)
+            picked = picked + b[labels].to(dtype)
         ctx.save_for_backward(h, w, b, labels, lse, probs)
         ctx.block = rows, vocab
         return picked - lse
@@ -158,45 +175,60 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
         h, w, b, labels, lse, probs = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         (R, H), V, (rows, vocab) = h.shape, w.shape[0], ctx.block
-        c = grad_out.to(h.dtype)
+        dtype = _compute_dtype(h)
+        half = _half_operands(h, w)
+        hc = h.to(dtype)
+        ho = h if half else hc
+        c = grad_out.to(dtype)
         # d logp / d logits = onehot(label) - softmax, times each row's incoming gradient c. The one-hot part is added
         # row by row (c * W[label] to dh, c * h to dW[label]); the softmax part block by block.
-        grad_h = c[:, None] * w[labels].to(h.dtype) if need_h else None
+        grad_h = c[:, None] * w[labels].to(dtype) if need_h else None
         grad_w = torch.zeros_like(w) if need_w else None
-        grad_b = torch.zeros(V, dtype=h.dtype, device=h.device) if need_b else None
-        in_place = w.dtype == h.dtype
+        grad_b = torch.zeros(V, dtype=dtype, device=h.device) if need_b else None
+        in_place = w.dtype == dtype
         for v0 in range(0, V, vocab):
             v1 = min(v0 + vocab, V)
-            ws, bs = _slice(w, b, v0, vocab, h.dtype)
+            ws, bs = _slice(w, b, v0, vocab, ho.dtype)
             # the slice's weight gradient in the compute dtype: grad_w itself for an fp32 head, else one fp32 slice
-            gws = None if not need_w else grad_w[v0:v1] if in_place else h.new_zeros(v1 - v0, H)
+            gws = None if not need_w else grad_w[v0:v1] if in_place else hc.new_zeros(v1 - v0, H)
             for r0 in range(0, R, rows):
                 r1 = r0 + rows
                 # -c * softmax, in the block's buffer (a kept softmax is copied: a second backward must still see it)
                 g = probs.mul(-c[:, None]) if probs is not None else \
-                    _logits(h[r0:r1], ws, bs).sub_(lse[r0:r1, None]).exp_().mul_(-c[r0:r1, None])
+                    _logits(ho[r0:r1], ws, bs).sub_(lse[r0:r1, None]).exp_().mul_(-c[r0:r1, None])
+                if need_b:
+                    grad_b[v0:v1] += g.sum(0)
+                if half:  # the fused kernel's rounding: the softmax gradient meets the half operands in their dtype
+                    g = g.to(h.dtype)
+                    if need_h:
+                        grad_h[r0:r1] += _mm32(g, ws)
+                    if need_w:
+                        gws += _mm32(g.T, ho[r0:r1])
+                    continue
                 if need_h:
                     grad_h[r0:r1].addmm_(g, ws)
                 if need_w:
-                    gws.addmm_(g.T, h[r0:r1])
-                if need_b:
-                    grad_b[v0:v1] += g.sum(0)
+                    gws.addmm_(g.T, hc[r0:r1])
             if need_w:
                 hit = (labels >= v0) & (labels < v1)
-                gws.index_add_(0, labels[hit] - v0, c[hit, None] * h[hit])
+                gws.index_add_(0, labels[hit] - v0, c[hit, None] * hc[hit])
                 if not in_place:
                     grad_w[v0:v1] = gws
         if need_b:
             grad_b = grad_b.index_add_(0, labels, c).to(b.dtype)
-        return grad_h, grad_w, grad_b, None, None
+        return None if grad_h is None else grad_h.to(h.dtype), grad_w, grad_b, None, None
 
 
 def _slice(w: Tensor, b: Tensor | None, v0: int, vocab: int, dtype: torch.dtype):
-    """Vocabulary rows [v0, v0 + vocab) of the head in the compute dtype (a copy only for a half-precision head)."""
+    """Vocabulary rows [v0, v0 + vocab) of the head in the operands' dtype (a copy only to upcast a half head)."""
     return w[v0:v0 + vocab].to(dtype), (b[v0:v0 + vocab].to(dtype) if b is not None else None)
 
 
 def _logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """h @ w.T (+ b): fp32 (fp64) logits; from half-precision operands through _mm32."""
+    if h.dtype in HALF:
+        x = _mm32(h, w.T)
+        return x if b is None else x.add_(b.float())
     return h @ w.T if b is None else torch.addmm(b, h, w.T)
 
 
@@ -207,8 +239,8 @@ def fused_linear_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tenso
     hidden [N, T, H], weight [V, H] (the output head, tied or not), bias [V] or None. Only the scored tokens (mask) go
     through the head, in blocks of at most max_chunk_logits logits, forward and backward (_ChunkedHeadLogprobs): the
     extra memory stays bounded at any vocabulary size. Labels under the mask are never read. Logits are fp32 (fp64 for
-    fp64 inputs), as in the Triton kernel: a half-precision head is upcast a vocabulary slice at a time, never whole;
-    the gradients come back in the inputs' dtypes.
+    fp64 inputs), as in the Triton kernel: a half-precision head multiplies in its own dtype with fp32 results on CUDA
+    and is upcast a vocabulary slice at a time on the CPU, never whole; the gradients come back in the inputs' dtypes.
     """
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [N, T, H], got shape {tuple(hidden.shape)}")
@@ -216,10 +248,9 @@ def fused_linear_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tenso
         raise ValueError(f"weight must be [V, {hidden.shape[2]}], got shape {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != weight.shape[:1]:
         raise ValueError(f"bias must be [{weight.shape[0]}], got shape {tuple(bias.shape)}")
-    dtype = _compute_dtype(hidden)
     scored = mask.bool()
     rows = scored.nonzero()[:, 0]  # the sequence of each scored token
-    tokens = _ChunkedHeadLogprobs.apply(hidden[scored].to(dtype), weight, bias, labels[scored].long(),
+    tokens = _ChunkedHeadLogprobs.apply(hidden[scored], weight, bias, labels[scored].long(),
                                         max_chunk_logits or MAX_CHUNK_LOGITS)
-    tokens = tokens * mask[scored].to(dtype)  # a float mask weighs its tokens
+    tokens = tokens * mask[scored].to(tokens.dtype)  # a float mask weighs its tokens
     return tokens.new_zeros(hidden.shape[0]).index_add(0, rows, tokens)
