@@ -164,6 +164,9 @@ def hide_deepspeed_deprecation() -> None:
 # deepspeed`), whose module decorates its Newton-Schulz steps with torch.compile at import: that imports torch's
 # compiler, ~1.5 s of CPU in every process that builds a ZeRO engine. The trainer's optimizer is AdamW (optim.*), never
 # Muon: DeepSpeed and that module are imported once with torch.compile a no-op (the functions stay plain eager code).
+# And DeepSpeed's autotuner imports MLflow at import (for its own autotuning runs, which the trainer never starts):
+# ~1.1 s of CPU in every rank, where only rank 0 of a tracked run uses MLflow; it is hidden from that one import (the
+# autotuner then logs nothing) and imported as usual by whoever needs it later.
 # The trainer's processes import deepspeed through import_deepspeed.
 MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
 
@@ -179,6 +182,9 @@ def import_deepspeed():
     if MUON_MODULE not in sys.modules:
         compile_ = torch.compile
         torch.compile = _no_compile
+        hide_mlflow = "deepspeed" not in sys.modules and "mlflow" not in sys.modules
+        if hide_mlflow:
+            sys.modules["mlflow"] = None  # `import mlflow` raises ImportError, which the autotuner catches
         try:
             importlib.import_module("deepspeed")
             importlib.import_module(MUON_MODULE)
@@ -186,6 +192,8 @@ def import_deepspeed():
             pass
         finally:
             torch.compile = compile_
+            if hide_mlflow:
+                del sys.modules["mlflow"]
     return importlib.import_module("deepspeed")
 
 

@@ -141,6 +141,7 @@ def test_loop_selects_exports_stops_and_resumes(tmp_path):
     from mlflow.tracking import MlflowClient
 
     assert r["compiler"] is False  # five ZeRO engines built, and torch.compile's backend never imported (~1.5 s)
+    assert r["mlflow_at_init"] is False  # nor MLflow by DeepSpeed (~1.1 s a rank), which the trackers import later
 
     # A: improvements at 1, 2, 5; patience 3 runs out at 8; best/ holds the weights the step-5 validation saw
     a = r["A"]
@@ -312,6 +313,8 @@ def _script(out: str) -> None:
 
     setup_environment(load_config(XE, BLANK))
     init_distributed()
+    # DeepSpeed's autotuner imported without MLflow (engine.py): not imported yet, and the segments' trackers log
+    mlflow_at_init = "mlflow" in sys.modules or sys.modules["deepspeed.autotuning.autotuner"].has_mlflow
     r = {"A": segment("A", [1, 3, 2, 3, 5, 4, 4, 4, 9], 20, snapshots=True),
          "B1": segment("B", [1, 3, 2, 2.5], 4)}
     r["B2"] = segment("B", [2, 9], 20, resume="step_00000004")
@@ -322,6 +325,7 @@ def _script(out: str) -> None:
     except SelectionError as e:
         r["D"] = str(e)
     r["compiler"] = "torch._inductor.compile_fx" in sys.modules  # DeepSpeed's Muon imported uncompiled (engine.py)
+    r["mlflow_at_init"] = mlflow_at_init
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump(r, f)
     from dico_scale.train import main  # last: its shutdown ends the process group
