@@ -178,7 +178,7 @@ class TrainConfig:
     # auto: what the DeepSpeed JSON says (bf16 "auto": on a GPU that has it) | fp32 | bf16 | fp16 (dynamic loss
     # scaling; the JSON's fp16 block tunes it). All three models run in it.
     precision: str = "auto"
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto (CUDA when torch sees it) | cpu | cuda (an error without it)
     threads: int = 0  # >= 0; torch intra-op threads per rank on CPU; 0 = cores / local ranks
     # Best checkpoint: after each validation whose select_best metric improved (a tie does not, nan never does) and
     # that passes select_floor, <output_dir>/best/model.pt and best/best.json are written.

@@ -298,8 +298,10 @@ def run(args, cfg, meta) -> int:
     from dico_scale.models.clip import register_model_configs
     from dico_scale.models.clip_scorer import ClipScorer
     from dico_scale.models.generation import search_options
+    from dico_scale.preflight import check_device
     from dico_scale.validate import caption_split, gather_records
 
+    check_device(cfg)
     rank, world, device = init_ranks(cfg)
     register_model_configs(cfg.clip_model_configs)  # the evaluators' (a Hugging Face captioner registers none)
     torch.manual_seed(cfg.train.seed)  # random-init evaluators (tests, demos) must be alike on every rank

@@ -180,8 +180,19 @@ def check_history(cfg: Config) -> None:
                       "remove them (or use another output_dir) to start over")
 
 
+def check_device(cfg: Config) -> None:
+    """train.device=cuda where torch sees no GPU: DeepSpeed would pick its CPU accelerator and train there, silently
+    (the GPU check's harness, run on a CPU, trained on it)."""
+    import torch
+
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda, but torch sees no CUDA device here (train.device=auto uses one when "
+                          "there is one)")
+
+
 def run_preflight(cfg: Config) -> None:
     rank = int(os.environ.get("RANK", "0"))
+    check_device(cfg)
     check_output_dir(cfg.train.output_dir)
     check_stage(cfg, rank)
     check_history(cfg)

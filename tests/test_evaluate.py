@@ -258,6 +258,11 @@ def test_bad_input_is_one_line_and_exit_2(trained, capsys):
         "'generation.repetition_penalty': 0.0 must lie": ["dico_scale.caption", "--checkpoint", model,
                                                           str(REPO / "docs"), "--repetition-penalty", "0"],
     }
+    import torch
+
+    if not torch.cuda.is_available():  # not a silent evaluation on the CPU
+        cases["train.device=cuda, but torch sees no CUDA device"] = ["dico_scale.evaluate", "--checkpoint", model,
+                                                                     "train.device=cuda"]
     first = {}
     for expected, argv in cases.items():
         first.setdefault(argv[0], expected)

@@ -109,6 +109,19 @@ def test_fp16_on_a_cpu_without_fp16_fails_before_any_process_group(tmp_path):
     assert took < 30 and not (tmp_path / "mlflow.db").exists()
 
 
+def test_cuda_asked_for_where_torch_sees_none_fails_before_anything_is_built(tmp_path, monkeypatch, capsys):
+    """DeepSpeed would pick its CPU accelerator and train there (the GPU check's harness, run on a CPU, did)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on a GPU machine too
+    proc, took = _train_in_process(tmp_path, monkeypatch, capsys, f"train.output_dir={tmp_path}/run",
+                                   "train.device=cuda")
+    assert proc.returncode == exit_codes.CONFIG_ERROR
+    assert _one_error_line(proc) == ("dico_scale: config error: train.device=cuda, but torch sees no CUDA device here "
+                                     "(train.device=auto uses one when there is one)")
+    assert took < 30 and not (tmp_path / "run").exists()
+
+
 def test_deepspeed_config_with_invalid_json_fails_naming_the_file(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "zero.json"
     bad.write_text('{"zero_optimization": {"stage": 2,}}')
