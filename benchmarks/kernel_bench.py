@@ -44,7 +44,8 @@ SMOKE_SHAPES, SMOKE_V = [(5, 6, 64), (10, 6, 64)], 512
 # (N, T, H, V) of the untied VLM heads; H = 2048 as the largest shape above, so our kernels' autotune (keyed on H)
 # runs once. torch.compile would recompile per shape (and hits dynamo's recompile limit): left out here.
 VLM_HEADS, SMOKE_VLM_HEADS = [(40, 30, 2048, 151936), (40, 30, 2048, 262208)], [(8, 6, 64, 1500)]
-VLM_METHODS = ("naive fp32", "Liger FLCE", "Cut CE", "ours fused", "ours chunked torch")
+UPCAST = "ours chunked torch, fp32 operands"  # the VLM heads only: the side-by-side ratio of the change
+VLM_METHODS = ("naive fp32", "Liger FLCE", "Cut CE", "ours fused", "ours chunked torch", UPCAST)
 IGNORE = -100
 PEERS = ("naive fp32", "bf16 log_softmax", "torch.compile", "Liger FLCE", "Cut CE")
 OURS = ("ours fused", "ours on logits", "ours chunked torch")
@@ -96,6 +97,17 @@ def make_ours():
     return fused, on_logits, torch_path.fused_linear_sequence_logprobs
 
 
+def chunked_fp32_operands(h, W, labels, mask):
+    """The chunked torch head as it multiplied until 2026-12-06 on CUDA too: each slice upcast to fp32 (its backward
+    follows the forward's choice)."""
+    half = torch_path._half_operands
+    torch_path._half_operands = lambda *_: False
+    try:
+        return torch_path.fused_linear_sequence_logprobs(h, W, labels, mask)
+    finally:
+        torch_path._half_operands = half
+
+
 def build_methods(smoke: bool) -> dict:
     """name -> callable, or name -> str saying why it does not run."""
     methods = {"naive fp32": naive_fp32, "bf16 log_softmax": half_log_softmax}
@@ -110,6 +122,7 @@ def build_methods(smoke: bool) -> dict:
         methods["ours fused"], methods["ours on logits"], methods["ours chunked torch"] = make_ours()
     except ImportError as e:
         methods["ours fused"] = methods["ours on logits"] = methods["ours chunked torch"] = f"not importable: {e}"
+    methods[UPCAST] = chunked_fp32_operands
     return methods
 
 
@@ -237,7 +250,7 @@ def run_case(case, methods, W, dev, args, ceil):
     case["floor_ms"] = 6 * N * T * H * W.shape[0] / (ceil["matmul_tflops"] * 1e9) * (1 if case["train"] else 1 / 3)
     results = {}
     for name, fn in methods.items():
-        if name not in case.get("methods", methods):
+        if name not in case.get("methods", PEERS + OURS):
             continue
         if isinstance(fn, str):
             results[name] = {"skip": fn}
@@ -350,7 +363,7 @@ def fmt(x, spec):
 
 
 def markdown(report) -> str:
-    names = list(PEERS + OURS)
+    names = list(PEERS + OURS + (UPCAST,))
     lines = [f"Device: {report['device']}; {report['date']}; {report['versions']}",
              f"Command: `{report['command']}`",
              f"Ceilings: {report['ceilings']['matmul_tflops']:.3g} TFLOP/s bf16 matmul, "

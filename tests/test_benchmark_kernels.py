@@ -25,7 +25,11 @@ def test_kernels_benchmark_smoke(repo, tmp_path):
     assert names[4:] == ["8 x 6, 64 V=1,500 untied", "8 x 6, 64 V=1,500 untied fwd-only"]
     assert [c["V"] for c in report["cases"]] == [512] * 4 + [1500] * 2
     assert set(report["cases"][4]["results"]) == {"naive fp32", "Liger FLCE", "Cut CE", "ours fused",
-                                                  "ours chunked torch"}
+                                                  "ours chunked torch", "ours chunked torch, fp32 operands"}
+    assert all("ours chunked torch, fp32 operands" not in c["results"] for c in report["cases"][:4])
+    for case in report["cases"][4:]:  # the same numbers (on the CPU both upcast)
+        r = case["results"]["ours chunked torch, fp32 operands"]
+        assert "ms" in r and r["val_err"] < 1e-5 and r.get("dh_err", 0) < 1e-2, r
     for case in report["cases"]:
         for name in ("naive fp32", "ours fused", "ours chunked torch"):  # these always run; values near exact
             r = case["results"][name]

@@ -147,7 +147,8 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
     def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, labels: Tensor, budget: int) -> Tensor:
         (R, H), V = h.shape, w.shape[0]
         dtype = _compute_dtype(h)
-        operands = h.dtype if _half_operands(h, w) else dtype
+        ctx.half = _half_operands(h, w)  # the backward multiplies as the forward did
+        operands = h.dtype if ctx.half else dtype
         hc, ho = h.to(dtype), h.to(operands)
         rows, vocab = _block_shape(R, V, H, w.dtype != dtype, budget)
         m, s, probs = hc.new_full((R,), float("-inf")), hc.new_zeros(R), None
@@ -175,8 +176,7 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
         h, w, b, labels, lse, probs = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         (R, H), V, (rows, vocab) = h.shape, w.shape[0], ctx.block
-        dtype = _compute_dtype(h)
-        half = _half_operands(h, w)
+        dtype, half = _compute_dtype(h), ctx.half
         hc = h.to(dtype)
         ho = h if half else hc
         c = grad_out.to(dtype)
