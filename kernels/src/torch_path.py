@@ -200,15 +200,10 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
                     grad_b[v0:v1] += g.sum(0)
                 if half:  # the fused kernel's rounding: the softmax gradient meets the half operands in their dtype
                     g = g.to(h.dtype)
-                    if need_h:
-                        grad_h[r0:r1] += _mm32(g, ws)
-                    if need_w:
-                        gws += _mm32(g.T, ho[r0:r1])
-                    continue
                 if need_h:
-                    grad_h[r0:r1].addmm_(g, ws)
+                    _accumulate(grad_h[r0:r1], g, ws)
                 if need_w:
-                    gws.addmm_(g.T, hc[r0:r1])
+                    _accumulate(gws, g.T, ho[r0:r1])
             if need_w:
                 hit = (labels >= v0) & (labels < v1)
                 gws.index_add_(0, labels[hit] - v0, c[hit, None] * hc[hit])
@@ -222,6 +217,14 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
 def _slice(w: Tensor, b: Tensor | None, v0: int, vocab: int, dtype: torch.dtype):
     """Vocabulary rows [v0, v0 + vocab) of the head in the operands' dtype (a copy only to upcast a half head)."""
     return w[v0:v0 + vocab].to(dtype), (b[v0:v0 + vocab].to(dtype) if b is not None else None)
+
+
+def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b in acc's dtype; half-precision operands through _mm32."""
+    if a.dtype in HALF:
+        acc += _mm32(a, b)
+    else:
+        acc.addmm_(a, b)
 
 
 def _logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
