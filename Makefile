@@ -63,8 +63,7 @@ compare: install
 
 # Two passes on TEST_WORKERS pytest-xdist workers: the single-process tests, then the tests that start 2-rank jobs,
 # two jobs at a time (a job alone keeps 2 cores only ~60% busy: imports, launchers, barriers, checkpoint writes), a
-# module (or the demo's chain) per unit of work, the longest first (tests/work_units.py). The first pass builds
-# DeepSpeed's C++ op while its other worker goes on; in one pass both workers' first 2-rank jobs waited for it.
+# module (or the demo's chain) per unit of work, the longest first (tests/work_units.py).
 TEST_WORKERS ?= 2
 define run-tests
 	$(1) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m 'not distributed' --durations=10 tests

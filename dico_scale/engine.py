@@ -41,26 +41,25 @@ def init_distributed() -> torch.device:
     from deepspeed.accelerator import get_accelerator
 
     on_cpu = get_accelerator().device_name() == "cpu"
+    if on_cpu:
+        skip_shm_allreduce_op()
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
     if on_cpu:
-        unlink_shm_allreduce_buffer()
         return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 
 
-def unlink_shm_allreduce_buffer() -> None:
-    """DeepSpeed's CPU backend maps a 64 MiB /dev/shm buffer per rank when all ranks are local (the deepspeed launcher
-    sets LOCAL_SIZE) and never unlinks it: every run, killed or not, left 64 MiB of RAM per rank behind until the
-    machine ran out. Once every rank has mapped every other's (init_distributed has returned on all: a barrier), each
-    unlinks its own name; the mappings stay valid until the process exits, and then the memory is freed."""
-    torch.distributed.barrier()
-    env = os.environ
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
-            f"{env.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(name)
+def skip_shm_allreduce_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory allreduce op at the first start of every install (~55 s
+    of both cores here) and then maps a 64 MiB /dev/shm buffer per rank that it never unlinks. The op serves only
+    inference_all_reduce (tensor-parallel inference layers), which training never calls: gloo does every collective.
+    Marked incompatible, as on a machine without a compiler, DeepSpeed builds and maps nothing (its probe results are
+    one cached dict, so the edit holds)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def uses_cpu(cfg: Config) -> bool:

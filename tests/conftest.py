@@ -9,11 +9,9 @@ from pathlib import Path
 if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Every process the tests start finds the scripts installed beside this Python first (deepspeed, mlflow, ninja), as an
+# Every process the tests start finds the scripts installed beside this Python first (deepspeed, mlflow), as an
 # activated virtualenv has it, however pytest was started (`make test PYTHON=venv/bin/python` activates nothing).
-# Otherwise PATH's other installs run: a deepspeed whose Python lacks dico_scale, or the system's ninja 1.11 beside
-# pip's 1.13, each discarding the other's build log, so DeepSpeed's shared-memory op was rebuilt (~27 s) at every
-# switch between processes started by name and by sys.executable: four times a suite.
+# Otherwise PATH's other installs run: a deepspeed whose Python lacks dico_scale, another install's mlflow server.
 os.environ["PATH"] = f"{sysconfig.get_path('scripts')}{os.pathsep}{os.environ.get('PATH', '')}"
 # The Slurm launcher (slurm/launch.sh) runs $PYTHON: `make X PYTHON=...` exports make's own, which need not be the
 # Python under test (`make test-floor PYTHON=venv/bin/python` ran its Slurm jobs on that venv's MLflow, whose newer

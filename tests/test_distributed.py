@@ -20,16 +20,22 @@ def test_dico_zero2_two_ranks_step_and_stay_identical(chain):
     tmp, weights = chain
     out = tmp / "dico_replicas"  # not the demo's dico folder
     shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    # an empty extension cache, and LOCAL_SIZE as the deepspeed launcher sets it (all ranks local: DeepSpeed's CPU
+    # backend would build its shared-memory allreduce op there and map a buffer per rank)
+    ext = out / "torch_extensions"
     proc = check_ok(_launch("tests/distributed/replica_check.py", "configs/demo/dico.yaml",
                        _common(tmp) + weights + [f"train.output_dir={out}", f"train.init_from={tmp}/xe/model.pt",
                                                  "train.max_steps=4", "train.micro_batch_size=2",
                                                  "generation.candidates=3", "generation.max_len=6",
-                                                 "train.val_max_images=4", "optim.lr=1e-3"]))
+                                                 "train.val_max_images=4", "optim.lr=1e-3"],
+                       env={"TORCH_EXTENSIONS_DIR": str(ext), "LOCAL_SIZE": "2"}))
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
     assert (r0["world_size"], r1["world_size"], r0["rank"], r1["rank"]) == (2, 2, 0, 1)
     assert r0["global_steps"] == r1["global_steps"] == 4
     assert r0["digest"] == r1["digest"]  # ZeRO-2 replicas agree after the steps
-    # DeepSpeed's CPU allreduce buffers (64 MiB per rank in /dev/shm, i.e. RAM) do not outlive the run
+    # DeepSpeed's shared-memory allreduce op (inference only) is neither compiled nor run: no build at the first
+    # start, no 64 MiB /dev/shm buffer per rank (RAM) left behind
+    assert not (ext / "deepspeed_shm_comm").exists() and r0["shm_allreduce_op"] is r1["shm_allreduce_op"] is False
     assert not set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - shm_before
     # ... and the steps moved the trainable weights away from the XE starting point
     start = torch.load(tmp / "xe" / "model.pt", weights_only=True)["state_dict"]

@@ -9,10 +9,13 @@ from dico_scale.train import parse_args, run, shutdown  # noqa: E402
 
 cfg = parse_args(sys.argv[1:])
 summary = run(cfg)
+from deepspeed.comm import comm  # noqa: E402  (after run: dico_scale imports DeepSpeed its own way)
+
 engine = summary["engine"]
 report = {
     "rank": summary["rank"], "world_size": summary["world_size"], "global_steps": engine.global_steps,
     "val": summary["val"], "mlflow_run_id": summary["mlflow_run_id"],
+    "shm_allreduce_op": comm.cdb.shm_comm_op is not None,
     "digest": {n: hashlib.sha256(p.detach().float().cpu().numpy().tobytes()).hexdigest()
                for n, p in engine.module.named_parameters()},
 }
