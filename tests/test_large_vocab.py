@@ -80,17 +80,6 @@ def test_torch_head_at_qwen2_vocab_matches_float64_and_holds_one_chunk(monkeypat
     assert int(mask.sum()) > 2 and seen.largest <= 2 * V_QWEN2  # never more than one chunk of logits
 
 
-def test_torch_head_never_upcasts_a_whole_half_precision_head(monkeypatch):
-    """A bf16 head (CUDA training under loss.kernel=auto) is upcast to fp32 one vocabulary slice at a time, forward
-    and backward: no fp32 copy of the [V, H] weight nor of its gradient, and still float64's values."""
-    hidden, weight, labels, mask = batch(6, 5, V_QWEN2, 16, seed=4, dtype=torch.bfloat16)
-    monkeypatch.setattr(torch_path, "MAX_CHUNK_LOGITS", 2 * V_QWEN2)  # slices of V/8 rows; 16 tokens a block
-    seen = LargestTensor([(weight.shape, torch.bfloat16)])
-    check_against_float64(torch_path.fused_linear_sequence_logprobs, hidden, weight, labels, mask, 1e-5, seen,
-                          grad_tol=1e-2)  # gradients stored in bf16
-    assert int(mask.sum()) > 16 and seen.largest <= 2 * V_QWEN2  # several row blocks; nothing V x H in fp32
-
-
 def cuda_half_operands_on_the_cpu(monkeypatch):
     """The head's CUDA arithmetic for half-precision inputs, here: half operands, fp32 products (torch.mm's out_dtype
     exists on CUDA only; an fp32 matmul of bf16-valued operands gives what its fp32 accumulation gives)."""
@@ -105,21 +94,24 @@ def cuda_half_operands_on_the_cpu(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("bias", [False, True], ids=["no bias", "bias"])
-def test_torch_head_multiplies_half_operands_on_cuda(monkeypatch, bias):
-    """On CUDA a bf16 head's three matmuls (logits, dh, dW) take bf16 operands with fp32 results, as the fused
-    kernel's tiles do; no fp32 slice of the head is made (the largest tensor is a block of logits), and the values
-    and gradients are float64's to bf16's precision."""
-    calls = cuda_half_operands_on_the_cpu(monkeypatch)
+@pytest.mark.parametrize("cuda, bias", [(False, False), (True, False), (True, True)],
+                         ids=["cpu upcast", "cuda half operands", "cuda half operands, bias"])
+def test_torch_head_never_makes_an_fp32_copy_of_a_half_precision_head(monkeypatch, cuda, bias):
+    """A bf16 head (CUDA training under loss.kernel=auto), forward and backward. On the CPU each vocabulary slice is
+    upcast to fp32; on CUDA the three matmuls (logits, dh, dW) take bf16 operands with fp32 results, as the fused
+    kernel's tiles do. Either way no fp32 copy of the [V, H] weight nor of its gradient (the largest tensor is a block
+    of logits), and the values and gradients are float64's to bf16's precision."""
+    calls = cuda_half_operands_on_the_cpu(monkeypatch) if cuda else None
     hidden, weight, labels, mask = batch(6, 5, V_QWEN2, 16, seed=4, dtype=torch.bfloat16)
     b = torch.randn(V_QWEN2, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16) if bias else None
     monkeypatch.setattr(torch_path, "MAX_CHUNK_LOGITS", 2 * V_QWEN2)  # slices of V/8 rows; 16 tokens a block
     seen = LargestTensor([(weight.shape, torch.bfloat16)])
     check_against_float64(torch_path.fused_linear_sequence_logprobs, hidden, weight, labels, mask, 1e-5, seen,
-                          grad_tol=1e-2, bias=b)
-    assert int(mask.sum()) > 16 and seen.largest <= 2 * V_QWEN2
-    blocks = 8 * -(-int(mask.sum()) // 16)  # 8 slices x row blocks: logits forward; logits, dh and dW backward
-    assert len(calls) == 4 * blocks
+                          grad_tol=1e-2, bias=b)  # gradients stored in bf16
+    assert int(mask.sum()) > 16 and seen.largest <= 2 * V_QWEN2  # several row blocks
+    if cuda:
+        blocks = 8 * -(-int(mask.sum()) // 16)  # 8 slices x row blocks: logits forward; logits, dh and dW backward
+        assert len(calls) == 4 * blocks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
