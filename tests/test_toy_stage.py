@@ -38,14 +38,16 @@ class ToyStage(XEStage):
 
 ROW = 'StageSpec("toy", "toy_stage:ToyStage", None, "captioner", "Toy", "xe")'
 
-# The driver: the module's folder on the path, the row in the table, then the trainer's own main.
+# The driver: the module's folder on the path, the row in the table, then what dico_scale/train.py runs as a script:
+# its main, and the exit without the interpreter's teardown (a bad resume once aborted there, exit -6, "terminate
+# called without an active exception", after its one-line error).
 DRIVER = '''
 import sys
 sys.path.insert(0, {folder!r})
 from dico_scale.stages import STAGES, StageSpec
 STAGES["toy"] = {row}
-from dico_scale import train
-sys.exit(train.main(sys.argv[1:]))
+from dico_scale import exit_codes, train
+exit_codes.leave(train.main(sys.argv[1:]))
 '''
 
 TINY = ["captioner.image_encoder=dico-tiny", "captioner.image_encoder_weights=", "evaluator.weights=",
