@@ -64,9 +64,10 @@ def ranks_cmd(script: str, ranks: int = 2) -> list[str]:
             script]
 
 
-def launch(script: str, config: str, overrides: list[str], timeout=600, ranks: int = 2, env: dict = {}, **kw):
+def launch(script: str, config: str, overrides: list[str], timeout=600, ranks: int = 2, env: dict | None = None,
+           **kw):
     """`script --config config overrides` on 2 CPU ranks, from the repository, `env` added; the finished process."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", **env}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([*ranks_cmd(script, ranks), "--config", config, *overrides], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout, **kw)
 
