@@ -70,7 +70,7 @@ RANGES = [
     ("train.max_nonfinite_steps", 1, False, None, False), ("train.stop_timeout_s", 0, True, None, False),
     ("train.threads", 0, False, None, False), ("tracking.connect_timeout_s", 0, True, None, False),
     ("train.patience", 0, False, None, False), ("tracking.queue_size", 1, False, None, False),
-    ("tracking.retry_every_s", 0, True, None, False),
+    ("tracking.retry_every_s", 0, True, None, False), ("tracking.finish_wait_s", 0, False, None, False),
 ]
 
 

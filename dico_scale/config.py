@@ -201,6 +201,9 @@ class TrackingConfig:
     # <output_dir>/mlflow_backlog.jsonl, as does whatever the store refuses), retried every retry_every_s.
     queue_size: int = 10000  # >= 1
     retry_every_s: float = 30.0  # (0, inf)
+    # At the end the sender gets this long to send what is queued; the rest goes to the backlog. A hung server
+    # holds the run's exit (and a preempted job's grace period) no longer than this.
+    finish_wait_s: float = 15.0  # [0, inf)
     parent_run_id: str = ""  # the run is created as a child of this MLflow run (tag mlflow.parentRunId; compare)
 
 

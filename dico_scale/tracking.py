@@ -21,7 +21,6 @@ from .backlog import Backlog
 from .config import Config, flatten, to_yaml
 from .errors import OneLineParser, first_line
 
-FINISH_WAIT_S = 15.0  # at the end, how long the sender may take to empty the queue before the rest goes to disk
 _STOP = object()
 
 
@@ -76,9 +75,11 @@ class Sender(threading.Thread):
     """Sends queued records in order; while the store fails, appends them to the backlog and retries that every
     retry_every_s. One line when the store goes away, one when it is back."""
 
-    def __init__(self, client, uri: str, backlog: Backlog, queue_size: int, retry_every_s: float):
+    def __init__(self, client, uri: str, backlog: Backlog, queue_size: int, retry_every_s: float,
+                 finish_wait_s: float = 15.0):
         super().__init__(daemon=True, name="mlflow-sender")
         self.client, self.uri, self.backlog, self.retry_every_s = client, uri, backlog, retry_every_s
+        self.finish_wait_s = finish_wait_s
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.down, self.next_retry, self.in_flight, self.closed = False, 0.0, None, False
 
@@ -135,13 +136,14 @@ class Sender(threading.Thread):
             self.backlog.append(record)
 
     def close(self) -> None:
-        """Waits up to FINISH_WAIT_S for the queue to be sent; what is left goes to the backlog. Once."""
+        """Waits up to finish_wait_s in all for the queue to be sent; what is left goes to the backlog. Once."""
         if self.closed:
             return
         self.closed = True
+        deadline = time.monotonic() + self.finish_wait_s
         try:
-            self.queue.put(_STOP, timeout=FINISH_WAIT_S)  # a full queue: the sender is stuck on a request
-            self.join(FINISH_WAIT_S)
+            self.queue.put(_STOP, timeout=self.finish_wait_s)  # a full queue: the sender is stuck on a request
+            self.join(max(0.0, deadline - time.monotonic()))
         except queue.Full:
             pass
         if self.is_alive():
@@ -185,7 +187,8 @@ class Tracker:
             self.run_id = self.client.create_run(exp_id, run_name=name, tags=tags).info.run_id
         fail_fast()  # after the run exists: creating it may retry as MLflow likes, logging must not wait
         self.backlog = Backlog(cfg.train.output_dir)
-        self.sender = Sender(self.client, uri, self.backlog, cfg.tracking.queue_size, cfg.tracking.retry_every_s)
+        self.sender = Sender(self.client, uri, self.backlog, cfg.tracking.queue_size, cfg.tracking.retry_every_s,
+                             cfg.tracking.finish_wait_s)
         self.sender.start()  # first sends a backlog left by an earlier segment of the run
         atexit.register(self.sender.close)  # a process that ends without finish() still sends (or keeps) its records
         if not resume_run_id:

@@ -61,7 +61,8 @@ def _step(log: Path) -> int:
 def test_a_dead_then_hung_tracking_server_costs_no_step_and_no_metric(tmp_path, start_server):
     port, out, log = free_port(), tmp_path / "xe", tmp_path / "run.log"
     server = start_server(port)
-    args = xe_args(tmp_path, out) + [f"tracking.uri=http://127.0.0.1:{port}", "tracking.retry_every_s=1"]
+    args = xe_args(tmp_path, out) + [f"tracking.uri=http://127.0.0.1:{port}", "tracking.retry_every_s=1",
+                                     "tracking.finish_wait_s=2"]
     with open(log, "w") as f:
         run = subprocess.Popen([sys.executable, "dico_scale/train.py", *args], cwd=REPO, env=ENV,
                                start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
@@ -79,7 +80,9 @@ def test_a_dead_then_hung_tracking_server_costs_no_step_and_no_metric(tmp_path, 
         wait_for(lambda: _step(log) >= hung_at + 4, 60, "4 steps while the server hangs")
         assert time.time() - start < 25, "steps waited for the hung server"
         os.kill(run.pid, signal.SIGINT)  # Ctrl-C: a checkpoint at the next step, exit 3
+        start = time.time()
         assert run.wait(timeout=120) == 3, log.read_text()[-3000:]
+        assert time.time() - start < 10, "the end waited for the hung server longer than tracking.finish_wait_s"
     finally:
         os.killpg(run.pid, signal.SIGKILL) if run.poll() is None else None
         os.killpg(server.pid, signal.SIGCONT)
@@ -116,6 +119,41 @@ def test_sync_of_a_folder_that_is_not_there_is_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"dico_scale: tracking sync: '{tmp_path}/nope' is not a folder"
+
+
+def test_the_end_waits_for_the_store_finish_wait_s_in_all_and_keeps_every_record(tmp_path):
+    """The sender is stuck on a request with the queue full when the run ends. The request returns after 1 s, so
+    close() can queue its stop, and the next request hangs: the end still takes finish_wait_s in all (queueing the
+    stop and the join share one deadline), and what was not sent is on disk, in order."""
+    import threading
+
+    from dico_scale.backlog import Backlog
+    from dico_scale.tracking import Sender
+
+    first_answers, hang = threading.Event(), threading.Event()
+
+    class SlowThenHungStore:  # an MLflow client: the first request answers late, the next never (a hung server)
+        calls = 0
+
+        def log_batch(self, *args, **kwargs):
+            self.calls += 1
+            (first_answers if self.calls == 1 else hang).wait()
+
+    sender = Sender(SlowThenHungStore(), "http://slow", Backlog(tmp_path), queue_size=2, retry_every_s=1,
+                    finish_wait_s=2.0)
+    sender.start()
+    records = [{"op": "batch", "run_id": "r", "metrics": [["loss", float(s), 1000 + s, s]]} for s in range(1, 4)]
+    sender.put(records[0])
+    wait_for(lambda: sender.in_flight is not None, 10, "the first request", every=0.01)
+    for r in records[1:]:
+        sender.put(r)
+    assert sender.queue.full() and not Backlog(tmp_path).path.exists()
+    threading.Timer(1.0, first_answers.set).start()
+    start = time.time()
+    sender.close()
+    assert 1.9 < time.time() - start < 2.6  # a deadline each would take 1 + 2 s
+    assert Backlog(tmp_path).records() == records[1:]  # the one in flight and the one queued
+    hang.set()
 
 
 def test_backlog_replay_stops_at_the_first_refusal_and_keeps_the_rest_in_order(tmp_path):
