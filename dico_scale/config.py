@@ -254,22 +254,28 @@ def _rename_override(item: str) -> str:
     return item
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()):
-    """A YAML file merged over the file named by its `extends:` key (relative to it)."""
+def _read_yaml(path: Path, schema: DictConfig, seen: tuple[Path, ...] = ()):
+    """A YAML file merged over the file named by its `extends:` key (relative to it), each file's sections checked
+    against `schema` (the structured defaults)."""
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"config {path}: circular 'extends'")
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a folder, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
         node = OmegaConf.load(path)
     except Exception as e:  # yaml scanner errors are multi-line
         raise ConfigError(f"config {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"config {path}: the top level is a list, not a mapping of keys (train:, data:, ...)")
     _rename_node(node, str(path))
     base = node.pop("extends", None)
+    _check_sections(schema, node, str(path))
     if base is None:
         return node
-    return OmegaConf.merge(_read_yaml(path.parent / str(base), seen + (path,)), node)
+    return OmegaConf.merge(_read_yaml(path.parent / str(base), schema, seen + (path,)), node)
 
 
 def _one_line(e: OmegaConfBaseException, source: str, fallback_key: str = "") -> ConfigError:
@@ -277,7 +283,23 @@ def _one_line(e: OmegaConfBaseException, source: str, fallback_key: str = "") ->
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
     if "not in" in first or "Missing key" in first:
         return ConfigError(f"unknown config key '{key}' ({source})")
+    if first.startswith("Merge error") and "is not a subclass of" in first:  # an override `train=5`
+        return ConfigError(f"config key '{key}' is a section of keys ({key}.<key>=...), not a value ({source})")
     return ConfigError(f"bad value for config key '{key}' ({source}): {first}")
+
+
+def _check_sections(schema: DictConfig, node: DictConfig, source: str, prefix: str = "") -> None:
+    """A section given a value (`train: 5`, `data: {synthetic: yes}`) names its key; OmegaConf's merge would not.
+    An empty section (`train:` with its keys commented out) is dropped."""
+    for key in list(node):
+        if key in schema and isinstance(schema[key], DictConfig):
+            if node[key] is None:
+                del node[key]
+                continue
+            if not isinstance(node[key], DictConfig):
+                raise ConfigError(f"config key '{prefix}{key}' is a section of keys ({prefix}{key}.<key>: ...), "
+                                  f"not a value ({source})")
+            _check_sections(schema[key], node[key], source, f"{prefix}{key}.")
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
@@ -296,7 +318,7 @@ def load_structured(schema, path: str | None, overrides: list[str] = ()):
     cfg = OmegaConf.structured(schema)
     if path:
         try:
-            cfg = OmegaConf.merge(cfg, _read_yaml(Path(path)))
+            cfg = OmegaConf.merge(cfg, _read_yaml(Path(path), cfg))
         except OmegaConfBaseException as e:
             raise _one_line(e, path) from None
     for item in overrides:

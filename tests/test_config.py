@@ -195,6 +195,30 @@ def test_invalid_yaml(tmp_path):
     _one_line_error(p, [], "broken.yaml", "invalid YAML")
 
 
+@pytest.mark.parametrize("text, needles", [
+    ("- train\n- data\n", ["the top level is a list"]),
+    ("train: 5\n", ["config key 'train' is a section of keys", "not a value"]),
+    ("data:\n  synthetic: yes\n", ["config key 'data.synthetic' is a section of keys"]),
+])
+def test_a_yaml_of_the_wrong_shape_names_what_is_wrong(tmp_path, text, needles):
+    p = tmp_path / "shape.yaml"
+    p.write_text(text)
+    _one_line_error(p, [], "shape.yaml", *needles)
+
+
+def test_a_folder_given_as_config_and_a_section_given_a_value_on_the_command_line(tmp_path):
+    _one_line_error(tmp_path, [], f"config {tmp_path} is a folder, not a YAML file")
+    _one_line_error(DEMO / "xe.yaml", ["train=5"], "config key 'train' is a section of keys (train.<key>=...)",
+                    "override train=5")
+
+
+def test_an_empty_section_is_no_section(tmp_path):
+    """`train:` with every key commented out means the defaults (or the file it extends), not an error."""
+    p = tmp_path / "empty_sections.yaml"
+    p.write_text(f"extends: {DEMO / 'xe.yaml'}\ntrain:\n  # max_steps: 3\ndata:\n  synthetic:\n")
+    assert load_config(str(p), BLANK) == load_config(str(DEMO / "xe.yaml"), BLANK)
+
+
 # ---- the CLI stops before anything heavy --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args,needle", [
