@@ -1,5 +1,6 @@
-"""Captions image files: `python -m dico_scale.caption --checkpoint PATH images... [--beam-size 5 --max-len 20
---length-penalty 1.0]`.
+"""Captions image files with a trained captioner (a model.pt export or a checkpoint tag folder).
+
+`python -m dico_scale.caption --checkpoint PATH images... [--beam-size 5 --max-len 20 --length-penalty 1.0]`.
 
 Prints "path<TAB>caption" per image, in the order given (a folder: its .jpg, .jpeg, .png, .webp, .bmp,
 .gif, .tif and .tiff files, sorted, not recursive).

@@ -83,7 +83,7 @@ def captioner_overrides(name: str, root: str = "runs/models", **size) -> list[st
 
 
 def main(argv=None) -> int:
-    p = OneLineParser(prog="dico_scale.demo", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="dico_scale.demo", description=__doc__.split("\n\n")[0])  # argparse refills it
     p.add_argument("--ranks", type=int, default=2, help="CPU ranks per stage")
     p.add_argument("--captioner", default="builtin", help="builtin (default), hf_encoder_decoder (= vit-gpt2), "
                    "vit-gpt2, blip, dico_ref, hf_vlm (= idefics3), idefics3, smolvlm (SmolVLM2), qwen2-vl, qwen2.5-vl, "

@@ -268,7 +268,8 @@ def write_adapters(blob: dict, captioner, out: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="dico_scale.export", description=__doc__.splitlines()[2])
+    parser = OneLineParser(prog="dico_scale.export", description="Consolidates a training checkpoint (ZeRO "
+                           "shards) into one fp32 model.pt, or writes safetensors (also from a model.pt export).")
     parser.add_argument("--checkpoint", required=True,
                         help="a checkpoint tag folder, e.g. <output_dir>/checkpoints/step_00000100 (with "
                         "--format safetensors also a model.pt export)")

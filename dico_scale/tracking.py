@@ -263,7 +263,8 @@ def sync(run_dir: str, uri: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="python -m dico_scale.tracking", description="MLflow tracking tools")
+    parser = OneLineParser(prog="python -m dico_scale.tracking", description="MLflow tracking tools: send what a run could "
+                              "not.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("sync", help="send a run folder's mlflow_backlog.jsonl (what the run could not send)")
     p.add_argument("run_dir", help="the run's train.output_dir")

@@ -44,6 +44,21 @@ def test_a_bad_flag_is_one_line_and_exit_2():
         assert "usage:" not in err, (module, err)
 
 
+def test_every_help_says_what_the_command_does_in_whole_sentences(capsys):
+    """The description under --help's usage is whole: a docstring's first line cut mid-sentence is not."""
+    import importlib
+
+    import pytest
+
+    for module in ENTRY_POINTS:
+        with pytest.raises(SystemExit) as exit_:
+            importlib.import_module(module).main(["--help"])
+        out = capsys.readouterr().out
+        assert exit_.value.code == 0, module
+        description = " ".join(out.split("\n\n")[1].split())  # the paragraph after the usage block
+        assert len(description) > 20 and description.endswith("."), (module, description)
+
+
 def test_help_still_shows_the_usage():
     proc = subprocess.run([sys.executable, "-m", "dico_scale.caption", "--help"], cwd=REPO, text=True,
                           capture_output=True, timeout=300)

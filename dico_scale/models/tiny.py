@@ -132,7 +132,7 @@ def write(family: str, out_dir: str, width: int = 32, layers: int = 2, heads: in
 
 
 def main(argv=None) -> int:
-    p = OneLineParser(prog="dico_scale.models.tiny", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="dico_scale.models.tiny", description=__doc__.split("\n\n")[0])  # argparse refills it
     p.add_argument("family", choices=FAMILIES)
     p.add_argument("out_dir")
     p.add_argument("--width", type=int, default=32)
