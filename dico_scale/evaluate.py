@@ -35,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="dico_scale.evaluate", description="Evaluates a captioner checkpoint over a "
                                 "split (see docs/evaluation.md).")
     p.add_argument("--checkpoint", required=True, help="model.pt export or checkpoint tag folder")
-    p.add_argument("--shards", default="test", help="a split of the run's config (val, test) or a webdataset spec")
-    p.add_argument("--split", default="", help="split label for file and metric names (default: derived from --shards)")
+    p.add_argument("--shards", default="", help="a split of the run's config (val, test) or a webdataset spec "
+                   "(default: the split --split names, else test)")
+    p.add_argument("--split", default="", help="split label for file and metric names (default: derived from "
+                   "--shards); a split of the config alone selects it")
     p.add_argument("--out", default="", help="result JSON (default: <checkpoint dir>/eval_<split>.json)")
     p.add_argument("--train-shards", default="", help="training shards for the novelty statistic "
                    "(default: the config's training split; none: skipped)")
@@ -75,7 +77,7 @@ def parse_args(argv):
     meta = checkpoint_meta(args.checkpoint)
     cfg = load_run_config(meta, args.overrides)
     args.evaluators = evaluator_configs(args, cfg)
-    args.spec, split = resolve_shards(args.shards, cfg)
+    args.spec, split = resolve_shards(shards_arg(args.shards, args.split), cfg)
     args.split = args.split or split
     check_shards(args.spec, "--shards")
     args.train_spec, args.train_note = "", "novelty skipped: --train-shards none"
@@ -104,6 +106,17 @@ def evaluator_configs(args, cfg) -> dict[str, EvaluatorConfig]:
                 sniff_weights_format(weights, f"--{metric.replace('clips', 'clip')} weights")
             out[metric] = EvaluatorConfig(model, weights, metric, prefix)
     return out
+
+
+def shards_arg(shards: str, split: str) -> str:
+    """--shards as given, else the config's split that --split names, else test. A split of the config labelled as
+    another (`--shards test --split val`) would put one split's numbers under the other's name."""
+    if not shards:
+        return split if split in SPLITS else "test"
+    if shards in SPLITS and split in SPLITS and split != shards:
+        raise ConfigError(f"--split {split} would label the {shards} split's results as {split}: pass --shards "
+                          f"{split}, or drop --split")
+    return shards
 
 
 def resolve_shards(arg: str, cfg, required: bool = True) -> tuple[str, str]:

@@ -232,6 +232,20 @@ def test_caption_cli_on_a_folder(trained, exported, tmp_path):
     assert [line.split("\t", 1)[1] for line in lines] == generate(captioner, tok, pixels, cfg.generation)
 
 
+def test_split_alone_selects_that_split_and_never_relabels_another():
+    """`--split val` evaluated the test split under the name val; now it selects val, and a config split labelled as
+    another is refused."""
+    from dico_scale.errors import ConfigError
+    from dico_scale.evaluate import shards_arg
+
+    assert shards_arg("", "") == "test" and shards_arg("", "val") == "val" and shards_arg("", "mine") == "test"
+    assert shards_arg("val", "") == "val" and shards_arg("test", "test") == "test"
+    assert shards_arg("/data/x-{0..3}.tar", "val") == "/data/x-{0..3}.tar"  # a spec of the user's: any label
+    with pytest.raises(ConfigError, match=r"^--split val would label the test split's results as val: pass --shards "
+                                          r"val, or drop --split$"):
+        shards_arg("test", "val")
+
+
 @pytest.mark.distributed
 def test_bad_input_is_one_line_and_exit_2(trained, capsys):
     """Each entry point's bad input is one line on stderr and exit 2: the first case of each command as its own
