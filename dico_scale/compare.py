@@ -28,6 +28,7 @@ from . import exit_codes
 from .checks import parse_select_best
 from .config import load_config, load_structured, resolve_path
 from .errors import ConfigError, OneLineParser
+from .preflight import out_file_problem, write_problem
 from .rewards import RewardSpecError, parse_reward
 
 PROG = "dico_scale.compare"
@@ -82,6 +83,12 @@ def load(path: str, args: list[str]) -> tuple[CompareConfig, list[str]]:
             raise ConfigError(f"bad value for compare key '{key}': '{getattr(c, key)}' does not exist")
     if not c.figure.endswith(".png"):
         raise ConfigError(f"bad value for compare key 'figure': '{c.figure}' is not a .png file")
+    # both are written after every run has trained: checked now
+    if problem := out_file_problem(c.figure):
+        raise ConfigError(f"bad value for compare key 'figure': {problem}")
+    if problem := write_problem(c.output_dir):
+        raise ConfigError(f"bad value for compare key 'output_dir': '{c.output_dir}' cannot be created or written: "
+                          f"{problem}")
     return c, list(c.overrides) + training
 
 

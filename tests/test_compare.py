@@ -96,6 +96,8 @@ def test_compare_runs_dico_and_scst_per_seed_as_child_runs_and_draws_the_figure(
     (["reward=bleu"], "bad value for compare key 'reward': 'bleu': unknown reward 'bleu'"),
     (["select_best=cider"], "bad value for compare key 'select_best'"),
     (["figure=out.svg"], "bad value for compare key 'figure'"),
+    (["figure=/proc/none/figure.png"], "bad value for compare key 'figure': '/proc/none/figure.png' cannot be written"),
+    (["output_dir=/proc/none"], "bad value for compare key 'output_dir': '/proc/none' cannot be created or written"),
     (["stepz=3"], "unknown config key 'stepz'"),
     (["train.lrr=1"], "run dico: unknown config key 'train.lrr'"),
     (["--ranks", "0"], "--ranks 0 must be >= 1"),
