@@ -72,13 +72,14 @@ def parse_args(argv):
     args.ngrams = ngrams
     if args.batch_size < 0:
         raise ConfigError(f"--batch-size {args.batch_size} must be >= 0 (0: train.micro_batch_size)")
-    if args.out and (problem := out_file_problem(args.out)):
-        raise ConfigError(f"--out {problem}")  # now, not after captioning the whole split
     meta = checkpoint_meta(args.checkpoint)
     cfg = load_run_config(meta, args.overrides)
     args.evaluators = evaluator_configs(args, cfg)
     args.spec, split = resolve_shards(shards_arg(args.shards, args.split), cfg)
     args.split = args.split or split
+    given, args.out = bool(args.out), args.out or str(default_out(meta, args.split))
+    if problem := out_file_problem(args.out):  # now, not after captioning the whole split
+        raise ConfigError(f"--out {problem}" if given else f"the default --out {problem} (pass --out)")
     check_shards(args.spec, "--shards")
     args.train_spec, args.train_note = "", "novelty skipped: --train-shards none"
     if args.train_shards and args.train_shards != "none":
@@ -346,7 +347,7 @@ def run(args, cfg, meta) -> int:
         notes.append(args.train_note)
     if args.no_spice:
         notes.append("SPICE skipped: --no-spice")
-    out = Path(args.out) if args.out else default_out(meta, args.split)
+    out = Path(args.out)
     client = run_id = None
     if cfg.tracking.enabled:
         try:

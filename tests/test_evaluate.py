@@ -246,8 +246,15 @@ def test_split_alone_selects_that_split_and_never_relabels_another():
         shards_arg("test", "val")
 
 
+def _blocked_default_out(model: str, tmp: Path) -> Path:
+    """`model` (hard-linked) in a folder where eval_test.json is a folder: evaluate cannot write its default result."""
+    (tmp / "blocked" / "eval_test.json").mkdir(parents=True)
+    os.link(model, tmp / "blocked" / "model.pt")
+    return tmp / "blocked" / "model.pt"
+
+
 @pytest.mark.distributed
-def test_bad_input_is_one_line_and_exit_2(trained, capsys):
+def test_bad_input_is_one_line_and_exit_2(trained, capsys, tmp_path):
     """Each entry point's bad input is one line on stderr and exit 2: the first case of each command as its own
     process (nothing else reaches stderr, no traceback), the rest through its main() in this process."""
     from dico_scale import caption, evaluate, export
@@ -261,6 +268,9 @@ def test_bad_input_is_one_line_and_exit_2(trained, capsys):
         "--ngrams '0' is not": ["dico_scale.evaluate", "--checkpoint", model, "--ngrams", "0"],
         f"--out '{REPO}' is a folder": ["dico_scale.evaluate", "--checkpoint", model, "--out", str(REPO)],
         "cannot be written": ["dico_scale.evaluate", "--checkpoint", model, "--out", "/proc/none/eval.json"],
+        # the default --out, <model.pt's folder>/eval_test.json, cannot be written (here: a folder of that name)
+        "the default --out '": ["dico_scale.evaluate", "--checkpoint",
+                                str(_blocked_default_out(model, tmp_path))],
         "not a checkpoint folder": ["dico_scale.export", "--checkpoint", model, "--out", "/tmp/x.pt"],
         "no such image": ["dico_scale.caption", "--checkpoint", model, "/nonexistent.jpg"],
         "--length-penalty: 'inf' is not a finite": ["dico_scale.caption", "--checkpoint", model, "x.jpg",
