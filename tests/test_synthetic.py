@@ -129,13 +129,14 @@ def test_ensure_concurrent(tmp_path):
 
 @pytest.mark.parametrize("name,value", [("n_train", -1), ("n_val", -5), ("image_size", 16), ("samples_per_shard", 0),
                                         ("jpeg_quality", 101)])
-def test_bad_arguments(tmp_path, name, value):
+def test_bad_arguments(tmp_path, capsys, name, value):
     with pytest.raises(ValueError, match=name):
         syn.write_synthetic_dataset(tmp_path, **{name: value})
     with pytest.raises(ValueError, match=name):
         syn.ensure_synthetic_dataset(tmp_path / "x", **{name: value})
-    with pytest.raises(ValueError, match=name):
-        syn.main([str(tmp_path / "y"), "--" + name.replace("_", "-"), str(value)])
+    assert syn.main([str(tmp_path / "y"), "--" + name.replace("_", "-"), str(value)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"dico_scale.data.synthetic: error: {name} must be"), err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
@@ -145,3 +146,17 @@ def test_cli(tmp_path, capsys):
     assert lines[0] == f"train {(tmp_path / 'ds').resolve() / 'train-00000.tar'}"
     assert lines[2] == "test "  # empty split: no shards
     assert len(read_split(str(tmp_path / "ds" / "train-00000.tar"))) == 5
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    """A folder that cannot be written, a foreign non-empty folder: one line, no traceback (sizes: above)."""
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "x.txt").write_text("mine")
+    cases = {"/proc/none": "No such file or directory", str(tmp_path / "a_file"): "Not a directory",
+             str(tmp_path / "foreign"): "exists, is not empty and has no manifest.json; refusing to replace it"}
+    for args, message in cases.items():
+        assert syn.main(args.split()) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("dico_scale.data.synthetic: error: ") and message in err[0], err
+    assert (tmp_path / "foreign" / "x.txt").read_text() == "mine"

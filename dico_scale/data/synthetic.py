@@ -4,13 +4,13 @@ Every image is built from a Scene (1-3 shapes in distinct cells of a 3x3 grid, s
 captions are generated from the same Scene, so they are correct by construction and a captioner has to look at
 the image (colour, shape, size, position, count) to get them right. Deterministic from a seed, byte for byte.
 """
-import fcntl, io, json, math, os, random, shutil, tarfile
+import fcntl, io, json, math, os, random, shutil, sys, tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ..errors import OneLineParser
+from ..errors import OneLineParser, first_line
 
 SPLITS = ("train", "val", "test")
 SHAPES = ("circle", "square", "triangle", "star", "cross")
@@ -252,16 +252,23 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="regenerate even if a matching manifest exists")
     a = vars(p.parse_args(argv))
     out_dir, force = a.pop("out_dir"), a.pop("force")
-    patterns = write_synthetic_dataset(out_dir, **a) if force else ensure_synthetic_dataset(out_dir, **a)
+    try:
+        patterns = write_synthetic_dataset(out_dir, **a) if force else ensure_synthetic_dataset(out_dir, **a)
+    except (ValueError, OSError) as e:  # a bad size, an out_dir that cannot be written
+        print(f"{p.prog}: error: {e if isinstance(e, ValueError) else first_line(e)}", file=sys.stderr)
+        return 2
     for split, pattern in patterns.items():
         print(f"{split} {pattern}")
-
-
-if __name__ == "__main__":
-    main()
+    return 0
 
 
 def caption_corpus(n: int = 400, seed: int = 0) -> list[str]:
     """The captions of n random scenes: the text the tiny models' tokenizers are trained on (models/tiny.py)."""
     rng = random.Random(seed)
     return [c for _ in range(n) for c in scene_captions(make_scene(rng), rng)]
+
+
+if __name__ == "__main__":
+    from dico_scale.exit_codes import leave
+
+    leave(main())
