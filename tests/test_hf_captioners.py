@@ -151,11 +151,12 @@ def test_the_tiny_builders_cli_refuses_bad_sizes_and_a_folder_that_holds_files(f
     cases = {("--width", "0"): "--width 0: sizes are whole numbers >= 1",
              ("--width", "30", "--heads", "4"): "--width 30 is not a multiple of --heads 4",
              ("--vocab-size", "-1"): "--vocab-size -1: sizes",
-             ("--out",): f"{folders['vit-gpt2']} exists and is not an empty folder"}
+             ("--out",): f"{folders['vit-gpt2']} exists and is not an empty folder",
+             ("--out-unwritable",): "/proc/none cannot be created: No such file or directory"}
     for args, needle in cases.items():
-        out = folders["vit-gpt2"] if args == ("--out",) else str(tmp_path / "new")
+        out = {("--out",): folders["vit-gpt2"], ("--out-unwritable",): "/proc/none"}.get(args, str(tmp_path / "new"))
         with pytest.raises(SystemExit) as e:
-            main(["vit-gpt2", out, *(a for a in args if a != "--out")])
+            main(["vit-gpt2", out, *(a for a in args if not a.startswith("--out"))])
         assert e.value.code == 2 and needle in capsys.readouterr().err.strip().splitlines()[-1]
     assert {p.name: p.stat().st_mtime_ns for p in Path(folders["vit-gpt2"]).iterdir()} == before
     assert not (tmp_path / "new").exists()

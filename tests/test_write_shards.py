@@ -246,6 +246,7 @@ def test_cli_errors(coco, tmp_path, capsys):
     assert "no images found" in err and str(empty) in err
     (tmp_path / "p.jsonl").write_text('{"image": "a.jpg", "captions": ["x"]}\n{"image": "b.jpg"}\n')
     assert "p.jsonl line 2" in _error(capsys, ["jsonl", "--input", str(tmp_path / "p.jsonl"), "--out", str(empty)])
+    assert "--out /proc/none cannot be created" in _error(capsys, k + [coco["file"], "--out", "/proc/none"])
     write(coco, tmp_path / "done", "--splits", "test")
     assert "--overwrite" in _error(capsys, k + [coco["file"], "--out", str(tmp_path / "done")])
     write(coco, tmp_path / "done", "--splits", "val", "--overwrite")  # replaces the old shards

@@ -150,7 +150,10 @@ def select_splits(items: list[Item], wanted: str | None) -> list[str]:
 
 
 def prepare_out(out: str, overwrite: bool):
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise SourceError(f"--out {out} cannot be created: {e.strerror or e}") from None
     names = os.listdir(out)
     ours = [n for n in names if SHARD_NAME.fullmatch(n) or n == "manifest.json"]
     if ours and not overwrite:

@@ -150,6 +150,10 @@ def main(argv=None) -> int:
     if os.path.exists(a.out_dir) and (not os.path.isdir(a.out_dir) or os.listdir(a.out_dir)):
         # save_pretrained would overwrite a real model's files, and prune its weight shards
         p.error(f"{a.out_dir} exists and is not an empty folder: a tiny random model goes into a new one")
+    try:
+        os.makedirs(a.out_dir, exist_ok=True)
+    except OSError as e:
+        p.error(f"{a.out_dir} cannot be created: {e.strerror or e}")
     print(write(a.family, a.out_dir, a.width, a.layers, a.heads, a.image_size, a.seed, a.vocab_size))
     return 0
 
