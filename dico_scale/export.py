@@ -104,6 +104,10 @@ def checkpoint_meta(path: str) -> dict:
     elif p.suffix == ".safetensors":
         meta = _safetensors_meta(p)
     else:
+        from dico_scale.models.weights import torch_file_problem
+
+        if problem := torch_file_problem(str(p)):
+            raise ConfigError(f"cannot read checkpoint '{path}': {problem}")
         try:
             blob = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:

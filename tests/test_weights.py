@@ -442,3 +442,30 @@ def test_safetensors_export_round_trips(captioner_pt, tiny_shards, clean_env, no
     err = capsys.readouterr().err
     one_line(err)
     assert "dico.json" in err and str(out) in err
+
+
+def test_a_file_torch_did_not_write_is_named_as_such_by_every_reader(tmp_path):
+    """train.init_from and --checkpoint name what is wrong with a file, where torch.load said 'KeyError: 101', a miniz
+    message, or advice about mmap."""
+    from dico_scale.errors import ConfigError
+    from dico_scale.export import checkpoint_meta
+    from dico_scale.models.weights import read_weights
+
+    export = {"state_dict": {"w": torch.zeros(64, 64)}, "config": "train: {}\n"}
+    torch.save(export, tmp_path / "whole.pt")
+    data = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])
+    (tmp_path / "text.pt").write_text("hello\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save([1, 2], tmp_path / "list.pt")
+    cases = {"cut.pt": "truncated or corrupt", "text.pt": "not a file torch.save wrote",
+             "empty.pt": "not a file torch.save wrote"}
+    for name, why in cases.items():
+        path = str(tmp_path / name)
+        with pytest.raises(ConfigError, match=f"^cannot read weights '{path}': {why}"):
+            read_weights(path)
+        with pytest.raises(ConfigError, match=f"^cannot read checkpoint '{path}': {why}"):
+            checkpoint_meta(path)
+    with pytest.raises(ConfigError, match="are not a dico_scale export"):
+        read_weights(str(tmp_path / "list.pt"))
+    assert read_weights(str(tmp_path / "whole.pt")).keys() == {"w"}

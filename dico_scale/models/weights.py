@@ -46,8 +46,26 @@ def load_weights(module: torch.nn.Module, path: str) -> None:
     load_state(module, read_weights(path), path)
 
 
+def torch_file_problem(path: str) -> str | None:
+    """Why `path` is not a file torch.save wrote (a zip archive, or a pre-1.6 pickle), asked before torch.load: its
+    errors on other files ('KeyError: 101', a miniz message, a hint about mmap) name nothing a user can act on."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:1] == b"\x80":
+        return None
+    if head != b"PK\x03\x04":
+        return "not a file torch.save wrote (a .pt zip archive)"
+    try:
+        zipfile.ZipFile(path).close()
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"truncated or corrupt ({e})"
+    return None
+
+
 def read_weights(path: str) -> dict[str, torch.Tensor]:
     """The state dict of load_weights' `path`; a ConfigError naming the file when it cannot be read."""
+    if os.path.isfile(path) and not path.endswith(".safetensors") and (problem := torch_file_problem(path)):
+        raise ConfigError(f"cannot read weights '{path}': {problem}")
     try:
         if os.path.isdir(path):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -57,9 +75,13 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
             state = load_file(path)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ConfigError(f"cannot read weights '{path}': {first_line(e)}") from None
+    if os.path.isfile(path) and not path.endswith(".safetensors"):
+        if not isinstance(state, dict) or "state_dict" not in state:
+            raise ConfigError(f"weights '{path}' are not a dico_scale export (model.pt: a dict with 'state_dict')")
+        state = state["state_dict"]
     return state
 
 
