@@ -164,6 +164,8 @@ def validate(c: Config) -> None:
     check(t.resume in ("none", "auto") or Path(t.resume).is_dir(), "train.resume",
           f"'{t.resume}' is not none, auto or an existing checkpoint folder")
     check(bool(t.output_dir), "train.output_dir", "empty")
+    check(bool(c.tracking.experiment.strip()) or not c.tracking.enabled, "tracking.experiment",
+          "empty (MLflow needs a name; tracking.enabled=false trains without tracking)")
     if t.select_best:
         parse_select_best(t.select_best)
         check(t.val_every > 0, "train.select_best", "needs train.val_every > 0 (with 0 the run validates only at "

@@ -16,12 +16,16 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .backlog import Backlog
 from .config import Config, flatten, to_yaml
-from .errors import OneLineParser, first_line
+from .errors import ConfigError, OneLineParser, first_line
 
 _STOP = object()
+# MLflow 3 refuses a folder as its store unless told otherwise; its own message says so past the first line
+FILE_STORE_HINT = (" (a folder as store: MLflow 3 wants MLFLOW_ALLOW_FILE_STORE=true for it; "
+                   "sqlite:///<folder>/mlflow.db needs nothing)")
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -171,20 +175,17 @@ class Tracker:
         self.active = cfg.tracking.enabled and rank == 0
         if not self.active:
             return
-        from mlflow.tracking import MlflowClient
-
         self.uri = uri = tracking_uri(cfg)
-        self.client = MlflowClient(tracking_uri=uri)
-        exp_id = experiment_id(self.client, cfg.tracking.experiment, uri)
-        if resume_run_id:
-            self.run_id = resume_run_id
-            self.client.update_run(resume_run_id, status="RUNNING")
-        else:
-            name = cfg.tracking.run_name or f"{cfg.train.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-            tags = {"stage": cfg.train.stage}
-            if cfg.tracking.parent_run_id:  # how the MLflow UI nests runs (dico_scale.compare's children)
-                tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-            self.run_id = self.client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+        try:
+            self._start_run(cfg, resume_run_id)
+        except Exception as e:  # noqa: BLE001 - a store MLflow refuses (an unknown scheme, a file store, ...)
+            hint = FILE_STORE_HINT if urlparse(uri).scheme in ("", "file") else ""
+            problem = f"tracking store '{uri}' cannot be used: {first_line(e, 160)}{hint}"
+            if cfg.tracking.required:
+                raise ConfigError(f"{problem} (tracking.required=false trains without it)") from None
+            _say(f"warning: {problem}; training without tracking (tracking.required=false)")
+            self.active = False
+            return
         fail_fast()  # after the run exists: creating it may retry as MLflow likes, logging must not wait
         self.backlog = Backlog(cfg.train.output_dir)
         self.sender = Sender(self.client, uri, self.backlog, cfg.tracking.queue_size, cfg.tracking.retry_every_s,
@@ -194,6 +195,21 @@ class Tracker:
         if not resume_run_id:
             self.log_params(flatten(cfg))
             self.log_text(to_yaml(cfg), "config.yaml")
+
+    def _start_run(self, cfg: Config, resume_run_id: str | None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=self.uri)
+        exp_id = experiment_id(self.client, cfg.tracking.experiment, self.uri)
+        if resume_run_id:
+            self.run_id = resume_run_id
+            self.client.update_run(resume_run_id, status="RUNNING")
+        else:
+            name = cfg.tracking.run_name or f"{cfg.train.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+            tags = {"stage": cfg.train.stage}
+            if cfg.tracking.parent_run_id:  # how the MLflow UI nests runs (dico_scale.compare's children)
+                tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+            self.run_id = self.client.create_run(exp_id, run_name=name, tags=tags).info.run_id
 
     def _put(self, op: str, **fields) -> None:
         if self.active:

@@ -126,6 +126,8 @@ def test_empty_override_blanks_a_string():
     ("train.resume=/nope", "train.resume"),
     ("train.micro_batch_size=0", "train.micro_batch_size"),
     ("optim.min_lr_ratio=2", "optim.min_lr_ratio"),
+    ("tracking.experiment=", "tracking.experiment"),
+    ("tracking.finish_wait_s=-1", "tracking.finish_wait_s"),
 ])
 def test_bad_override_is_one_line_naming_the_key(override, key):
     _one_line_error(DEMO / "dico.yaml", BLANK + [override], f"'{key}'")

@@ -156,6 +156,28 @@ def test_the_end_waits_for_the_store_finish_wait_s_in_all_and_keeps_every_record
     hang.set()
 
 
+def test_a_store_mlflow_refuses_is_one_line_or_with_required_false_no_tracking(tmp_path, capsys):
+    """An unknown URI scheme fails in MLflow's client, on rank 0, after the preflight: a ConfigError naming the store
+    (exit 2), not MLflow's traceback; with tracking.required=false a warning, and the run trains untracked."""
+    from dico_scale.config import load_config
+    from dico_scale.errors import ConfigError
+    from dico_scale.tracking import Tracker
+
+    args = xe_args(tmp_path, tmp_path / "xe") + ["tracking.uri=foo://bar"]
+    cfg = load_config(str(REPO / args[args.index("--config") + 1]), [a for a in args if "=" in a])
+    with pytest.raises(ConfigError, match=r"^tracking store 'foo://bar' cannot be used: Unsupported.*"
+                                          r"\(tracking.required=false trains without it\)$"):
+        Tracker(cfg, rank=0)
+    cfg.tracking.required = False
+    tracker = Tracker(cfg, rank=0)
+    assert not tracker.active and tracker.run_id is None
+    tracker.log_metrics({"loss": 1.0}, step=1)  # no-ops, as off rank 0
+    tracker.finish()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dico_scale: warning: tracking store 'foo://bar' cannot be used: ")
+    assert not (tmp_path / "xe" / "mlflow_backlog.jsonl").exists()
+
+
 def test_backlog_replay_stops_at_the_first_refusal_and_keeps_the_rest_in_order(tmp_path):
     """A real sqlite store refuses a record of a run it does not have: the records before it are sent and cleared."""
     from dico_scale.backlog import Backlog
