@@ -55,6 +55,21 @@ def print_next(seconds: float, folder: str | None = None) -> None:
         print(f"  {what:<22}{cmd}")
 
 
+def check_stages(overrides: list[str]) -> str | None:
+    """Every stage's config with the overrides, loaded and checked as train.py will (seconds); what is wrong, if
+    anything. The weight files the chain writes as it goes are left out of the check: they do not exist yet."""
+    from .config import load_config
+    from .errors import ConfigError
+
+    untrained = ["evaluator.weights=", "captioner.image_encoder_weights=", "train.init_from="]
+    for stage in chain("dico"):
+        try:
+            load_config(demo_config(stage), untrained + overrides)
+        except ConfigError as e:
+            return f"stage {stage}: config error: {e}"
+    return None
+
+
 def usage_error(message: str) -> int:
     print(f"dico_scale.demo: {message}", file=sys.stderr)
     return exit_codes.CONFIG_ERROR
@@ -111,7 +126,9 @@ def main(argv=None) -> int:
     # --keep: a stage the earlier demo finished (its model.pt) is kept as it is (exported again, its file would
     # change and the next stage's resume would refuse its reference); one it did not finish continues its checkpoints
     resume = ["train.resume=auto"] if args.keep else []
-    overrides = captioner_overrides(args.captioner) + resume + args.overrides  # train.py checks them first
+    overrides = captioner_overrides(args.captioner) + resume + args.overrides
+    if problem := check_stages(overrides):  # now, not after the stages before the one it concerns have trained
+        return usage_error(problem)
     for stage in chain("dico"):
         if args.keep and os.path.isfile(f"runs/demo/{stage}/model.pt"):
             print(f"\n=== {stage}: kept from the earlier demo (runs/demo/{stage}/model.pt)", flush=True)

@@ -1,5 +1,6 @@
 """`make demo`'s driver end to end at a few steps per stage: evaluator -> xe -> dico with 2 CPU ranks, then the table."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -58,14 +59,22 @@ def test_demo_keep_keeps_finished_stages_and_continues_the_others(demo, tmp_path
     assert (copy / "runs" / "demo" / "xe" / "model.pt").read_bytes() == xe
 
 
-def test_demo_bad_override_fails_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dico_scale.demo", "--workdir", str(tmp_path), "optim.lrr=1"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert "unknown config key 'optim.lrr'" in proc.stderr
-    assert lines[-1] == "dico_scale.demo: stage evaluator failed with exit code 2 (its output is above)"
-    assert "Traceback" not in proc.stderr
+@pytest.mark.parametrize("override,message", [
+    ("optim.lrr=1", "stage evaluator: config error: unknown config key 'optim.lrr' (override optim.lrr=1)"),
+    # only the dico stage needs 2 candidates: found before the evaluator and xe stages train, not after
+    ("generation.candidates=1", "stage dico: config error: bad value for config key 'generation.candidates'"),
+])
+def test_demo_bad_override_fails_with_one_line_before_any_stage_trains(tmp_path, capsys, override, message):
+    from dico_scale import demo
+
+    origin = os.getcwd()
+    try:
+        assert demo.main(["--workdir", str(tmp_path), override]) == 2
+    finally:
+        os.chdir(origin)  # --workdir moved this process
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"dico_scale.demo: {message}"), err
+    assert not (tmp_path / "runs" / "demo").exists()
 
 
 @pytest.mark.parametrize("args,message", [
