@@ -266,10 +266,13 @@ def sync(run_dir: str, uri: str | None) -> int:
     if not records:
         print(f"nothing to send: no records in {backlog.path}")
         return OK
+    uri = uri or records[0].get("uri")
+    if not uri:
+        _say(f"tracking sync: the records in {backlog.path} name no store: pass --uri")
+        return CONFIG_ERROR
     fail_fast()
-    uri = uri or records[0]["uri"]
-    client = MlflowClient(tracking_uri=uri)
     try:
+        client = MlflowClient(tracking_uri=uri)  # a URI MLflow refuses fails here
         sent, _ = backlog.replay(lambda r: send(client, r))
     except Exception as e:  # noqa: BLE001 - one line; the unsent records stay
         _say(f"tracking sync: {uri}: {first_line(e)}; {len(backlog)} records left in {backlog.path}")

@@ -178,6 +178,21 @@ def test_a_store_mlflow_refuses_is_one_line_or_with_required_false_no_tracking(t
     assert not (tmp_path / "xe" / "mlflow_backlog.jsonl").exists()
 
 
+def test_sync_without_a_store_or_to_one_mlflow_refuses_is_one_line_and_keeps_the_records(tmp_path, capsys):
+    from dico_scale.backlog import Backlog
+    from dico_scale.tracking import main
+
+    record = {"op": "batch", "run_id": "r", "metrics": [["loss", 1.0, 1000, 1]]}  # written by hand: no "uri"
+    Backlog(tmp_path).append(record)
+    assert main(["sync", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"dico_scale: tracking sync: the records in {tmp_path / 'mlflow_backlog.jsonl'} name no store: pass --uri"]
+    assert main(["sync", str(tmp_path), "--uri", "foo://bar"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dico_scale: tracking sync: foo://bar: Unsupported"), err
+    assert Backlog(tmp_path).records() == [record]
+
+
 def test_backlog_replay_stops_at_the_first_refusal_and_keeps_the_rest_in_order(tmp_path):
     """A real sqlite store refuses a record of a run it does not have: the records before it are sent and cleared."""
     from dico_scale.backlog import Backlog
