@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from .checkpoint import load_checkpoint, read_marker, saved_world_size, select_resume_tag
 from .config import RENAMED, Config, flatten
-from .errors import first_line
+from .errors import ConfigError, first_line
 from .frozen import check_fingerprints, frozen_fingerprints
 from .loop import LoopState
 from .universal import finish_universal_load, universal_checkpoint
@@ -61,6 +61,14 @@ def settings_note(tag: Path, cfg: Config) -> str | None:
     return f"resuming {tag} with this run's config; {changes}" if changes else None
 
 
+def _changes(tag: Path, cfg: Config) -> str | None:
+    """changed_settings against the tag's config.yaml, None when it cannot be compared."""
+    try:
+        return changed_settings((Path(tag) / "config.yaml").read_text(), cfg)
+    except Exception:  # noqa: BLE001 - no config.yaml, or one that does not parse: nothing to name
+        return None
+
+
 def plan_resume(cfg: Config, log) -> ResumePlan:
     """The tag (verified), the frozen models checked against it (ConfigError naming the file), then its universal
     conversion when the world size differs: nothing is built and the MLflow run is not touched before the checks."""
@@ -90,7 +98,13 @@ def resume_state(engine, plan: ResumePlan, cfg: Config, log) -> LoopState:
     at the saved data position, its micro-batch count converted to this run's world size. Fresh: a new LoopState."""
     if plan.tag is None:
         return LoopState(frozen_models=plan.frozen)
-    client = load_checkpoint(engine, plan.load_dir)
+    try:
+        client = load_checkpoint(engine, plan.load_dir)
+    except Exception as e:  # noqa: BLE001 - DeepSpeed's and torch's errors (a size mismatch, an assertion)
+        lines = [line.strip() for line in str(e).strip().splitlines()[:2]]  # torch: a heading, then the 1st problem
+        raise ConfigError(f"checkpoint {plan.tag} does not fit the configured model ({type(e).__name__}: "
+                          f"{' '.join(lines)[:300]})"
+                          + (f"; {changes}" if (changes := _changes(plan.tag, cfg)) else "")) from None
     if plan.universal:
         finish_universal_load(engine, plan.load_dir)
     state = LoopState.from_client_state(client)

@@ -328,3 +328,20 @@ def test_fingerprints_of_files_folders_and_random_weights(tmp_path):
     assert str(e.value).startswith("train.resume: the evaluator weights (evaluator.weights) differ from the ones "
                                    "checkpoint t started from: now drawn at random with train.seed=1; then drawn at "
                                    "random with train.seed=0")
+
+
+def test_a_resume_whose_model_shape_changed_names_the_setting(tmp_path):
+    """captioner.width changed between a run and its resume: DeepSpeed's load fails on a size mismatch; that is one
+    line naming the checkpoint and the changed setting, not torch's traceback (1 process: the same world size)."""
+    from helpers import xe_args
+
+    args = xe_args(tmp_path, tmp_path / "xe") + ["tracking.enabled=false"]
+    check_ok(_launch("dico_scale/train.py", args + ["train.max_steps=1"], ranks=1))
+    proc = _launch("dico_scale/train.py", args + ["train.max_steps=2", "train.resume=auto", "captioner.width=96"],
+                   ranks=1)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith("dico_scale:")]
+    assert line.startswith(f"dico_scale: config error: checkpoint {tmp_path / 'xe' / 'checkpoints' / 'step_00000001'}"
+                           " does not fit the configured model (RuntimeError: Error(s) in loading state_dict for "
+                           "Captioner: size mismatch for "), line
+    assert line.endswith("2 setting(s) differ from the checkpoint's: captioner.width 128 -> 96, train.max_steps 1 -> 2")
