@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .backlog import Backlog
+from .backlog import NAME as BACKLOG_NAME, Backlog
 from .config import Config, flatten, to_yaml
 from .errors import ConfigError, OneLineParser, first_line
 
@@ -167,17 +167,29 @@ class Sender(threading.Thread):
                 self.backlog.append(record)
 
 
+def set_aside(run_dir: str, run_id: str) -> str:
+    """Moves a backlog of the run `run_id` into <run_dir>/mlflow_backlog_<run_id>/, where `sync` sends it to the store
+    it names, so that the new run's records do not queue behind records the new store refuses; a note saying so."""
+    backlog = Path(run_dir) / BACKLOG_NAME
+    if not backlog.exists():
+        return ""
+    aside = Path(run_dir) / f"mlflow_backlog_{run_id}"
+    aside.mkdir(exist_ok=True)
+    backlog.rename(aside / BACKLOG_NAME)
+    return f"; what that run had not received yet is kept for it: python -m dico_scale.tracking sync {aside}"
+
+
 class Tracker:
     """No-op off rank 0 or when disabled, so the training loop never branches on the rank."""
 
     def __init__(self, cfg: Config, rank: int, resume_run_id: str | None = None):
-        self.run_id = None
+        self.run_id, self.resumed = None, False  # resumed: logging on to the checkpoint's run (its params are there)
         self.active = cfg.tracking.enabled and rank == 0
         if not self.active:
             return
         self.uri = uri = tracking_uri(cfg)
         try:
-            self._start_run(cfg, resume_run_id)
+            self.resumed = self._start_run(cfg, resume_run_id)
         except Exception as e:  # noqa: BLE001 - a store MLflow refuses (an unknown scheme, a file store, ...)
             hint = FILE_STORE_HINT if urlparse(uri).scheme in ("", "file") else ""
             problem = f"tracking store '{uri}' cannot be used: {first_line(e, 160)}{hint}"
@@ -192,24 +204,41 @@ class Tracker:
                              cfg.tracking.finish_wait_s)
         self.sender.start()  # first sends a backlog left by an earlier segment of the run
         atexit.register(self.sender.close)  # a process that ends without finish() still sends (or keeps) its records
-        if not resume_run_id:
+        if not self.resumed:
             self.log_params(flatten(cfg))
             self.log_text(to_yaml(cfg), "config.yaml")
 
-    def _start_run(self, cfg: Config, resume_run_id: str | None) -> None:
+    def _start_run(self, cfg: Config, resume_run_id: str | None) -> bool:
+        """Opens the store and the run: the checkpoint's (True), or a new one."""
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=self.uri)
         exp_id = experiment_id(self.client, cfg.tracking.experiment, self.uri)
+        if resume_run_id and not self._has_run(resume_run_id):  # resumed against another store (a new cluster)
+            _say(f"warning: tracking: the checkpoint's MLflow run {resume_run_id} is not in {self.uri} (another "
+                 f"store?); this part of the run logs to a new run{set_aside(cfg.train.output_dir, resume_run_id)}")
+            resume_run_id = None
         if resume_run_id:
             self.run_id = resume_run_id
             self.client.update_run(resume_run_id, status="RUNNING")
-        else:
-            name = cfg.tracking.run_name or f"{cfg.train.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-            tags = {"stage": cfg.train.stage}
-            if cfg.tracking.parent_run_id:  # how the MLflow UI nests runs (dico_scale.compare's children)
-                tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-            self.run_id = self.client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+            return True
+        name = cfg.tracking.run_name or f"{cfg.train.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+        tags = {"stage": cfg.train.stage}
+        if cfg.tracking.parent_run_id:  # how the MLflow UI nests runs (dico_scale.compare's children)
+            tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+        self.run_id = self.client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+        return False
+
+    def _has_run(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+            return True
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
 
     def _put(self, op: str, **fields) -> None:
         if self.active:
@@ -282,8 +311,8 @@ def sync(run_dir: str, uri: str | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="python -m dico_scale.tracking", description="MLflow tracking tools: send what a run could "
-                              "not.")
+    parser = OneLineParser(prog="python -m dico_scale.tracking",
+                           description="MLflow tracking tools: send what a run could not.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("sync", help="send a run folder's mlflow_backlog.jsonl (what the run could not send)")
     p.add_argument("run_dir", help="the run's train.output_dir")

@@ -93,7 +93,7 @@ def _run_locked(cfg: Config, device) -> dict:
     memory = [engine_memory(stage.model_name, engine)] + [engine_memory(n, e) for n, e in frozen.items()]
     for line in report(memory):
         _log0(line)
-    if plan.tag is None:  # params of a run are written once
+    if not tracker.resumed:  # params of a run are written once
         tracker.log_params({k: v for m in memory for k, v in m.as_params().items()})
     run_ids = [None] * world
     dist.all_gather_object(run_ids, tracker.run_id)  # every rank writes the run id into its checkpoint state

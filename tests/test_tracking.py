@@ -193,6 +193,31 @@ def test_sync_without_a_store_or_to_one_mlflow_refuses_is_one_line_and_keeps_the
     assert Backlog(tmp_path).records() == [record]
 
 
+def test_a_resume_against_a_store_without_the_run_logs_to_a_new_run_and_sets_the_old_backlog_aside(tmp_path, capsys):
+    """A job resumed on another cluster (another store): a warning and a new run with its params, instead of
+    MLflow's 'Run not found'; the old run's unsent records move to a folder `sync` sends to the store they name."""
+    from dico_scale.backlog import Backlog
+    from dico_scale.config import load_config
+    from dico_scale.tracking import Tracker
+
+    args = xe_args(tmp_path, tmp_path / "xe")
+    cfg = load_config(str(REPO / args[args.index("--config") + 1]), [a for a in args if "=" in a])
+    (tmp_path / "xe").mkdir()
+    old = {"op": "batch", "run_id": "run-elsewhere", "uri": "http://old-cluster:5000", "metrics": [["a", 1.0, 1, 1]]}
+    Backlog(tmp_path / "xe").append(old)
+    tracker = Tracker(cfg, rank=0, resume_run_id="run-elsewhere")
+    tracker.finish()
+    assert not tracker.resumed and tracker.run_id != "run-elsewhere"
+    aside = tmp_path / "xe" / "mlflow_backlog_run-elsewhere"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"dico_scale: warning: tracking: the checkpoint's MLflow run run-elsewhere is not in "
+                   f"{cfg.tracking.uri} (another store?); this part of the run logs to a new run; what that run had not received yet is "
+                   f"kept for it: python -m dico_scale.tracking sync {aside}"]
+    assert Backlog(aside).records() == [old] and not Backlog(tmp_path / "xe").path.exists()
+    run = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(tracker.run_id)
+    assert run.data.params["train.stage"] == "xe" and run.info.status == "FINISHED"
+
+
 def test_backlog_replay_stops_at_the_first_refusal_and_keeps_the_rest_in_order(tmp_path):
     """A real sqlite store refuses a record of a run it does not have: the records before it are sent and cleared."""
     from dico_scale.backlog import Backlog
