@@ -114,9 +114,16 @@ def main(argv: list[str] | None = None) -> int:
         meta = checkpoint_meta(args.checkpoint)
         # the search flags (argparse's dests) and the generation.* keys they set; unset, the checkpoint's value stands
         flags = {"beam_size": "candidates", "max_len": "max_len", **{k: k for k in SEARCH_OPTIONS}}
-        overrides = ["evaluator.weights="] + [f"generation.{key}={getattr(args, flag)}"  # no evaluator needed here
-                                              for flag, key in flags.items() if getattr(args, flag) is not None]
-        cfg = load_run_config(meta, overrides)
+        given = {flag: key for flag, key in flags.items() if getattr(args, flag) is not None}
+        base = ["evaluator.weights="]  # no evaluator needed here
+        try:
+            cfg = load_run_config(meta, base + [f"generation.{k}={getattr(args, flag)}" for flag, k in given.items()])
+        except ConfigError as e:
+            if not given:
+                raise
+            load_run_config(meta, base)  # the checkpoint alone loads: the flags are what does not fit
+            named = " ".join(f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag in given)
+            raise ConfigError(f"{named} does not fit this checkpoint: {e}") from None
         import torch
 
         from dico_scale.export import load_captioner

@@ -281,6 +281,9 @@ def test_bad_input_is_one_line_and_exit_2(trained, capsys, tmp_path):
                                                         "--no-repeat-ngram-size", "-1"],
         "'generation.repetition_penalty': 0.0 must lie": ["dico_scale.caption", "--checkpoint", model,
                                                           str(REPO / "docs"), "--repetition-penalty", "0"],
+        # a flag the checkpoint's captioner cannot follow names the flag, then the config key it sets
+        "--max-len 100000 does not fit this checkpoint: bad value for config key 'captioner.max_positions'": [
+            "dico_scale.caption", "--checkpoint", model, str(REPO / "docs"), "--max-len", "100000"],
     }
     import torch
 
