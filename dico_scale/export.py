@@ -169,10 +169,10 @@ def load_captioner(cfg: Config, meta: dict, device):
     return captioner.to(device).eval(), captioner.tokenizer
 
 
-def consolidate(tag_dir: str, fmt: str = "pt") -> dict:
+def consolidate(tag_dir: str, fmt: str = "pt", meta: dict | None = None) -> dict:
     """The fp32 export of a training checkpoint tag, as engine.export_weights would have written it; for
-    fmt='safetensors' also the contents of a model.pt export."""
-    meta = checkpoint_meta(tag_dir)
+    fmt='safetensors' also the contents of a model.pt export. meta: checkpoint_meta(tag_dir), when already read."""
+    meta = meta or checkpoint_meta(tag_dir)
     if not meta["is_tag"]:
         if fmt == "pt" or tag_dir.endswith(".safetensors"):
             raise ConfigError(f"{tag_dir} is already an exported file, not a checkpoint folder")
@@ -291,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--out '{args.out}' must end with .safetensors for --format safetensors")
         if problem := (foreign_folder(args.out) if args.adapters_only else out_file_problem(args.out)):
             raise ConfigError(f"--out {problem}")
-        blob = consolidate(args.checkpoint, args.format)
+        meta = checkpoint_meta(args.checkpoint)
+        if args.adapters_only and not OmegaConf.create(meta["config"]).get("captioner", {}).get("lora", {}).get("r"):
+            raise ConfigError("--adapters-only: the checkpoint holds no LoRA adapters (captioner.lora.r=0)")
+        blob = consolidate(args.checkpoint, args.format, meta)  # ZeRO shards consolidated only past the checks
         if (hf := None if args.adapters_only else hf_folder(blob, args.out)) and (problem := foreign_folder(hf)):
             raise ConfigError(f"--out {args.out}: a Hugging Face row's export writes hf/ beside it, but {problem}")
         captioner = adapted_captioner(blob)  # built once: for the merge and the hf/ folder, or the adapters
