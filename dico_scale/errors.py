@@ -5,6 +5,7 @@ model and stage tables: a circle otherwise)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
@@ -19,6 +20,17 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.name or self.prog}: error: {message}\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse keeps the last of an option given twice: `--config a.yaml --config b.yaml` would run b alone."""
+        argv = list(sys.argv[1:] if args is None else args)
+        argv = argv[:argv.index("--")] if "--" in argv else argv
+        for action in self._actions:
+            if isinstance(action, argparse._StoreAction) and action.option_strings:
+                given = [a for a in argv if a.split("=", 1)[0] in action.option_strings]
+                if len(given) > 1:
+                    self.error(f"{action.option_strings[-1]} given {len(given)} times: give it once")
+        return super().parse_known_args(args, namespace)
 
 
 class ConfigError(ValueError):

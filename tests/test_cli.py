@@ -64,3 +64,30 @@ def test_help_still_shows_the_usage():
                           capture_output=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: dico_scale.caption")
     assert "--length-penalty" in proc.stdout
+
+
+def test_an_option_given_twice_is_refused_not_overridden(capsys):
+    """argparse keeps the last of a repeated option (`--config a.yaml --config b.yaml` would train b alone): every
+    entry point refuses it instead, before it checks anything else. Each one's first option that takes a value (of
+    its first subcommand where it has subcommands)."""
+    import importlib
+    import re
+
+    import pytest
+
+    for module in ENTRY_POINTS:
+        main = importlib.import_module(module).main
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        usage = capsys.readouterr().out
+        sub = [m.group(1).split(",")[0]] if (m := re.search(r"^usage: .* \{([a-z_,-]+)\}", usage, re.M)) else []
+        if sub:
+            with pytest.raises(SystemExit):
+                main([*sub, "--help"])
+            usage = capsys.readouterr().out
+        option = re.search(r"^  (--[a-z-]+) [A-Z_]+", usage, re.M).group(1)
+        with pytest.raises(SystemExit) as exit_:
+            main([*sub, f"{option}=1", option, "2"])
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and "\n" not in err, (module, err)
+        assert err.endswith(f": error: {option} given 2 times: give it once"), (module, err)

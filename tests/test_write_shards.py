@@ -50,8 +50,9 @@ def coco(tmp_path_factory):
 
 
 def write(src, out, *extra, workers=1):
+    per_shard = [] if "--samples-per-shard" in extra else ["--samples-per-shard", "2"]  # an option is given once
     args = ["karpathy", "--split-file", src["file"], "--image-root", src["root"], "--out", str(out),
-            "--samples-per-shard", "2", "--workers", str(workers), "--no-progress", *extra]
+            *per_shard, "--workers", str(workers), "--no-progress", *extra]
     assert main(args) == 0
     return json.loads((out / "manifest.json").read_text())
 
@@ -232,7 +233,10 @@ def _error(capsys, args):
 
 
 def test_cli_errors(coco, tmp_path, capsys):
-    k = ["karpathy", "--image-root", coco["root"], "--out", str(tmp_path / "o"), "--no-progress", "--split-file"]
+    def karpathy(out=tmp_path / "o"):
+        return ["karpathy", "--image-root", coco["root"], "--out", str(out), "--no-progress", "--split-file"]
+
+    k = karpathy()
     assert "split file not found" in _error(capsys, k + [str(tmp_path / "nope.json")])
     (tmp_path / "bad.json").write_text('{"images": [')
     assert "bad.json is not valid JSON" in _error(capsys, k + [str(tmp_path / "bad.json")])
@@ -246,9 +250,9 @@ def test_cli_errors(coco, tmp_path, capsys):
     assert "no images found" in err and str(empty) in err
     (tmp_path / "p.jsonl").write_text('{"image": "a.jpg", "captions": ["x"]}\n{"image": "b.jpg"}\n')
     assert "p.jsonl line 2" in _error(capsys, ["jsonl", "--input", str(tmp_path / "p.jsonl"), "--out", str(empty)])
-    assert "--out /proc/none cannot be created" in _error(capsys, k + [coco["file"], "--out", "/proc/none"])
+    assert "--out /proc/none cannot be created" in _error(capsys, karpathy("/proc/none") + [coco["file"]])
     write(coco, tmp_path / "done", "--splits", "test")
-    assert "--overwrite" in _error(capsys, k + [coco["file"], "--out", str(tmp_path / "done")])
+    assert "--overwrite" in _error(capsys, karpathy(tmp_path / "done") + [coco["file"]])
     write(coco, tmp_path / "done", "--splits", "val", "--overwrite")  # replaces the old shards
     assert sorted(os.listdir(tmp_path / "done")) == ["manifest.json", "val-000000.tar"]
 
