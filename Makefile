@@ -23,10 +23,11 @@ install:
 
 # Re-resolve requirements.lock to the newest releases setup.py allows (install_requires + dev), for this machine's
 # Python and platform, within pip's own constraints if it has any (this machine caps torch at what lies on its disk).
+# --upgrade: without it uv keeps the pins of the file it writes over, and the lock never moves.
 # Run `make test` on the new lock before committing it.
 lock:
 	$(PIP) install -q $(UV)
-	$(PYTHON) -m $(RESOLVE) -o $(LOCK) $(if $(PIP_CAP),--constraint $(PIP_CAP))
+	$(PYTHON) -m $(RESOLVE) --upgrade -o $(LOCK) $(if $(PIP_CAP),--constraint $(PIP_CAP))
 
 # The newest releases setup.py allows, on purpose: a throwaway virtualenv without the lock, the tests that start no
 # 2-rank job. An upstream release that breaks us shows here before a user meets it.

@@ -86,3 +86,22 @@ def test_processes_the_tests_start_run_this_pythons_scripts():
         found = shutil.which(script)
         assert found and Path(found).parent == Path(sysconfig.get_path("scripts")), f"{script} on PATH is {found}"
     assert os.environ["PYTHON"] == sys.executable  # what slurm/launch.sh runs
+
+
+def test_make_lock_moves_to_the_newest_releases(tmp_path):
+    """`make lock` writes over the lock: a pin older than the newest allowed release moves up (uv keeps the pins of
+    the file it writes to unless told to upgrade). Resolves against the package index, as `make install` installs."""
+    import subprocess
+    import sys
+
+    from packaging.version import Version
+
+    from lockfile import REPO
+
+    lock = tmp_path / "requirements.lock"
+    old = "2025.11.3"  # regex (transformers': any release but 2019.12.17) a year before the lock's
+    lock.write_text(LOCK.read_text().replace(f"regex=={read_lock()['regex']}", f"regex=={old}"))
+    proc = subprocess.run(["make", "-s", "lock", f"PYTHON={sys.executable}", f"LOCK={lock}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert Version(read_lock(lock)["regex"]) >= Version(read_lock()["regex"]) > Version(old)
