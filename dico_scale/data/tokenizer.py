@@ -4,6 +4,8 @@ Layout of a tokenised caption: [BOS, w1, ..., wn, EOS, PAD, ...]; BOS/EOS are CL
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
@@ -33,9 +35,15 @@ class TokenLayout:
         return [self.decode(row) for row in ids]
 
 
+@functools.cache
+def clip_bpe() -> SimpleTokenizer:
+    """One per process (~0.1 s to build: its merges file): the stage, the captioner and its reference share it."""
+    return SimpleTokenizer()  # ships inside open_clip: no download
+
+
 class CaptionTokenizer(TokenLayout):
     def __init__(self):
-        self.bpe = SimpleTokenizer()  # ships inside open_clip: no download
+        self.bpe = clip_bpe()
         self.bos = self.bpe.sot_token_id
         self.eos = self.bpe.eot_token_id
         self.pad = len(self.bpe.encoder)  # 49408: one past CLIP's vocabulary
