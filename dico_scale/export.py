@@ -84,8 +84,6 @@ def _safetensors_meta(p: Path) -> dict:
 
 def checkpoint_meta(path: str) -> dict:
     """{"path", "is_tag", "config" (YAML text), "stage", "step", "mlflow_run_id"} of an export file or tag folder."""
-    import torch
-
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"checkpoint not found: {path}")
@@ -104,14 +102,9 @@ def checkpoint_meta(path: str) -> dict:
     elif p.suffix == ".safetensors":
         meta = _safetensors_meta(p)
     else:
-        from dico_scale.models.weights import torch_file_problem
+        from dico_scale.models.weights import load_torch_file
 
-        if problem := torch_file_problem(str(p)):
-            raise ConfigError(f"cannot read checkpoint '{path}': {problem}")
-        try:
-            blob = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise ConfigError(f"cannot read checkpoint '{path}': {first_line(e)}")
+        blob = load_torch_file(path, "checkpoint", mmap=True)
         if not isinstance(blob, dict) or "state_dict" not in blob or "config" not in blob:
             raise ConfigError(f"checkpoint '{path}' is not a dico_scale export (needs 'state_dict' and 'config')")
         meta = {"config": blob["config"], "step": blob.get("step"), "mlflow_run_id": blob.get("mlflow_run_id")}

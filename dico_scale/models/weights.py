@@ -62,27 +62,32 @@ def torch_file_problem(path: str) -> str | None:
     return None
 
 
+def load_torch_file(path: str, what: str, mmap: bool = False):
+    """torch.load of a file torch.save wrote (tensors only); a ConfigError "cannot read <what> '<path>': ..." else."""
+    if os.path.isfile(path) and (problem := torch_file_problem(path)):
+        raise ConfigError(f"cannot read {what} '{path}': {problem}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        raise ConfigError(f"cannot read {what} '{path}': {first_line(e)}") from None
+
+
 def read_weights(path: str) -> dict[str, torch.Tensor]:
     """The state dict of load_weights' `path`; a ConfigError naming the file when it cannot be read."""
-    if os.path.isfile(path) and not path.endswith(".safetensors") and (problem := torch_file_problem(path)):
-        raise ConfigError(f"cannot read weights '{path}': {problem}")
+    if not os.path.isdir(path) and not path.endswith(".safetensors"):  # a model.pt export
+        blob = load_torch_file(path, "weights")
+        if not isinstance(blob, dict) or "state_dict" not in blob:
+            raise ConfigError(f"weights '{path}' are not a dico_scale export (model.pt: a dict with 'state_dict')")
+        return blob["state_dict"]
     try:
         if os.path.isdir(path):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
             p = Path(path)
-            state = get_fp32_state_dict_from_zero_checkpoint(str(p.parent), tag=p.name)
-        elif path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            return get_fp32_state_dict_from_zero_checkpoint(str(p.parent), tag=p.name)
+        from safetensors.torch import load_file
+        return load_file(path)
     except Exception as e:
         raise ConfigError(f"cannot read weights '{path}': {first_line(e)}") from None
-    if os.path.isfile(path) and not path.endswith(".safetensors"):
-        if not isinstance(state, dict) or "state_dict" not in state:
-            raise ConfigError(f"weights '{path}' are not a dico_scale export (model.pt: a dict with 'state_dict')")
-        state = state["state_dict"]
-    return state
 
 
 def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
