@@ -80,7 +80,7 @@ class Sender(threading.Thread):
     retry_every_s. One line when the store goes away, one when it is back."""
 
     def __init__(self, client, uri: str, backlog: Backlog, queue_size: int, retry_every_s: float,
-                 finish_wait_s: float = 15.0):
+                 finish_wait_s: float):
         super().__init__(daemon=True, name="mlflow-sender")
         self.client, self.uri, self.backlog, self.retry_every_s = client, uri, backlog, retry_every_s
         self.finish_wait_s = finish_wait_s

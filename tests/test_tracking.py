@@ -252,7 +252,7 @@ def test_a_full_queue_spills_to_the_backlog_and_everything_arrives(tmp_path):
 
     client = MlflowClient(tracking_uri=mlflow_uri(tmp_path / "mlflow.db"))
     run_id = client.create_run(client.create_experiment("q")).info.run_id
-    sender = Sender(client, "sqlite", Backlog(tmp_path), queue_size=2, retry_every_s=1)
+    sender = Sender(client, "sqlite", Backlog(tmp_path), queue_size=2, retry_every_s=1, finish_wait_s=15.0)
     for step in range(1, 6):  # the sender is not running yet: a store that takes nothing
         sender.put({"op": "batch", "run_id": run_id, "metrics": [["loss", float(step), 1000 + step, step]]})
     assert sender.queue.qsize() == 2 and len(sender.backlog) == 3
