@@ -18,6 +18,10 @@ class OneLineParser(argparse.ArgumentParser):
     block (`--help` still shows it). The line starts with `name`, else the prog."""
     name: str | None = None
 
+    def __init__(self, *args, allow_abbrev: bool = False, **kwargs):
+        # argparse's abbreviations (`--conf` for `--config`) would slip a second copy past the check below
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+
     def error(self, message):
         self.exit(2, f"{self.name or self.prog}: error: {message}\n")
 

@@ -91,3 +91,21 @@ def test_an_option_given_twice_is_refused_not_overridden(capsys):
         err = capsys.readouterr().err.strip()
         assert exit_.value.code == 2 and "\n" not in err, (module, err)
         assert err.endswith(f": error: {option} given 2 times: give it once"), (module, err)
+
+
+def test_an_abbreviated_option_is_not_the_option(capsys):
+    """argparse takes `--conf` for `--config` by default, which would slip a second copy past the check above."""
+    import pytest
+
+    from dico_scale.errors import OneLineParser
+
+    top = OneLineParser(prog="p")
+    top.add_argument("--config")
+    withsub = OneLineParser(prog="p")
+    withsub.add_subparsers(dest="command").add_parser("run").add_argument("--uri")  # subcommands' are OneLineParsers
+    for parser, argv, abbreviation in ((top, ["--config", "a.yaml", "--conf", "b.yaml"], "--conf"),
+                                       (withsub, ["run", "--ur", "x"], "--ur")):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and err.startswith("p") and "\n" not in err and abbreviation in err, err
