@@ -257,8 +257,8 @@ def write_adapters(blob: dict, captioner, out: str) -> int:
     """peft's adapter folder of a LoRA run's checkpoint (PeftModel.from_pretrained(base model, out) loads it)."""
     from dico_scale.models.lora import save_adapters
 
-    if captioner is None:
-        raise ConfigError("--adapters-only: the checkpoint holds no LoRA adapters (captioner.lora.r=0)")
+    if captioner is None:  # a LoRA run whose state has no adapter weights (main refuses lora.r=0 before this)
+        raise ConfigError("--adapters-only: the checkpoint's weights hold no LoRA adapters (lora_A / lora_B)")
     save_adapters(captioner, out)
     print(f"wrote {out}: LoRA adapters (peft), stage={blob['stage']} step={blob['step']}")
     return 0

@@ -221,6 +221,11 @@ def test_adapters_only_on_a_run_without_lora_is_one_line(runs, tmp_path, capsys)
     assert err == ["dico_scale.export: error: --adapters-only: the checkpoint holds no LoRA adapters "
                    "(captioner.lora.r=0)"]
     assert not (tmp_path / "adapters").exists()
+    # a LoRA run's state without adapter weights (past main's check of lora.r) names what is missing
+    with pytest.raises(export.ConfigError, match=r"^--adapters-only: the checkpoint's weights hold no LoRA adapters"):
+        export.write_adapters({"stage": "dico", "step": 2}, export.adapted_captioner({"state_dict": {}}),
+                              str(tmp_path / "adapters"))
+    assert not (tmp_path / "adapters").exists()
 
 
 @pytest.mark.parametrize("family", VLM)
