@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .checks import validate
@@ -56,9 +56,10 @@ class LoraConfig:
     r: int = 0  # >= 0; the adapters' rank, 0 = no LoRA (the weights train, as captioner.freeze says)
     alpha: float = 16.0  # (0, inf); the adapters' output is scaled by alpha / r
     dropout: float = 0.0  # [0, 1); dropout on the adapters' input
-    target_modules: str = "q_proj,v_proj"  # comma-separated linear layer names (peft's), or all-linear
-    # comma-separated module names (peft's modules_to_save, e.g. connector, multi_modal_projector) trained whole beside
-    # the adapters; their starting copy stays for the adapter-disabled reference. Empty: only the adapters train
+    target_modules: str = "q_proj,v_proj"  # comma-separated or a YAML list: linear layer names (peft's), or all-linear
+    # comma-separated or a YAML list: module names (peft's modules_to_save, e.g. connector, multi_modal_projector)
+    # trained whole beside the adapters; their starting copy stays for the adapter-disabled reference. Empty: only
+    # the adapters train
     modules_to_save: str = ""
     # dico: the reference is the policy with its adapters disabled (no second copy of the weights); true keeps a
     # separate frozen copy instead
@@ -246,6 +247,19 @@ def _rename_node(node, source: str) -> None:
                 OmegaConf.update(node, new, value, force_add=True)
 
 
+# keys that hold comma-separated names (peft's own configs give them as lists): a YAML list of strings is joined
+NAME_LISTS = ("captioner.lora.target_modules", "captioner.lora.modules_to_save")
+
+
+def _join_name_lists(node: DictConfig, source: str) -> None:
+    for key in NAME_LISTS:
+        value = OmegaConf.select(node, key, throw_on_missing=False)
+        if isinstance(value, ListConfig):
+            if not all(isinstance(v, str) and v for v in value):
+                raise ConfigError(f"bad value for config key '{key}' ({source}): {list(value)} is not a list of names")
+            OmegaConf.update(node, key, ",".join(value), merge=False)
+
+
 def _rename_override(item: str) -> str:
     key, value = item.split("=", 1)
     if key in RENAMED:
@@ -271,6 +285,7 @@ def _read_yaml(path: Path, schema: DictConfig, seen: tuple[Path, ...] = ()):
     if not isinstance(node, DictConfig):
         raise ConfigError(f"config {path}: the top level is a list, not a mapping of keys (train:, data:, ...)")
     _rename_node(node, str(path))
+    _join_name_lists(node, str(path))
     base = node.pop("extends", None)
     _check_sections(schema, node, str(path))
     if base is None:
@@ -328,7 +343,9 @@ def load_structured(schema, path: str | None, overrides: list[str] = ()):
             item += "''"
         item = _rename_override(item)
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            node = OmegaConf.from_dotlist([item])
+            _join_name_lists(node, f"override {item}")
+            cfg = OmegaConf.merge(cfg, node)
         except OmegaConfBaseException as e:
             raise _one_line(e, f"override {item}", item.split("=", 1)[0]) from None
         except yaml.YAMLError:  # the value is read as YAML: `[`, `{a`, `,` are not

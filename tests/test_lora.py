@@ -2,6 +2,8 @@
 frozen tower; with its adapters disabled the policy's log-probs equal those of a separate frozen copy of the
 starting captioner (DiCO's reference without a second copy of the weights); the merged export gives the adapted
 captioner's log-probs with the plain model's keys; bad LoRA keys are one line."""
+import os
+
 import pytest
 import torch
 
@@ -124,3 +126,22 @@ def test_bad_lora_keys_are_one_line(vlm_folders):
         load_config("configs/demo/xe.yaml", BLANK + ["captioner.lora.r=2"])
     with pytest.raises(ConfigError, match="'captioner.lora.dropout'"):
         config(vlm_folders["idefics3"], "captioner.lora.r=2", "captioner.lora.dropout=1.0")
+
+
+def test_names_may_be_a_yaml_list_as_in_peft(vlm_folders, tmp_path):
+    """target_modules and modules_to_save as YAML lists (peft's own form), in a file or an override, are the
+    comma-separated names; a list of anything but names is one line naming the key."""
+    path = tmp_path / "lora.yaml"
+    path.write_text("extends: %s\ncaptioner:\n  lora:\n    r: 2\n    target_modules: [q_proj, v_proj]\n"
+                    "    modules_to_save:\n      - connector\n" % os.path.abspath("configs/demo/dico.yaml"))
+    blank = BLANK + ["captioner.model=hf_vlm", f"captioner.hf_path={vlm_folders['idefics3']}"]
+    lora = load_config(str(path), blank).captioner.lora
+    assert (lora.target_modules, lora.modules_to_save) == ("q_proj,v_proj", "connector")
+    assert load_config(str(path), blank + ["captioner.lora.target_modules=[k_proj,o_proj]"]
+                       ).captioner.lora.target_modules == "k_proj,o_proj"
+    with pytest.raises(ConfigError, match=r"^bad value for config key 'captioner.lora.target_modules' \(override "
+                                          r"captioner.lora.target_modules=\[1,2\]\): \[1, 2\] is not a list of names$"):
+        load_config(str(path), blank + ["captioner.lora.target_modules=[1,2]"])
+    path.write_text(path.read_text().replace("- connector", "- [connector]"))
+    with pytest.raises(ConfigError, match=r"'captioner.lora.modules_to_save' \(.*lora.yaml\): .* is not a list"):
+        load_config(str(path), blank)
