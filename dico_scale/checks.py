@@ -123,8 +123,7 @@ def _validate_captioner(c: Config) -> None:
     check(cap.lora.r > 0 or not cap.lora.modules_to_save.strip(), "captioner.lora.modules_to_save",
           "trains modules whole beside LoRA adapters (captioner.lora.r > 0); without LoRA, captioner.freeze says what "
           "trains")
-    names = [n for n in cap.lora.target_modules.split(",") if n.strip()]
-    check(cap.lora.r == 0 or names, "captioner.lora.target_modules",
+    check(cap.lora.r == 0 or bool(cap.lora.target_modules.replace(",", "").strip()), "captioner.lora.target_modules",
           "names no layer (layer names, comma-separated or a YAML list, or all-linear)")
     check(not cap.images_kwargs or cap.model == "hf_vlm", "captioner.images_kwargs",
           f"options of a vision-language model's processor (hf_vlm), not captioner.model={cap.model}")
