@@ -216,11 +216,19 @@ def test_leave_runs_the_atexit_handlers_flushes_and_keeps_the_code(tmp_path):
 @pytest.mark.parametrize("codes, launcher_code", [((2, 2), 2), ((1, 3), 3), ((2, 1), 1), ((None, 2), 2)])
 def test_slurm_torchrun_passes_the_ranks_exit_code_on(tmp_path, codes, launcher_code):
     """Plain torchrun turns every rank failure into 1; the Slurm launcher's wrapper keeps the trainer's code. None: a
-    rank still working when the other fails, which torchrun stops with SIGTERM (it does not vote)."""
+    rank still working when the other fails, which torchrun stops with SIGTERM (it does not vote).
+
+    A rank with a code is on its way out with it, as a trainer checkpointing after a preemption is: the SIGTERM torchrun
+    sends once the other rank's exit is seen does not change its code. Both install that before either exits (a file
+    barrier), so which exit torchrun polls first does not decide the outcome."""
     from helpers import free_port
 
     script = tmp_path / "exit.py"
-    script.write_text(f"import os, sys, time\ncode = {list(codes)}[int(os.environ['RANK'])]\n"
+    script.write_text(f"import os, signal, sys, time\nrank = int(os.environ['RANK'])\ncode = {list(codes)}[rank]\n"
+                      "if code is not None:\n    signal.signal(signal.SIGTERM, lambda *_: sys.exit(code))\n"
+                      f"open(f'{tmp_path}/ready.{{rank}}', 'w').close()\n"
+                      f"while not all(os.path.exists(f'{tmp_path}/ready.{{r}}') for r in (0, 1)):\n"
+                      "    time.sleep(0.01)\n"
                       "time.sleep(120) if code is None else sys.exit(code)\n")
     proc = subprocess.run([sys.executable, "slurm/torchrun.py", "--nproc_per_node", "2", "--master_port",
                            str(free_port()), str(script)], cwd=REPO, capture_output=True, text=True, timeout=120)
