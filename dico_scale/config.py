@@ -180,7 +180,9 @@ class TrainConfig:
     # scaling; the JSON's fp16 block tunes it). All three models run in it.
     precision: str = "auto"
     device: str = "auto"  # auto (CUDA when torch sees it) | cpu | cuda (an error without it)
-    threads: int = 0  # >= 0; torch intra-op threads per rank on CPU; 0 = cores / local ranks
+    # torch intra-op threads per rank on CPU; 0: $OMP_NUM_THREADS where set, else the process's cores (its
+    # affinity) / local ranks
+    threads: int = 0  # >= 0
     # Best checkpoint: after each validation whose select_best metric improved (a tie does not, nan never does) and
     # that passes select_floor, <output_dir>/best/model.pt and best/best.json are written.
     select_best: str = ""  # empty: off | val/<metric> | val/<metric>:max | val/<metric>:min (default max)

@@ -33,7 +33,20 @@ def setup_environment(cfg: Config) -> None:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if use_cpu:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // local))
+        torch.set_num_threads(cpu_threads(cfg.train.threads, local))
+
+
+def cpu_threads(configured: int, local_ranks: int) -> int:
+    """A CPU rank's torch threads: train.threads; else $OMP_NUM_THREADS where set (a launcher's or the user's share
+    of the cores: more threads than cores makes OpenMP's waiting threads spin against each other); else the cores
+    this process may run on (its affinity: a Slurm step's or a container's cores, not the machine's) over the
+    machine's ranks."""
+    if configured:
+        return configured
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    return max(1, len(os.sched_getaffinity(0)) // max(1, local_ranks))
 
 
 def init_distributed() -> torch.device:

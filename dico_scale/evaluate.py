@@ -162,7 +162,7 @@ def init_ranks(cfg):
     import torch
     import torch.distributed as dist
 
-    from dico_scale.engine import uses_cpu
+    from dico_scale.engine import cpu_threads, uses_cpu
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -173,7 +173,7 @@ def init_ranks(cfg):
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // local_world))
+    torch.set_num_threads(cpu_threads(cfg.train.threads, local_world))
     return rank, world, torch.device("cpu")
 
 

@@ -31,8 +31,9 @@ def train_stage(stage: str, ranks: int, overrides: list[str], config: str | None
     cmd = [sys.executable, os.path.join(REPO_ROOT, "slurm", "torchrun.py"), "--nproc_per_node", str(ranks),
            "--master_port", str(free_port()), os.path.join(REPO_ROOT, "dico_scale", "train.py"),
            "--config", config or demo_config(stage), *overrides]
-    # one OpenMP thread per core and rank, set here: torchrun would set 1 and print a banner about it
-    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks)), **os.environ, "DS_ACCELERATOR": "cpu"}
+    # the cores (this process's affinity) shared by the ranks, set here: torchrun would set 1 and print a banner
+    # about it; one the caller set is kept (the ranks take it, engine.cpu_threads)
+    env = {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // ranks)), **os.environ, "DS_ACCELERATOR": "cpu"}
     name = name or stage
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     start = time.time()

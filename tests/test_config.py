@@ -1,5 +1,6 @@
 """Config schema, YAML `extends:`, dotlist overrides, one-line ConfigErrors, the CLI's early exit, engine helpers."""
 import math
+import os
 import subprocess
 import sys
 import time
@@ -272,6 +273,31 @@ def _cfg(**optim) -> Config:
     for k, v in optim.items():
         setattr(c.optim, k, v)
     return c
+
+
+def test_cpu_threads_take_the_key_then_omp_num_threads_then_the_cores_this_process_may_use(monkeypatch):
+    from dico_scale.engine import cpu_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))  # a Slurm step's 8 cores of a larger node
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert [cpu_threads(0, 1), cpu_threads(0, 2), cpu_threads(0, 3), cpu_threads(0, 16)] == [8, 4, 2, 1]
+    for unusable in ("", "0", "four", "4,2"):  # OpenMP's nested form is not a count: the cores decide
+        monkeypatch.setenv("OMP_NUM_THREADS", unusable)
+        assert cpu_threads(0, 2) == 4, unusable
+    monkeypatch.setenv("OMP_NUM_THREADS", " 3")
+    assert cpu_threads(0, 2) == 3 and cpu_threads(5, 2) == 5  # train.threads wins
+
+
+@pytest.mark.parametrize("omp, want", [(None, 1), ("3", 3)])
+def test_a_cpu_rank_runs_on_its_share_of_the_cores_it_may_use(omp, want):
+    """The rank's torch threads after setup_environment: its affinity (one core here), or $OMP_NUM_THREADS."""
+    code = ("import os, torch\nos.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+            "from dico_scale.config import load_config\nfrom dico_scale.engine import setup_environment\n"
+            f"setup_environment(load_config({str(DEMO / 'xe.yaml')!r}, {BLANK!r}))\nprint(torch.get_num_threads())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RANK", "LOCAL_WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**env, **({"OMP_NUM_THREADS": omp} if omp else {})})
+    assert proc.returncode == 0 and proc.stdout.split() == [str(want)], proc.stderr[-2000:]
 
 
 def test_lr_warmup_then_constant():
