@@ -17,12 +17,6 @@ os.environ["PATH"] = f"{sysconfig.get_path('scripts')}{os.pathsep}{os.environ.ge
 # Python under test (`make test-floor PYTHON=venv/bin/python` ran its Slurm jobs on that venv's MLflow, whose newer
 # database schema this Python's MLflow then refused).
 os.environ["PYTHON"] = sys.executable
-# Under pytest-xdist each worker, and every process it starts (the ranks take it: engine.cpu_threads), runs on its
-# share of the cores: with more OpenMP threads than cores the waiting threads spin against the working ones
-# (test_hf_vlm.py beside a second copy of itself took 176 s at 2 threads each on 2 cores, 49 s at 1).
-_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-if _workers:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _workers)))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -31,8 +25,12 @@ from work_units import LONG_FIRST, work_unit  # noqa: E402
 
 from dico_scale.engine import cpu_threads  # noqa: E402
 
-if _workers:
-    torch.set_num_threads(cpu_threads(0, 1))  # in case a plugin imported torch before this file
+# Under pytest-xdist each worker, and every process it starts (the ranks take it: engine.cpu_threads), runs on its
+# share of the cores: with more OpenMP threads than cores the waiting threads spin against the working ones
+# (test_hf_vlm.py beside a second copy of itself took 176 s at 2 threads each on 2 cores, 49 s at 1).
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ.setdefault("OMP_NUM_THREADS", str(cpu_threads(0, workers)))
+    torch.set_num_threads(cpu_threads(0, 1))
 
 pytest_xdist_make_scheduler = work_units.pytest_xdist_make_scheduler  # `make test`'s units of work
 
