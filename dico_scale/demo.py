@@ -12,7 +12,7 @@ import time
 from . import exit_codes
 from .errors import OneLineParser
 from .launch import demo_config, train_stage
-from .models.tiny_vlm import VLM_FAMILIES
+from .models.tiny_vlm import FAMILY_PROMPTS, VLM_FAMILIES
 from .stages import STAGES, chain
 
 
@@ -94,7 +94,8 @@ def captioner_overrides(name: str, root: str = "runs/models", **size) -> list[st
 
         write(family, folder, **{**DEMO_SIZE, **size})
     row = FAMILY_ROWS.get(family, "hf_encoder_decoder")
-    return [f"captioner.model={row}", f"captioner.hf_path={folder}"]
+    prompt = [f"captioner.prompt={FAMILY_PROMPTS[family]}"] if family in FAMILY_PROMPTS else []  # no chat template
+    return [f"captioner.model={row}", f"captioner.hf_path={folder}", *prompt]
 
 
 def main(argv=None) -> int:
@@ -102,8 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", type=int, default=2, help="CPU ranks per stage")
     p.add_argument("--captioner", default="builtin", help="builtin (default), hf_encoder_decoder (= vit-gpt2), "
                    "vit-gpt2, blip, dico_ref, hf_vlm (= idefics3), idefics3, smolvlm (SmolVLM2), qwen2-vl, qwen2.5-vl, "
-                   "qwen3-vl, internvl, llava, llava-next, llava-onevision or gemma3: a tiny random model of that "
-                   "family, written under runs/models/")
+                   "qwen3-vl, internvl, llava, llava-next, llava-onevision, gemma3 or paligemma: a tiny random model "
+                   "of that family, written under runs/models/")
     p.add_argument("--keep", action="store_true",
                    help="keep runs/demo from an earlier demo instead of starting over: its finished stages as they are, "
                    "the others continue their checkpoints")

@@ -148,7 +148,8 @@ def caption_with_specials_as_text(tok, caption_decodes: bool = True) -> None:
     """A Hugging Face row's tokenizer (HFTokenizer) on a reference caption with its model's special tokens written
     in it (web text can hold "<image>" or "<|endoftext|>"): characters, so no image token or end of turn inside the
     XE target, EOS only at its end; and (byte-level BPE) it decodes back to the caption."""
-    specials = sorted({t for t in tok.tok.all_special_tokens + list(tok.tok.get_added_vocab()) if t.strip()})
+    added = [t.content for t in tok.tok.added_tokens_decoder.values() if t.special]  # not PaliGemma's <loc0000>s
+    specials = sorted({t for t in tok.tok.all_special_tokens + added if t.strip()})
     caption = "a sign reading " + " ".join(specials)
     row = tok.batch([caption], 4000)[0].tolist()  # one row: [BOS, w..., EOS], no padding
     assert len(row) < 4000 and row[-1] == tok.eos and tok.eos not in row[1:-1]

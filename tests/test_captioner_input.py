@@ -5,11 +5,13 @@ or extra weights (named), processors and chat templates that do not build; Huggi
 one ConfigError naming the folder when the row is built; the demo's unknown --captioner."""
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
 
 from dico_scale import demo, train
+from dico_scale.config import ConfigError, load_config
 from dico_scale.models.tiny import dico_ref
 
 BASE = ["--config", "configs/demo/xe.yaml", "evaluator.weights=", "captioner.image_encoder_weights=",
@@ -105,6 +107,9 @@ def _copy(folder, tmp_path, drop=()):
     ("idefics3", ("chat_template*",), "Describe this image.",
      "captioner.prompt: '{path}' has no chat template, so the prompt must hold the image placeholder <image>"),
     ("qwen2-vl", ("tokenizer*",), "Describe this image.", "its tokenizer does not know the image token <|image_pad|>"),
+    ("paligemma", (), "caption en", "captioner.prompt: '{path}' has no chat template, so the prompt must hold"),
+    ("paligemma", (), "<image><image>caption en", "captioner.prompt: the processor of '{path}' refuses "
+                                                  "'<image><image>caption en' (ValueError: "),
 ])
 def test_bad_vlm_prompts_and_processors_exit_2_with_one_line(tmp_path, capsys, vlm_folders, family, drop, prompt,
                                                              message):
@@ -253,3 +258,20 @@ def test_a_raw_prompt_with_the_placeholder_builds(tmp_path, vlm_folders):
                                                            "captioner.prompt=<image>A photo of"])
     cap = build_captioner(cfg)
     assert cap.text == "<image>A photo of" and cap.tokenizer.tok.decode([cap.tokenizer.bos]).strip() == "of"
+
+
+def test_a_text_model_softcapping_its_logits_by_default_is_refused(tmp_path, capsys, vlm_folders):
+    """PaliGemma 2's text model is a Gemma 2, which softcaps its logits (30.0) by default: its config.json leaves the
+    value out, so the check reads the resolved config, in preflight and wherever the captioner is built."""
+    from dico_scale.models import build_captioner
+
+    path = _copy(vlm_folders["paligemma"], tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["model_type"] = "gemma2"
+    (path / "config.json").write_text(json.dumps(config))
+    overrides = ["captioner.model=hf_vlm", f"captioner.hf_path={path}", "captioner.prompt=<image>caption en"]
+    code, err = run_train(tmp_path, capsys, *overrides)
+    want = "final_logit_softcapping=30.0 in its text config (the gemma2 default) is not supported"
+    assert code == 2 and len(err) == 1 and want in err[0] and str(path) in err[0], err
+    with pytest.raises(ConfigError, match=re.escape(want)):
+        build_captioner(load_config("configs/demo/xe.yaml", BASE[2:] + overrides))

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.distributed
 # the last six: vision-language models (Gemma 3: bidirectional image attention, sliding windows, a tied head;
 # Qwen3-VL: deepstack, interleaved mrope; LLaVA-NeXT: anyres tiles zero-padded per batch; InternVL: every image's tiles
 # in one list); the last one also trains LoRA under ZeRO-3
-FAMILIES = ("vit-gpt2", "blip", "dico-ref", "idefics3", "gemma3", "qwen3-vl", "llava-next", "internvl", "qwen2-vl")
+FAMILIES = ("vit-gpt2", "blip", "dico-ref", "idefics3", "gemma3", "qwen3-vl", "llava-next", "internvl", "paligemma",
+            "qwen2-vl")
 HF = ("vit-gpt2", "blip")  # the encoder-decoder rows whose export has a transformers folder
 VLM = ("idefics3", "qwen2-vl", "llava-next")
 

@@ -502,7 +502,7 @@ def test_a_renamed_key_still_works_with_one_warning_line(tmp_path, capsys):
 
 
 VLM_CONFIGS = {"smolvlm": "idefics3", "qwen2vl": "qwen2-vl", "qwen3vl": "qwen3-vl", "gemma3": "gemma3",
-               "internvl": "internvl", "llava_next": "llava-next"}
+               "internvl": "internvl", "llava_next": "llava-next", "paligemma": "paligemma"}
 
 
 @pytest.mark.parametrize("path", [p for d in VLM_CONFIGS for p in sorted((REPO / "configs" / d).glob("*.yaml"))],

@@ -4,6 +4,8 @@ Qwen3-VL's deepstack, LLaVA's and Gemma 3's one image size, Gemma 3's bidirectio
 and tied head): every beam of our search equals `generate`'s, teacher-forced log-probs equal log_softmax of the
 model's own logits over the continuation only (the prompt and the image never scored), and in a batch of images of
 different sizes (tile counts, patch grids) each image's candidates and log-probs equal those of the image alone."""
+import os
+
 import pytest
 import torch
 from helpers import caption_with_specials_as_text
@@ -13,7 +15,7 @@ from dico_scale.config import ConfigError, load_config
 from dico_scale.models import build_captioner
 from dico_scale.models.captioner import scored_mask
 from dico_scale.models.generation import beam_search, search_options
-from dico_scale.models.tiny_vlm import VLM_FAMILIES
+from dico_scale.models.tiny_vlm import FAMILY_PROMPTS, VLM_FAMILIES
 
 BLANK = ["evaluator.weights=", "captioner.image_encoder_weights=", "train.init_from="]
 CAPTIONS = ["a red circle at the top", "two shapes: a blue star and a small green square", "a square"]
@@ -28,8 +30,10 @@ VARIANTS = {"gemma3:pan-and-scan": ("gemma3", PAN_AND_SCAN)}
 
 
 def captioner(folder: str, *extra: str):
+    family = os.path.basename(folder)  # conftest's vlm_folders: one folder per family, named by it
+    prompt = [f"captioner.prompt={FAMILY_PROMPTS[family]}"] if family in FAMILY_PROMPTS else []
     cfg = load_config("configs/demo/xe.yaml", BLANK + ["captioner.model=hf_vlm", f"captioner.hf_path={folder}",
-                                                       *extra])
+                                                       *prompt, *extra])
     return build_captioner(cfg).eval()
 
 
@@ -56,9 +60,13 @@ def test_the_prompt_row_is_the_one_the_processors_chat_path_builds(cap):
     for im in images()[:2]:
         turn = user_turn("Describe this image in one sentence.")
         turn["content"][0]["image"] = im
-        theirs = cap.processor.apply_chat_template([turn], add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True, return_tensors="pt",
-                                                   images_kwargs=dict(cap.preprocess.images_kwargs))
+        if cap.processor.chat_template:
+            theirs = cap.processor.apply_chat_template([turn], add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True, return_tensors="pt",
+                                                       images_kwargs=dict(cap.preprocess.images_kwargs))
+        else:  # PaliGemma: the prompt as written, completed by the processor ("<image>...<bos>caption en\n")
+            theirs = cap.processor(images=[im], text=[cap.preprocess.text], return_tensors="pt")
+            assert cap.processor.tokenizer.decode(theirs["input_ids"][0, -1]) == "\n"
         ours = batch(cap, [im])
         assert ours["input_ids"].tolist() == theirs["input_ids"].tolist()
         for key in set(theirs) & set(ours.tensors) - {"input_ids"}:
@@ -109,7 +117,7 @@ def test_every_early_stopping_mode_equals_generate(vlm_folders, family):
     assert got[1.0, False] != got[1.0, "never"] and got[2.0, False] != got[2.0, True]
 
 
-@pytest.mark.parametrize("family", ["idefics3", "qwen2-vl"])
+@pytest.mark.parametrize("family", ["idefics3", "qwen2-vl", "paligemma"])
 def test_repetition_penalty_and_ngram_ban_equal_generate(vlm_folders, family):
     """generate's repetition_penalty and no_repeat_ngram_size count the prompt (chat template, image tokens) and the
     caption so far, on beam search's log-probs and greedy search's logits: the same candidates as generate. The
@@ -186,9 +194,10 @@ def test_teacher_forced_logprobs_cover_the_continuation_only(cap):
             caption = tokens[i:i + 1, 1:]
             ids = torch.cat([one["input_ids"], caption], 1)
             extra = {k: v for k, v in one.tensors.items() if k not in ("input_ids", "attention_mask")}
-            for key in ("mm_token_type_ids", "token_type_ids"):  # the caption's tokens are text
-                if key in extra:
-                    extra[key] = torch.cat([extra[key], torch.zeros_like(caption)], 1)
+            for key in ("mm_token_type_ids", "token_type_ids"):  # the caption's tokens are text (0), or
+                if key in extra:  # PaliGemma's suffix (1), attending causally after its prefix
+                    kind = torch.full_like(caption, int(cap.prefix_lm and key == "token_type_ids"))
+                    extra[key] = torch.cat([extra[key], kind], 1)
             logits = cap.model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits
             prompt = one["input_ids"].size(1)
             logp = torch.log_softmax(logits[0, prompt - 1:-1].double(), -1)  # predicting w1 ... after the prompt
@@ -201,7 +210,8 @@ def test_a_mixed_batch_equals_each_image_alone(cap):
     tok, ims, k = cap.tokenizer, images(), 3
     mixed = batch(cap, ims)
     lengths = {batch(cap, [im])["input_ids"].size(1) for im in ims}
-    if cap.model.config.model_type not in ("llava", "gemma3") or cap.preprocess.images_kwargs:  # one size: one run
+    one_size = ("llava", "gemma3", "paligemma")  # every image one run of image tokens
+    if cap.model.config.model_type not in one_size or cap.preprocess.images_kwargs:
         assert len(lengths) >= 2, "the images should need different numbers of image tokens"
     with torch.no_grad():
         cands, _ = beam_search(cap, cap.image_context(mixed), k, 8, tok.bos, tok.eos, tok.pad)
@@ -215,7 +225,7 @@ def test_a_mixed_batch_equals_each_image_alone(cap):
             torch.testing.assert_close(logps[i], lp, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["idefics3", "gemma3"])
+@pytest.mark.parametrize("family", ["idefics3", "gemma3", "paligemma"])
 def test_eager_attention_gives_the_same_candidates_and_logprobs(vlm_folders, family):
     """captioner.attn_implementation reaches every sub-model (text and vision), and the prompt's prefill, the expanded
     cache, the left padding of a mixed batch and teacher forcing give the same candidates and log-probs under eager
@@ -257,14 +267,11 @@ def test_gradients_reach_the_prompt_through_its_cache(cap):
 
 # tiles + 1-d positions; patches + multimodal rotary; bidirectional image attention + sliding windows; anyres tiles
 # (configs/llava_next turns it on)
-@pytest.mark.parametrize("family", ["idefics3", "qwen2-vl", "gemma3", "llava-next"])
+@pytest.mark.parametrize("family", ["idefics3", "qwen2-vl", "gemma3", "llava-next", "paligemma"])
 def test_gradient_checkpointing_gives_the_same_logprobs_and_gradients_and_keeps_less(vlm_folders, family):
     """captioner.gradient_checkpointing recomputes the text layers in backward (their cache writes replayed): the same
     log-probs and gradients, prompt included, and a fraction of the activations kept for backward."""
-    cap = captioner(vlm_folders[family])
-    cfg = load_config("configs/demo/xe.yaml", BLANK + ["captioner.model=hf_vlm", f"captioner.hf_path="
-                                                       f"{vlm_folders[family]}", "captioner.gradient_checkpointing=true"])
-    ckpt = build_captioner(cfg)
+    cap, ckpt = captioner(vlm_folders[family]), captioner(vlm_folders[family], "captioner.gradient_checkpointing=true")
     ckpt.load_state_dict(cap.state_dict())
     tokens = cap.tokenizer.batch(CAPTIONS[:2] * 2, 40)
     two = batch(cap, images()[:2])
@@ -294,14 +301,19 @@ def test_xe_targets_are_the_answer_the_chat_template_renders(cap):
     space included (Idefics3, LLaVA: "Assistant: a red ..."; Qwen2-VL: none), and decode back to the caption. EOS is
     the end of turn the template writes, of those the generation config lists (Gemma 3: <end_of_turn>, not <eos>)."""
     caption = CAPTIONS[1]
+    row = cap.tokenizer.batch([caption], 40)[0]
+    row = row[:int(scored_mask(row[None, 1:], cap.tokenizer.eos).sum()) + 1].tolist()  # BOS .. EOS
+    assert cap.tokenizer.decode(row) == caption
+    if not cap.processor.chat_template:  # PaliGemma: the suffix its processor appends to the prompt for training
+        theirs = cap.processor(images=images()[:1], text=[cap.text], suffix=[caption])
+        suffix = [t for t, kind in zip(theirs["input_ids"][0], theirs["token_type_ids"][0]) if kind == 1]
+        assert row == [cap.tokenizer.bos, *suffix]
+        return
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image in one sentence."}]},
                 {"role": "assistant", "content": [{"type": "text", "text": caption}]}]
     full = cap.processor.tokenizer(cap.processor.apply_chat_template(messages), add_special_tokens=False)["input_ids"]
     prompt = cap.processor.tokenizer(cap.text, add_special_tokens=False)["input_ids"]
-    row = cap.tokenizer.batch([caption], 40)[0]
-    row = row[:int(scored_mask(row[None, 1:], cap.tokenizer.eos).sum()) + 1].tolist()  # BOS .. EOS
     assert full[:len(prompt)] == prompt and row == full[len(prompt) - 1:len(prompt) - 1 + len(row)]
-    assert cap.tokenizer.decode(row) == caption
 
 
 def test_a_caption_holding_special_tokens_as_text_stays_text(cap):
@@ -312,8 +324,10 @@ def test_the_exported_folder_reads_back_as_the_same_captioner(cap, tmp_path):
     """save_pretrained (exports' hf/) writes weights and processor that load back to the same prompt rows and
     log-probs (Gemma 3's head tied to its embeddings, Qwen3-VL's deepstack tower)."""
     cap.save_pretrained(tmp_path / "hf", cap.state_dict())
-    again = captioner(str(tmp_path / "hf"), *[f"captioner.images_kwargs.{k}={v}"  # the run config carries them
-                                              for k, v in cap.preprocess.images_kwargs.items()])
+    carried = [f"captioner.images_kwargs.{k}={v}" for k, v in cap.preprocess.images_kwargs.items()]
+    if not cap.processor.chat_template:  # the run config carries them, and a template-less prompt as written
+        carried.append(f"captioner.prompt={cap.text}")
+    again = captioner(str(tmp_path / "hf"), *carried)
     ims, tokens = images(), cap.tokenizer.batch(CAPTIONS, 40)
     assert batch(again, ims)["input_ids"].tolist() == batch(cap, ims)["input_ids"].tolist()
     assert (again.tokenizer.bos, again.tokenizer.eos, again.tokenizer.pad) == (cap.tokenizer.bos, cap.tokenizer.eos,

@@ -10,14 +10,17 @@ import torch
 from dico_scale.config import ConfigError, load_config
 from dico_scale.models import build_captioner
 from dico_scale.models.lora import adapters_disabled, merged_state
+from dico_scale.models.tiny_vlm import FAMILY_PROMPTS
 
 BLANK = ["evaluator.weights=", "captioner.image_encoder_weights=", "train.init_from="]
 CAPTIONS = ["a red circle at the top", "two shapes: a blue star and a small green square"]
 
 
 def config(folder, *extra):
+    family = os.path.basename(folder)  # conftest's vlm_folders: one folder per family, named by it
+    prompt = [f"captioner.prompt={FAMILY_PROMPTS[family]}"] if family in FAMILY_PROMPTS else []
     return load_config("configs/demo/dico.yaml", BLANK + ["captioner.model=hf_vlm", f"captioner.hf_path={folder}",
-                                                          *extra])
+                                                          *prompt, *extra])
 
 
 def adapted(folder, *extra):
@@ -46,7 +49,7 @@ def images():
 
 
 @pytest.mark.parametrize("family", ["idefics3", "qwen2-vl", "qwen3-vl", "gemma3", "llava-next", "llava-onevision",
-                                    "internvl"])
+                                    "internvl", "paligemma"])
 def test_adapters_disabled_equal_a_separate_frozen_copy(vlm_folders, images, family):
     folder = vlm_folders[family]
     cap, plain = adapted(folder), build_captioner(config(folder)).eval()

@@ -20,7 +20,7 @@ VLM_ARCHITECTURES = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalG
                      "Qwen3VLForConditionalGeneration", "LlavaForConditionalGeneration",
                      "LlavaNextForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
                      "InternVLForConditionalGeneration",
-                     "Gemma3ForConditionalGeneration")
+                     "Gemma3ForConditionalGeneration", "PaliGemmaForConditionalGeneration")
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 HF_DECODERS = ("gpt2", "bert")  # VisionEncoderDecoderModel decoder model types whose head we can split off
 # captioner.freeze: the vision tower, its projection to the decoder width, the decoder's token and position
@@ -95,6 +95,15 @@ def vlm_problem(config: dict, path: str) -> str | None:
     if not any((Path(path) / f).is_file() for f in PROCESSOR_FILES):
         return f"'{path}' has no processor ({' or '.join(PROCESSOR_FILES)}): save the model's processor beside it"
     return None
+
+
+def check_plain_logits(config, path: str) -> None:
+    """A transformers config (defaults resolved) whose text model softcaps its logits is refused: vlm_problem sees
+    config.json only, where a default is left out (PaliGemma 2's Gemma 2 text model: 30.0)."""
+    if (cap := getattr(config.get_text_config(), "final_logit_softcapping", None)) is not None:
+        raise ConfigError(f"captioner.hf_path '{path}': final_logit_softcapping={cap} in its text config (the "
+                          f"{config.get_text_config().model_type} default) is not supported (the log-prob heads "
+                          "compute the plain logits h @ W.T)")
 
 
 def checked_config(path: str, problem) -> dict:

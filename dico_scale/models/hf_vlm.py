@@ -1,7 +1,7 @@
 """Decoder-only vision-language captioners (MODELS row `hf_vlm`): an `AutoModelForImageTextToText` (Idefics3 /
-SmolVLM, Qwen2-VL / Qwen2.5-VL / Qwen3-VL, InternVL, LLaVA / LLaVA-NeXT / LLaVA-OneVision, Gemma 3) read from a local
-folder (`captioner.hf_path`) with its processor and chat template, asked `captioner.prompt` about each image (the
-processor side: models/vlm_processor.py).
+SmolVLM, Qwen2-VL / Qwen2.5-VL / Qwen3-VL, InternVL, LLaVA / LLaVA-NeXT / LLaVA-OneVision, Gemma 3, PaliGemma) read
+from a local folder (`captioner.hf_path`) with its processor and chat template, asked `captioner.prompt` about each
+image (the processor side: models/vlm_processor.py).
 
 The prompt (chat template, image tokens and all) is one row per image, left-padded in a batch. Its last token, the
 one after which the answer starts ("Assistant:", "<|im_start|>assistant\\n"), plays the built-in captioner's BOS: the
@@ -10,7 +10,8 @@ expanded to the k candidates, and everything after it ([BOS, w1, ..., EOS]) is t
 score. So log-probs and losses cover the continuation only, EOS included, the prompt and the image never; XE is
 supervised fine-tuning with the prompt masked out. Positions are given explicitly (left padding must not shift them;
 Qwen2-VL's multimodal rotary positions come from the model's own `get_rope_index`), so an image's candidates and
-log-probs in a mixed batch equal those of the image alone.
+log-probs in a mixed batch equal those of the image alone. A prefix-LM (PaliGemma: the prompt attends both ways, its
+last token included) is prefilled whole, and BOS's states (`BOSState`) join the cache when the continuation starts.
 
 `captioner.gradient_checkpointing` recomputes each text decoder layer in backward (torch's non-reentrant checkpoint
 around the layer's forward). The layers write the key/value cache, so the passes that train (the prompt's prefill and
@@ -30,10 +31,14 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from .captioner import CaptionerModel
 from .export_folder import write_folder
 from .generation import exported_search
-from .folders import checked_config, from_folder, vlm_problem
+from .folders import check_plain_logits, checked_config, from_folder, vlm_problem
 from .hf_encoder_decoder import HFTokenizer
 from .vlm_processor import (TEXT_KEYS, VLMImages, VLMPreprocess, answer_lead, answer_turn, checked_images_kwargs,
                             eos_token, load_processor, prompt_ids)
+
+# Prefix-LM families (model_type -> their first position): the prompt attends both ways, its last token included
+PREFIX_LM = {"paligemma": 1}
+
 
 @dataclass
 class Prompt:
@@ -44,6 +49,7 @@ class Prompt:
     tokens: torch.Tensor
     bos_pos: torch.Tensor
     mrope: bool
+    bos: "BOSState | None" = None  # prefix-LM families (PaliGemma): BOS was prefilled with the prompt
 
     def size(self, dim: int = 0) -> int:
         return self.mask.size(0)
@@ -57,9 +63,21 @@ class Prompt:
         return self.mask.size(1)
 
     def repeat(self, k: int) -> "Prompt":
-        return Prompt([(a.repeat_interleave(k, 0), b.repeat_interleave(k, 0)) for a, b in self.kv],
-                      self.mask.repeat_interleave(k, 0), self.tokens.repeat_interleave(k, 0),
-                      self.bos_pos.repeat_interleave(k, 0), self.mrope)
+        return Prompt(_repeat_kv(self.kv, k), self.mask.repeat_interleave(k, 0), self.tokens.repeat_interleave(k, 0),
+                      self.bos_pos.repeat_interleave(k, 0), self.mrope,
+                      self.bos and BOSState(_repeat_kv(self.bos.kv, k), self.bos.hidden.repeat_interleave(k, 0)))
+
+
+@dataclass
+class BOSState:
+    """A prefix-LM's BOS (the prompt's last token, which attends to the whole prompt and the prompt to it, both ways):
+    its key/value states per layer [N, heads, 1, d] and its output state [N, H], from the prompt's prefill."""
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    hidden: torch.Tensor
+
+
+def _repeat_kv(kv, k: int):
+    return [(a.repeat_interleave(k, 0), b.repeat_interleave(k, 0)) for a, b in kv]
 
 
 class ReplayableLayer(DynamicLayer):
@@ -117,6 +135,7 @@ class HFVLM(CaptionerModel):
     def __init__(self, model, processor, prompt: str, path: str, freeze: set[str],
                  gradient_checkpointing: bool = False, images_kwargs: dict | None = None):
         super().__init__()
+        check_plain_logits(model.config, path)  # also where preflight did not run (evaluate, caption)
         self.model, self.processor = model, processor
         self.text, ids = prompt_ids(processor, prompt, path)
         tok, turn = processor.tokenizer, answer_turn(processor, prompt)  # the template rendered once
@@ -128,6 +147,10 @@ class HFVLM(CaptionerModel):
         for key, value in self.preprocess.images_kwargs.items():  # recorded in exports' hf/ processor too
             setattr(processor.image_processor, key, value)
         self.mrope = hasattr(model.model, "get_rope_index")
+        # PaliGemma: the prompt is a prefix that attends both ways, its last token (BOS) included, so the whole
+        # prompt is prefilled at once (BOSState); its positions count from 1 (as its own forward and generate do)
+        self.prefix_lm = model.config.model_type in PREFIX_LM
+        self.first_position = PREFIX_LM.get(model.config.model_type, 0)
         self.width = model.config.get_text_config().hidden_size
         self.frozen = freeze
         for part, modules in self.parts().items():
@@ -186,17 +209,20 @@ class HFVLM(CaptionerModel):
         if self.mrope:
             extra = {k: images[k] for k in ("image_grid_thw", "mm_token_type_ids") if k in images.tensors}
             pos, _ = self.model.model.get_rope_index(ids, attention_mask=mask, **extra)  # [3, B, L]
-            prefill, bos_pos = pos[..., :-1], pos[0, :, -1]
+            bos_pos = pos[0, :, -1]
         else:
-            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            prefill, bos_pos = pos[:, :-1], pos[:, -1]
-        cache = replayable_cache()
-        rest = {k: v if k not in TEXT_KEYS else v[:, :-1] for k, v in images.tensors.items()
+            pos = (mask.long().cumsum(-1) - 1).clamp(min=0) + self.first_position
+            bos_pos = pos[:, -1]
+        cache, n = replayable_cache(), ids.size(1) - (0 if self.prefix_lm else 1)  # the tokens prefilled
+        rest = {k: v if k not in TEXT_KEYS else v[:, :n] for k, v in images.tensors.items()
                 if k not in ("input_ids", "attention_mask")}
-        self.model.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=prefill, cache=cache,
-                         use_cache=True, **rest)
-        return Prompt([(layer.keys, layer.values) for layer in cache.layers], mask[:, :-1],
-                      ids[:, :-1].masked_fill(mask[:, :-1] == 0, -1), bos_pos, self.mrope)
+        out = self.model.model(input_ids=ids[:, :n], attention_mask=mask[:, :n], position_ids=pos[..., :n],
+                               cache=cache, use_cache=True, **rest)
+        kv, bos = [(layer.keys, layer.values) for layer in cache.layers], None
+        if self.prefix_lm:  # BOS's states apart: the continuation appends them to the prompt's (decoder_hidden)
+            bos = BOSState([(k[..., -1:, :], v[..., -1:, :]) for k, v in kv], out.last_hidden_state[:, -1])
+            kv = [(k[..., :-1, :], v[..., :-1, :]) for k, v in kv]
+        return Prompt(kv, mask[:, :-1], ids[:, :-1].masked_fill(mask[:, :-1] == 0, -1), bos_pos, self.mrope, bos)
 
     def context_tokens(self, context: Prompt) -> torch.Tensor:
         """The prompt before BOS, image tokens and chat template included: generate's input_ids hold it, and its
@@ -212,19 +238,31 @@ class HFVLM(CaptionerModel):
     def decoder_hidden(self, tokens: torch.Tensor, context: Prompt, cache=None) -> torch.Tensor:
         """States of tokens [N, t] after the prompt (with a cache: the new tokens after those it holds). A fresh cache
         is filled with the prompt's states first; teacher forcing (no cache) reads them as its layers' prefixes."""
+        lead = None
         if cache is None:
-            cache = replayable_cache(context.kv)
-        elif cache.get_seq_length() == 0:
-            for i, (keys, values) in enumerate(context.kv):
-                cache.update(keys, values, i)
-        done = cache.get_seq_length() - context.length  # continuation tokens already in the cache
+            kv = context.kv
+            if context.bos is not None:  # teacher forcing from BOS: its states join the prompt's
+                kv = [(torch.cat([k, bk], -2), torch.cat([v, bv], -2)) for (k, v), (bk, bv) in zip(kv, context.bos.kv)]
+                lead, tokens = context.bos.hidden[:, None], tokens[:, 1:]
+            cache, done = replayable_cache(kv), 1 if lead is not None else 0
+        else:
+            if cache.get_seq_length() == 0:
+                for i, (keys, values) in enumerate(context.kv):
+                    cache.update(keys, values, i)
+            done = cache.get_seq_length() - context.length  # continuation tokens already in the cache
+            if done == 0 and context.bos is not None:  # BOS, prefilled with the prompt: its states from there
+                for i, (keys, values) in enumerate(context.bos.kv):
+                    cache.update(keys, values, i)
+                lead, tokens, done = context.bos.hidden[:, None], tokens[:, 1:], 1
+        if tokens.size(1) == 0:
+            return lead
         N, t = tokens.shape
         pos = context.bos_pos[:, None] + done + torch.arange(t, device=tokens.device)
         if context.mrope:
             pos = pos[None].expand(3, N, t)
         mask = torch.cat([context.mask, context.mask.new_ones(N, done + t)], dim=1)
         out = self.model.model(input_ids=tokens, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
-        return out.last_hidden_state
+        return out.last_hidden_state if lead is None else torch.cat([lead, out.last_hidden_state], dim=1)
 
     def save_pretrained(self, folder: str | Path, state: dict[str, torch.Tensor], generation=None) -> None:
         """A transformers folder of `state` (our state dict) with the processor, written beside and moved in

@@ -24,11 +24,17 @@ Families (dico_scale.models.tiny writes them):
              <image_soft_token>s; image tokens attend to each other both ways in the prefill (token_type_ids); sliding-window and global layers; a tied head; the tokenizer adds <bos> and
              the chat template writes it too; turns end with <end_of_turn>, which the generation config lists after
              <eos>
+  paligemma  PaliGemmaForConditionalGeneration: a SigLIP tower on images resized to one size, a fixed run of <image>
+             tokens; no chat template (the prompt "<image>caption en", completed by the processor to
+             "<image>...<bos>caption en\n"); the whole prompt attends both ways (a prefix-LM), the caption causally;
+             Gemma text model, tied head, positions from 1
 """
 from __future__ import annotations
 
 VLM_FAMILIES = ("idefics3", "smolvlm", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl", "llava", "llava-next",
-                "llava-onevision", "gemma3")
+                "llava-onevision", "gemma3", "paligemma")
+# captioner.prompt where a family's folder has no chat template (the image placeholder written in it)
+FAMILY_PROMPTS = {"paligemma": "<image>caption en"}
 
 # Idefics3 / SmolVLM turns: "User:<image>Describe...<end_of_utterance>\nAssistant: ..."
 IDEFICS3_TEMPLATE = (
@@ -72,6 +78,7 @@ GEMMA3_TEMPLATE = (
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 GEMMA3_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
                    "<end_of_image>", "<image_soft_token>"]
+PALIGEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<image>"]
 INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
 ONEVISION_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
@@ -322,13 +329,39 @@ def internvl(width: int, layers: int, heads: int, image_size: int, vocab_size: i
     return model, processor
 
 
+def paligemma(width: int, layers: int, heads: int, image_size: int, vocab_size: int):
+    """(model, processor): a SigLIP tower on images resized to image_size, 8-pixel patches: (image_size / 8)^2 <image>
+    tokens; no chat template: the prompt ("<image>caption en") is written as the processor completes it,
+    "<image>...<bos>caption en\n", and the whole of it (image, prompt and its last "\n") attends both ways (a prefix-LM:
+    token_type_ids 0), the caption after it causally. Gemma text model, tied head, positions counted from 1."""
+    from transformers import (PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
+                              SiglipImageProcessor)
+
+    tok = _tokenizer(PALIGEMMA_SPECIALS, "", vocab_size, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                     unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    tok.chat_template = None
+    images = SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    images.image_seq_length = (image_size // 8) ** 2
+    processor = PaliGemmaProcessor(images, tok)  # adds its <loc> and <seg> tokens to the tokenizer
+    ids = {t: tok.convert_tokens_to_ids(t) for t in PALIGEMMA_SPECIALS}
+    head_dim = width // heads
+    text = dict(model_type="gemma", vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=1, head_dim=head_dim,
+                max_position_embeddings=256, bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"],
+                pad_token_id=ids["<pad>"])
+    vision = _vision_config("siglip_vision_model", width, layers, heads, image_size, vision_use_head=False)
+    config = PaliGemmaConfig(text_config=text, vision_config=vision, image_token_index=ids["<image>"],
+                             vocab_size=len(tok), projection_dim=width, hidden_size=width, pad_token_id=ids["<pad>"])
+    return PaliGemmaForConditionalGeneration(config), processor
+
+
 def write_vlm(family: str, out_dir: str, width: int, layers: int, heads: int, image_size: int,
               vocab_size: int = 0) -> str:
     """The folder of a tiny `family` VLM (save_pretrained of the model and its processor). Seed first."""
     build = {"idefics3": idefics3, "smolvlm": lambda *a: idefics3(*a, smolvlm=True), "qwen2-vl": qwen_vl,
              "qwen2.5-vl": lambda *a: qwen_vl(*a, version="2.5"), "qwen3-vl": lambda *a: qwen_vl(*a, version="3"),
              "internvl": internvl, "llava": llava, "llava-next": llava_next,
-             "llava-onevision": llava_onevision, "gemma3": gemma3}[family]
+             "llava-onevision": llava_onevision, "gemma3": gemma3, "paligemma": paligemma}[family]
     model, processor = build(width, layers, heads, image_size, max(vocab_size, 400))
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id
     model.save_pretrained(out_dir)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, first_line
-from .folders import checked_config, vlm_problem
+from .folders import check_plain_logits, checked_config, vlm_problem
 
 # One row per image, left-padded in a batch. The token types mark image tokens: Qwen-VL's rotary positions read them,
 # Gemma 3's prefill lets image tokens attend to each other both ways.
@@ -67,7 +67,7 @@ class VLMPreprocess:
     def __call__(self, image) -> dict[str, torch.Tensor]:
         out = self.processor(images=[image.convert("RGB")], text=[self.text], return_tensors="pt",
                              add_special_tokens=self.special_tokens, images_kwargs=dict(self.images_kwargs))
-        return {k: v for k, v in out.items() if torch.is_tensor(v)}
+        return {k: v for k, v in out.items() if torch.is_tensor(v) and k != "labels"}  # PaliGemma's: not ours
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> VLMImages:
         return VLMImages.collate(items, self.pad_id)
@@ -147,6 +147,15 @@ def prompt_ids(processor, prompt: str, path: str) -> tuple[str, list[int]]:
     if known is None or known == tok.unk_token_id or not ids:
         raise ConfigError(f"captioner.hf_path '{path}': its tokenizer does not know the image token {image_token} "
                           "(tokenizer files missing or of another model?)")
+    if not getattr(processor, "chat_template", None):  # the processor may complete it (PaliGemma's: "<bos>", "\n")
+        from PIL import Image
+
+        try:
+            row = processor(images=[Image.new("RGB", (64, 48))], text=[text], add_special_tokens=False)
+        except Exception as e:  # the processor's own refusal of the prompt, whatever its type
+            raise ConfigError(f"captioner.prompt: the processor of '{path}' refuses {prompt!r} ({first_line(e)})") \
+                from None
+        ids = [int(t) for t in row["input_ids"][0]]
     return text, ids
 
 
@@ -211,7 +220,10 @@ def check_folder(path: str, prompt: str, images_kwargs: dict | None = None) -> N
     worker or the model)."""
     from PIL import Image
 
+    from transformers import AutoConfig
+
     config = checked_config(path, vlm_problem)
+    check_plain_logits(AutoConfig.from_pretrained(path), path)
     processor = load_processor(path)
     text, _ = prompt_ids(processor, prompt, path)
     preprocess = VLMPreprocess(processor, text, 0, checked_images_kwargs(processor, images_kwargs or {}))
