@@ -50,11 +50,13 @@ def main(argv=None) -> dict:
     p.add_argument("--beams", type=int, default=5)
     p.add_argument("--max-len", type=int, default=20)
     p.add_argument("--length-penalties", type=float, nargs="+", default=[0.0, 1.0])
+    p.add_argument("--prompt", help="captioner.prompt (default: the config's; PaliGemma: '<image>caption en')")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     cfg = load_config("configs/demo/xe.yaml", ["evaluator.weights=", "captioner.image_encoder_weights=",
                                                "train.init_from=", "captioner.model=hf_vlm",
-                                               f"captioner.hf_path={args.folder}"])
+                                               f"captioner.hf_path={args.folder}",
+                                               *([f"captioner.prompt={args.prompt}"] if args.prompt else [])])
     cap, k = build_captioner(cfg).eval(), args.beams
     tok, pre = cap.tokenizer, cap.preprocess
     same = {lp: {"best": 0, "all": 0} for lp in args.length_penalties}
