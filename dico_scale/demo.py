@@ -12,7 +12,7 @@ import time
 from . import exit_codes
 from .errors import OneLineParser
 from .launch import demo_config, train_stage
-from .models.tiny_vlm import FAMILY_PROMPTS, VLM_FAMILIES
+from .models.tiny_vlm import VLM_FAMILIES, prompt_overrides
 from .stages import STAGES, chain
 
 
@@ -94,8 +94,7 @@ def captioner_overrides(name: str, root: str = "runs/models", **size) -> list[st
 
         write(family, folder, **{**DEMO_SIZE, **size})
     row = FAMILY_ROWS.get(family, "hf_encoder_decoder")
-    prompt = [f"captioner.prompt={FAMILY_PROMPTS[family]}"] if family in FAMILY_PROMPTS else []  # no chat template
-    return [f"captioner.model={row}", f"captioner.hf_path={folder}", *prompt]
+    return [f"captioner.model={row}", f"captioner.hf_path={folder}", *prompt_overrides(family)]
 
 
 def main(argv=None) -> int:

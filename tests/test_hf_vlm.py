@@ -15,7 +15,7 @@ from dico_scale.config import ConfigError, load_config
 from dico_scale.models import build_captioner
 from dico_scale.models.captioner import scored_mask
 from dico_scale.models.generation import beam_search, search_options
-from dico_scale.models.tiny_vlm import FAMILY_PROMPTS, VLM_FAMILIES
+from dico_scale.models.tiny_vlm import VLM_FAMILIES, prompt_overrides
 
 BLANK = ["evaluator.weights=", "captioner.image_encoder_weights=", "train.init_from="]
 CAPTIONS = ["a red circle at the top", "two shapes: a blue star and a small green square", "a square"]
@@ -30,8 +30,7 @@ VARIANTS = {"gemma3:pan-and-scan": ("gemma3", PAN_AND_SCAN)}
 
 
 def captioner(folder: str, *extra: str):
-    family = os.path.basename(folder)  # conftest's vlm_folders: one folder per family, named by it
-    prompt = [f"captioner.prompt={FAMILY_PROMPTS[family]}"] if family in FAMILY_PROMPTS else []
+    prompt = prompt_overrides(os.path.basename(folder))  # conftest's vlm_folders: a folder per family, named by it
     cfg = load_config("configs/demo/xe.yaml", BLANK + ["captioner.model=hf_vlm", f"captioner.hf_path={folder}",
                                                        *prompt, *extra])
     return build_captioner(cfg).eval()

@@ -10,15 +10,14 @@ import torch
 from dico_scale.config import ConfigError, load_config
 from dico_scale.models import build_captioner
 from dico_scale.models.lora import adapters_disabled, merged_state
-from dico_scale.models.tiny_vlm import FAMILY_PROMPTS
+from dico_scale.models.tiny_vlm import prompt_overrides
 
 BLANK = ["evaluator.weights=", "captioner.image_encoder_weights=", "train.init_from="]
 CAPTIONS = ["a red circle at the top", "two shapes: a blue star and a small green square"]
 
 
 def config(folder, *extra):
-    family = os.path.basename(folder)  # conftest's vlm_folders: one folder per family, named by it
-    prompt = [f"captioner.prompt={FAMILY_PROMPTS[family]}"] if family in FAMILY_PROMPTS else []
+    prompt = prompt_overrides(os.path.basename(folder))  # conftest's vlm_folders: a folder per family, named by it
     return load_config("configs/demo/dico.yaml", BLANK + ["captioner.model=hf_vlm", f"captioner.hf_path={folder}",
                                                           *prompt, *extra])
 

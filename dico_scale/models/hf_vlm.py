@@ -240,11 +240,11 @@ class HFVLM(CaptionerModel):
         is filled with the prompt's states first; teacher forcing (no cache) reads them as its layers' prefixes."""
         lead = None
         if cache is None:
-            kv = context.kv
+            kv, done = context.kv, 0
             if context.bos is not None:  # teacher forcing from BOS: its states join the prompt's
                 kv = [(torch.cat([k, bk], -2), torch.cat([v, bv], -2)) for (k, v), (bk, bv) in zip(kv, context.bos.kv)]
-                lead, tokens = context.bos.hidden[:, None], tokens[:, 1:]
-            cache, done = replayable_cache(kv), 1 if lead is not None else 0
+                lead, tokens, done = context.bos.hidden[:, None], tokens[:, 1:], 1
+            cache = replayable_cache(kv)
         else:
             if cache.get_seq_length() == 0:
                 for i, (keys, values) in enumerate(context.kv):

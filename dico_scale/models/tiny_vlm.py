@@ -36,6 +36,11 @@ VLM_FAMILIES = ("idefics3", "smolvlm", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "in
 # captioner.prompt where a family's folder has no chat template (the image placeholder written in it)
 FAMILY_PROMPTS = {"paligemma": "<image>caption en"}
 
+
+def prompt_overrides(family: str) -> list[str]:
+    """The config overrides a family's tiny folder needs beyond captioner.hf_path: its prompt, if it has its own."""
+    return [f"captioner.prompt={FAMILY_PROMPTS[family]}"] if family in FAMILY_PROMPTS else []
+
 # Idefics3 / SmolVLM turns: "User:<image>Describe...<end_of_utterance>\nAssistant: ..."
 IDEFICS3_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"

@@ -15,7 +15,7 @@ import time
 import torch.distributed as dist
 
 from dico_scale.config import load_config  # noqa: E402
-from dico_scale.models.tiny_vlm import FAMILY_PROMPTS, VLM_FAMILIES  # noqa: E402
+from dico_scale.models.tiny_vlm import VLM_FAMILIES, prompt_overrides  # noqa: E402
 from dico_scale.train import run, shutdown  # noqa: E402
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
@@ -33,9 +33,9 @@ def train(name: str, config: str, folder: str, *overrides: str) -> dict:
     family = name.split("_")[0]
     row = ROWS.get(family, "hf_encoder_decoder")
     skip = [] if name in VALIDATED else ["train.validate_at_end=false"]
-    skip += [f"captioner.prompt={FAMILY_PROMPTS[family]}"] if family in FAMILY_PROMPTS else []
     cfg = load_config(f"configs/demo/{config}.yaml", common + [*skip, 
-        f"train.output_dir={out}/{name}", f"captioner.model={row}", f"captioner.hf_path={folder}", *overrides])
+        f"train.output_dir={out}/{name}", f"captioner.model={row}", f"captioner.hf_path={folder}",
+        *prompt_overrides(family), *overrides])
     start = time.perf_counter()
     summary = run(cfg)
     result["runs"][name] = {"step": summary["step"], "mlflow_run_id": summary["mlflow_run_id"],
