@@ -220,16 +220,19 @@ def test_slurm_torchrun_passes_the_ranks_exit_code_on(tmp_path, codes, launcher_
 
     A rank with a code is on its way out with it, as a trainer checkpointing after a preemption is: the SIGTERM torchrun
     sends once the other rank's exit is seen does not change its code. Both install that before either exits (a file
-    barrier), so which exit torchrun polls first does not decide the outcome."""
+    barrier), so which exit torchrun polls first does not decide the outcome. They leave as the trainer does
+    (exit_codes.leave: no interpreter teardown): sys.exit's teardown puts SIGTERM's default action back, and a SIGTERM
+    arriving then killed a rank that was exiting with its code (-15, no vote; CI-like run of 0c522be, codes (2, 1))."""
     from helpers import free_port
 
     script = tmp_path / "exit.py"
-    script.write_text(f"import os, signal, sys, time\nrank = int(os.environ['RANK'])\ncode = {list(codes)}[rank]\n"
-                      "if code is not None:\n    signal.signal(signal.SIGTERM, lambda *_: sys.exit(code))\n"
+    script.write_text(f"import os, signal, time\nfrom dico_scale.exit_codes import leave\n"
+                      f"rank = int(os.environ['RANK'])\ncode = {list(codes)}[rank]\n"
+                      "if code is not None:\n    signal.signal(signal.SIGTERM, lambda *_: leave(code))\n"
                       f"open(f'{tmp_path}/ready.{{rank}}', 'w').close()\n"
                       f"while not all(os.path.exists(f'{tmp_path}/ready.{{r}}') for r in (0, 1)):\n"
                       "    time.sleep(0.01)\n"
-                      "time.sleep(120) if code is None else sys.exit(code)\n")
+                      "time.sleep(120) if code is None else leave(code)\n")
     proc = subprocess.run([sys.executable, "slurm/torchrun.py", "--nproc_per_node", "2", "--master_port",
                            str(free_port()), str(script)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == launcher_code, proc.stderr[-2000:]
