@@ -102,8 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", type=int, default=2, help="CPU ranks per stage")
     p.add_argument("--captioner", default="builtin", help="builtin (default), hf_encoder_decoder (= vit-gpt2), "
                    "vit-gpt2, blip, dico_ref, hf_vlm (= idefics3), idefics3, smolvlm (SmolVLM2), qwen2-vl, qwen2.5-vl, "
-                   "qwen3-vl, internvl, llava, llava-next, llava-onevision, gemma3 or paligemma: a tiny random model "
-                   "of that family, written under runs/models/")
+                   "qwen3-vl, internvl, llava, llava-next, llava-onevision, gemma3, paligemma or paligemma2: a tiny "
+                   "random model of that family, written under runs/models/")
     p.add_argument("--keep", action="store_true",
                    help="keep runs/demo from an earlier demo instead of starting over: its finished stages as they are, "
                    "the others continue their checkpoints")

@@ -17,12 +17,16 @@ def test_head_benchmark_smoke(repo, tmp_path):
 
 
 def test_head_memory_benchmark_smoke(repo, tmp_path):
-    """--memory: each path in its own process, its peak resident set measured; both paths give the same log-probs."""
+    """--memory: each path in its own process, its peak resident set measured; both paths give the same log-probs,
+    plain and (--softcap) softcapped."""
     out = tmp_path / "mem.json"
-    proc = subprocess.run([sys.executable, "benchmarks/head_bench.py", "--memory", "--smoke", "--json", str(out)],
-                          cwd=repo, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([sys.executable, "benchmarks/head_bench.py", "--memory", "--smoke", "--softcap", "30",
+                           "--json", str(out)], cwd=repo, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert {(r["path"], r["backward"]) for r in result["rows"]} == {("materialised", True), ("chunked", True)}
+    assert {(r["path"], r["backward"], r["softcap"]) for r in result["rows"]} == {
+        (p, True, cap) for p in ("materialised", "chunked") for cap in (None, 30.0)}
+    plain, capped = (t["chunked_s"] for t in result["table"])
+    assert [t["softcap"] for t in result["table"]] == [None, 30.0] and plain > 0 and capped > 0
     assert all(r["extra_bytes"] > 0 for r in result["rows"]) and all(t["values_agree"] for t in result["table"])
     assert "forward + backward" in proc.stdout

@@ -85,8 +85,6 @@ IDEFICS3 = {"architectures": ["Idefics3ForConditionalGeneration"], "model_type":
     ({"architectures": ["MllamaForConditionalGeneration"]}, "architecture MllamaForConditionalGeneration is not "
      "supported by hf_vlm (Idefics3ForConditionalGeneration"),
     (IDEFICS3, "has no processor (processor_config.json or preprocessor_config.json)"),
-    ({"architectures": ["Gemma3ForConditionalGeneration"], "text_config": {"final_logit_softcapping": 30.0}},
-     "final_logit_softcapping=30.0 in its text config is not supported"),
 ])
 def test_bad_vlm_folders_exit_2_with_one_line(tmp_path, capsys, folder, message):
     path = config_folder(tmp_path, "m", folder)
@@ -260,18 +258,37 @@ def test_a_raw_prompt_with_the_placeholder_builds(tmp_path, vlm_folders):
     assert cap.text == "<image>A photo of" and cap.tokenizer.tok.decode([cap.tokenizer.bos]).strip() == "of"
 
 
-def test_a_text_model_softcapping_its_logits_by_default_is_refused(tmp_path, capsys, vlm_folders):
-    """PaliGemma 2's text model is a Gemma 2, which softcaps its logits (30.0) by default: its config.json leaves the
-    value out, so the check reads the resolved config, in preflight and wherever the captioner is built."""
-    from dico_scale.models import build_captioner
-
+def _softcapped_paligemma(vlm_folders, tmp_path, text_config: dict, drop=()):
     path = _copy(vlm_folders["paligemma"], tmp_path)
     config = json.loads((path / "config.json").read_text())
-    config["text_config"]["model_type"] = "gemma2"
+    config["text_config"].update(text_config)
+    for key in drop:
+        config["text_config"].pop(key, None)
     (path / "config.json").write_text(json.dumps(config))
-    overrides = ["captioner.model=hf_vlm", f"captioner.hf_path={path}", "captioner.prompt=<image>caption en"]
+    return path, ["captioner.model=hf_vlm", f"captioner.hf_path={path}", "captioner.prompt=<image>caption en"]
+
+
+def test_a_text_models_default_softcap_is_read_from_its_resolved_config(tmp_path, vlm_folders):
+    """PaliGemma 2's text model is a Gemma 2, which softcaps its logits (30.0) by default: a config.json that leaves
+    the value out gets it too (the model's forward applies it, so must the log-prob heads)."""
+    from dico_scale.models import build_captioner
+
+    path, overrides = _softcapped_paligemma(vlm_folders, tmp_path, {"model_type": "gemma2"},
+                                            drop=("final_logit_softcapping",))
+    assert "final_logit_softcapping" not in (path / "config.json").read_text()
+    assert build_captioner(load_config("configs/demo/xe.yaml", BASE[2:] + overrides)).logit_softcap == 30.0
+    plain = ["captioner.model=hf_vlm", f"captioner.hf_path={vlm_folders['paligemma']}", "captioner.prompt=<image>x"]
+    assert build_captioner(load_config("configs/demo/xe.yaml", BASE[2:] + plain)).logit_softcap is None
+
+
+@pytest.mark.parametrize("value", [-1.0, 0, "30"])
+def test_a_softcap_that_is_not_a_positive_number_exits_2_with_one_line(tmp_path, capsys, vlm_folders, value):
+    """In preflight and wherever the captioner is built (evaluate, caption)."""
+    from dico_scale.models import build_captioner
+
+    path, overrides = _softcapped_paligemma(vlm_folders, tmp_path, {"final_logit_softcapping": value})
     code, err = run_train(tmp_path, capsys, *overrides)
-    want = "final_logit_softcapping=30.0 in its text config (the gemma2 default) is not supported"
+    want = f"final_logit_softcapping={value!r} in its text config is not a positive number (or null)"
     assert code == 2 and len(err) == 1 and want in err[0] and str(path) in err[0], err
     with pytest.raises(ConfigError, match=re.escape(want)):
         build_captioner(load_config("configs/demo/xe.yaml", BASE[2:] + overrides))

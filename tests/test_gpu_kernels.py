@@ -168,6 +168,25 @@ def test_torch_head_against_float64(shape, monkeypatch):
     check_fused(*batch(*shape, torch.bfloat16, seed=31), dedup=None, head=torch_path.fused_linear_sequence_logprobs)
 
 
+@pytest.mark.parametrize("head", ["triton", "torch"])
+def test_softcapped_heads_against_float64(head):
+    """Gemma 2's final_logit_softcapping (30) on logits of a trained model's size (std ~12, which the cap bends), bf16:
+    the Triton head (its autotuned configs keyed on H, so reused from above: one compile) and the torch head."""
+    hidden, weight, labels, mask, grad_out = batch(40, 20, 512, torch.bfloat16, seed=43)
+    hidden = (hidden.float() * 12).to(torch.bfloat16)
+    fn = fused_linear_sequence_logprobs_triton if head == "triton" else torch_path.fused_linear_sequence_logprobs
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = fn(h, w, labels, mask, softcap=30.0)
+    out.backward(grad_out)
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    x = torch.tanh((h64 @ w64.T) / 30.0) * 30.0
+    want = (torch.log_softmax(x, -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0] * mask).sum(-1)
+    want.backward(grad_out.double())
+    errs = {name: Rel().add(got, ref.detach()).value()
+            for name, got, ref in (("logps", out, want), ("dhidden", h.grad, h64.grad), ("dweight", w.grad, w64.grad))}
+    assert max(errs.values()) < TOL[torch.bfloat16], errs
+
+
 @pytest.mark.parametrize("dedup", [False, True])
 def test_fused_linear_dedup_switch(dedup):
     check_fused(*batch(40, 20, 512, torch.bfloat16, seed=5 + dedup), dedup=dedup)

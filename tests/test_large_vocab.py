@@ -46,25 +46,28 @@ def batch(N, T, V, H, seed, dtype=torch.float32):
     return hidden, weight, labels, mask
 
 
-def float64_reference(hidden, weight, labels, mask, bias=None):
+def float64_reference(hidden, weight, labels, mask, bias=None, softcap=None):
     h = hidden.detach().double().requires_grad_()
     w = weight.detach().double().requires_grad_()
     b = None if bias is None else bias.detach().double().requires_grad_()
     logits = h @ w.T if b is None else h @ w.T + b
+    if softcap is not None:  # Gemma 2's final_logit_softcapping, as its forward writes it
+        logits = torch.tanh(logits / softcap) * softcap
     lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
     out = (lp * mask).sum(-1)
     return out, h, w, b
 
 
 def check_against_float64(fn, hidden, weight, labels, mask, tol, watch=contextlib.nullcontext(), grad_tol=None,
-                          bias=None):
+                          bias=None, softcap=None):
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     b = None if bias is None else bias.clone().requires_grad_()
     grad = torch.randn(hidden.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    extra = ({} if b is None else {"bias": b}) | ({} if softcap is None else {"softcap": softcap})
     with watch:  # forward and backward of the path under test only
-        out = fn(h, w, labels, mask) if b is None else fn(h, w, labels, mask, bias=b)
+        out = fn(h, w, labels, mask, **extra)
         out.backward(grad.to(out.dtype))
-    want, h64, w64, b64 = float64_reference(hidden, weight, labels, mask, bias)
+    want, h64, w64, b64 = float64_reference(hidden, weight, labels, mask, bias, softcap)
     want.backward(grad)
     assert torch.allclose(out.double(), want, rtol=tol, atol=tol)
     pairs = [(h.grad, h64.grad), (w.grad, w64.grad)] + ([] if b is None else [(b.grad, b64.grad)])

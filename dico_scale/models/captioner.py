@@ -42,6 +42,7 @@ class CaptionerModel(nn.Module):
     preprocess = None  # image transform of pixels (None without an image tower)
     width: int  # decoder hidden width (the frozen engines' bucket sizes)
     tower_prefix = "image_encoder."  # state-dict prefix of the image tower (left out of a frozen reference)
+    logit_softcap: float | None = None  # logits are softcap * tanh(h @ W.T / softcap) (Gemma 2); None: plain
 
     @classmethod
     def build(cls, cfg, image_encoder: bool = True) -> "CaptionerModel":
@@ -100,7 +101,10 @@ class CaptionerModel(nn.Module):
         return banned_tokens(bos, eos, pad)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.head_weight, self.head_bias)
+        logits = F.linear(hidden, self.head_weight, self.head_bias)
+        if self.logit_softcap is None:
+            return logits
+        return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
 
     def forward(self, tokens: torch.Tensor | None = None, pixels: torch.Tensor | None = None,
                 visual_tokens: torch.Tensor | None = None, repeats: int = 1, output: str = "logits",
@@ -136,7 +140,8 @@ class CaptionerModel(nn.Module):
         # fused: the Triton head kernel (under "auto" for gradient-free calls only, see fused_head_uses_triton);
         # otherwise the torch head in blocks of tokens x vocabulary. Neither holds [N, T, V].
         return fused_linear_sequence_logprobs(hidden, self.head_weight, labels, mask,
-                                              kernel=kernel if fused else "torch", bias=self.head_bias)
+                                              kernel=kernel if fused else "torch", bias=self.head_bias,
+                                              softcap=self.logit_softcap)
 
 
 def disable_dropout(model: nn.Module) -> None:

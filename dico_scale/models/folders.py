@@ -89,21 +89,19 @@ def vlm_problem(config: dict, path: str) -> str | None:
     arch = (config.get("architectures") or [None])[0]
     if arch not in VLM_ARCHITECTURES:
         return f"'{path}': architecture {arch} is not supported by hf_vlm ({', '.join(VLM_ARCHITECTURES)})"
-    if (cap := text_config(config).get("final_logit_softcapping")) is not None:  # Gemma 2 style; Gemma 3 ships None
-        return (f"'{path}': final_logit_softcapping={cap} in its text config is not supported (the log-prob heads "
-                "compute the plain logits h @ W.T)")
     if not any((Path(path) / f).is_file() for f in PROCESSOR_FILES):
         return f"'{path}' has no processor ({' or '.join(PROCESSOR_FILES)}): save the model's processor beside it"
     return None
 
 
-def check_plain_logits(config, path: str) -> None:
-    """A transformers config (defaults resolved) whose text model softcaps its logits is refused: vlm_problem sees
-    config.json only, where a default is left out (PaliGemma 2's Gemma 2 text model: 30.0)."""
-    if (cap := getattr(config.get_text_config(), "final_logit_softcapping", None)) is not None:
-        raise ConfigError(f"captioner.hf_path '{path}': final_logit_softcapping={cap} in its text config (the "
-                          f"{config.get_text_config().model_type} default) is not supported (the log-prob heads "
-                          "compute the plain logits h @ W.T)")
+def logit_softcap(config, path: str) -> float | None:
+    """The text model's final_logit_softcapping from a transformers config, defaults resolved (config.json leaves a
+    default out: PaliGemma 2's Gemma 2 text model softcaps at 30.0 without saying so); None: plain logits."""
+    cap = getattr(config.get_text_config(), "final_logit_softcapping", None)
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < float("inf")):
+        raise ConfigError(f"captioner.hf_path '{path}': final_logit_softcapping={cap!r} in its text config is not a "
+                          "positive number (or null)")
+    return None if cap is None else float(cap)
 
 
 def checked_config(path: str, problem) -> dict:

@@ -31,7 +31,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from .captioner import CaptionerModel
 from .export_folder import write_folder
 from .generation import exported_search
-from .folders import check_plain_logits, checked_config, from_folder, vlm_problem
+from .folders import checked_config, from_folder, logit_softcap, vlm_problem
 from .hf_encoder_decoder import HFTokenizer
 from .vlm_processor import (TEXT_KEYS, VLMImages, VLMPreprocess, answer_lead, answer_turn, checked_images_kwargs,
                             eos_token, load_processor, prompt_ids)
@@ -135,7 +135,6 @@ class HFVLM(CaptionerModel):
     def __init__(self, model, processor, prompt: str, path: str, freeze: set[str],
                  gradient_checkpointing: bool = False, images_kwargs: dict | None = None):
         super().__init__()
-        check_plain_logits(model.config, path)  # also where preflight did not run (evaluate, caption)
         self.model, self.processor = model, processor
         self.text, ids = prompt_ids(processor, prompt, path)
         tok, turn = processor.tokenizer, answer_turn(processor, prompt)  # the template rendered once
@@ -152,6 +151,7 @@ class HFVLM(CaptionerModel):
         self.prefix_lm = model.config.model_type in PREFIX_LM
         self.first_position = PREFIX_LM.get(model.config.model_type, 0)
         self.width = model.config.get_text_config().hidden_size
+        self.logit_softcap = logit_softcap(model.config, path)  # Gemma 2 text models (PaliGemma 2): 30.0
         self.frozen = freeze
         for part, modules in self.parts().items():
             for m in modules:

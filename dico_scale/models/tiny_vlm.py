@@ -28,13 +28,15 @@ Families (dico_scale.models.tiny writes them):
              tokens; no chat template (the prompt "<image>caption en", completed by the processor to
              "<image>...<bos>caption en\n"); the whole prompt attends both ways (a prefix-LM), the caption causally;
              Gemma text model, tied head, positions from 1
+  paligemma2 PaliGemma 2: as paligemma on a Gemma 2 text model, which softcaps its logits (final_logit_softcapping,
+             30.0 by default: config.json leaves it out) and its attention scores (50.0; eager attention only)
 """
 from __future__ import annotations
 
 VLM_FAMILIES = ("idefics3", "smolvlm", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "internvl", "llava", "llava-next",
-                "llava-onevision", "gemma3", "paligemma")
+                "llava-onevision", "gemma3", "paligemma", "paligemma2")
 # captioner.prompt where a family's folder has no chat template (the image placeholder written in it)
-FAMILY_PROMPTS = {"paligemma": "<image>caption en"}
+FAMILY_PROMPTS = {"paligemma": "<image>caption en", "paligemma2": "<image>caption en"}
 
 
 def prompt_overrides(family: str) -> list[str]:
@@ -334,11 +336,12 @@ def internvl(width: int, layers: int, heads: int, image_size: int, vocab_size: i
     return model, processor
 
 
-def paligemma(width: int, layers: int, heads: int, image_size: int, vocab_size: int):
+def paligemma(width: int, layers: int, heads: int, image_size: int, vocab_size: int, version: str = "1"):
     """(model, processor): a SigLIP tower on images resized to image_size, 8-pixel patches: (image_size / 8)^2 <image>
     tokens; no chat template: the prompt ("<image>caption en") is written as the processor completes it,
     "<image>...<bos>caption en\n", and the whole of it (image, prompt and its last "\n") attends both ways (a prefix-LM:
-    token_type_ids 0), the caption after it causally. Gemma text model, tied head, positions counted from 1."""
+    token_type_ids 0), the caption after it causally. Gemma text model (version "2": Gemma 2, its softcaps left at
+    their defaults, as PaliGemma 2's config.json does), tied head, positions counted from 1."""
     from transformers import (PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
                               SiglipImageProcessor)
 
@@ -350,14 +353,21 @@ def paligemma(width: int, layers: int, heads: int, image_size: int, vocab_size: 
     processor = PaliGemmaProcessor(images, tok)  # adds its <loc> and <seg> tokens to the tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in PALIGEMMA_SPECIALS}
     head_dim = width // heads
-    text = dict(model_type="gemma", vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
+    text = dict(model_type="gemma" if version == "1" else "gemma2", vocab_size=len(tok), hidden_size=width,
+                intermediate_size=2 * width,
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=1, head_dim=head_dim,
                 max_position_embeddings=256, bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"],
                 pad_token_id=ids["<pad>"])
     vision = _vision_config("siglip_vision_model", width, layers, heads, image_size, vision_use_head=False)
     config = PaliGemmaConfig(text_config=text, vision_config=vision, image_token_index=ids["<image>"],
                              vocab_size=len(tok), projection_dim=width, hidden_size=width, pad_token_id=ids["<pad>"])
-    return PaliGemmaForConditionalGeneration(config), processor
+    import torch
+
+    model = PaliGemmaForConditionalGeneration(config)
+    if version == "2":  # logits of a trained model's size (tens), where the cap at 30 bends them: the final norm's
+        with torch.no_grad():  # gain (Gemma's norms scale by 1 + weight), not the tied embedding the inputs read too
+            model.model.language_model.norm.weight.fill_(39.0)
+    return model, processor
 
 
 def write_vlm(family: str, out_dir: str, width: int, layers: int, heads: int, image_size: int,
@@ -366,7 +376,8 @@ def write_vlm(family: str, out_dir: str, width: int, layers: int, heads: int, im
     build = {"idefics3": idefics3, "smolvlm": lambda *a: idefics3(*a, smolvlm=True), "qwen2-vl": qwen_vl,
              "qwen2.5-vl": lambda *a: qwen_vl(*a, version="2.5"), "qwen3-vl": lambda *a: qwen_vl(*a, version="3"),
              "internvl": internvl, "llava": llava, "llava-next": llava_next,
-             "llava-onevision": llava_onevision, "gemma3": gemma3, "paligemma": paligemma}[family]
+             "llava-onevision": llava_onevision, "gemma3": gemma3, "paligemma": paligemma,
+             "paligemma2": lambda *a: paligemma(*a, version="2")}[family]
     model, processor = build(width, layers, heads, image_size, max(vocab_size, 400))
     model.generation_config.pad_token_id = model.config.text_config.pad_token_id
     model.save_pretrained(out_dir)

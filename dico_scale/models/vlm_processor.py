@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, first_line
-from .folders import check_plain_logits, checked_config, vlm_problem
+from .folders import checked_config, logit_softcap, vlm_problem
 
 # One row per image, left-padded in a batch. The token types mark image tokens: Qwen-VL's rotary positions read them,
 # Gemma 3's prefill lets image tokens attend to each other both ways.
@@ -223,7 +223,7 @@ def check_folder(path: str, prompt: str, images_kwargs: dict | None = None) -> N
     from transformers import AutoConfig
 
     config = checked_config(path, vlm_problem)
-    check_plain_logits(AutoConfig.from_pretrained(path), path)
+    logit_softcap(AutoConfig.from_pretrained(path), path)
     processor = load_processor(path)
     text, _ = prompt_ids(processor, prompt, path)
     preprocess = VLMPreprocess(processor, text, 0, checked_images_kwargs(processor, images_kwargs or {}))

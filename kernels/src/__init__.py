@@ -51,17 +51,19 @@ def fused_head_uses_triton(kernel: str, is_cuda: bool, needs_grad: bool) -> bool
 
 
 def fused_linear_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor,
-                                   kernel: str = "auto", bias: Tensor | None = None) -> Tensor:
-    """The same from decoder states hidden [N, T, H] and the output head weight [V, H] (and bias [V]); the Triton kernel
-    never materialises the [N*T, V] logits, nor does the torch head (it runs in blocks of tokens x vocabulary)."""
+                                   kernel: str = "auto", bias: Tensor | None = None,
+                                   softcap: float | None = None) -> Tensor:
+    """The same from decoder states hidden [N, T, H] and the output head weight [V, H] (and bias [V]), the logits
+    softcapped with softcap (Gemma 2's final_logit_softcapping; None: plain); the Triton kernel never materialises the
+    [N*T, V] logits, nor does the torch head (it runs in blocks of tokens x vocabulary)."""
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if fused_head_uses_triton(kernel, hidden.is_cuda, needs_grad):
         from .fused_linear import fused_linear_sequence_logprobs_triton
         if bias is not None:  # the kernel has no bias: one more input column, [h, 1] @ [W, b]^T
             hidden = torch.cat([hidden, hidden.new_ones(*hidden.shape[:-1], 1)], dim=-1)
             weight = torch.cat([weight, bias[:, None].to(weight.dtype)], dim=1)
-        return fused_linear_sequence_logprobs_triton(hidden, weight, labels, mask)
-    return torch_path.fused_linear_sequence_logprobs(hidden, weight, labels, mask, bias=bias)
+        return fused_linear_sequence_logprobs_triton(hidden, weight, labels, mask, softcap=softcap)
+    return torch_path.fused_linear_sequence_logprobs(hidden, weight, labels, mask, bias=bias, softcap=softcap)
 
 
 def dico_loss(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, beta: float = 0.2, tau: float = 300.0,

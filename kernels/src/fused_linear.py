@@ -1,8 +1,9 @@
 """Per-sequence log-probs straight from decoder states and the lm_head, never writing [N*T, V] logits.
 
 fused_linear_sequence_logprobs_triton(hidden [N, T, H], weight [V, H], labels, mask) -> [N] fp32
-equals torch_path.fused_linear_sequence_logprobs. Logits are matmul tiles that live only in
-registers: the forward keeps an online log-sum-exp per row, the backward recomputes them.
+equals torch_path.fused_linear_sequence_logprobs (with softcap: of Gemma 2's softcap * tanh(logits / softcap)).
+Logits are matmul tiles that live only in registers: the forward keeps an online log-sum-exp
+per row, the backward recomputes them.
 Rows are addressed through index arrays, so compaction (masked-in rows only) and exact
 dedup (bitwise-equal rows computed once) cost no copies of the hidden states. docs/kernels.md
 has the design.
@@ -17,6 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .logprobs import check_inputs
+from .torch_path import check_softcap
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Below this many token rows (N*T) "auto" neither compacts nor dedups: no host syncs, so the
@@ -73,11 +75,20 @@ def _logits_tile(h_ptr, hrows, row_ok, w_ptr, cols, col_ok, H, stride_h, stride_
     return acc
 
 
+@triton.jit
+def _cap(x, SOFTCAP: tl.constexpr):
+    """SOFTCAP * tanh(x / SOFTCAP), tanh through exp (the interpreter has no libdevice): exact at +-inf, and
+    its error near 0 (~1e-7 of SOFTCAP) is below an fp32 logit's own rounding at the caps models use (30)."""
+    e = tl.exp(-2.0 * tl.abs(x / SOFTCAP))
+    t = (1.0 - e) / (1.0 + e)
+    return SOFTCAP * tl.where(x < 0, -t, t)
+
+
 @_tuned(_FWD_CONFIGS, key=["H"])
 @triton.jit
 def _lse_kernel(h_ptr, urow_ptr, w_ptr, part_ptr, U, V, H, split_len, stride_h, stride_w,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr, SOFTCAP: tl.constexpr):
     # Program (row tile, vocabulary split): online log-sum-exp over the split's tiles, written
     # to part[split, row]; torch merges the splits. Splits keep the GPU busy when rows are few.
     pid_m = tl.program_id(0)
@@ -94,6 +105,8 @@ def _lse_kernel(h_ptr, urow_ptr, w_ptr, part_ptr, U, V, H, split_len, stride_h, 
         col_ok = cols < v_end
         x = _logits_tile(h_ptr, hrows, row_ok, w_ptr, cols.to(tl.int64), col_ok, H, stride_h, stride_w,
                          BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
+        if SOFTCAP > 0:
+            x = _cap(x, SOFTCAP)
         x = tl.where(col_ok[None, :], x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, 1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
@@ -103,8 +116,8 @@ def _lse_kernel(h_ptr, urow_ptr, w_ptr, part_ptr, U, V, H, split_len, stride_h, 
 
 @triton.jit
 def _label_logit_kernel(h_ptr, trow_ptr, w_ptr, lab_ptr, tmask_ptr, out_ptr, H, stride_h, stride_w,
-                        BLOCK_H: tl.constexpr):
-    # One program per token: fp32 dot W[label] . h (per token, not per unique row: labels differ).
+                        BLOCK_H: tl.constexpr, SOFTCAP: tl.constexpr):
+    # One program per token: fp32 dot W[label] . h (per token, not per unique row: labels differ), capped.
     i = tl.program_id(0)
     acc = tl.zeros([BLOCK_H], tl.float32)
     if tl.load(tmask_ptr + i) != 0:  # masked tokens may carry invalid label ids: never read them
@@ -115,15 +128,19 @@ def _label_logit_kernel(h_ptr, trow_ptr, w_ptr, lab_ptr, tmask_ptr, out_ptr, H, 
             h = tl.load(h_ptr + hrow * stride_h + ks, mask=ks < H, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + lab * stride_w + ks, mask=ks < H, other=0.0).to(tl.float32)
             acc += h * w
-    tl.store(out_ptr + i, tl.sum(acc, 0))
+    z = tl.sum(acc, 0)
+    if SOFTCAP > 0:
+        z = _cap(z, SOFTCAP)
+    tl.store(out_ptr + i, z)
 
 
 @_tuned(_BWD_CONFIGS, key=["H"], reset_to_zero=["g_ptr", "d_ptr"])
 @triton.jit
 def _bwd_kernel(h_ptr, urow_ptr, w_ptr, lse_ptr, coef_ptr, g_ptr, d_ptr, U, H, v_begin, v_end,
                 stride_h, stride_w, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                UPCAST: tl.constexpr, PRECISION: tl.constexpr, TRANSPOSE_FREE: tl.constexpr):
-    # Program (row tile, vocabulary tile): recompute p = softmax tile, then per H block
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr, TRANSPOSE_FREE: tl.constexpr, SOFTCAP: tl.constexpr):
+    # Program (row tile, vocabulary tile): recompute p = softmax tile (under a softcap, times the cap's slope
+    # 1 - tanh^2: the gradient reaches the raw logits), then per H block
     #   G[u] += p @ W[cols]             (the dense part of dh)
     #   D[cols] += (coef_u * p).T @ h_u  (the dense part of dW)
     # with fp32 atomics. One pass recomputes each logit once: 3 matmuls in all, like the
@@ -139,12 +156,20 @@ def _bwd_kernel(h_ptr, urow_ptr, w_ptr, lse_ptr, coef_ptr, g_ptr, d_ptr, U, H, v
     x = _logits_tile(h_ptr, hrows, row_ok, w_ptr, cols64, col_ok, H, stride_h, stride_w,
                      BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    if SOFTCAP > 0:
+        x = _cap(x, SOFTCAP)
     p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp(x - lse[:, None]), 0.0)
+    if SOFTCAP > 0:
+        p = p * (1.0 - (x / SOFTCAP) * (x / SOFTCAP))
     coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
     if TRANSPOSE_FREE:  # the same probabilities [BLOCK_N, BLOCK_M], transposed by the matmul's operand order
         xt = _logits_tile(w_ptr, cols64, col_ok, h_ptr, hrows, row_ok, H, stride_w, stride_h,
                           BLOCK_N, BLOCK_M, BLOCK_K, UPCAST, PRECISION)
+        if SOFTCAP > 0:
+            xt = _cap(xt, SOFTCAP)
         pct = tl.where(col_ok[:, None] & row_ok[None, :], tl.exp(xt - lse[None, :]), 0.0) * coef[None, :]
+        if SOFTCAP > 0:
+            pct = pct * (1.0 - (xt / SOFTCAP) * (xt / SOFTCAP))
     else:
         pct = tl.trans(p * coef[:, None])
     # Both probability operands are cast once, to the input dtype (bf16 on GPU: tensor cores,
@@ -186,11 +211,13 @@ def _onehot_dw_kernel(h_ptr, trow_ptr, lab_ptr, c_ptr, d_ptr, H, v_begin, v_end,
 
 
 @triton.jit
-def _dh_kernel(w_ptr, lab_ptr, c_ptr, inv_ptr, trow_ptr, g_ptr, dh_ptr, H, stride_w, BLOCK_H: tl.constexpr):
-    # dh[row_i] = c_i * (W[label_i] - G[u(i)]); rows with c_i = 0 are left as allocated (zeros).
+def _dh_kernel(w_ptr, lab_ptr, c_ptr, c1_ptr, inv_ptr, trow_ptr, g_ptr, dh_ptr, H, stride_w, BLOCK_H: tl.constexpr):
+    # dh[row_i] = c1_i * W[label_i] - c_i * G[u(i)] (c1 = c times the label logit's slope under a softcap); rows with
+    # c_i = 0 are left as allocated (zeros).
     i = tl.program_id(0)
     c = tl.load(c_ptr + i)
     if c != 0:
+        c1 = tl.load(c1_ptr + i)
         lab = tl.load(lab_ptr + i).to(tl.int64)
         u = tl.load(inv_ptr + i).to(tl.int64)
         hrow = tl.load(trow_ptr + i).to(tl.int64)
@@ -198,7 +225,7 @@ def _dh_kernel(w_ptr, lab_ptr, c_ptr, inv_ptr, trow_ptr, g_ptr, dh_ptr, H, strid
             ks = k0 + tl.arange(0, BLOCK_H)
             w = tl.load(w_ptr + lab * stride_w + ks, mask=ks < H, other=0.0).to(tl.float32)
             g = tl.load(g_ptr + u * H + ks, mask=ks < H, other=0.0)
-            tl.store(dh_ptr + hrow * H + ks, (c * (w - g)).to(dh_ptr.dtype.element_ty), mask=ks < H)
+            tl.store(dh_ptr + hrow * H + ks, (c1 * w - c * g).to(dh_ptr.dtype.element_ty), mask=ks < H)
 
 
 @dataclass
@@ -243,7 +270,7 @@ def _meta() -> dict:
     return dict(_INTERP_META) if INTERPRET else {}
 
 
-def _forward(h2: Tensor, weight: Tensor, plan: _Plan, N: int, T: int):
+def _forward(h2: Tensor, weight: Tensor, plan: _Plan, N: int, T: int, softcap: float):
     U, Rt, (V, H) = plan.urow.numel(), plan.trow.numel(), weight.shape
     dev = h2.device
     splits = _num_splits(U, V, dev)
@@ -253,22 +280,24 @@ def _forward(h2: Tensor, weight: Tensor, plan: _Plan, N: int, T: int):
     if U:
         grid = lambda meta: (triton.cdiv(U, meta["BLOCK_M"]), splits)  # noqa: E731
         _lse_kernel[grid](h2, plan.urow, weight, part, U, V, H, split_len, h2.stride(0), weight.stride(0),
-                          **_flags(h2), **_meta())
+                          SOFTCAP=softcap, **_flags(h2), **_meta())
     lse = torch.logsumexp(part, 0)
     z = torch.empty(Rt, device=dev, dtype=torch.float32)
     if Rt:
         _label_logit_kernel[(Rt,)](h2, plan.trow, weight, plan.lab, plan.tmask, z, H, h2.stride(0),
-                                   weight.stride(0), BLOCK_H=min(1024, triton.next_power_of_2(H)))
+                                   weight.stride(0), BLOCK_H=min(1024, triton.next_power_of_2(H)), SOFTCAP=softcap)
     tok = plan.tmask * (z - lse[plan.inv])
     if Rt != N * T:  # compacted: scatter back (unique indices, so deterministic)
         tok = torch.zeros(N * T, device=dev, dtype=torch.float32).index_put_((plan.trow,), tok)
-    return tok.view(N, T).sum(1), lse
+    return tok.view(N, T).sum(1), lse, z
 
 
-def _backward(h2: Tensor, weight: Tensor, plan: _Plan, lse: Tensor, grad_out: Tensor, T: int):
+def _backward(h2: Tensor, weight: Tensor, plan: _Plan, lse: Tensor, z: Tensor, grad_out: Tensor, T: int,
+              softcap: float):
     U, Rt, (V, H) = plan.urow.numel(), plan.trow.numel(), weight.shape
     dev = h2.device
     c = grad_out.float()[plan.trow // T] * plan.tmask  # upstream coefficient per token
+    c1 = c * (1 - (z / softcap) ** 2) if softcap else c  # ... of its label's (capped) logit z
     coef = torch.zeros(U, device=dev, dtype=torch.float32).index_add_(0, plan.inv, c)
     g = torch.zeros((U, H), device=dev, dtype=torch.float32)
     dw = torch.empty_like(weight)
@@ -280,38 +309,41 @@ def _backward(h2: Tensor, weight: Tensor, plan: _Plan, lse: Tensor, grad_out: Te
         if U:
             grid = lambda meta: (triton.cdiv(U, meta["BLOCK_M"]), triton.cdiv(v1 - v0, meta["BLOCK_N"]))  # noqa: E731
             _bwd_kernel[grid](h2, plan.urow, weight, lse, coef, g, d, U, H, v0, v1, h2.stride(0),
-                              weight.stride(0), TRANSPOSE_FREE=TRANSPOSE_FREE, **_flags(h2), **_meta())
+                              weight.stride(0), TRANSPOSE_FREE=TRANSPOSE_FREE, SOFTCAP=softcap, **_flags(h2),
+                              **_meta())
         if Rt:
-            _onehot_dw_kernel[(Rt,)](h2, plan.trow, plan.lab, c, d, H, v0, v1, h2.stride(0), BLOCK_H=block_h)
+            _onehot_dw_kernel[(Rt,)](h2, plan.trow, plan.lab, c1, d, H, v0, v1, h2.stride(0), BLOCK_H=block_h)
         torch.neg(d, out=d)
         dw[v0:v1] = d  # dW = sum_i c_i onehot(l_i) h_i^T - sum_u coef_u p_u^T h_u
     dh = torch.zeros((h2.shape[0], H), device=dev, dtype=h2.dtype)
     if Rt:
-        _dh_kernel[(Rt,)](weight, plan.lab, c, plan.inv, plan.trow, g, dh, H, weight.stride(0), BLOCK_H=block_h)
+        _dh_kernel[(Rt,)](weight, plan.lab, c, c1, plan.inv, plan.trow, g, dh, H, weight.stride(0), BLOCK_H=block_h)
     return dh, dw
 
 
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, mask, dedup):
+    def forward(ctx, hidden, weight, labels, mask, dedup, softcap):
         N, T, H = hidden.shape
         h2 = hidden.reshape(N * T, H)
         plan = _plan(h2, labels, mask, dedup)
-        out, lse = _forward(h2, weight, plan, N, T)
-        ctx.save_for_backward(hidden, weight, lse, plan.trow, plan.lab, plan.tmask, plan.urow, plan.inv)
+        out, lse, z = _forward(h2, weight, plan, N, T, softcap)
+        ctx.save_for_backward(hidden, weight, lse, z, plan.trow, plan.lab, plan.tmask, plan.urow, plan.inv)
+        ctx.softcap = softcap
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, lse, *plan = ctx.saved_tensors
+        hidden, weight, lse, z, *plan = ctx.saved_tensors
         N, T, H = hidden.shape
-        dh, dw = _backward(hidden.reshape(N * T, H), weight, _Plan(*plan), lse, grad_out, T)
-        return dh.view(N, T, H), dw, None, None, None
+        dh, dw = _backward(hidden.reshape(N * T, H), weight, _Plan(*plan), lse, z, grad_out, T, ctx.softcap)
+        return dh.view(N, T, H), dw, None, None, None, None
 
 
 def fused_linear_sequence_logprobs_triton(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor,
-                                          dedup="auto") -> Tensor:
-    """[N] fp32 sums of masked token log-probs under logits = hidden @ weight.T.
+                                          dedup="auto", softcap: float | None = None) -> Tensor:
+    """[N] fp32 sums of masked token log-probs under logits = hidden @ weight.T (softcap * tanh(logits / softcap)
+    with a softcap).
 
     dedup: "auto" (compact + dedup at >= DEDUP_MIN_ROWS rows, else none: no host syncs),
     True or False. Exact either way. Without grad nothing is saved.
@@ -323,12 +355,14 @@ def fused_linear_sequence_logprobs_triton(hidden: Tensor, weight: Tensor, labels
         raise ValueError(f"weight must match hidden's dtype and device, got {weight.dtype} on {weight.device}")
     if dedup not in ("auto", True, False):
         raise ValueError(f"dedup must be 'auto', True or False, got {dedup!r}")
+    check_softcap(softcap)
+    softcap = float(softcap or 0.0)  # a constexpr of the kernels: 0.0 is off
     hidden = hidden if hidden.stride(2) == 1 else hidden.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     lab = labels.reshape(-1).contiguous()
     msk = mask.reshape(-1).to(torch.float32).contiguous()
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _FusedLinearLogprobs.apply(hidden, weight, lab, msk, dedup)
+        return _FusedLinearLogprobs.apply(hidden, weight, lab, msk, dedup, softcap)
     N, T, H = hidden.shape
     h2 = hidden.reshape(N * T, H)
-    return _forward(h2, weight, _plan(h2, lab, msk, dedup), N, T)[0]
+    return _forward(h2, weight, _plan(h2, lab, msk, dedup), N, T, softcap)[0]

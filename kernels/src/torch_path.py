@@ -110,6 +110,12 @@ def dico_loss(
     return loss, metrics
 
 
+def check_softcap(softcap: float | None) -> None:
+    """A logit softcap is None (off) or a positive finite number; shared with the Triton head."""
+    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < float("inf")):
+        raise ValueError(f"softcap must be None or a positive number, got {softcap!r}")
+
+
 # Elements in one block of the chunked head (64 MiB of fp32): a block of logits holds at most this many, and so
 # does a vocabulary slice of a half-precision head weight upcast to fp32.
 MAX_CHUNK_LOGITS = 1 << 24
@@ -138,51 +144,56 @@ def _block_shape(rows: int, V: int, H: int, sliced: bool, budget: int) -> tuple[
 class _ChunkedHeadLogprobs(torch.autograd.Function):
     """log softmax(h @ w.T + b)[label] of each row of h [R, H] under a head w [V, H] (any float dtype), in blocks of
     (tokens x vocabulary slice): the log-sum-exp is kept online across slices, so memory beyond the inputs and their
-    gradients is one block of logits, one slice of a half-precision head (fp32 on the CPU) and its fp32 gradient, and
-    a per-token [R, H] gradient: never R x V, nor V x H in fp32, whatever the vocabulary. Logits and sums are fp32
-    (fp64 for fp64 inputs). A single block keeps its softmax for backward (no second matmul); otherwise forward keeps
-    one log-sum-exp per row and backward recomputes blocks."""
+    gradients is one block of logits (under a softcap, two half blocks: the logits and the cap's slope), one slice of a
+    half-precision head (fp32 on the CPU) and its fp32 gradient, and a per-token [R, H] gradient: never R x V, nor
+    V x H in fp32, whatever the vocabulary. Logits and sums are fp32 (fp64 for fp64 inputs). A single block keeps its
+    softmax for backward (no second matmul); otherwise forward keeps one log-sum-exp per row and backward recomputes
+    blocks."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, labels: Tensor, budget: int) -> Tensor:
+    def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, labels: Tensor, budget: int,
+                softcap: float | None = None) -> Tensor:
         (R, H), V = h.shape, w.shape[0]
         dtype = _compute_dtype(h)
         ctx.half = _half_operands(h, w)  # the backward multiplies as the forward did
         operands = h.dtype if ctx.half else dtype
         hc, ho = h.to(dtype), h.to(operands)
-        rows, vocab = _block_shape(R, V, H, w.dtype != dtype, budget)
+        rows, vocab = _block_shape(R, V, H, w.dtype != dtype, budget if softcap is None else max(1, budget // 2))
         m, s, probs = hc.new_full((R,), float("-inf")), hc.new_zeros(R), None
         for v0 in range(0, V, vocab):
             ws, bs = _slice(w, b, v0, vocab, operands)
             for r0 in range(0, R, rows):
                 r1 = r0 + rows
-                x = _logits(ho[r0:r1], ws, bs)
+                x, slope = _capped(_logits(ho[r0:r1], ws, bs), softcap)
                 top = torch.maximum(m[r0:r1], x.amax(-1))
                 total = x.sub_(top[:, None]).exp_().sum(-1)  # x is now exp(logits - top): in place, one block
                 s[r0:r1] = s[r0:r1] * (m[r0:r1] - top).exp() + total
                 m[r0:r1] = top
-                if rows >= R and vocab >= V:
-                    probs = x.div_(total[:, None])
+                if rows >= R and vocab >= V:  # kept: the softmax times the cap's slope, d logp / d raw logits
+                    probs = x.div_(total[:, None]) if slope is None else x.div_(total[:, None]).mul_(slope)
         lse = m + s.log()
         picked = (hc * w[labels].to(dtype)).sum(-1)  # each row's own logit, without a gather from the blocks
         if b is not None:
             picked = picked + b[labels].to(dtype)
-        ctx.save_for_backward(h, w, b, labels, lse, probs)
-        ctx.block = rows, vocab
+        picked, label_slope = _capped(picked, softcap)
+        ctx.save_for_backward(h, w, b, labels, lse, probs, label_slope)
+        ctx.block, ctx.softcap = (rows, vocab), softcap
         return picked - lse
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        h, w, b, labels, lse, probs = ctx.saved_tensors
+        h, w, b, labels, lse, probs, label_slope = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        (R, H), V, (rows, vocab) = h.shape, w.shape[0], ctx.block
+        (R, H), V, (rows, vocab), softcap = h.shape, w.shape[0], ctx.block, ctx.softcap
         dtype, half = _compute_dtype(h), ctx.half
         hc = h.to(dtype)
         ho = h if half else hc
         c = grad_out.to(dtype)
-        # d logp / d logits = onehot(label) - softmax, times each row's incoming gradient c. The one-hot part is added
-        # row by row (c * W[label] to dh, c * h to dW[label]); the softmax part block by block.
-        grad_h = c[:, None] * w[labels].to(dtype) if need_h else None
+        # d logp / d logits = onehot(label) - softmax, times each row's incoming gradient c (and, under a softcap, each
+        # logit's slope 1 - tanh^2 through the cap). The one-hot part is added row by row (c * W[label] to dh,
+        # c * h to dW[label]); the softmax part block by block.
+        c1 = c if label_slope is None else c * label_slope
+        grad_h = c1[:, None] * w[labels].to(dtype) if need_h else None
         grad_w = torch.zeros_like(w) if need_w else None
         grad_b = torch.zeros(V, dtype=dtype, device=h.device) if need_b else None
         in_place = w.dtype == dtype
@@ -195,7 +206,7 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
                 r1 = r0 + rows
                 # -c * softmax, in the block's buffer (a kept softmax is copied: a second backward must still see it)
                 g = probs.mul(-c[:, None]) if probs is not None else \
-                    _logits(ho[r0:r1], ws, bs).sub_(lse[r0:r1, None]).exp_().mul_(-c[r0:r1, None])
+                    _softmax_slope(_logits(ho[r0:r1], ws, bs), lse[r0:r1], softcap).mul_(-c[r0:r1, None])
                 if need_b:
                     grad_b[v0:v1] += g.sum(0)
                 if half:  # the fused kernel's rounding: the softmax gradient meets the half operands in their dtype
@@ -206,12 +217,31 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
                     _accumulate(gws, g.T, ho[r0:r1])
             if need_w:
                 hit = (labels >= v0) & (labels < v1)
-                gws.index_add_(0, labels[hit] - v0, c[hit, None] * hc[hit])
+                gws.index_add_(0, labels[hit] - v0, c1[hit, None] * hc[hit])
                 if not in_place:
                     grad_w[v0:v1] = gws
         if need_b:
-            grad_b = grad_b.index_add_(0, labels, c).to(b.dtype)
-        return None if grad_h is None else grad_h.to(h.dtype), grad_w, grad_b, None, None
+            grad_b = grad_b.index_add_(0, labels, c1).to(b.dtype)
+        return None if grad_h is None else grad_h.to(h.dtype), grad_w, grad_b, None, None, None
+
+
+def _capped(x: Tensor, softcap: float | None) -> tuple[Tensor, Tensor | None]:
+    """(softcap * tanh(x / softcap), its slope 1 - tanh^2) in place of x (Gemma 2's final_logit_softcapping);
+    (x, None) without a cap."""
+    if softcap is None:
+        return x, None
+    t = x.div_(softcap).tanh_()
+    slope = 1 - t * t
+    return t.mul_(softcap), slope
+
+
+def _softmax_slope(x: Tensor, lse: Tensor, softcap: float | None) -> Tensor:
+    """softmax(capped logits) times the cap's slope, from the raw logits x of a block (in place of x)."""
+    if softcap is None:
+        return x.sub_(lse[:, None]).exp_()
+    t = x.div_(softcap).tanh_()
+    slope = 1 - t * t
+    return t.mul_(softcap).sub_(lse[:, None]).exp_().mul_(slope)
 
 
 def _slice(w: Tensor, b: Tensor | None, v0: int, vocab: int, dtype: torch.dtype):
@@ -236,8 +266,10 @@ def _logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 
 def fused_linear_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor,
-                                   max_chunk_logits: int | None = None, bias: Tensor | None = None) -> Tensor:
-    """sequence_logprobs(hidden @ weight.T + bias, labels, mask) without the [N, T, V] logits.
+                                   max_chunk_logits: int | None = None, bias: Tensor | None = None,
+                                   softcap: float | None = None) -> Tensor:
+    """sequence_logprobs(hidden @ weight.T + bias, labels, mask) without the [N, T, V] logits (with softcap, of
+    softcap * tanh(logits / softcap), as Gemma 2's heads write them).
 
     hidden [N, T, H], weight [V, H] (the output head, tied or not), bias [V] or None. Only the scored tokens (mask) go
     through the head, in blocks of at most max_chunk_logits logits, forward and backward (_ChunkedHeadLogprobs): the
@@ -251,9 +283,10 @@ def fused_linear_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tenso
         raise ValueError(f"weight must be [V, {hidden.shape[2]}], got shape {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != weight.shape[:1]:
         raise ValueError(f"bias must be [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+    check_softcap(softcap)
     scored = mask.bool()
     rows = scored.nonzero()[:, 0]  # the sequence of each scored token
     tokens = _ChunkedHeadLogprobs.apply(hidden[scored], weight, bias, labels[scored].long(),
-                                        max_chunk_logits or MAX_CHUNK_LOGITS)
+                                        max_chunk_logits or MAX_CHUNK_LOGITS, softcap)
     tokens = tokens * mask[scored].to(tokens.dtype)  # a float mask weighs its tokens
     return tokens.new_zeros(hidden.shape[0]).index_add(0, rows, tokens)
