@@ -144,7 +144,7 @@ def _block_shape(rows: int, V: int, H: int, sliced: bool, budget: int) -> tuple[
 class _ChunkedHeadLogprobs(torch.autograd.Function):
     """log softmax(h @ w.T + b)[label] of each row of h [R, H] under a head w [V, H] (any float dtype), in blocks of
     (tokens x vocabulary slice): the log-sum-exp is kept online across slices, so memory beyond the inputs and their
-    gradients is one block of logits (under a softcap, two half blocks: the logits and the cap's slope), one slice of a
+    gradients is one block of logits (two in a softcapped backward, or a kept one: the cap's slope), one slice of a
     half-precision head (fp32 on the CPU) and its fp32 gradient, and a per-token [R, H] gradient: never R x V, nor
     V x H in fp32, whatever the vocabulary. Logits and sums are fp32 (fp64 for fp64 inputs). A single block keeps its
     softmax for backward (no second matmul); otherwise forward keeps one log-sum-exp per row and backward recomputes
@@ -158,24 +158,25 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
         ctx.half = _half_operands(h, w)  # the backward multiplies as the forward did
         operands = h.dtype if ctx.half else dtype
         hc, ho = h.to(dtype), h.to(operands)
-        rows, vocab = _block_shape(R, V, H, w.dtype != dtype, budget if softcap is None else max(1, budget // 2))
+        rows, vocab = _block_shape(R, V, H, w.dtype != dtype, budget)
         m, s, probs = hc.new_full((R,), float("-inf")), hc.new_zeros(R), None
         for v0 in range(0, V, vocab):
             ws, bs = _slice(w, b, v0, vocab, operands)
             for r0 in range(0, R, rows):
                 r1 = r0 + rows
-                x, slope = _capped(_logits(ho[r0:r1], ws, bs), softcap)
+                keep = rows >= R and vocab >= V  # one block: its softmax kept for backward
+                x, slope = _capped(_logits(ho[r0:r1], ws, bs), softcap, keep)
                 top = torch.maximum(m[r0:r1], x.amax(-1))
                 total = x.sub_(top[:, None]).exp_().sum(-1)  # x is now exp(logits - top): in place, one block
                 s[r0:r1] = s[r0:r1] * (m[r0:r1] - top).exp() + total
                 m[r0:r1] = top
-                if rows >= R and vocab >= V:  # kept: the softmax times the cap's slope, d logp / d raw logits
+                if keep:  # the softmax times the cap's slope: d logp / d raw logits
                     probs = x.div_(total[:, None]) if slope is None else x.div_(total[:, None]).mul_(slope)
         lse = m + s.log()
         picked = (hc * w[labels].to(dtype)).sum(-1)  # each row's own logit, without a gather from the blocks
         if b is not None:
             picked = picked + b[labels].to(dtype)
-        picked, label_slope = _capped(picked, softcap)
+        picked, label_slope = _capped(picked, softcap, True)
         ctx.save_for_backward(h, w, b, labels, lse, probs, label_slope)
         ctx.block, ctx.softcap = (rows, vocab), softcap
         return picked - lse
@@ -225,22 +226,28 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
         return None if grad_h is None else grad_h.to(h.dtype), grad_w, grad_b, None, None, None
 
 
-def _capped(x: Tensor, softcap: float | None) -> tuple[Tensor, Tensor | None]:
-    """(softcap * tanh(x / softcap), its slope 1 - tanh^2) in place of x (Gemma 2's final_logit_softcapping);
-    (x, None) without a cap."""
+def _capped(x: Tensor, softcap: float | None, slope: bool) -> tuple[Tensor, Tensor | None]:
+    """softcap * tanh(x / softcap) in place of x (Gemma 2's final_logit_softcapping), and if asked its slope
+    1 - tanh^2 (a tensor of x's size); (x, None) without a cap."""
     if softcap is None:
         return x, None
     t = x.div_(softcap).tanh_()
-    slope = 1 - t * t
-    return t.mul_(softcap), slope
+    d = _slope(t) if slope else None  # before t becomes the capped logits
+    return t.mul_(softcap), d
+
+
+def _slope(t: Tensor) -> Tensor:
+    """1 - t^2 in one new tensor."""
+    return torch.square(t).neg_().add_(1)
 
 
 def _softmax_slope(x: Tensor, lse: Tensor, softcap: float | None) -> Tensor:
-    """softmax(capped logits) times the cap's slope, from the raw logits x of a block (in place of x)."""
+    """softmax(capped logits) times the cap's slope, from the raw logits x of a block (in place of x; under a cap
+    the slope is a second block)."""
     if softcap is None:
         return x.sub_(lse[:, None]).exp_()
     t = x.div_(softcap).tanh_()
-    slope = 1 - t * t
+    slope = _slope(t)
     return t.mul_(softcap).sub_(lse[:, None]).exp_().mul_(slope)
 
 
