@@ -71,3 +71,38 @@ def test_a_softcap_that_is_not_a_positive_number_is_refused(softcap):
     for fn in (torch_path.fused_linear_sequence_logprobs, fused_linear_sequence_logprobs_triton):
         with pytest.raises(ValueError, match=re.escape(f"softcap must be None or a positive number, got {softcap!r}")):
             fn(hidden, weight, labels, mask, softcap=softcap)
+
+
+def test_a_softcapped_captioner_gives_the_same_logprobs_and_gradients_on_every_path(vlm_folders):
+    """The tiny PaliGemma 2 (its cap read from the folder) through its own forward: the chunked torch head, the Triton
+    head kernel (fused, in the interpreter) and the Triton log-prob kernel over the materialised capped logits agree,
+    values and the head's gradient; and a cap ignored would not."""
+    from PIL import Image
+
+    from dico_scale.config import load_config
+    from dico_scale.models import build_captioner
+    from dico_scale.models.tiny_vlm import prompt_overrides
+
+    cfg = load_config("configs/demo/xe.yaml", ["evaluator.weights=", "captioner.image_encoder_weights=",
+                                                "train.init_from=", "captioner.model=hf_vlm",
+                                                f"captioner.hf_path={vlm_folders['paligemma2']}",
+                                                *prompt_overrides("paligemma2")])
+    cap = build_captioner(cfg)
+    assert cap.logit_softcap == 30.0
+    ims = [Image.new("RGB", (40, 30), c) for c in ("red", "navy")]
+    pixels = cap.preprocess.collate([cap.preprocess(im) for im in ims])
+    tokens = cap.tokenizer.batch(["a red circle at the top", "two small blue stars"], 20)
+    results = {}
+    for name, kw in {"torch": dict(kernel="torch"), "fused": dict(kernel="triton", fused=True),
+                     "logits": dict(kernel="triton")}.items():
+        cap.zero_grad()
+        logps = cap(tokens, pixels=pixels, output="logprobs", **kw)
+        logps.sum().backward()
+        results[name] = logps.detach(), cap.head_weight.grad.clone()
+    for name in ("fused", "logits"):
+        torch.testing.assert_close(results[name][0], results["torch"][0], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(results[name][1], results["torch"][1], rtol=1e-4, atol=1e-5)
+    cap.logit_softcap = None
+    with torch.no_grad():
+        plain = cap(tokens, pixels=pixels, output="logprobs", kernel="torch")
+    assert (plain - results["torch"][0]).abs().min() > 0.1
