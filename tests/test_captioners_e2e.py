@@ -1,10 +1,10 @@
 """Every Hugging Face captioner row through the real loop on 2 CPU ranks, in one launch of
 tests/distributed/captioners_check.py: xe -> dico -> scst (ZeRO-2) per family (vit-gpt2 and BLIP on
-hf_encoder_decoder, the DiCO reference's layout on dico_ref, Idefics3, Gemma 3, Qwen3-VL, LLaVA-NeXT, InternVL and
-Qwen2-VL on hf_vlm), dico in bf16, a ZeRO-3 dico run stopped and resumed on the same MLflow run, Qwen2-VL dico with
-LoRA under ZeRO-3, an Idefics3 dico run with LoRA killed (SIGKILL) and resumed; then caption and evaluate on the
-exports, the exported transformers folder (hf/) generating the captions dico_scale.caption prints, and a LoRA
-run's adapters (peft) equal to its merged export."""
+hf_encoder_decoder, the DiCO reference's layout on dico_ref, Idefics3, Gemma 3, Qwen3-VL, LLaVA-NeXT, InternVL,
+PaliGemma 2 and Qwen2-VL on hf_vlm), dico in bf16, a ZeRO-3 dico run stopped and resumed on the same MLflow run,
+Qwen2-VL dico with LoRA under ZeRO-3, an Idefics3 dico run with LoRA killed (SIGKILL) and resumed; then caption and
+evaluate on the exports, the exported transformers folder (hf/) generating the captions dico_scale.caption prints, and
+a LoRA run's adapters (peft) equal to its merged export."""
 import json
 import math
 import os
@@ -19,10 +19,11 @@ from PIL import Image
 
 pytestmark = pytest.mark.distributed
 
-# the last six: vision-language models (Gemma 3: bidirectional image attention, sliding windows, a tied head;
+# the last seven: vision-language models (Gemma 3: bidirectional image attention, sliding windows, a tied head;
 # Qwen3-VL: deepstack, interleaved mrope; LLaVA-NeXT: anyres tiles zero-padded per batch; InternVL: every image's tiles
-# in one list); the last one also trains LoRA under ZeRO-3
-FAMILIES = ("vit-gpt2", "blip", "dico-ref", "idefics3", "gemma3", "qwen3-vl", "llava-next", "internvl", "paligemma",
+# in one list; PaliGemma 2: a prefix-LM on a Gemma 2 whose logits are softcapped, eager attention); the last one also
+# trains LoRA under ZeRO-3
+FAMILIES = ("vit-gpt2", "blip", "dico-ref", "idefics3", "gemma3", "qwen3-vl", "llava-next", "internvl", "paligemma2",
             "qwen2-vl")
 HF = ("vit-gpt2", "blip")  # the encoder-decoder rows whose export has a transformers folder
 VLM = ("idefics3", "qwen2-vl", "llava-next")
