@@ -65,7 +65,7 @@ def test_the_triton_path_with_a_bias_and_a_softcap_caps_after_the_bias():
     check_against_float64(fn, hidden, weight, labels, mask, 1e-4, bias=b, softcap=10.0)
 
 
-@pytest.mark.parametrize("softcap", [0.0, -30.0, float("nan"), float("inf"), "30"])
+@pytest.mark.parametrize("softcap", [0.0, -30.0, float("nan"), float("inf"), "30", True])
 def test_a_softcap_that_is_not_a_positive_number_is_refused(softcap):
     hidden, weight, labels, mask = capped_batch(2, 3, 50, 8, seed=6)
     for fn in (torch_path.fused_linear_sequence_logprobs, fused_linear_sequence_logprobs_triton):

@@ -97,10 +97,14 @@ def vlm_problem(config: dict, path: str) -> str | None:
 def logit_softcap(config, path: str) -> float | None:
     """The text model's final_logit_softcapping from a transformers config, defaults resolved (config.json leaves a
     default out: PaliGemma 2's Gemma 2 text model softcaps at 30.0 without saying so); None: plain logits."""
+    from ..kernels.torch_path import check_softcap  # the heads' own check
+
     cap = getattr(config.get_text_config(), "final_logit_softcapping", None)
-    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < float("inf")):
+    try:
+        check_softcap(cap)
+    except ValueError:
         raise ConfigError(f"captioner.hf_path '{path}': final_logit_softcapping={cap!r} in its text config is not a "
-                          "positive number (or null)")
+                          "positive number (or null)") from None
     return None if cap is None else float(cap)
 
 

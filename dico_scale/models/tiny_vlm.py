@@ -342,6 +342,7 @@ def paligemma(width: int, layers: int, heads: int, image_size: int, vocab_size: 
     "<image>...<bos>caption en\n", and the whole of it (image, prompt and its last "\n") attends both ways (a prefix-LM:
     token_type_ids 0), the caption after it causally. Gemma text model (version "2": Gemma 2, its softcaps left at
     their defaults, as PaliGemma 2's config.json does), tied head, positions counted from 1."""
+    import torch
     from transformers import (PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
                               SiglipImageProcessor)
 
@@ -361,8 +362,6 @@ def paligemma(width: int, layers: int, heads: int, image_size: int, vocab_size: 
     vision = _vision_config("siglip_vision_model", width, layers, heads, image_size, vision_use_head=False)
     config = PaliGemmaConfig(text_config=text, vision_config=vision, image_token_index=ids["<image>"],
                              vocab_size=len(tok), projection_dim=width, hidden_size=width, pad_token_id=ids["<pad>"])
-    import torch
-
     model = PaliGemmaForConditionalGeneration(config)
     if version == "2":  # logits of a trained model's size (tens), where the cap at 30 bends them: the final norm's
         with torch.no_grad():  # gain (Gemma's norms scale by 1 + weight), not the tied embedding the inputs read too

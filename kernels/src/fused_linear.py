@@ -84,6 +84,18 @@ def _cap(x, SOFTCAP: tl.constexpr):
     return SOFTCAP * tl.where(x < 0, -t, t)
 
 
+@triton.jit
+def _grad_probs(x, lse, ok, SOFTCAP: tl.constexpr):
+    """d log-softmax / d raw logits' dense part of a tile of raw logits x: softmax(capped x) (lse broadcast to x),
+    under a softcap times the cap's slope 1 - tanh^2; 0 where not ok."""
+    if SOFTCAP > 0:
+        x = _cap(x, SOFTCAP)
+    p = tl.where(ok, tl.exp(x - lse), 0.0)
+    if SOFTCAP > 0:
+        p = p * (1.0 - (x / SOFTCAP) * (x / SOFTCAP))
+    return p
+
+
 @_tuned(_FWD_CONFIGS, key=["H"])
 @triton.jit
 def _lse_kernel(h_ptr, urow_ptr, w_ptr, part_ptr, U, V, H, split_len, stride_h, stride_w,
@@ -156,20 +168,12 @@ def _bwd_kernel(h_ptr, urow_ptr, w_ptr, lse_ptr, coef_ptr, g_ptr, d_ptr, U, H, v
     x = _logits_tile(h_ptr, hrows, row_ok, w_ptr, cols64, col_ok, H, stride_h, stride_w,
                      BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    if SOFTCAP > 0:
-        x = _cap(x, SOFTCAP)
-    p = tl.where(row_ok[:, None] & col_ok[None, :], tl.exp(x - lse[:, None]), 0.0)
-    if SOFTCAP > 0:
-        p = p * (1.0 - (x / SOFTCAP) * (x / SOFTCAP))
+    p = _grad_probs(x, lse[:, None], row_ok[:, None] & col_ok[None, :], SOFTCAP)
     coef = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
     if TRANSPOSE_FREE:  # the same probabilities [BLOCK_N, BLOCK_M], transposed by the matmul's operand order
         xt = _logits_tile(w_ptr, cols64, col_ok, h_ptr, hrows, row_ok, H, stride_w, stride_h,
                           BLOCK_N, BLOCK_M, BLOCK_K, UPCAST, PRECISION)
-        if SOFTCAP > 0:
-            xt = _cap(xt, SOFTCAP)
-        pct = tl.where(col_ok[:, None] & row_ok[None, :], tl.exp(xt - lse[None, :]), 0.0) * coef[None, :]
-        if SOFTCAP > 0:
-            pct = pct * (1.0 - (xt / SOFTCAP) * (xt / SOFTCAP))
+        pct = _grad_probs(xt, lse[None, :], col_ok[:, None] & row_ok[None, :], SOFTCAP) * coef[None, :]
     else:
         pct = tl.trans(p * coef[:, None])
     # Both probability operands are cast once, to the input dtype (bf16 on GPU: tensor cores,

@@ -112,7 +112,8 @@ def dico_loss(
 
 def check_softcap(softcap: float | None) -> None:
     """A logit softcap is None (off) or a positive finite number; shared with the Triton head."""
-    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < float("inf")):
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not 0 < softcap < float("inf")):
         raise ValueError(f"softcap must be None or a positive number, got {softcap!r}")
 
 
@@ -160,11 +161,11 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
         hc, ho = h.to(dtype), h.to(operands)
         rows, vocab = _block_shape(R, V, H, w.dtype != dtype, budget)
         m, s, probs = hc.new_full((R,), float("-inf")), hc.new_zeros(R), None
+        keep = rows >= R and vocab >= V  # one block: its softmax kept for backward
         for v0 in range(0, V, vocab):
             ws, bs = _slice(w, b, v0, vocab, operands)
             for r0 in range(0, R, rows):
                 r1 = r0 + rows
-                keep = rows >= R and vocab >= V  # one block: its softmax kept for backward
                 x, slope = _capped(_logits(ho[r0:r1], ws, bs), softcap, keep)
                 top = torch.maximum(m[r0:r1], x.amax(-1))
                 total = x.sub_(top[:, None]).exp_().sum(-1)  # x is now exp(logits - top): in place, one block
@@ -244,11 +245,9 @@ def _slope(t: Tensor) -> Tensor:
 def _softmax_slope(x: Tensor, lse: Tensor, softcap: float | None) -> Tensor:
     """softmax(capped logits) times the cap's slope, from the raw logits x of a block (in place of x; under a cap
     the slope is a second block)."""
-    if softcap is None:
-        return x.sub_(lse[:, None]).exp_()
-    t = x.div_(softcap).tanh_()
-    slope = _slope(t)
-    return t.mul_(softcap).sub_(lse[:, None]).exp_().mul_(slope)
+    x, slope = _capped(x, softcap, True)
+    x.sub_(lse[:, None]).exp_()
+    return x if slope is None else x.mul_(slope)
 
 
 def _slice(w: Tensor, b: Tensor | None, v0: int, vocab: int, dtype: torch.dtype):
