@@ -5,9 +5,9 @@ time, measured side by side at world size 2 on the CPU; then the per-GPU figures
     python benchmarks/memory.py --config configs/coco/dico.yaml --steps 2     # the COCO model sizes (slow on a CPU)
     python benchmarks/memory.py --vlm --json runs/bench/memory_vlm.json      # vision-language captioners, projected
 
---vlm projects a DiCO step of 2B- to 8B-class vision-language captioners (SmolVLM, Qwen2-VL, Qwen3-VL, Gemma 3; full or
-LoRA, separate or adapter-disabled reference, ZeRO-2 or 3, 1 x 8 or 8 x 8 GPUs) against 80 and 141 GB GPUs:
-benchmarks/vlm_memory.py.
+--vlm projects a DiCO step of 2B- to 10B-class vision-language captioners (SmolVLM, Qwen2-VL, Qwen3-VL, Gemma 3,
+LLaVA-NeXT, PaliGemma 2; full or LoRA, separate or adapter-disabled reference, ZeRO-2 or 3, 1 x 8 or 8 x 8 GPUs)
+against 80 and 141 GB GPUs: benchmarks/vlm_memory.py.
 
 Measured: the dico stage built as train.py builds it (build_stage, build_engine, build_frozen), trained on random
 images; after the backward of the last step, before its optimizer step, every live tensor of the process is found

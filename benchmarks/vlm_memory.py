@@ -16,12 +16,16 @@ Parameters are counted on transformers models built on the meta device from conf
   buckets     DeepSpeed's communication buffers at our configs/deepspeed settings.
 peak = states + max(generation, training) + buckets. The activation bytes per token and layer are itemised from what
 autograd saves in our hf_vlm forward (listed with saved_tensors_hooks on tiny models of each family: the norms differ,
-Qwen3 and Gemma 3 add q / k norms, keys and values are saved repeated to every query head) and checked against a
-measurement on tiny GQA models at every run (`validate`): the table prints measured / formula.
+Qwen3 and Gemma 3 add q / k norms, keys and values are saved repeated to every query head, SDPA saves each layer's
+copy of the attention mask, Gemma 2's eager attention its scores per head and (query, key) pair) and checked against a
+measurement on tiny GQA models at every run (`validate`): the table prints measured / formula. The formula counts a
+padded batch (prompts of different lengths: COCO's images differ in shape), which has an attention mask; prompts all
+of one length need none in the prefill, and save less (Idefics3: 5%).
 """
 from __future__ import annotations
 
 import tempfile
+from typing import NamedTuple
 
 BYTES = 2  # bf16
 GIB = 2**30
@@ -79,6 +83,21 @@ MODELS = {
                   num_attention_heads=32, num_key_value_heads=8, vocab_size=32064, tie_word_embeddings=False),
         vision=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                     num_attention_heads=16, patch_size=14, image_size=336, projection_dim=768)),
+    # PaliGemma 2 (paligemma2-3b-pt-224 / -448, paligemma2-10b-pt-448): SigLIP so400m at a fixed size, 14-pixel
+    # patches (224: 256 image tokens, 448: 1,024; + "<bos>caption en\n", 4 tokens, no chat template), Gemma 2 text
+    # models (V = 257,216, tied head) whose attention softcap keeps transformers on eager attention: every layer
+    # saves its [heads, queries, keys] scores, so the prompt's length counts squared.
+    **{name: dict(family="paligemma2", prompt_tokens=(image // 14) ** 2 + 4,
+                  text=dict(model_type="gemma2", hidden_size=width, intermediate_size=4 * width,
+                            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
+                            head_dim=256, query_pre_attn_scalar=256, vocab_size=257216, tie_word_embeddings=True),
+                  vision=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                              num_hidden_layers=27, num_attention_heads=16, patch_size=14, image_size=image,
+                              projection_dim=width),
+                  projection_dim=width, vocab_size=257216, image_token_index=257152)
+       for name, width, layers, heads, image in (("PaliGemma-2-3B-224-like", 2304, 26, 8, 224),
+                                                 ("PaliGemma-2-3B-448-like", 2304, 26, 8, 448),
+                                                 ("PaliGemma-2-10B-448-like", 3584, 42, 16, 448))},
 }
 
 
@@ -89,7 +108,8 @@ def build_meta(spec: dict):
 
     prefix, extra = {"idefics3": ("Idefics3", ("scale_factor",)), "qwen2-vl": ("Qwen2VL", ()),
                      "qwen3-vl": ("Qwen3VL", ()), "gemma3": ("Gemma3", ("mm_tokens_per_image",)),
-                     "llava-next": ("LlavaNext", ())}[spec["family"]]
+                     "llava-next": ("LlavaNext", ()),
+                     "paligemma2": ("PaliGemma", ("projection_dim", "vocab_size", "image_token_index"))}[spec["family"]]
     config = getattr(transformers, prefix + "Config")(
         text_config=spec["text"], vision_config=spec["vision"], tie_word_embeddings=spec["text"]["tie_word_embeddings"],
         **{k: spec[k] for k in extra})
@@ -123,26 +143,44 @@ def head_dim(t: dict) -> int:
     return t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
 
 
+class Layer(NamedTuple):
+    """A family's decoder layer, as token_bytes counts it: RMSNorms a layer and their style, q / k norms, and the
+    attention transformers runs for it by default (eager: Gemma 2, whose attention softcap has no SDPA path)."""
+    norms: int = 2
+    style: str = "llama"
+    qk_norm: bool = False
+    eager: bool = False
+    attn_softcap: bool = False
+
+
+LAYERS = {"idefics3": Layer(), "qwen2-vl": Layer(), "qwen3-vl": Layer(qk_norm=True), "llava-next": Layer(),
+          "gemma3": Layer(norms=4, style="gemma", qk_norm=True),
+          "paligemma": Layer(style="gemma"),  # Gemma 1: two norms a layer
+          "paligemma2": Layer(norms=4, style="gemma", eager=True, attn_softcap=True)}
+
+
 def norm_bytes(width: int, rows: int, style: str, trains: bool) -> int:
     """Bytes an RMSNorm over `width` features saves per token: its fp32 input copy and one rsqrt per row; with a
     trained weight also the normalised input, bf16 (Llama, Qwen) or fp32 (Gemma multiplies in fp32)."""
     return 4 * width + 4 * rows + (width * (2 if style == "llama" else 4) if trains else 0)
 
 
-def token_bytes(t: dict, lora: bool, style: str = "llama", qk_norm: bool = False) -> int:
-    """Bytes autograd saves per prompt token and decoder layer (bf16): the RMSNorms (2 a layer; Gemma: 4, and q / k
-    norms on the head size in Qwen3 and Gemma 3); attention keeps q, the keys and values repeated to every query head
-    (transformers repeats them for SDPA under an attention mask, which our padded batches always have), the output
-    and an fp32 logsumexp per head; the MLP (SwiGLU / GeLU-gated) its gate, up, activation and product, of which frozen
-    weights need only the first three; trained linear layers their inputs; each LoRA target its dropped-out input,
-    dropout's scale and the rank-r projection."""
+def token_bytes(t: dict, lora: bool, layer: Layer = Layer()) -> int:
+    """Bytes autograd saves per prompt token and decoder layer (bf16): the RMSNorms (2 a layer; Gemma 2 and 3: 4, and
+    q / k norms on the head size in Qwen3 and Gemma 3); attention keeps q and the keys and values repeated to every
+    query head (transformers repeats them under an attention mask, which our padded batches always have), and SDPA
+    also the output and an fp32 logsumexp per head (eager keeps per-pair scores instead: pair_bytes); the MLP
+    (SwiGLU / GeLU-gated) its gate, up, activation and product, of which frozen weights need only the first three;
+    trained linear layers their inputs (o_proj's is SDPA's output, shared; eager's output is copied for it); each LoRA
+    target its dropped-out input, dropout's scale and the rank-r projection."""
     h, i, heads = t["hidden_size"], t["intermediate_size"], t["num_attention_heads"]
     hq, hkv = head_dim(t) * heads, kv_width(t)
     trains = not lora
-    norms = (2 if style == "llama" else 4) * norm_bytes(h, 1, style, trains)
-    if qk_norm:
-        norms += norm_bytes(hq, heads, style, trains) + norm_bytes(hkv, t["num_key_value_heads"], style, trains)
-    attention = BYTES * 4 * hq + 4 * heads
+    norms = layer.norms * norm_bytes(h, 1, layer.style, trains)
+    if layer.qk_norm:
+        norms += norm_bytes(hq, heads, layer.style, trains) + norm_bytes(hkv, t["num_key_value_heads"], layer.style,
+                                                                         trains)
+    attention = BYTES * 3 * hq + (BYTES * hq * trains if layer.eager else BYTES * hq + 4 * heads)
     if lora:  # base weights frozen: the linear layers' inputs are not kept; the adapters' are (o_proj's is hq wide)
         inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": hq}
         return norms + attention + BYTES * 3 * i + sum(BYTES * (2 * inputs[m] + LORA["r"]) for m in LORA["targets"])
@@ -150,24 +188,31 @@ def token_bytes(t: dict, lora: bool, style: str = "llama", qk_norm: bool = False
     return norms + attention + BYTES * (2 * h + 4 * i)
 
 
-# Each family's text layer, for token_bytes: (norm style, q / k norms)
-LAYERS = {"idefics3": ("llama", False), "qwen2-vl": ("llama", False), "qwen3-vl": ("llama", True),
-          "gemma3": ("gemma", True), "llava-next": ("llama", False)}
+def pair_bytes(t: dict, layer: Layer) -> int:
+    """Bytes a layer saves per (query, key) pair. SDPA: the attention mask converted to the queries' dtype, once a
+    layer (broadcast over the heads). Eager, per head: the bf16 probabilities (for their product with the values),
+    softmax's fp32 output and, under an attention softcap, tanh's output."""
+    if not layer.eager:
+        return BYTES
+    return t["num_attention_heads"] * (BYTES + 4 + (BYTES if layer.attn_softcap else 0))
 
 
 def layer_bytes(t: dict, prompt: int, lora: bool, family: str) -> int:
     """Saved bytes per decoder layer of one log-prob pass: the prompt's prefill (images x prompt tokens) and the
     continuation (images*k x caption tokens), whose attention keeps the keys and values of prompt + caption for every
-    candidate (the prompt's cache repeated k times), repeated to every query head."""
-    per = token_bytes(t, lora, *LAYERS[family])
+    candidate (the prompt's cache repeated k times), repeated to every query head; and what attention keeps per
+    (query, key) pair, the prefill's prompt x prompt and the continuation's caption x (prompt + caption)."""
+    layer = LAYERS[family]
+    per = token_bytes(t, lora, layer)
     kv = head_dim(t) * t["num_attention_heads"]
     n = IMAGES * K
-    return IMAGES * prompt * per + n * CAPTION * (per - 2 * kv * BYTES) + n * (prompt + CAPTION) * 2 * kv * BYTES
+    tokens = IMAGES * prompt * per + n * CAPTION * (per - 2 * kv * BYTES) + n * (prompt + CAPTION) * 2 * kv * BYTES
+    pairs = IMAGES * prompt * prompt + n * CAPTION * (prompt + CAPTION)
+    return tokens + pairs * pair_bytes(t, layer)
 
 
 def activations(t: dict, prompt: int, lora: bool, family: str) -> int:
-    mask = IMAGES * K * CAPTION * (prompt + CAPTION) * BYTES  # the 4-d attention mask, shared by the layers
-    return t["num_hidden_layers"] * layer_bytes(t, prompt, lora, family) + mask
+    return t["num_hidden_layers"] * layer_bytes(t, prompt, lora, family)
 
 
 def checkpointed_activations(t: dict, prompt: int, lora: bool, family: str) -> int:
@@ -177,8 +222,7 @@ def checkpointed_activations(t: dict, prompt: int, lora: bool, family: str) -> i
     hkv = kv_width(t)
     tokens = IMAGES * prompt + IMAGES * K * CAPTION
     kept = tokens * t["hidden_size"] * BYTES + (IMAGES + IMAGES * K) * prompt * 2 * hkv * BYTES
-    mask = IMAGES * K * CAPTION * (prompt + CAPTION) * BYTES
-    return t["num_hidden_layers"] * kept + layer_bytes(t, prompt, lora, family) + mask
+    return t["num_hidden_layers"] * kept + layer_bytes(t, prompt, lora, family)
 
 
 def generation(t: dict, prompt: int) -> int:
@@ -211,9 +255,9 @@ def project(name: str, spec: dict, c: dict, lora: bool, separate_reference: bool
 
 
 def validate(families=tuple(LAYERS)) -> list[dict]:
-    """Saved bytes per decoder layer of our hf_vlm log-prob forward on tiny random models (bf16, 8 images x 5
-    candidates x 30 tokens; 4 layers minus 2, halved; 4 query heads on 2 key/value heads), measured with
-    saved_tensors_hooks, against activations()."""
+    """Saved bytes per decoder layer of our hf_vlm log-prob forward on tiny random models (bf16, 8 images of two
+    shapes, so that the prompts pad where a family's image tokens vary, x 5 candidates x 30 tokens; 4 layers minus 2,
+    halved; 4 query heads on 2 key/value heads), measured with saved_tensors_hooks, against layer_bytes()."""
     import types
 
     import torch
@@ -223,7 +267,7 @@ def validate(families=tuple(LAYERS)) -> list[dict]:
     from dico_scale.models.hf_vlm import HFVLM
     from dico_scale.models.vlm_processor import load_processor
     from dico_scale.models.lora import add_lora
-    from dico_scale.models.tiny_vlm import write_vlm
+    from dico_scale.models.tiny_vlm import FAMILY_PROMPTS, write_vlm
 
     def saved(family, layers, lora):
         torch.manual_seed(0)
@@ -231,12 +275,14 @@ def validate(families=tuple(LAYERS)) -> list[dict]:
         config = AutoConfig.from_pretrained(folder)
         config.text_config.num_key_value_heads = 2  # GQA, as the real models: 4 query heads share 2 key/value heads
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-        cap = HFVLM(model, load_processor(folder), "Describe this image in one sentence.", folder, {"vision"})
+        prompt = FAMILY_PROMPTS.get(family, "Describe this image in one sentence.")
+        cap = HFVLM(model, load_processor(folder), prompt, folder, {"vision"})
         if lora:
             add_lora(cap, types.SimpleNamespace(r=LORA["r"], alpha=32.0, dropout=0.05,
                                                 target_modules=",".join(LORA["targets"]), modules_to_save=""))
         cap.to(torch.bfloat16).train()  # DeepSpeed's bf16 engine casts the adapters too
-        images = cap.preprocess.collate([cap.preprocess(Image.new("RGB", (128, 96), (20 * i, 90, 40)))
+        shapes = ((128, 96), (120, 40))
+        images = cap.preprocess.collate([cap.preprocess(Image.new("RGB", shapes[i % 2], (20 * i, 90, 40)))
                                          for i in range(IMAGES)])
         tokens = torch.randint(10, 300, (IMAGES * K, CAPTION + 1))
         tokens[tokens == cap.tokenizer.eos], tokens[:, 0] = 11, cap.tokenizer.bos
@@ -272,7 +318,7 @@ def main(json_path: str = "") -> list[dict]:
     checks = validate()
     print("activation bytes per decoder layer, tiny models (8 images x 5 candidates x 30 tokens, bf16):")
     for r in checks:
-        print(f"  {r['family']:<9} {'LoRA' if r['lora'] else 'full':<5} prompt {r['prompt_tokens']:>4} tokens: "
+        print(f"  {r['family']:<10} {'LoRA' if r['lora'] else 'full':<5} prompt {r['prompt_tokens']:>4} tokens: "
               f"measured {r['measured_layer_bytes'] / 2**20:.2f} MiB, formula {r['formula_layer_bytes'] / 2**20:.2f} "
               f"MiB, ratio {r['measured_over_formula']:.3f}")
     calibration = max(1.0, max(r["measured_over_formula"] for r in checks))

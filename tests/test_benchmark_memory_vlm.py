@@ -8,10 +8,12 @@ vlm_memory = pytest.importorskip("vlm_memory")
 
 
 def test_activation_formula_matches_what_autograd_saves_on_tiny_gqa_models():
-    """Qwen2-VL's layer and Gemma 3's (four norms computed in fp32, q / k norms, head size apart from the width), both
-    with 2 key/value heads under 4 query heads: the saved keys and values are the repeated ones."""
-    for row in vlm_memory.validate(families=("qwen2-vl", "gemma3")):
-        assert 0.97 <= row["measured_over_formula"] <= 1.12, row
+    """Qwen2-VL's layer, Gemma 3's (four norms computed in fp32, q / k norms, head size apart from the width) and
+    PaliGemma 2's (Gemma 2: eager attention, whose scores are saved per head, a softcap's tanh among them), all with 2
+    key/value heads under 4 query heads: the saved keys and values are the repeated ones, each SDPA layer keeps its
+    copy of the mask."""
+    for row in vlm_memory.validate(families=("qwen2-vl", "gemma3", "paligemma2")):
+        assert 0.97 <= row["measured_over_formula"] <= 1.03, row
 
 
 def test_the_layer_formula_follows_each_family():
@@ -58,3 +60,21 @@ def test_a_long_prompt_needs_recomputation():
     recomputed = vlm_memory.project("n", spec, c, lora=True, separate_reference=False, zero=3, world=8,
                                     checkpointing=True)
     assert not plain["fits"]["141 GB"] and recomputed["fits"]["80 GB"]
+
+
+def test_eager_attention_counts_the_prompt_squared():
+    """PaliGemma 2 runs eager attention (its attention softcap has no SDPA path), which saves every layer's scores:
+    at 448 pixels (1,024 image tokens) the 10B's log-prob pass fits no GPU without gradient checkpointing, not even
+    with LoRA on 141 GB, and fits 80 GB with it under ZeRO-3; the 3B at 224 fits 80 GB in every setting."""
+    t = vlm_memory.MODELS["PaliGemma-2-10B-448-like"]["text"]
+    eager, sdpa = ([vlm_memory.layer_bytes(t, p, True, f) for p in (256, 1024)] for f in ("paligemma2", "paligemma"))
+    assert eager[1] / eager[0] > 1.2 * sdpa[1] / sdpa[0]  # PaliGemma 1's Gemma layer runs SDPA
+
+    def rows(name, **kw):
+        spec = vlm_memory.MODELS[name]
+        c = vlm_memory.counts(spec)
+        return [vlm_memory.project(name, spec, c, lora=lora, separate_reference=not lora, zero=zero, world=8, **kw)
+                for lora in (False, True) for zero in (2, 3)]
+    assert not any(r["fits"]["141 GB"] for r in rows("PaliGemma-2-10B-448-like"))
+    assert all(r["fits"]["80 GB"] for r in rows("PaliGemma-2-10B-448-like", checkpointing=True) if r["zero"] == 3)
+    assert all(r["fits"]["80 GB"] for r in rows("PaliGemma-2-3B-224-like"))
