@@ -14,7 +14,7 @@ import yaml
 
 from .config import Config
 from .errors import ConfigError
-from .stages import STAGES
+from .stages import STAGES, captioner_stages
 
 
 def write_problem(folder) -> str | None:
@@ -190,6 +190,17 @@ def check_device(cfg: Config) -> None:
                           "there is one)")
 
 
+def check_flex_on_cpu(cfg: Config) -> None:
+    """PyTorch's FlexAttention has no backward on the CPU: a captioner trained there with it would stop at its first
+    step with NotImplementedError. Inference (evaluate, caption, the frozen reference) runs it."""
+    from .engine import uses_cpu
+
+    if (cfg.captioner.attn_implementation == "flex_attention" and cfg.train.stage in captioner_stages()
+            and uses_cpu(cfg)):
+        raise ConfigError(f"captioner.attn_implementation=flex_attention: PyTorch's FlexAttention has no backward on "
+                          f"the CPU, where this run trains (train.device={cfg.train.device}); sdpa or eager train here")
+
+
 def run_preflight(cfg: Config) -> None:
     rank = int(os.environ.get("RANK", "0"))
     check_device(cfg)
@@ -205,6 +216,7 @@ def run_preflight(cfg: Config) -> None:
         from .models.folders import check_attention
 
         check_attention(cfg.captioner.hf_path, cfg.captioner.attn_implementation)
+        check_flex_on_cpu(cfg)
     if cfg.captioner.model == "hf_vlm":
         from .models.vlm_processor import check_folder
 

@@ -152,6 +152,25 @@ def test_an_attention_the_model_or_machine_lacks_exits_2_with_one_line(tmp_path,
     assert code == 2 and len(err) == 1 and message in err[0], err
 
 
+
+@pytest.mark.parametrize("stage", ["xe", "dico"])
+def test_flex_attention_does_not_train_on_the_cpu(tmp_path, capsys, vlm_folders, stage):
+    """PyTorch's FlexAttention has no backward on the CPU (NotImplementedError at the first step): a run that trains
+    the captioner there with it is one line in preflight. PaliGemma 2 is where a user reaches for it (its Gemma 2
+    keeps every layer's attention scores under eager attention). The evaluator's stage builds no captioner."""
+    from dico_scale.config import load_config
+    from dico_scale.models.tiny_vlm import prompt_overrides
+    from dico_scale.preflight import check_flex_on_cpu
+
+    overrides = ["captioner.model=hf_vlm", f"captioner.hf_path={vlm_folders['paligemma2']}",
+                 *prompt_overrides("paligemma2"), "captioner.attn_implementation=flex_attention", "train.device=cpu"]
+    code, err = run_train(tmp_path, capsys, *overrides, f"train.stage={stage}")
+    assert code == 2 and err == ["dico_scale: config error: captioner.attn_implementation=flex_attention: PyTorch's "
+                                 "FlexAttention has no backward on the CPU, where this run trains (train.device=cpu); "
+                                 "sdpa or eager train here"], err
+    check_flex_on_cpu(load_config(BASE[1], BASE[2:] + overrides + ["train.stage=evaluator"]))
+
+
 def test_a_checkpoint_read_elsewhere_chooses_its_attention_again(tmp_path, vlm_folders):
     """A run trained with flash-attn on a GPU is evaluated, captioned or exported on a machine without it: the
     checkpoint's config reads back with transformers' choice, or the one the user's override names."""

@@ -229,7 +229,8 @@ def test_eager_attention_gives_the_same_candidates_and_logprobs(vlm_folders, fam
     """captioner.attn_implementation reaches every sub-model (text and vision), and the prompt's prefill, the expanded
     cache, the left padding of a mixed batch and teacher forcing give the same candidates and log-probs under eager
     attention as under transformers' default (sdpa): Idefics3's tiles; Gemma 3's bidirectional image attention, a
-    mask of its own. (flex_attention compiles through inductor, which fails on this CPU in torch 2.14.1.)"""
+    mask of its own. (flex_attention compiles through inductor, ~50 s for a tiny model's forward on this CPU, and
+    has no backward on a CPU: preflight refuses it for training there.)"""
     base = captioner(vlm_folders[family])
     tok, mixed, k = base.tokenizer, batch(base, images()), 3
     assert base.model.config._attn_implementation == "sdpa"
