@@ -4,10 +4,13 @@ time, measured side by side at world size 2 on the CPU; then the per-GPU figures
     python benchmarks/memory.py --json runs/bench/memory.json                 # demo config, 2 CPU ranks
     python benchmarks/memory.py --config configs/coco/dico.yaml --steps 2     # the COCO model sizes (slow on a CPU)
     python benchmarks/memory.py --vlm --json runs/bench/memory_vlm.json      # vision-language captioners, projected
+    python benchmarks/memory.py --vlm --folder /models/my-vlm [--prompt P --images 8 --candidates 5 --caption-tokens 30]
 
 --vlm projects a DiCO step of 2B- to 10B-class vision-language captioners (SmolVLM, Qwen2-VL, Qwen3-VL, Gemma 3,
 LLaVA-NeXT, PaliGemma 2; full or LoRA, separate or adapter-disabled reference, ZeRO-2 or 3, 1 x 8 or 8 x 8 GPUs)
-against 80 and 141 GB GPUs: benchmarks/vlm_memory.py.
+against 80 and 141 GB GPUs: benchmarks/vlm_memory.py. --folder projects your own model folder (captioner.hf_path)
+instead, at your images per GPU (train.micro_batch_size), candidates (generation.candidates) and caption length
+(generation.max_len), with your prompt (captioner.prompt).
 
 Measured: the dico stage built as train.py builds it (build_stage, build_engine, build_frozen), trained on random
 images; after the backward of the last step, before its optimizer step, every live tensor of the process is found
@@ -194,6 +197,11 @@ def main(argv=None) -> int:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--json", default="")
     p.add_argument("--vlm", action="store_true", help="project vision-language captioners (benchmarks/vlm_memory.py)")
+    p.add_argument("--folder", default="", help="--vlm: project this model folder (captioner.hf_path) alone")
+    p.add_argument("--prompt", default="Describe this image in one sentence.", help="--folder: captioner.prompt")
+    p.add_argument("--images", type=int, default=8, help="--vlm: images per GPU (train.micro_batch_size)")
+    p.add_argument("--candidates", type=int, default=5, help="--vlm: candidates per image (generation.candidates)")
+    p.add_argument("--caption-tokens", type=int, default=30, help="--vlm: caption tokens (generation.max_len)")
     p.add_argument("--worker-out", default="")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -203,8 +211,16 @@ def main(argv=None) -> int:
         return 0
     if args.vlm:
         import vlm_memory  # beside this file
+        from dico_scale.errors import ConfigError
 
-        vlm_memory.main(args.json)
+        if min(args.images, args.candidates, args.caption_tokens) < 1:
+            p.error("--images, --candidates and --caption-tokens must be at least 1")
+        try:
+            vlm_memory.main(args.json, args.folder, args.prompt,
+                            vlm_memory.Shape(args.images, args.candidates, args.caption_tokens))
+        except ConfigError as e:
+            print(f"memory.py: {e}", file=sys.stderr)
+            return 2
         return 0
     os.makedirs("runs/bench", exist_ok=True)
     tmp = os.path.abspath("runs/bench/memory_ranks.json")

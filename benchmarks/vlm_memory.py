@@ -34,7 +34,18 @@ HEADROOM = 3 * GIB  # CUDA context, allocator fragmentation
 EVALUATOR = 427_616_513  # open_clip ViT-L-14 (vision + text), counted on the meta device
 BLOCK_BYTES = (1 << 24) * 4  # the chunked head's block of fp32 logits, and its fp32 slice of the head weight
 BUCKETS = {2: (5e8 + 5e8) * BYTES, 3: (2 * 5e7 + 5e7) * BYTES}  # ZeRO-2 defaults; zero3.json, overlap_comm
-IMAGES, K, CAPTION = 8, 5, 30  # 8 images x k = 5 candidates x 30 caption tokens
+
+
+class Shape(NamedTuple):
+    """A GPU's log-prob pass: images (train.micro_batch_size) x k candidates (generation.candidates) x caption
+    tokens (generation.max_len)."""
+    images: int = 8
+    k: int = 5
+    caption: int = 30
+
+
+SHAPE = Shape()
+IMAGES, K, CAPTION = SHAPE  # the tiny models' check
 LORA = dict(r=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"))  # configs/smolvlm, configs/qwen2vl
 
 MODELS = {
@@ -124,7 +135,7 @@ def counts(spec: dict) -> dict:
 
     from dico_scale.models.hf_vlm import text_model, towers
 
-    model = build_meta(spec)
+    model = spec["meta"] if "meta" in spec else build_meta(spec)
     total = sum(p.numel() for p in model.parameters())
     vision = sum(p.numel() for tower in towers(model) for p in tower.parameters())
     text = text_model(model)
@@ -157,6 +168,13 @@ LAYERS = {"idefics3": Layer(), "qwen2-vl": Layer(), "qwen3-vl": Layer(qk_norm=Tr
           "gemma3": Layer(norms=4, style="gemma", qk_norm=True),
           "paligemma": Layer(style="gemma"),  # Gemma 1: two norms a layer
           "paligemma2": Layer(norms=4, style="gemma", eager=True, attn_softcap=True)}
+# A folder's text model by its config's model_type (--folder): the layer of the family whose tiny model has that text
+# model, which validate() measures (Mistral's layer is Llama's; Qwen3's is Qwen3-VL's text layer; Qwen2's (InternVL,
+# LLaVA-OneVision) and Qwen2.5-VL's are Qwen2-VL's)
+TEXT_LAYERS = {"llama": LAYERS["idefics3"], "mistral": LAYERS["llava-next"], "qwen2": LAYERS["qwen2-vl"],
+               "qwen2_vl_text": LAYERS["qwen2-vl"], "qwen2_5_vl_text": LAYERS["qwen2-vl"],
+               "qwen3": LAYERS["qwen3-vl"], "qwen3_vl_text": LAYERS["qwen3-vl"], "gemma3_text": LAYERS["gemma3"],
+               "gemma": LAYERS["paligemma"], "gemma2": LAYERS["paligemma2"]}
 
 
 def norm_bytes(width: int, rows: int, style: str, trains: bool) -> int:
@@ -197,41 +215,43 @@ def pair_bytes(t: dict, layer: Layer) -> int:
     return t["num_attention_heads"] * (BYTES + 4 + (BYTES if layer.attn_softcap else 0))
 
 
-def layer_bytes(t: dict, prompt: int, lora: bool, family: str) -> int:
+def layer_bytes(t: dict, prompt: int, lora: bool, family: str | Layer, shape: Shape = SHAPE) -> int:
     """Saved bytes per decoder layer of one log-prob pass: the prompt's prefill (images x prompt tokens) and the
     continuation (images*k x caption tokens), whose attention keeps the keys and values of prompt + caption for every
     candidate (the prompt's cache repeated k times), repeated to every query head; and what attention keeps per
     (query, key) pair, the prefill's prompt x prompt and the continuation's caption x (prompt + caption)."""
-    layer = LAYERS[family]
+    layer = family if isinstance(family, Layer) else LAYERS[family]
     per = token_bytes(t, lora, layer)
     kv = head_dim(t) * t["num_attention_heads"]
-    n = IMAGES * K
-    tokens = IMAGES * prompt * per + n * CAPTION * (per - 2 * kv * BYTES) + n * (prompt + CAPTION) * 2 * kv * BYTES
-    pairs = IMAGES * prompt * prompt + n * CAPTION * (prompt + CAPTION)
+    images, caption = shape.images, shape.caption
+    n = images * shape.k
+    tokens = images * prompt * per + n * caption * (per - 2 * kv * BYTES) + n * (prompt + caption) * 2 * kv * BYTES
+    pairs = images * prompt * prompt + n * caption * (prompt + caption)
     return tokens + pairs * pair_bytes(t, layer)
 
 
-def activations(t: dict, prompt: int, lora: bool, family: str) -> int:
-    return t["num_hidden_layers"] * layer_bytes(t, prompt, lora, family)
+def activations(t: dict, prompt: int, lora: bool, family: str | Layer, shape: Shape = SHAPE) -> int:
+    return t["num_hidden_layers"] * layer_bytes(t, prompt, lora, family, shape)
 
 
-def checkpointed_activations(t: dict, prompt: int, lora: bool, family: str) -> int:
+def checkpointed_activations(t: dict, prompt: int, lora: bool, family: str | Layer, shape: Shape = SHAPE) -> int:
     """The same with captioner.gradient_checkpointing (formula only: what a checkpoint keeps is not a saved tensor):
     each layer keeps its input states and the prompt's keys and values (once per image, and repeated for the k
     candidates, which the continuation's cache holds), and one layer's activations exist at a time in backward."""
     hkv = kv_width(t)
-    tokens = IMAGES * prompt + IMAGES * K * CAPTION
-    kept = tokens * t["hidden_size"] * BYTES + (IMAGES + IMAGES * K) * prompt * 2 * hkv * BYTES
-    return t["num_hidden_layers"] * kept + layer_bytes(t, prompt, lora, family)
+    n = shape.images * shape.k
+    tokens = shape.images * prompt + n * shape.caption
+    kept = tokens * t["hidden_size"] * BYTES + (shape.images + n) * prompt * 2 * hkv * BYTES
+    return t["num_hidden_layers"] * kept + layer_bytes(t, prompt, lora, family, shape)
 
 
-def generation(t: dict, prompt: int) -> int:
+def generation(t: dict, prompt: int, shape: Shape = SHAPE) -> int:
     hkv = kv_width(t)
-    return IMAGES * K * (prompt + CAPTION) * 2 * hkv * BYTES * t["num_hidden_layers"]
+    return shape.images * shape.k * (prompt + shape.caption) * 2 * hkv * BYTES * t["num_hidden_layers"]
 
 
 def project(name: str, spec: dict, c: dict, lora: bool, separate_reference: bool, zero: int, world: int,
-            calibration: float = 1.0, checkpointing: bool = False) -> dict:
+            calibration: float = 1.0, checkpointing: bool = False, shape: Shape = SHAPE) -> dict:
     from dico_scale.memory import account
 
     t = spec["text"]
@@ -241,10 +261,10 @@ def project(name: str, spec: dict, c: dict, lora: bool, separate_reference: bool
     states = account("captioner", params, trainable, zero, world, BYTES).total
     reference = account("reference", c["total"], 0, frozen_stage, world, BYTES).total if separate_reference else 0
     evaluator = account("evaluator", EVALUATOR, 0, frozen_stage, world, BYTES).total
-    head = BLOCK_BYTES * (2 if lora else 3) + 2 * IMAGES * K * CAPTION * t["hidden_size"] * 4
-    gen = generation(t, spec["prompt_tokens"]) + (params * BYTES if zero == 3 else 0)
+    head = BLOCK_BYTES * (2 if lora else 3) + 2 * shape.images * shape.k * shape.caption * t["hidden_size"] * 4
+    gen = generation(t, spec["prompt_tokens"], shape) + (params * BYTES if zero == 3 else 0)
     saved = (checkpointed_activations if checkpointing else activations)(t, spec["prompt_tokens"], lora,
-                                                                          spec["family"])
+                                                                          spec["family"], shape)
     train = int(saved * calibration) + head
     peak = states + reference + evaluator + max(gen, train) + BUCKETS[zero]
     return {"model": name, "lora": lora, "separate_reference": separate_reference, "zero": zero, "world": world,
@@ -308,40 +328,82 @@ def validate(families=tuple(LAYERS)) -> list[dict]:
     return rows
 
 
+def folder_spec(path: str, prompt: str) -> dict:
+    """A user's model folder (as captioner.hf_path) as a MODELS entry: the model built on the meta device from its
+    config (no weights read), its text model's layer (TEXT_LAYERS; transformers' default attention), and the prompt's
+    tokens for a 640 x 480 picture (COCO's usual size) through hf_vlm's own preprocessing with the folder's processor.
+    A folder hf_vlm cannot train, or a text model without a layer formula here: a ConfigError."""
+    import torch
+    from PIL import Image
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from dico_scale.errors import ConfigError
+    from dico_scale.models.folders import checked_config, vlm_problem
+    from dico_scale.models.hf_vlm import HFVLM
+    from dico_scale.models.vlm_processor import load_processor
+
+    checked_config(path, vlm_problem)
+    config = AutoConfig.from_pretrained(path)
+    text = config.get_text_config()
+    if text.model_type not in TEXT_LAYERS:
+        raise ConfigError(f"--folder '{path}': its text model '{text.model_type}' has no layer formula here "
+                          f"({', '.join(TEXT_LAYERS)})")
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    layer = TEXT_LAYERS[text.model_type]
+    if model.config.get_text_config()._attn_implementation != "eager":  # Gemma 2 without its softcap, say
+        layer = layer._replace(eager=False, attn_softcap=False)
+    cap = HFVLM(model, load_processor(path), prompt, path, {"vision"})
+    batch = cap.preprocess.collate([cap.preprocess(Image.new("RGB", (640, 480)))])
+    return {"family": layer, "meta": model, "prompt_tokens": batch["input_ids"].shape[1] - 1,
+            "text": text.to_dict() | {"head_dim": getattr(text, "head_dim", None)}}
+
+
 def gib(n: float) -> str:
     return f"{n / GIB:.1f}"
 
 
-def main(json_path: str = "") -> list[dict]:
+def table(name: str, spec: dict, calibration: float = 1.0, shape: Shape = SHAPE) -> list[dict]:
+    """Every setting of one model, printed and returned."""
+    c, rows = counts(spec), []
+    print(f"\n{name}: {c['total'] / 1e9:.2f} B parameters (vision tower {c['vision'] / 1e9:.2f} B, frozen), "
+          f"LoRA r={LORA['r']} on {'/'.join(LORA['targets'])}: {c['lora'] / 1e6:.1f} M; prompt "
+          f"{spec['prompt_tokens']} tokens; {shape.images} images x {shape.k} candidates x {shape.caption} tokens; "
+          "GiB per GPU, bf16:")
+    print(f"  {'setting':<48} {'GPUs':>5} {'states':>7} {'ref':>6} {'eval':>5} {'gen':>6} {'train':>6} "
+          f"{'peak':>6}  fits 80 GB / 141 GB")
+    settings = [(lora, separate, zero, world, False) for lora, separate in ((False, True), (True, True), (True, False))
+                for zero in (2, 3) for world in (8, 64)]
+    for lora, separate, zero, world, ckpt in settings + [(False, True, 3, 8, True), (True, False, 3, 8, True)]:
+        r = project(name, spec, c, lora, separate, zero, world, calibration, ckpt, shape)
+        rows.append(r | {"counts": c})
+        setting = f"{'LoRA' if lora else 'full'}, ref {'separate' if separate else 'adapters off'}, ZeRO-{zero}" \
+                  f"{', checkpointing' if ckpt else ''}"
+        print(f"  {setting:<48} {'1x8' if world == 8 else '8x8':>5} {gib(r['captioner_states']):>7} "
+              f"{gib(r['reference']):>6} {gib(r['evaluator']):>5} {gib(r['generation']):>6} "
+              f"{gib(r['training']):>6} {gib(r['peak']):>6}  "
+              f"{' / '.join('yes' if r['fits'][g] else 'no' for g in GPUS)}")
+    return rows
+
+
+def main(json_path: str = "", folder: str = "", prompt: str = "", shape: Shape = SHAPE) -> list[dict]:
+    """The tiny models' check and every model of MODELS; with `folder`, that model alone (the formula unscaled: the
+    check runs with the full command and in tests/test_benchmark_memory_vlm.py)."""
     import json
 
-    checks = validate()
-    print("activation bytes per decoder layer, tiny models (8 images x 5 candidates x 30 tokens, bf16):")
-    for r in checks:
-        print(f"  {r['family']:<10} {'LoRA' if r['lora'] else 'full':<5} prompt {r['prompt_tokens']:>4} tokens: "
-              f"measured {r['measured_layer_bytes'] / 2**20:.2f} MiB, formula {r['formula_layer_bytes'] / 2**20:.2f} "
-              f"MiB, ratio {r['measured_over_formula']:.3f}")
-    calibration = max(1.0, max(r["measured_over_formula"] for r in checks))
-    print(f"the projections' activations are the formula's x {calibration:.3f} (the largest ratio)")
-    rows = []
-    for name, spec in MODELS.items():
-        c = counts(spec)
-        print(f"\n{name}: {c['total'] / 1e9:.2f} B parameters (vision tower {c['vision'] / 1e9:.2f} B, frozen), "
-              f"LoRA r={LORA['r']} on {'/'.join(LORA['targets'])}: {c['lora'] / 1e6:.1f} M; prompt "
-              f"{spec['prompt_tokens']} tokens; GiB per GPU, bf16:")
-        print(f"  {'setting':<48} {'GPUs':>5} {'states':>7} {'ref':>6} {'eval':>5} {'gen':>6} {'train':>6} "
-              f"{'peak':>6}  fits 80 GB / 141 GB")
-        settings = [(lora, separate, zero, world, False) for lora, separate in ((False, True), (True, True), (True, False))
-                    for zero in (2, 3) for world in (8, 64)]
-        for lora, separate, zero, world, ckpt in settings + [(False, True, 3, 8, True), (True, False, 3, 8, True)]:
-            r = project(name, spec, c, lora, separate, zero, world, calibration, ckpt)
-            rows.append(r | {"counts": c})
-            setting = f"{'LoRA' if lora else 'full'}, ref {'separate' if separate else 'adapters off'}, ZeRO-{zero}" \
-                      f"{', checkpointing' if ckpt else ''}"
-            print(f"  {setting:<48} {'1x8' if world == 8 else '8x8':>5} {gib(r['captioner_states']):>7} "
-                  f"{gib(r['reference']):>6} {gib(r['evaluator']):>5} {gib(r['generation']):>6} "
-                  f"{gib(r['training']):>6} {gib(r['peak']):>6}  "
-                  f"{' / '.join('yes' if r['fits'][g] else 'no' for g in GPUS)}")
+    if folder:
+        rows = table(folder, folder_spec(folder, prompt), shape=shape)
+        checks, calibration = [], 1.0
+    else:
+        checks = validate()
+        print("activation bytes per decoder layer, tiny models (8 images x 5 candidates x 30 tokens, bf16):")
+        for r in checks:
+            print(f"  {r['family']:<10} {'LoRA' if r['lora'] else 'full':<5} prompt {r['prompt_tokens']:>4} tokens: "
+                  f"measured {r['measured_layer_bytes'] / 2**20:.2f} MiB, formula "
+                  f"{r['formula_layer_bytes'] / 2**20:.2f} MiB, ratio {r['measured_over_formula']:.3f}")
+        calibration = max(1.0, max(r["measured_over_formula"] for r in checks))
+        print(f"the projections' activations are the formula's x {calibration:.3f} (the largest ratio)")
+        rows = [r for name, spec in MODELS.items() for r in table(name, spec, calibration, shape)]
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"validation": checks, "calibration": calibration, "projections": rows}, f, indent=1)

@@ -78,3 +78,51 @@ def test_eager_attention_counts_the_prompt_squared():
     assert not any(r["fits"]["141 GB"] for r in rows("PaliGemma-2-10B-448-like"))
     assert all(r["fits"]["80 GB"] for r in rows("PaliGemma-2-10B-448-like", checkpointing=True) if r["zero"] == 3)
     assert all(r["fits"]["80 GB"] for r in rows("PaliGemma-2-3B-224-like"))
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "paligemma2"])
+def test_a_model_folder_is_projected_with_its_family_layer_and_prompt(vlm_folders, family):
+    """--folder: a user's folder counts as its text model's family (Gemma 2: eager attention, the scores), its
+    parameters are the loaded model's, and its prompt is what hf_vlm's preprocessing makes of a 640 x 480 picture."""
+    from PIL import Image
+
+    from dico_scale.config import load_config
+    from dico_scale.models import build_captioner
+    from dico_scale.models.tiny_vlm import FAMILY_PROMPTS, prompt_overrides
+
+    folder = vlm_folders[family]
+    prompt = FAMILY_PROMPTS.get(family, "Describe this image in one sentence.")
+    spec = vlm_memory.folder_spec(folder, prompt)
+    assert spec["family"] == vlm_memory.LAYERS[family]
+    cfg = load_config("configs/demo/xe.yaml", ["captioner.model=hf_vlm", f"captioner.hf_path={folder}",
+                                               "evaluator.weights=", "captioner.image_encoder_weights=",
+                                               *prompt_overrides(family)])
+    cap = build_captioner(cfg)
+    batch = cap.preprocess.collate([cap.preprocess(Image.new("RGB", (640, 480)))])
+    assert spec["prompt_tokens"] == batch["input_ids"].shape[1] - 1
+    assert vlm_memory.counts(spec)["total"] == sum(p.numel() for p in cap.model.parameters())
+    rows = vlm_memory.table(family, spec, shape=vlm_memory.Shape(2, 3, 10))
+    t = cap.model.config.get_text_config().to_dict()
+    full = next(r for r in rows if not r["lora"] and r["zero"] == 2 and r["world"] == 8 and not r["checkpointing"])
+    saved = vlm_memory.activations(t, spec["prompt_tokens"], False, family, vlm_memory.Shape(2, 3, 10))
+    # + the chunked head's blocks and the 2 x 3 x 10 scored tokens' fp32 rows and gradients
+    assert full["training"] == saved + 3 * vlm_memory.BLOCK_BYTES + 2 * (2 * 3 * 10) * t["hidden_size"] * 4
+
+
+def test_a_folder_without_a_layer_formula_is_one_line(tmp_path, vlm_folders, capsys):
+    """A text model whose layer the check does not measure (a LLaVA on Phi-3), or no model folder: exit 2, one line."""
+    import json
+    import shutil
+
+    import memory  # benchmarks/memory.py, the command
+
+    folder = tmp_path / "llava-phi3"
+    shutil.copytree(vlm_folders["llava"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["model_type"] = "phi3"
+    (folder / "config.json").write_text(json.dumps(config))
+    for path, message in ((folder, "its text model 'phi3' has no layer formula here"),
+                          (tmp_path / "none", "is not a transformers checkpoint folder (no config.json)")):
+        assert memory.main(["--vlm", "--folder", str(path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
