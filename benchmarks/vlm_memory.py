@@ -1,5 +1,6 @@
 """Per-GPU memory of a DiCO step with a vision-language captioner (captioner.model=hf_vlm), projected: which settings
-fit 80 GB and 141 GB GPUs. Run as `python benchmarks/memory.py --vlm [--json F]`.
+fit 80 GB and 141 GB GPUs. Run as `python benchmarks/memory.py --vlm [--json F]`, or for a model folder of your own
+at your batch, `... --vlm --folder PATH [--prompt P --images N --candidates K --caption-tokens T]` (folder_spec).
 
 Parameters are counted on transformers models built on the meta device from configs of the real checkpoints' sizes
 (no weights, no download). Per GPU, in bf16 with fp32 Adam (dico_scale.memory's accounting):
