@@ -15,39 +15,33 @@ Parameters are counted on transformers models built on the meta device from conf
               vocabulary slice of the head weight (+ its fp32 gradient when the head trains), and the scored tokens'
               fp32 head rows and state gradients.
   buckets     DeepSpeed's communication buffers at our configs/deepspeed settings.
-peak = states + max(generation, training) + buckets. The activation bytes per token and layer are itemised from what
-autograd saves in our hf_vlm forward (listed with saved_tensors_hooks on tiny models of each family: the norms differ,
-Qwen3 and Gemma 3 add q / k norms, keys and values are saved repeated to every query head, SDPA saves each layer's
-copy of the attention mask, Gemma 2's eager attention its scores per head and (query, key) pair) and checked against a
-measurement on tiny GQA models at every run (`validate`): the table prints measured / formula. The formula counts a
-padded batch (prompts of different lengths: COCO's images differ in shape), which has an attention mask; prompts all
-of one length need none in the prefill, and save less (Idefics3: 5%).
+peak = states + max(generation, training) + buckets. The activation bytes per token and layer are
+dico_scale.activations' formula (itemised from what autograd saves in our hf_vlm forward, listed with
+saved_tensors_hooks on tiny models of each family: the norms differ, Qwen3 and Gemma 3 add q / k norms, keys and
+values are saved repeated to every query head, SDPA saves each layer's copy of the attention mask, eager attention
+its scores per head and (query, key) pair), checked against a measurement on tiny GQA models at every run
+(`validate`): the table prints measured / formula. The formula counts a padded batch (prompts of different lengths:
+COCO's images differ in shape), which has an attention mask; prompts all of one length need none in the prefill, and
+save less (Idefics3: 5%).
 """
 from __future__ import annotations
 
 import tempfile
-from typing import NamedTuple
 
-BYTES = 2  # bf16
+from dico_scale.activations import (BYTES, LAYERS, LORA_TARGETS, Layer, LoRA, Shape, activations,
+                                    checkpointed_activations, head_bytes, kv_width, layer_bytes, prompt_tokens,
+                                    text_config, text_layer)
+
 GIB = 2**30
 GPUS = {"80 GB": 81_559 * 2**20, "141 GB": 143_771 * 2**20}  # nvidia-smi's totals (A100/H100 80GB, H200)
 HEADROOM = 3 * GIB  # CUDA context, allocator fragmentation
 EVALUATOR = 427_616_513  # open_clip ViT-L-14 (vision + text), counted on the meta device
-BLOCK_BYTES = (1 << 24) * 4  # the chunked head's block of fp32 logits, and its fp32 slice of the head weight
 BUCKETS = {2: (5e8 + 5e8) * BYTES, 3: (2 * 5e7 + 5e7) * BYTES}  # ZeRO-2 defaults; zero3.json, overlap_comm
-
-
-class Shape(NamedTuple):
-    """A GPU's log-prob pass: images (train.micro_batch_size) x k candidates (generation.candidates) x caption
-    tokens (generation.max_len)."""
-    images: int = 8
-    k: int = 5
-    caption: int = 30
 
 
 SHAPE = Shape()
 IMAGES, K, CAPTION = SHAPE  # the tiny models' check
-LORA = dict(r=16, targets=("q_proj", "k_proj", "v_proj", "o_proj"))  # configs/smolvlm, configs/qwen2vl
+LORA = LoRA(16, LORA_TARGETS)  # configs/smolvlm, configs/qwen2vl, ...
 
 MODELS = {
     # SmolVLM-Instruct (Idefics3): Llama text model, SigLIP so400m tower; a 640 x 480 COCO image is resized to
@@ -140,110 +134,13 @@ def counts(spec: dict) -> dict:
     total = sum(p.numel() for p in model.parameters())
     vision = sum(p.numel() for tower in towers(model) for p in tower.parameters())
     text = text_model(model)
-    lora = sum(LORA["r"] * (m.in_features + m.out_features) for name, m in text.named_modules()
-               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA["targets"])
+    lora = sum(LORA.r * (m.in_features + m.out_features) for name, m in text.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA.targets)
     return {"total": total, "vision": vision, "lora": lora}
 
 
-def kv_width(t: dict) -> int:
-    """The cached keys' (and values') width of a text config: head size x key/value heads (fewer than heads under
-    GQA)."""
-    return head_dim(t) * t["num_key_value_heads"]
-
-
-def head_dim(t: dict) -> int:
-    return t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
-
-
-class Layer(NamedTuple):
-    """A family's decoder layer, as token_bytes counts it: RMSNorms a layer and their style, q / k norms, and the
-    attention transformers runs for it by default (eager: Gemma 2, whose attention softcap has no SDPA path)."""
-    norms: int = 2
-    style: str = "llama"
-    qk_norm: bool = False
-    eager: bool = False
-    attn_softcap: bool = False
-
-
-LAYERS = {"idefics3": Layer(), "qwen2-vl": Layer(), "qwen3-vl": Layer(qk_norm=True), "llava-next": Layer(),
-          "gemma3": Layer(norms=4, style="gemma", qk_norm=True),
-          "paligemma": Layer(style="gemma"),  # Gemma 1: two norms a layer
-          "paligemma2": Layer(norms=4, style="gemma", eager=True, attn_softcap=True)}
-# A folder's text model by its config's model_type (--folder): the layer of the family whose tiny model has that text
-# model, which validate() measures (Mistral's layer is Llama's; Qwen3's is Qwen3-VL's text layer; Qwen2's (InternVL,
-# LLaVA-OneVision) and Qwen2.5-VL's are Qwen2-VL's)
-TEXT_LAYERS = {"llama": LAYERS["idefics3"], "mistral": LAYERS["llava-next"], "qwen2": LAYERS["qwen2-vl"],
-               "qwen2_vl_text": LAYERS["qwen2-vl"], "qwen2_5_vl_text": LAYERS["qwen2-vl"],
-               "qwen3": LAYERS["qwen3-vl"], "qwen3_vl_text": LAYERS["qwen3-vl"], "gemma3_text": LAYERS["gemma3"],
-               "gemma": LAYERS["paligemma"], "gemma2": LAYERS["paligemma2"]}
-
-
-def norm_bytes(width: int, rows: int, style: str, trains: bool) -> int:
-    """Bytes an RMSNorm over `width` features saves per token: its fp32 input copy and one rsqrt per row; with a
-    trained weight also the normalised input, bf16 (Llama, Qwen) or fp32 (Gemma multiplies in fp32)."""
-    return 4 * width + 4 * rows + (width * (2 if style == "llama" else 4) if trains else 0)
-
-
-def token_bytes(t: dict, lora: bool, layer: Layer = Layer()) -> int:
-    """Bytes autograd saves per prompt token and decoder layer (bf16): the RMSNorms (2 a layer; Gemma 2 and 3: 4, and
-    q / k norms on the head size in Qwen3 and Gemma 3); attention keeps q and the keys and values repeated to every
-    query head (transformers repeats them under an attention mask, which our padded batches always have), and SDPA
-    also the output and an fp32 logsumexp per head (eager keeps per-pair scores instead: pair_bytes); the MLP
-    (SwiGLU / GeLU-gated) its gate, up, activation and product, of which frozen weights need only the first three;
-    trained linear layers their inputs (o_proj's is SDPA's output, shared; eager's output is copied for it); each LoRA
-    target its dropped-out input, dropout's scale and the rank-r projection."""
-    h, i, heads = t["hidden_size"], t["intermediate_size"], t["num_attention_heads"]
-    hq, hkv = head_dim(t) * heads, kv_width(t)
-    trains = not lora
-    norms = layer.norms * norm_bytes(h, 1, layer.style, trains)
-    if layer.qk_norm:
-        norms += norm_bytes(hq, heads, layer.style, trains) + norm_bytes(hkv, t["num_key_value_heads"], layer.style,
-                                                                         trains)
-    attention = BYTES * 3 * hq + (BYTES * hq * trains if layer.eager else BYTES * hq + 4 * heads)
-    if lora:  # base weights frozen: the linear layers' inputs are not kept; the adapters' are (o_proj's is hq wide)
-        inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": hq}
-        return norms + attention + BYTES * 3 * i + sum(BYTES * (2 * inputs[m] + LORA["r"]) for m in LORA["targets"])
-    # + the q/k/v and the MLP inputs (the norms' bf16 outputs), the MLP's 4
-    return norms + attention + BYTES * (2 * h + 4 * i)
-
-
-def pair_bytes(t: dict, layer: Layer) -> int:
-    """Bytes a layer saves per (query, key) pair. SDPA: the attention mask converted to the queries' dtype, once a
-    layer (broadcast over the heads). Eager, per head: the bf16 probabilities (for their product with the values),
-    softmax's fp32 output and, under an attention softcap, tanh's output."""
-    if not layer.eager:
-        return BYTES
-    return t["num_attention_heads"] * (BYTES + 4 + (BYTES if layer.attn_softcap else 0))
-
-
-def layer_bytes(t: dict, prompt: int, lora: bool, family: str | Layer, shape: Shape = SHAPE) -> int:
-    """Saved bytes per decoder layer of one log-prob pass: the prompt's prefill (images x prompt tokens) and the
-    continuation (images*k x caption tokens), whose attention keeps the keys and values of prompt + caption for every
-    candidate (the prompt's cache repeated k times), repeated to every query head; and what attention keeps per
-    (query, key) pair, the prefill's prompt x prompt and the continuation's caption x (prompt + caption)."""
-    layer = family if isinstance(family, Layer) else LAYERS[family]
-    per = token_bytes(t, lora, layer)
-    kv = head_dim(t) * t["num_attention_heads"]
-    images, caption = shape.images, shape.caption
-    n = images * shape.k
-    tokens = images * prompt * per + n * caption * (per - 2 * kv * BYTES) + n * (prompt + caption) * 2 * kv * BYTES
-    pairs = images * prompt * prompt + n * caption * (prompt + caption)
-    return tokens + pairs * pair_bytes(t, layer)
-
-
-def activations(t: dict, prompt: int, lora: bool, family: str | Layer, shape: Shape = SHAPE) -> int:
-    return t["num_hidden_layers"] * layer_bytes(t, prompt, lora, family, shape)
-
-
-def checkpointed_activations(t: dict, prompt: int, lora: bool, family: str | Layer, shape: Shape = SHAPE) -> int:
-    """The same with captioner.gradient_checkpointing (formula only: what a checkpoint keeps is not a saved tensor):
-    each layer keeps its input states and the prompt's keys and values (once per image, and repeated for the k
-    candidates, which the continuation's cache holds), and one layer's activations exist at a time in backward."""
-    hkv = kv_width(t)
-    n = shape.images * shape.k
-    tokens = shape.images * prompt + n * shape.caption
-    kept = tokens * t["hidden_size"] * BYTES + (shape.images + n) * prompt * 2 * hkv * BYTES
-    return t["num_hidden_layers"] * kept + layer_bytes(t, prompt, lora, family, shape)
+def layer_of(spec: dict) -> Layer:
+    return spec["layer"] if "layer" in spec else LAYERS[spec["family"]]
 
 
 def generation(t: dict, prompt: int, shape: Shape = SHAPE) -> int:
@@ -262,10 +159,11 @@ def project(name: str, spec: dict, c: dict, lora: bool, separate_reference: bool
     states = account("captioner", params, trainable, zero, world, BYTES).total
     reference = account("reference", c["total"], 0, frozen_stage, world, BYTES).total if separate_reference else 0
     evaluator = account("evaluator", EVALUATOR, 0, frozen_stage, world, BYTES).total
-    head = BLOCK_BYTES * (2 if lora else 3) + 2 * shape.images * shape.k * shape.caption * t["hidden_size"] * 4
+    adapters = LORA if lora else LoRA()
+    head = head_bytes(t, adapters, shape)
     gen = generation(t, spec["prompt_tokens"], shape) + (params * BYTES if zero == 3 else 0)
-    saved = (checkpointed_activations if checkpointing else activations)(t, spec["prompt_tokens"], lora,
-                                                                          spec["family"], shape)
+    saved = (checkpointed_activations if checkpointing else activations)(t, spec["prompt_tokens"], adapters,
+                                                                          layer_of(spec), shape)
     train = int(saved * calibration) + head
     peak = states + reference + evaluator + max(gen, train) + BUCKETS[zero]
     return {"model": name, "lora": lora, "separate_reference": separate_reference, "zero": zero, "world": world,
@@ -275,10 +173,12 @@ def project(name: str, spec: dict, c: dict, lora: bool, separate_reference: bool
             "fits": {g: peak + HEADROOM <= cap for g, cap in GPUS.items()}}
 
 
-def validate(families=tuple(LAYERS)) -> list[dict]:
+def validate(families=(*LAYERS, "qwen2-vl:eager")) -> list[dict]:
     """Saved bytes per decoder layer of our hf_vlm log-prob forward on tiny random models (bf16, 8 images of two
     shapes, so that the prompts pad where a family's image tokens vary, x 5 candidates x 30 tokens; 4 layers minus 2,
-    halved; 4 query heads on 2 key/value heads), measured with saved_tensors_hooks, against layer_bytes()."""
+    halved; 4 query heads on 2 key/value heads), measured with saved_tensors_hooks, against layer_bytes() of the
+    layer text_layer() reads off the model (as a run's projection does). "family:attention" builds the model with
+    that attention."""
     import types
 
     import torch
@@ -290,17 +190,19 @@ def validate(families=tuple(LAYERS)) -> list[dict]:
     from dico_scale.models.lora import add_lora
     from dico_scale.models.tiny_vlm import FAMILY_PROMPTS, write_vlm
 
-    def saved(family, layers, lora):
+    def saved(name, layers, lora):
+        family, _, attention = name.partition(":")
         torch.manual_seed(0)
         folder = write_vlm(family, tempfile.mkdtemp(), 64, layers, 4, 64)
         config = AutoConfig.from_pretrained(folder)
         config.text_config.num_key_value_heads = 2  # GQA, as the real models: 4 query heads share 2 key/value heads
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16,
+                                                        **({"attn_implementation": attention} if attention else {}))
         prompt = FAMILY_PROMPTS.get(family, "Describe this image in one sentence.")
         cap = HFVLM(model, load_processor(folder), prompt, folder, {"vision"})
         if lora:
-            add_lora(cap, types.SimpleNamespace(r=LORA["r"], alpha=32.0, dropout=0.05,
-                                                target_modules=",".join(LORA["targets"]), modules_to_save=""))
+            add_lora(cap, types.SimpleNamespace(r=LORA.r, alpha=32.0, dropout=0.05,
+                                                target_modules=",".join(LORA.targets), modules_to_save=""))
         cap.to(torch.bfloat16).train()  # DeepSpeed's bf16 engine casts the adapters too
         shapes = ((128, 96), (120, 40))
         images = cap.preprocess.collate([cap.preprocess(Image.new("RGB", shapes[i % 2], (20 * i, 90, 40)))
@@ -316,14 +218,14 @@ def validate(families=tuple(LAYERS)) -> list[dict]:
             return x
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
             cap(tokens, pixels=images, repeats=K, output="hidden")
-        return sum(seen.values()), images["input_ids"].shape[1] - 1, model.config.get_text_config().to_dict()
+        return sum(seen.values()), images["input_ids"].shape[1] - 1, text_config(model), text_layer(model)
 
     rows = []
     for family in families:
         for lora in (False, True):
-            (two, prompt, text), (four, _, _) = saved(family, 2, lora), saved(family, 4, lora)
+            (two, prompt, text, layer), (four, *_) = saved(family, 2, lora), saved(family, 4, lora)
             measured = (four - two) / 2
-            formula = layer_bytes(text, prompt, lora, family)
+            formula = layer_bytes(text, prompt, LORA if lora else LoRA(), layer, SHAPE)
             rows.append({"family": family, "lora": lora, "prompt_tokens": prompt, "measured_layer_bytes": measured,
                          "formula_layer_bytes": formula, "measured_over_formula": measured / formula})
     return rows
@@ -331,13 +233,13 @@ def validate(families=tuple(LAYERS)) -> list[dict]:
 
 def folder_spec(path: str, prompt: str) -> dict:
     """A user's model folder (as captioner.hf_path) as a MODELS entry: the model built on the meta device from its
-    config (no weights read), its text model's layer (TEXT_LAYERS; transformers' default attention), and the prompt's
-    tokens for a 640 x 480 picture (COCO's usual size) through hf_vlm's own preprocessing with the folder's processor.
-    A folder hf_vlm cannot train, or a text model without a layer formula here: a ConfigError."""
+    config (no weights read), its text model's layer (dico_scale.activations.text_layer, under transformers' default
+    attention), and the prompt's tokens for a 640 x 480 picture through hf_vlm's own preprocessing with the folder's
+    processor. A folder hf_vlm cannot train, or a text model without a layer formula: a ConfigError."""
     import torch
-    from PIL import Image
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    from dico_scale.activations import TEXT_LAYERS
     from dico_scale.errors import ConfigError
     from dico_scale.models.folders import checked_config, vlm_problem
     from dico_scale.models.hf_vlm import HFVLM
@@ -345,19 +247,13 @@ def folder_spec(path: str, prompt: str) -> dict:
 
     checked_config(path, vlm_problem)
     config = AutoConfig.from_pretrained(path)
-    text = config.get_text_config()
-    if text.model_type not in TEXT_LAYERS:
-        raise ConfigError(f"--folder '{path}': its text model '{text.model_type}' has no layer formula here "
-                          f"({', '.join(TEXT_LAYERS)})")
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
-    layer = TEXT_LAYERS[text.model_type]
-    if model.config.get_text_config()._attn_implementation != "eager":  # Gemma 2 without its softcap, say
-        layer = layer._replace(eager=False, attn_softcap=False)
+    if (layer := text_layer(model)) is None:
+        raise ConfigError(f"--folder '{path}': its text model '{config.get_text_config().model_type}' has no layer "
+                          f"formula here ({', '.join(TEXT_LAYERS)})")
     cap = HFVLM(model, load_processor(path), prompt, path, {"vision"})
-    batch = cap.preprocess.collate([cap.preprocess(Image.new("RGB", (640, 480)))])
-    return {"family": layer, "meta": model, "prompt_tokens": batch["input_ids"].shape[1] - 1,
-            "text": text.to_dict() | {"head_dim": getattr(text, "head_dim", None)}}
+    return {"layer": layer, "meta": model, "prompt_tokens": prompt_tokens(cap), "text": text_config(model)}
 
 
 def gib(n: float) -> str:
@@ -368,7 +264,7 @@ def table(name: str, spec: dict, calibration: float = 1.0, shape: Shape = SHAPE)
     """Every setting of one model, printed and returned."""
     c, rows = counts(spec), []
     print(f"\n{name}: {c['total'] / 1e9:.2f} B parameters (vision tower {c['vision'] / 1e9:.2f} B, frozen), "
-          f"LoRA r={LORA['r']} on {'/'.join(LORA['targets'])}: {c['lora'] / 1e6:.1f} M; prompt "
+          f"LoRA r={LORA.r} on {'/'.join(LORA.targets)}: {c['lora'] / 1e6:.1f} M; prompt "
           f"{spec['prompt_tokens']} tokens; {shape.images} images x {shape.k} candidates x {shape.caption} tokens; "
           "GiB per GPU, bf16:")
     print(f"  {'setting':<48} {'GPUs':>5} {'states':>7} {'ref':>6} {'eval':>5} {'gen':>6} {'train':>6} "
@@ -399,7 +295,7 @@ def main(json_path: str = "", folder: str = "", prompt: str = "", shape: Shape =
         checks = validate()
         print("activation bytes per decoder layer, tiny models (8 images x 5 candidates x 30 tokens, bf16):")
         for r in checks:
-            print(f"  {r['family']:<10} {'LoRA' if r['lora'] else 'full':<5} prompt {r['prompt_tokens']:>4} tokens: "
+            print(f"  {r['family']:<14} {'LoRA' if r['lora'] else 'full':<5} prompt {r['prompt_tokens']:>4} tokens: "
                   f"measured {r['measured_layer_bytes'] / 2**20:.2f} MiB, formula "
                   f"{r['formula_layer_bytes'] / 2**20:.2f} MiB, ratio {r['measured_over_formula']:.3f}")
         calibration = max(1.0, max(r["measured_over_formula"] for r in checks))

@@ -53,6 +53,20 @@ def _log0(msg: str) -> None:
         print(msg, flush=True)
 
 
+def activation_lines(cfg: Config, stage, memory: list, device) -> list[str]:
+    """hf_vlm captioners: the log-prob pass's projected activations per rank, and a warning where they and the models'
+    states exceed the GPU (dico_scale.activations)."""
+    import torch
+
+    from dico_scale.activations import Shape, projection_lines, run_lora
+
+    if not hasattr(stage, "logprob_shape"):  # the evaluator's stage
+        return []
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    return projection_lines(stage.module, Shape(*stage.logprob_shape()), run_lora(cfg.captioner.lora),
+                            cfg.captioner.gradient_checkpointing, sum(m.device_bytes for m in memory), total)
+
+
 def _run_locked(cfg: Config, device) -> dict:
     import torch
     import torch.distributed as dist
@@ -91,7 +105,7 @@ def _run_locked(cfg: Config, device) -> dict:
 
     tracker = Tracker(cfg, rank, state.mlflow_run_id)
     memory = [engine_memory(stage.model_name, engine)] + [engine_memory(n, e) for n, e in frozen.items()]
-    for line in report(memory):
+    for line in report(memory) + activation_lines(cfg, stage, memory, device):
         _log0(line)
     if not tracker.resumed:  # params of a run are written once
         tracker.log_params({k: v for m in memory for k, v in m.as_params().items()})

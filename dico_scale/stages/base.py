@@ -104,6 +104,11 @@ class CaptionerStage(Stage):
             self.eval_preprocess = distinct_preprocess(self.evaluator, self.preprocess)
         self.evaluator_engine = None
 
+    def logprob_shape(self) -> tuple[int, int, int]:
+        """(images, sequences per image, tokens) of one rank's log-prob pass with gradients (the start's activation
+        projection, dico_scale.activations): XE teacher-forces one reference caption per image."""
+        return self.cfg.train.micro_batch_size, 1, self.cfg.data.max_caption_tokens
+
     def frozen_models(self):
         if self.evaluator is None:
             return {}

@@ -59,6 +59,9 @@ class DicoStage(CaptionerStage):
             disable_dropout(reference)
         return reference.requires_grad_(False).train(not self.cfg.dico.disable_dropout)
 
+    def logprob_shape(self):  # the policy's pass over each image's k candidates (BOS .. max_len tokens)
+        return self.cfg.train.micro_batch_size, self.cfg.generation.candidates, self.cfg.generation.max_len + 1
+
     def frozen_models(self):
         if self.reference is None:
             return super().frozen_models()

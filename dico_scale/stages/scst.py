@@ -65,6 +65,9 @@ class ScstStage(CaptionerStage):
         if s.disable_dropout:
             disable_dropout(self.module)
 
+    def logprob_shape(self):  # the sampled candidates' pass (the greedy baseline's search keeps no gradients)
+        return self.cfg.train.micro_batch_size, self.cfg.scst.candidates, self.cfg.generation.max_len + 1
+
     def step(self, engine, batch) -> StepOutput:
         s, rollout, clock = self.cfg.scst, self.rollout, PhaseClock(self.device)
         with clock("generate"):
