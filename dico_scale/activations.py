@@ -174,27 +174,47 @@ def run_lora(lora_cfg) -> LoRA:
     return LoRA(lora_cfg.r, LORA_TARGETS + mlp if names == ALL_LINEAR else tuple(names))
 
 
-def projection_lines(captioner, shape: Shape, lora: LoRA, checkpointing: bool, states: int,
-                     device_total: int | None) -> list[str]:
-    """Rank 0's start lines for a captioner this formula covers (hf_vlm, a text model of TEXT_LAYERS; none for
-    another): the pass's projected activations, with and without recomputation; and a warning where the models'
-    states on the accelerator (`states`) and the activations exceed its memory (`device_total`; None on the CPU)."""
-    from .memory import human
+class Projection(NamedTuple):
+    """A run's log-prob pass per rank: the prompt's tokens (a 640 x 480 picture), and the bytes kept without and with
+    gradient checkpointing (the chunked head's blocks included)."""
+    prompt_tokens: int
+    activations: int
+    checkpointed: int
 
+    def as_params(self) -> dict[str, str]:
+        """MLflow params beside dico_scale.memory's: memory/log_prob_pass/{prompt_tokens, activations,
+        checkpointed_activations} (bytes per rank)."""
+        return {"memory/log_prob_pass/prompt_tokens": str(self.prompt_tokens),
+                "memory/log_prob_pass/activations": str(self.activations),
+                "memory/log_prob_pass/checkpointed_activations": str(self.checkpointed)}
+
+
+def project(captioner, shape: Shape, lora: LoRA) -> Projection | None:
+    """The projection for a captioner this formula covers (hf_vlm, a text model of TEXT_LAYERS); None for another."""
     model = getattr(captioner, "model", None)
     if not hasattr(captioner, "processor") or model is None or (layer := text_layer(model)) is None:
-        return []
+        return None
     t, prompt = text_config(model), prompt_tokens(captioner)
     plain, recomputed = (f(t, prompt, lora, layer, shape) + head_bytes(t, lora, shape)
                          for f in (activations, checkpointed_activations))
-    kept, other = (recomputed, plain) if checkpointing else (plain, recomputed)
+    return Projection(prompt, plain, recomputed)
+
+
+def projection_lines(p: Projection, shape: Shape, lora: LoRA, checkpointing: bool, states: int,
+                     device_total: int | None) -> list[str]:
+    """Rank 0's start lines: the pass's projected activations, with and without recomputation; and a warning where
+    the models' states on the accelerator (`states`) and the activations exceed its memory (`device_total`; None on
+    the CPU)."""
+    from .memory import human
+
+    kept, other = (p.checkpointed, p.activations) if checkpointing else (p.activations, p.checkpointed)
     lines = [f"log-prob pass per rank, projected ({shape.images} images x {shape.k} sequences x {shape.caption} "
-             f"tokens; a 640 x 480 picture is {prompt} prompt tokens): activations {human(kept)} "
+             f"tokens; a 640 x 480 picture is {p.prompt_tokens} prompt tokens): activations {human(kept)} "
              f"({human(other)} with captioner.gradient_checkpointing={'false' if checkpointing else 'true'})"]
     if device_total is not None and states + kept > device_total:
         lines.append(f"warning: the models' states ({human(states)}) and the log-prob pass's activations "
                      f"({human(kept)}) exceed this GPU's {human(device_total)}: "
                      + ("fewer images per rank (train.micro_batch_size)" if checkpointing else
-                        f"captioner.gradient_checkpointing=true ({human(recomputed)}), fewer images per rank "
+                        f"captioner.gradient_checkpointing=true ({human(p.checkpointed)}), fewer images per rank "
                         "(train.micro_batch_size)") + (" or LoRA (captioner.lora.r)" if not lora.r else ""))
     return lines

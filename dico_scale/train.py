@@ -53,18 +53,21 @@ def _log0(msg: str) -> None:
         print(msg, flush=True)
 
 
-def activation_lines(cfg: Config, stage, memory: list, device) -> list[str]:
-    """hf_vlm captioners: the log-prob pass's projected activations per rank, and a warning where they and the models'
-    states exceed the GPU (dico_scale.activations)."""
+def log_prob_projection(cfg: Config, stage, memory: list, device) -> tuple[list[str], dict[str, str]]:
+    """hf_vlm captioners: rank 0's lines on the log-prob pass's projected activations per rank (a warning where they
+    and the models' states exceed the GPU) and their MLflow params (dico_scale.activations); nothing for another."""
     import torch
 
-    from dico_scale.activations import Shape, projection_lines, run_lora
+    from dico_scale.activations import Shape, project, projection_lines, run_lora
 
     if not hasattr(stage, "logprob_shape"):  # the evaluator's stage
-        return []
+        return [], {}
+    shape, lora = Shape(*stage.logprob_shape()), run_lora(cfg.captioner.lora)
+    if (p := project(stage.module, shape, lora)) is None:
+        return [], {}
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    return projection_lines(stage.module, Shape(*stage.logprob_shape()), run_lora(cfg.captioner.lora),
-                            cfg.captioner.gradient_checkpointing, sum(m.device_bytes for m in memory), total)
+    states = sum(m.device_bytes for m in memory)
+    return projection_lines(p, shape, lora, cfg.captioner.gradient_checkpointing, states, total), p.as_params()
 
 
 def _run_locked(cfg: Config, device) -> dict:
@@ -105,10 +108,11 @@ def _run_locked(cfg: Config, device) -> dict:
 
     tracker = Tracker(cfg, rank, state.mlflow_run_id)
     memory = [engine_memory(stage.model_name, engine)] + [engine_memory(n, e) for n, e in frozen.items()]
-    for line in report(memory) + activation_lines(cfg, stage, memory, device):
+    projected, projected_params = log_prob_projection(cfg, stage, memory, device)
+    for line in report(memory) + projected:
         _log0(line)
     if not tracker.resumed:  # params of a run are written once
-        tracker.log_params({k: v for m in memory for k, v in m.as_params().items()})
+        tracker.log_params({k: v for m in memory for k, v in m.as_params().items()} | projected_params)
     run_ids = [None] * world
     dist.all_gather_object(run_ids, tracker.run_id)  # every rank writes the run id into its checkpoint state
     state.mlflow_run_id = run_ids[0]

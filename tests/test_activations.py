@@ -88,11 +88,14 @@ def captioner(folder: str, *overrides):
 
 def test_the_start_line_and_its_warning(vlm_folders):
     """Rank 0's start lines: the projected activations with and without recomputation at the stage's shape, the
-    prompt's tokens for a 640 x 480 picture; a warning only where states + activations exceed the GPU, naming the
-    remedies this run has not taken; nothing for a captioner the formula does not cover (the built-in one)."""
-    from dico_scale.activations import (activations, checkpointed_activations, head_bytes, projection_lines,
-                                        prompt_tokens, run_lora, text_config)
+    prompt's tokens for a 640 x 480 picture, and their MLflow params; a warning only where states + activations
+    exceed the GPU, naming the remedies this run has not taken; no projection for a captioner the formula does not
+    cover (the built-in one)."""
+    from dico_scale.activations import (Projection, activations, checkpointed_activations, head_bytes, project,
+                                        projection_lines, prompt_tokens, run_lora, text_config)
+    from dico_scale.config import load_config
     from dico_scale.memory import human
+    from dico_scale.models import build_captioner
 
     cfg, cap = captioner(vlm_folders["paligemma2"], "captioner.lora.r=8", "captioner.lora.target_modules=all-linear")
     lora, shape = run_lora(cfg.captioner.lora), Shape(4, 5, 21)
@@ -100,25 +103,26 @@ def test_the_start_line_and_its_warning(vlm_folders):
     t, prompt = text_config(cap.model), prompt_tokens(cap)
     plain = activations(t, prompt, lora, LAYERS["paligemma2"], shape) + head_bytes(t, lora, shape)
     recomputed = checkpointed_activations(t, prompt, lora, LAYERS["paligemma2"], shape) + head_bytes(t, lora, shape)
-    assert recomputed < plain
-    lines = projection_lines(cap, shape, lora, False, states=10 << 20, device_total=None)
+    p = project(cap, shape, lora)
+    assert p == Projection(prompt, plain, recomputed) and recomputed < plain
+    assert p.as_params() == {"memory/log_prob_pass/prompt_tokens": str(prompt),
+                             "memory/log_prob_pass/activations": str(plain),
+                             "memory/log_prob_pass/checkpointed_activations": str(recomputed)}
+    lines = projection_lines(p, shape, lora, False, states=10 << 20, device_total=None)
     assert lines == [f"log-prob pass per rank, projected (4 images x 5 sequences x 21 tokens; a 640 x 480 picture is "
                      f"{prompt} prompt tokens): activations {human(plain)} ({human(recomputed)} with "
                      "captioner.gradient_checkpointing=true)"]
-    assert projection_lines(cap, shape, lora, False, states=0, device_total=plain) == lines  # fits exactly
-    warned = projection_lines(cap, shape, lora, False, states=1, device_total=plain)
+    assert projection_lines(p, shape, lora, False, states=0, device_total=plain) == lines  # fits exactly
+    warned = projection_lines(p, shape, lora, False, states=1, device_total=plain)
     assert len(warned) == 2 and warned[1].startswith("warning: the models' states (1 B) and the log-prob pass's")
     assert "captioner.gradient_checkpointing=true" in warned[1] and "LoRA" not in warned[1]
-    checkpointed = projection_lines(cap, shape, lora, True, states=1, device_total=recomputed)
+    checkpointed = projection_lines(p, shape, lora, True, states=1, device_total=recomputed)
     assert checkpointed[0].endswith(f"activations {human(recomputed)} ({human(plain)} with "
                                     "captioner.gradient_checkpointing=false)")
     assert checkpointed[1].endswith(f"exceed this GPU's {human(recomputed)}: fewer images per rank "
                                     "(train.micro_batch_size)")
-    assert projection_lines(cap, shape, LoRA(), False, states=1, device_total=1)[1].endswith(
+    assert projection_lines(p, shape, LoRA(), False, states=1, device_total=1)[1].endswith(
         "or LoRA (captioner.lora.r)")  # a full fine-tune is told of adapters too
-    from dico_scale.config import load_config
-    from dico_scale.models import build_captioner
-
     builtin = build_captioner(load_config("configs/demo/dico.yaml", ["evaluator.weights=", "train.init_from=",
                                                                      "captioner.image_encoder_weights="]))
-    assert projection_lines(builtin, shape, LoRA(), False, states=1, device_total=1) == []
+    assert project(builtin, shape, LoRA()) is None

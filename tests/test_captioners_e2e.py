@@ -109,6 +109,7 @@ def test_killed_vlm_with_lora_resumes_on_the_same_mlflow_run(runs, repo):
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     (run,) = client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id])
     assert run.info.status == "FINISHED"
+    assert int(run.data.params["memory/log_prob_pass/activations"]) > 0  # written once, by the first start
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
     assert set(range(1, resumed_from + 2)) <= steps
     start, final = (torch.load(p, weights_only=True)["state_dict"] for p in (tmp / "idefics3_xe" / "model.pt",
