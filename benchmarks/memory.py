@@ -4,13 +4,14 @@ time, measured side by side at world size 2 on the CPU; then the per-GPU figures
     python benchmarks/memory.py --json runs/bench/memory.json                 # demo config, 2 CPU ranks
     python benchmarks/memory.py --config configs/coco/dico.yaml --steps 2     # the COCO model sizes (slow on a CPU)
     python benchmarks/memory.py --vlm --json runs/bench/memory_vlm.json      # vision-language captioners, projected
-    python benchmarks/memory.py --vlm --folder /models/my-vlm [--prompt P --images 8 --candidates 5 --caption-tokens 30]
+    python benchmarks/memory.py --vlm --folder /models/my-vlm [--prompt P --images 8 --candidates 5 --caption-tokens 30
+                                --lora-r 16 --lora-targets q_proj,k_proj,v_proj,o_proj]
 
 --vlm projects a DiCO step of 2B- to 10B-class vision-language captioners (SmolVLM, Qwen2-VL, Qwen3-VL, Gemma 3,
 LLaVA-NeXT, PaliGemma 2; full or LoRA, separate or adapter-disabled reference, ZeRO-2 or 3, 1 x 8 or 8 x 8 GPUs)
 against 80 and 141 GB GPUs: benchmarks/vlm_memory.py. --folder projects your own model folder (captioner.hf_path)
 instead, at your images per GPU (train.micro_batch_size), candidates (generation.candidates) and caption length
-(generation.max_len), with your prompt (captioner.prompt).
+(generation.max_len), with your prompt (captioner.prompt) and LoRA rank and targets (captioner.lora).
 
 Measured: the dico stage built as train.py builds it (build_stage, build_engine, build_frozen), trained on random
 images; after the backward of the last step, before its optimizer step, every live tensor of the process is found
@@ -202,6 +203,9 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=8, help="--vlm: images per GPU (train.micro_batch_size)")
     p.add_argument("--candidates", type=int, default=5, help="--vlm: candidates per image (generation.candidates)")
     p.add_argument("--caption-tokens", type=int, default=30, help="--vlm: caption tokens (generation.max_len)")
+    p.add_argument("--lora-r", type=int, default=16, help="--vlm: the LoRA rows' rank (captioner.lora.r)")
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj",
+                   help="--vlm: the LoRA rows' targets, comma-separated or all-linear (captioner.lora.target_modules)")
     p.add_argument("--worker-out", default="")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
@@ -213,11 +217,16 @@ def main(argv=None) -> int:
         import vlm_memory  # beside this file
         from dico_scale.errors import ConfigError
 
-        if min(args.images, args.candidates, args.caption_tokens) < 1:
-            p.error("--images, --candidates and --caption-tokens must be at least 1")
+        from dico_scale.activations import run_lora
+
+        if min(args.images, args.candidates, args.caption_tokens, args.lora_r) < 1:
+            p.error("--images, --candidates, --caption-tokens and --lora-r must be at least 1")
+        lora = run_lora(argparse.Namespace(r=args.lora_r, target_modules=args.lora_targets))
+        if not lora.targets:
+            p.error("--lora-targets names no module")
         try:
             vlm_memory.main(args.json, args.folder, args.prompt,
-                            vlm_memory.Shape(args.images, args.candidates, args.caption_tokens))
+                            vlm_memory.Shape(args.images, args.candidates, args.caption_tokens), lora)
         except ConfigError as e:
             print(f"memory.py: {e}", file=sys.stderr)
             return 2

@@ -124,7 +124,7 @@ def build_meta(spec: dict):
         return cls(config)
 
 
-def counts(spec: dict) -> dict:
+def counts(spec: dict, adapters: LoRA = LORA) -> dict:
     """Parameter counts: total, the (frozen) vision tower, LoRA's adapters on the text model's targets."""
     import torch
 
@@ -134,8 +134,8 @@ def counts(spec: dict) -> dict:
     total = sum(p.numel() for p in model.parameters())
     vision = sum(p.numel() for tower in towers(model) for p in tower.parameters())
     text = text_model(model)
-    lora = sum(LORA.r * (m.in_features + m.out_features) for name, m in text.named_modules()
-               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LORA.targets)
+    lora = sum(adapters.r * (m.in_features + m.out_features) for name, m in text.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in adapters.targets)
     return {"total": total, "vision": vision, "lora": lora}
 
 
@@ -149,7 +149,8 @@ def generation(t: dict, prompt: int, shape: Shape = SHAPE) -> int:
 
 
 def project(name: str, spec: dict, c: dict, lora: bool, separate_reference: bool, zero: int, world: int,
-            calibration: float = 1.0, checkpointing: bool = False, shape: Shape = SHAPE) -> dict:
+            calibration: float = 1.0, checkpointing: bool = False, shape: Shape = SHAPE,
+            adapters: LoRA = LORA) -> dict:
     from dico_scale.memory import account
 
     t = spec["text"]
@@ -159,7 +160,7 @@ def project(name: str, spec: dict, c: dict, lora: bool, separate_reference: bool
     states = account("captioner", params, trainable, zero, world, BYTES).total
     reference = account("reference", c["total"], 0, frozen_stage, world, BYTES).total if separate_reference else 0
     evaluator = account("evaluator", EVALUATOR, 0, frozen_stage, world, BYTES).total
-    adapters = LORA if lora else LoRA()
+    adapters = adapters if lora else LoRA()
     head = head_bytes(t, adapters, shape)
     gen = generation(t, spec["prompt_tokens"], shape) + (params * BYTES if zero == 3 else 0)
     saved = (checkpointed_activations if checkpointing else activations)(t, spec["prompt_tokens"], adapters,
@@ -260,11 +261,11 @@ def gib(n: float) -> str:
     return f"{n / GIB:.1f}"
 
 
-def table(name: str, spec: dict, calibration: float = 1.0, shape: Shape = SHAPE) -> list[dict]:
+def table(name: str, spec: dict, calibration: float = 1.0, shape: Shape = SHAPE, adapters: LoRA = LORA) -> list[dict]:
     """Every setting of one model, printed and returned."""
-    c, rows = counts(spec), []
+    c, rows = counts(spec, adapters), []
     print(f"\n{name}: {c['total'] / 1e9:.2f} B parameters (vision tower {c['vision'] / 1e9:.2f} B, frozen), "
-          f"LoRA r={LORA.r} on {'/'.join(LORA.targets)}: {c['lora'] / 1e6:.1f} M; prompt "
+          f"LoRA r={adapters.r} on {'/'.join(adapters.targets)}: {c['lora'] / 1e6:.1f} M; prompt "
           f"{spec['prompt_tokens']} tokens; {shape.images} images x {shape.k} candidates x {shape.caption} tokens; "
           "GiB per GPU, bf16:")
     print(f"  {'setting':<48} {'GPUs':>5} {'states':>7} {'ref':>6} {'eval':>5} {'gen':>6} {'train':>6} "
@@ -272,7 +273,7 @@ def table(name: str, spec: dict, calibration: float = 1.0, shape: Shape = SHAPE)
     settings = [(lora, separate, zero, world, False) for lora, separate in ((False, True), (True, True), (True, False))
                 for zero in (2, 3) for world in (8, 64)]
     for lora, separate, zero, world, ckpt in settings + [(False, True, 3, 8, True), (True, False, 3, 8, True)]:
-        r = project(name, spec, c, lora, separate, zero, world, calibration, ckpt, shape)
+        r = project(name, spec, c, lora, separate, zero, world, calibration, ckpt, shape, adapters)
         rows.append(r | {"counts": c})
         setting = f"{'LoRA' if lora else 'full'}, ref {'separate' if separate else 'adapters off'}, ZeRO-{zero}" \
                   f"{', checkpointing' if ckpt else ''}"
@@ -283,13 +284,14 @@ def table(name: str, spec: dict, calibration: float = 1.0, shape: Shape = SHAPE)
     return rows
 
 
-def main(json_path: str = "", folder: str = "", prompt: str = "", shape: Shape = SHAPE) -> list[dict]:
+def main(json_path: str = "", folder: str = "", prompt: str = "", shape: Shape = SHAPE,
+         adapters: LoRA = LORA) -> list[dict]:
     """The tiny models' check and every model of MODELS; with `folder`, that model alone (the formula unscaled: the
     check runs with the full command and in tests/test_benchmark_memory_vlm.py)."""
     import json
 
     if folder:
-        rows = table(folder, folder_spec(folder, prompt), shape=shape)
+        rows = table(folder, folder_spec(folder, prompt), shape=shape, adapters=adapters)
         checks, calibration = [], 1.0
     else:
         checks = validate()
@@ -300,7 +302,7 @@ def main(json_path: str = "", folder: str = "", prompt: str = "", shape: Shape =
                   f"{r['formula_layer_bytes'] / 2**20:.2f} MiB, ratio {r['measured_over_formula']:.3f}")
         calibration = max(1.0, max(r["measured_over_formula"] for r in checks))
         print(f"the projections' activations are the formula's x {calibration:.3f} (the largest ratio)")
-        rows = [r for name, spec in MODELS.items() for r in table(name, spec, calibration, shape)]
+        rows = [r for name, spec in MODELS.items() for r in table(name, spec, calibration, shape, adapters)]
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"validation": checks, "calibration": calibration, "projections": rows}, f, indent=1)

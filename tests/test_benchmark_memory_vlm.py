@@ -95,6 +95,15 @@ def test_a_model_folder_is_projected_with_its_family_layer_and_prompt(vlm_folder
     saved = activations(t, spec["prompt_tokens"], LoRA(), LAYERS[family], Shape(2, 3, 10))
     # + the chunked head's blocks and the 2 x 3 x 10 scored tokens' fp32 rows and gradients
     assert full["training"] == saved + 3 * BLOCK_BYTES + 2 * (2 * 3 * 10) * t["hidden_size"] * 4
+    # the LoRA rows at the user's rank and targets (--lora-r, --lora-targets)
+    adapters = LoRA(8, ("q_proj", "down_proj"))
+    lora = next(r for r in vlm_memory.table(family, spec, shape=Shape(2, 3, 10), adapters=adapters)
+                if r["lora"] and r["zero"] == 2 and r["world"] == 8 and not r["checkpointing"])
+    assert lora["training"] == (activations(t, spec["prompt_tokens"], adapters, LAYERS[family], Shape(2, 3, 10))
+                                + 2 * BLOCK_BYTES + 2 * (2 * 3 * 10) * t["hidden_size"] * 4)
+    text = cap.model.model.language_model
+    assert lora["counts"]["lora"] == sum(8 * (m.in_features + m.out_features) for name, m in text.named_modules()
+                                         if name.endswith(("q_proj", "down_proj")))
 
 
 def test_a_folder_without_a_layer_formula_is_one_line(tmp_path, vlm_folders, capsys):
