@@ -8,6 +8,7 @@ import torch
 
 from dico_scale.activations import (LAYERS, LORA_TARGETS, Layer, LoRA, Shape, layer_bytes, text_layer,
                                     token_bytes)
+from dico_scale.models.tiny_vlm import VLM_FAMILIES
 
 QWEN2_VL_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                    num_key_value_heads=4)
@@ -126,3 +127,15 @@ def test_the_start_line_and_its_warning(vlm_folders):
     builtin = build_captioner(load_config("configs/demo/dico.yaml", ["evaluator.weights=", "train.init_from=",
                                                                      "captioner.image_encoder_weights="]))
     assert project(builtin, shape, LoRA()) is None
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_every_vlm_family_is_projected(vlm_folders, family):
+    """Every hf_vlm family's run logs its projection at start (a failure there would stop the run): its text model
+    has a layer, its processor makes prompt tokens of a 640 x 480 picture, the bytes are positive and recomputation
+    keeps less at a real batch."""
+    from dico_scale.activations import project
+
+    _, cap = captioner(vlm_folders[family])
+    p = project(cap, Shape(8, 5, 31), LoRA())
+    assert p is not None and p.prompt_tokens > 0 and 0 < p.checkpointed < p.activations, p
