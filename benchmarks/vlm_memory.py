@@ -40,7 +40,7 @@ BUCKETS = {2: (5e8 + 5e8) * BYTES, 3: (2 * 5e7 + 5e7) * BYTES}  # ZeRO-2 default
 
 
 SHAPE = Shape()
-IMAGES, K, CAPTION = SHAPE  # the tiny models' check
+IMAGES, K, CAPTION, _ = SHAPE  # the tiny models' check
 LORA = LoRA(16, LORA_TARGETS)  # configs/smolvlm, configs/qwen2vl, ...
 
 MODELS = {
@@ -174,12 +174,12 @@ def project(name: str, spec: dict, c: dict, lora: bool, separate_reference: bool
             "fits": {g: peak + HEADROOM <= cap for g, cap in GPUS.items()}}
 
 
-def validate(families=(*LAYERS, "qwen2-vl:eager")) -> list[dict]:
+def validate(families=(*LAYERS, "qwen2-vl:eager"), fp32: bool = False) -> list[dict]:
     """Saved bytes per decoder layer of our hf_vlm log-prob forward on tiny random models (bf16, 8 images of two
     shapes, so that the prompts pad where a family's image tokens vary, x 5 candidates x 30 tokens; 4 layers minus 2,
     halved; 4 query heads on 2 key/value heads), measured with saved_tensors_hooks, against layer_bytes() of the
     layer text_layer() reads off the model (as a run's projection does). "family:attention" builds the model with
-    that attention."""
+    that attention. fp32: the models in fp32 (a CPU run's precision) instead of bf16."""
     import types
 
     import torch
@@ -191,20 +191,22 @@ def validate(families=(*LAYERS, "qwen2-vl:eager")) -> list[dict]:
     from dico_scale.models.lora import add_lora
     from dico_scale.models.tiny_vlm import FAMILY_PROMPTS, write_vlm
 
+    dtype = torch.float32 if fp32 else torch.bfloat16
+
     def saved(name, layers, lora):
         family, _, attention = name.partition(":")
         torch.manual_seed(0)
         folder = write_vlm(family, tempfile.mkdtemp(), 64, layers, 4, 64)
         config = AutoConfig.from_pretrained(folder)
         config.text_config.num_key_value_heads = 2  # GQA, as the real models: 4 query heads share 2 key/value heads
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16,
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype,
                                                         **({"attn_implementation": attention} if attention else {}))
         prompt = FAMILY_PROMPTS.get(family, "Describe this image in one sentence.")
         cap = HFVLM(model, load_processor(folder), prompt, folder, {"vision"})
         if lora:
             add_lora(cap, types.SimpleNamespace(r=LORA.r, alpha=32.0, dropout=0.05,
                                                 target_modules=",".join(LORA.targets), modules_to_save=""))
-        cap.to(torch.bfloat16).train()  # DeepSpeed's bf16 engine casts the adapters too
+        cap.to(dtype).train()  # DeepSpeed's bf16 engine casts the adapters too
         shapes = ((128, 96), (120, 40))
         images = cap.preprocess.collate([cap.preprocess(Image.new("RGB", shapes[i % 2], (20 * i, 90, 40)))
                                          for i in range(IMAGES)])
@@ -226,7 +228,8 @@ def validate(families=(*LAYERS, "qwen2-vl:eager")) -> list[dict]:
         for lora in (False, True):
             (two, prompt, text, layer), (four, *_) = saved(family, 2, lora), saved(family, 4, lora)
             measured = (four - two) / 2
-            formula = layer_bytes(text, prompt, LORA if lora else LoRA(), layer, SHAPE)
+            formula = layer_bytes(text, prompt, LORA if lora else LoRA(), layer,
+                                  SHAPE._replace(dtype_bytes=4 if fp32 else 2))
             rows.append({"family": family, "lora": lora, "prompt_tokens": prompt, "measured_layer_bytes": measured,
                          "formula_layer_bytes": formula, "measured_over_formula": measured / formula})
     return rows

@@ -6,8 +6,8 @@ token and decoder layer is itemised here, family by family, from what saved_tens
 (benchmarks/vlm_memory.py measures it against this formula on every tiny family: measured / formula 0.98-1.00):
 the RMSNorms' fp32 copies; q and the keys and values repeated to every query head; SDPA's output and logsumexp and
 its per-layer copy of the attention mask, or eager attention's per-head scores (Gemma 2); the gated MLP; the trained
-linear layers' inputs or LoRA's. It counts a padded batch (prompts of different lengths), bf16, and leaves out the
-vision tower (frozen: captioner.freeze=vision). Rank 0 logs it at start (train.py); benchmarks/memory.py --vlm
+linear layers' inputs or LoRA's. It counts a padded batch (prompts of different lengths) in the training dtype (bf16 /
+fp16, or fp32: checked in both), and leaves out the vision tower (frozen: captioner.freeze=vision). Rank 0 logs it at start (train.py); benchmarks/memory.py --vlm
 projects whole runs with it.
 """
 from __future__ import annotations
@@ -20,10 +20,12 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 class Shape(NamedTuple):
-    """One rank's log-prob pass: images (train.micro_batch_size) x k candidates x caption tokens."""
+    """One rank's log-prob pass: images (train.micro_batch_size) x k candidates x caption tokens, in a training dtype
+    of `dtype_bytes` (bf16 / fp16: 2, fp32: 4)."""
     images: int = 8
     k: int = 5
     caption: int = 30
+    dtype_bytes: int = BYTES
 
 
 class LoRA(NamedTuple):
@@ -65,13 +67,14 @@ def kv_width(t: dict) -> int:
     return head_dim(t) * t["num_key_value_heads"]
 
 
-def norm_bytes(width: int, rows: int, style: str, trains: bool) -> int:
-    """Bytes an RMSNorm over `width` features saves per token: its fp32 input copy and one rsqrt per row; with a
-    trained weight also the normalised input, bf16 (Llama, Qwen) or fp32 (Gemma multiplies in fp32)."""
-    return 4 * width + 4 * rows + (width * (2 if style == "llama" else 4) if trains else 0)
+def norm_bytes(width: int, rows: int, style: str, trains: bool, dt: int = BYTES) -> int:
+    """Bytes an RMSNorm over `width` features saves per token: its fp32 input (a copy under bf16) and one rsqrt per
+    row; with a trained weight also the normalised input, in the training dtype (Llama, Qwen) or fp32 (Gemma
+    multiplies in fp32)."""
+    return 4 * width + 4 * rows + (width * (dt if style == "llama" else 4) if trains else 0)
 
 
-def token_bytes(t: dict, lora: LoRA, layer: Layer = Layer()) -> int:
+def token_bytes(t: dict, lora: LoRA, layer: Layer = Layer(), dt: int = BYTES) -> int:
     """Bytes autograd saves per prompt token and decoder layer (bf16): the RMSNorms (2 a layer; Gemma 2 and 3: 4, and
     q / k norms on the head size in Qwen3 and Gemma 3); attention keeps q and the keys and values repeated to every
     query head (transformers repeats them under an attention mask, which padded batches have), and SDPA also the
@@ -82,26 +85,27 @@ def token_bytes(t: dict, lora: LoRA, layer: Layer = Layer()) -> int:
     h, i, heads = t["hidden_size"], t["intermediate_size"], t["num_attention_heads"]
     hq, hkv = head_dim(t) * heads, kv_width(t)
     trains = not lora.r
-    norms = layer.norms * norm_bytes(h, 1, layer.style, trains)
+    norms = layer.norms * norm_bytes(h, 1, layer.style, trains, dt)
     if layer.qk_norm:
-        norms += norm_bytes(hq, heads, layer.style, trains) + norm_bytes(hkv, t["num_key_value_heads"], layer.style,
-                                                                         trains)
-    attention = BYTES * 3 * hq + (BYTES * hq * trains if layer.eager else BYTES * hq + 4 * heads)
+        norms += (norm_bytes(hq, heads, layer.style, trains, dt)
+                  + norm_bytes(hkv, t["num_key_value_heads"], layer.style, trains, dt))
+    attention = dt * 3 * hq + (dt * hq * trains if layer.eager else dt * hq + 4 * heads)
     if lora.r:  # base weights frozen: the linear layers' inputs are not kept; the adapters' are
         inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": hq, "gate_proj": h, "up_proj": h, "down_proj": i}
-        adapters = sum(BYTES * (2 * inputs[m] + lora.r) for m in lora.targets if m in inputs)
-        return norms + attention + BYTES * 3 * i + adapters
+        adapters = sum(dt * (2 * inputs[m] + lora.r) for m in lora.targets if m in inputs)
+        return norms + attention + dt * 3 * i + adapters
     # + the q/k/v and the MLP inputs (the norms' bf16 outputs), the MLP's 4
-    return norms + attention + BYTES * (2 * h + 4 * i)
+    return norms + attention + dt * (2 * h + 4 * i)
 
 
-def pair_bytes(t: dict, layer: Layer) -> int:
+def pair_bytes(t: dict, layer: Layer, dt: int = BYTES) -> int:
     """Bytes a layer saves per (query, key) pair. SDPA: the attention mask converted to the queries' dtype, once a
-    layer (broadcast over the heads). Eager, per head: the bf16 probabilities (for their product with the values),
-    softmax's fp32 output and, under an attention softcap, tanh's output."""
+    layer (broadcast over the heads). Eager, per head: softmax's fp32 output, the probabilities cast back to the
+    training dtype (for their product with the values; the same tensor in fp32) and, under an attention softcap,
+    tanh's output."""
     if not layer.eager:
-        return BYTES
-    return t["num_attention_heads"] * (BYTES + 4 + (BYTES if layer.attn_softcap else 0))
+        return dt
+    return t["num_attention_heads"] * (4 + (dt if dt != 4 else 0) + (dt if layer.attn_softcap else 0))
 
 
 def layer_bytes(t: dict, prompt: int, lora: LoRA, layer: Layer, shape: Shape) -> int:
@@ -109,13 +113,14 @@ def layer_bytes(t: dict, prompt: int, lora: LoRA, layer: Layer, shape: Shape) ->
     continuation (images*k x caption tokens), whose attention keeps the keys and values of prompt + caption for every
     candidate (the prompt's cache repeated k times), repeated to every query head; and what attention keeps per
     (query, key) pair, the prefill's prompt x prompt and the continuation's caption x (prompt + caption)."""
-    per = token_bytes(t, lora, layer)
+    dt = shape.dtype_bytes
+    per = token_bytes(t, lora, layer, dt)
     kv = head_dim(t) * t["num_attention_heads"]
     images, caption = shape.images, shape.caption
     n = images * shape.k
-    tokens = images * prompt * per + n * caption * (per - 2 * kv * BYTES) + n * (prompt + caption) * 2 * kv * BYTES
+    tokens = images * prompt * per + n * caption * (per - 2 * kv * dt) + n * (prompt + caption) * 2 * kv * dt
     pairs = images * prompt * prompt + n * caption * (prompt + caption)
-    return tokens + pairs * pair_bytes(t, layer)
+    return tokens + pairs * pair_bytes(t, layer, dt)
 
 
 def activations(t: dict, prompt: int, lora: LoRA, layer: Layer, shape: Shape) -> int:
@@ -129,7 +134,7 @@ def checkpointed_activations(t: dict, prompt: int, lora: LoRA, layer: Layer, sha
     hkv = kv_width(t)
     n = shape.images * shape.k
     tokens = shape.images * prompt + n * shape.caption
-    kept = tokens * t["hidden_size"] * BYTES + (shape.images + n) * prompt * 2 * hkv * BYTES
+    kept = (tokens * t["hidden_size"] + (shape.images + n) * prompt * 2 * hkv) * shape.dtype_bytes
     return t["num_hidden_layers"] * kept + layer_bytes(t, prompt, lora, layer, shape)
 
 
@@ -208,8 +213,9 @@ def projection_lines(p: Projection, shape: Shape, lora: LoRA, checkpointing: boo
     from .memory import human
 
     kept, other = (p.checkpointed, p.activations) if checkpointing else (p.activations, p.checkpointed)
+    dtype = "fp32" if shape.dtype_bytes == 4 else "bf16 / fp16"
     lines = [f"log-prob pass per rank, projected ({shape.images} images x {shape.k} sequences x {shape.caption} "
-             f"tokens; a 640 x 480 picture is {p.prompt_tokens} prompt tokens): activations {human(kept)} "
+             f"tokens in {dtype}; a 640 x 480 picture is {p.prompt_tokens} prompt tokens): activations {human(kept)} "
              f"({human(other)} with captioner.gradient_checkpointing={'false' if checkpointing else 'true'})"]
     if device_total is not None and states + kept > device_total:
         lines.append(f"warning: the models' states ({human(states)}) and the log-prob pass's activations "

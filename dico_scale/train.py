@@ -59,10 +59,12 @@ def log_prob_projection(cfg: Config, stage, memory: list, device) -> tuple[list[
     import torch
 
     from dico_scale.activations import Shape, project, projection_lines, run_lora
+    from dico_scale.engine import precision
 
     if not hasattr(stage, "logprob_shape"):  # the evaluator's stage
         return [], {}
-    shape, lora = Shape(*stage.logprob_shape()), run_lora(cfg.captioner.lora)
+    dtype_bytes = 4 if precision(cfg, device.type == "cuda") == "fp32" else 2
+    shape, lora = Shape(*stage.logprob_shape(), dtype_bytes), run_lora(cfg.captioner.lora)
     if (p := project(stage.module, shape, lora)) is None:
         return [], {}
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None

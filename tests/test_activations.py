@@ -110,7 +110,8 @@ def test_the_start_line_and_its_warning(vlm_folders):
                              "memory/log_prob_pass/activations": str(plain),
                              "memory/log_prob_pass/checkpointed_activations": str(recomputed)}
     lines = projection_lines(p, shape, lora, False, states=10 << 20, device_total=None)
-    assert lines == [f"log-prob pass per rank, projected (4 images x 5 sequences x 21 tokens; a 640 x 480 picture is "
+    assert lines == [f"log-prob pass per rank, projected (4 images x 5 sequences x 21 tokens in bf16 / fp16; a 640 x "
+                     "480 picture is "
                      f"{prompt} prompt tokens): activations {human(plain)} ({human(recomputed)} with "
                      "captioner.gradient_checkpointing=true)"]
     assert projection_lines(p, shape, lora, False, states=0, device_total=plain) == lines  # fits exactly

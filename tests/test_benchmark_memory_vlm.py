@@ -18,6 +18,13 @@ def test_activation_formula_matches_what_autograd_saves_on_tiny_gqa_models():
         assert 0.97 <= row["measured_over_formula"] <= 1.03, row
 
 
+def test_the_formula_holds_in_fp32_too():
+    """A CPU run trains in fp32: the bf16 tensors double, the fp32 ones stay (eager's probabilities are softmax's
+    output itself)."""
+    for row in vlm_memory.validate(families=("qwen3-vl", "paligemma2"), fp32=True):
+        assert 0.97 <= row["measured_over_formula"] <= 1.03, row
+
+
 def test_projections_of_a_7b_captioner():
     spec = vlm_memory.MODELS["Qwen2-VL-7B-like"]
     c = vlm_memory.counts(spec)

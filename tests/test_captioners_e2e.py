@@ -104,8 +104,8 @@ def test_killed_vlm_with_lora_resumes_on_the_same_mlflow_run(runs, repo):
     assert (f"note: {search} sets no_repeat_ngram_size=3 (ours: generation.no_repeat_ngram_size=0): "
             in second.stdout)  # rank 0's, once
     assert second.stdout.count(f"note: {search}") == 1
-    # rank 0's projection of the log-prob pass (dico_scale.activations): 2 images x 3 candidates here
-    assert second.stdout.count("log-prob pass per rank, projected (2 images x 3 sequences x ") == 1
+    # rank 0's projection of the log-prob pass (dico_scale.activations): 2 images x 3 candidates, fp32 on the CPU
+    assert second.stdout.count("log-prob pass per rank, projected (2 images x 3 sequences x 7 tokens in fp32; ") == 1
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     (run,) = client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id])
     assert run.info.status == "FINISHED"
