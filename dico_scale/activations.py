@@ -6,9 +6,9 @@ token and decoder layer is itemised here, family by family, from what saved_tens
 (benchmarks/vlm_memory.py measures it against this formula on every tiny family: measured / formula 0.98-1.00):
 the RMSNorms' fp32 copies; q and the keys and values repeated to every query head; SDPA's output and logsumexp and
 its per-layer copy of the attention mask, or eager attention's per-head scores (Gemma 2); the gated MLP; the trained
-linear layers' inputs or LoRA's. It counts a padded batch (prompts of different lengths) in the training dtype (bf16 /
-fp16, or fp32: checked in both), and leaves out the vision tower (frozen: captioner.freeze=vision). Rank 0 logs it at start (train.py); benchmarks/memory.py --vlm
-projects whole runs with it.
+linear layers' inputs or LoRA's. It counts a padded batch (prompts of different lengths) in the training dtype
+(bf16 / fp16, or fp32: checked in both), and leaves out the vision tower (frozen: captioner.freeze=vision). Rank 0
+logs it at start (train.py); benchmarks/memory.py --vlm projects whole runs with it.
 """
 from __future__ import annotations
 
