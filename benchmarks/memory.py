@@ -215,9 +215,8 @@ def main(argv=None) -> int:
         return 0
     if args.vlm:
         import vlm_memory  # beside this file
-        from dico_scale.errors import ConfigError
-
         from dico_scale.activations import run_lora
+        from dico_scale.errors import ConfigError
 
         if min(args.images, args.candidates, args.caption_tokens, args.lora_r) < 1:
             p.error("--images, --candidates, --caption-tokens and --lora-r must be at least 1")

@@ -148,12 +148,12 @@ def text_layer(model) -> Layer | None:
     """A transformers VLM's text layer (TEXT_LAYERS, with the attention the model was built with); None: a text model
     this formula does not cover."""
     text = model.config.get_text_config()
-    layer = TEXT_LAYERS.get(text.model_type)
-    if layer is not None and text._attn_implementation != "eager":  # Gemma 2 under flex_attention, say
-        layer = layer._replace(eager=False, attn_softcap=False)
-    elif layer is not None:  # any model under captioner.attn_implementation=eager keeps its scores
-        layer = layer._replace(eager=True, attn_softcap=getattr(text, "attn_logit_softcapping", None) is not None)
-    return layer
+    if (layer := TEXT_LAYERS.get(text.model_type)) is None:
+        return None
+    # eager keeps its scores whatever the family (captioner.attn_implementation=eager); Gemma 2 under another
+    # attention (flex_attention) keeps none
+    eager = text._attn_implementation == "eager"
+    return layer._replace(eager=eager, attn_softcap=eager and getattr(text, "attn_logit_softcapping", None) is not None)
 
 
 def text_config(model) -> dict:

@@ -67,6 +67,11 @@ def _offloaded(zero: dict, what: str) -> bool:
     return block.get("device", "none") not in ("none", None)
 
 
+def engine_dtype_bytes(engine) -> int:
+    """Bytes of a live DeepSpeed engine's training dtype: 2 under bf16 or fp16, else 4."""
+    return 2 if engine.bfloat16_enabled() or engine.fp16_enabled() else 4
+
+
 def engine_memory(name: str, engine) -> ModelMemory:
     """The accounting of a live DeepSpeed engine (a frozen one has no trainable parameters)."""
     import torch.distributed as dist
@@ -74,12 +79,12 @@ def engine_memory(name: str, engine) -> ModelMemory:
     params = list(engine.module.parameters())
     numel = [getattr(p, "ds_numel", p.numel()) for p in params]  # ZeRO-3 leaves empty placeholders in p.data
     n_trainable = sum(n for p, n in zip(params, numel) if p.requires_grad) if engine.optimizer is not None else 0
-    dtype_bytes = 2 if engine.bfloat16_enabled() or engine.fp16_enabled() else 4
     zero = engine.config.get("zero_optimization", {}) if isinstance(engine.config, dict) else {}
     local = None
     if engine.zero_optimization_stage() == 3:  # the shard each rank holds, and the persistent parameters whole
         local = sum(p.ds_tensor.numel() + (p.ds_numel if getattr(p, "ds_persist", False) else 0) for p in params)
-    return account(name, sum(numel), n_trainable, engine.zero_optimization_stage(), dist.get_world_size(), dtype_bytes,
+    return account(name, sum(numel), n_trainable, engine.zero_optimization_stage(), dist.get_world_size(),
+                   engine_dtype_bytes(engine),
                    _offloaded(zero, "param"), _offloaded(zero, "optimizer"), local)
 
 

@@ -53,18 +53,17 @@ def _log0(msg: str) -> None:
         print(msg, flush=True)
 
 
-def log_prob_projection(cfg: Config, stage, memory: list, device) -> tuple[list[str], dict[str, str]]:
+def log_prob_projection(cfg: Config, stage, engine, memory: list, device) -> tuple[list[str], dict[str, str]]:
     """hf_vlm captioners: rank 0's lines on the log-prob pass's projected activations per rank (a warning where they
     and the models' states exceed the GPU) and their MLflow params (dico_scale.activations); nothing for another."""
     import torch
 
     from dico_scale.activations import Shape, project, projection_lines, run_lora
-    from dico_scale.engine import precision
+    from dico_scale.memory import engine_dtype_bytes
 
     if not hasattr(stage, "logprob_shape"):  # the evaluator's stage
         return [], {}
-    dtype_bytes = 4 if precision(cfg, device.type == "cuda") == "fp32" else 2
-    shape, lora = Shape(*stage.logprob_shape(), dtype_bytes), run_lora(cfg.captioner.lora)
+    shape, lora = Shape(*stage.logprob_shape(), engine_dtype_bytes(engine)), run_lora(cfg.captioner.lora)
     if (p := project(stage.module, shape, lora)) is None:
         return [], {}
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
@@ -110,7 +109,8 @@ def _run_locked(cfg: Config, device) -> dict:
 
     tracker = Tracker(cfg, rank, state.mlflow_run_id)
     memory = [engine_memory(stage.model_name, engine)] + [engine_memory(n, e) for n, e in frozen.items()]
-    projected, projected_params = log_prob_projection(cfg, stage, memory, device)
+    # rank 0's alone: the lines and params it writes
+    projected, projected_params = log_prob_projection(cfg, stage, engine, memory, device) if rank == 0 else ([], {})
     for line in report(memory) + projected:
         _log0(line)
     if not tracker.resumed:  # params of a run are written once
