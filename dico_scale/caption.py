@@ -1,4 +1,4 @@
-"""Captions image files with a trained captioner (a model.pt export or a checkpoint tag folder).
+"""Captions image files with a captioner: a model.pt export, a checkpoint tag folder or a transformers folder.
 
 `python -m dico_scale.caption --checkpoint PATH images... [--beam-size 5 --max-len 20 --length-penalty 1.0]`.
 
@@ -57,7 +57,8 @@ def whole(text: str) -> int:
 
 def parse_args(argv):
     p = OneLineParser(prog="dico_scale.caption", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="model.pt export or checkpoint tag folder")
+    p.add_argument("--checkpoint", required=True, help="model.pt export, checkpoint tag folder or "
+                   "transformers folder (an export's hf/, or the model a run starts from)")
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--beam-size", type=positive, help="default: the checkpoint's generation.candidates")
     p.add_argument("--max-len", type=positive, help="generated tokens; default: generation.max_len")

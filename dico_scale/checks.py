@@ -139,7 +139,7 @@ def _validate_captioner(c: Config) -> None:
         check(False, *problem)
 
 
-def validate(c: Config) -> None:
+def validate(c: Config, training: bool = True) -> None:
     t, o, d = c.train, c.optim, c.data
     check(t.stage in STAGES, "train.stage", f"'{t.stage}' is not one of {', '.join(STAGES)}")
     check(t.device in ("auto", "cpu", "cuda"), "train.device", f"'{t.device}' is not auto, cpu or cuda")
@@ -177,7 +177,7 @@ def validate(c: Config) -> None:
         parse_select_floor(t.select_floor)
     check(t.patience == 0 or bool(t.select_best), "train.patience",
           f"{t.patience} needs train.select_best (the metric whose improvement it waits for)")
-    if not d.synthetic.enabled:
+    if training and not d.synthetic.enabled:
         check(bool(d.train_shards), "data.train_shards", "empty (and data.synthetic.enabled is false)")
     for key, val in [("train.init_from", t.init_from), ("evaluator.weights", c.evaluator.weights),
                      ("captioner.image_encoder_weights", c.captioner.image_encoder_weights),

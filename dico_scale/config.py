@@ -319,13 +319,14 @@ def _check_sections(schema: DictConfig, node: DictConfig, source: str, prefix: s
             _check_sections(schema[key], node[key], source, f"{prefix}{key}.")
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> Config:
-    """Schema defaults <- YAML (with extends) <- dotlist overrides, then validation."""
+def load_config(path: str | None, overrides: list[str] = (), training: bool = True) -> Config:
+    """Schema defaults <- YAML (with extends) <- dotlist overrides, then validation. training=False: a config read to
+    caption or evaluate with, which needs no training split (a transformers folder's has none: export.folder_meta)."""
     obj: Config = load_structured(Config, path, overrides)
     obj.train.deepspeed_config = resolve_path(obj.train.deepspeed_config)
     obj.clip_model_configs = resolve_path(obj.clip_model_configs)
     obj.generation.early_stopping = obj.generation.early_stopping.lower()  # YAML's true reads back as 'True'
-    validate(obj)
+    validate(obj, training)
     return obj
 
 

@@ -303,6 +303,7 @@ def export_weights(engine, path: str | Path, extra: dict, generation=None) -> No
     deepspeed = import_deepspeed()
     import torch.distributed as dist
 
+    from .models.export_folder import RUN_KEYS
     from .models.lora import merged_state
 
     module = engine.module
@@ -314,5 +315,6 @@ def export_weights(engine, path: str | Path, extra: dict, generation=None) -> No
             torch.save({"state_dict": state, **extra}, tmp)
             os.replace(tmp, path)
             if hasattr(module, "save_pretrained"):  # Hugging Face rows: a transformers folder beside it too
-                module.save_pretrained(Path(path).parent / "hf", state, generation)
+                run = {k: extra.get(k) for k in RUN_KEYS}  # caption and evaluate read hf/ as this run's
+                module.save_pretrained(Path(path).parent / "hf", state, generation, run)
     dist.barrier()

@@ -34,7 +34,8 @@ SPLITS = ("train", "val", "test")
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="dico_scale.evaluate", description="Evaluates a captioner checkpoint over a "
                                 "split (see docs/evaluation.md).")
-    p.add_argument("--checkpoint", required=True, help="model.pt export or checkpoint tag folder")
+    p.add_argument("--checkpoint", required=True, help="model.pt export, checkpoint tag folder or "
+                   "transformers folder (an export's hf/, or the model a run starts from)")
     p.add_argument("--shards", default="", help="a split of the run's config (val, test) or a webdataset spec "
                    "(default: the split --split names, else test)")
     p.add_argument("--split", default="", help="split label for file and metric names (default: derived from "
@@ -88,6 +89,8 @@ def parse_args(argv):
     elif not args.train_shards:
         try:
             args.train_spec = resolve_shards("train", cfg, required=False)[0]
+            if not args.train_spec:  # a transformers folder's config (export.folder_meta)
+                raise ConfigError("the checkpoint's config has no training split (--train-shards SPEC)")
             check_shards(args.train_spec, "the config's training split")
         except ConfigError as e:  # the training data may be gone: the statistic is skipped, not the evaluation
             args.train_spec, args.train_note = "", f"novelty skipped: {e}"
@@ -259,8 +262,12 @@ def score(records: list[dict], evaluators: dict, seen, args, own: tuple[str, str
 
 
 def default_out(meta: dict, split: str) -> Path:
-    folder = Path(meta["path"]) if meta["is_tag"] else Path(meta["path"]).parent
-    return folder / f"eval_{split}.json"
+    """Inside a checkpoint tag, beside an export file; beside a transformers folder, named after it (an export's hf/
+    must not overwrite its model.pt's results)."""
+    p = Path(meta["path"])
+    if meta.get("folder"):
+        return p.parent / f"eval_{p.name}_{split}.json"
+    return (p if meta["is_tag"] else p.parent) / f"eval_{split}.json"
 
 
 def mlflow_run(cfg, meta: dict, split: str):
@@ -276,7 +283,8 @@ def mlflow_run(cfg, meta: dict, split: str):
             return client, meta["mlflow_run_id"], True
         except Exception:  # another store, or the run was deleted
             pass
-    cfg.tracking.run_name = f"eval-{meta['stage']}-step{meta['step']}-{split}"
+    name = Path(meta["path"]).name if meta.get("folder") else f"{meta['stage']}-step{meta['step']}"
+    cfg.tracking.run_name = f"eval-{name}-{split}"
     tracker = Tracker(cfg, rank=0)  # creates the experiment if needed, logs the config as params
     tracker.finish()
     return tracker.client, tracker.run_id, False

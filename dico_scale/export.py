@@ -15,14 +15,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our folder must not shadow other modules
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 from dico_scale.config import Config, load_config  # noqa: E402
 from dico_scale.errors import ConfigError, OneLineParser, first_line  # noqa: E402
-from dico_scale.models.export_folder import foreign_folder  # noqa: E402
+from dico_scale.models.export_folder import EXPORT_MARK, RUN_KEYS, export_run, foreign_folder  # noqa: E402
 from dico_scale.preflight import out_file_problem  # noqa: E402
 from dico_scale.stages import captioner_stages  # noqa: E402
 
@@ -83,10 +83,13 @@ def _safetensors_meta(p: Path) -> dict:
 
 
 def checkpoint_meta(path: str) -> dict:
-    """{"path", "is_tag", "config" (YAML text), "stage", "step", "mlflow_run_id"} of an export file or tag folder."""
+    """{"path", "is_tag", "config" (YAML text), "stage", "step", "mlflow_run_id"} of an export file or tag folder, or
+    of a transformers folder (folder_meta; "folder": True)."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"checkpoint not found: {path}")
+    if p.is_dir() and not (p / "complete").is_file() and (p / "config.json").is_file():
+        return folder_meta(p)
     if p.is_dir():
         if not (p / "complete").is_file():
             raise ConfigError(f"checkpoint folder {path} is not a complete training checkpoint (no 'complete' marker)")
@@ -114,11 +117,37 @@ def checkpoint_meta(path: str) -> dict:
     return meta
 
 
+def folder_meta(p: Path) -> dict:
+    """checkpoint_meta of a transformers save_pretrained folder, read by the Hugging Face row of its architecture from
+    its own weights: an export's hf/ as the run it comes from (its config, stage, step and MLflow run; LoRA merged),
+    any other folder (the starting model: its scores before training) with the row's defaults, as stage xe."""
+    from dico_scale.models.folders import HF_ARCHITECTURES, VLM_ARCHITECTURES, folder_row, read_config
+
+    config = read_config(str(p))
+    if isinstance(config, str):
+        raise ConfigError(f"checkpoint folder {config}")
+    if (row := folder_row(config)) is None:
+        arch = (config.get("architectures") or [None])[0]
+        raise ConfigError(f"checkpoint folder '{p}': architecture {arch} is not a captioner dico_scale reads "
+                          f"({', '.join(VLM_ARCHITECTURES + HF_ARCHITECTURES)})")
+    run = export_run(p) or {"config": "train:\n  stage: xe\n"}
+    try:
+        cfg = OmegaConf.create(run["config"])
+        assert isinstance(cfg, DictConfig)
+    except Exception:  # YAML's errors, or a list
+        raise ConfigError(f"checkpoint folder '{p}': the run config in its {EXPORT_MARK} is not a YAML mapping") from None
+    for key, value in (("captioner.model", row), ("captioner.hf_path", str(p.resolve())), ("captioner.lora.r", 0),
+                       ("captioner.lora.modules_to_save", "")):  # the weights are the folder's, adapters merged
+        OmegaConf.update(cfg, key, value)
+    return {"config": OmegaConf.to_yaml(cfg), "step": run.get("step"), "mlflow_run_id": run.get("mlflow_run_id"),
+            "path": str(p.resolve()), "is_tag": False, "folder": True}
+
+
 def _config_from_text(text: str, overrides: list[str]) -> Config:
     with tempfile.TemporaryDirectory() as tmp:
         f = Path(tmp) / "config.yaml"
         f.write_text(text)
-        return load_config(str(f), EVAL_OVERRIDES + list(overrides))
+        return load_config(str(f), EVAL_OVERRIDES + list(overrides), training=False)
 
 
 def own_folder(meta: dict) -> list[str]:
@@ -146,6 +175,11 @@ def load_run_config(meta: dict, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"checkpoint {meta['path']} is a '{stage}'-stage model, not a captioner "
                           f"({', '.join(captioner_stages())})")
     meta["stage"] = stage
+    if meta.get("folder"):  # what the folder's generation_config.json asks that the search does not do, as training
+        from dico_scale.models.folders import generation_note
+
+        if note := generation_note(meta["path"], cfg.generation):
+            print(f"dico_scale: {note}", file=sys.stderr, flush=True)
     return cfg
 
 
@@ -158,7 +192,7 @@ def load_captioner(cfg: Config, meta: dict, device):
     if meta["is_tag"] and not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator at import
     with contextlib.redirect_stdout(sys.stderr):  # zero_to_fp32 prints progress; stdout may carry results
-        captioner = build_captioner(cfg, meta["path"])
+        captioner = build_captioner(cfg, None if meta.get("folder") else meta["path"])  # a folder: its own weights
     return captioner.to(device).eval(), captioner.tokenizer
 
 
@@ -250,7 +284,7 @@ def write_hf_folder(blob: dict, folder: Path, captioner=None) -> None:
 
     cfg = _config_from_text(blob["config"], [])
     captioner = captioner or build_captioner(cfg)
-    captioner.save_pretrained(folder, blob["state_dict"], cfg.generation)
+    captioner.save_pretrained(folder, blob["state_dict"], cfg.generation, {k: blob[k] for k in RUN_KEYS})
 
 
 def write_adapters(blob: dict, captioner, out: str) -> int:
@@ -285,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         if problem := (foreign_folder(args.out) if args.adapters_only else out_file_problem(args.out)):
             raise ConfigError(f"--out {problem}")
         meta = checkpoint_meta(args.checkpoint)
+        if meta.get("folder"):
+            raise ConfigError(f"--checkpoint {args.checkpoint} is a transformers folder, not a training checkpoint: "
+                              "nothing to consolidate")
         if args.adapters_only and not OmegaConf.create(meta["config"]).get("captioner", {}).get("lora", {}).get("r"):
             raise ConfigError("--adapters-only: the checkpoint holds no LoRA adapters (captioner.lora.r=0)")
         blob = consolidate(args.checkpoint, args.format, meta)  # ZeRO shards consolidated only past the checks

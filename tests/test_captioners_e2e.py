@@ -149,6 +149,8 @@ def test_caption_on_the_export_and_its_hf_folder(runs, family, tmp_path, capsys)
     with torch.no_grad():  # BLIP's generate gives its text decoder that decoder's own defaults unless told otherwise
         out = model.generate(pixel_values=pixels, **({"generation_config": search} if family == "blip" else {}))
     assert printed == "".join(f"{p}\t{c}\n" for p, c in zip(paths, tok.decode_batch(out)))
+    assert caption.main(["--checkpoint", str(hf), *paths]) == 0  # the folder alone, read as its run
+    assert capsys.readouterr().out == printed
 
 
 
@@ -177,7 +179,16 @@ def test_lora_under_zero3_exports_merged_weights_and_peft_adapters(runs, repo, t
                                 timeout=300))
     again = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
     assert again.keys() == final.keys() and all(torch.allclose(again[k], final[k], atol=1e-6) for k in final)
+    from omegaconf import OmegaConf
+
+    from dico_scale.export import checkpoint_meta
+
+    exported = checkpoint_meta(str(run / "model.pt"))
     for folder in (run / "hf", tmp_path / "hf"):  # the training's export and the command's: the run's search
+        meta = checkpoint_meta(str(folder))  # and the run, which caption and evaluate read it as (LoRA merged)
+        assert exported["mlflow_run_id"] and (meta["step"], meta["mlflow_run_id"]) == (2, exported["mlflow_run_id"])
+        lora = [OmegaConf.create(m["config"]).captioner.lora.r for m in (meta, exported)]
+        assert lora[0] == 0 < lora[1]
         search = json.loads((folder / "generation_config.json").read_text())
         assert {k: search.get(k) for k in ("num_beams", "max_new_tokens", "length_penalty", "early_stopping")} == {
             "num_beams": 3, "max_new_tokens": 6, "length_penalty": 1.0, "early_stopping": False}, folder
@@ -265,6 +276,8 @@ def test_caption_and_evaluate_on_a_vlm_export_and_generate_on_its_hf_folder(runs
         text = processor.tokenizer.decode(out[0, inputs["input_ids"].size(1):], skip_special_tokens=True)
         captions.append(text.strip())
     assert printed == "".join(f"{p}\t{c}\n" for p, c in zip(paths, captions))
+    assert caption.main(["--checkpoint", str(hf), *paths]) == 0  # the folder alone, read as its run
+    assert capsys.readouterr().out == printed
 
     if family == "idefics3":  # evaluate's Java metrics cost ~20 s a call on 2 cores: one row (batches of tiles)
         import open_clip

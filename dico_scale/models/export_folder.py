@@ -14,17 +14,30 @@ from pathlib import Path
 from typing import Callable
 
 EXPORT_MARK = "dico_scale_export.json"
+RUN_KEYS = ("config", "stage", "step", "mlflow_run_id")  # what an export folder keeps of its run (export_run)
 
 
-def write_folder(folder: str | Path, write: Callable[[Path], None], what: str) -> None:
-    """`write(tmp)` fills a folder beside `folder`; it is marked ours (what it holds: `what`) and moved in place."""
+def write_folder(folder: str | Path, write: Callable[[Path], None], what: str, run: dict | None = None) -> None:
+    """`write(tmp)` fills a folder beside `folder`; it is marked ours (what it holds: `what`; `run`: the run it comes
+    from, its config, stage, step and MLflow run, which caption and evaluate read back: export_run) and moved in
+    place."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
-    (tmp / EXPORT_MARK).write_text(json.dumps({"written_by": "dico_scale", "holds": what}) + "\n")
+    mark = {"written_by": "dico_scale", "holds": what, **({"run": run} if run else {})}
+    (tmp / EXPORT_MARK).write_text(json.dumps(mark) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+
+
+def export_run(folder: str | Path) -> dict | None:
+    """The run an export folder was written from (write_folder's `run`); None for another folder or an older export."""
+    try:
+        run = json.loads((Path(folder) / EXPORT_MARK).read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run if isinstance(run, dict) and isinstance(run.get("config"), str) else None
 
 
 def foreign_folder(folder: str | Path) -> str | None:

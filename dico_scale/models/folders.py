@@ -70,6 +70,16 @@ def is_dico_ref(config: dict) -> bool:
     return config.get("encoder", {}).get("model_type") == "vision-encoder-encoder"
 
 
+def folder_row(config: dict) -> str | None:
+    """The captioner row (models.MODELS) that reads a transformers folder of this config.json; None: no row does."""
+    arch = (config.get("architectures") or [None])[0]
+    if arch in VLM_ARCHITECTURES:
+        return "hf_vlm"
+    if is_dico_ref(config):
+        return "dico_ref"
+    return "hf_encoder_decoder" if arch in HF_ARCHITECTURES else None
+
+
 def hf_problem(config: dict, path: str) -> str | None:
     """hf_encoder_decoder: a VisionEncoderDecoderModel with a GPT-2 / BERT decoder, or BLIP."""
     if is_dico_ref(config):

@@ -143,9 +143,11 @@ class HFEncoderDecoder(CaptionerModel):
         hidden = out.last_hidden_state
         return hidden if self.transform is None else self.transform(hidden)
 
-    def save_pretrained(self, folder: str | Path, state: dict[str, torch.Tensor], generation=None) -> None:
+    def save_pretrained(self, folder: str | Path, state: dict[str, torch.Tensor], generation=None,
+                        run: dict | None = None) -> None:
         """A transformers folder of `state` (our state dict) with the tokenizer and image processor, written beside
-        and moved in (models/export_folder.py); `generation`: the run's GenerationConfig, generate's default there."""
+        and moved in (models/export_folder.py); `generation`: the run's GenerationConfig, generate's default there;
+        `run`: the run's config, stage, step and MLflow run, kept in the folder's mark (export_run)."""
         own = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
 
         def write(tmp: Path) -> None:
@@ -156,7 +158,7 @@ class HFEncoderDecoder(CaptionerModel):
             if self.preprocess is not None:
                 self.preprocess.processor.save_pretrained(tmp)
 
-        write_folder(folder, write, "a transformers save_pretrained folder")
+        write_folder(folder, write, "a transformers save_pretrained folder", run)
 
 
 def load_tokenizer(path: str, model) -> HFTokenizer:

@@ -264,9 +264,11 @@ class HFVLM(CaptionerModel):
         out = self.model.model(input_ids=tokens, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
         return out.last_hidden_state if lead is None else torch.cat([lead, out.last_hidden_state], dim=1)
 
-    def save_pretrained(self, folder: str | Path, state: dict[str, torch.Tensor], generation=None) -> None:
+    def save_pretrained(self, folder: str | Path, state: dict[str, torch.Tensor], generation=None,
+                        run: dict | None = None) -> None:
         """A transformers folder of `state` (our state dict) with the processor, written beside and moved in
-        (models/export_folder.py); `generation`: the run's GenerationConfig, generate's default there."""
+        (models/export_folder.py); `generation`: the run's GenerationConfig, generate's default there; `run`: the
+        run's config, stage, step and MLflow run, kept in the folder's mark (export_run)."""
         own = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
 
         def write(tmp: Path) -> None:
@@ -275,4 +277,4 @@ class HFVLM(CaptionerModel):
                 exported_search(self.model.generation_config, self, generation).save_pretrained(tmp)
             self.processor.save_pretrained(tmp)
 
-        write_folder(folder, write, "a transformers save_pretrained folder")
+        write_folder(folder, write, "a transformers save_pretrained folder", run)

@@ -1,0 +1,155 @@
+"""A transformers folder as --checkpoint of caption and evaluate (export.folder_meta): the model a run starts from,
+read by the row of its architecture with that row's defaults, and an export's hf/, read as the run it comes from."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import mlflow_uri
+from PIL import Image
+
+from dico_scale import caption, evaluate, export
+from dico_scale.config import load_config, to_yaml
+from dico_scale.models import build_captioner
+from dico_scale.models.export_folder import EXPORT_MARK
+from dico_scale.models.tiny import write
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny random Qwen2-VL as a user's save_pretrained folder."""
+    return Path(write("qwen2-vl", str(tmp_path_factory.mktemp("folder") / "Qwen2-VL-tiny")))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Two pictures of different sizes (different patch grids: one padded batch)."""
+    tmp, rng = tmp_path_factory.mktemp("images"), np.random.default_rng(0)
+    paths = [str(tmp / f"{i}.png") for i in range(2)]
+    for p, shape in zip(paths, [(40, 56, 3), (16, 64, 3)]):
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(p)
+    return paths
+
+
+def _captions(checkpoint, images, capsys) -> str:
+    assert caption.main(["--checkpoint", str(checkpoint), *images]) == 0
+    return capsys.readouterr().out
+
+
+def test_the_starting_folder_captions_as_its_generate_does(folder, images, capsys):
+    """No run: the hf_vlm row (by the folder's architecture) with its own weights, the default prompt and search,
+    equal to transformers' generate on the folder with that search, one image at a time."""
+    import transformers
+
+    from dico_scale.models.generation import exported_search
+
+    printed = _captions(folder, images, capsys)
+    cfg = load_config(None, ["captioner.model=hf_vlm", f"captioner.hf_path={folder}"], training=False)  # defaults
+    search = exported_search(transformers.GenerationConfig.from_pretrained(folder), build_captioner(cfg),
+                             cfg.generation)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": cfg.captioner.prompt}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    captions = []
+    for p in images:
+        inputs = processor(images=[Image.open(p).convert("RGB")], text=[prompt], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, generation_config=search)
+        captions.append(processor.tokenizer.decode(out[0, inputs["input_ids"].size(1):], skip_special_tokens=True))
+    assert printed == "".join(f"{p}\t{c.strip()}\n" for p, c in zip(images, captions))
+
+
+def test_an_export_hf_folder_reads_as_its_run(folder, images, tmp_path, capsys):
+    """A LoRA run's export, made here as training's own is (merged weights in model.pt, hf/ beside it): caption on hf/
+    prints what it prints on model.pt (the run's prompt and search, not the defaults), and the folder knows its run."""
+    overrides = ["captioner.model=hf_vlm", f"captioner.hf_path={folder}", "evaluator.weights=",
+                 "captioner.image_encoder_weights=", "train.stage=dico", "captioner.prompt=What is in the picture?",
+                 "generation.candidates=2", "generation.max_len=5", "captioner.lora.r=4",
+                 f"train.output_dir={tmp_path}", "train.init_from="]
+    cfg = load_config("configs/demo/dico.yaml", overrides)
+    from dico_scale.models.lora import merged_state
+
+    captioner = build_captioner(cfg)
+    torch.manual_seed(1)  # trained: the folder's weights and the adapters moved
+    with torch.no_grad():
+        for p in captioner.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = merged_state(captioner, {k: v.detach().clone() for k, v in captioner.state_dict().items()})
+    blob = {"state_dict": state, "config": to_yaml(cfg), "stage": "dico", "step": 7, "mlflow_run_id": "abc123"}
+    export.write_export(blob, str(tmp_path / "model.pt"), "pt")
+    export.write_hf_folder(blob, tmp_path / "hf")
+
+    meta = export.checkpoint_meta(str(tmp_path / "hf"))
+    run_cfg = export.load_run_config(meta)
+    assert (meta["stage"], meta["step"], meta["mlflow_run_id"]) == ("dico", 7, "abc123")
+    assert run_cfg.captioner.prompt == "What is in the picture?" and run_cfg.captioner.lora.r == 0
+    assert run_cfg.captioner.hf_path == str((tmp_path / "hf").resolve())
+
+    from_export = _captions(tmp_path / "model.pt", images, capsys)
+    assert _captions(tmp_path / "hf", images, capsys) == from_export
+    assert from_export != _captions(folder, images, capsys)  # the trained weights, not the starting folder's
+
+    plain = tmp_path / "plain"  # the same weights without the record of its run: the defaults, and a note
+    shutil.copytree(tmp_path / "hf", plain)
+    (plain / EXPORT_MARK).unlink()
+    assert caption.main(["--checkpoint", str(plain), *images]) == 0
+    out, err = capsys.readouterr()
+    assert out.replace(str(plain), "") != from_export.replace(str(tmp_path / "hf"), "")
+    assert f"note: {plain / 'generation_config.json'} sets num_beams=2 (ours: generation.candidates=5)" in err
+
+
+def test_evaluate_scores_the_starting_folder_on_a_new_mlflow_run(folder, tiny_shards, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    uri = mlflow_uri(tmp_path / "mlflow.db")
+    base = ["--checkpoint", str(folder), "--no-spice", f"tracking.uri={uri}", "generation.candidates=2",
+            "generation.max_len=5"]
+    assert evaluate.main(base) == 2  # no run config, so no splits
+    assert capsys.readouterr().err.strip() == ("dico_scale.evaluate: error: the checkpoint's config has no test "
+                                               "shards (data.test_shards is empty); pass --shards SPEC")
+
+    assert evaluate.main(base + ["--shards", tiny_shards["test"]]) == 0
+    out = folder.parent / "eval_Qwen2-VL-tiny_test.json"  # beside the folder, named after it
+    result = json.loads(out.read_text())
+    assert (result["checkpoint"], result["stage"], result["step"], result["images"]) == (str(folder), "xe", None, 10)
+    assert result["settings"]["beam_size"] == 2 and result["metrics"]["CIDEr"] is not None
+    assert "novelty skipped: the checkpoint's config has no training split (--train-shards SPEC)" in result["notes"]
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.run_name == "eval-Qwen2-VL-tiny-test"
+    assert run.data.metrics["eval/test/images"] == 10 and run.data.params["captioner.model"] == "hf_vlm"
+
+
+@pytest.mark.parametrize("family", ["vit-gpt2", "dico-ref"])
+def test_encoder_decoder_folders_are_read_by_their_rows(family, images, tmp_path, capsys):
+    """A VisionEncoderDecoderModel folder by hf_encoder_decoder, the DiCO reference's released layout by dico_ref."""
+    path = write(family, str(tmp_path / family))
+    meta = export.checkpoint_meta(path)
+    assert export.load_run_config(meta).captioner.model == {"vit-gpt2": "hf_encoder_decoder"}.get(family, "dico_ref")
+    printed = _captions(path, images, capsys)  # (a random model's byte-level captions may hold newlines)
+    assert printed.startswith(f"{images[0]}\t") and f"\n{images[1]}\t" in printed
+
+
+def test_folders_no_row_reads_and_export_of_a_folder_are_one_line(folder, images, tmp_path, capsys):
+    lm = tmp_path / "gpt2"
+    lm.mkdir()
+    (lm / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    assert caption.main(["--checkpoint", str(lm), *images]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dico_scale.caption: error: checkpoint folder '{lm}': architecture GPT2LMHeadModel is "
+                          "not a captioner dico_scale reads (Idefics3ForConditionalGeneration, ") and "\n" not in err
+
+    bad = tmp_path / "bad"  # an export folder whose record of its run is not a config
+    shutil.copytree(folder, bad)
+    (bad / EXPORT_MARK).write_text(json.dumps({"written_by": "dico_scale", "run": {"config": "[1, 2]"}}))
+    assert caption.main(["--checkpoint", str(bad), *images]) == 2
+    assert capsys.readouterr().err.strip() == (f"dico_scale.caption: error: checkpoint folder '{bad}': the run "
+                                               f"config in its {EXPORT_MARK} is not a YAML mapping")
+
+    assert export.main(["--checkpoint", str(folder), "--out", str(tmp_path / "m.pt")]) == 2
+    assert capsys.readouterr().err.strip() == (f"dico_scale.export: error: --checkpoint {folder} is a transformers "
+                                               "folder, not a training checkpoint: nothing to consolidate")
+    assert not (tmp_path / "m.pt").exists()
