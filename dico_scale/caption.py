@@ -9,6 +9,7 @@ Runs on the CPU by default; a model.pt export needs no DeepSpeed.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -70,6 +71,8 @@ def parse_args(argv):
                    "are multiplied by this (transformers'); default: generation.repetition_penalty")
     p.add_argument("--no-repeat-ngram-size", type=whole, help="no n-gram of this size twice (0: off; "
                    "transformers'); default: generation.no_repeat_ngram_size")
+    p.add_argument("--prompt", help="a vision-language captioner's question about each image (hf_vlm); default: the "
+                   "checkpoint's captioner.prompt")
     p.add_argument("--batch-size", type=positive, default=16)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     return p.parse_args(argv)
@@ -115,16 +118,21 @@ def main(argv: list[str] | None = None) -> int:
         meta = checkpoint_meta(args.checkpoint)
         # the search flags (argparse's dests) and the generation.* keys they set; unset, the checkpoint's value stands
         flags = {"beam_size": "candidates", "max_len": "max_len", **{k: k for k in SEARCH_OPTIONS}}
-        given = {flag: key for flag, key in flags.items() if getattr(args, flag) is not None}
+        given = {flag: f"generation.{key}" for flag, key in flags.items() if getattr(args, flag) is not None}
+        if args.prompt is not None:
+            given["prompt"] = "captioner.prompt"
         base = ["evaluator.weights="]  # no evaluator needed here
-        try:
-            cfg = load_run_config(meta, base + [f"generation.{k}={getattr(args, flag)}" for flag, k in given.items()])
+        try:  # (JSON's quoted string is YAML's too: a prompt is text whatever it holds)
+            cfg = load_run_config(meta, base + [f"{k}={json.dumps(getattr(args, flag))}" for flag, k in given.items()])
         except ConfigError as e:
             if not given:
                 raise
             load_run_config(meta, base)  # the checkpoint alone loads: the flags are what does not fit
             named = " ".join(f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag in given)
             raise ConfigError(f"{named} does not fit this checkpoint: {e}") from None
+        if args.prompt is not None and cfg.captioner.model != "hf_vlm":
+            raise ConfigError(f"--prompt: the checkpoint's captioner ({cfg.captioner.model}) is asked no question "
+                              "(hf_vlm captioners are)")
         import torch
 
         from dico_scale.export import load_captioner
@@ -137,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--device {args.device}: CUDA is not available here")
         captioner, tok = load_captioner(cfg, meta, device)
     except ConfigError as e:
-        print(f"dico_scale.caption: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        line = str(e).splitlines()[0]
+        if args.prompt is not None:  # the processor's own check of the prompt, when the captioner is built
+            line = line.replace("captioner.prompt:", "--prompt:", 1)
+        print(f"dico_scale.caption: error: {line}", file=sys.stderr)
         return 2
     code = 0
     for path, caption, error in caption_files(captioner, tok, paths, cfg, device, args.batch_size):

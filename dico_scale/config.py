@@ -330,6 +330,16 @@ def load_config(path: str | None, overrides: list[str] = (), training: bool = Tr
     return obj
 
 
+def _check_text_override(cfg, node, item: str) -> None:
+    """A text key whose override value YAML reads as a mapping or a list (`captioner.prompt=Caption: a photo` is
+    {'Caption': 'a photo'}): one line saying to quote it, not OmegaConf's 'Cannot convert DictConfig to string'."""
+    key = item.split("=", 1)[0].strip()
+    value = OmegaConf.select(node, key, default=None)
+    if isinstance(value, (DictConfig, ListConfig)) and isinstance(OmegaConf.select(cfg, key, default=None), str):
+        kind = "a mapping" if isinstance(value, DictConfig) else "a list"
+        raise ConfigError(f"override '{item}': YAML reads the value as {kind}, not text (quote it: '{key}=\"...\"')")
+
+
 def load_structured(schema, path: str | None, overrides: list[str] = ()):
     """An instance of the dataclass `schema`: its defaults <- YAML (with extends) <- dotlist overrides; an unknown
     key or a wrong type raises ConfigError naming the key."""
@@ -348,6 +358,7 @@ def load_structured(schema, path: str | None, overrides: list[str] = ()):
         try:
             node = OmegaConf.from_dotlist([item])
             _join_name_lists(node, f"override {item}")
+            _check_text_override(cfg, node, item)
             cfg = OmegaConf.merge(cfg, node)
         except OmegaConfBaseException as e:
             raise _one_line(e, f"override {item}", item.split("=", 1)[0]) from None

@@ -158,6 +158,14 @@ def test_override_whose_value_is_not_yaml_says_to_quote_it(value):
     assert load_config(str(DEMO / "dico.yaml"), BLANK + [f"captioner.prompt='{value}'"]).captioner.prompt == value
 
 
+@pytest.mark.parametrize("value, kind", [("Caption: a photo of", "a mapping"), ("[a, b]", "a list"),
+                                         ("{x}", "a mapping")])
+def test_text_override_that_yaml_reads_as_a_mapping_or_list_says_to_quote_it(value, kind):
+    _one_line_error(DEMO / "dico.yaml", BLANK + [f"captioner.prompt={value}"], f"'captioner.prompt={value}'",
+                    f"YAML reads the value as {kind}, not text", "captioner.prompt=")
+    assert load_config(str(DEMO / "dico.yaml"), BLANK + [f'captioner.prompt="{value}"']).captioner.prompt == value
+
+
 def test_section_replaced_by_scalar_names_the_key():
     _one_line_error(DEMO / "dico.yaml", BLANK + ["optim=3"], "'optim'")
 

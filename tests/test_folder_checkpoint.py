@@ -38,15 +38,18 @@ def _captions(checkpoint, images, capsys) -> str:
     return capsys.readouterr().out
 
 
-def test_the_starting_folder_captions_as_its_generate_does(folder, images, capsys):
-    """No run: the hf_vlm row (by the folder's architecture) with its own weights, the default prompt and search,
-    equal to transformers' generate on the folder with that search, one image at a time."""
+@pytest.mark.parametrize("prompt", [None, "Caption: what is shown, in {one} line?"])
+def test_the_starting_folder_captions_as_its_generate_does(folder, images, prompt, capsys):
+    """No run: the hf_vlm row (by the folder's architecture) with its own weights, the default search and the default
+    prompt or caption's --prompt (any text: YAML would read this one as a mapping), equal to transformers' generate on
+    the folder with that search and prompt, one image at a time."""
     import transformers
 
     from dico_scale.models.generation import exported_search
 
-    printed = _captions(folder, images, capsys)
+    printed = _captions(folder, ([] if prompt is None else ["--prompt", prompt]) + images, capsys)
     cfg = load_config(None, ["captioner.model=hf_vlm", f"captioner.hf_path={folder}"], training=False)  # defaults
+    cfg.captioner.prompt = prompt or cfg.captioner.prompt
     search = exported_search(transformers.GenerationConfig.from_pretrained(folder), build_captioner(cfg),
                              cfg.generation)
     model = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
@@ -128,9 +131,13 @@ def test_encoder_decoder_folders_are_read_by_their_rows(family, images, tmp_path
     """A VisionEncoderDecoderModel folder by hf_encoder_decoder, the DiCO reference's released layout by dico_ref."""
     path = write(family, str(tmp_path / family))
     meta = export.checkpoint_meta(path)
-    assert export.load_run_config(meta).captioner.model == {"vit-gpt2": "hf_encoder_decoder"}.get(family, "dico_ref")
+    meta_row = {"vit-gpt2": "hf_encoder_decoder"}.get(family, "dico_ref")
+    assert export.load_run_config(meta).captioner.model == meta_row
     printed = _captions(path, images, capsys)  # (a random model's byte-level captions may hold newlines)
     assert printed.startswith(f"{images[0]}\t") and f"\n{images[1]}\t" in printed
+    assert caption.main(["--checkpoint", path, "--prompt", "Describe it.", *images]) == 2
+    assert capsys.readouterr().err.strip() == ("dico_scale.caption: error: --prompt: the checkpoint's captioner "
+                                               f"({meta_row}) is asked no question (hf_vlm captioners are)")
 
 
 def test_folders_no_row_reads_and_export_of_a_folder_are_one_line(folder, images, tmp_path, capsys):
@@ -141,6 +148,11 @@ def test_folders_no_row_reads_and_export_of_a_folder_are_one_line(folder, images
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"dico_scale.caption: error: checkpoint folder '{lm}': architecture GPT2LMHeadModel is "
                           "not a captioner dico_scale reads (Idefics3ForConditionalGeneration, ") and "\n" not in err
+
+    assert caption.main(["--checkpoint", str(folder), "--prompt", "<|image_pad|> Describe it.", *images]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == ("dico_scale.caption: error: --prompt: holds the image token "
+                                               f"<|image_pad|>; '{folder}' has a chat template that places the image "
+                                               "itself")
 
     bad = tmp_path / "bad"  # an export folder whose record of its run is not a config
     shutil.copytree(folder, bad)
