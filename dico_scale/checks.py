@@ -125,6 +125,10 @@ def _validate_captioner(c: Config) -> None:
           "trains")
     check(cap.lora.r == 0 or bool(cap.lora.target_modules.replace(",", "").strip()), "captioner.lora.target_modules",
           "names no layer (layer names, comma-separated or a YAML list, or all-linear)")
+    for key in ("prompt", "freeze"):  # a row's setting, silently ignored by the rows that do not read it
+        readers = [name for name, spec in MODELS.items() if key in spec.keys]
+        check(getattr(cap, key) == getattr(type(cap), key) or cap.model in readers, f"captioner.{key}",
+              f"read by the rows {', '.join(readers)}, not captioner.model={cap.model}")
     check(not cap.images_kwargs or cap.model == "hf_vlm", "captioner.images_kwargs",
           f"options of a vision-language model's processor (hf_vlm), not captioner.model={cap.model}")
     attn_rows = [name for name, spec in MODELS.items() if "attn_implementation" in spec.keys]

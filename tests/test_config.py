@@ -153,17 +153,17 @@ def test_override_without_equals():
 
 @pytest.mark.parametrize("value", ["[", "{a", ","])
 def test_override_whose_value_is_not_yaml_says_to_quote_it(value):
-    _one_line_error(DEMO / "dico.yaml", BLANK + [f"captioner.prompt={value}"], f"'captioner.prompt={value}'",
-                    "not valid YAML", "captioner.prompt=")
-    assert load_config(str(DEMO / "dico.yaml"), BLANK + [f"captioner.prompt='{value}'"]).captioner.prompt == value
+    _one_line_error(DEMO / "dico.yaml", BLANK + [f"tracking.run_name={value}"], f"'tracking.run_name={value}'",
+                    "not valid YAML", "tracking.run_name=")
+    assert load_config(str(DEMO / "dico.yaml"), BLANK + [f"tracking.run_name='{value}'"]).tracking.run_name == value
 
 
 @pytest.mark.parametrize("value, kind", [("Caption: a photo of", "a mapping"), ("[a, b]", "a list"),
                                          ("{x}", "a mapping")])
 def test_text_override_that_yaml_reads_as_a_mapping_or_list_says_to_quote_it(value, kind):
-    _one_line_error(DEMO / "dico.yaml", BLANK + [f"captioner.prompt={value}"], f"'captioner.prompt={value}'",
-                    f"YAML reads the value as {kind}, not text", "captioner.prompt=")
-    assert load_config(str(DEMO / "dico.yaml"), BLANK + [f'captioner.prompt="{value}"']).captioner.prompt == value
+    _one_line_error(DEMO / "dico.yaml", BLANK + [f"tracking.run_name={value}"], f"'tracking.run_name={value}'",
+                    f"YAML reads the value as {kind}, not text", "tracking.run_name=")
+    assert load_config(str(DEMO / "dico.yaml"), BLANK + [f'tracking.run_name="{value}"']).tracking.run_name == value
 
 
 def test_section_replaced_by_scalar_names_the_key():
@@ -523,3 +523,13 @@ def test_vlm_configs_load_on_a_local_folder_of_their_family(path, vlm_folders):
     assert cfg.train.deepspeed_config.endswith("zero3.json") and not cfg.captioner.image_encoder_weights
     with pytest.raises(ConfigError, match="captioner.hf_path"):  # the placeholder folder is refused, in one line
         load_config(str(path), BLANK + ["captioner.hf_path=/nowhere/SmolVLM", "train.init_from="])
+
+
+@pytest.mark.parametrize("override, readers", [("captioner.prompt=Describe it.", "hf_vlm"),
+                                               ("captioner.freeze=vision,projection",
+                                                "hf_encoder_decoder, dico_ref, hf_vlm")])
+def test_a_row_setting_on_a_row_that_does_not_read_it_is_one_line(override, readers):
+    """The built-in captioner asks no question and has no parts to freeze: the setting would be silently ignored."""
+    key = override.split("=")[0]
+    _one_line_error(DEMO / "xe.yaml", BLANK + [override], f"'{key}'", f"read by the rows {readers}, not "
+                    "captioner.model=builtin")
