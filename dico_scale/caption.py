@@ -130,9 +130,6 @@ def main(argv: list[str] | None = None) -> int:
             load_run_config(meta, base)  # the checkpoint alone loads: the flags are what does not fit
             named = " ".join(f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag in given)
             raise ConfigError(f"{named} does not fit this checkpoint: {e}") from None
-        if args.prompt is not None and cfg.captioner.model != "hf_vlm":
-            raise ConfigError(f"--prompt: the checkpoint's captioner ({cfg.captioner.model}) is asked no question "
-                              "(hf_vlm captioners are)")
         import torch
 
         from dico_scale.export import load_captioner
@@ -145,10 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--device {args.device}: CUDA is not available here")
         captioner, tok = load_captioner(cfg, meta, device)
     except ConfigError as e:
-        line = str(e).splitlines()[0]
-        if args.prompt is not None:  # the processor's own check of the prompt, when the captioner is built
-            line = line.replace("captioner.prompt:", "--prompt:", 1)
-        print(f"dico_scale.caption: error: {line}", file=sys.stderr)
+        print(f"dico_scale.caption: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     code = 0
     for path, caption, error in caption_files(captioner, tok, paths, cfg, device, args.batch_size):

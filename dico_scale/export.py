@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our 
 from dico_scale.config import Config, load_config  # noqa: E402
 from dico_scale.errors import ConfigError, OneLineParser, first_line  # noqa: E402
 from dico_scale.models.export_folder import EXPORT_MARK, RUN_KEYS, export_run, foreign_folder  # noqa: E402
-from dico_scale.preflight import out_file_problem  # noqa: E402
+from dico_scale.preflight import check_vlm_input, out_file_problem  # noqa: E402
 from dico_scale.stages import captioner_stages  # noqa: E402
 
 # Overrides applied before the user's: evaluation needs neither the training start point nor the tower's source
@@ -175,6 +175,7 @@ def load_run_config(meta: dict, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"checkpoint {meta['path']} is a '{stage}'-stage model, not a captioner "
                           f"({', '.join(captioner_stages())})")
     meta["stage"] = stage
+    check_vlm_input(cfg)  # a prompt the processor refuses, before any weights load
     if meta.get("folder"):  # what the folder's generation_config.json asks that the search does not do, as training
         from dico_scale.models.folders import generation_note
 

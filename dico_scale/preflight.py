@@ -190,6 +190,15 @@ def check_device(cfg: Config) -> None:
                           "there is one)")
 
 
+def check_vlm_input(cfg) -> None:
+    """An hf_vlm captioner's processor, prompt and image options (vlm_processor.check_folder), in seconds: training's
+    preflight, and caption and evaluate before they load the weights."""
+    if cfg.captioner.model == "hf_vlm":
+        from .models.vlm_processor import check_folder
+
+        check_folder(cfg.captioner.hf_path, cfg.captioner.prompt, dict(cfg.captioner.images_kwargs))
+
+
 def check_flex_on_cpu(cfg: Config) -> None:
     """PyTorch's FlexAttention has no backward on the CPU: a captioner trained there with it would stop at its first
     step with NotImplementedError. Inference (evaluate, caption, the frozen reference) runs it."""
@@ -217,8 +226,4 @@ def run_preflight(cfg: Config) -> None:
 
         check_attention(cfg.captioner.hf_path, cfg.captioner.attn_implementation)
         check_flex_on_cpu(cfg)
-    if cfg.captioner.model == "hf_vlm":
-        from .models.vlm_processor import check_folder
-
-        # processor, prompt and image options, before any process group
-        check_folder(cfg.captioner.hf_path, cfg.captioner.prompt, dict(cfg.captioner.images_kwargs))
+    check_vlm_input(cfg)  # before any process group

@@ -136,8 +136,9 @@ def test_encoder_decoder_folders_are_read_by_their_rows(family, images, tmp_path
     printed = _captions(path, images, capsys)  # (a random model's byte-level captions may hold newlines)
     assert printed.startswith(f"{images[0]}\t") and f"\n{images[1]}\t" in printed
     assert caption.main(["--checkpoint", path, "--prompt", "Describe it.", *images]) == 2
-    assert capsys.readouterr().err.strip() == ("dico_scale.caption: error: --prompt: the checkpoint's captioner "
-                                               f"({meta_row}) is asked no question (hf_vlm captioners are)")
+    assert capsys.readouterr().err.strip() == ("dico_scale.caption: error: --prompt Describe it. does not fit this "
+                                               "checkpoint: bad value for config key 'captioner.prompt': read by the "
+                                               f"rows hf_vlm, not captioner.model={meta_row}")
 
 
 def test_folders_no_row_reads_and_export_of_a_folder_are_one_line(folder, images, tmp_path, capsys):
@@ -149,8 +150,10 @@ def test_folders_no_row_reads_and_export_of_a_folder_are_one_line(folder, images
     assert err.startswith(f"dico_scale.caption: error: checkpoint folder '{lm}': architecture GPT2LMHeadModel is "
                           "not a captioner dico_scale reads (Idefics3ForConditionalGeneration, ") and "\n" not in err
 
+    # the processor's refusal, before any weights load (nothing printed before the line)
     assert caption.main(["--checkpoint", str(folder), "--prompt", "<|image_pad|> Describe it.", *images]) == 2
-    assert capsys.readouterr().err.splitlines()[-1] == ("dico_scale.caption: error: --prompt: holds the image token "
+    assert capsys.readouterr().err.strip() == ("dico_scale.caption: error: --prompt <|image_pad|> Describe it. does "
+                                               "not fit this checkpoint: captioner.prompt: holds the image token "
                                                f"<|image_pad|>; '{folder}' has a chat template that places the image "
                                                "itself")
 
