@@ -218,8 +218,11 @@ def main(argv=None) -> int:
         from dico_scale.activations import run_lora
         from dico_scale.errors import ConfigError
 
-        if min(args.images, args.candidates, args.caption_tokens, args.lora_r) < 1:
-            p.error("--images, --candidates, --caption-tokens and --lora-r must be at least 1")
+        for flag in ("images", "candidates", "caption_tokens", "lora_r"):
+            if getattr(args, flag) < 1:
+                print(f"memory.py: error: --{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1",
+                      file=sys.stderr)
+                return 2
         lora = run_lora(argparse.Namespace(r=args.lora_r, target_modules=args.lora_targets))
         if not lora.targets:
             p.error("--lora-targets names no module")

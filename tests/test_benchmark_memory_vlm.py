@@ -130,3 +130,6 @@ def test_a_folder_without_a_layer_formula_is_one_line(tmp_path, vlm_folders, cap
         assert memory.main(["--vlm", "--folder", str(path)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+    for flag in ("--images", "--candidates", "--caption-tokens", "--lora-r"):  # a batch of nothing projects nothing
+        assert memory.main(["--vlm", "--folder", str(vlm_folders["llava"]), flag, "0"]) == 2
+        assert capsys.readouterr().err.strip() == f"memory.py: error: {flag} 0 must be at least 1"
