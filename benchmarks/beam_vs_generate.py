@@ -53,10 +53,10 @@ def main(argv=None) -> dict:
     p.add_argument("--prompt", help="captioner.prompt (default: the config's; PaliGemma: '<image>caption en')")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
+    prompt = [f"captioner.prompt={json.dumps(args.prompt)}"] if args.prompt else []  # quoted: any text is a prompt
     cfg = load_config("configs/demo/xe.yaml", ["evaluator.weights=", "captioner.image_encoder_weights=",
                                                "train.init_from=", "captioner.model=hf_vlm",
-                                               f"captioner.hf_path={args.folder}",
-                                               *([f"captioner.prompt={args.prompt}"] if args.prompt else [])])
+                                               f"captioner.hf_path={args.folder}", *prompt])
     cap, k = build_captioner(cfg).eval(), args.beams
     tok, pre = cap.tokenizer, cap.preprocess
     same = {lp: {"best": 0, "all": 0} for lp in args.length_penalties}
