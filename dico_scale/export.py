@@ -133,9 +133,10 @@ def folder_meta(p: Path) -> dict:
     run = export_run(p) or {"config": "train:\n  stage: xe\n"}
     try:
         cfg = OmegaConf.create(run["config"])
-        assert isinstance(cfg, DictConfig)
-    except Exception:  # YAML's errors, or a list
-        raise ConfigError(f"checkpoint folder '{p}': the run config in its {EXPORT_MARK} is not a YAML mapping") from None
+    except Exception:  # YAML's errors, whatever their type
+        cfg = None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"checkpoint folder '{p}': the run config in its {EXPORT_MARK} is not a YAML mapping")
     for key, value in (("captioner.model", row), ("captioner.hf_path", str(p.resolve())), ("captioner.lora.r", 0),
                        ("captioner.lora.modules_to_save", "")):  # the weights are the folder's, adapters merged
         OmegaConf.update(cfg, key, value)
