@@ -303,7 +303,6 @@ def export_weights(engine, path: str | Path, extra: dict, generation=None) -> No
     deepspeed = import_deepspeed()
     import torch.distributed as dist
 
-    from .models.export_folder import RUN_KEYS
     from .models.lora import merged_state
 
     module = engine.module
@@ -315,6 +314,6 @@ def export_weights(engine, path: str | Path, extra: dict, generation=None) -> No
             torch.save({"state_dict": state, **extra}, tmp)
             os.replace(tmp, path)
             if hasattr(module, "save_pretrained"):  # Hugging Face rows: a transformers folder beside it too
-                run = {k: extra.get(k) for k in RUN_KEYS}  # caption and evaluate read hf/ as this run's
-                module.save_pretrained(Path(path).parent / "hf", state, generation, run)
+                # extra (the run's config, stage, step, ...) in its mark: caption and evaluate read hf/ as this run's
+                module.save_pretrained(Path(path).parent / "hf", state, generation, extra)
     dist.barrier()

@@ -4,7 +4,8 @@
 into one fp32 file laid out as engine.export_weights writes it: {"state_dict", "config", "stage", "step",
 "mlflow_run_id"}. `--format safetensors --out model.safetensors` writes the weights as safetensors (the format people
 share: no pickle) and the rest as model.json beside them; it also converts a model.pt export. The helpers below read
-every form (model.pt, .safetensors + .json, tag folder) for evaluate, caption and train.init_from.
+every form (model.pt, .safetensors + .json, tag folder) for evaluate, caption and train.init_from; evaluate and
+caption also read a transformers folder (folder_meta).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our 
 
 from dico_scale.config import Config, load_config  # noqa: E402
 from dico_scale.errors import ConfigError, OneLineParser, first_line  # noqa: E402
-from dico_scale.models.export_folder import EXPORT_MARK, RUN_KEYS, export_run, foreign_folder  # noqa: E402
+from dico_scale.models.export_folder import EXPORT_MARK, export_run, foreign_folder  # noqa: E402
 from dico_scale.preflight import check_vlm_input, out_file_problem  # noqa: E402
 from dico_scale.stages import captioner_stages  # noqa: E402
 
@@ -286,7 +287,7 @@ def write_hf_folder(blob: dict, folder: Path, captioner=None) -> None:
 
     cfg = _config_from_text(blob["config"], [])
     captioner = captioner or build_captioner(cfg)
-    captioner.save_pretrained(folder, blob["state_dict"], cfg.generation, {k: blob[k] for k in RUN_KEYS})
+    captioner.save_pretrained(folder, blob["state_dict"], cfg.generation, blob)
 
 
 def write_adapters(blob: dict, captioner, out: str) -> int:

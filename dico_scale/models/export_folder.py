@@ -18,14 +18,13 @@ RUN_KEYS = ("config", "stage", "step", "mlflow_run_id")  # what an export folder
 
 
 def write_folder(folder: str | Path, write: Callable[[Path], None], what: str, run: dict | None = None) -> None:
-    """`write(tmp)` fills a folder beside `folder`; it is marked ours (what it holds: `what`; `run`: the run it comes
-    from, its config, stage, step and MLflow run, which caption and evaluate read back: export_run) and moved in
-    place."""
+    """`write(tmp)` fills a folder beside `folder`; it is marked ours (what it holds: `what`; of `run`, an export's
+    fields, the RUN_KEYS that caption and evaluate read back: export_run) and moved in place."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
-    mark = {"written_by": "dico_scale", "holds": what, **({"run": run} if run else {})}
+    mark = {"written_by": "dico_scale", "holds": what, **({"run": {k: run.get(k) for k in RUN_KEYS}} if run else {})}
     (tmp / EXPORT_MARK).write_text(json.dumps(mark) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)

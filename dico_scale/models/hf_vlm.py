@@ -268,7 +268,7 @@ class HFVLM(CaptionerModel):
                         run: dict | None = None) -> None:
         """A transformers folder of `state` (our state dict) with the processor, written beside and moved in
         (models/export_folder.py); `generation`: the run's GenerationConfig, generate's default there; `run`: the
-        run's config, stage, step and MLflow run, kept in the folder's mark (export_run)."""
+        export's fields, whose config, stage, step and MLflow run the folder's mark keeps (export_run)."""
         own = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
 
         def write(tmp: Path) -> None:
