@@ -183,12 +183,13 @@ def validate(c: Config, training: bool = True) -> None:
           f"{t.patience} needs train.select_best (the metric whose improvement it waits for)")
     if training and not d.synthetic.enabled:
         check(bool(d.train_shards), "data.train_shards", "empty (and data.synthetic.enabled is false)")
+    # a row that does not read the built-in's tower file (a Hugging Face row: its folder's) leaves it unchecked, as
+    # configs that extend the demo's and switch the row carry it
+    tower = c.captioner.image_encoder_weights if "image_encoder_weights" in MODELS[c.captioner.model].keys else ""
     for key, val in [("train.init_from", t.init_from), ("evaluator.weights", c.evaluator.weights),
-                     ("captioner.image_encoder_weights", c.captioner.image_encoder_weights),
-                     ("train.deepspeed_config", t.deepspeed_config)]:
+                     ("captioner.image_encoder_weights", tower), ("train.deepspeed_config", t.deepspeed_config)]:
         check(not val or os.path.exists(val), key, f"'{val}' does not exist")
-    for key, val in [("evaluator.weights", c.evaluator.weights),
-                     ("captioner.image_encoder_weights", c.captioner.image_encoder_weights)]:
+    for key, val in [("evaluator.weights", c.evaluator.weights), ("captioner.image_encoder_weights", tower)]:
         if val:  # imported only then: the module imports torch, which a config without weight files need not wait for
             from .models.weights import sniff_weights_format  # reads headers only: a wrong kind of file fails here
 

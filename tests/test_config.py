@@ -533,3 +533,13 @@ def test_a_row_setting_on_a_row_that_does_not_read_it_is_one_line(override, read
     key = override.split("=")[0]
     _one_line_error(DEMO / "xe.yaml", BLANK + [override], f"'{key}'", f"read by the rows {readers}, not "
                     "captioner.model=builtin")
+
+
+def test_the_built_in_tower_file_is_checked_only_where_the_row_reads_it(vlm_folders):
+    """The demo's configs name the built-in captioner's tower file; a Hugging Face row on them (the demo's own VLM
+    runs, compare from a folder) reads its folder's tower instead, so that file need not exist yet."""
+    tower = ["captioner.image_encoder_weights=/nowhere/tower.pt", "evaluator.weights=", "train.init_from="]
+    cfg = load_config(str(DEMO / "dico.yaml"), tower + ["captioner.model=hf_vlm",
+                                                       f"captioner.hf_path={vlm_folders['qwen2-vl']}"])
+    assert cfg.captioner.model == "hf_vlm"
+    _one_line_error(DEMO / "dico.yaml", tower, "captioner.image_encoder_weights", "'/nowhere/tower.pt' does not exist")
