@@ -122,15 +122,12 @@ def folder_meta(p: Path) -> dict:
     """checkpoint_meta of a transformers save_pretrained folder, read by the Hugging Face row of its architecture from
     its own weights: an export's hf/ as the run it comes from (its config, stage, step and MLflow run; LoRA merged),
     any other folder (the starting model: its scores before training) with the row's defaults, as stage xe."""
-    from dico_scale.models.folders import HF_ARCHITECTURES, VLM_ARCHITECTURES, folder_row, read_config
+    from dico_scale.models.folders import row_reading
 
-    config = read_config(str(p))
-    if isinstance(config, str):
-        raise ConfigError(f"checkpoint folder {config}")
-    if (row := folder_row(config)) is None:
-        arch = (config.get("architectures") or [None])[0]
-        raise ConfigError(f"checkpoint folder '{p}': architecture {arch} is not a captioner dico_scale reads "
-                          f"({', '.join(VLM_ARCHITECTURES + HF_ARCHITECTURES)})")
+    try:
+        row = row_reading(str(p))
+    except ConfigError as e:
+        raise ConfigError(f"checkpoint folder {e}") from None
     run = export_run(p) or {"config": "train:\n  stage: xe\n"}
     try:
         cfg = OmegaConf.create(run["config"])

@@ -80,6 +80,19 @@ def folder_row(config: dict) -> str | None:
     return "hf_encoder_decoder" if arch in HF_ARCHITECTURES else None
 
 
+def row_reading(path: str) -> str:
+    """The captioner row that reads the folder at `path` (folder_row); ConfigError (to be prefixed with what named
+    the folder) when it is no transformers folder or of an architecture no row reads."""
+    config = read_config(path)
+    if isinstance(config, str):
+        raise ConfigError(config)
+    if (row := folder_row(config)) is None:
+        arch = (config.get("architectures") or [None])[0]
+        raise ConfigError(f"'{path}': architecture {arch} is not a captioner dico_scale reads "
+                          f"({', '.join(VLM_ARCHITECTURES + HF_ARCHITECTURES)})")
+    return row
+
+
 def hf_problem(config: dict, path: str) -> str | None:
     """hf_encoder_decoder: a VisionEncoderDecoderModel with a GPT-2 / BERT decoder, or BLIP."""
     if is_dico_ref(config):
