@@ -1,6 +1,7 @@
 """`python -m dico_scale.compare --config configs/demo/compare.yaml`: DiCO versus SCST from one XE checkpoint.
 
-DiCO and SCST (optionally also SCST rewarded by CIDEr-D, the classic recipe) start from the same XE captioner, with
+DiCO and SCST (optionally also SCST rewarded by CIDEr-D, the classic recipe) start from the same XE captioner (a
+model.pt export, or a transformers folder a captioner row reads: a vision-language model as released), with
 the same reward and number of steps, each through the real trainer as a child process under torchrun
 (`--ranks` CPU ranks) and as a child run of one MLflow parent run. Then one figure: validation curves over the steps
 (evaluator score, CIDEr, mean caption length, repetition, vocabulary; the XE captioner at step 0), each run's
@@ -36,7 +37,7 @@ PROG = "dico_scale.compare"
 
 @dataclass
 class CompareConfig:
-    xe_checkpoint: str = "runs/demo/xe/model.pt"  # the XE captioner (a model.pt export) every run starts from
+    xe_checkpoint: str = "runs/demo/xe/model.pt"  # every run's start: a model.pt export, or a transformers folder
     output_dir: str = "runs/demo/compare"  # <output_dir>/<run>: dico, scst, scst_cider; replaced on every compare
     dico_config: str = "configs/demo/dico.yaml"
     scst_config: str = "configs/demo/scst.yaml"
@@ -100,7 +101,7 @@ def plan(c: CompareConfig, training: list[str], parent_run_id: str = "") -> list
         for method, stage, label in RUNS if c.scst_cider else RUNS[:2]:
             name = method if len(c.seeds) == 1 else f"{method}_seed{seed}"
             reward = "cider" if method == "scst_cider" else c.reward
-            overrides = [f"train.init_from={os.path.abspath(c.xe_checkpoint)}", f"train.max_steps={c.steps}",
+            overrides = [*start_overrides(c.xe_checkpoint), f"train.max_steps={c.steps}",
                          f"train.val_every={c.val_every}", f"train.select_best={c.select_best}",
                          "train.val_max_images=0", "train.resume=none",  # the whole val split: the same images as XE's
                          f"train.seed={seed}", f"train.output_dir={os.path.join(c.output_dir, name)}",
@@ -109,6 +110,35 @@ def plan(c: CompareConfig, training: list[str], parent_run_id: str = "") -> list
             runs.append({"name": name, "method": method, "seed": seed, "stage": stage, "label": label,
                          "overrides": overrides, "config": c.dico_config if stage == "dico" else c.scst_config})
     return runs
+
+
+def is_folder(xe_checkpoint: str) -> bool:
+    return os.path.isfile(os.path.join(xe_checkpoint, "config.json"))
+
+
+def start_overrides(xe_checkpoint: str) -> list[str]:
+    """Every run's start: an export's weights (train.init_from), or a transformers folder's, read by the row of its
+    architecture as the demo reads its tiny folders (captioner.model and captioner.hf_path; nothing to init from)."""
+    path = os.path.abspath(xe_checkpoint)
+    if not is_folder(path):
+        return [f"train.init_from={path}"]
+    from .models.folders import row_reading
+
+    try:
+        row = row_reading(path)
+    except ConfigError as e:
+        raise ConfigError(f"bad value for compare key 'xe_checkpoint': {e}") from None
+    return [f"captioner.model={row}", f"captioner.hf_path={path}", "train.init_from="]
+
+
+def check_start(c: CompareConfig) -> None:
+    """The start exists: an export file, or a folder with config.json (a folder without one says so)."""
+    if os.path.isdir(c.xe_checkpoint) and not is_folder(c.xe_checkpoint):
+        raise ConfigError(f"bad value for compare key 'xe_checkpoint': '{c.xe_checkpoint}' is a folder without "
+                          "config.json (neither a model.pt export nor a transformers folder)")
+    if not os.path.exists(c.xe_checkpoint):
+        raise ConfigError(f"XE checkpoint '{c.xe_checkpoint}' not found (compare key 'xe_checkpoint'; "
+                          f"--prepare trains one with the demo's configs)")
 
 
 def check_runs(runs: list[dict]):
@@ -197,7 +227,7 @@ def print_table(test: dict, differences: dict) -> None:
     seeds = max(len(m["seeds"]) for m in test.values())
     cell = (lambda m, k, f: f"{m['metrics'][k]:{f}} ± {m['std'].get(k, 0):{f}}") if seeds > 1 else \
         (lambda m, k, f: f"{m['metrics'][k]:{f}}")
-    w = 16 if seeds > 1 else 9
+    w = 16 if seeds > 1 else 11  # wider than 'repetition', the longest heading
     print(f"\nselected checkpoints on {n} held-out test images" + (f", mean ± std over {seeds} seeds" if seeds > 1
                                                                      else ""))
     print(f"{'model':<16}{'evaluator':>{w}}{'CIDEr':>{w}}{'length':>{w}}{'repetition':>{w}}{'vocab':>{w}}")
@@ -224,13 +254,14 @@ def compare(c: CompareConfig, training: list[str], ranks: int) -> dict:
             shutil.rmtree(os.path.join(c.output_dir, r["name"]), ignore_errors=True)
             train_stage(r["stage"], ranks, r["overrides"], config=r["config"], prog=PROG, name=r["name"])
         curves = histories(client, parent_id, runs)
-        start = heldout(cfg, {"XE": c.xe_checkpoint}, "val", 0, cfg.train.micro_batch_size)["XE"]["metrics"]
-        models = {"XE": c.xe_checkpoint}
-        models.update({r["name"]: selected_model(os.path.join(c.output_dir, r["name"])) for r in runs})
+        # a folder's weights are those cfg.captioner.hf_path names: no file to load on top
+        xe = {"XE": "" if is_folder(c.xe_checkpoint) else c.xe_checkpoint}
+        start = heldout(cfg, xe, "val", 0, cfg.train.micro_batch_size)["XE"]["metrics"]
+        models = {**xe, **{r["name"]: selected_model(os.path.join(c.output_dir, r["name"])) for r in runs}}
         test = by_method(heldout(cfg, models, "test", c.examples), runs)
         differences = paired(test)
         summary = {"config": asdict(c), "parent_run_id": parent_id, "start": start, "runs": curves, "test": test,
-                   "dico_minus": differences, "selected": models}
+                   "dico_minus": differences, "selected": {**models, "XE": c.xe_checkpoint}}
         os.makedirs(os.path.dirname(os.path.abspath(c.figure)), exist_ok=True)
         seeds = f", {len(c.seeds)} seeds" if len(c.seeds) > 1 else ""
         draw(c.figure, curves, start, test, title=f"DiCO vs SCST from one XE captioner, reward '{c.reward}', "
@@ -272,7 +303,7 @@ def prepare(c: CompareConfig, training: list[str], ranks: int) -> None:
     from .launch import train_stage
     from .stages import chain
 
-    if os.path.isfile(c.xe_checkpoint):
+    if os.path.exists(c.xe_checkpoint):
         return
     for stage in chain("xe"):
         train_stage(stage, ranks, training, prog=PROG)
@@ -289,10 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.ranks < 1:
             raise ConfigError(f"--ranks {args.ranks} must be >= 1")
         c, training = load(args.config, args.overrides)
-        if os.path.isfile(c.xe_checkpoint) or not args.prepare:  # else the runs are checked once it is trained
-            if not os.path.isfile(c.xe_checkpoint):
-                raise ConfigError(f"XE checkpoint '{c.xe_checkpoint}' not found (compare key 'xe_checkpoint'; "
-                                  f"--prepare trains one with the demo's configs)")
+        if os.path.exists(c.xe_checkpoint) or not args.prepare:  # else the runs are checked once it is trained
+            check_start(c)
             check_runs(plan(c, training))
         if args.prepare:
             prepare(c, training, args.ranks)

@@ -113,7 +113,8 @@ def score_records(records: list[dict], evaluator=None) -> list[dict]:
 def heldout(cfg, models: dict[str, str], split: str = "test", examples: int = 3, batch_size: int = 25) -> dict:
     """{label: {"metrics": the in-loop validation metrics (caption_metrics), "examples": the first records}} of
     each captioner file in `models` on a split of cfg's data, scored by cfg's evaluator (one process, no DeepSpeed
-    needed): the demo's and compare's tables. Every model is built as cfg.captioner describes it."""
+    needed): the demo's and compare's tables. Every model is built as cfg.captioner describes it; a file '' keeps
+    the weights it is built with (captioner.hf_path's folder)."""
     register_model_configs(cfg.clip_model_configs)
     shards = data_shards(cfg)
     evaluator = ClipScorer(cfg.evaluator)

@@ -116,6 +116,23 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
     assert len(err) == 1 and err[0].startswith("dico_scale.compare: config error: ") and message in err[0], err
 
 
+def test_a_transformers_folder_as_start_is_read_by_the_row_of_its_architecture(tmp_path, capsys):
+    vlm, lm, empty = (tmp_path / name for name in ("vlm", "lm", "empty"))
+    for folder, arch in ((vlm, "Qwen2VLForConditionalGeneration"), (lm, "GPT2LMHeadModel"), (empty, None)):
+        folder.mkdir()
+        if arch:
+            (folder / "config.json").write_text(json.dumps({"architectures": [arch]}))
+    dico = compare.plan(compare.CompareConfig(xe_checkpoint=str(vlm)), [])[0]
+    assert dico["overrides"][:3] == ["captioner.model=hf_vlm", f"captioner.hf_path={vlm}", "train.init_from="]
+    for folder, message in ((lm, f"'{lm}': architecture GPT2LMHeadModel is not a captioner dico_scale reads ("),
+                            (empty, f"'{empty}' is a folder without config.json (neither a model.pt export nor a "
+                                    "transformers folder)")):
+        assert compare.main(["--config", str(_config(tmp_path, tmp_path, xe_checkpoint=str(folder)))]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("dico_scale.compare: config error: bad value for compare key "
+                                                   "'xe_checkpoint': ") and message in err[0], err
+
+
 def test_plan_runs_every_method_once_per_seed_seed_by_seed():
     one = compare.plan(compare.CompareConfig(output_dir="out"), ["optim.lr=1"])
     assert [r["name"] for r in one] == ["dico", "scst", "scst_cider"]

@@ -168,3 +168,48 @@ def test_folders_no_row_reads_and_export_of_a_folder_are_one_line(folder, images
     assert capsys.readouterr().err.strip() == (f"dico_scale.export: error: --checkpoint {folder} is a transformers "
                                                "folder, not a training checkpoint: nothing to consolidate")
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_compare_starts_dico_and_scst_from_the_folder(folder, tmp_path, capsys):
+    """DiCO vs SCST from a released VLM: each run is the folder's row on its weights (no train.init_from), DiCO's
+    reference is the folder too (its first loss log 2), and the folder is the table's first row (XE)."""
+    import math
+
+    from mlflow.tracking import MlflowClient
+
+    from dico_scale import compare
+    from dico_scale.models.clip import create_clip, save_clip
+
+    cfg = load_config("configs/demo/dico.yaml", ["evaluator.weights=", "captioner.image_encoder_weights=",
+                                                 "train.init_from="])
+    torch.manual_seed(0)  # one evaluator for the trainer's runs and the table (a random one differs per process)
+    save_clip(create_clip(cfg.evaluator.model)[0], str(tmp_path / "evaluator.pt"))
+    yaml = tmp_path / "compare.yaml"
+    yaml.write_text(f"extends: {Path('configs/demo/compare.yaml').resolve()}\nxe_checkpoint: {folder}\n"
+                    f"output_dir: {tmp_path}/compare\nsteps: 2\nval_every: 1\nexamples: 1\nscst_cider: false\n"
+                    f"figure: {tmp_path}/figure.png\n")
+    uri = mlflow_uri(tmp_path / "mlflow.db")
+    assert compare.main(["--config", str(yaml), "--ranks", "1", f"tracking.uri={uri}", f"data.root={tmp_path}/data",
+                         "data.synthetic.n_train=16", "data.synthetic.n_val=4", "data.synthetic.n_test=4",
+                         "data.synthetic.samples_per_shard=8", f"evaluator.weights={tmp_path}/evaluator.pt",
+                         "train.micro_batch_size=2", "generation.candidates=2", "scst.candidates=2",
+                         "generation.max_len=5", "optim.lr=1e-3", "optim.warmup_steps=0", "train.log_every=1"]) == 0
+    out = capsys.readouterr().out
+    assert "selected checkpoints on 4 held-out test images" in out and "\nXE " in out and "\nDiCO " in out
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id])}
+    for name in ("dico", "scst"):
+        params = runs[name].data.params
+        assert (params["captioner.model"], params["captioner.hf_path"], params["train.init_from"]) == (
+            "hf_vlm", str(folder), "")
+    (first, *_) = sorted((m.step, m.value) for m in client.get_metric_history(runs["dico"].info.run_id, "train/loss"))
+    assert first[0] == 1 and first[1] == pytest.approx(math.log(2), abs=1e-6)  # the policy is its reference: the folder
+    summary = json.loads((tmp_path / "compare" / "summary.json").read_text())
+    assert summary["selected"]["XE"] == str(folder) and list(summary["test"]) == ["XE", "DiCO", "SCST"]
+    assert summary["start"]["images"] == 4  # the folder at step 0, on the val split the runs validate on
+    trained = torch.load(tmp_path / "compare" / "dico" / "model.pt", weights_only=True)["state_dict"]
+    start = build_captioner(load_config("configs/demo/dico.yaml", ["captioner.model=hf_vlm", "evaluator.weights=",
+                                                                   f"captioner.hf_path={folder}", "train.init_from="]))
+    start = start.state_dict()
+    assert trained.keys() == start.keys() and any(not torch.equal(trained[k], start[k]) for k in start)

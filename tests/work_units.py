@@ -9,8 +9,9 @@ import pytest
 
 CHAIN_FILES = ("test_demo.py", "test_compare.py", "test_distributed.py")
 LONG_FIRST = ("chain", "test_elastic.py", "test_captioners_e2e.py", "test_zero3.py", "test_slurm.py",
-              "test_best_checkpoint.py", "test_evaluate.py", "test_tracking.py", "test_checkpoint_verify.py",
-              "test_supervision.py", "test_benchmark_step.py", "test_ctrl_c.py", "test_loop.py", "test_toy_stage.py")
+              "test_best_checkpoint.py", "test_evaluate.py", "test_folder_checkpoint.py", "test_tracking.py",
+              "test_checkpoint_verify.py", "test_supervision.py", "test_benchmark_step.py", "test_ctrl_c.py",
+              "test_loop.py", "test_toy_stage.py")
 
 
 def work_unit(nodeid: str) -> str:
