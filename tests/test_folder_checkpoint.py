@@ -213,3 +213,28 @@ def test_compare_starts_dico_and_scst_from_the_folder(folder, tmp_path, capsys):
                                                                    f"captioner.hf_path={folder}", "train.init_from="]))
     start = start.state_dict()
     assert trained.keys() == start.keys() and any(not torch.equal(trained[k], start[k]) for k in start)
+
+
+def test_weights_of_another_row_name_the_row_and_folder_they_were_trained_as(folder, tmp_path):
+    """train.init_from (or compare's xe_checkpoint) of a VLM run given to the built-in captioner, and the other way
+    round: the load's one line says what the weights were trained as, not only which keys are missing."""
+    from dico_scale.config import ConfigError
+
+    blank = ["evaluator.weights=", "captioner.image_encoder_weights=", "train.init_from="]
+    vlm = load_config("configs/demo/dico.yaml", blank + ["captioner.model=hf_vlm", f"captioner.hf_path={folder}"])
+    builtin = load_config("configs/demo/dico.yaml", blank)
+    for cfg, name in ((vlm, "vlm.pt"), (builtin, "builtin.pt")):
+        torch.save({"state_dict": build_captioner(cfg).state_dict(), "config": to_yaml(cfg)}, tmp_path / name)
+    with pytest.raises(ConfigError) as e:
+        build_captioner(builtin, str(tmp_path / "vlm.pt"))
+    assert str(e.value).startswith(f"weights '{tmp_path / 'vlm.pt'}' do not fit the configured model (")
+    assert str(e.value).endswith(f" (trained as captioner.model=hf_vlm, captioner.hf_path={folder}; configured: "
+                                 "captioner.model=builtin, captioner.hf_path=)")
+    with pytest.raises(ConfigError) as e:
+        build_captioner(vlm, str(tmp_path / "builtin.pt"))
+    assert str(e.value).endswith(f" (trained as captioner.model=builtin, captioner.hf_path=; configured: "
+                                 f"captioner.model=hf_vlm, captioner.hf_path={folder})")
+    torch.save({"state_dict": build_captioner(builtin).state_dict()}, tmp_path / "bare.pt")  # no record of its run
+    with pytest.raises(ConfigError) as e:
+        build_captioner(vlm, str(tmp_path / "bare.pt"))
+    assert "trained as" not in str(e.value) and "\n" not in str(e.value)

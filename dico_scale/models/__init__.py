@@ -43,15 +43,19 @@ def build_captioner(cfg, weights: str | None = None, image_encoder: bool = True)
     when the weights hold adapters (a LoRA run's checkpoint tag)."""
     module, cls = MODELS[cfg.captioner.model].cls.split(":")
     captioner = getattr(importlib.import_module(module), cls).build(cfg, image_encoder=image_encoder)
+    from ..errors import ConfigError
     from .lora import add_lora
-    from .weights import load_state, read_weights
+    from .weights import load_state, read_weights, trained_as
 
     state = read_weights(weights) if weights else None
     adapted = state is not None and any(".lora_" in k for k in state)  # a LoRA run's checkpoint tag, not an export
     if cfg.captioner.lora.r and adapted:
         add_lora(captioner, cfg.captioner.lora)
     if state is not None:
-        load_state(captioner, state, weights)
+        try:
+            load_state(captioner, state, weights)
+        except ConfigError as e:  # weights of another row or folder: say so, the missing keys alone do not
+            raise ConfigError(f"{e}{trained_as(weights, cfg.captioner)}") from None
     if cfg.captioner.lora.r and not adapted:
         add_lora(captioner, cfg.captioner.lora)
     return captioner

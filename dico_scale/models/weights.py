@@ -90,6 +90,29 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
         raise ConfigError(f"cannot read weights '{path}': {first_line(e)}") from None
 
 
+def trained_as(path: str, captioner) -> str:
+    """Where dico_scale weights that do not fit come from another captioner row or folder than `captioner`
+    (cfg.captioner): ' (trained as captioner.model=..., captioner.hf_path=...; configured: ...)', from the run config
+    a model.pt export or a checkpoint tag records; '' when it records none or the same."""
+    from omegaconf import OmegaConf
+
+    try:
+        if os.path.isdir(path):
+            text = (Path(path) / "config.yaml").read_text()
+        else:
+            text = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config", "")
+        then = OmegaConf.create(text).get("captioner") or {}
+    except Exception:  # no record of the run, or one unreadable: nothing to add to the load's own message
+        return ""
+    if not then:
+        return ""
+    keys = [k for k in ("model", "hf_path") if str(then.get(k, "")) != str(getattr(captioner, k))]
+    if not keys:
+        return ""
+    return (" (trained as " + ", ".join(f"captioner.{k}={then.get(k, '')}" for k in keys) + "; configured: "
+            + ", ".join(f"captioner.{k}={getattr(captioner, k)}" for k in keys) + ")")
+
+
 def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
     """`state` into `module`, strictly; the first problems named otherwise."""
     own = module.state_dict()
