@@ -29,7 +29,7 @@ from . import exit_codes
 from .checks import parse_select_best
 from .config import load_config, load_structured, resolve_path
 from .errors import ConfigError, OneLineParser
-from .preflight import out_file_problem, write_problem
+from .preflight import check_vlm_input, out_file_problem, write_problem
 from .rewards import RewardSpecError, parse_reward
 
 PROG = "dico_scale.compare"
@@ -142,11 +142,16 @@ def check_start(c: CompareConfig) -> None:
 
 
 def check_runs(runs: list[dict]):
-    """Every run's training config, loaded and validated here (seconds); the first run's config."""
-    cfgs = []
+    """Every run's training config, loaded and validated here (seconds), with a vision-language model's prompt and
+    image options against its processor (each once: what the runs' preflight would stop on); the first run's config."""
+    cfgs, vlm_inputs = [], set()
     for r in runs:
         try:
             cfgs.append(load_config(r["config"], r["overrides"]))
+            c = cfgs[-1].captioner
+            if (key := (c.model, c.hf_path, c.prompt, str(c.images_kwargs))) not in vlm_inputs:
+                vlm_inputs.add(key)
+                check_vlm_input(cfgs[-1])
         except ConfigError as e:
             raise ConfigError(f"run {r['name']}: {e}") from None
         if cfgs[-1].train.stage != r["stage"]:

@@ -170,6 +170,29 @@ def test_folders_no_row_reads_and_export_of_a_folder_are_one_line(folder, images
     assert not (tmp_path / "m.pt").exists()
 
 
+def _compare_yaml(folder: Path, tmp_path: Path) -> str:
+    yaml = tmp_path / "compare.yaml"
+    yaml.write_text(f"extends: {Path('configs/demo/compare.yaml').resolve()}\nxe_checkpoint: {folder}\n"
+                    f"output_dir: {tmp_path}/compare\nsteps: 2\nval_every: 1\nexamples: 1\nscst_cider: false\n"
+                    f"figure: {tmp_path}/figure.png\n")
+    return str(yaml)
+
+
+def test_compare_checks_the_folder_s_prompt_before_anything_trains(folder, tmp_path, capsys):
+    from dico_scale import compare
+
+    uri = mlflow_uri(tmp_path / "mlflow.db")
+    assert compare.main(["--config", _compare_yaml(folder, tmp_path), f"tracking.uri={uri}", "evaluator.weights=",
+                         "captioner.prompt=<|image_pad|> Describe it."]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "dico_scale.compare: config error: run dico: captioner.prompt: holds the image token <|image_pad|>; "
+        f"'{folder}' has a chat template that places the image itself")
+    from mlflow.tracking import MlflowClient
+
+    assert not (tmp_path / "compare" / "dico").exists()
+    assert MlflowClient(tracking_uri=uri).get_experiment_by_name("dico-demo") is None  # nor a parent run
+
+
 def test_compare_starts_dico_and_scst_from_the_folder(folder, tmp_path, capsys):
     """DiCO vs SCST from a released VLM: each run is the folder's row on its weights (no train.init_from), DiCO's
     reference is the folder too (its first loss log 2), and the folder is the table's first row (XE)."""
@@ -184,12 +207,8 @@ def test_compare_starts_dico_and_scst_from_the_folder(folder, tmp_path, capsys):
                                                  "train.init_from="])
     torch.manual_seed(0)  # one evaluator for the trainer's runs and the table (a random one differs per process)
     save_clip(create_clip(cfg.evaluator.model)[0], str(tmp_path / "evaluator.pt"))
-    yaml = tmp_path / "compare.yaml"
-    yaml.write_text(f"extends: {Path('configs/demo/compare.yaml').resolve()}\nxe_checkpoint: {folder}\n"
-                    f"output_dir: {tmp_path}/compare\nsteps: 2\nval_every: 1\nexamples: 1\nscst_cider: false\n"
-                    f"figure: {tmp_path}/figure.png\n")
     uri = mlflow_uri(tmp_path / "mlflow.db")
-    assert compare.main(["--config", str(yaml), "--ranks", "1", f"tracking.uri={uri}", f"data.root={tmp_path}/data",
+    assert compare.main(["--config", _compare_yaml(folder, tmp_path), "--ranks", "1", f"tracking.uri={uri}", f"data.root={tmp_path}/data",
                          "data.synthetic.n_train=16", "data.synthetic.n_val=4", "data.synthetic.n_test=4",
                          "data.synthetic.samples_per_shard=8", f"evaluator.weights={tmp_path}/evaluator.pt",
                          "train.micro_batch_size=2", "generation.candidates=2", "scst.candidates=2",
