@@ -3,7 +3,8 @@
 DiCO and SCST (optionally also SCST rewarded by CIDEr-D, the classic recipe) start from the same XE captioner (a
 model.pt export, or a transformers folder a captioner row reads: a vision-language model as released), with
 the same reward and number of steps, each through the real trainer as a child process under torchrun
-(`--ranks` CPU ranks) and as a child run of one MLflow parent run. Then one figure: validation curves over the steps
+(`--ranks` ranks: CPU processes, or GPUs where the runs' train.device trains on them) and as a child run of one
+MLflow parent run. Then one figure: validation curves over the steps
 (evaluator score, CIDEr, mean caption length, repetition, vocabulary; the XE captioner at step 0), each run's
 selected checkpoint (train.select_best) marked, and the captions of the same held-out test images; and a table of
 the selected checkpoints' metrics on the test split, printed and logged on the parent run.
@@ -159,6 +160,24 @@ def check_runs(runs: list[dict]):
     return cfgs[0]
 
 
+def run_ranks(requested: int | None, cfg) -> int:
+    """Each run's ranks: --ranks, or 2 CPU ranks, or every GPU where the runs train on GPUs (their train.device),
+    checked against the GPUs torch sees."""
+    from .engine import uses_cpu
+    from .preflight import check_device
+
+    check_device(cfg)
+    if uses_cpu(cfg):
+        return requested or 2
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if requested and requested > gpus:
+        raise ConfigError(f"--ranks {requested}: the runs train on GPUs (train.device={cfg.train.device}), one per "
+                          f"rank, and torch sees {gpus} here")
+    return requested or gpus
+
+
 def parent_run(cfg, c: CompareConfig):
     """(client, parent run id) in the training runs' store and experiment."""
     from mlflow.entities import Param
@@ -246,12 +265,13 @@ def print_table(test: dict, differences: dict) -> None:
             f"{k} {d['mean']:+.3f} (DiCO higher on {d['dico_higher']}/{d['seeds']})" for k, d in diff.items()))
 
 
-def compare(c: CompareConfig, training: list[str], ranks: int) -> dict:
+def compare(c: CompareConfig, training: list[str], ranks: int | None) -> dict:
     from .figure import draw
     from .launch import train_stage
     from .validate import heldout
 
     cfg = check_runs(plan(c, training))
+    ranks = run_ranks(ranks, cfg)
     client, parent_id = parent_run(cfg, c)
     try:
         runs = plan(c, training, parent_id)
@@ -317,19 +337,20 @@ def prepare(c: CompareConfig, training: list[str], ranks: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="compare YAML (configs/demo/compare.yaml); may `extends:` another")
-    p.add_argument("--ranks", type=int, default=2, help="CPU ranks per run (deepspeed --num_gpus)")
+    p.add_argument("--ranks", type=int, default=None, help="ranks per run: CPU processes (default 2), or GPUs where "
+                   "the runs' train.device trains on them (default: every GPU)")
     p.add_argument("--prepare", action="store_true", help="train evaluator -> xe first when xe_checkpoint is missing")
     p.add_argument("overrides", nargs="*", help="key=value: compare keys, or training keys (with a dot) of every run")
     args = p.parse_args(argv)
     try:
-        if args.ranks < 1:
+        if args.ranks is not None and args.ranks < 1:
             raise ConfigError(f"--ranks {args.ranks} must be >= 1")
         c, training = load(args.config, args.overrides)
         if os.path.exists(c.xe_checkpoint) or not args.prepare:  # else the runs are checked once it is trained
             check_start(c)
             check_runs(plan(c, training))
         if args.prepare:
-            prepare(c, training, args.ranks)
+            prepare(c, training, args.ranks or 2)  # the demo's configs: CPU ranks
         start = time.time()
         compare(c, training, args.ranks)
     except ConfigError as e:

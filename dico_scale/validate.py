@@ -114,18 +114,23 @@ def heldout(cfg, models: dict[str, str], split: str = "test", examples: int = 3,
     """{label: {"metrics": the in-loop validation metrics (caption_metrics), "examples": the first records}} of
     each captioner file in `models` on a split of cfg's data, scored by cfg's evaluator (one process, no DeepSpeed
     needed): the demo's and compare's tables. Every model is built as cfg.captioner describes it; a file '' keeps
-    the weights it is built with (captioner.hf_path's folder)."""
+    the weights it is built with (captioner.hf_path's folder). On the device cfg's runs train on (train.device: the
+    first GPU where it is not the CPU), one captioner at a time."""
+    from .engine import uses_cpu
+
+    device = torch.device("cpu" if uses_cpu(cfg) else "cuda")
     register_model_configs(cfg.clip_model_configs)
     shards = data_shards(cfg)
-    evaluator = ClipScorer(cfg.evaluator)
+    evaluator = ClipScorer(cfg.evaluator).to(device)
     results = {}
     for label, path in models.items():
-        captioner = build_captioner(cfg, path)
+        captioner = build_captioner(cfg, path).to(device)
         tok = captioner.tokenizer
         collate = Collate(captioner.preprocess, distinct_preprocess(evaluator, captioner.preprocess), tok,
                           cfg.data.max_caption_tokens, seed=0)
         loader = eval_loader(shards[split], collate, batch_size)
-        records = caption_split(captioner, tok, loader, cfg.generation, torch.device("cpu"), {"evaluator": evaluator})
+        records = caption_split(captioner, tok, loader, cfg.generation, device, {"evaluator": evaluator})
+        del captioner  # before the next one is built
         records = score_records(records, evaluator)  # as in-loop validation scores
         results[label] = {"metrics": caption_metrics(records), "examples": records[:examples]}
     return results

@@ -133,6 +133,25 @@ def test_a_transformers_folder_as_start_is_read_by_the_row_of_its_architecture(t
                                                    "'xe_checkpoint': ") and message in err[0], err
 
 
+def test_ranks_are_cpu_processes_or_the_gpus_the_runs_train_on(tmp_path, capsys):
+    import torch
+
+    from dico_scale.config import load_config
+
+    cpu = load_config("configs/demo/dico.yaml", ["evaluator.weights=", "captioner.image_encoder_weights=",
+                                                 "train.init_from="])
+    assert (compare.run_ranks(None, cpu), compare.run_ranks(3, cpu)) == (2, 3)
+    if torch.cuda.is_available():
+        return
+    xe = tmp_path / "xe.pt"
+    xe.write_bytes(b"")
+    assert compare.main(["--config", str(_config(tmp_path, tmp_path, xe_checkpoint=str(xe))), "train.device=cuda",
+                         "evaluator.weights=", "captioner.image_encoder_weights="]) == 2
+    assert capsys.readouterr().err.strip() == ("dico_scale.compare: config error: train.device=cuda, but torch sees no "
+                                               "CUDA device here (train.device=auto uses one when there is one)")
+    assert not (tmp_path / "compare" / "dico").exists()
+
+
 def test_plan_runs_every_method_once_per_seed_seed_by_seed():
     one = compare.plan(compare.CompareConfig(output_dir="out"), ["optim.lr=1"])
     assert [r["name"] for r in one] == ["dico", "scst", "scst_cider"]
