@@ -142,6 +142,21 @@ def check_start(c: CompareConfig) -> None:
                           f"--prepare trains one with the demo's configs)")
 
 
+def check_splits(cfg) -> None:
+    """Shards of the three splits a compare reads (train, val for the curves, test for the table) exist here, before
+    anything trains: the runs' own checks come after their process groups start, the table's after every run. A
+    synthetic set is made by the first run."""
+    from .data.pipeline import check_local_shards
+
+    if cfg.data.synthetic.enabled:
+        return
+    for split in ("train", "val", "test"):
+        key = f"data.{split}_shards"
+        if not (spec := getattr(cfg.data, f"{split}_shards")):
+            raise ConfigError(f"{key} is empty: compare trains on train, draws its curves on val and its table on test")
+        check_local_shards(spec, key, log_missing=False)
+
+
 def check_runs(runs: list[dict]):
     """Every run's training config, loaded and validated here (seconds), with a vision-language model's prompt and
     image options against its processor (each once: what the runs' preflight would stop on); the first run's config."""
@@ -149,6 +164,7 @@ def check_runs(runs: list[dict]):
     for r in runs:
         try:
             cfgs.append(load_config(r["config"], r["overrides"]))
+            check_splits(cfgs[-1])
             c = cfgs[-1].captioner
             if (key := (c.model, c.hf_path, c.prompt, str(c.images_kwargs))) not in vlm_inputs:
                 vlm_inputs.add(key)

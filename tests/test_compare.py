@@ -133,6 +133,22 @@ def test_a_transformers_folder_as_start_is_read_by_the_row_of_its_architecture(t
                                                    "'xe_checkpoint': ") and message in err[0], err
 
 
+def test_missing_splits_stop_the_compare_before_anything_trains(tmp_path, tiny_shards, capsys):
+    xe = tmp_path / "xe.pt"
+    xe.write_bytes(b"")
+    shards = ["data.synthetic.enabled=false", f"data.train_shards={tiny_shards['train']}",
+              f"data.val_shards={tiny_shards['val']}"]
+    for data, message in (
+            (shards + ["data.test_shards="], "run dico: data.test_shards is empty: compare trains on train, draws its "
+                                             "curves on val and its table on test"),
+            (shards + ["data.test_shards=/nowhere/test-{0..1}.tar"],
+             "run dico: bad value for config key 'data.test_shards': no shard of '/nowhere/test-{0..1}.tar' exists")):
+        assert compare.main(["--config", str(_config(tmp_path, tmp_path, xe_checkpoint=str(xe))), *data,
+                             "evaluator.weights=", "captioner.image_encoder_weights="]) == 2
+        assert capsys.readouterr().err.strip() == f"dico_scale.compare: config error: {message}"
+        assert not (tmp_path / "compare" / "dico").exists()
+
+
 def test_ranks_are_cpu_processes_or_the_gpus_the_runs_train_on(tmp_path, capsys):
     import torch
 
