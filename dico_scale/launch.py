@@ -1,6 +1,6 @@
 """Training a stage as a child process under torchrun, with `ranks` processes (CPU ranks, or one per GPU where the
-run's train.device trains on GPUs): what the demo and `compare` run for each of their stages. The child is the real trainer (dico_scale/train.py), so these runs are what a user's
-runs are."""
+run's train.device trains on GPUs): what the demo and `compare` run for each of their stages. The child is the real
+trainer (dico_scale/train.py), so these runs are what a user's runs are."""
 from __future__ import annotations
 
 import os
