@@ -142,6 +142,26 @@ def check_start(c: CompareConfig) -> None:
                           f"--prepare trains one with the demo's configs)")
 
 
+def check_start_row(xe_checkpoint: str, cfg) -> None:
+    """An export or tag trained as another captioner row than the runs train: one line now, not the first run's load
+    failing on missing keys. A start that records no run config is left to that load."""
+    if is_folder(xe_checkpoint):
+        return
+    from omegaconf import OmegaConf
+
+    from .export import checkpoint_meta
+
+    try:
+        row = OmegaConf.select(OmegaConf.create(checkpoint_meta(xe_checkpoint)["config"]), "captioner.model",
+                               default="builtin")
+    except ConfigError:
+        return
+    if row != cfg.captioner.model:
+        raise ConfigError(f"XE checkpoint '{xe_checkpoint}' was trained as captioner.model={row}, the runs train "
+                          f"captioner.model={cfg.captioner.model} (set captioner.model and captioner.hf_path for every "
+                          "run, or dico_config and scst_config of that row)")
+
+
 def check_splits(cfg) -> None:
     """Shards of the three splits a compare reads (train, val for the curves, test for the table) exist here, before
     anything trains: the runs' own checks come after their process groups start, the table's after every run. A
@@ -288,6 +308,7 @@ def compare(c: CompareConfig, training: list[str], ranks: int | None) -> dict:
 
     cfg = check_runs(plan(c, training))
     ranks = run_ranks(ranks, cfg)
+    check_start_row(c.xe_checkpoint, cfg)
     client, parent_id = parent_run(cfg, c)
     try:
         runs = plan(c, training, parent_id)

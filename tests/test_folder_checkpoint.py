@@ -253,7 +253,15 @@ def test_weights_of_another_row_name_the_row_and_folder_they_were_trained_as(fol
         build_captioner(vlm, str(tmp_path / "builtin.pt"))
     assert str(e.value).endswith(f" (trained as captioner.model=builtin, captioner.hf_path=; configured: "
                                  f"captioner.model=hf_vlm, captioner.hf_path={folder})")
+    from dico_scale import compare
+    with pytest.raises(ConfigError) as e:  # compare says it before any run starts
+        compare.check_start_row(str(tmp_path / "vlm.pt"), builtin)
+    assert str(e.value) == (f"XE checkpoint '{tmp_path / 'vlm.pt'}' was trained as captioner.model=hf_vlm, the runs "
+                            "train captioner.model=builtin (set captioner.model and captioner.hf_path for every run, "
+                            "or dico_config and scst_config of that row)")
+    compare.check_start_row(str(tmp_path / "vlm.pt"), vlm)
     torch.save({"state_dict": build_captioner(builtin).state_dict()}, tmp_path / "bare.pt")  # no record of its run
+    compare.check_start_row(str(tmp_path / "bare.pt"), vlm)  # left to the load
     with pytest.raises(ConfigError) as e:
         build_captioner(vlm, str(tmp_path / "bare.pt"))
     assert "trained as" not in str(e.value) and "\n" not in str(e.value)
