@@ -62,9 +62,11 @@ def test_adapters_disabled_equal_a_separate_frozen_copy(vlm_folders, images, fam
     assert not any("vision" in n or "visual" in n for n in trainable)  # captioner.freeze=vision: no adapter there
 
 
-def test_the_merged_state_is_the_adapted_captioner_with_plain_keys(vlm_folders, images):
+def test_the_merged_state_is_the_adapted_captioner_with_plain_keys(vlm_folders, images, recwarn):
     folder = vlm_folders["idefics3"]
     cap, plain = adapted(folder), build_captioner(config(folder))
+    # peft's read of transformers' deprecated alias, one FutureWarning per rank and run, is not shown
+    assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)]
     merged = merged_state(cap, {k: v.clone() for k, v in cap.state_dict().items()})
     assert merged.keys() == plain.state_dict().keys()
     plain.load_state_dict(merged, strict=True)

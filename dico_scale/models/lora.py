@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 
 import torch
 
@@ -60,7 +61,9 @@ def add_lora(captioner, lora) -> None:
                  for name, m in captioner.model.named_modules())
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                         exclude_modules=exclude, fan_in_fan_out=conv1d, modules_to_save=saved or None)
-    captioner.__dict__["peft"] = get_peft_model(captioner.model, config)  # plain attribute: not a submodule
+    with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated alias: a FutureWarning per rank
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        captioner.__dict__["peft"] = get_peft_model(captioner.model, config)  # plain attribute: not a submodule
 
 
 def modules_to_save(captioner, spec: str, frozen: list[str]) -> tuple[list[str], list[str]]:
