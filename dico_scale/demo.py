@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -41,15 +42,17 @@ def print_table(results: dict) -> None:
         print(f"{name:<8}{m['cider']:>10.3f}{m['evaluator_score']:>20.3f}")
 
 
-def print_next(seconds: float, folder: str | None = None) -> None:
+def print_next(seconds: float, folder: str | None = None, captioner: list[str] = ()) -> None:
     """Where to look next: commands to paste in the folder the demo ran in (its paths are relative); `folder`: that
-    folder, named when it is not where the demo was started (--workdir)."""
+    folder, named when it is not where the demo was started (--workdir); `captioner`: the demo's captioner_overrides,
+    which compare's runs need too (the demo's configs describe the built-in captioner)."""
     model = "runs/demo/dico/model.pt"
+    compare = "python -m dico_scale.compare --config configs/demo/compare.yaml " + " ".join(map(shlex.quote, captioner))
     rows = [("this table, examples", "runs/demo/summary.json"),
             ("every stage's curves", "mlflow ui --backend-store-uri sqlite:///runs/demo/mlflow.db"),
             ("all caption metrics", f"python -m dico_scale.evaluate --checkpoint {model} --no-spice"),
             ("your own images", f"python -m dico_scale.caption --checkpoint {model} IMAGE.jpg"),
-            ("DiCO vs SCST", "make compare")]
+            ("DiCO vs SCST", compare if captioner else "make compare")]
     print(f"\ndemo finished in {seconds:.0f} s. Where to look next" + (f", in {folder}:" if folder else ":"))
     for what, cmd in rows:
         print(f"  {what:<22}{cmd}")
@@ -126,7 +129,8 @@ def main(argv=None) -> int:
     # --keep: a stage the earlier demo finished (its model.pt) is kept as it is (exported again, its file would
     # change and the next stage's resume would refuse its reference); one it did not finish continues its checkpoints
     resume = ["train.resume=auto"] if args.keep else []
-    overrides = captioner_overrides(args.captioner) + resume + args.overrides
+    captioner = captioner_overrides(args.captioner)
+    overrides = captioner + resume + args.overrides
     if problem := check_stages(overrides):  # now, not after the stages before the one it concerns have trained
         return usage_error(problem)
     for stage in chain("dico"):
@@ -139,7 +143,7 @@ def main(argv=None) -> int:
         json.dump(results, f, indent=1)
     print_examples(results)
     print_table(results)  # last come the numbers and where to look next: what a person reads when it is done
-    print_next(time.time() - start, os.getcwd() if os.getcwd() != origin else None)
+    print_next(time.time() - start, os.getcwd() if os.getcwd() != origin else None, captioner)
     return 0
 
 

@@ -90,3 +90,17 @@ def test_demo_bad_arguments_fail_with_one_line(tmp_path, capsys, args, message):
     assert demo.main([a.format(file=file) for a in args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [message.format(file=file)]
+
+
+def test_where_to_look_next_gives_compare_the_demo_s_captioner(capsys):
+    """A demo on a Hugging Face captioner: its compare needs the same captioner overrides (make compare's configs
+    describe the built-in one, whose runs would refuse the VLM's XE export)."""
+    from dico_scale import demo
+
+    demo.print_next(10.0)
+    assert capsys.readouterr().out.splitlines()[-1].split() == ["DiCO", "vs", "SCST", "make", "compare"]
+    demo.print_next(10.0, None, ["captioner.model=hf_vlm", "captioner.hf_path=/m/pali",
+                                 "captioner.prompt=<image>caption en"])
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "  DiCO vs SCST          python -m dico_scale.compare --config configs/demo/compare.yaml captioner.model=hf_vlm "
+        "captioner.hf_path=/m/pali 'captioner.prompt=<image>caption en'")
