@@ -11,6 +11,7 @@ import sys
 import time
 
 from . import exit_codes
+from .config import REPO_ROOT
 from .errors import OneLineParser
 from .launch import demo_config, train_stage
 from .models.tiny_vlm import VLM_FAMILIES, prompt_overrides
@@ -45,14 +46,18 @@ def print_table(results: dict) -> None:
 def print_next(seconds: float, folder: str | None = None, captioner: list[str] = ()) -> None:
     """Where to look next: commands to paste in the folder the demo ran in (its paths are relative); `folder`: that
     folder, named when it is not where the demo was started (--workdir); `captioner`: the demo's captioner_overrides,
-    which compare's runs need too (the demo's configs describe the built-in captioner)."""
+    which compare's runs need too (the demo's configs describe the built-in captioner). make compare is for the
+    repository's own folder; elsewhere compare's config is named by its full path."""
     model = "runs/demo/dico/model.pt"
-    compare = "python -m dico_scale.compare --config configs/demo/compare.yaml " + " ".join(map(shlex.quote, captioner))
+    in_repo = os.path.samefile(os.getcwd(), REPO_ROOT)
+    config = os.path.relpath(demo_config("compare")) if in_repo else demo_config("compare")
+    compare = "make compare" if in_repo and not captioner else " ".join(
+        ["python -m dico_scale.compare --config", shlex.quote(config), *map(shlex.quote, captioner)])
     rows = [("this table, examples", "runs/demo/summary.json"),
             ("every stage's curves", "mlflow ui --backend-store-uri sqlite:///runs/demo/mlflow.db"),
             ("all caption metrics", f"python -m dico_scale.evaluate --checkpoint {model} --no-spice"),
             ("your own images", f"python -m dico_scale.caption --checkpoint {model} IMAGE.jpg"),
-            ("DiCO vs SCST", compare if captioner else "make compare")]
+            ("DiCO vs SCST", compare)]
     print(f"\ndemo finished in {seconds:.0f} s. Where to look next" + (f", in {folder}:" if folder else ":"))
     for what, cmd in rows:
         print(f"  {what:<22}{cmd}")

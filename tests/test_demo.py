@@ -92,15 +92,22 @@ def test_demo_bad_arguments_fail_with_one_line(tmp_path, capsys, args, message):
     assert err == [message.format(file=file)]
 
 
-def test_where_to_look_next_gives_compare_the_demo_s_captioner(capsys):
+def test_where_to_look_next_gives_compare_the_demo_s_captioner_and_folder(capsys, monkeypatch, tmp_path):
     """A demo on a Hugging Face captioner: its compare needs the same captioner overrides (make compare's configs
-    describe the built-in one, whose runs would refuse the VLM's XE export)."""
+    describe the built-in one, whose runs would refuse the VLM's XE export); a demo in another folder (--workdir)
+    names compare's config by its full path (make compare is the repository's)."""
     from dico_scale import demo
+    from dico_scale.config import REPO_ROOT
 
+    monkeypatch.chdir(REPO_ROOT)
     demo.print_next(10.0)
     assert capsys.readouterr().out.splitlines()[-1].split() == ["DiCO", "vs", "SCST", "make", "compare"]
-    demo.print_next(10.0, None, ["captioner.model=hf_vlm", "captioner.hf_path=/m/pali",
-                                 "captioner.prompt=<image>caption en"])
+    pali = ["captioner.model=hf_vlm", "captioner.hf_path=/m/pali", "captioner.prompt=<image>caption en"]
+    demo.print_next(10.0, None, pali)
     assert capsys.readouterr().out.splitlines()[-1] == (
         "  DiCO vs SCST          python -m dico_scale.compare --config configs/demo/compare.yaml captioner.model=hf_vlm "
         "captioner.hf_path=/m/pali 'captioner.prompt=<image>caption en'")
+    monkeypatch.chdir(tmp_path)
+    demo.print_next(10.0, str(tmp_path))
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"  DiCO vs SCST          python -m dico_scale.compare --config {REPO_ROOT}/configs/demo/compare.yaml")
