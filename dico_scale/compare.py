@@ -14,22 +14,23 @@ data order, dropout, sampled candidates) from the same XE captioner; the table t
 standard deviation over the seeds, and each SCST run's difference from DiCO paired by seed.
 
 Arguments `key=value` set this command's keys (below, no dot) or, with a dot, a training key of every run
-(`train.micro_batch_size=4`). Bad input stops with one line and exit code 2 before anything is trained.
+(`train.micro_batch_size=4`). Bad input stops with one line and exit code 2 before anything is trained. `--resume`
+continues a compare that stopped, with the same settings: its finished runs kept, a stopped one from its checkpoints.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 from . import exit_codes
 from .checks import parse_select_best
+from .compare_results import RUNS, by_method, histories, log_parent, paired, print_table, selected_model
 from .config import load_config, load_structured, resolve_path
-from .errors import ConfigError, OneLineParser
+from .errors import ConfigError, OneLineParser, first_line
 from .preflight import check_vlm_input, out_file_problem, write_problem
 from .rewards import RewardSpecError, parse_reward
 
@@ -53,9 +54,6 @@ class CompareConfig:
     seeds: list[int] = field(default_factory=lambda: [0])  # train.seed of the runs; several: every run once per seed
 
 
-# (run name, stage, label); the reward of the last is CIDEr-D whatever `reward` says
-RUNS = [("dico", "dico", "DiCO"), ("scst", "scst", "SCST"), ("scst_cider", "scst", "SCST (CIDEr-D)")]
-CURVES = ["evaluator_score", "cider", "mean_length", "repetition", "vocab_size"]
 
 
 def load(path: str, args: list[str]) -> tuple[CompareConfig, list[str]]:
@@ -94,7 +92,7 @@ def load(path: str, args: list[str]) -> tuple[CompareConfig, list[str]]:
     return c, list(c.overrides) + training
 
 
-def plan(c: CompareConfig, training: list[str], parent_run_id: str = "") -> list[dict]:
+def plan(c: CompareConfig, training: list[str], parent_run_id: str = "", resume: bool = False) -> list[dict]:
     """Each run, seed by seed (a stopped compare has whole seeds): name (the method's, with `_seed<s>` when there
     are several seeds), method, seed, stage, label, config file, overrides (compare's first: the run's own win)."""
     runs = []
@@ -104,7 +102,8 @@ def plan(c: CompareConfig, training: list[str], parent_run_id: str = "") -> list
             reward = "cider" if method == "scst_cider" else c.reward
             overrides = [*start_overrides(c.xe_checkpoint), f"train.max_steps={c.steps}",
                          f"train.val_every={c.val_every}", f"train.select_best={c.select_best}",
-                         "train.val_max_images=0", "train.resume=none",  # the whole val split: the same images as XE's
+                         # the whole val split (the same images as XE's); --resume: a stopped run continues
+                         "train.val_max_images=0", f"train.resume={'auto' if resume else 'none'}",
                          f"train.seed={seed}", f"train.output_dir={os.path.join(c.output_dir, name)}",
                          f"{stage}.reward={reward}", f"tracking.run_name={name}",
                          f"tracking.parent_run_id={parent_run_id}", *training]
@@ -214,8 +213,35 @@ def run_ranks(requested: int | None, cfg) -> int:
     return requested or gpus
 
 
-def parent_run(cfg, c: CompareConfig):
-    """(client, parent run id) in the training runs' store and experiment."""
+def state_file(c: CompareConfig) -> str:
+    return os.path.join(c.output_dir, "compare.json")
+
+
+def earlier_compare(c: CompareConfig, training: list[str]) -> str:
+    """--resume: the parent run id of the compare that ran in output_dir with this config; ConfigError when there was
+    none, or it ran with other settings (its finished runs would not be this compare's)."""
+    path = state_file(c)
+    try:
+        with open(path) as f:
+            then = json.load(f)
+        then_id, then_config, then_training = then["parent_run_id"], then["config"], then["training"]
+    except FileNotFoundError:
+        raise ConfigError(f"--resume: no compare ran in '{c.output_dir}' ({path} is missing)") from None
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"--resume: {path} is not a compare's record (parent_run_id, config, training)") from None
+    now = asdict(c)
+    changed = [f"{k} {then_config.get(k)!r} -> {now[k]!r}" for k in now if then_config.get(k) != now[k]]
+    if then_training != training:
+        changed.append(f"training overrides {then_training} -> {training}")
+    if changed:
+        raise ConfigError(f"--resume: the compare in '{c.output_dir}' ran with other settings ({'; '.join(changed)}); "
+                          "resume it with them, or start over without --resume")
+    return then_id
+
+
+def parent_run(cfg, c: CompareConfig, training: list[str], resume: bool):
+    """(client, parent run id) in the training runs' store and experiment: a new run, recorded in output_dir, or with
+    --resume the earlier compare's, running again."""
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
@@ -223,85 +249,23 @@ def parent_run(cfg, c: CompareConfig):
 
     uri = tracking_uri(cfg)
     client = MlflowClient(tracking_uri=uri)
+    if resume:
+        run_id = earlier_compare(c, training)
+        try:
+            client.update_run(run_id, status="RUNNING")
+        except Exception as e:  # another store, or the run deleted: MLflow's many error types for one cause
+            raise ConfigError(f"--resume: the compare's MLflow run {run_id} is not in {uri} ({first_line(e)})") from None
+        return client, run_id
     run = client.create_run(experiment_id(client, cfg.tracking.experiment, uri),
                             run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}", tags={"stage": "compare"})
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in asdict(c).items()])
+    os.makedirs(c.output_dir, exist_ok=True)
+    with open(state_file(c), "w") as f:  # what --resume continues
+        json.dump({"parent_run_id": run.info.run_id, "config": asdict(c), "training": training}, f, indent=1)
     return client, run.info.run_id
 
 
-def histories(client, parent_id: str, runs: list[dict]) -> dict:
-    """{label: [{"seed", "run_id", "curves": {metric: [(step, value)]}, "best_step"} per seed]} of the parent's
-    child runs."""
-    children = client.search_runs([client.get_run(parent_id).info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
-    by_name = {r.info.run_name: r for r in children}
-    out = {}
-    for r in runs:
-        child = by_name[r["name"]]
-        curves = {m: sorted((h.step, h.value) for h in client.get_metric_history(child.info.run_id, f"val/{m}"))
-                  for m in CURVES}
-        best = child.data.tags.get("best_step")
-        out.setdefault(r["label"], []).append({"seed": r["seed"], "run_id": child.info.run_id, "curves": curves,
-                                               "best_step": int(best) if best else None})
-    return out
-
-
-def selected_model(run_dir: str) -> str:
-    best = os.path.join(run_dir, "best", "model.pt")
-    return best if os.path.isfile(best) else os.path.join(run_dir, "model.pt")
-
-
-def by_method(per_run: dict, runs: list[dict]) -> dict:
-    """heldout's {run name: result} as {label: {"metrics": mean over the seeds, "std": sample standard deviation
-    (0 for one seed), "seeds": {seed: metrics}, "examples": the first seed's}}; XE as heldout gave it."""
-    test = {"XE": dict(per_run["XE"], std={}, seeds={})}
-    for r in runs:
-        m = test.setdefault(r["label"], {"seeds": {}, "examples": per_run[r["name"]]["examples"]})
-        m["seeds"][r["seed"]] = per_run[r["name"]]["metrics"]
-    for label, m in list(test.items())[1:]:
-        values = {k: [s[k] for s in m["seeds"].values()] for k in next(iter(m["seeds"].values()))}
-        m["metrics"] = {k: statistics.fmean(v) for k, v in values.items()}
-        m["std"] = {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in values.items()}
-    return test
-
-
-def paired(test: dict) -> dict:
-    """Each other method against DiCO, seed by seed: {label: {metric: {"mean": mean of DiCO - it, "dico_higher":
-    seeds where DiCO's is higher, "seeds"}}} for the reward and CIDEr."""
-    dico = test["DiCO"]["seeds"]
-    out = {}
-    for label, m in test.items():
-        if label in ("XE", "DiCO"):
-            continue
-        out[label] = {}
-        for k in ("evaluator_score", "cider"):
-            diffs = [dico[s][k] - m["seeds"][s][k] for s in dico if k in dico[s] and s in m["seeds"]]
-            if diffs:
-                out[label][k] = {"mean": statistics.fmean(diffs), "dico_higher": sum(d > 0 for d in diffs),
-                                 "seeds": len(diffs)}
-    return out
-
-
-def print_table(test: dict, differences: dict) -> None:
-    n = int(next(iter(test.values()))["metrics"]["images"])
-    seeds = max(len(m["seeds"]) for m in test.values())
-    cell = (lambda m, k, f: f"{m['metrics'][k]:{f}} ± {m['std'].get(k, 0):{f}}") if seeds > 1 else \
-        (lambda m, k, f: f"{m['metrics'][k]:{f}}")
-    w = 16 if seeds > 1 else 11  # wider than 'repetition', the longest heading
-    print(f"\nselected checkpoints on {n} held-out test images" + (f", mean ± std over {seeds} seeds" if seeds > 1
-                                                                     else ""))
-    print(f"{'model':<16}{'evaluator':>{w}}{'CIDEr':>{w}}{'length':>{w}}{'repetition':>{w}}{'vocab':>{w}}")
-    for label, m in test.items():
-        m = dict(m, metrics={"evaluator_score": float("nan"), **m["metrics"]})
-        formats = (("evaluator_score", ".3f"), ("cider", ".3f"), ("mean_length", ".2f"), ("repetition", ".3f"),
-                   ("vocab_size", ".0f"))
-        print(f"{label:<16}" + "".join(f"{cell(m, k, f):>{w}}" for k, f in formats))
-    for label, diff in differences.items():
-        print(f"DiCO - {label}, paired by seed: " + "; ".join(
-            f"{k} {d['mean']:+.3f} (DiCO higher on {d['dico_higher']}/{d['seeds']})" for k, d in diff.items()))
-
-
-def compare(c: CompareConfig, training: list[str], ranks: int | None) -> dict:
+def compare(c: CompareConfig, training: list[str], ranks: int | None, resume: bool = False) -> dict:
     from .figure import draw
     from .launch import train_stage
     from .validate import heldout
@@ -309,11 +273,16 @@ def compare(c: CompareConfig, training: list[str], ranks: int | None) -> dict:
     cfg = check_runs(plan(c, training))
     ranks = run_ranks(ranks, cfg)
     check_start_row(c.xe_checkpoint, cfg)
-    client, parent_id = parent_run(cfg, c)
+    client, parent_id = parent_run(cfg, c, training, resume)
     try:
-        runs = plan(c, training, parent_id)
+        runs = plan(c, training, parent_id, resume)
         for r in runs:
-            shutil.rmtree(os.path.join(c.output_dir, r["name"]), ignore_errors=True)
+            folder = os.path.join(c.output_dir, r["name"])
+            if resume and os.path.isfile(os.path.join(folder, "model.pt")):  # exported last: the run finished
+                print(f"\n=== {r['name']}: finished in the earlier compare ({folder}/model.pt)", flush=True)
+                continue
+            if not resume:
+                shutil.rmtree(folder, ignore_errors=True)
             train_stage(r["stage"], ranks, r["overrides"], config=r["config"], prog=PROG, name=r["name"])
         curves = histories(client, parent_id, runs)
         # a folder's weights are those cfg.captioner.hf_path names: no file to load on top
@@ -340,26 +309,6 @@ def compare(c: CompareConfig, training: list[str], ranks: int | None) -> dict:
     return summary
 
 
-def log_parent(client, parent_id: str, test: dict, differences: dict, figure: str, summary: str) -> None:
-    """test/<method>/<metric> (the mean over the seeds), with several seeds also .../<metric>_std and
-    test/dico_minus_<method>/<metric>; the figure and summary.json as artifacts."""
-    import math
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    names = {"XE": "xe", **{label: name for name, _, label in RUNS}}
-    values = {f"test/{names[label]}/{k}": v for label, r in test.items() for k, v in r["metrics"].items()}
-    if max(len(r["seeds"]) for r in test.values()) > 1:
-        values.update({f"test/{names[label]}/{k}_std": v for label, r in test.items() for k, v in r["std"].items()})
-        values.update({f"test/dico_minus_{names[label]}/{k}": d["mean"]
-                       for label, diff in differences.items() for k, d in diff.items()})
-    client.log_batch(parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()
-                                         if math.isfinite(float(v))])
-    client.log_artifact(parent_id, figure)
-    client.log_artifact(parent_id, summary)
-
-
 def prepare(c: CompareConfig, training: list[str], ranks: int) -> None:
     """Trains the demo's chain to XE (evaluator -> xe) when the XE checkpoint is missing."""
     from .launch import train_stage
@@ -377,8 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", type=int, default=None, help="ranks per run: CPU processes (default 2), or GPUs where "
                    "the runs' train.device trains on them (default: every GPU)")
     p.add_argument("--prepare", action="store_true", help="train evaluator -> xe first when xe_checkpoint is missing")
+    p.add_argument("--resume", action="store_true", help="continue the compare that stopped in output_dir (same "
+                   "settings): its finished runs are kept, a stopped one continues its checkpoints, on its MLflow run")
     p.add_argument("overrides", nargs="*", help="key=value: compare keys, or training keys (with a dot) of every run")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value on either side of a flag (--resume)
     try:
         if args.ranks is not None and args.ranks < 1:
             raise ConfigError(f"--ranks {args.ranks} must be >= 1")
@@ -389,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.prepare:
             prepare(c, training, args.ranks or 2)  # the demo's configs: CPU ranks
         start = time.time()
-        compare(c, training, args.ranks)
+        compare(c, training, args.ranks, args.resume)
     except ConfigError as e:
         print(f"{PROG}: config error: {e}", file=sys.stderr)
         return exit_codes.CONFIG_ERROR

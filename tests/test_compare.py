@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, check_ok, mlflow_uri
 
-from dico_scale import compare
+from dico_scale import compare, compare_results
 
 TINY = ["train.micro_batch_size=2", "generation.candidates=2", "scst.candidates=2", "generation.max_len=6",
         "optim.lr=1e-3", "optim.warmup_steps=0"]
@@ -194,18 +194,18 @@ def test_several_seeds_give_mean_std_and_differences_paired_by_seed(tmp_path, ca
         score, cider = (dico if r["method"] == "dico" else scst)[r["seed"]]
         per_run[r["name"]] = {"metrics": _metrics(score, cider),
                               "examples": [{"key": "a", "refs": ["r"], "caption": r["name"]}]}
-    test = compare.by_method(per_run, runs)
+    test = compare_results.by_method(per_run, runs)
     assert list(test) == ["XE", "DiCO", "SCST"]
     assert test["DiCO"]["metrics"]["evaluator_score"] == pytest.approx(1.7)
     assert test["DiCO"]["std"]["evaluator_score"] == pytest.approx(0.1)  # sample standard deviation
     assert test["SCST"]["metrics"]["cider"] == pytest.approx(4.1 / 3)
     assert test["DiCO"]["examples"][0]["caption"] == "dico_seed0"  # the first seed's captions in the figure
     assert sorted(test["SCST"]["seeds"]) == [0, 1, 2] and test["XE"]["metrics"]["cider"] == 1.4
-    diff = compare.paired(test)["SCST"]
+    diff = compare_results.paired(test)["SCST"]
     assert diff["evaluator_score"]["mean"] == pytest.approx((0.1 + 0.1 - 0.05) / 3)
     assert (diff["evaluator_score"]["dico_higher"], diff["cider"]["dico_higher"], diff["cider"]["seeds"]) == (2, 1, 3)
 
-    compare.print_table(test, compare.paired(test))
+    compare_results.print_table(test, compare_results.paired(test))
     out = capsys.readouterr().out
     assert "mean ± std over 3 seeds" in out and "1.700 ± 0.100" in out
     assert "DiCO - SCST, paired by seed: evaluator_score +0.050 (DiCO higher on 2/3)" in out
@@ -220,3 +220,68 @@ def test_several_seeds_give_mean_std_and_differences_paired_by_seed(tmp_path, ca
     points = [_points(run, "cider", {"cider": 1.4}) for run in curves["DiCO"]]
     assert _mean(points) == [(0, pytest.approx(1.4)), (1, pytest.approx(1.5)), (2, pytest.approx(1.5))]
     assert _mean([[(1, 1.0), (2, 2.0)], [(2, 4.0)]]) == [(2, 3.0)]  # only the steps every seed has
+
+
+def _start_files(tmp: Path) -> list[str]:
+    """An XE export of the demo's built-in captioner (random weights, its run config recorded) and an evaluator file:
+    the training overrides of a compare that needs no chain."""
+    import torch
+
+    from dico_scale.config import load_config, to_yaml
+    from dico_scale.models import build_captioner
+    from dico_scale.models.clip import create_clip, register_model_configs, save_clip
+
+    cfg = load_config("configs/demo/xe.yaml", ["evaluator.weights=", "captioner.image_encoder_weights=",
+                                               "train.init_from="])
+    register_model_configs(cfg.clip_model_configs)
+    torch.manual_seed(0)
+    torch.save({"state_dict": build_captioner(cfg).state_dict(), "config": to_yaml(cfg)}, tmp / "xe.pt")
+    save_clip(create_clip(cfg.evaluator.model)[0], str(tmp / "evaluator.pt"))
+    return [f"evaluator.weights={tmp}/evaluator.pt", "captioner.image_encoder_weights=", f"data.root={tmp}/data",
+            "data.synthetic.n_train=16", "data.synthetic.n_val=4", "data.synthetic.n_test=4",
+            "data.synthetic.samples_per_shard=8", "train.log_every=1", *TINY]
+
+
+def test_a_killed_compare_resumes_keeping_its_finished_runs_on_its_mlflow_run(tmp_path, capsys):
+    """compare killed (-9, launcher and runs) once the DiCO run has finished: --resume keeps that run, trains SCST
+    (from its checkpoint, or afresh when it had none) and finishes the table on the same parent run; a resume with
+    other settings, or where no compare ran, is one line."""
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    training = _start_files(tmp_path) + [f"tracking.uri={mlflow_uri(tmp_path / 'mlflow.db')}"]
+    cmd = [sys.executable, "-m", "dico_scale.compare", "--config",
+           str(_config(tmp_path, tmp_path, xe_checkpoint=str(tmp_path / "xe.pt"), steps=3)), "--ranks", "1", *training]
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = tmp_path / "compare" / "dico" / "model.pt"
+    deadline = time.time() + 300
+    while not done.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert done.exists() and not (tmp_path / "compare" / "summary.json").exists(), proc.stderr.read()[-3000:]
+    state = json.loads((tmp_path / "compare" / "compare.json").read_text())
+
+    assert compare.main(cmd[3:] + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"=== dico: finished in the earlier compare ({tmp_path}/compare/dico/model.pt)" in out
+    assert "=== scst done in" in out and "selected checkpoints on 4 held-out test images" in out
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    parent = client.get_run(state["parent_run_id"])
+    assert parent.info.status == "FINISHED" and "test/scst/cider" in parent.data.metrics
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    finished = sorted(r.info.run_name for r in children if r.info.status == "FINISHED")
+    assert finished == ["dico", "scst"] and all(r.info.status in ("FINISHED", "KILLED") for r in children)
+    dico = next(r for r in children if r.info.run_name == "dico")
+    assert [m.step for m in client.get_metric_history(dico.info.run_id, "train/loss")] == [1, 2, 3]  # trained once
+
+    for args, message in ((["steps=2"], "ran with other settings (steps 3 -> 2); resume it with them, or start over "
+                                        "without --resume"),
+                          ([f"output_dir={tmp_path}/elsewhere"], f"no compare ran in '{tmp_path}/elsewhere' "
+                                                                 f"({tmp_path}/elsewhere/compare.json is missing)")):
+        assert compare.main(cmd[3:] + ["--resume", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("dico_scale.compare: config error: --resume: ") and err.endswith(message), err
