@@ -273,6 +273,11 @@ def compare(c: CompareConfig, training: list[str], ranks: int | None, resume: bo
     cfg = check_runs(plan(c, training))
     ranks = run_ranks(ranks, cfg)
     check_start_row(c.xe_checkpoint, cfg)
+    if not resume:  # an earlier compare's record and runs go before this one is recorded: --resume never takes them
+        if os.path.isfile(state_file(c)):
+            os.remove(state_file(c))
+        for r in plan(c, training):
+            shutil.rmtree(os.path.join(c.output_dir, r["name"]), ignore_errors=True)
     client, parent_id = parent_run(cfg, c, training, resume)
     try:
         runs = plan(c, training, parent_id, resume)
@@ -281,8 +286,6 @@ def compare(c: CompareConfig, training: list[str], ranks: int | None, resume: bo
             if resume and os.path.isfile(os.path.join(folder, "model.pt")):  # exported last: the run finished
                 print(f"\n=== {r['name']}: finished in the earlier compare ({folder}/model.pt)", flush=True)
                 continue
-            if not resume:
-                shutil.rmtree(folder, ignore_errors=True)
             train_stage(r["stage"], ranks, r["overrides"], config=r["config"], prog=PROG, name=r["name"])
         curves = histories(client, parent_id, runs)
         # a folder's weights are those cfg.captioner.hf_path names: no file to load on top
