@@ -224,7 +224,7 @@ def earlier_compare(c: CompareConfig, training: list[str]) -> str:
     try:
         with open(path) as f:
             then = json.load(f)
-        then_id, then_config, then_training = then["parent_run_id"], then["config"], then["training"]
+        then_id, then_config, then_training = str(then["parent_run_id"]), dict(then["config"]), list(then["training"])
     except FileNotFoundError:
         raise ConfigError(f"--resume: no compare ran in '{c.output_dir}' ({path} is missing)") from None
     except (ValueError, KeyError, TypeError):
@@ -260,8 +260,9 @@ def parent_run(cfg, c: CompareConfig, training: list[str], resume: bool):
                             run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}", tags={"stage": "compare"})
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in asdict(c).items()])
     os.makedirs(c.output_dir, exist_ok=True)
-    with open(state_file(c), "w") as f:  # what --resume continues
+    with open(state_file(c) + ".tmp", "w") as f:  # what --resume continues; whole or not at all
         json.dump({"parent_run_id": run.info.run_id, "config": asdict(c), "training": training}, f, indent=1)
+    os.replace(state_file(c) + ".tmp", state_file(c))
     return client, run.info.run_id
 
 

@@ -285,3 +285,7 @@ def test_a_killed_compare_resumes_keeping_its_finished_runs_on_its_mlflow_run(tm
         assert compare.main(cmd[3:] + ["--resume", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("dico_scale.compare: config error: --resume: ") and err.endswith(message), err
+    (tmp_path / "compare" / "compare.json").write_text('{"parent_run_id": "x", "config": [1], "training": []}')
+    assert compare.main(cmd[3:] + ["--resume"]) == 2
+    assert capsys.readouterr().err.strip().endswith("compare.json is not a compare's record (parent_run_id, config, "
+                                                    "training)")
