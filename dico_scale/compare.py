@@ -146,15 +146,11 @@ def check_start_row(xe_checkpoint: str, cfg) -> None:
     failing on missing keys. A start that records no run config is left to that load."""
     if is_folder(xe_checkpoint):
         return
-    from omegaconf import OmegaConf
+    from .models.weights import recorded_captioner
 
-    from .export import checkpoint_meta
-
-    try:
-        row = OmegaConf.select(OmegaConf.create(checkpoint_meta(xe_checkpoint)["config"]), "captioner.model",
-                               default="builtin")
-    except ConfigError:
+    if (then := recorded_captioner(xe_checkpoint)) is None:
         return
+    row = then.get("model", "builtin")
     if row != cfg.captioner.model:
         raise ConfigError(f"XE checkpoint '{xe_checkpoint}' was trained as captioner.model={row}, the runs train "
                           f"captioner.model={cfg.captioner.model} (set captioner.model and captioner.hf_path for every "
@@ -254,7 +250,8 @@ def parent_run(cfg, c: CompareConfig, training: list[str], resume: bool):
         try:
             client.update_run(run_id, status="RUNNING")
         except Exception as e:  # another store, or the run deleted: MLflow's many error types for one cause
-            raise ConfigError(f"--resume: the compare's MLflow run {run_id} is not in {uri} ({first_line(e)})") from None
+            raise ConfigError(f"--resume: the compare's MLflow run {run_id} is not in {uri} "
+                              f"({first_line(e)})") from None
         return client, run_id
     run = client.create_run(experiment_id(client, cfg.tracking.experiment, uri),
                             run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}", tags={"stage": "compare"})

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our 
 
 from dico_scale.config import Config, load_config  # noqa: E402
 from dico_scale.errors import ConfigError, OneLineParser, first_line  # noqa: E402
-from dico_scale.models.export_folder import EXPORT_MARK, export_run, foreign_folder  # noqa: E402
+from dico_scale.models.export_folder import EXPORT_MARK, export_run, foreign_folder, sidecar  # noqa: E402
 from dico_scale.preflight import check_vlm_input, out_file_problem  # noqa: E402
 from dico_scale.stages import captioner_stages  # noqa: E402
 
@@ -55,11 +55,6 @@ def _sibling_run_id(export: Path, step) -> str | None:
         return None
     state = _client_state(tags[-1])
     return state.get("mlflow_run_id") if state.get("step") == step else None
-
-
-def sidecar(path: str | Path) -> Path:
-    """The JSON beside a safetensors export: model.safetensors -> model.json."""
-    return Path(path).with_suffix(".json")
 
 
 def _safetensors_meta(p: Path) -> dict:

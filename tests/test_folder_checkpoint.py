@@ -260,6 +260,11 @@ def test_weights_of_another_row_name_the_row_and_folder_they_were_trained_as(fol
                             "train captioner.model=builtin (set captioner.model and captioner.hf_path for every run, "
                             "or dico_config and scst_config of that row)")
     compare.check_start_row(str(tmp_path / "vlm.pt"), vlm)
+    from safetensors.torch import save_file  # a safetensors export records its run in the JSON beside it
+    save_file(build_captioner(vlm).state_dict(), str(tmp_path / "vlm.safetensors"))
+    (tmp_path / "vlm.json").write_text(json.dumps({"config": to_yaml(vlm)}))
+    with pytest.raises(ConfigError, match="was trained as captioner.model=hf_vlm, the runs train captioner.model=b"):
+        compare.check_start_row(str(tmp_path / "vlm.safetensors"), builtin)
     torch.save({"state_dict": build_captioner(builtin).state_dict()}, tmp_path / "bare.pt")  # no record of its run
     compare.check_start_row(str(tmp_path / "bare.pt"), vlm)  # left to the load
     with pytest.raises(ConfigError) as e:

@@ -30,6 +30,11 @@ def write_folder(folder: str | Path, write: Callable[[Path], None], what: str, r
     os.replace(tmp, folder)
 
 
+def sidecar(path: str | Path) -> Path:
+    """The JSON beside a safetensors export (model.safetensors -> model.json): its run config, stage, step, run id."""
+    return Path(path).with_suffix(".json")
+
+
 def export_run(folder: str | Path) -> dict | None:
     """The run an export folder was written from (write_folder's `run`); None for another folder or an older export."""
     try:

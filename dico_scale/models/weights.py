@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, first_line
+from .export_folder import sidecar
 
 KNOWN = ("an OpenAI TorchScript archive (ViT-B-32.pt), an open_clip state dict (.bin/.pt/.pth, PAC-S, "
          "dico_scale export), a .safetensors file, or a Hugging Face CLIPModel folder (config.json + "
@@ -90,21 +91,33 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
         raise ConfigError(f"cannot read weights '{path}': {first_line(e)}") from None
 
 
-def trained_as(path: str, captioner) -> str:
-    """Where dico_scale weights that do not fit come from another captioner row or folder than `captioner`
-    (cfg.captioner): ' (trained as captioner.model=..., captioner.hf_path=...; configured: ...)', from the run config
-    a model.pt export or a checkpoint tag records; '' when it records none or the same."""
-    from omegaconf import OmegaConf
+def recorded_captioner(path: str) -> dict | None:
+    """The captioner section of the run config that dico_scale weights record (a checkpoint tag's config.yaml, a
+    safetensors export's sidecar, a model.pt's "config"); None when they record none, or it cannot be read."""
+    from omegaconf import DictConfig, OmegaConf
 
     try:
         if os.path.isdir(path):
             text = (Path(path) / "config.yaml").read_text()
+        elif path.endswith(".safetensors"):
+            text = json.loads(sidecar(path).read_text())["config"]
         else:
             text = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config", "")
-        then = OmegaConf.create(text).get("captioner") or {}
-    except Exception:  # no record of the run, or one unreadable: nothing to add to the load's own message
-        return ""
-    if not then:
+        config = OmegaConf.create(text) if text else None
+    except Exception:  # no record of the run, or one unreadable
+        return None
+    if not isinstance(config, DictConfig):
+        return None
+    section = config.get("captioner")
+    return OmegaConf.to_container(section) if isinstance(section, DictConfig) else {}
+
+
+def trained_as(path: str, captioner) -> str:
+    """Where dico_scale weights that do not fit come from another captioner row or folder than `captioner`
+    (cfg.captioner): ' (trained as captioner.model=..., captioner.hf_path=...; configured: ...)', from the run config
+    they record (recorded_captioner); '' when it records none or the same."""
+    then = recorded_captioner(path)
+    if not then:  # nothing to add to the load's own message
         return ""
     keys = [k for k in ("model", "hf_path") if str(then.get(k, "")) != str(getattr(captioner, k))]
     if not keys:
