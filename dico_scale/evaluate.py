@@ -328,17 +328,15 @@ def run(args, cfg, meta) -> int:
     check_device(cfg)
     rank, world, device = init_ranks(cfg)
     register_model_configs(cfg.clip_model_configs)  # the evaluators' (a Hugging Face captioner registers none)
-    torch.manual_seed(cfg.train.seed)  # random-init evaluators (tests, demos) must be alike on every rank
+    torch.manual_seed(cfg.train.seed)  # whatever a build draws before its weights load, alike on every rank
     captioner, tok = load_captioner(cfg, meta, device)
     evaluators = {}
     for name, ev_cfg in args.evaluators.items():
-        torch.manual_seed(cfg.train.seed)
         evaluators[name] = ClipScorer(ev_cfg).to(device)
     # evaluator_score: the run's own evaluator with the run's caption prefix, as in-loop validation scores
     e, mine = cfg.evaluator, args.evaluators[cfg.evaluator.metric]
     own = (e.metric, e.caption_prefix)
     if (mine.model, mine.weights) != (e.model, e.weights):  # --clip / --pacs replaced it: scored separately
-        torch.manual_seed(cfg.train.seed)
         evaluators[OWN], own = ClipScorer(e).to(device), (OWN, None)
     collate = EvalCollate(captioner.preprocess, {n: ev.preprocess for n, ev in evaluators.items()})
     loader = eval_loader(args.spec, collate, args.batch_size or cfg.train.micro_batch_size, cfg.data.num_workers)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from dico_scale import metrics
 from dico_scale.config import EvaluatorConfig
+from dico_scale.models.clip import create_clip
 from dico_scale.models.clip_scorer import ClipScorer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,8 +86,9 @@ REFS = [["a red circle", "a small red circle on the left"], ["a blue square"],
 @pytest.mark.parametrize("metric,w", [("clips", 2.5), ("pacs", 2.0)])
 def test_clip_scores_equal_float64_recomputation(metric, w):
     prefix = "A photo depicts "
-    torch.manual_seed(2)  # a random CLIP whose cosines here are positive for some images, negative for another
     ev = ClipScorer(EvaluatorConfig(model="dico-tiny", weights="", metric=metric, caption_prefix=prefix))
+    torch.manual_seed(2)  # a random CLIP whose cosines here are positive for some images, negative for another
+    ev.clip.load_state_dict(create_clip("dico-tiny")[0].state_dict())
     pixels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         score, ref_score, _ = metrics.clip_scores(ev, ev.image_features(pixels), CAPTIONS, REFS, ev.weight)

@@ -395,6 +395,26 @@ def test_evaluator_caption_prefix(evaluators):
     assert not torch.allclose(a, clips.text_features(["a red circle"]), atol=1e-3)
 
 
+def test_random_evaluator_is_the_same_in_every_process():
+    """A frozen evaluator without a weights file is one random CLIP wherever it is built (the trainer builds it after
+    the captioner, evaluate and the held-out tables from other points of the global stream); the evaluator stage's
+    trainable start follows the run's seed, and building leaves the global stream as it was."""
+    cfg = EvaluatorConfig(model="dico-tiny", metric="clips")
+    torch.manual_seed(0)
+    first = ClipScorer(cfg).clip.state_dict()
+    torch.manual_seed(123)
+    torch.rand(1000)
+    after = torch.get_rng_state()
+    second = ClipScorer(cfg).clip.state_dict()
+    assert torch.equal(torch.get_rng_state(), after)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    torch.manual_seed(1)
+    one = ClipScorer(cfg, trainable=True).clip.state_dict()
+    torch.manual_seed(2)
+    two = ClipScorer(cfg, trainable=True).clip.state_dict()
+    assert not torch.equal(one["text_projection"], two["text_projection"])
+
+
 # ---- CLIP checkpoint formats (PAC-S / open_clip / DeepSpeed export) -----------------------------------------------
 
 def _features(model):

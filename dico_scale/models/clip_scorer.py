@@ -14,12 +14,21 @@ from ..config import EvaluatorConfig
 from .clip import create_clip
 
 METRIC_WEIGHTS = {"clips": 2.5, "pacs": 2.0}
+# A frozen evaluator without a weights file (tests, demos, a first try) is drawn from this seed, not from the global
+# generator: the trainer, the held-out tables and evaluate build it at different points of their random streams and
+# would otherwise each score with another random CLIP.
+RANDOM_EVALUATOR_SEED = 0
 
 
 class ClipScorer(nn.Module):
     def __init__(self, cfg: EvaluatorConfig, trainable: bool = False):
         super().__init__()
-        self.clip, self.preprocess = create_clip(cfg.model, cfg.weights)
+        if cfg.weights or trainable:  # the evaluator stage's random start is the run's (train.seed)
+            self.clip, self.preprocess = create_clip(cfg.model, cfg.weights)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_EVALUATOR_SEED)
+                self.clip, self.preprocess = create_clip(cfg.model)
         self.tokenizer = open_clip.get_tokenizer(cfg.model)
         self.weight = METRIC_WEIGHTS[cfg.metric]
         self.prefix = cfg.caption_prefix
