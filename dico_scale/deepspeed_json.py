@@ -11,6 +11,19 @@ from .errors import ConfigError
 # with its parameters in CPU memory), `auto` (as the trainable model: shard under ZeRO-3, offloaded when its
 # parameters are, else replicate).
 PLACEMENTS = ("auto", "replicate", "shard", "shard_offload")
+# Sections DeepSpeed (and engine.ds_config) read as objects: a scalar there fails deep inside them as an
+# AttributeError or TypeError traceback. Their values are checked later by DeepSpeed's own models
+# (engine.check_deepspeed_json).
+SECTIONS = ("zero_optimization", "fp16", "bf16", "bfloat16", "checkpoint", "activation_checkpointing", "comms_logger",
+            "flops_profiler", "autotuning", "tensorboard", "wandb", "csv_monitor", "comet", "hybrid_engine", "compile",
+            "tensor_parallel", "timers", "weight_quantization", "aio", "data_types")
+SECTION_EXAMPLES = {"zero_optimization": '{"stage": 2}', "fp16": '{"enabled": true}', "bf16": '{"enabled": true}'}
+ZERO_BLOCKS = ("offload_optimizer", "offload_param")
+
+
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def read_deepspeed_config(path: str) -> dict:
@@ -24,8 +37,17 @@ def read_deepspeed_config(path: str) -> dict:
         raise ConfigError(f"train.deepspeed_config '{path}': cannot read it ({e.strerror or e})") from None
     if not isinstance(ds, dict):
         raise ConfigError(f"train.deepspeed_config '{path}': not a JSON object")
+    for key in SECTIONS:
+        if key in ds and not isinstance(ds[key], dict):
+            example = SECTION_EXAMPLES.get(key, "")
+            raise ConfigError(f"train.deepspeed_config '{path}': {key} is {_shown(ds[key])}, not a JSON object"
+                              + (f" (e.g. {example})" if example else ""))
     zero = ds.get("zero_optimization", {})
-    declared = zero.get("stage", 0) if isinstance(zero, dict) else None  # the ZeRO stage the JSON asks for
+    for key in ZERO_BLOCKS:  # DeepSpeed takes null there as no block
+        if zero.get(key) is not None and not isinstance(zero[key], dict):
+            raise ConfigError(f"train.deepspeed_config '{path}': zero_optimization.{key} is {_shown(zero[key])}, "
+                              'not a JSON object (e.g. {"device": "cpu"})')
+    declared = zero.get("stage", 0)  # the ZeRO stage the JSON asks for
     if declared not in (0, 1, 2, 3):
         raise ConfigError(f"train.deepspeed_config '{path}': zero_optimization.stage {declared!r} is not 0, 1, 2 or 3")
     return ds

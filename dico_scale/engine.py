@@ -6,6 +6,7 @@ accelerator (DS_ACCELERATOR) at import time.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import socket
@@ -80,8 +81,9 @@ def uses_cpu(cfg: Config) -> bool:
 
 
 def check_precision(cfg: Config) -> None:
-    """fp16 where the device has no fp16 arithmetic fails in DeepSpeed's engine after the models are built; say it
-    now (after setup_environment, which picks DeepSpeed's accelerator)."""
+    """fp16 where the device has no fp16 arithmetic, and values of the DeepSpeed JSON that DeepSpeed's own config
+    models refuse (check_deepspeed_json), fail in DeepSpeed's engine after the models are built; say it now (after
+    setup_environment, which picks DeepSpeed's accelerator)."""
     on_gpu = not uses_cpu(cfg)
     if precision(cfg, on_gpu) == "fp16" and not on_gpu:
         from deepspeed.accelerator import get_accelerator
@@ -89,6 +91,54 @@ def check_precision(cfg: Config) -> None:
         if not get_accelerator().is_fp16_supported():
             raise ConfigError("train.precision=fp16 needs a GPU, or a CPU with oneDNN fp16 support (this one has none;"
                               " DeepSpeed refuses fp16 there): use bf16 or fp32")
+    check_deepspeed_json(cfg, on_gpu)
+
+
+def _deepspeed_sections() -> list:
+    """(key prefix, parser) of the JSON's sections that deepspeed.initialize validates with pydantic models, each
+    parser DeepSpeed's own (runtime/config.py DeepSpeedConfig._initialize_params) reading the whole JSON."""
+    from deepspeed.comm.config import DeepSpeedCommsConfig
+    from deepspeed.compile.config import CompileConfig
+    from deepspeed.inference.config import WeightQuantConfig
+    from deepspeed.monitor.config import get_monitor_config
+    from deepspeed.runtime.config import get_hybrid_engine_config
+    from deepspeed.runtime.precision_config import get_bfloat16_config, get_float16_config
+    from deepspeed.runtime.tensor_parallel import get_tensor_parallel_config
+    from deepspeed.runtime.zero.config import get_zero_config
+    from deepspeed.utils.config import get_timers_config
+
+    return [("zero_optimization", get_zero_config), ("fp16", get_float16_config), ("bf16", get_bfloat16_config),
+            ("", get_monitor_config),  # its models' fields are the sections: tensorboard, wandb, csv_monitor, comet
+            ("comms_logger", DeepSpeedCommsConfig), ("hybrid_engine", get_hybrid_engine_config),
+            ("compile", lambda ds: CompileConfig(**ds.get("compile", {}))),
+            ("weight_quantization", lambda ds: WeightQuantConfig(**ds.get("weight_quantization", {}))),
+            ("tensor_parallel", get_tensor_parallel_config), ("timers.throughput", get_timers_config)]
+
+
+def check_deepspeed_json(cfg: Config, on_gpu: bool) -> None:
+    """The JSON that build_engine hands to deepspeed.initialize (ds_config), its sections parsed by DeepSpeed's own
+    pydantic models: their ValidationError would come on every rank after the models are built, as a traceback; here
+    it is one ConfigError naming the file, the key and DeepSpeed's reason. The JSON's shape (sections that must be
+    objects, the ZeRO stage) was checked at config time (deepspeed_json.read_deepspeed_config), without DeepSpeed."""
+    import_deepspeed()
+    from pydantic import ValidationError
+
+    try:
+        sections = _deepspeed_sections()
+    except ImportError:  # a DeepSpeed that moved these: its engine validates as before, nothing is lost but the time
+        return
+    ds, path = ds_config(cfg, on_gpu), cfg.train.deepspeed_config
+    for prefix, parse in sections:
+        try:
+            parse(ds)
+        except ValidationError as e:
+            err, more = e.errors()[0], len(e.errors()) - 1
+            key = ".".join(str(k) for k in (prefix, *err["loc"]) if k != "") or "tensorboard/wandb/csv_monitor/comet"
+            value = f" {json.dumps(err['input'], default=str)[:60]}" if err["loc"] else ""  # loc (): the whole section
+            raise ConfigError(f"train.deepspeed_config '{path}': {key}{value}: {err['msg']} (DeepSpeed's "
+                              f"{e.title}{f'; {more} more' if more else ''})") from None
+        except Exception:  # noqa: BLE001 - a parser this check misreads must not stop a run the engine accepts
+            continue
 
 
 def precision(cfg: Config, on_gpu: bool) -> str:

@@ -404,6 +404,11 @@ def test_shipped_deepspeed_configs_load_with_every_stage(ds_file):
      "offload_optimizer needs ZeRO stage 1, 2 or 3"),
     ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "fp16 and bf16 are both enabled"),
     ({"optimizer": {"type": "Adam"}}, "remove its 'optimizer' block"),
+    # sections DeepSpeed and the engine read as objects: AttributeError tracebacks at start before
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": "cpu"}},
+     'zero_optimization.offload_optimizer is "cpu", not a JSON object'),
+    ({"zero_optimization": {"stage": 2}, "bf16": True}, "bf16 is true, not a JSON object"),
+    ({"zero_optimization": None}, "zero_optimization is null, not a JSON object"),
 ])
 def test_deepspeed_combinations_that_cannot_work_fail_at_config_time(tmp_path, block, needle):
     import json
@@ -423,6 +428,41 @@ def test_offload_block_with_device_none_is_no_offload(tmp_path):
     p.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_param": {"device": "none"}}}))
     load_config("configs/demo/xe.yaml", [f"train.deepspeed_config={p}", "evaluator.weights=",
                                          "captioner.image_encoder_weights="])
+
+
+@pytest.mark.parametrize("block, needle", [
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": -5}},
+     "zero_optimization.reduce_bucket_size -5: Input should be greater than 0 (DeepSpeed's DeepSpeedZeroConfig)"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}},
+     "zero_optimization.offload_param.device \"gpu\": Input should be 'none', 'cpu' or 'nvme'"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket": 5}}, "zero_optimization.reduce_bucket 5: Extra inputs"),
+    ({"fp16": {"loss_scale": -1}}, "fp16.loss_scale -1: Value error"),
+    ({"tensorboard": {"enabled": "maybe"}}, "tensorboard.enabled \"maybe\": Input should be a valid boolean"),
+])
+def test_a_value_deepspeed_refuses_is_one_line_before_any_model_is_built(tmp_path, block, needle):
+    """DeepSpeed's own pydantic models, on the JSON build_engine would pass, where train.run checks the precision
+    (after setup_environment, before the process group and the models): DeepSpeed raised its ValidationError in
+    deepspeed.initialize, after the models were built, as a traceback on every rank."""
+    import json
+
+    from dico_scale.engine import check_precision
+
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps(block))
+    cfg = load_config("configs/demo/xe.yaml", [f"train.deepspeed_config={p}", *BLANK])
+    with pytest.raises(ConfigError) as e:
+        check_precision(cfg)
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"train.deepspeed_config '{p}': ")
+    assert needle in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("ds_file", sorted(p.name for p in (REPO / "configs" / "deepspeed").glob("*.json")))
+def test_shipped_deepspeed_configs_pass_deepspeeds_own_models(ds_file):
+    from dico_scale.engine import check_deepspeed_json
+
+    for on_gpu in (False, True):
+        check_deepspeed_json(load_config("configs/demo/xe.yaml", [f"train.deepspeed_config=configs/deepspeed/"
+                                                                  f"{ds_file}", *BLANK]), on_gpu)
 
 
 @pytest.mark.parametrize("override, key", [("train.precision=fp8", "train.precision"),
