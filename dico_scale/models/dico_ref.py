@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..data.tokenizer import CaptionTokenizer
 from .captioner import CaptionerModel
-from .folders import checked_config, ref_problem
+from .folders import checked_config, from_folder, ref_problem
 
 # the reference's state-dict prefixes -> ours
 REF_PREFIXES = {"encoder.vision_encoder.": "vision.", "encoder.vis_enc_to_enc_proj.": "proj.",
@@ -117,14 +117,24 @@ def check_folder_weights(path: str) -> None:
 
 
 def read_ref_weights(path: str, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The folder's state dict; a file that does not read (truncated, corrupt, not a state dict) is one ConfigError."""
     p = Path(path)
     if (p / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
-        return load_file(str(p / "model.safetensors"))
-    if (p / "pytorch_model.bin").is_file():
-        return torch.load(p / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=mmap)
-    raise ConfigError(f"captioner.hf_path '{path}' has neither model.safetensors nor pytorch_model.bin")
+        weights = from_folder(lambda d: load_file(str(Path(d) / "model.safetensors")), path,
+                              what="model.safetensors does not load")
+    elif (p / "pytorch_model.bin").is_file():
+        weights = from_folder(lambda d: torch.load(Path(d) / "pytorch_model.bin", map_location="cpu",
+                                                   weights_only=True, mmap=mmap), path,
+                              what="pytorch_model.bin does not load")
+    else:
+        raise ConfigError(f"captioner.hf_path '{path}' has neither model.safetensors nor pytorch_model.bin")
+    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+        # torch.load reads any pickle of plain types: a list or {"state_dict": ...} would fail in convert_state
+        raise ConfigError(f"captioner.hf_path '{path}': pytorch_model.bin holds a {type(weights).__name__}, "
+                          "not a state dict of tensors")
+    return weights
 
 
 def convert_state(ref: dict[str, torch.Tensor], tied: bool, path: str) -> dict[str, torch.Tensor]:

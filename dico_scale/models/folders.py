@@ -28,16 +28,21 @@ HF_DECODERS = ("gpt2", "bert")  # VisionEncoderDecoderModel decoder model types 
 FREEZE_PARTS = ("vision", "projection", "embeddings")
 
 
-def from_folder(load, path: str, attn_implementation: str = ""):
-    """load(path) (a model's from_pretrained), its failure on a bad folder (truncated or corrupt weights, shapes that
-    contradict config.json) a ConfigError naming captioner.hf_path in one line. attn_implementation: transformers'
-    attention (captioner.attn_implementation), checked first (check_attention) so that its fault is named as such."""
+def from_folder(load, path: str, attn_implementation: str = "", what: str = "its weights do not load",
+                files: tuple[str, ...] = ()):
+    """load(path) (a model's, tokenizer's or image processor's from_pretrained, a weights file's reader), its failure
+    on a bad folder (missing, truncated or corrupt files, shapes that contradict config.json) a ConfigError naming
+    captioner.hf_path and `what` in one line; `files`: those the load reads, named when none is there (transformers'
+    own first line does not say so). attn_implementation: transformers' attention (captioner.attn_implementation),
+    checked first (check_attention) so that its fault is named as such."""
     if attn_implementation:
         check_attention(path, attn_implementation)
     try:
         return load(path, **({"attn_implementation": attn_implementation} if attn_implementation else {}))
     except Exception as e:  # transformers and safetensors raise many types for one cause: the folder's files
-        raise ConfigError(f"captioner.hf_path '{path}': its weights do not load ({first_line(e)})") from None
+        absent = files and not any((Path(path) / f).is_file() for f in files)
+        why = f"no {' or '.join(files)} in it" if absent else first_line(e)
+        raise ConfigError(f"captioner.hf_path '{path}': {what} ({why})") from None
 
 
 def check_attention(path: str, name: str) -> None:

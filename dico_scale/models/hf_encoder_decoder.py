@@ -18,7 +18,7 @@ from ..data.tokenizer import TokenLayout
 from .captioner import CaptionerModel
 from .export_folder import write_folder
 from .generation import exported_search
-from .folders import FREEZE_PARTS, checked_config, from_folder, hf_problem
+from .folders import FREEZE_PARTS, PROCESSOR_FILES, checked_config, from_folder, hf_problem
 
 class HFTokenizer(TokenLayout):
     """A transformers tokenizer under the trainer's token layout [BOS, w..., EOS, PAD...]: BOS is the decoder's start
@@ -105,7 +105,8 @@ class HFEncoderDecoder(CaptionerModel):
         tokenizer = load_tokenizer(c.hf_path, model)
         preprocess = None
         if image_encoder:
-            preprocess = HFPreprocess(transformers.AutoImageProcessor.from_pretrained(c.hf_path))
+            preprocess = HFPreprocess(from_folder(transformers.AutoImageProcessor.from_pretrained, c.hf_path,
+                                                  what="its image processor does not load", files=PROCESSOR_FILES))
         return cls(model, tokenizer, preprocess, freeze_parts(c.freeze), image_encoder, c.gradient_checkpointing)
 
     def parts(self) -> dict[str, list[nn.Module]]:
@@ -165,7 +166,8 @@ def load_tokenizer(path: str, model) -> HFTokenizer:
     """The folder's tokenizer with the model's BOS (decoder start) and EOS; a tokenizer without EOS is refused."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = from_folder(AutoTokenizer.from_pretrained, path, what="its tokenizer does not load",
+                      files=("tokenizer.json", "tokenizer_config.json"))
     if type(model).__name__ == "BlipForConditionalGeneration":
         t = model.config.text_config
         bos, eos = t.bos_token_id, t.sep_token_id
