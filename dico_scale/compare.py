@@ -20,6 +20,7 @@ continues a compare that stopped, with the same settings: its finished runs kept
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import sys
@@ -31,7 +32,7 @@ from .checks import parse_select_best
 from .compare_results import RUNS, by_method, histories, log_parent, paired, print_table, selected_model
 from .config import load_config, load_structured, resolve_path
 from .errors import ConfigError, OneLineParser, first_line
-from .preflight import check_vlm_input, out_file_problem, write_problem
+from .preflight import check_sqlite_store, check_tracking_server, check_vlm_input, out_file_problem, write_problem
 from .rewards import RewardSpecError, parse_reward
 
 PROG = "dico_scale.compare"
@@ -142,12 +143,14 @@ def check_start(c: CompareConfig) -> None:
 
 
 def check_start_row(xe_checkpoint: str, cfg) -> None:
-    """An export or tag trained as another captioner row than the runs train: one line now, not the first run's load
-    failing on missing keys. A start that records no run config is left to that load."""
+    """An export file that cannot be read, or an export or tag trained as another captioner row than the runs train:
+    one line now, not the first run's load failing. A start that records no run config is left to that load."""
     if is_folder(xe_checkpoint):
         return
-    from .models.weights import recorded_captioner
+    from .models.weights import check_export_file, recorded_captioner
 
+    if os.path.isfile(xe_checkpoint):  # a file that is no export: now, not in the first run's ranks
+        check_export_file(xe_checkpoint, "XE checkpoint (compare key 'xe_checkpoint')")
     if (then := recorded_captioner(xe_checkpoint)) is None:
         return
     row = then.get("model", "builtin")
@@ -235,16 +238,48 @@ def earlier_compare(c: CompareConfig, training: list[str]) -> str:
     return then_id
 
 
-def parent_run(cfg, c: CompareConfig, training: list[str], resume: bool):
-    """(client, parent run id) in the training runs' store and experiment: a new run, recorded in output_dir, or with
+# What a training run writes in its train.output_dir (train.py, loop.py, engine.export_weights, supervision's lock,
+# the CIDEr reward's document frequencies when the shards' folder is not writable) and evaluate's results beside its
+# checkpoints: a run folder holding anything else is not removed
+RUN_FILES = re.compile(r"checkpoints|best|hf|config\.yaml|model\.pt|\.lock|.*\.tmp|eval_.*\.json|cider_df-.*\.json")
+
+
+def check_run_folder(folder: str) -> None:
+    """A new compare replaces its runs' folders: only what training runs wrote, never a folder of other files."""
+    if not os.path.isdir(folder):
+        return
+    if other := sorted(n for n in os.listdir(folder) if not RUN_FILES.fullmatch(n)):
+        raise ConfigError(f"'{folder}' holds files no training run wrote ({', '.join(other[:3])}), and a new compare "
+                          "replaces this run's folder: move them, or choose another output_dir")
+
+
+def tracking_client(cfg):
+    """An MlflowClient of the runs' store (tracking.uri), checked now: the compare's curves are read from it."""
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import tracking_uri
+
+    uri = tracking_uri(cfg)
+    problem = check_tracking_server(uri, cfg.tracking.connect_timeout_s) or check_sqlite_store(uri)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        if problem is None:
+            client.search_experiments(max_results=1)  # a file that is not a database fails here
+    except Exception as e:  # MLflow's and the database's many error types for one cause
+        problem = first_line(e)
+    if problem:
+        raise ConfigError(f"tracking store '{uri}' is unusable: {problem} (compare reads its runs' curves there)")
+    return client
+
+
+def parent_run(client, cfg, c: CompareConfig, training: list[str], resume: bool) -> str:
+    """The parent run id in the training runs' store and experiment: a new run, recorded in output_dir, or with
     --resume the earlier compare's, running again."""
     from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
 
     from .tracking import experiment_id, tracking_uri
 
     uri = tracking_uri(cfg)
-    client = MlflowClient(tracking_uri=uri)
     if resume:
         run_id = earlier_compare(c, training)
         try:
@@ -252,7 +287,7 @@ def parent_run(cfg, c: CompareConfig, training: list[str], resume: bool):
         except Exception as e:  # another store, or the run deleted: MLflow's many error types for one cause
             raise ConfigError(f"--resume: the compare's MLflow run {run_id} is not in {uri} "
                               f"({first_line(e)})") from None
-        return client, run_id
+        return run_id
     run = client.create_run(experiment_id(client, cfg.tracking.experiment, uri),
                             run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}", tags={"stage": "compare"})
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in asdict(c).items()])
@@ -260,7 +295,7 @@ def parent_run(cfg, c: CompareConfig, training: list[str], resume: bool):
     with open(state_file(c) + ".tmp", "w") as f:  # what --resume continues; whole or not at all
         json.dump({"parent_run_id": run.info.run_id, "config": asdict(c), "training": training}, f, indent=1)
     os.replace(state_file(c) + ".tmp", state_file(c))
-    return client, run.info.run_id
+    return run.info.run_id
 
 
 def compare(c: CompareConfig, training: list[str], ranks: int | None, resume: bool = False) -> dict:
@@ -271,12 +306,16 @@ def compare(c: CompareConfig, training: list[str], ranks: int | None, resume: bo
     cfg = check_runs(plan(c, training))
     ranks = run_ranks(ranks, cfg)
     check_start_row(c.xe_checkpoint, cfg)
+    client = tracking_client(cfg)
     if not resume:  # an earlier compare's record and runs go before this one is recorded: --resume never takes them
+        folders = [os.path.join(c.output_dir, r["name"]) for r in plan(c, training)]
+        for folder in folders:
+            check_run_folder(folder)
         if os.path.isfile(state_file(c)):
             os.remove(state_file(c))
-        for r in plan(c, training):
-            shutil.rmtree(os.path.join(c.output_dir, r["name"]), ignore_errors=True)
-    client, parent_id = parent_run(cfg, c, training, resume)
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+    parent_id = parent_run(client, cfg, c, training, resume)
     try:
         runs = plan(c, training, parent_id, resume)
         for r in runs:
@@ -351,6 +390,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from dico_scale.exit_codes import leave
+    from dico_scale.exit_codes import leave_main
 
-    leave(main())  # without the interpreter's teardown (seconds per process)
+    leave_main(main, "dico_scale.compare")  # without the interpreter's teardown (seconds per process)

@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a file: our folder must not shadow other
 
 from dico_scale.config import REPO_ROOT, load_config, to_yaml  # noqa: E402
 from dico_scale.errors import ConfigError, OneLineParser  # noqa: E402
-from dico_scale.preflight import out_file_problem  # noqa: E402
+from dico_scale.preflight import inside, out_file_problem  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo", "xe.yaml")
 
@@ -29,7 +29,9 @@ def convert_dico_ref(folder: str, out: str, config: str | None = None) -> dict:
 
     from dico_scale.models import build_captioner
 
-    row = ["captioner.model=dico_ref", f"captioner.hf_path={os.path.abspath(folder)}"]
+    # train.stage=xe: what the export records (a config of another stage, e.g. the evaluator's, would make it
+    # an export that caption and train.init_from refuse)
+    row = ["captioner.model=dico_ref", f"captioner.hf_path={os.path.abspath(folder)}", "train.stage=xe"]
     cfg = load_config(config or DEFAULT_CONFIG, BLANK + row)
     captioner = build_captioner(cfg)
     blob = {"state_dict": {k: v.detach().float().clone() for k, v in captioner.state_dict().items()},
@@ -50,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if problem := out_file_problem(args.out):
             raise ConfigError(f"--out {problem}")
+        if inside(args.out, args.folder):  # e.g. the folder's own weights file replaced by the export
+            raise ConfigError(f"--out '{args.out}' lies in the folder it converts ('{args.folder}'): write it "
+                              "elsewhere")
         blob = convert_dico_ref(args.folder, args.out, args.config)
     except ConfigError as e:
         print(f"dico_scale.convert: error: {str(e).splitlines()[0]}", file=sys.stderr)
@@ -59,6 +64,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from dico_scale.exit_codes import leave
+    from dico_scale.exit_codes import leave_main
 
-    leave(main())  # without the interpreter's teardown (seconds per process)
+    leave_main(main, "dico_scale.convert")  # without the interpreter's teardown (seconds per process)

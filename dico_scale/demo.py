@@ -87,6 +87,9 @@ def usage_error(message: str) -> int:
 CAPTIONER_FAMILIES = {"hf_encoder_decoder": "vit-gpt2", "vit-gpt2": "vit-gpt2", "blip": "blip", "dico_ref": "dico-ref",
                       "hf_vlm": "idefics3", **{f: f for f in VLM_FAMILIES}}
 FAMILY_ROWS = {"dico-ref": "dico_ref", **{f: "hf_vlm" for f in VLM_FAMILIES}}  # the others: hf_encoder_decoder
+# The keys that chain the stages (configs/demo/): an override of one would break the chain after the first stage
+CHAIN_KEYS = ("train.stage", "train.output_dir", "train.init_from", "evaluator.weights",
+              "captioner.image_encoder_weights")
 DEMO_SIZE = dict(width=128, layers=2, heads=4, image_size=64)  # the built-in demo captioner's width and depth
 
 
@@ -134,6 +137,9 @@ def main(argv=None) -> int:
     # --keep: a stage the earlier demo finished (its model.pt) is kept as it is (exported again, its file would
     # change and the next stage's resume would refuse its reference); one it did not finish continues its checkpoints
     resume = ["train.resume=auto"] if args.keep else []
+    if chained := [o for o in args.overrides if o.split("=", 1)[0].strip() in CHAIN_KEYS]:
+        return usage_error(f"'{chained[0]}': the demo sets {', '.join(CHAIN_KEYS)} per stage (each stage's folder and "
+                           "the weights the one before wrote); --workdir moves the whole chain")
     captioner = captioner_overrides(args.captioner)
     overrides = captioner + resume + args.overrides
     if problem := check_stages(overrides):  # now, not after the stages before the one it concerns have trained
@@ -153,6 +159,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from dico_scale.exit_codes import leave
+    from dico_scale.exit_codes import leave_main
 
-    leave(main())  # without the interpreter's teardown (seconds per process)
+    leave_main(main, "dico_scale.demo")  # without the interpreter's teardown (seconds per process)

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv):
     """(args, cfg, meta): everything checked before any model is built or a process group starts."""
     from dico_scale.export import checkpoint_meta, load_run_config
-    from dico_scale.preflight import out_file_problem
+    from dico_scale.preflight import inside, out_file_problem
 
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
@@ -73,6 +73,9 @@ def parse_args(argv):
     args.ngrams = ngrams
     if args.batch_size < 0:
         raise ConfigError(f"--batch-size {args.batch_size} must be >= 0 (0: train.micro_batch_size)")
+    if args.split and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.split):  # '../x' would write elsewhere
+        raise ConfigError(f"--split '{args.split}' is not a plain name (letters, digits, '_', '.', '-'): it names "
+                          f"the result file eval_<split>.json and the metrics eval/<split>/...")
     meta = checkpoint_meta(args.checkpoint)
     cfg = load_run_config(meta, args.overrides)
     args.evaluators = evaluator_configs(args, cfg)
@@ -81,6 +84,10 @@ def parse_args(argv):
     given, args.out = bool(args.out), args.out or str(default_out(meta, args.split))
     if problem := out_file_problem(args.out):  # now, not after captioning the whole split
         raise ConfigError(f"--out {problem}" if given else f"the default --out {problem} (pass --out)")
+    out = Path(args.out)  # the checkpoint itself, or a file of its folder that is not an earlier result
+    if inside(args.out, meta["path"]) and (out.resolve() == Path(meta["path"]).resolve()
+                                           or out.exists() and not out.name.startswith("eval_")):
+        raise ConfigError(f"--out '{args.out}' would overwrite the checkpoint '{meta['path']}' or one of its files")
     check_shards(args.spec, "--shards")
     args.train_spec, args.train_note = "", "novelty skipped: --train-shards none"
     if args.train_shards and args.train_shards != "none":
@@ -261,6 +268,34 @@ def score(records: list[dict], evaluators: dict, seen, args, own: tuple[str, str
     return metrics, errors, per_image
 
 
+def counted(loader, totals):
+    """The loader's batches, each one's data_stats (the pipeline's own fault counts, pipeline.Tally: what its reader
+    read and skipped) added to the Counter `totals`, as the training loop adds them (loop.DataCounts)."""
+    for batch in loader:
+        totals.update(batch.get("data_stats", {}))
+        yield batch
+
+
+def data_report(totals) -> tuple[dict, str, dict]:
+    """(the JSON's "data" entry, the summary line, the MLflow metrics) of all ranks' counts (a collective): samples
+    read, skipped, and the faults by kind, as training reports them; evaluate enforces no data.max_skipped_share."""
+    from collections import Counter
+
+    import torch.distributed as dist
+
+    from dico_scale.data.pipeline import KINDS
+    from dico_scale.loop import data_metrics, data_summary, skipped_share
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, dict(totals))
+        totals = sum((Counter(p) for p in parts), Counter())
+    entry = {"read": totals["read"], "skipped": totals["skipped"], "skipped_share": skipped_share(totals),
+             "faults": {k: totals[k] for k in KINDS if totals[k]}}
+    tracked = {"data/read": totals["read"], "data/skipped": totals["skipped"], **data_metrics(totals)}  # training's
+    return entry, data_summary(totals, 1.0, 0)[0], tracked  # bound 1.0: the counts line alone, not its warning
+
+
 def default_out(meta: dict, split: str) -> Path:
     """Inside a checkpoint tag, beside an export file; beside a transformers folder, named after it (an export's hf/
     must not overwrite its model.pt's results)."""
@@ -315,6 +350,8 @@ def _finite(x):
 
 
 def run(args, cfg, meta) -> int:
+    from collections import Counter
+
     import torch
 
     from dico_scale.data.pipeline import eval_loader
@@ -340,7 +377,9 @@ def run(args, cfg, meta) -> int:
         evaluators[OWN], own = ClipScorer(e).to(device), (OWN, None)
     collate = EvalCollate(captioner.preprocess, {n: ev.preprocess for n, ev in evaluators.items()})
     loader = eval_loader(args.spec, collate, args.batch_size or cfg.train.micro_batch_size, cfg.data.num_workers)
-    records = gather_records(caption_split(captioner, tok, loader, cfg.generation, device, evaluators))
+    totals = Counter()
+    records = gather_records(caption_split(captioner, tok, counted(loader, totals), cfg.generation, device, evaluators))
+    data, data_line, data_tracked = data_report(totals)
     seen = training_captions(args.train_spec, rank, world) if args.train_spec else None
     if not records:
         raise ConfigError(f"no valid samples in '{args.spec}'")
@@ -370,17 +409,18 @@ def run(args, cfg, meta) -> int:
                                           for n, c in args.evaluators.items()},
                            "evaluator_score": {"model": e.model, "weights": e.weights, "metric": e.metric,
                                                "caption_prefix": e.caption_prefix}},
-              "metrics": metrics, "errors": errors, "notes": notes, "captions": per_image}
+              "data": data, "metrics": metrics, "errors": errors, "notes": notes, "captions": per_image}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_finite(result), indent=1))
     for k, v in metrics.items():
         print(f"{k}\t{'null' if v is None else round(v, 4) if isinstance(v, float) else v}")
     for k, v in errors.items():
         print(f"dico_scale.evaluate: {k} not computed: {v}", file=sys.stderr)
+    print(data_line)
     print(f"wrote {out}")
     if client is not None:
         try:
-            log_mlflow(client, run_id, args.split, metrics, meta["step"], out)
+            log_mlflow(client, run_id, args.split, {**metrics, **data_tracked}, meta["step"], out)
         except Exception as e:
             print(f"dico_scale.evaluate: MLflow logging failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
             return 1
@@ -402,4 +442,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_codes.leave(main())  # without the interpreter's teardown (seconds per process)
+    exit_codes.leave_main(main, "dico_scale.evaluate")  # without the interpreter's teardown (seconds per process)

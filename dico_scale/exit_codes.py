@@ -3,7 +3,7 @@ follow. `python -m dico_scale.exit_codes` prints it as shell assignments (`eval 
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 OK = 0
 FAILED = 1  # an unexpected error (a traceback on stderr)
@@ -30,6 +30,17 @@ def leave(code: int | None) -> NoReturn:
         except (OSError, ValueError):  # a closed pipe: nothing more can be said there
             pass
     os._exit(OK if code is None else int(code))
+
+
+def leave_main(main: Callable[[], int | None], prog: str) -> NoReturn:
+    """leave(main()) for a one-process entry point, a Ctrl-C in it (its imports of torch & co included) being one
+    line and INTERRUPTED instead of a traceback. Not for train.py: its ranks handle SIGINT themselves (supervision)."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr)
+        code = INTERRUPTED
+    leave(code)
 
 
 def shell() -> str:

@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our 
 from dico_scale.config import Config, load_config  # noqa: E402
 from dico_scale.errors import ConfigError, OneLineParser, first_line  # noqa: E402
 from dico_scale.models.export_folder import EXPORT_MARK, export_run, foreign_folder, sidecar  # noqa: E402
-from dico_scale.preflight import check_vlm_input, out_file_problem  # noqa: E402
+from dico_scale.preflight import check_vlm_input, inside, out_file_problem  # noqa: E402
 from dico_scale.stages import captioner_stages  # noqa: E402
 
 # Overrides applied before the user's: evaluation needs neither the training start point nor the tower's source
@@ -104,9 +104,11 @@ def checkpoint_meta(path: str) -> dict:
         from dico_scale.models.weights import load_torch_file
 
         blob = load_torch_file(path, "checkpoint", mmap=True)
-        if not isinstance(blob, dict) or "state_dict" not in blob or "config" not in blob:
-            raise ConfigError(f"checkpoint '{path}' is not a dico_scale export (needs 'state_dict' and 'config')")
+        if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict) or "config" not in blob:
+            raise ConfigError(f"checkpoint '{path}' is not a dico_scale export (needs a dict 'state_dict' and "
+                              "'config')")
         meta = {"config": blob["config"], "step": blob.get("step"), "mlflow_run_id": blob.get("mlflow_run_id")}
+    run_config_mapping(meta["config"], f"checkpoint '{path}'")
     if not p.is_dir() and meta["mlflow_run_id"] is None:  # exports written before the run id was stored
         meta["mlflow_run_id"] = _sibling_run_id(p, meta["step"])
     meta.update(path=str(p.resolve()), is_tag=p.is_dir())
@@ -124,12 +126,7 @@ def folder_meta(p: Path) -> dict:
     except ConfigError as e:
         raise ConfigError(f"checkpoint folder {e}") from None
     run = export_run(p) or {"config": "train:\n  stage: xe\n"}
-    try:
-        cfg = OmegaConf.create(run["config"])
-    except Exception:  # YAML's errors, whatever their type
-        cfg = None
-    if not isinstance(cfg, DictConfig):
-        raise ConfigError(f"checkpoint folder '{p}': the run config in its {EXPORT_MARK} is not a YAML mapping")
+    cfg = run_config_mapping(run["config"], f"checkpoint folder '{p}' ({EXPORT_MARK})")
     for key, value in (("captioner.model", row), ("captioner.hf_path", str(p.resolve())), ("captioner.lora.r", 0),
                        ("captioner.lora.modules_to_save", "")):  # the weights are the folder's, adapters merged
         OmegaConf.update(cfg, key, value)
@@ -137,11 +134,25 @@ def folder_meta(p: Path) -> dict:
             "path": str(p.resolve()), "is_tag": False, "folder": True}
 
 
-def _config_from_text(text: str, overrides: list[str]) -> Config:
+def run_config_mapping(text, where: str) -> DictConfig:
+    """The run config a checkpoint records (YAML text), as a mapping; a ConfigError naming `where` otherwise."""
+    try:
+        cfg = OmegaConf.create(text) if isinstance(text, str) else None
+    except Exception:  # YAML's errors, whatever their type
+        cfg = None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{where}: its run config is not a YAML mapping")
+    return cfg
+
+
+def _config_from_text(text: str, overrides: list[str], source: str) -> Config:
     with tempfile.TemporaryDirectory() as tmp:
         f = Path(tmp) / "config.yaml"
         f.write_text(text)
-        return load_config(str(f), EVAL_OVERRIDES + list(overrides), training=False)
+        try:
+            return load_config(str(f), EVAL_OVERRIDES + list(overrides), training=False)
+        except ConfigError as e:  # named by the checkpoint, not the temporary file that held its config
+            raise ConfigError(str(e).replace(str(f), f"the run config of {source}")) from None
 
 
 def own_folder(meta: dict) -> list[str]:
@@ -163,7 +174,10 @@ def own_folder(meta: dict) -> list[str]:
 def load_run_config(meta: dict, overrides: list[str] = ()) -> Config:
     """The checkpoint's resolved config with EVAL_OVERRIDES and then the user's key=value overrides on top; a Hugging
     Face row whose starting folder is gone reads the export's own (own_folder)."""
-    cfg = _config_from_text(meta["config"], own_folder(meta) + list(overrides))
+    if stage_set := [o for o in overrides if o.split("=", 1)[0].strip() == "train.stage"]:
+        raise ConfigError(f"'{stage_set[0]}': the stage is the checkpoint's (what its weights were trained as), not "
+                          "an override")
+    cfg = _config_from_text(meta["config"], own_folder(meta) + list(overrides), meta["path"])
     stage = cfg.train.stage
     if stage not in captioner_stages():
         raise ConfigError(f"checkpoint {meta['path']} is a '{stage}'-stage model, not a captioner "
@@ -248,7 +262,7 @@ def adapted_captioner(blob: dict):
     from dico_scale.models import build_captioner
     from dico_scale.models.weights import load_state
 
-    captioner = build_captioner(_config_from_text(blob["config"], []))
+    captioner = build_captioner(_config_from_text(blob["config"], [], "the checkpoint"))
     load_state(captioner, blob["state_dict"], "the checkpoint")
     return captioner
 
@@ -277,7 +291,7 @@ def write_hf_folder(blob: dict, folder: Path, captioner=None) -> None:
     """`captioner`: the run's, when already built (a LoRA run's, for its merge)."""
     from dico_scale.models import build_captioner
 
-    cfg = _config_from_text(blob["config"], [])
+    cfg = _config_from_text(blob["config"], [], "the checkpoint")
     captioner = captioner or build_captioner(cfg)
     captioner.save_pretrained(folder, blob["state_dict"], cfg.generation, blob)
 
@@ -313,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--out '{args.out}' must end with .safetensors for --format safetensors")
         if problem := (foreign_folder(args.out) if args.adapters_only else out_file_problem(args.out)):
             raise ConfigError(f"--out {problem}")
+        if inside(args.out, args.checkpoint):  # a file of the tag replaced: the checkpoint fails its verification
+            raise ConfigError(f"--out '{args.out}' lies in --checkpoint '{args.checkpoint}': write it elsewhere")
         meta = checkpoint_meta(args.checkpoint)
         if meta.get("folder"):
             raise ConfigError(f"--checkpoint {args.checkpoint} is a transformers folder, not a training checkpoint: "
@@ -339,6 +355,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from dico_scale.exit_codes import leave
+    from dico_scale.exit_codes import leave_main
 
-    leave(main())  # without the interpreter's teardown (seconds per process)
+    leave_main(main, "dico_scale.export")  # without the interpreter's teardown (seconds per process)

@@ -37,6 +37,22 @@ def out_file_problem(path: str) -> str | None:
     return None
 
 
+def inside(path: str, other: str) -> bool:
+    """Whether `path` is `other` or lies inside it, links and '..' resolved: an output that would replace the input
+    it is made from (a checkpoint, a model folder) or one of its files."""
+    p, o = Path(path).resolve(), Path(other).resolve()
+    return p == o or o in p.parents
+
+
+def check_start_file(cfg: Config) -> None:
+    """train.init_from must not be what this run writes at its end (its model.pt, hf/ or best/ in train.output_dir):
+    the export would replace the weights it started from."""
+    t, out = cfg.train, Path(cfg.train.output_dir)
+    if t.init_from and (written := next((w for w in ("model.pt", "hf", "best") if inside(t.init_from, out / w)), None)):
+        raise ConfigError(f"train.init_from '{t.init_from}' is what this run writes at its end ({out / written}): "
+                          "start from a copy, or use another train.output_dir")
+
+
 def check_output_dir(path: str) -> None:
     if problem := write_problem(path):
         raise ConfigError(f"train.output_dir '{path}' cannot be created or written: {problem}")
@@ -216,6 +232,7 @@ def run_preflight(cfg: Config) -> None:
     check_output_dir(cfg.train.output_dir)
     check_stage(cfg, rank)
     check_history(cfg)
+    check_start_file(cfg)
     check_tracking(cfg, rank)
     if cfg.captioner.model == "dico_ref" and STAGES[cfg.train.stage].exports == "captioner":
         from .models.dico_ref import check_folder_weights

@@ -63,6 +63,10 @@ def test_demo_keep_keeps_finished_stages_and_continues_the_others(demo, tmp_path
     ("optim.lrr=1", "stage evaluator: config error: unknown config key 'optim.lrr' (override optim.lrr=1)"),
     # only the dico stage needs 2 candidates: found before the evaluator and xe stages train, not after
     ("generation.candidates=1", "stage dico: config error: bad value for config key 'generation.candidates'"),
+    # the evaluator stage trained into it, then xe stopped on its missing runs/demo/evaluator/model.pt
+    ("train.output_dir=/tmp/elsewhere", "'train.output_dir=/tmp/elsewhere': the demo sets train.stage, "
+                                        "train.output_dir, train.init_from, evaluator.weights, "
+                                        "captioner.image_encoder_weights per stage"),
 ])
 def test_demo_bad_override_fails_with_one_line_before_any_stage_trains(tmp_path, capsys, override, message):
     from dico_scale import demo

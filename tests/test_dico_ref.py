@@ -104,7 +104,8 @@ def test_converter_writes_a_model_pt_that_loads_back(ref, tmp_path, capsys):
     blob = torch.load(tmp_path / "model.pt", weights_only=True)
     again = build_captioner(cfg_for(folder), str(tmp_path / "model.pt"))
     assert all(torch.equal(v, blob["state_dict"][k]) for k, v in again.state_dict().items())
-    assert convert_main(["dico-ref", str(tmp_path), "--out", str(tmp_path / "x.pt")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert convert_main(["dico-ref", str(tmp_path / "empty"), "--out", str(tmp_path / "x.pt")]) == 2
     assert "no config.json" in capsys.readouterr().err
     for out, needle in ((tmp_path, "is a folder; name the file to write"), ("/proc/none/x.pt", "cannot be written")):
         assert convert_main(["dico-ref", str(folder), "--out", str(out)]) == 2  # before converting anything

@@ -161,8 +161,8 @@ def test_folders_no_row_reads_and_export_of_a_folder_are_one_line(folder, images
     shutil.copytree(folder, bad)
     (bad / EXPORT_MARK).write_text(json.dumps({"written_by": "dico_scale", "run": {"config": "[1, 2]"}}))
     assert caption.main(["--checkpoint", str(bad), *images]) == 2
-    assert capsys.readouterr().err.strip() == (f"dico_scale.caption: error: checkpoint folder '{bad}': the run "
-                                               f"config in its {EXPORT_MARK} is not a YAML mapping")
+    assert capsys.readouterr().err.strip() == (f"dico_scale.caption: error: checkpoint folder '{bad}' "
+                                               f"({EXPORT_MARK}): its run config is not a YAML mapping")
 
     assert export.main(["--checkpoint", str(folder), "--out", str(tmp_path / "m.pt")]) == 2
     assert capsys.readouterr().err.strip() == (f"dico_scale.export: error: --checkpoint {folder} is a transformers "

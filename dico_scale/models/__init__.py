@@ -47,6 +47,13 @@ def build_captioner(cfg, weights: str | None = None, image_encoder: bool = True)
     from .lora import add_lora
     from .weights import load_state, read_weights, trained_as
 
+    beams = {"generation.candidates": cfg.generation.candidates,  # validation's and caption's beam width
+             "scst.candidates": cfg.scst.candidates if cfg.scst.strategy == "beam" else 0}
+    for key, k in beams.items():  # e.g. caption --beam-size 100000: a beam search's first step has no more
+        if k > captioner.tokenizer.vocab_size:  # distinct continuations, and its k x vocabulary logits fill memory
+            raise ConfigError(f"{key}={k} is more than this captioner's vocabulary ({captioner.tokenizer.vocab_size} "
+                              "tokens): a beam search's first step has no more distinct continuations")
+
     state = read_weights(weights) if weights else None
     adapted = state is not None and any(".lora_" in k for k in state)  # a LoRA run's checkpoint tag, not an export
     if cfg.captioner.lora.r and adapted:

@@ -77,7 +77,7 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     """The state dict of load_weights' `path`; a ConfigError naming the file when it cannot be read."""
     if not os.path.isdir(path) and not path.endswith(".safetensors"):  # a model.pt export
         blob = load_torch_file(path, "weights")
-        if not isinstance(blob, dict) or "state_dict" not in blob:
+        if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict):
             raise ConfigError(f"weights '{path}' are not a dico_scale export (model.pt: a dict with 'state_dict')")
         return blob["state_dict"]
     try:
@@ -89,6 +89,23 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
         return load_file(path)
     except Exception as e:
         raise ConfigError(f"cannot read weights '{path}': {first_line(e)}") from None
+
+
+def check_export_file(path: str, what: str) -> None:
+    """An export file that read_weights can read, checked before a job is launched on it: a model.pt's structure
+    (mapped, not read, at any size) or a safetensors header; a ConfigError naming `what` otherwise."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                f.keys()
+        except Exception as e:
+            raise ConfigError(f"cannot read {what} '{path}': {first_line(e)}") from None
+        return
+    blob = load_torch_file(path, what, mmap=True)
+    if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict):
+        raise ConfigError(f"{what} '{path}' is not a dico_scale export (model.pt: a dict with 'state_dict')")
 
 
 def recorded_captioner(path: str) -> dict | None:
