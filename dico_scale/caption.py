@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import stat
 import sys
 
 if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our folder must not shadow other modules
@@ -26,8 +27,11 @@ def image_paths(items: list[str]) -> list[str]:
     paths = []
     for item in items:
         if os.path.isdir(item):
-            paths += sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_EXTENSIONS))
-        elif os.path.isfile(item):
+            found = sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:  # nothing to caption is bad input, as a missing file is, not a silent success
+                raise ConfigError(f"folder {item} holds no image file ({', '.join(IMAGE_EXTENSIONS)})")
+            paths += found
+        elif os.path.exists(item):  # a FIFO or device too: caption_files skips it with its line
             paths.append(item)
         else:
             raise ConfigError(f"no such image file or folder: {item}")
@@ -97,6 +101,9 @@ def caption_files(captioner, tok, paths, cfg, device, batch_size: int):
         chunk, pixels, failed = paths[start:start + batch_size], [], {}
         for path in chunk:
             try:
+                if not stat.S_ISREG(os.stat(path).st_mode):  # reading a FIFO blocks, a device may never end
+                    failed[path] = "not a regular file"
+                    continue
                 pixels.append(load_pixels(captioner.preprocess, path))
             except UnidentifiedImageError:
                 failed[path] = "not an image file PIL can read"
@@ -155,6 +162,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from dico_scale.exit_codes import leave
+    from dico_scale.exit_codes import leave_main
 
-    leave(main())  # without the interpreter's teardown (seconds per process)
+    leave_main(main, "dico_scale.caption")  # without the interpreter's teardown (seconds per process)

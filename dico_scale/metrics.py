@@ -85,10 +85,29 @@ def cider(records: list[dict]) -> float:
     return cider_score(*ptb_tokenize(records))
 
 
+def meteor_score(gts: dict, res: dict) -> float:
+    """Corpus METEOR (pycocoevalcap's Meteor), its java child ended and reaped whatever happens. Meteor.compute_score
+    takes a lock that an exception inside it (Ctrl-C, java gone) leaves held, and Meteor.__del__ takes that lock
+    first: the process would hang in the finalizer forever (and java stay a zombie)."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    scorer = Meteor()
+    try:
+        return scorer.compute_score(gts, res)[0]
+    finally:
+        if scorer.lock.locked():  # compute_score was left midway: free the lock its __del__ will take
+            scorer.lock.release()
+        proc = scorer.meteor_p
+        proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            with contextlib.suppress(OSError):  # java gone: a write still buffered cannot be flushed
+                pipe.close()
+
+
 def coco_scores(records: list[dict], spice: bool = True) -> tuple[dict, dict]:
     """({metric: corpus score or None}, {metric: one-line error}); each scorer fails alone."""
     from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
 
     scores, errors = dict.fromkeys(COCO_METRICS), {}
@@ -97,7 +116,7 @@ def coco_scores(records: list[dict], spice: bool = True) -> tuple[dict, dict]:
     except Exception as e:
         return scores, {"PTBTokenizer": first_line(e, 300)}
     scorers = [(lambda g, r: Bleu(4).compute_score(g, r)[0], ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"]),
-               (lambda g, r: Meteor().compute_score(g, r)[0], ["METEOR"]),
+               (meteor_score, ["METEOR"]),
                (lambda g, r: Rouge().compute_score(g, r)[0], ["ROUGE-L"]), (cider_score, ["CIDEr"])]
     if spice:
         missing = spice_missing()

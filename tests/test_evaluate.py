@@ -310,3 +310,54 @@ def test_bad_input_is_one_line_and_exit_2(trained, capsys, tmp_path):
             out, err = capsys.readouterr()
         assert code == 2, (expected, out, err)
         assert "\n" not in err.strip() and expected in err and "Traceback" not in err, (expected, err)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A 2-step XE export trained in one process (seconds); its data beside it: <tmp>/data/{test,val}-00000.tar,
+    8 images each."""
+    from test_interrupts import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("evaluate_tiny"))
+
+
+def test_data_faults_are_counted_in_the_line_the_json_and_mlflow(tiny, tmp_path):
+    """8 good images (one batch of 8), then a shard cut inside its first caption file: a truncated shard and a sample
+    without its .json, found after the last image (they ride in the last batch: webdataset's batched collates a full
+    batch only once the next sample or the end has come). evaluate scored the good ones with no count at all."""
+    import tarfile
+
+    from mlflow.tracking import MlflowClient
+
+    data = tiny.parent.parent / "data"
+    with tarfile.open(data / "val-00000.tar") as tar:
+        caption_file = next(m for m in tar.getmembers() if m.name.endswith(".json"))
+    (tmp_path / "cut.tar").write_bytes((data / "val-00000.tar").read_bytes()[:caption_file.offset_data + 100])
+    out, uri = tmp_path / "eval.json", mlflow_uri(tmp_path / "mlflow.db")
+    cmd = [sys.executable, "-m", "dico_scale.evaluate", "--checkpoint", str(tiny), "--no-spice", "--train-shards",
+           "none", "--shards", f"{data}/test-00000.tar::{tmp_path}/cut.tar", "--split", "faults", "--batch-size", "8",
+           "--out", str(out), "tracking.enabled=true", f"tracking.uri={uri}"]
+    proc = check_ok(subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300))
+    assert "data: 10 samples read, 2 skipped (20.00%); faults: bad_json 1, truncated_tar 1" in proc.stdout.splitlines()
+    result = json.loads(out.read_text())  # read: 9 samples + the cut shard
+    assert result["images"] == 8 and result["data"] == {"read": 10, "skipped": 2, "skipped_share": 0.2,
+                                                         "faults": {"truncated_tar": 1, "bad_json": 1}}
+    logged = MlflowClient(tracking_uri=uri).get_run(result["mlflow_run_id"]).data.metrics
+    assert {k: logged[f"eval/faults/data/{k}"] for k in ("read", "skipped", "faults", "faults/truncated_tar")} == {
+        "read": 10, "skipped": 2, "faults": 2, "faults/truncated_tar": 1}
+
+
+@pytest.mark.parametrize("split", ["../../etc", "a/b", ".", ""])
+def test_a_split_label_that_is_not_a_plain_name_is_one_line_and_exit_2(tiny, split, capsys):
+    from dico_scale import evaluate
+
+    before = sorted(p.name for p in tiny.parent.parent.iterdir())
+    if not split:  # `--split ''` is no label: the default (test) is kept, checked here through parse_args only
+        args, _, _ = evaluate.parse_args(["--checkpoint", str(tiny), "--split", split])
+        assert args.split == "test"
+        return
+    assert evaluate.main(["--checkpoint", str(tiny), "--split", split]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"dico_scale.evaluate: error: --split '{split}' is not a plain name (letters, digits, '_', '.', "
+                   f"'-'): it names the result file eval_<split>.json and the metrics eval/<split>/...\n")
+    assert sorted(p.name for p in tiny.parent.parent.iterdir()) == before and not list(tiny.parent.glob("eval_*"))
