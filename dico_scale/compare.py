@@ -20,8 +20,8 @@ continues a compare that stopped, with the same settings: its finished runs kept
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import sys
 import time
