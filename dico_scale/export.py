@@ -247,6 +247,9 @@ def write_export(blob: dict, out: str, fmt: str) -> None:
     # clone: ZeRO's consolidated tensors are views of flat buffers, and safetensors refuses shared storage
     save_file({k: v.float().clone().contiguous() for k, v in blob["state_dict"].items()}, tmp,
               metadata={"format": "pt", "producer": "dico_scale.export"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes owner-only (0600): readable as model.pt is, by the umask
     os.replace(tmp, out)
     j = sidecar(out)
     info = {k: blob[k] for k in ("config", "stage", "step", "mlflow_run_id")}

@@ -399,6 +399,9 @@ def test_safetensors_export_round_trips(captioner_pt, tiny_shards, clean_env, no
     out = tmp_path / "dico.safetensors"
     assert export.main(["--checkpoint", str(captioner_pt), "--out", str(out), "--format", "safetensors"]) == 0
     side = json.loads((tmp_path / "dico.json").read_text())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as readable as model.pt (safetensors writes 0600)
     blob = torch.load(captioner_pt, weights_only=True)
     assert (side["config"], side["stage"], side["step"], side["weights"]) == (blob["config"], "xe", 3,
                                                                                "dico.safetensors")
