@@ -36,9 +36,12 @@ def model(tmp_path_factory) -> Path:
 
 
 def _start(args: list[str]) -> subprocess.Popen:
-    """`python -m args` in a session of its own: its process group is what a terminal's Ctrl-C signals."""
+    """`python -m args` in a session of its own: its process group is what a terminal's Ctrl-C signals. SIGINT as a
+    terminal's foreground job has it: a suite started in the background (`make test &`) inherits SIGINT ignored, and
+    Python then installs no KeyboardInterrupt for it."""
     return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=ENV, start_new_session=True, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_until(proc: subprocess.Popen, found, timeout: float, what: str):
