@@ -115,6 +115,22 @@ def _empty_mlflow_store(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_xe(tmp_path_factory) -> Path:
+    """2 XE steps in one process (seconds): <tmp>/xe/model.pt; its data under <tmp>/data, 8 images per split
+    (test-00000.tar, val-00000.tar). Read only: evaluate's and caption's inputs, their interrupts."""
+    from helpers import check_ok, launch
+
+    tmp = tmp_path_factory.mktemp("tiny_xe")
+    overrides = [f"data.root={tmp}/data", "data.synthetic.n_train=40", "data.synthetic.n_val=8",
+                 "data.synthetic.n_test=8", "data.synthetic.samples_per_shard=10", "data.samples_per_epoch=40",
+                 "train.max_steps=2", f"train.output_dir={tmp}/xe", "evaluator.weights=",
+                 "captioner.image_encoder_weights=", "train.init_from=", "tracking.enabled=false",
+                 "train.validate_at_end=false"]
+    check_ok(launch("dico_scale/train.py", "configs/demo/xe.yaml", overrides, ranks=1, timeout=300))
+    return tmp / "xe" / "model.pt"
+
+
+@pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> dict:
     """A small synthetic dataset as real tar shards: {split: brace pattern}."""
     from dico_scale.data.synthetic import write_synthetic_dataset

@@ -8,16 +8,15 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_interrupts import tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
 EXTENSIONS = ".jpg, .jpeg, .png, .webp, .bmp, .gif, .tif, .tiff"
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("caption_inputs"))
+@pytest.fixture
+def model(tiny_xe) -> Path:
+    return tiny_xe
 
 
 def _caption(model: Path, *items) -> subprocess.CompletedProcess:

@@ -312,13 +312,10 @@ def test_bad_input_is_one_line_and_exit_2(trained, capsys, tmp_path):
         assert "\n" not in err.strip() and expected in err and "Traceback" not in err, (expected, err)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A 2-step XE export trained in one process (seconds); its data beside it: <tmp>/data/{test,val}-00000.tar,
-    8 images each."""
-    from test_interrupts import tiny_checkpoint
-
-    return tiny_checkpoint(tmp_path_factory.mktemp("evaluate_tiny"))
+@pytest.fixture
+def tiny(tiny_xe) -> Path:
+    """conftest's 2-step XE export; its data beside it: <tmp>/data/{test,val}-00000.tar, 8 images each."""
+    return tiny_xe
 
 
 def test_data_faults_are_counted_in_the_line_the_json_and_mlflow(tiny, tmp_path):

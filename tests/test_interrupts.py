@@ -12,27 +12,14 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from helpers import check_ok, launch
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
-def tiny_checkpoint(tmp: Path) -> Path:
-    """2 XE steps in one process (seconds): <tmp>/xe/model.pt; its data under <tmp>/data, 8 images per split
-    (test-00000.tar, val-00000.tar)."""
-    overrides = [f"data.root={tmp}/data", "data.synthetic.n_train=40", "data.synthetic.n_val=8",
-                 "data.synthetic.n_test=8", "data.synthetic.samples_per_shard=10", "data.samples_per_epoch=40",
-                 "train.max_steps=2", f"train.output_dir={tmp}/xe", "evaluator.weights=",
-                 "captioner.image_encoder_weights=", "train.init_from=", "tracking.enabled=false",
-                 "train.validate_at_end=false"]
-    check_ok(launch("dico_scale/train.py", "configs/demo/xe.yaml", overrides, ranks=1, timeout=300))
-    return tmp / "xe" / "model.pt"
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("interrupts"))
+@pytest.fixture
+def model(tiny_xe) -> Path:
+    return tiny_xe
 
 
 def _start(args: list[str]) -> subprocess.Popen:
