@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from . import exit_codes
 from .checks import parse_select_best
 from .compare_results import RUNS, by_method, histories, log_parent, paired, print_table, selected_model
-from .config import load_config, load_structured, resolve_path
+from .config import load_config, load_structured, resolve_path, setting
 from .errors import ConfigError, OneLineParser, first_line
 from .preflight import check_sqlite_store, check_tracking_server, check_vlm_input, out_file_problem, write_problem
 from .rewards import RewardSpecError, parse_reward
@@ -76,9 +76,8 @@ def load(path: str, args: list[str]) -> tuple[CompareConfig, list[str]]:
         raise ConfigError(str(e).replace("config key 'train.select_best'", "compare key 'select_best'")) from None
     if not c.seeds or min(c.seeds) < 0 or len(set(c.seeds)) < len(c.seeds):
         raise ConfigError(f"bad value for compare key 'seeds': {c.seeds} must be distinct integers >= 0, at least one")
-    for item in list(c.overrides) + training:
-        if item.split("=", 1)[0].strip() == "train.seed":
-            raise ConfigError(f"'{item}': compare sets each run's train.seed from its key 'seeds' (seeds=[0,1,2])")
+    if item := setting(list(c.overrides) + training, ("train.seed",)):
+        raise ConfigError(f"'{item}': compare sets each run's train.seed from its key 'seeds' (seeds=[0,1,2])")
     for key in ("dico_config", "scst_config"):
         if not os.path.isfile(getattr(c, key)):
             raise ConfigError(f"bad value for compare key '{key}': '{getattr(c, key)}' does not exist")

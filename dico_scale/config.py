@@ -262,6 +262,16 @@ def _join_name_lists(node: DictConfig, source: str) -> None:
             OmegaConf.update(node, key, ",".join(value), merge=False)
 
 
+def override_key(item: str) -> str:
+    """The key a key=value override sets."""
+    return item.split("=", 1)[0].strip()
+
+
+def setting(overrides, keys) -> str | None:
+    """The first override that sets one of `keys` (keys its caller sets itself, per run or stage), or None."""
+    return next((item for item in overrides if override_key(item) in keys), None)
+
+
 def _rename_override(item: str) -> str:
     key, value = item.split("=", 1)
     if key in RENAMED:
@@ -333,7 +343,7 @@ def load_config(path: str | None, overrides: list[str] = (), training: bool = Tr
 def _check_text_override(cfg, node, item: str) -> None:
     """A text key whose override value YAML reads as a mapping or a list (`captioner.prompt=Caption: a photo` is
     {'Caption': 'a photo'}): one line saying to quote it, not OmegaConf's 'Cannot convert DictConfig to string'."""
-    key = item.split("=", 1)[0].strip()
+    key = override_key(item)
     value = OmegaConf.select(node, key, default=None)
     if isinstance(value, (DictConfig, ListConfig)) and isinstance(OmegaConf.select(cfg, key, default=None), str):
         kind = "a mapping" if isinstance(value, DictConfig) else "a list"

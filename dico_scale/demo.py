@@ -11,7 +11,7 @@ import sys
 import time
 
 from . import exit_codes
-from .config import REPO_ROOT
+from .config import REPO_ROOT, setting
 from .errors import OneLineParser
 from .launch import demo_config, train_stage
 from .models.tiny_vlm import VLM_FAMILIES, prompt_overrides
@@ -137,8 +137,8 @@ def main(argv=None) -> int:
     # --keep: a stage the earlier demo finished (its model.pt) is kept as it is (exported again, its file would
     # change and the next stage's resume would refuse its reference); one it did not finish continues its checkpoints
     resume = ["train.resume=auto"] if args.keep else []
-    if chained := [o for o in args.overrides if o.split("=", 1)[0].strip() in CHAIN_KEYS]:
-        return usage_error(f"'{chained[0]}': the demo sets {', '.join(CHAIN_KEYS)} per stage (each stage's folder and "
+    if item := setting(args.overrides, CHAIN_KEYS):
+        return usage_error(f"'{item}': the demo sets {', '.join(CHAIN_KEYS)} per stage (each stage's folder and "
                            "the weights the one before wrote); --workdir moves the whole chain")
     captioner = captioner_overrides(args.captioner)
     overrides = captioner + resume + args.overrides

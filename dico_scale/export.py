@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our folder must not shadow other modules
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-from dico_scale.config import Config, load_config  # noqa: E402
+from dico_scale.config import Config, load_config, setting  # noqa: E402
 from dico_scale.errors import ConfigError, OneLineParser, first_line  # noqa: E402
 from dico_scale.models.export_folder import EXPORT_MARK, export_run, foreign_folder, sidecar  # noqa: E402
 from dico_scale.preflight import check_vlm_input, inside, out_file_problem  # noqa: E402
@@ -174,8 +174,8 @@ def own_folder(meta: dict) -> list[str]:
 def load_run_config(meta: dict, overrides: list[str] = ()) -> Config:
     """The checkpoint's resolved config with EVAL_OVERRIDES and then the user's key=value overrides on top; a Hugging
     Face row whose starting folder is gone reads the export's own (own_folder)."""
-    if stage_set := [o for o in overrides if o.split("=", 1)[0].strip() == "train.stage"]:
-        raise ConfigError(f"'{stage_set[0]}': the stage is the checkpoint's (what its weights were trained as), not "
+    if item := setting(overrides, ("train.stage",)):
+        raise ConfigError(f"'{item}': the stage is the checkpoint's (what its weights were trained as), not "
                           "an override")
     cfg = _config_from_text(meta["config"], own_folder(meta) + list(overrides), meta["path"])
     stage = cfg.train.stage
