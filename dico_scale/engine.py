@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import socket
@@ -127,7 +128,18 @@ def check_deepspeed_json(cfg: Config, on_gpu: bool) -> None:
         sections = _deepspeed_sections()
     except ImportError:  # a DeepSpeed that moved these: its engine validates as before, nothing is lost but the time
         return
+    from deepspeed.utils import logger
+
     ds, path = ds_config(cfg, on_gpu), cfg.train.deepspeed_config
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # its deprecated-key warnings: deepspeed.initialize prints them once, not twice
+    try:
+        _parse_sections(sections, ds, path)
+    finally:
+        logger.setLevel(level)
+
+
+def _parse_sections(sections: list, ds: dict, path: str) -> None:
     for prefix, parse in sections:
         try:
             parse(ds)

@@ -474,6 +474,27 @@ def test_bad_precision_or_placement_names_the_key(override, key):
                                                "train.init_from="])
 
 
+def test_deepspeeds_deprecated_key_warning_is_left_to_the_engine(tmp_path, capfd):
+    """The check parses the JSON with DeepSpeed's models, which warn of deprecated keys; deepspeed.initialize parses
+    it again and warns once more: the check keeps quiet (and leaves DeepSpeed's logger as it found it)."""
+    import json
+
+    from deepspeed.runtime.zero.config import get_zero_config
+    from deepspeed.utils import logger
+
+    from dico_scale.engine import check_deepspeed_json
+
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps({"zero_optimization": {"stage": 2, "cpu_offload": False}}))
+    cfg = load_config("configs/demo/xe.yaml", [f"train.deepspeed_config={p}", *BLANK])
+    level = logger.level
+    capfd.readouterr()
+    check_deepspeed_json(cfg, on_gpu=False)
+    assert "deprecated" not in "".join(capfd.readouterr()) and logger.level == level
+    get_zero_config(json.loads(p.read_text()))  # what the engine reads warns as DeepSpeed does
+    assert "cpu_offload is deprecated" in "".join(capfd.readouterr())
+
+
 @pytest.mark.parametrize("placement, ds_file, want", [
     ("auto", "zero2.json", "replicate"), ("auto", "zero3.json", "shard"),
     ("auto", "zero3_offload_optimizer.json", "shard"), ("auto", "zero3_offload_param.json", "shard_offload"),

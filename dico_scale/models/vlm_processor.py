@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, first_line
-from .folders import checked_config, logit_softcap, vlm_problem
+from .folders import checked_config, from_folder, logit_softcap, vlm_problem
 
 # One row per image, left-padded in a batch. The token types mark image tokens: Qwen-VL's rotary positions read them,
 # Gemma 3's prefill lets image tokens attend to each other both ways.
@@ -127,11 +127,7 @@ def load_processor(path: str):
     """The folder's processor (AutoProcessor): a tokenizer and an image processor, or a ConfigError naming the key."""
     from transformers import AutoProcessor
 
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # AttributeError: a token it names is missing
-        raise ConfigError(f"captioner.hf_path '{path}': no processor that AutoProcessor reads ({first_line(e)})") \
-            from None
+    processor = from_folder(AutoProcessor.from_pretrained, path, what="no processor that AutoProcessor reads")
     if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
         raise ConfigError(f"captioner.hf_path '{path}': its processor ({type(processor).__name__}) lacks a tokenizer "
                           "or an image processor")
