@@ -122,8 +122,6 @@ def check_deepspeed_json(cfg: Config, on_gpu: bool) -> None:
     it is one ConfigError naming the file, the key and DeepSpeed's reason. The JSON's shape (sections that must be
     objects, the ZeRO stage) was checked at config time (deepspeed_json.read_deepspeed_config), without DeepSpeed."""
     import_deepspeed()
-    from pydantic import ValidationError
-
     try:
         sections = _deepspeed_sections()
     except ImportError:  # a DeepSpeed that moved these: its engine validates as before, nothing is lost but the time
@@ -140,6 +138,8 @@ def check_deepspeed_json(cfg: Config, on_gpu: bool) -> None:
 
 
 def _parse_sections(sections: list, ds: dict, path: str) -> None:
+    from pydantic import ValidationError
+
     for prefix, parse in sections:
         try:
             parse(ds)
