@@ -210,25 +210,23 @@ class EvalCollate:
                 "eval_pixels": {n: done[t] for n, t in self.eval_preprocess.items()}}
 
 
-def training_captions(spec: str, rank: int, world: int) -> set[str]:
-    """Normalised reference captions of the training shards; each rank reads its share, all get the union."""
+def training_captions(spec: str, rank: int, world: int):
+    """(normalised reference captions of the training shards, this rank's data counts): each rank reads its share of
+    the shards, all get the union; faulty samples are counted (data_report) and skipped as the loaders do."""
     import torch.distributed as dist
     import webdataset as wds
 
-    from dico_scale.data.pipeline import skip_fault
+    from dico_scale.data.pipeline import Tally, shard_captions
     from dico_scale.metrics import normalise
 
-    seen = set()
-    mine = wds.shardlists.expand_urls(spec)[rank::world]
-    if mine:
-        for sample in wds.DataPipeline(wds.SimpleShardList(mine), wds.tarfile_to_samples(handler=skip_fault)):
-            refs = json.loads(sample["json"]) if "json" in sample else []
-            seen.update(normalise(r) for r in refs if isinstance(r, str))
+    seen, tally = set(), Tally()
+    for refs in shard_captions(wds.shardlists.expand_urls(spec)[rank::world], tally):
+        seen.update(normalise(r) for r in refs)
     if dist.is_initialized() and world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, seen)
         seen = set().union(*parts)
-    return seen
+    return seen, tally
 
 
 # ---- scoring on rank 0 -----------------------------------------------------------------------------------------------
@@ -380,7 +378,10 @@ def run(args, cfg, meta) -> int:
     totals = Counter()
     records = gather_records(caption_split(captioner, tok, counted(loader, totals), cfg.generation, device, evaluators))
     data, data_line, data_tracked = data_report(totals)
-    seen = training_captions(args.train_spec, rank, world) if args.train_spec else None
+    seen, novelty_data = None, None
+    if args.train_spec:
+        seen, tally = training_captions(args.train_spec, rank, world)
+        novelty_data, novelty_line, _ = data_report(tally)
     if not records:
         raise ConfigError(f"no valid samples in '{args.spec}'")
     if rank != 0:
@@ -409,7 +410,8 @@ def run(args, cfg, meta) -> int:
                                           for n, c in args.evaluators.items()},
                            "evaluator_score": {"model": e.model, "weights": e.weights, "metric": e.metric,
                                                "caption_prefix": e.caption_prefix}},
-              "data": data, "metrics": metrics, "errors": errors, "notes": notes, "captions": per_image}
+              "data": data, "novelty_data": novelty_data, "metrics": metrics, "errors": errors, "notes": notes,
+              "captions": per_image}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(_finite(result), indent=1))
     for k, v in metrics.items():
@@ -417,6 +419,8 @@ def run(args, cfg, meta) -> int:
     for k, v in errors.items():
         print(f"dico_scale.evaluate: {k} not computed: {v}", file=sys.stderr)
     print(data_line)
+    if novelty_data is not None:
+        print(f"novelty scan of the training split's {novelty_line}")
     print(f"wrote {out}")
     if client is not None:
         try:

@@ -1,6 +1,7 @@
 """Evaluation suite, caption CLI and checkpoint export: metric definitions against independent recomputations,
 2-rank evaluation == 1-rank, a real ZeRO-2 checkpoint exported == the engine's own export, one-line input errors."""
 import copy
+import io
 import json
 import os
 import subprocess
@@ -330,15 +331,25 @@ def test_data_faults_are_counted_in_the_line_the_json_and_mlflow(tiny, tmp_path)
     with tarfile.open(data / "val-00000.tar") as tar:
         caption_file = next(m for m in tar.getmembers() if m.name.endswith(".json"))
     (tmp_path / "cut.tar").write_bytes((data / "val-00000.tar").read_bytes()[:caption_file.offset_data + 100])
+    with tarfile.open(tmp_path / "bad_json.tar", "w") as tar:  # the novelty scan of the training split: a traceback
+        for name, body in (("a.jpg", b"not read"), ("a.json", b"{not json")):
+            member = tarfile.TarInfo(name)
+            member.size = len(body)
+            tar.addfile(member, io.BytesIO(body))
     out, uri = tmp_path / "eval.json", mlflow_uri(tmp_path / "mlflow.db")
     cmd = [sys.executable, "-m", "dico_scale.evaluate", "--checkpoint", str(tiny), "--no-spice", "--train-shards",
-           "none", "--shards", f"{data}/test-00000.tar::{tmp_path}/cut.tar", "--split", "faults", "--batch-size", "8",
+           f"{data}/val-00000.tar::{tmp_path}/cut.tar::{tmp_path}/bad_json.tar",
+           "--shards", f"{data}/test-00000.tar::{tmp_path}/cut.tar", "--split", "faults", "--batch-size", "8",
            "--out", str(out), "tracking.enabled=true", f"tracking.uri={uri}"]
     proc = check_ok(subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300))
     assert "data: 10 samples read, 2 skipped (20.00%); faults: bad_json 1, truncated_tar 1" in proc.stdout.splitlines()
+    assert ("novelty scan of the training split's data: 11 samples read, 3 skipped (27.27%); faults: bad_json 2, "
+            "truncated_tar 1") in proc.stdout.splitlines()
     result = json.loads(out.read_text())  # read: 9 samples + the cut shard
     assert result["images"] == 8 and result["data"] == {"read": 10, "skipped": 2, "skipped_share": 0.2,
                                                          "faults": {"truncated_tar": 1, "bad_json": 1}}
+    assert result["novelty_data"]["faults"] == {"truncated_tar": 1, "bad_json": 2}
+    assert result["metrics"]["novelty"] is not None
     logged = MlflowClient(tracking_uri=uri).get_run(result["mlflow_run_id"]).data.metrics
     assert {k: logged[f"eval/faults/data/{k}"] for k in ("read", "skipped", "faults", "faults/truncated_tar")} == {
         "read": 10, "skipped": 2, "faults": 2, "faults/truncated_tar": 1}

@@ -66,12 +66,6 @@ def log_fault(kind: str, where: str, why=None) -> None:
     log.warning("data fault %s: %s%s", kind, where, f" ({why})" if why else "")
 
 
-def skip_fault(exn: Exception) -> bool:
-    """webdataset handler for pipelines that count nothing (evaluate.py's caption scan): log, keep going."""
-    log_fault("other", type(exn).__name__, exn)
-    return True
-
-
 class Collate:
     """Turns decoded samples into one batch; picks the reference caption used for teacher forcing.
 
@@ -185,6 +179,31 @@ def _group(src, tally: Tally):
     return wds.tariterators.group_by_keys(src, handler=skip)
 
 
+def sample_refs(s: dict, tally: Tally, where: str) -> list[str] | None:
+    """A sample's reference captions (its .json: a list of non-blank strings), or None once its fault is counted."""
+    try:
+        refs = json.loads(s["json"])
+    except (KeyError, ValueError) as e:
+        tally.fault("bad_json", where, "no .json" if isinstance(e, KeyError) else e)
+        return None
+    if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
+        tally.fault("bad_json", where, "not a list of caption strings")
+        return None
+    if not refs or not all(r.strip() for r in refs):
+        tally.fault("empty_captions", where, "empty caption list" if not refs else "a blank caption")
+        return None
+    return refs
+
+
+def shard_captions(urls: list[str], tally: Tally):
+    """The reference captions of every good sample of the shards, images left unread (evaluate's novelty scan of the
+    training split); read and faulty samples counted in `tally` as the loaders count them."""
+    for s in _group(_read_shards(({"url": u} for u in urls), tally), tally):
+        tally["read"] += 1
+        if (refs := sample_refs(s, tally, f"{s['__key__']} in {s.get('__url__')}")) is not None:
+            yield refs
+
+
 def _decode(src, tally: Tally, prepare, evaluation: bool = False):
     """Samples -> (prepare(image), captions, key); a bad one is counted under its kind and skipped.
 
@@ -194,16 +213,7 @@ def _decode(src, tally: Tally, prepare, evaluation: bool = False):
         tally["read"] += 1
         key = s["__key__"]
         where = f"{key} in {s.get('__url__')}"
-        try:
-            refs = json.loads(s["json"])
-        except (KeyError, ValueError) as e:
-            tally.fault("bad_json", where, "no .json" if isinstance(e, KeyError) else e)
-            continue
-        if not isinstance(refs, list) or not all(isinstance(r, str) for r in refs):
-            tally.fault("bad_json", where, "not a list of caption strings")
-            continue
-        if not refs or not all(r.strip() for r in refs):
-            tally.fault("empty_captions", where, "empty caption list" if not refs else "a blank caption")
+        if (refs := sample_refs(s, tally, where)) is None:
             continue
         try:
             im = open_image(s["jpg"])  # decodes the whole file: a truncated JPEG fails here
