@@ -93,10 +93,30 @@ def write_marker(folder: Path, marker: dict) -> None:
     os.replace(tmp, folder / MARKER)
 
 
+def fresh_tag_folder(tag_dir: Path) -> None:
+    """A collective: rank 0 makes the tag's folder empty, then all ranks agree. What a save that died left there (no
+    marker; files of another world size's ranks, a stale conversion) must not join this tag's manifest; and DeepSpeed
+    makes the folder on rank 0 alone before its first barrier, so a failure there (`checkpoints` a file or a dangling
+    link) left the other ranks waiting in that barrier until gloo's timeout."""
+    failure = ""
+    if dist.get_rank() == 0:
+        try:
+            for old in (tag_dir, *(tag_dir.with_name(tag_dir.name + s) for s in (UNIVERSAL, UNIVERSAL + ".tmp"))):
+                if old.is_symlink() or old.is_file():
+                    old.unlink()
+                elif old.is_dir():
+                    shutil.rmtree(old)
+            tag_dir.mkdir(parents=True)
+        except OSError as e:
+            failure = _describe_save_failure(e, tag_dir)
+    agree(failure)
+
+
 def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, config_yaml: str, keep: int) -> Path:
     """A collective: DeepSpeed's save, config.yaml, the file manifest, then the marker; older tags beyond `keep`
     removed. CheckpointError on every rank when any rank failed to write (no marker then)."""
     tag_dir = Path(ckpt_dir) / tag_name(step)
+    fresh_tag_folder(tag_dir)
     failure = ""
     try:
         # universal_checkpoint_info lets ds_to_universal.py convert this ZeRO-2 checkpoint to another world size

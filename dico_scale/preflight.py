@@ -54,8 +54,20 @@ def check_start_file(cfg: Config) -> None:
 
 
 def check_output_dir(path: str) -> None:
+    """The run's folder, and its checkpoints/ where one is there already (a file, a link to a scratch volume that is
+    not mounted, a read-only mount): every save would fail, the first after the first steps."""
     if problem := write_problem(path):
         raise ConfigError(f"train.output_dir '{path}' cannot be created or written: {problem}")
+    ckpt = Path(path) / "checkpoints"
+    if ckpt.is_symlink() and not ckpt.exists():
+        problem = f"a link to '{os.readlink(ckpt)}', which does not exist"
+    elif ckpt.exists() and not ckpt.is_dir():
+        problem = "not a folder"
+    elif ckpt.is_dir():
+        problem = write_problem(ckpt)
+    if problem:
+        raise ConfigError(f"train.output_dir '{path}': its checkpoints folder '{ckpt}' cannot hold checkpoints: "
+                          f"{problem}")
 
 
 def check_tracking_server(uri: str, timeout: float) -> str | None:

@@ -79,6 +79,11 @@ def test_damaged_newest_tags_fall_back_to_the_previous_complete_one(trained, tmp
     holder.kill()
     holder.wait()
     assert (work / ".lock").read_text().startswith(f"pid {holder.pid} ")
+    # what a save of step 3 that died left (no marker): a shard of another world size, a stale conversion
+    dead = work / "checkpoints" / "step_00000003"
+    (dead.parent / "step_00000003_universal").mkdir(parents=True)
+    dead.mkdir()
+    (dead / "zero_pp_rank_5_mp_rank_00_optim_states.pt").write_bytes(b"stale")
 
     proc = check_ok(_deepspeed(_args(tmp, work) + ["train.max_steps=3", "train.resume=auto"]))
     lines = proc.stdout.splitlines()
@@ -92,7 +97,29 @@ def test_damaged_newest_tags_fall_back_to_the_previous_complete_one(trained, tmp
             f"checkpoint's: train.max_steps 6 -> 3, train.output_dir {out} -> {work}") in lines  # a moved, shorter run
     assert "Traceback" not in proc.stderr
     assert _run_status(tmp) == (run_id, "FINISHED")  # resumed on the same run, finished again
-    assert json.loads((work / "checkpoints" / "step_00000003" / "complete").read_text())["step"] == 3
+    marker = json.loads((dead / "complete").read_text())
+    assert marker["step"] == 3 and not any("rank_5" in name for name in marker["files"])  # the stale shard was not
+    assert not (dead / "zero_pp_rank_5_mp_rank_00_optim_states.pt").exists()  # kept: a resume at 6 ranks would read it
+    assert not (dead.parent / "step_00000003_universal").exists() and verify_local(dead) is None
+
+
+def test_a_tag_folder_rank_0_cannot_make_fails_every_rank_in_one_line(tmp_path):
+    """DeepSpeed makes the tag folder on rank 0 alone, before its first barrier: when that failed (checkpoints/ a
+    file, or a link to a scratch volume gone since the start) rank 0 waited in our agreement and the others in
+    DeepSpeed's barrier until gloo's 10-minute timeout. fresh_tag_folder makes it first, and every rank agrees."""
+    (tmp_path / "checkpoints").write_text("a file")
+    script = tmp_path / "save.py"
+    script.write_text(
+        "import sys\nfrom pathlib import Path\nimport torch.distributed as dist\n"
+        "from dico_scale.checkpoint import fresh_tag_folder\nfrom dico_scale.errors import CheckpointError\n"
+        "dist.init_process_group('gloo')\ntry:\n"
+        f"    fresh_tag_folder(Path({str(tmp_path / 'checkpoints' / 'step_00000002')!r}))\n"
+        "except CheckpointError as e:\n"
+        f"    Path({str(tmp_path)!r}, f'rank{{dist.get_rank()}}.txt').write_text(str(e))\n")
+    check_ok(subprocess.run(ranks_cmd(str(script)), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120))
+    why = f"checkpoint {tmp_path}/checkpoints/step_00000002: saving failed: NotADirectoryError"
+    for rank in (0, 1):  # each rank's own file: the launcher interleaves their output
+        assert (tmp_path / f"rank{rank}.txt").read_text().startswith(why)
 
 
 def test_explicit_bad_tag_exits_2_and_leaves_the_run_alone(trained, tmp_path):

@@ -146,6 +146,26 @@ def test_output_dir_that_cannot_be_created_fails_before_anything_is_built(tmp_pa
     assert took < 30 and not (tmp_path / "data").exists()  # failed before the data were even generated
 
 
+@pytest.mark.parametrize("what", ["file", "dangling link"])
+def test_a_checkpoints_folder_that_cannot_hold_checkpoints_fails_before_anything_is_built(tmp_path, monkeypatch,
+                                                                                          capsys, what):
+    """<output_dir>/checkpoints a file, or a link to a scratch volume that is not mounted: the first save failed after
+    the first steps (on 2 ranks it hung until gloo's timeout)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    if what == "file":
+        (out / "checkpoints").write_text("not a folder")
+        why = "not a folder"
+    else:
+        (out / "checkpoints").symlink_to(tmp_path / "scratch" / "ckpt")
+        why = f"a link to '{tmp_path}/scratch/ckpt', which does not exist"
+    proc, took = _train_in_process(tmp_path, monkeypatch, capsys, f"train.output_dir={out}")
+    assert proc.returncode == exit_codes.CONFIG_ERROR
+    assert _one_error_line(proc) == (f"dico_scale: config error: train.output_dir '{out}': its checkpoints folder "
+                                     f"'{out}/checkpoints' cannot hold checkpoints: {why}")
+    assert took < 30 and not (tmp_path / "data").exists()
+
+
 def test_unreachable_tracking_server_fails_in_seconds_naming_the_uri(tmp_path, monkeypatch, capsys):
     proc, took = _train_in_process(tmp_path, monkeypatch, capsys, f"train.output_dir={tmp_path}/run",
                                    "tracking.uri=http://127.0.0.1:1")
