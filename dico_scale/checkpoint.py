@@ -58,8 +58,9 @@ def _gathered(obj, group=None) -> list:
     return out
 
 
-def _describe_save_failure(e: BaseException, tag_dir: Path) -> str:
-    """One line; torch's writer reports a full disk as 'file write failed', so the free space decides too."""
+def describe_save_failure(e: BaseException, tag_dir: Path, what: str = "checkpoint") -> str:
+    """One line naming `what` (a checkpoint tag, an export) and its path; torch's writer reports a full disk as 'file
+    write failed' or 'unexpected pos', so the free space decides too."""
     chain, cause = [], e
     while cause is not None:
         chain.append(cause)
@@ -69,8 +70,8 @@ def _describe_save_failure(e: BaseException, tag_dir: Path) -> str:
     except OSError:
         free = -1
     if any(getattr(c, "errno", None) == errno.ENOSPC or "No space left" in str(c) for c in chain) or 0 <= free < 1 << 20:
-        return f"checkpoint {tag_dir}: no space left on device ({free} bytes free in {tag_dir.parent})"
-    return f"checkpoint {tag_dir}: saving failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        return f"{what} {tag_dir}: no space left on device ({free} bytes free in {tag_dir.parent})"
+    return f"{what} {tag_dir}: saving failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
 
 def agree(failure: str, error: type[Exception] = CheckpointError, group=None) -> None:
@@ -108,7 +109,7 @@ def fresh_tag_folder(tag_dir: Path) -> None:
                     shutil.rmtree(old)
             tag_dir.mkdir(parents=True)
         except OSError as e:
-            failure = _describe_save_failure(e, tag_dir)
+            failure = describe_save_failure(e, tag_dir)
     agree(failure)
 
 
@@ -122,7 +123,7 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, config
         # universal_checkpoint_info lets ds_to_universal.py convert this ZeRO-2 checkpoint to another world size
         engine.save_checkpoint(ckpt_dir, tag=tag_dir.name, client_state={**client_state, "universal_checkpoint_info": {}})
     except Exception as e:  # noqa: BLE001 - reported to every rank by agree
-        failure = _describe_save_failure(e, tag_dir)
+        failure = describe_save_failure(e, tag_dir)
         # The write failed between the barriers that open and close DeepSpeed's save_checkpoint; the other ranks
         # wait in the closing one: enter it here, so that every rank gets to the agreement instead of hanging.
         dist.barrier()
@@ -131,7 +132,7 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, config
         if dist.get_rank() == 0:
             (tag_dir / "config.yaml").write_text(config_yaml)
     except OSError as e:
-        failure = _describe_save_failure(e, tag_dir)
+        failure = describe_save_failure(e, tag_dir)
     agree(failure)
     files = manifest(tag_dir)
     if dist.get_rank() == 0:
@@ -146,7 +147,7 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, config
                 for folder in (old, old.with_name(old.name + UNIVERSAL), old.with_name(old.name + UNIVERSAL + ".tmp")):
                     shutil.rmtree(folder, ignore_errors=True)
         except OSError as e:
-            failure = _describe_save_failure(e, tag_dir)
+            failure = describe_save_failure(e, tag_dir)
     agree(failure)
     return tag_dir
 

@@ -365,17 +365,23 @@ def export_weights(engine, path: str | Path, extra: dict, generation=None) -> No
     deepspeed = import_deepspeed()
     import torch.distributed as dist
 
+    from .checkpoint import agree, describe_save_failure
     from .models.lora import merged_state
 
-    module = engine.module
+    module, failure = engine.module, ""
     with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=engine.zero_optimization_stage() == 3):
         if dist.get_rank() == 0:
             state = {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
             state = merged_state(module, state)
             tmp = f"{path}.tmp"
-            torch.save({"state_dict": state, **extra}, tmp)
-            os.replace(tmp, path)
-            if hasattr(module, "save_pretrained"):  # Hugging Face rows: a transformers folder beside it too
-                # extra (the run's config, stage, step, ...) in its mark: caption and evaluate read hf/ as this run's
-                module.save_pretrained(Path(path).parent / "hf", state, generation, extra)
-    dist.barrier()
+            try:
+                torch.save({"state_dict": state, **extra}, tmp)
+                os.replace(tmp, path)
+                if hasattr(module, "save_pretrained"):  # Hugging Face rows: a transformers folder beside it too
+                    # extra (the run's config, stage, ...) in its mark: caption and evaluate read hf/ as this run's
+                    module.save_pretrained(Path(path).parent / "hf", state, generation, extra)
+            except Exception as e:  # noqa: BLE001 - a full disk, an unwritable folder: one line on every rank
+                failure = describe_save_failure(e, Path(path), "export")
+                if os.path.isfile(tmp):
+                    os.unlink(tmp)
+    agree(failure)  # the checkpoint it comes from is saved: a resume of the run exports it again

@@ -146,6 +146,25 @@ def test_explicit_bad_tag_exits_2_and_leaves_the_run_alone(trained, tmp_path):
     assert _run_status(tmp) == (run_id, "FINISHED")
 
 
+def test_an_export_that_cannot_be_written_fails_every_rank_in_one_line(trained, tmp_path):
+    """The run's model.pt written on rank 0 alone: its failure (a full disk: torch's 'unexpected pos') was a
+    traceback there while the other ranks waited. Here model.pt.tmp is a folder; the checkpoint is kept (a resume
+    exports it again)."""
+    tmp, out = trained
+    work = tmp_path / "xe"
+    shutil.copytree(out, work)
+    (work / "model.pt").unlink()  # a run that stopped before its export
+    (work / "model.pt.tmp").mkdir()
+    proc = _deepspeed(_args(tmp, work) + ["train.max_steps=6", "train.resume=auto"])  # resumed at 6: exports
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = {l for l in proc.stderr.splitlines() if l.startswith("dico_scale:")}
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = lines.pop()  # torch's writer: "RuntimeError: [enforce fail ...] open file failed with strerror: Is a ..."
+    assert line.startswith(f"dico_scale: checkpoint error: export {work}/model.pt: saving failed: ") and \
+        line.endswith("Is a directory"), line
+    assert not (work / "model.pt").exists() and verify_local(work / "checkpoints" / "step_00000006") is None
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     mnt = tmp_path / "disk"
