@@ -152,15 +152,19 @@ def split_label(spec: str) -> str:
 def check_shards(spec: str, option: str) -> list[str]:
     import webdataset as wds
 
+    from dico_scale.data.pipeline import folder_problem, glob_hint
+
     try:
         urls = wds.shardlists.expand_urls(spec)
     except Exception as e:
         raise ConfigError(f"bad shard spec '{spec}' ({option}): {type(e).__name__}: {e}") from None
+    if problem := folder_problem(urls):
+        raise ConfigError(f"bad shard spec '{spec}' ({option}): {problem}")
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
     missing = [u for u in local if not os.path.isfile(u)]
     if missing:
         raise ConfigError(f"bad shard spec '{spec}' ({option}): {len(missing)} of {len(urls)} shards not found, "
-                          f"e.g. '{missing[0]}'")
+                          f"e.g. '{missing[0]}'{glob_hint(missing)}")
     return urls
 
 

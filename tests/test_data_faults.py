@@ -6,7 +6,9 @@ import logging
 import os
 import random
 import re
+import signal
 import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -197,6 +199,132 @@ def test_a_dead_stream_raises_instead_of_spinning(collate, workers, clean_env, c
     assert pipeline.one_line(e.value) == f"no data in the last {n} shards read (last: pipe:cat /nowhere/x.tar)"
     logged = sum(r.getMessage().startswith("data fault missing_shard") for r in caplog.records)
     assert logged == (n if workers == 0 else 0)  # a worker logs to its own stderr
+
+
+def _text_images(path, n: int, prefix: str = "t") -> str:
+    """A shard of n samples whose .jpg is text: nothing in it is usable."""
+    _write(path, [(f"{prefix}_{i}", {"jpg": b"not an image", "json": b'["a red circle"]'}) for i in range(n)])
+    return str(path)
+
+
+def _spin_guard(monkeypatch, limit: int) -> None:
+    """A stream still going after `limit` faults (in this process or a forked worker) fails the test, not hangs it."""
+    calls, real = [0], pipeline.log_fault
+
+    def counted(*args):
+        calls[0] += 1
+        assert calls[0] <= limit, f"still reading after {limit} faults"
+        real(*args)
+    monkeypatch.setattr(pipeline, "log_fault", counted)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_stream_with_nothing_usable_raises_instead_of_spinning(tmp_path, collate, workers, clean_env, caplog,
+                                                                 monkeypatch):
+    """Every sample is bad but every shard has files (the empty-shard rule never fires): the resampled stream
+    skipped samples forever, also with data.max_skipped_share=1.0; it raises DataError once 100 shards in a row
+    gave no usable sample, after at most those shards' samples."""
+    dead = _text_images(tmp_path / "dead.tar", 5)
+    _spin_guard(monkeypatch, 10 * 5 * pipeline.MAX_DRY_SHARDS)
+    loader, _ = train_loader([dead], collate, 2, 10**6, 1, workers, 8, 0)
+    with caplog.at_level(logging.WARNING, logger="dico_scale.data.pipeline"), pytest.raises(DataError) as e:
+        list(loader)
+    n = pipeline.MAX_DRY_SHARDS
+    found = re.fullmatch(rf"no usable sample in the last {n} shards read \((\d+) samples in a row skipped; "
+                         rf"last: {re.escape(dead)}\)", pipeline.one_line(e.value))
+    assert found, pipeline.one_line(e.value)
+    skipped = int(found.group(1))
+    assert n * 5 - 8 - 5 <= skipped <= n * 5  # 100 shards of 5, less the shuffle buffer's 8 not yet decoded
+    logged = sum(r.getMessage().startswith("data fault corrupt_image") for r in caplog.records)
+    assert logged == (skipped if workers == 0 else 0)  # a worker logs to its own stderr
+
+
+def test_a_long_run_of_bad_samples_in_good_data_does_not_stop_training(tmp_path, collate, clean_env):
+    """A wholly bad shard of more samples than the dead-stream rule's 100 (runs of 120 bad samples in a row),
+    resampled with a good one: training goes on (a rule counting samples alone would stop it)."""
+    spec = [_text_images(tmp_path / "bad.tar", 120), str(tmp_path / "good.tar")]
+    _write(spec[1], [(f"g_{i}", {"jpg": _jpeg(), "json": b'["a red circle"]'}) for i in range(4)])
+    loader, n = train_loader(spec, collate, 4, 80, 1, 0, 8, 0)
+    batches = list(loader)
+    stats = _sum_stats(batches)
+    assert len(batches) == n == 20 and stats["corrupt_image"] >= 2 * 120, stats
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    render_sample(random.Random(0), 32)[0].save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _train_alone(tmp_path, spec: str, *overrides: str) -> tuple[int, str, list[str]]:
+    """(exit code, stderr, its `dico_scale:` lines) of train.py in one process on the shard spec. Its session is
+    killed if it overruns: a DataLoader worker spinning on dead data outlives a killed trainer."""
+    cmd = [sys.executable, "dico_scale/train.py", "--config", "configs/demo/xe.yaml", "data.synthetic.enabled=false",
+           f"data.train_shards={spec}", "data.val_shards=", f"train.output_dir={tmp_path}/out",
+           "tracking.enabled=false", "evaluator.weights=", "captioner.image_encoder_weights=",
+           "train.validate_at_end=false", *overrides]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "DS_ACCELERATOR": "cpu"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        err = proc.communicate(timeout=120)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc.returncode, err, [line for line in err.splitlines() if line.startswith("dico_scale:")]
+
+
+def test_training_on_nothing_usable_ends_with_one_data_error(tmp_path):
+    """The trainer (one process, a DataLoader worker) on a shard of text images with data.max_skipped_share=1.0:
+    exit 4 and one line, not a run that never takes a step."""
+    dead = _text_images(tmp_path / "dead.tar", 5)
+    code, err, lines = _train_alone(tmp_path, dead, "data.max_skipped_share=1.0", "data.num_workers=1",
+                                    "data.shuffle_buffer=8")
+    assert code == 4 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert re.fullmatch(rf"dico_scale: data error: no usable sample in the last {pipeline.MAX_DRY_SHARDS} shards "
+                        rf"read \(\d+ samples in a row skipped; last: {re.escape(dead)}\)", lines[0]), lines[0]
+
+
+def test_shard_specs_that_name_no_shard_are_one_line_config_errors(tmp_path):
+    """Unbalanced braces (a braceexpand traceback before), a folder (passed the check, then 100 'Is a directory'
+    faults and exit 4) and a glob (no hint that webdataset does not expand it), for the config and evaluate."""
+    from dico_scale.config import ConfigError
+    from dico_scale.data.pipeline import check_local_shards
+    from dico_scale.evaluate import check_shards
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    _text_images(folder / "train-00000.tar", 1)
+    forms = "(a spec is a tar file, a brace pattern like train-{00000..00009}.tar, or such specs joined by '::')"
+    globs = " (globs are not expanded: name the shards with a brace pattern like train-{00000..00009}.tar)"
+    key = "bad value for config key 'data.train_shards'"
+    braces = f"{folder}/train-{{00000..00003.tar"
+    cases = {braces: f"{key}: unbalanced braces in '{braces}' {forms}",
+             str(folder): f"{key}: '{folder}' is a folder, not a shard {forms}",
+             f"{folder}/train-0000?.tar::{folder}": f"{key}: '{folder}' is a folder, not a shard {forms}",
+             f"{folder}/train-*.tar": f"{key}: no shard of '{folder}/train-*.tar' exists{globs}"}
+    for spec, message in cases.items():
+        with pytest.raises(ConfigError) as e:
+            check_local_shards(spec, "data.train_shards")
+        assert str(e.value) == message
+    with pytest.raises(ConfigError) as e:
+        check_shards(str(folder), "--shards")
+    assert str(e.value) == f"bad shard spec '{folder}' (--shards): '{folder}' is a folder, not a shard {forms}"
+    with pytest.raises(ConfigError) as e:
+        check_shards(f"{folder}/*.tar", "--shards")
+    assert str(e.value) == (f"bad shard spec '{folder}/*.tar' (--shards): 1 of 1 shards not found, e.g. "
+                            f"'{folder}/*.tar'{globs}")
+
+
+@pytest.mark.parametrize("spec", ["{root}/train-{{00000..00003.tar", "{root}"])
+def test_training_on_a_bad_shard_spec_is_exit_2(tmp_path, spec):
+    """Through the trainer: one line naming the key, exit 2 (a traceback and exit 1, or exit 4 after 100 faults,
+    before)."""
+    _text_images(tmp_path / "train-00000.tar", 1)
+    spec = spec.format(root=tmp_path)
+    code, err, lines = _train_alone(tmp_path, spec)
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[0].startswith("dico_scale: config error: bad value for config key 'data.train_shards': ")
+    assert f"'{spec}'" in lines[0]
 
 
 def test_loaders_in_one_process_keep_their_own_counts(shards, collate, clean_env):

@@ -9,6 +9,8 @@ Training streams resample shards from one seeded sequence that every rank and wo
 node and by worker, so ranks read different shards and every rank yields exactly the same number of batches per epoch.
 Evaluation reads each shard once, split by node and worker, never dropping or repeating a sample.
 Bad data never stops a loader: each bad sample or shard is logged once (one warning line), counted by kind, skipped.
+Only a dead stream raises DataError: 100 shards in a row without a file, or, in a training reader, without a usable
+sample (a training stream resamples its shards forever; an evaluation pass ends by itself).
 The counts ride in the batches; a reader's faults after its last batch are logged but not counted (this only
 happens at the end of an evaluation pass: training streams never end).
 """
@@ -35,6 +37,11 @@ log = logging.getLogger(__name__)
 KINDS = ("corrupt_image", "image_too_large", "refused_image", "bad_json", "empty_captions", "truncated_tar",
          "missing_shard", "other")
 MAX_EMPTY_SHARDS = 100  # shards in a row without a single file: the stream is dead, not unlucky
+# Shards (and at least as many samples) in a row without a usable sample, in one training reader: dead as well.
+# Counted in shards, not samples: one bad shard of 10,000 samples is a rare run in a good dataset. Shards are drawn at
+# random, so where a share q of them is wholly bad, a run of 100 starts with probability q**100 (2e-10 at q = 0.8).
+MAX_DRY_SHARDS = 100
+SPEC_FORMS = "a spec is a tar file, a brace pattern like train-{00000..00009}.tar, or such specs joined by '::'"
 
 class Tally(Counter):
     """Reads and faults of one loader in one reader (process or DataLoader worker) since its last batch.
@@ -54,6 +61,24 @@ class Tally(Counter):
         out = dict(self)
         self.clear()
         return out
+
+
+class Dry:
+    """A training reader's run without a usable sample: the shards it finished reading (_read_shards) and the faulty
+    samples it decoded (_decode) since its last usable one. The run must span MAX_DRY_SHARDS samples too: the shuffle
+    buffer's first fill may read 100 one-sample shards before any sample is decoded."""
+
+    def __init__(self):
+        self.shards = self.samples = 0
+
+    def sample(self, usable: bool, url) -> None:
+        if usable:
+            self.shards = self.samples = 0
+            return
+        self.samples += 1
+        if min(self.shards, self.samples) >= MAX_DRY_SHARDS:
+            raise DataError(f"no usable sample in the last {self.shards} shards read ({self.samples} samples in a "
+                            f"row skipped; last: {url})")
 
 
 def one_line(e: DataError) -> str:
@@ -126,23 +151,44 @@ def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
+def folder_problem(urls: list[str]) -> str | None:
+    """A local folder named as a shard: it passes an existence check, then fails every read ('Is a directory')."""
+    if folder := next((u for u in urls if is_local(u) and os.path.isdir(u)), None):
+        return f"'{folder}' is a folder, not a shard ({SPEC_FORMS})"
+    return None
+
+
+def glob_hint(missing: list[str]) -> str:
+    """webdataset expands braces, not globs: `train-*.tar` names one file called that."""
+    if any(c in u for u in missing for c in "*?"):
+        return " (globs are not expanded: name the shards with a brace pattern like train-{00000..00009}.tar)"
+    return ""
+
+
 def check_local_shards(spec: str, key: str = "shards", log_missing: bool = True) -> tuple[list[str], list[str]]:
     """(shards to read, local shards missing) of a spec (brace patterns, `::`-joined sources).
     URLs and pipe: commands are not checked here: their failures are counted when they are read."""
-    urls = wds.shardlists.expand_urls(spec)
+    bad = f"bad value for config key '{key}'"
+    try:
+        urls = wds.shardlists.expand_urls(spec)
+    except ValueError:  # braceexpand.UnbalancedBracesError
+        raise ConfigError(f"{bad}: unbalanced braces in '{spec}' ({SPEC_FORMS})") from None
+    if problem := folder_problem(urls):
+        raise ConfigError(f"{bad}: {problem}")
     missing = [u for u in urls if is_local(u) and not os.path.exists(u)]
     if len(missing) == len(urls):
-        raise ConfigError(f"bad value for config key '{key}': no shard of '{spec}' exists")
+        raise ConfigError(f"{bad}: no shard of '{spec}' exists{glob_hint(missing)}")
     for u in missing if log_missing else ():
-        log.warning("data fault missing_shard: %s (dropped from the shard list)", u)
+        log.warning("data fault missing_shard: %s (dropped from the shard list)%s", u, glob_hint([u]))
     gone = set(missing)
     return [u for u in urls if u not in gone], missing
 
 
-def _read_shards(src, tally: Tally, shared: bool = False):
+def _read_shards(src, tally: Tally, shared: bool = False, dry: Dry | None = None):
     """{url} dicts -> tar members; a shard that cannot be opened or read to its end is one fault, never a crash.
     A shard failing before its first member counts as missing (a failed `pipe:` or URL), after it as truncated.
-    shared: every reader reads every shard (sample split), so only the first reader counts shard faults."""
+    shared: every reader reads every shard (sample split), so only the first reader counts shard faults.
+    dry: a training reader's run without a usable sample, which counts the shards read here."""
     rank, _, worker, _ = wds.utils.pytorch_worker_info()
     counts = not shared or rank == worker == 0
     empty_in_a_row = 0
@@ -167,6 +213,8 @@ def _read_shards(src, tally: Tally, shared: bool = False):
         if error is not None and counts:
             tally.fault("truncated_tar" if files else "missing_shard", url, error, shard=True)
         empty_in_a_row = 0 if files else empty_in_a_row + 1
+        if dry is not None:
+            dry.shards += 1
         if empty_in_a_row >= MAX_EMPTY_SHARDS:
             raise DataError(f"no data in the last {MAX_EMPTY_SHARDS} shards read (last: {url})")
         yield {}  # end of shard: group_by_keys never joins samples across shards
@@ -204,32 +252,42 @@ def shard_captions(urls: list[str], tally: Tally):
             yield refs
 
 
-def _decode(src, tally: Tally, prepare, evaluation: bool = False):
+def _decode(src, tally: Tally, prepare, evaluation: bool = False, dry: Dry | None = None):
     """Samples -> (prepare(image), captions, key); a bad one is counted under its kind and skipped.
 
     Training images go through to_rgb. Evaluation images keep their own mode (for_eval), so that the transform
-    resizes and crops first and converts to RGB last, as the official CLIP-S / PAC-S tools do."""
+    resizes and crops first and converts to RGB last, as the official CLIP-S / PAC-S tools do.
+    dry: a training reader's run without a usable sample (an evaluation pass ends by itself)."""
     for s in src:
         tally["read"] += 1
-        key = s["__key__"]
-        where = f"{key} in {s.get('__url__')}"
-        if (refs := sample_refs(s, tally, where)) is None:
-            continue
-        try:
-            im = open_image(s["jpg"])  # decodes the whole file: a truncated JPEG fails here
-            image = for_eval(im) if evaluation else to_rgb(im)
-        except ImageTooLarge as e:
-            tally.fault("image_too_large", where, e)
-            continue
-        except Exception as e:
-            tally.fault("corrupt_image", where, "no .jpg" if isinstance(e, KeyError) else e)
-            continue
-        try:
-            prepared = prepare(image)
-        except Exception as e:
-            tally.fault("refused_image", where, f"{type(e).__name__}: {e}")
-            continue
-        yield prepared, refs, key
+        out = _decode_one(s, tally, prepare, evaluation)
+        if dry is not None:
+            dry.sample(out is not None, s.get("__url__"))
+        if out is not None:
+            yield out
+
+
+def _decode_one(s: dict, tally: Tally, prepare, evaluation: bool):
+    """One sample's (prepare(image), captions, key), or None once its fault is counted."""
+    key = s["__key__"]
+    where = f"{key} in {s.get('__url__')}"
+    if (refs := sample_refs(s, tally, where)) is None:
+        return None
+    try:
+        im = open_image(s["jpg"])  # decodes the whole file: a truncated JPEG fails here
+        image = for_eval(im) if evaluation else to_rgb(im)
+    except ImageTooLarge as e:
+        tally.fault("image_too_large", where, e)
+        return None
+    except Exception as e:
+        tally.fault("corrupt_image", where, "no .jpg" if isinstance(e, KeyError) else e)
+        return None
+    try:
+        prepared = prepare(image)
+    except Exception as e:
+        tally.fault("refused_image", where, f"{type(e).__name__}: {e}")
+        return None
+    return prepared, refs, key
 
 
 def _reader_shuffle(bufsize: int, seed: int):
@@ -276,15 +334,15 @@ def train_loader(spec, collate: Collate, batch_size: int, samples_per_epoch: int
         return [], 0
     if start_batch:
         seed = (seed * 1_000_003 + start_batch) % 2**62
-    tally = Tally()
+    tally, dry = Tally(), Dry()  # per reader: each worker gets its own copies
     stages = [
         # One shard sequence shared by all ranks and workers (worker_seed constant), then partitioned.
         wds.ResampledShards(_urls(spec), seed=seed, worker_seed=_shared_seed, deterministic=True),
         wds.split_by_node,
         wds.split_by_worker,
-        functools.partial(_read_shards, tally=tally), functools.partial(_group, tally=tally),
+        functools.partial(_read_shards, tally=tally, dry=dry), functools.partial(_group, tally=tally),
         _reader_shuffle(shuffle_buffer, seed),
-        functools.partial(_decode, tally=tally, prepare=collate.prepare),
+        functools.partial(_decode, tally=tally, prepare=collate.prepare, dry=dry),
         wds.batched(batch_size, collation_fn=_Batch(collate, tally), partial=False),
         _worker_share(batches),
     ]
