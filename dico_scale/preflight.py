@@ -9,6 +9,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlparse
 
 import yaml
 
@@ -95,6 +96,16 @@ def check_sqlite_store(uri: str) -> str | None:
     return f"cannot write the sqlite store's folder {folder} ({problem})" if problem else None
 
 
+def check_file_store(uri: str) -> str | None:
+    """A path (or file: URI) names MLflow's folder store: a regular file there fails in MLflow's client, on rank 0
+    alone and after the models are built, while the other ranks wait for it in a collective."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file") or not Path(parsed.path if parsed.scheme else uri).is_file():
+        return None
+    return ("it is a regular file, neither a folder store nor an sqlite:/// URI; a tracking.uri is "
+            "http(s)://<host>:<port>, sqlite:///<folder>/mlflow.db or a folder")
+
+
 def check_tracking(cfg: Config, rank: int) -> None:
     """One line and ConfigError when the tracking store is unusable; with tracking.required=false, a warning on
     rank 0 and tracking off instead."""
@@ -103,15 +114,25 @@ def check_tracking(cfg: Config, rank: int) -> None:
     from .tracking import tracking_uri
 
     uri = tracking_uri(cfg)
-    problem = check_tracking_server(uri, cfg.tracking.connect_timeout_s) or check_sqlite_store(uri)
+    problem = (check_tracking_server(uri, cfg.tracking.connect_timeout_s) or check_sqlite_store(uri)
+               or check_file_store(uri))
     if problem is None:
         return
+    what = f"tracking {'server' if uri.startswith(('http://', 'https://')) else 'store'} '{uri}'"
     if cfg.tracking.required:
-        raise ConfigError(f"tracking server '{uri}' is unusable: {problem} (tracking.required=false trains without it)")
+        raise ConfigError(f"{what} is unusable: {problem} (tracking.required=false trains without it)")
     if rank == 0:
-        print(f"dico_scale: warning: tracking server '{uri}' is unusable: {problem}; training without tracking "
+        print(f"dico_scale: warning: {what} is unusable: {problem}; training without tracking "
               "(tracking.required=false)", file=sys.stderr, flush=True)
     cfg.tracking.enabled = False
+
+
+def tag_setting(tag: Path, key: str):
+    """train.<key> of the run that wrote a checkpoint tag, from the config.yaml saved in it; None when unknown."""
+    try:
+        return ((yaml.safe_load((tag / "config.yaml").read_text()) or {}).get("train") or {}).get(key)
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
 
 
 def tag_stage(tag: Path) -> str | None:
@@ -119,12 +140,7 @@ def tag_stage(tag: Path) -> str | None:
     from .checkpoint import read_marker
 
     stage = read_marker(tag).get("stage")
-    if stage is None:
-        try:
-            stage = ((yaml.safe_load((tag / "config.yaml").read_text()) or {}).get("train") or {}).get("stage")
-        except (OSError, yaml.YAMLError, AttributeError):
-            return None
-    return stage
+    return tag_setting(tag, "stage") if stage is None else stage
 
 
 def export_record(path: Path) -> dict:

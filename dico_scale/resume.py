@@ -16,9 +16,11 @@ from omegaconf import OmegaConf
 
 from .checkpoint import load_checkpoint, read_marker, saved_world_size, select_resume_tag
 from .config import RENAMED, Config, flatten
-from .errors import ConfigError, first_line
+from .deepspeed_json import read_deepspeed_config, zero_stage
+from .errors import AgreedConfigError, ConfigError, first_line
 from .frozen import check_fingerprints, frozen_fingerprints
 from .loop import LoopState
+from .preflight import tag_setting
 from .universal import finish_universal_load, universal_checkpoint
 
 
@@ -69,15 +71,32 @@ def _changes(tag: Path, cfg: Config) -> str | None:
         return None
 
 
+def check_zero_stage(tag: Path, saved: int | None, cfg: Config) -> None:
+    """DeepSpeed resumes a tag only under the ZeRO stage it was saved at (else an empty AssertionError or a missing
+    file, blamed on the model; its universal conversion does not cross stage 3 either), but for 1 <-> 2: one
+    partitioned optimizer layout, the next step is bitwise the same. Every rank raises it (they read one marker)."""
+    path = cfg.train.deepspeed_config
+    now = zero_stage(read_deepspeed_config(path))
+    if saved is None or saved == now or {saved, now} == {1, 2}:
+        return
+    was = tag_setting(tag, "deepspeed_config")
+    again = f"train.deepspeed_config={was}" if was else f"a stage {saved} train.deepspeed_config"
+    raise AgreedConfigError(f"checkpoint {tag} was saved under ZeRO stage {saved}, the run is configured for stage "
+                            f"{now} (train.deepspeed_config {path}): DeepSpeed resumes a checkpoint only under its own "
+                            f"stage (1 and 2 share one layout); resume it with {again}")
+
+
 def plan_resume(cfg: Config, log) -> ResumePlan:
-    """The tag (verified), the frozen models checked against it (ConfigError naming the file), then its universal
-    conversion when the world size differs: nothing is built and the MLflow run is not touched before the checks."""
+    """The tag (verified), the frozen models and its ZeRO stage checked against it (ConfigError, one line), then its
+    universal conversion when the world size differs: nothing is built and the MLflow run is not touched before the
+    checks."""
     tag = select_resume_tag(cfg.train.resume, os.path.join(cfg.train.output_dir, "checkpoints"), log)
     frozen = frozen_fingerprints(cfg, log)
     if tag is None:
         return ResumePlan(None, None, frozen)
     marker = read_marker(tag)
     check_fingerprints(marker, frozen, tag, log)
+    check_zero_stage(tag, marker.get("zero_stage"), cfg)
     if note := settings_note(tag, cfg):
         log(note)
     # ZeRO-0 keeps the whole optimizer state in the model states file, which any world size loads as it is
@@ -117,4 +136,8 @@ def resume_state(engine, plan: ResumePlan, cfg: Config, log) -> LoopState:
     dist.barrier()  # every rank has loaded before the MLflow run is touched
     log(f"resumed from {plan.tag} at step {engine.global_steps} (epoch {state.epoch}, batch {state.batch_in_epoch}"
         + (f"; written by {saved_ranks} ranks)" if saved_ranks != dist.get_world_size() else ")"))
+    step, last = engine.global_steps, cfg.train.max_steps
+    if step >= last:  # the loop trains no step, and the run exports the checkpoint's model as it is
+        log(f"resumed at step {step}, {'past' if step > last else 'at'} train.max_steps={last}: nothing to train; "
+            f"exporting step {step} (raise train.max_steps to train on)")
     return state

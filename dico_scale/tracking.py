@@ -281,6 +281,22 @@ class Tracker:
                  f"{self.backlog.path}: python -m dico_scale.tracking sync {self.backlog.path.parent}")
 
 
+def start_tracker(cfg: Config, rank: int, resume_run_id: str | None = None) -> Tracker:
+    """A collective: every rank's Tracker. A store MLflow refuses is found on rank 0 alone, where the run opens it:
+    every rank raises its one line together, instead of rank 0 leaving while the others wait for it in the next
+    collective (a gloo traceback there)."""
+    from .checkpoint import agree
+    from .errors import AgreedConfigError
+
+    tracker, failure = None, ""
+    try:
+        tracker = Tracker(cfg, rank, resume_run_id)
+    except ConfigError as e:
+        failure = str(e)
+    agree(failure, AgreedConfigError)
+    return tracker
+
+
 def sync(run_dir: str, uri: str | None) -> int:
     """Sends a run folder's backlog; the exit code of the `sync` command."""
     from mlflow.tracking import MlflowClient

@@ -84,7 +84,7 @@ def _run_locked(cfg: Config, device) -> dict:
     from dico_scale.models.folders import generation_note
     from dico_scale.resume import plan_resume, resume_state
     from dico_scale.stages import build_stage
-    from dico_scale.tracking import Tracker
+    from dico_scale.tracking import start_tracker
 
     rank, world = dist.get_rank(), dist.get_world_size()
     # Before anything heavy is built: a damaged newest tag is skipped, a bad explicit one or changed frozen model
@@ -107,7 +107,7 @@ def _run_locked(cfg: Config, device) -> dict:
     if plan.tag is None:
         state.data["missing_shard"] += missing_shards  # counted once per run: a resumed run has them in its totals
 
-    tracker = Tracker(cfg, rank, state.mlflow_run_id)
+    tracker = start_tracker(cfg, rank, state.mlflow_run_id)  # a store MLflow refuses: every rank stops
     memory = [engine_memory(stage.model_name, engine)] + [engine_memory(n, e) for n, e in frozen.items()]
     # rank 0's alone: the lines and params it writes
     projected, projected_params = log_prob_projection(cfg, stage, engine, memory, device) if rank == 0 else ([], {})

@@ -195,6 +195,37 @@ def test_bf16_zero3_checkpoint_resumes_at_one_rank_with_its_weights(tmp_path):
     assert status == "FINISHED" and steps == [1, 2, 3]
 
 
+@pytest.mark.distributed
+def test_a_zero2_checkpoint_resumes_under_zero1_exactly_and_is_refused_under_zero3(tmp_path):
+    """DeepSpeed resumes a tag only under the ZeRO stage it was saved at: under ZeRO-3 a ZeRO-2 tag failed with an
+    empty AssertionError blamed on the model. Stages 1 and 2 share the partitioned optimizer layout: the step after a
+    ZeRO-1 resume is bitwise the ZeRO-2 resume's."""
+    import shutil
+
+    from helpers import xe_args
+
+    def args(out: str, zero: int, steps: int) -> list[str]:
+        return xe_args(tmp_path, tmp_path / out) + [
+            "tracking.enabled=false", "train.validate_at_end=false", f"train.max_steps={steps}",
+            f"train.deepspeed_config=configs/deepspeed/zero{zero}.json"]
+
+    check_ok(_launch("dico_scale/train.py", args("z2", 2, 2), ranks=2))
+    for out in ("z1", "z3"):
+        shutil.copytree(tmp_path / "z2" / "checkpoints", tmp_path / out / "checkpoints")
+    proc = _launch("dico_scale/train.py", args("z3", 3, 3) + ["train.resume=auto"], ranks=2)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("dico_scale:")]
+    assert lines == 2 * [f"dico_scale: config error: checkpoint {tmp_path / 'z3' / 'checkpoints' / TAG2} was saved "
+                         "under ZeRO stage 2, the run is configured for stage 3 (train.deepspeed_config "
+                         "configs/deepspeed/zero3.json): DeepSpeed resumes a checkpoint only under its own stage (1 "
+                         "and 2 share one layout); resume it with train.deepspeed_config=configs/deepspeed/zero2.json"]
+    for out in ("z2", "z1"):
+        proc = check_ok(_launch("dico_scale/train.py", args(out, int(out[1]), 3) + ["train.resume=auto"], ranks=2))
+        assert f"resumed from {tmp_path / out / 'checkpoints' / TAG2} at step 2" in proc.stdout
+    z2, z1 = (torch.load(tmp_path / d / "model.pt", weights_only=True)["state_dict"] for d in ("z2", "z1"))
+    assert _max_diff(z1, z2) == 0
+
+
 # ---- the arithmetic: a step after an elastic resume is the uninterrupted run's step --------------------------------
 
 def _adam_step_from_scratch(weights: dict, x: torch.Tensor, lr: float) -> dict:
@@ -345,3 +376,22 @@ def test_a_resume_whose_model_shape_changed_names_the_setting(tmp_path):
                            " does not fit the configured model (RuntimeError: Error(s) in loading state_dict for "
                            "Captioner: size mismatch for "), line
     assert line.endswith("2 setting(s) differ from the checkpoint's: captioner.width 128 -> 96, train.max_steps 1 -> 2")
+
+
+def test_a_resume_past_max_steps_says_it_trains_nothing(tiny_xe, tmp_path):
+    """A step-2 checkpoint resumed with train.max_steps=1 exported the step-2 model and said only `done: step=2`."""
+    import shutil
+
+    from helpers import launch
+
+    work = tmp_path / "xe"
+    shutil.copytree(tiny_xe.parent, work)  # conftest's 2-step run: its checkpoint of step 2
+    data = tiny_xe.parent.parent / "data"
+    proc = check_ok(launch("dico_scale/train.py", "configs/demo/xe.yaml", [
+        f"data.root={data}", "data.synthetic.n_train=40", "data.synthetic.n_val=8", "data.synthetic.n_test=8",
+        "data.synthetic.samples_per_shard=10", "data.samples_per_epoch=40", f"train.output_dir={work}",
+        "evaluator.weights=", "captioner.image_encoder_weights=", "train.init_from=", "tracking.enabled=false",
+        "train.validate_at_end=false", "train.max_steps=1", "train.resume=auto"], ranks=1, timeout=300))
+    assert ("resumed at step 2, past train.max_steps=1: nothing to train; exporting step 2 (raise train.max_steps "
+            "to train on)") in proc.stdout.splitlines()
+    assert "done: stage=xe step=2 " in proc.stdout

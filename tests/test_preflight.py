@@ -177,6 +177,23 @@ def test_unreachable_tracking_server_fails_in_seconds_naming_the_uri(tmp_path, m
     assert took < 30
 
 
+@pytest.mark.parametrize("form", ["path", "file URI"])
+def test_a_tracking_uri_that_is_a_regular_file_fails_before_anything_is_built(tmp_path, monkeypatch, capsys, form):
+    """MLflow's client failed on it on rank 0 alone, once the models were built, calling the file 'a folder as store',
+    while rank 1 waited for rank 0 in a collective (a gloo traceback): every rank's preflight stops it now."""
+    notes = tmp_path / "afile.txt"
+    notes.write_text("not a store")
+    uri = str(notes) if form == "path" else notes.as_uri()
+    proc, took = _train_in_process(tmp_path, monkeypatch, capsys, f"train.output_dir={tmp_path}/run",
+                                   f"tracking.uri={uri}")
+    assert proc.returncode == exit_codes.CONFIG_ERROR
+    assert _one_error_line(proc) == (f"dico_scale: config error: tracking store '{uri}' is unusable: it is a regular "
+                                     "file, neither a folder store nor an sqlite:/// URI; a tracking.uri is "
+                                     "http(s)://<host>:<port>, sqlite:///<folder>/mlflow.db or a folder "
+                                     "(tracking.required=false trains without it)")
+    assert took < 30
+
+
 def test_unreachable_tracking_server_can_be_skipped_with_a_warning(tmp_path):
     proc, _ = _train(tmp_path, f"train.output_dir={tmp_path}/run", "tracking.uri=http://127.0.0.1:1",
                      "tracking.required=false", "tracking.connect_timeout_s=2", "train.max_steps=1",

@@ -178,6 +178,21 @@ def test_a_store_mlflow_refuses_is_one_line_or_with_required_false_no_tracking(t
     assert not (tmp_path / "xe" / "mlflow_backlog.jsonl").exists()
 
 
+@pytest.mark.distributed
+def test_a_store_mlflow_refuses_stops_every_rank_with_its_one_line(tmp_path):
+    """The store is opened on rank 0 alone, once the models are built: rank 0 left with its line while rank 1 waited
+    for it in a collective (killed by the launcher, or gloo's 'Connection closed by peer' traceback). Every rank
+    leaves with the line now."""
+    from helpers import launch
+
+    args = xe_args(tmp_path, tmp_path / "xe") + ["tracking.uri=foo://bar", "train.max_steps=1"]
+    proc = launch("dico_scale/train.py", args[1], args[2:], timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("dico_scale:")]
+    assert len(lines) == 2 and all(line.startswith("dico_scale: config error: tracking store 'foo://bar' cannot be "
+                                                   "used: ") for line in lines), proc.stderr[-3000:]
+
+
 def test_sync_without_a_store_or_to_one_mlflow_refuses_is_one_line_and_keeps_the_records(tmp_path, capsys):
     from dico_scale.backlog import Backlog
     from dico_scale.tracking import main
