@@ -182,7 +182,8 @@ def set_aside(run_dir: str, run_id: str) -> str:
 class Tracker:
     """No-op off rank 0 or when disabled, so the training loop never branches on the rank."""
 
-    def __init__(self, cfg: Config, rank: int, resume_run_id: str | None = None):
+    def __init__(self, cfg: Config, rank: int, resume_run_id: str | None = None, forked_from: dict | None = None):
+        self.forked_from = forked_from or {}  # a new run's tags naming the run and checkpoint it branches from
         self.run_id, self.resumed = None, False  # resumed: logging on to the checkpoint's run (its params are there)
         self.active = cfg.tracking.enabled and rank == 0
         if not self.active:
@@ -223,7 +224,7 @@ class Tracker:
             self.client.update_run(resume_run_id, status="RUNNING")
             return True
         name = cfg.tracking.run_name or f"{cfg.train.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-        tags = {"stage": cfg.train.stage}
+        tags = {"stage": cfg.train.stage, **self.forked_from}
         if cfg.tracking.parent_run_id:  # how the MLflow UI nests runs (dico_scale.compare's children)
             tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
         self.run_id = self.client.create_run(exp_id, run_name=name, tags=tags).info.run_id
@@ -281,16 +282,26 @@ class Tracker:
                  f"{self.backlog.path}: python -m dico_scale.tracking sync {self.backlog.path.parent}")
 
 
-def start_tracker(cfg: Config, rank: int, resume_run_id: str | None = None) -> Tracker:
+def start_tracker(cfg: Config, rank: int, resume_run_id: str | None = None, tag=None) -> Tracker:
     """A collective: every rank's Tracker. A store MLflow refuses is found on rank 0 alone, where the run opens it:
     every rank raises its one line together, instead of rank 0 leaving while the others wait for it in the next
-    collective (a gloo traceback there)."""
+    collective (a gloo traceback there). `tag`: the checkpoint resumed; one outside this run's checkpoints/ (another
+    folder's, train.resume=<tag>) starts a branch, on a new run tagged with its origin: logging on to the origin's
+    run would mix two folders' steps in one history."""
     from .checkpoint import agree
     from .errors import AgreedConfigError
 
+    forked_from = None
+    if resume_run_id and tag is not None and Path(tag).resolve().parent != \
+            (Path(cfg.train.output_dir) / "checkpoints").resolve():
+        forked_from = {"dico_scale.forked_from_run": resume_run_id, "dico_scale.forked_from_checkpoint": str(tag)}
+        if rank == 0 and cfg.tracking.enabled:
+            _say(f"tracking: {tag} is another folder's checkpoint: this run logs to a new MLflow run (tagged with "
+                 f"the run {resume_run_id} it branches from, which is left as it is)")
+        resume_run_id = None
     tracker, failure = None, ""
     try:
-        tracker = Tracker(cfg, rank, resume_run_id)
+        tracker = Tracker(cfg, rank, resume_run_id, forked_from)
     except ConfigError as e:
         failure = str(e)
     agree(failure, AgreedConfigError)

@@ -107,7 +107,7 @@ def _run_locked(cfg: Config, device) -> dict:
     if plan.tag is None:
         state.data["missing_shard"] += missing_shards  # counted once per run: a resumed run has them in its totals
 
-    tracker = start_tracker(cfg, rank, state.mlflow_run_id)  # a store MLflow refuses: every rank stops
+    tracker = start_tracker(cfg, rank, state.mlflow_run_id, plan.tag)  # a store MLflow refuses: every rank stops
     memory = [engine_memory(stage.model_name, engine)] + [engine_memory(n, e) for n, e in frozen.items()]
     # rank 0's alone: the lines and params it writes
     projected, projected_params = log_prob_projection(cfg, stage, engine, memory, device) if rank == 0 else ([], {})

@@ -233,6 +233,38 @@ def test_a_resume_against_a_store_without_the_run_logs_to_a_new_run_and_sets_the
     assert run.data.params["train.stage"] == "xe" and run.info.status == "FINISHED"
 
 
+def test_a_resume_from_another_folders_checkpoint_branches_to_a_new_run(tmp_path, capsys):
+    """train.resume=<another folder's tag> logged on to that folder's run (FINISHED, or still training): two folders'
+    steps in one history. Such a branch gets a new run tagged with its origin; a tag of the run's own checkpoints/
+    (a requeue, a moved folder) still continues the checkpoint's run."""
+    import torch.distributed as dist
+
+    from dico_scale.config import load_config
+    from dico_scale.tracking import Tracker, start_tracker
+
+    def cfg(out: str):
+        args = xe_args(tmp_path, tmp_path / out)
+        return load_config(str(REPO / args[args.index("--config") + 1]), [a for a in args if "=" in a])
+
+    origin = Tracker(cfg("a"), rank=0)
+    origin.finish()
+    tag = tmp_path / "a" / "checkpoints" / "step_00000040"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        branch = start_tracker(cfg("b"), 0, origin.run_id, tag)
+        branch.finish()
+        again = start_tracker(cfg("a"), 0, origin.run_id, tag)
+        again.finish()
+    finally:
+        dist.destroy_process_group()
+    assert not branch.resumed and branch.run_id != origin.run_id
+    assert again.resumed and again.run_id == origin.run_id
+    tags = MlflowClient(tracking_uri=cfg("b").tracking.uri).get_run(branch.run_id).data.tags
+    assert tags["dico_scale.forked_from_run"] == origin.run_id and tags["dico_scale.forked_from_checkpoint"] == str(tag)
+    assert (f"dico_scale: tracking: {tag} is another folder's checkpoint: this run logs to a new MLflow run (tagged "
+            f"with the run {origin.run_id} it branches from, which is left as it is)") in capsys.readouterr().err
+
+
 def test_backlog_replay_stops_at_the_first_refusal_and_keeps_the_rest_in_order(tmp_path):
     """A real sqlite store refuses a record of a run it does not have: the records before it are sent and cleared."""
     from dico_scale.backlog import Backlog
