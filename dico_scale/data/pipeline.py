@@ -8,7 +8,7 @@ A sample on disk is `<key>.jpg` + `<key>.json` (a list of reference captions). A
 Training streams resample shards from one seeded sequence that every rank and worker draws alike, then split it by
 node and by worker, so ranks read different shards and every rank yields exactly the same number of batches per epoch.
 Evaluation reads each shard once, split by node and worker, never dropping or repeating a sample.
-Bad data never stops a loader: each bad sample or shard is logged once (one warning line), counted by kind, skipped.
+Bad data never stops a loader: each bad sample or shard read is logged (one warning line), counted by kind, skipped.
 Only a dead stream raises DataError: 100 shards in a row without a file, or, in a training reader, without a usable
 sample (a training stream resamples its shards forever; an evaluation pass ends by itself).
 The counts ride in the batches; a reader's faults after its last batch are logged but not counted (this only
