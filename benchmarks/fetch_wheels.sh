@@ -20,8 +20,8 @@ rm -f wheels/*.whl
 python3 -m pip download --no-deps -d wheels liger-kernel==0.8.5 cut-cross-entropy==25.1.1
 python3 -m pip download --no-deps -d wheels open_clip_torch==3.3.0 ftfy==6.3.1 omegaconf==2.4.0 \
     transformers==5.25.0 webdataset==1.0.2 braceexpand==0.1.7 hjson==3.1.0 pydantic==2.14.4 annotated-types==0.8.0 \
-    typing-inspection==0.4.5 typing_extensions==4.16.0 peft==0.21.2 accelerate==1.16.0 timm==1.0.31 \
-    huggingface-hub==2.4.0 httpx2==2.17.0 httpcore2==2.17.0 h11==0.16.0 anyio==4.16.0 idna==3.21 truststore==0.10.5
+    typing-inspection==0.4.5 typing_extensions==4.16.0 peft==0.22.0 accelerate==1.16.0 timm==1.0.31 \
+    huggingface-hub==2.5.0 httpx2==2.17.0 httpcore2==2.17.0 h11==0.16.0 anyio==4.16.0 idna==3.21 truststore==0.10.5
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d wheels pydantic-core==2.50.5 tokenizers==0.23.3 \
     wcwidth==0.9.5 regex==2026.12.2 kernels==0.19.1
