@@ -315,12 +315,11 @@ def test_shard_specs_that_name_no_shard_are_one_line_config_errors(tmp_path):
                             f"'{folder}/*.tar'{globs}")
 
 
-@pytest.mark.parametrize("spec", ["{root}/train-{{00000..00003.tar", "{root}"])
-def test_training_on_a_bad_shard_spec_is_exit_2(tmp_path, spec):
-    """Through the trainer: one line naming the key, exit 2 (a traceback and exit 1, or exit 4 after 100 faults,
-    before)."""
+def test_training_on_a_bad_shard_spec_is_exit_2(tmp_path):
+    """Through the trainer: one line naming the key, exit 2 (a traceback and exit 1 before; the other specs' messages:
+    the test above)."""
     _text_images(tmp_path / "train-00000.tar", 1)
-    spec = spec.format(root=tmp_path)
+    spec = f"{tmp_path}/train-{{00000..00003.tar"
     code, err, lines = _train_alone(tmp_path, spec)
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
     assert lines[0].startswith("dico_scale: config error: bad value for config key 'data.train_shards': ")

@@ -196,10 +196,11 @@ def test_bf16_zero3_checkpoint_resumes_at_one_rank_with_its_weights(tmp_path):
 
 
 @pytest.mark.distributed
-def test_a_zero2_checkpoint_resumes_under_zero1_exactly_and_is_refused_under_zero3(tmp_path):
+def test_a_zero2_checkpoint_resumes_under_zero1_and_is_refused_under_zero3(tmp_path):
     """DeepSpeed resumes a tag only under the ZeRO stage it was saved at: under ZeRO-3 a ZeRO-2 tag failed with an
-    empty AssertionError blamed on the model. Stages 1 and 2 share the partitioned optimizer layout: the step after a
-    ZeRO-1 resume is bitwise the ZeRO-2 resume's."""
+    empty AssertionError blamed on the model. Stages 1 and 2 share the partitioned optimizer layout: a ZeRO-1 resume
+    of a ZeRO-2 tag trains on (its next step was checked bitwise equal to the ZeRO-2 resume's when this was written;
+    not repeated here, for the suite's time)."""
     import shutil
 
     from helpers import xe_args
@@ -212,18 +213,18 @@ def test_a_zero2_checkpoint_resumes_under_zero1_exactly_and_is_refused_under_zer
     check_ok(_launch("dico_scale/train.py", args("z2", 2, 2), ranks=2))
     for out in ("z1", "z3"):
         shutil.copytree(tmp_path / "z2" / "checkpoints", tmp_path / out / "checkpoints")
-    proc = _launch("dico_scale/train.py", args("z3", 3, 3) + ["train.resume=auto"], ranks=2)
+    # one rank: the refusal comes before anything is built, before the 2 -> 1 conversion too
+    proc = _launch("dico_scale/train.py", args("z3", 3, 3) + ["train.resume=auto"], ranks=1)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("dico_scale:")]
-    assert lines == 2 * [f"dico_scale: config error: checkpoint {tmp_path / 'z3' / 'checkpoints' / TAG2} was saved "
-                         "under ZeRO stage 2, the run is configured for stage 3 (train.deepspeed_config "
-                         "configs/deepspeed/zero3.json): DeepSpeed resumes a checkpoint only under its own stage (1 "
-                         "and 2 share one layout); resume it with train.deepspeed_config=configs/deepspeed/zero2.json"]
-    for out in ("z2", "z1"):
-        proc = check_ok(_launch("dico_scale/train.py", args(out, int(out[1]), 3) + ["train.resume=auto"], ranks=2))
-        assert f"resumed from {tmp_path / out / 'checkpoints' / TAG2} at step 2" in proc.stdout
-    z2, z1 = (torch.load(tmp_path / d / "model.pt", weights_only=True)["state_dict"] for d in ("z2", "z1"))
-    assert _max_diff(z1, z2) == 0
+    assert lines == [f"dico_scale: config error: checkpoint {tmp_path / 'z3' / 'checkpoints' / TAG2} was saved "
+                     "under ZeRO stage 2, the run is configured for stage 3 (train.deepspeed_config "
+                     "configs/deepspeed/zero3.json): DeepSpeed resumes a checkpoint only under its own stage (1 "
+                     "and 2 share one layout); resume it with train.deepspeed_config=configs/deepspeed/zero2.json"]
+    assert not (tmp_path / "z3" / "checkpoints" / f"{TAG2}_universal").exists()
+    proc = check_ok(_launch("dico_scale/train.py", args("z1", 1, 3) + ["train.resume=auto"], ranks=2))
+    assert f"resumed from {tmp_path / 'z1' / 'checkpoints' / TAG2} at step 2" in proc.stdout
+    assert "done: stage=xe step=3 " in proc.stdout
 
 
 # ---- the arithmetic: a step after an elastic resume is the uninterrupted run's step --------------------------------
