@@ -31,6 +31,11 @@ def tag_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def tag_folders(tag_dir: Path) -> tuple[Path, ...]:
+    """The tag and what goes with it: its universal conversion, finished or not."""
+    return tag_dir, *(tag_dir.with_name(tag_dir.name + s) for s in (UNIVERSAL, UNIVERSAL + ".tmp"))
+
+
 def complete_tags(ckpt_dir: str | Path) -> list[Path]:
     """Tag folders holding a `complete` marker, oldest first (not their `_universal` conversions)."""
     root = Path(ckpt_dir)
@@ -102,7 +107,7 @@ def fresh_tag_folder(tag_dir: Path) -> None:
     failure = ""
     if dist.get_rank() == 0:
         try:
-            for old in (tag_dir, *(tag_dir.with_name(tag_dir.name + s) for s in (UNIVERSAL, UNIVERSAL + ".tmp"))):
+            for old in tag_folders(tag_dir):
                 if old.is_symlink() or old.is_file():
                     old.unlink()
                 elif old.is_dir():
@@ -144,7 +149,7 @@ def save_checkpoint(engine, ckpt_dir: str, step: int, client_state: dict, config
                     marker[key] = client_state[key]
             write_marker(tag_dir, marker)
             for old in complete_tags(ckpt_dir)[:-keep]:
-                for folder in (old, old.with_name(old.name + UNIVERSAL), old.with_name(old.name + UNIVERSAL + ".tmp")):
+                for folder in tag_folders(old):
                     shutil.rmtree(folder, ignore_errors=True)
         except OSError as e:
             failure = describe_save_failure(e, tag_dir)

@@ -152,7 +152,7 @@ def split_label(spec: str) -> str:
 def check_shards(spec: str, option: str) -> list[str]:
     import webdataset as wds
 
-    from dico_scale.data.pipeline import folder_problem, glob_hint
+    from dico_scale.data.pipeline import folder_problem, glob_hint, is_local
 
     try:
         urls = wds.shardlists.expand_urls(spec)
@@ -160,7 +160,7 @@ def check_shards(spec: str, option: str) -> list[str]:
         raise ConfigError(f"bad shard spec '{spec}' ({option}): {type(e).__name__}: {e}") from None
     if problem := folder_problem(urls):
         raise ConfigError(f"bad shard spec '{spec}' ({option}): {problem}")
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    local = [u for u in urls if is_local(u)]
     missing = [u for u in local if not os.path.isfile(u)]
     if missing:
         raise ConfigError(f"bad shard spec '{spec}' ({option}): {len(missing)} of {len(urls)} shards not found, "

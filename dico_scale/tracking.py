@@ -183,14 +183,13 @@ class Tracker:
     """No-op off rank 0 or when disabled, so the training loop never branches on the rank."""
 
     def __init__(self, cfg: Config, rank: int, resume_run_id: str | None = None, forked_from: dict | None = None):
-        self.forked_from = forked_from or {}  # a new run's tags naming the run and checkpoint it branches from
         self.run_id, self.resumed = None, False  # resumed: logging on to the checkpoint's run (its params are there)
         self.active = cfg.tracking.enabled and rank == 0
         if not self.active:
             return
         self.uri = uri = tracking_uri(cfg)
         try:
-            self.resumed = self._start_run(cfg, resume_run_id)
+            self.resumed = self._start_run(cfg, resume_run_id, forked_from or {})
         except Exception as e:  # noqa: BLE001 - a store MLflow refuses (an unknown scheme, a file store, ...)
             hint = FILE_STORE_HINT if urlparse(uri).scheme in ("", "file") else ""
             problem = f"tracking store '{uri}' cannot be used: {first_line(e, 160)}{hint}"
@@ -209,8 +208,9 @@ class Tracker:
             self.log_params(flatten(cfg))
             self.log_text(to_yaml(cfg), "config.yaml")
 
-    def _start_run(self, cfg: Config, resume_run_id: str | None) -> bool:
-        """Opens the store and the run: the checkpoint's (True), or a new one."""
+    def _start_run(self, cfg: Config, resume_run_id: str | None, forked_from: dict) -> bool:
+        """Opens the store and the run: the checkpoint's (True), or a new one (`forked_from`: its tags naming the run
+        and checkpoint it branches from)."""
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=self.uri)
@@ -224,7 +224,7 @@ class Tracker:
             self.client.update_run(resume_run_id, status="RUNNING")
             return True
         name = cfg.tracking.run_name or f"{cfg.train.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-        tags = {"stage": cfg.train.stage, **self.forked_from}
+        tags = {"stage": cfg.train.stage, **forked_from}
         if cfg.tracking.parent_run_id:  # how the MLflow UI nests runs (dico_scale.compare's children)
             tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
         self.run_id = self.client.create_run(exp_id, run_name=name, tags=tags).info.run_id
