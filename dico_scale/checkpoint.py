@@ -31,6 +31,11 @@ def tag_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def own_tag(tag: str | Path, output_dir: str | Path) -> bool:
+    """Whether a tag lies in the run folder's own checkpoints/ (links and '..' resolved), not another folder's."""
+    return Path(tag).resolve().parent == (Path(output_dir) / "checkpoints").resolve()
+
+
 def tag_folders(tag_dir: Path) -> tuple[Path, ...]:
     """The tag and what goes with it: its universal conversion, finished or not."""
     return tag_dir, *(tag_dir.with_name(tag_dir.name + s) for s in (UNIVERSAL, UNIVERSAL + ".tmp"))

@@ -207,14 +207,14 @@ def check_history(cfg: Config) -> None:
     fresh or from another folder's tag, those after its tag when it resumes an older one of its own. They would
     outlive its own in the pruning (the newest are kept), and a later train.resume=auto (a requeued job's) would
     continue them instead of this run."""
-    from .checkpoint import complete_tags
+    from .checkpoint import complete_tags, own_tag
 
     t, out = cfg.train, Path(cfg.train.output_dir)
     tags = complete_tags(out / "checkpoints")
     if t.resume == "auto" or not tags:
         return
     start = None if t.resume == "none" else Path(t.resume).resolve()
-    own = start is not None and start.parent == (out / "checkpoints").resolve()
+    own = start is not None and own_tag(start, out)
     if not (other := [p for p in tags if p.name > start.name] if own else tags):
         return
     this = f"resumes {start.name}" if own else "starts fresh" if start is None else f"starts from {t.resume}"

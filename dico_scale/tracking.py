@@ -288,12 +288,11 @@ def start_tracker(cfg: Config, rank: int, resume_run_id: str | None = None, tag=
     collective (a gloo traceback there). `tag`: the checkpoint resumed; one outside this run's checkpoints/ (another
     folder's, train.resume=<tag>) starts a branch, on a new run tagged with its origin: logging on to the origin's
     run would mix two folders' steps in one history."""
-    from .checkpoint import agree
+    from .checkpoint import agree, own_tag
     from .errors import AgreedConfigError
 
     forked_from = None
-    if resume_run_id and tag is not None and Path(tag).resolve().parent != \
-            (Path(cfg.train.output_dir) / "checkpoints").resolve():
+    if resume_run_id and tag is not None and not own_tag(tag, cfg.train.output_dir):
         forked_from = {"dico_scale.forked_from_run": resume_run_id, "dico_scale.forked_from_checkpoint": str(tag)}
         if rank == 0 and cfg.tracking.enabled:
             _say(f"tracking: {tag} is another folder's checkpoint: this run logs to a new MLflow run (tagged with "
