@@ -224,6 +224,20 @@ def check_history(cfg: Config) -> None:
                       "remove them (or use another output_dir) to start over")
 
 
+def check_lone_export(cfg: Config) -> None:
+    """A folder with model.pt and no complete checkpoint (a finished run whose checkpoints were removed to save
+    space, then its job resubmitted): a run there starts over and would replace that model at its end."""
+    from .checkpoint import complete_tags
+
+    out = Path(cfg.train.output_dir)
+    if complete_tags(out / "checkpoints") or not (out / "model.pt").is_file():
+        return
+    step = export_record(out / "model.pt").get("step")
+    raise ConfigError(f"train.output_dir '{out}' holds a model.pt{f' of step {step}' if step is not None else ''} "
+                      "and no checkpoint to continue: this run would start over and replace it at its end; move it "
+                      "away (or use another output_dir)")
+
+
 def check_device(cfg: Config) -> None:
     """train.device=cuda where torch sees no GPU: DeepSpeed would pick its CPU accelerator and train there, silently
     (the GPU check's harness, run on a CPU, trained on it)."""
@@ -261,6 +275,7 @@ def run_preflight(cfg: Config) -> None:
     check_stage(cfg, rank)
     check_history(cfg)
     check_start_file(cfg)
+    check_lone_export(cfg)
     check_tracking(cfg, rank)
     if cfg.captioner.model == "dico_ref" and STAGES[cfg.train.stage].exports == "captioner":
         from .models.dico_ref import check_folder_weights

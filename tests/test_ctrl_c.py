@@ -15,7 +15,7 @@ import torch
 from helpers import launch_xe, steps_logged, wait_for, xe_args
 
 from dico_scale.config import ConfigError, load_config
-from dico_scale.preflight import check_history, check_stage, finished_run
+from dico_scale.preflight import check_history, check_lone_export, check_stage, finished_run
 from dico_scale.supervision import SAME_CTRL_C_S
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,6 +132,25 @@ def test_a_run_never_starts_beside_checkpoints_of_another_history(tmp_path):
     for resume in ("auto", str(ckpts / "step_00000004"), str(tmp_path / "checkpoints" / ".." / "checkpoints" /
                                                                "step_00000004")):
         check_history(_cfg(tmp_path, "xe", resume))
+
+
+def test_a_model_pt_without_checkpoints_is_never_replaced_by_a_run_that_starts_over(tmp_path):
+    """A finished run's folder whose checkpoints were removed (to save space), its job resubmitted: the run would
+    train from the start and overwrite model.pt at its end. Refused, fresh or resume=auto, and beside a tag that never
+    completed; with a complete checkpoint the run continues it (check_history and finished_run decide)."""
+    torch.save({"state_dict": {}, "stage": "xe", "step": 40}, tmp_path / "model.pt")
+    (tmp_path / "checkpoints" / "step_00000040").mkdir(parents=True)  # never completed
+    for resume in ("none", "auto"):
+        with pytest.raises(ConfigError) as e:
+            check_lone_export(_cfg(tmp_path, "xe", resume))
+        assert str(e.value) == (f"train.output_dir '{tmp_path}' holds a model.pt of step 40 and no checkpoint to "
+                                "continue: this run would start over and replace it at its end; move it away (or use "
+                                "another output_dir)")
+    (tmp_path / "model.pt").write_bytes(b"not a torch file")  # still the user's file: refused, without a step
+    with pytest.raises(ConfigError, match="holds a model.pt and no checkpoint to continue"):
+        check_lone_export(_cfg(tmp_path, "xe", "auto"))
+    (tmp_path / "checkpoints" / "step_00000040" / "complete").write_text("{}")
+    check_lone_export(_cfg(tmp_path, "xe", "auto"))
 
 
 def test_a_finished_run_resumed_does_nothing(tmp_path, capsys, clean_env):
