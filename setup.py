@@ -37,6 +37,7 @@ setup(
         # 0.5.1-0.5.4 do not build
         "num2words>=0.5.5",
         "tqdm>=4.60",
+        "psutil>=5.9",  # the demo and compare wait for their runs' ranks after a Ctrl-C (DeepSpeed needs it too)
         "matplotlib>=3.8.4",  # dico_scale.compare draws its figure (3.8.0-3.8.3 refuse numpy 2)
     ],
     extras_require={

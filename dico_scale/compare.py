@@ -57,6 +57,18 @@ class CompareConfig:
 
 
 
+# The training keys compare sets for every run (plan), and where they come from: an override of one would make the
+# runs unequal while the table says they are not, or put them in one folder
+OWNED = {"train.seed": "from its key 'seeds' (seeds=[0,1,2])", "train.max_steps": "from its key 'steps'",
+         "train.val_every": "from its key 'val_every'", "train.select_best": "from its key 'select_best'",
+         "dico.reward": "from its key 'reward'", "scst.reward": "from its key 'reward'",
+         "train.init_from": "from its key 'xe_checkpoint'", "train.output_dir": "from its key 'output_dir'",
+         "train.resume": "itself (--resume continues a stopped compare)",
+         "train.val_max_images": "to 0 (the whole val split, the XE captioner's too)",
+         "tracking.run_name": "to the run's name", "tracking.parent_run_id": "to the compare's MLflow run"}
+FOLDER_KEYS = ("captioner.model", "captioner.hf_path")  # set from xe_checkpoint when it is a transformers folder
+
+
 def load(path: str, args: list[str]) -> tuple[CompareConfig, list[str]]:
     """(the compare config, training overrides of every run); ConfigError naming what is wrong."""
     own = [a for a in args if "." not in a.split("=", 1)[0]]
@@ -76,8 +88,12 @@ def load(path: str, args: list[str]) -> tuple[CompareConfig, list[str]]:
         raise ConfigError(str(e).replace("config key 'train.select_best'", "compare key 'select_best'")) from None
     if not c.seeds or min(c.seeds) < 0 or len(set(c.seeds)) < len(c.seeds):
         raise ConfigError(f"bad value for compare key 'seeds': {c.seeds} must be distinct integers >= 0, at least one")
-    if item := setting(list(c.overrides) + training, ("train.seed",)):
-        raise ConfigError(f"'{item}': compare sets each run's train.seed from its key 'seeds' (seeds=[0,1,2])")
+    if item := setting(list(c.overrides) + training, OWNED):
+        key = item.split("=", 1)[0]
+        raise ConfigError(f"'{item}': compare sets each run's {key} {OWNED[key]}, the same for DiCO and SCST")
+    if is_folder(c.xe_checkpoint) and (item := setting(list(c.overrides) + training, FOLDER_KEYS)):
+        raise ConfigError(f"'{item}': every run starts from the transformers folder xe_checkpoint="
+                          f"{c.xe_checkpoint} (its captioner row and folder)")
     for key in ("dico_config", "scst_config"):
         if not os.path.isfile(getattr(c, key)):
             raise ConfigError(f"bad value for compare key '{key}': '{getattr(c, key)}' does not exist")
@@ -322,7 +338,8 @@ def compare(c: CompareConfig, training: list[str], ranks: int | None, resume: bo
             if resume and os.path.isfile(os.path.join(folder, "model.pt")):  # exported last: the run finished
                 print(f"\n=== {r['name']}: finished in the earlier compare ({folder}/model.pt)", flush=True)
                 continue
-            train_stage(r["stage"], ranks, r["overrides"], config=r["config"], prog=PROG, name=r["name"])
+            train_stage(r["stage"], ranks, r["overrides"], config=r["config"], prog=PROG, name=r["name"],
+                        again="the same command with --resume continues the compare")
         curves = histories(client, parent_id, runs)
         # a folder's weights are those cfg.captioner.hf_path names: no file to load on top
         xe = {"XE": "" if is_folder(c.xe_checkpoint) else c.xe_checkpoint}

@@ -7,6 +7,8 @@ import os
 import statistics
 import time
 
+from .errors import ConfigError
+
 # (run name, stage, label); the reward of the last is CIDEr-D whatever `reward` says
 RUNS = [("dico", "dico", "DiCO"), ("scst", "scst", "SCST"), ("scst_cider", "scst", "SCST (CIDEr-D)")]
 CURVES = ["evaluator_score", "cider", "mean_length", "repetition", "vocab_size"]
@@ -35,8 +37,18 @@ def histories(client, parent_id: str, runs: list[dict]) -> dict:
 
 
 def selected_model(run_dir: str) -> str:
-    best = os.path.join(run_dir, "best", "model.pt")
-    return best if os.path.isfile(best) else os.path.join(run_dir, "model.pt")
+    """A run's selected checkpoint (best/model.pt), or its final model.pt where it selected none (no validation
+    passed train.select_floor; said in a line). ConfigError when best/ names a selection whose weights are gone: the
+    table would show another step under the selected checkpoints' heading."""
+    best = os.path.join(run_dir, "best")
+    if os.path.isfile(os.path.join(best, "model.pt")):
+        return os.path.join(best, "model.pt")
+    if os.path.isfile(os.path.join(best, "best.json")):
+        raise ConfigError(f"{best}/best.json names the run's selected checkpoint, but {best}/model.pt is missing: "
+                          "train the compare again (without --resume)")
+    print(f"{run_dir}: no validation was selected (no {best}/model.pt): the table takes its final model.pt",
+          flush=True)
+    return os.path.join(run_dir, "model.pt")
 
 
 def by_method(per_run: dict, runs: list[dict]) -> dict:

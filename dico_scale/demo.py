@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         if args.keep and os.path.isfile(f"runs/demo/{stage}/model.pt"):
             print(f"\n=== {stage}: kept from the earlier demo (runs/demo/{stage}/model.pt)", flush=True)
             continue
-        train_stage(stage, args.ranks, overrides)
+        train_stage(stage, args.ranks, overrides, again="the same command with --keep continues the demo")
     results = compare(overrides)
     with open("runs/demo/summary.json", "w") as f:
         json.dump(results, f, indent=1)

@@ -106,6 +106,13 @@ def test_compare_runs_dico_and_scst_per_seed_as_child_runs_and_draws_the_figure(
     (["seeds=[2,2]"], "bad value for compare key 'seeds': [2, 2]"),
     (["seeds=[0,x]"], "seeds"),
     (["train.seed=3"], "'train.seed=3': compare sets each run's train.seed from its key 'seeds'"),
+    # the keys compare sets per run: an override would make DiCO and SCST unequal (or share one folder)
+    (["dico.reward=cider"], "'dico.reward=cider': compare sets each run's dico.reward from its key 'reward', the "
+                            "same for DiCO and SCST"),
+    (["train.max_steps=3"], "'train.max_steps=3': compare sets each run's train.max_steps from its key 'steps'"),
+    (["train.output_dir=/tmp/x"], "compare sets each run's train.output_dir from its key 'output_dir'"),
+    (["overrides=[train.resume=auto]"], "compare sets each run's train.resume itself (--resume continues"),
+    (["train.select_best=val/foo"], "compare sets each run's train.select_best from its key 'select_best'"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
     xe = tmp_path / "xe.pt"
@@ -124,6 +131,11 @@ def test_a_transformers_folder_as_start_is_read_by_the_row_of_its_architecture(t
             (folder / "config.json").write_text(json.dumps({"architectures": [arch]}))
     dico = compare.plan(compare.CompareConfig(xe_checkpoint=str(vlm)), [])[0]
     assert dico["overrides"][:3] == ["captioner.model=hf_vlm", f"captioner.hf_path={vlm}", "train.init_from="]
+    assert compare.main(["--config", str(_config(tmp_path, tmp_path, xe_checkpoint=str(vlm))),
+                         f"captioner.hf_path={lm}"]) == 2  # the folder names the runs' captioner, not an override
+    assert capsys.readouterr().err.strip() == (f"dico_scale.compare: config error: 'captioner.hf_path={lm}': every run "
+                                               f"starts from the transformers folder xe_checkpoint={vlm} (its "
+                                               "captioner row and folder)")
     for folder, message in ((lm, f"'{lm}': architecture GPT2LMHeadModel is not a captioner dico_scale reads ("),
                             (empty, f"'{empty}' is a folder without config.json (neither a model.pt export nor a "
                                     "transformers folder)")):
@@ -168,6 +180,37 @@ def test_ranks_are_cpu_processes_or_the_gpus_the_runs_train_on(tmp_path, capsys)
     assert not (tmp_path / "compare" / "dico").exists()
 
 
+def test_the_table_takes_the_selected_checkpoint_or_says_why_not(tmp_path, capsys):
+    """best/model.pt; a run that selected nothing: its final model.pt, in a line; a best/ whose weights are gone
+    (a --resume after they were removed): one line, never the final model under the selected heading."""
+    from dico_scale.compare_results import selected_model
+
+    run = tmp_path / "scst"
+    (run / "best").mkdir(parents=True)
+    assert selected_model(str(run)) == f"{run}/model.pt"
+    assert capsys.readouterr().out.strip() == (f"{run}: no validation was selected (no {run}/best/model.pt): the table "
+                                               "takes its final model.pt")
+    (run / "best" / "best.json").write_text('{"step": 1}')
+    with pytest.raises(compare.ConfigError) as e:
+        selected_model(str(run))
+    assert str(e.value) == (f"{run}/best/best.json names the run's selected checkpoint, but {run}/best/model.pt is "
+                            "missing: train the compare again (without --resume)")
+    (run / "best" / "model.pt").write_bytes(b"")
+    assert selected_model(str(run)) == f"{run}/best/model.pt"
+
+
+def test_a_run_that_refuses_its_input_stops_the_compare_with_its_code_and_its_line(capfd):
+    """The trainer's one line, then compare's: no torchrun failure banner between them, exit 2 (not 1)."""
+    from dico_scale.launch import train_stage
+
+    with pytest.raises(SystemExit) as e:
+        train_stage("xe", 1, ["train.lrr=1"], prog="dico_scale.compare", name="dico")
+    assert e.value.code == 2
+    err = [line for line in capfd.readouterr().err.strip().splitlines() if line.startswith("dico_scale")]
+    assert err[-2:] == ["dico_scale: config error: unknown config key 'train.lrr' (override train.lrr=1)",
+                        "dico_scale.compare: stage dico stopped with exit code 2 (its error is above)"], err
+
+
 def test_plan_runs_every_method_once_per_seed_seed_by_seed():
     one = compare.plan(compare.CompareConfig(output_dir="out"), ["optim.lr=1"])
     assert [r["name"] for r in one] == ["dico", "scst", "scst_cider"]
@@ -179,6 +222,13 @@ def test_plan_runs_every_method_once_per_seed_seed_by_seed():
         assert f"train.seed={r['seed']}" in r["overrides"]
         assert f"train.output_dir={os.path.join('out', r['name'])}" in r["overrides"]
         assert f"tracking.run_name={r['name']}" in r["overrides"]
+
+
+def _session(p) -> int | None:
+    try:
+        return os.getsid(p.pid)
+    except OSError:  # gone meanwhile
+        return None
 
 
 def _metrics(score, cider, length=10.0):
@@ -242,41 +292,62 @@ def _start_files(tmp: Path) -> list[str]:
             "data.synthetic.samples_per_shard=8", "train.log_every=1", *TINY]
 
 
-def test_a_killed_compare_resumes_keeping_its_finished_runs_on_its_mlflow_run(tmp_path, capsys):
-    """compare killed (-9, launcher and runs) once the DiCO run has finished: --resume keeps that run, trains SCST
-    (from its checkpoint, or afresh when it had none) and finishes the table on the same parent run; a resume with
-    other settings, or where no compare ran, is one line."""
+def test_an_interrupted_compare_resumes_keeping_its_finished_runs_on_its_mlflow_run(tmp_path, capsys):
+    """Ctrl-C (the terminal's: to the whole process group) while SCST trains, DiCO finished: compare returns only
+    once the SCST ranks have saved their checkpoint and stopped (no rank left writing), and says how to go on;
+    --resume keeps DiCO, continues SCST from its checkpoint and finishes the table on the same parent run; a resume
+    with other settings, or where no compare ran, is one line."""
     import signal
+    import sqlite3
     import time
 
+    import psutil
     from mlflow.tracking import MlflowClient
 
     training = _start_files(tmp_path) + [f"tracking.uri={mlflow_uri(tmp_path / 'mlflow.db')}"]
     cmd = [sys.executable, "-m", "dico_scale.compare", "--config",
            str(_config(tmp_path, tmp_path, xe_checkpoint=str(tmp_path / "xe.pt"), steps=3)), "--ranks", "1", *training]
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    done = tmp_path / "compare" / "dico" / "model.pt"
+    log = tmp_path / "compare.log"
+
+    def losses() -> int:  # DiCO's 3 steps, then SCST's
+        try:
+            with sqlite3.connect(tmp_path / "mlflow.db") as c:
+                return c.execute("select count(*) from metrics where key='train/loss'").fetchone()[0]
+        except sqlite3.Error:
+            return 0
+
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
-    while not done.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert done.exists() and not (tmp_path / "compare" / "summary.json").exists(), proc.stderr.read()[-3000:]
+    while losses() < 4 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+        left = [p for p in psutil.process_iter() if p.pid != proc.pid and _session(p) == proc.pid]
+        assert not left, [p.cmdline() for p in left]  # every rank had stopped when compare returned
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if any(_session(p) == proc.pid for p in psutil.process_iter()) else None
+    text = log.read_text()
+    assert "dico_scale.compare: Ctrl-C: waiting for scst's ranks to save a checkpoint and stop" in text, text[-3000:]
+    assert "dico_scale.compare: scst stopped; the same command with --resume continues the compare" in text
+    assert list((tmp_path / "compare" / "scst" / "checkpoints").glob("step_*/complete"))
+    assert (tmp_path / "compare" / "dico" / "model.pt").exists()
+    assert not (tmp_path / "compare" / "summary.json").exists()
     state = json.loads((tmp_path / "compare" / "compare.json").read_text())
 
     assert compare.main(cmd[3:] + ["--resume"]) == 0
     out = capsys.readouterr().out
     assert f"=== dico: finished in the earlier compare ({tmp_path}/compare/dico/model.pt)" in out
-    assert "=== scst done in" in out and "selected checkpoints on 4 held-out test images" in out
+    assert "selected checkpoints on 4 held-out test images" in out
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     parent = client.get_run(state["parent_run_id"])
     assert parent.info.status == "FINISHED" and "test/scst/cider" in parent.data.metrics
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    finished = sorted(r.info.run_name for r in children if r.info.status == "FINISHED")
-    assert finished == ["dico", "scst"] and all(r.info.status in ("FINISHED", "KILLED") for r in children)
-    dico = next(r for r in children if r.info.run_name == "dico")
-    assert [m.step for m in client.get_metric_history(dico.info.run_id, "train/loss")] == [1, 2, 3]  # trained once
+    assert sorted((r.info.run_name, r.info.status) for r in children) == [("dico", "FINISHED"), ("scst", "FINISHED")]
+    for run in children:  # each step trained once: SCST went on from its checkpoint on its own MLflow run
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
 
     for args, message in ((["steps=2"], "ran with other settings (steps 3 -> 2); resume it with them, or start over "
                                         "without --resume"),

@@ -273,3 +273,4 @@ def test_slurm_torchrun_passes_the_ranks_exit_code_on(tmp_path, codes, launcher_
     proc = subprocess.run([sys.executable, "slurm/torchrun.py", "--nproc_per_node", "2", "--master_port",
                            str(free_port()), str(script)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == launcher_code, proc.stderr[-2000:]
+    assert ("Root Cause" in proc.stderr) == (launcher_code == 1), proc.stderr[-2000:]  # its banner: failures alone
