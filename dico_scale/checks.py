@@ -196,7 +196,21 @@ def validate(c: Config, training: bool = True) -> None:
             sniff_weights_format(val, key)
     check_deepspeed_combination(t.deepspeed_config, read_deepspeed_config(t.deepspeed_config))
     # Last: the keys only the run's stage reads are checked by its class (stages/), whose import brings torch.
-    stage_class(t.stage).check_config(c)
+    stage = stage_class(t.stage)
+    stage.check_config(c)
+    check_selected_metrics(c, stage.validation_metrics(c))
+
+
+def check_selected_metrics(c: Config, logged: set[str] | None) -> None:
+    """train.select_best and select_floor name a metric the stage's validation logs (where the stage says which):
+    else the run would stop at its first validation, after its first steps."""
+    t = c.train
+    for key, spec, parse in (("train.select_best", t.select_best, parse_select_best),
+                             ("train.select_floor", t.select_floor, parse_select_floor)):
+        if spec and logged is not None and (metric := parse(spec)[0]) not in logged:
+            hint = "; evaluator.weights adds val/evaluator_score" if metric == "evaluator_score" else ""
+            check(False, key, f"'{spec}': the {t.stage} stage's validation logs no val/{metric} here (it logs "
+                              f"{', '.join(f'val/{m}' for m in sorted(logged))}{hint})")
 
 
 def check_placement(placement: str, key: str) -> None:

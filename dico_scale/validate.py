@@ -91,12 +91,16 @@ def evaluator_scores(records: list[dict], evaluator, name: str = "evaluator", pr
     return clip_score(image, text, evaluator.weight).tolist()
 
 
+# what caption_metrics logs of every split (val/<name>), then evaluator_score where the stage has an evaluator
+CAPTION_METRICS = ("cider", "images", "mean_length", "vocab_size", "repetition")
+
+
 def caption_metrics(records: list[dict]) -> dict[str, float]:
     """{cider, images, mean_length, vocab_size, repetition (metrics.caption_stats), evaluator_score (mean of the
     records' "score"; absent when none has one)}: the in-loop validation metrics (logged as val/<name>)."""
     stats = caption_stats([r["caption"] for r in records], ngrams=())
     metrics = {"cider": cider(records), "images": float(len(records)),
-               **{k: float(stats[k]) for k in ("mean_length", "vocab_size", "repetition")}}
+               **{k: float(stats[k]) for k in CAPTION_METRICS[2:]}}
     scores = [r["score"] for r in records if r.get("score") is not None]
     if scores:
         metrics["evaluator_score"] = mean(scores)

@@ -98,12 +98,29 @@ def test_loop_state_carries_the_best_and_the_patience_count():
 def test_config_parses_the_selection():
     from dico_scale.config import load_config
     from dico_scale.selection import Selection
-    t = load_config(XE, BLANK + ["train.val_every=5", "train.select_best=val/evaluator_score",
+    t = load_config(XE, BLANK + ["train.val_every=5", "train.select_best=val/mean_length",
                                  "train.select_floor=val/cider >= 0.25", "train.patience=3"]).train
-    assert Selection.from_config(t) == Selection("evaluator_score", "max", ("cider", ">=", 0.25), 3)
-    t = load_config(XE, BLANK + ["train.val_every=5", "train.select_best=val/i2t_r1:min"]).train
+    assert Selection.from_config(t) == Selection("mean_length", "max", ("cider", ">=", 0.25), 3)
+    t = load_config(str(REPO / "configs" / "demo" / "evaluator.yaml"),
+                    ["train.val_every=5", "train.select_best=val/i2t_r1:min"]).train
     assert Selection.from_config(t) == Selection("i2t_r1", "min", None, 0)
     assert Selection.from_config(load_config(XE, BLANK).train) is None
+
+
+def test_the_evaluator_score_is_selectable_where_the_stage_builds_its_evaluator(tmp_path):
+    """DiCO always builds it; SCST where its reward reads it or evaluator.weights names one; XE on the weights."""
+    import torch
+
+    from dico_scale.config import ConfigError, load_config
+
+    torch.save({"state_dict": {}}, tmp_path / "evaluator.pt")
+    pick = ["train.val_every=2", "train.select_best=val/evaluator_score"]
+    weights = f"evaluator.weights={tmp_path}/evaluator.pt"
+    for stage, overrides in (("dico", ["dico.reward=cider"]), ("scst", []), ("xe", [weights])):
+        cfg = load_config(str(REPO / "configs" / "demo" / f"{stage}.yaml"), [*BLANK, *pick, *overrides])
+        assert cfg.train.select_best == "val/evaluator_score"
+    with pytest.raises(ConfigError, match="the scst stage's validation logs no val/evaluator_score"):
+        load_config(str(REPO / "configs" / "demo" / "scst.yaml"), [*BLANK, *pick, "scst.reward=cider"])
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -122,6 +139,13 @@ def test_config_parses_the_selection():
      "from)"),
     (["train.select_best=val/cider", "data.synthetic.n_val=0"],
      "'train.select_best': needs a val split (data.val_shards, or data.synthetic.n_val > 0)"),
+    # what a captioner stage's validation logs is known from its config: a metric it never logs, refused now
+    (["train.select_best=val/evaluator_score"],
+     "'train.select_best': 'val/evaluator_score': the xe stage's validation logs no val/evaluator_score here (it logs "
+     "val/cider, val/images, val/mean_length, val/repetition, val/vocab_size; evaluator.weights adds "
+     "val/evaluator_score)"),
+    (["train.select_best=val/cider", "train.select_floor=val/bleu4>=0.1"],
+     "'train.select_floor': 'val/bleu4>=0.1': the xe stage's validation logs no val/bleu4 here"),
 ])
 def test_bad_selection_settings_fail_with_one_line(overrides, message):
     from dico_scale.config import ConfigError, load_config
@@ -186,12 +210,13 @@ def test_loop_selects_exports_stops_and_resumes(tmp_path):
 
     # a metric the validation does not log: one line, on every rank at the first validation
     assert r["D"] == "train.select_best: the validation at step 1 logged no val/nope (it logged val/images, val/score)"
-    # ... and through train.py's main: exit 2 with one line (a real XE run)
+    # ... and a captioner stage's, which says what it logs: in its config, before anything trains
     assert r["main"] == 2
     lines = [l for l in re.split(r"[\r\n]", proc.stderr) if l.startswith("dico_scale:")]
-    assert lines == ["dico_scale: config error: train.select_best: the validation at step 1 logged no val/cidr "
-                     "(it logged val/cider, val/images, val/mean_length, val/repetition, "
-                     "val/vocab_size)"], proc.stderr[-3000:]
+    assert lines == ["dico_scale: config error: bad value for config key 'train.select_best': 'val/cidr': the xe "
+                     "stage's validation logs no val/cidr here (it logs val/cider, val/images, val/mean_length, "
+                     "val/repetition, val/vocab_size)"], proc.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "main" / "checkpoints")
 
 
 # --- real training runs ----------------------------------------------------------------------------------------------
@@ -290,12 +315,12 @@ def _script(out: str) -> None:
                            f"{self.snapshots}/snapshot_{step}.pt")
             return {"score": self.values.pop(0), "images": 4.0}, {}
 
-    def segment(name, values, steps, *overrides, resume=None, snapshots=False):
+    def segment(name, values, steps, select="val/score", resume=None, snapshots=False):
         cfg = load_config(XE, [f"train.output_dir={out}/{name}", f"tracking.uri={mlflow_uri(f'{out}/mlflow.db')}",
                                f"train.max_steps={steps}", "train.val_every=1", "train.save_every=1",
                                "train.keep_checkpoints=20", "train.micro_batch_size=4", "optim.lr=0.05",
-                               "optim.warmup_steps=0", "train.select_best=val/score", "train.patience=3",
-                               *BLANK, *overrides])
+                               "optim.warmup_steps=0", "train.select_best=val/cider", "train.patience=3", *BLANK])
+        cfg.train.select_best = select  # the scripted stage's metric: the xe config's check knows xe's alone
         os.makedirs(cfg.train.output_dir, exist_ok=True)
         torch.manual_seed(0)
         stage = ScriptedStage(values, f"{out}/{name}" if snapshots else None)
@@ -321,7 +346,7 @@ def _script(out: str) -> None:
     r["B3"] = segment("B", [9], 20, resume="step_00000005")
     r["B4"] = segment("B", [0.5], 2, resume="step_00000001")
     try:
-        segment("D", [1], 3, "train.select_best=val/nope")
+        segment("D", [1], 3, "val/nope")
     except SelectionError as e:
         r["D"] = str(e)
     r["compiler"] = "torch._inductor.compile_fx" in sys.modules  # DeepSpeed's Muon imported uncompiled (engine.py)

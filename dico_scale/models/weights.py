@@ -108,9 +108,9 @@ def check_export_file(path: str, what: str) -> None:
         raise ConfigError(f"{what} '{path}' is not a dico_scale export (model.pt: a dict with 'state_dict')")
 
 
-def recorded_captioner(path: str) -> dict | None:
-    """The captioner section of the run config that dico_scale weights record (a checkpoint tag's config.yaml, a
-    safetensors export's sidecar, a model.pt's "config"); None when they record none, or it cannot be read."""
+def recorded_section(path: str, name: str) -> dict | None:
+    """A section of the run config that dico_scale weights record (a checkpoint tag's config.yaml, a safetensors
+    export's sidecar, a model.pt's "config"); None when they record none, or it cannot be read."""
     from omegaconf import DictConfig, OmegaConf
 
     try:
@@ -125,8 +125,17 @@ def recorded_captioner(path: str) -> dict | None:
         return None
     if not isinstance(config, DictConfig):
         return None
-    section = config.get("captioner")
+    section = config.get(name)
     return OmegaConf.to_container(section) if isinstance(section, DictConfig) else {}
+
+
+def recorded_captioner(path: str) -> dict | None:
+    return recorded_section(path, "captioner")
+
+
+def recorded_stage(path: str) -> str | None:
+    """train.stage of the run that wrote dico_scale weights; None when they do not record it."""
+    return (recorded_section(path, "train") or {}).get("stage")
 
 
 def trained_as(path: str, captioner) -> str:

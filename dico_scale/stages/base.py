@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..checks import check_reward
+from ..checks import check, check_reward
 from ..config import Config
 from ..data.tokenizer import CaptionTokenizer
 from ..engine import gathered
@@ -18,8 +18,10 @@ from ..errors import ConfigError
 from ..kernels import interpreting
 from ..models import build_captioner
 from ..models.clip_scorer import ClipScorer, distinct_preprocess
+from ..models.weights import recorded_stage
 from ..rewards import needs_evaluator
-from ..validate import caption_metrics, caption_split, gather_records, score_records
+from ..validate import CAPTION_METRICS, caption_metrics, caption_split, gather_records, score_records
+from . import captioner_stages
 
 
 @dataclass
@@ -45,6 +47,12 @@ class Stage:
     def check_config(cls, cfg: Config) -> None:
         """Checks of the keys only this stage reads (checks.check: a one-line ConfigError naming the key);
         checks.validate calls it last, after the checks every stage shares."""
+
+    @classmethod
+    def validation_metrics(cls, cfg: Config) -> set[str] | None:
+        """The names (without 'val/') that the stage's validation logs under cfg, for the config checks of
+        train.select_best and select_floor; None: known only once it ran (checked then)."""
+        return None
 
     @classmethod
     def frozen_files(cls, cfg: Config) -> dict[str, str]:
@@ -84,6 +92,21 @@ class CaptionerStage(Stage):
     def check_config(cls, cfg):
         if cls.reward_key:
             check_reward(cls.reward_spec(cfg), cls.reward_key)
+        start = cfg.train.init_from
+        if start and (then := recorded_stage(start)) and then not in captioner_stages():
+            check(False, "train.init_from", f"'{start}' was exported by a run of the {then} stage (an evaluator, for "
+                  "evaluator.weights), not a captioner")
+
+    @classmethod
+    def builds_evaluator(cls, cfg: Config) -> bool:
+        """Whether the stage builds the evaluator: its reward reads it, or evaluator.weights names one (the
+        validation's evaluator score)."""
+        spec = cls.reward_spec(cfg)
+        return bool(cfg.evaluator.weights) or (bool(spec) and needs_evaluator(spec))
+
+    @classmethod
+    def validation_metrics(cls, cfg: Config) -> set[str]:
+        return set(CAPTION_METRICS) | ({"evaluator_score"} if cls.builds_evaluator(cfg) else set())
 
     @classmethod
     def frozen_files(cls, cfg):
@@ -93,13 +116,13 @@ class CaptionerStage(Stage):
             return {"evaluator weights (evaluator.weights)": cfg.evaluator.weights}
         return {}
 
-    def __init__(self, cfg: Config, device: torch.device, need_evaluator: bool):
+    def __init__(self, cfg: Config, device: torch.device):
         super().__init__(cfg, device)
         self.module = build_captioner(cfg, cfg.train.init_from)
         self.tokenizer = self.module.tokenizer
         self.preprocess = self.module.preprocess
         self.evaluator = None
-        if need_evaluator or cfg.evaluator.weights:
+        if self.builds_evaluator(cfg):
             self.evaluator = ClipScorer(cfg.evaluator)
             self.eval_preprocess = distinct_preprocess(self.evaluator, self.preprocess)
         self.evaluator_engine = None

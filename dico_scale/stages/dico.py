@@ -30,12 +30,16 @@ class DicoStage(CaptionerStage):
         check_placement(cfg.dico.reference_placement, "dico.reference_placement")
 
     @classmethod
+    def builds_evaluator(cls, cfg) -> bool:
+        return True  # whatever the reward: its validation scores the captions with it
+
+    @classmethod
     def frozen_files(cls, cfg):
         """The reference is the captioner of train.init_from, besides the evaluator of the reward."""
         return {"reference weights (train.init_from)": cfg.train.init_from, **super().frozen_files(cfg)}
 
     def __init__(self, cfg, device):
-        super().__init__(cfg, device, need_evaluator=True)
+        super().__init__(cfg, device)
         self.kernel, self.fused = log_prob_path(cfg.loss.kernel, device)
         self.rollout = Rollout(cfg.generation, self.tokenizer, kernel=self.kernel, fused=self.fused)
         self.reward = build_reward(cfg.dico.reward, cfg, self.evaluator, clamp=cfg.dico.reward_clamp)

@@ -14,7 +14,7 @@ import torch
 from ..checks import check
 from ..engine import PhaseClock
 from ..models.captioner import disable_dropout
-from ..rewards import build_reward, needs_evaluator
+from ..rewards import build_reward
 from ..rollout import Rollout
 from .base import CaptionerStage, StepOutput, log_prob_path
 
@@ -54,7 +54,7 @@ class ScstStage(CaptionerStage):
 
     def __init__(self, cfg, device):
         s = cfg.scst
-        super().__init__(cfg, device, need_evaluator=needs_evaluator(s.reward))
+        super().__init__(cfg, device)
         self.kernel, self.fused = log_prob_path(cfg.loss.kernel, device)
         sampling = dataclasses.replace(cfg.generation, candidates=s.candidates, strategy=s.strategy)
         self.rollout = Rollout(sampling, self.tokenizer, kernel=self.kernel, fused=self.fused)

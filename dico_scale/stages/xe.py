@@ -9,7 +9,7 @@ class XEStage(CaptionerStage):
     name = "xe"
 
     def __init__(self, cfg, device):
-        super().__init__(cfg, device, need_evaluator=False)
+        super().__init__(cfg, device)
         _, self.fused = log_prob_path(cfg.loss.kernel, device)
 
     def step(self, engine, batch) -> StepOutput:
