@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our 
 from dico_scale.config import Config, load_config, setting  # noqa: E402
 from dico_scale.errors import ConfigError, OneLineParser, first_line  # noqa: E402
 from dico_scale.models.export_folder import EXPORT_MARK, export_run, foreign_folder, sidecar  # noqa: E402
-from dico_scale.preflight import check_vlm_input, inside, out_file_problem  # noqa: E402
+from dico_scale.preflight import check_vlm_input, inside, out_file_problem, run_export  # noqa: E402
 from dico_scale.stages import captioner_stages  # noqa: E402
 
 # Overrides applied before the user's: evaluation needs neither the training start point nor the tower's source
@@ -216,7 +216,7 @@ def consolidate(tag_dir: str, fmt: str = "pt", meta: dict | None = None) -> dict
         blob = torch.load(tag_dir, map_location="cpu", weights_only=True)
         stage = blob.get("stage") or OmegaConf.create(meta["config"]).train.stage
         return {"state_dict": blob["state_dict"], "config": meta["config"], "stage": stage, "step": meta["step"],
-                "mlflow_run_id": meta["mlflow_run_id"]}
+                "init_from": blob.get("init_from"), "mlflow_run_id": meta["mlflow_run_id"]}
     if not os.environ.get("DS_ACCELERATOR"):
         import torch
         if not torch.cuda.is_available():
@@ -226,9 +226,10 @@ def consolidate(tag_dir: str, fmt: str = "pt", meta: dict | None = None) -> dict
     p = Path(meta["path"])
     with contextlib.redirect_stdout(sys.stderr):
         state = get_fp32_state_dict_from_zero_checkpoint(str(p.parent), tag=p.name)
-    stage = OmegaConf.create(meta["config"]).train.stage  # read, not validated: its paths may be gone by now
+    train = OmegaConf.create(meta["config"]).train  # read, not validated: its paths may be gone by now
     return {"state_dict": {k: v.float().contiguous() for k, v in state.items()}, "config": meta["config"],
-            "stage": stage, "step": meta["step"], "mlflow_run_id": meta["mlflow_run_id"]}
+            "stage": train.stage, "step": meta["step"], "init_from": train.get("init_from", ""),
+            "mlflow_run_id": meta["mlflow_run_id"]}
 
 
 def write_export(blob: dict, out: str, fmt: str) -> None:
@@ -328,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--adapters-only writes peft's adapter folder (safetensors): --format does not apply")
         if args.format == "safetensors" and not args.out.endswith(".safetensors"):
             raise ConfigError(f"--out '{args.out}' must end with .safetensors for --format safetensors")
+        tag = Path(args.checkpoint).resolve()  # a tag in a run's checkpoints/: before --out's folder is made
+        if tag.is_dir() and tag.parent.name == "checkpoints" and (own := run_export(args.out, tag.parent.parent)):
+            raise ConfigError(f"--out '{args.out}' is the run's own export ({own}), which its resume and the next "
+                              "stage's train.init_from read: write it elsewhere")
         if problem := (foreign_folder(args.out) if args.adapters_only else out_file_problem(args.out)):
             raise ConfigError(f"--out {problem}")
         if inside(args.out, args.checkpoint):  # a file of the tag replaced: the checkpoint fails its verification

@@ -31,6 +31,8 @@ def write_problem(folder) -> str | None:
 
 def out_file_problem(path: str) -> str | None:
     """Why a file cannot be written at `path` (an entry point's --out), checked before the work that ends in it."""
+    if not path.strip():
+        return f"'{path}' names no file"
     if os.path.isdir(path):
         return f"'{path}' is a folder; name the file to write"
     if problem := write_problem(Path(path).resolve().parent):
@@ -45,12 +47,17 @@ def inside(path: str, other: str) -> bool:
     return p == o or o in p.parents
 
 
+def run_export(path: str, run_dir: Path) -> Path | None:
+    """What a run in run_dir writes at its end (model.pt, hf/, best/) that `path` is or lies in, or None."""
+    return next((run_dir / w for w in ("model.pt", "hf", "best") if inside(path, run_dir / w)), None)
+
+
 def check_start_file(cfg: Config) -> None:
     """train.init_from must not be what this run writes at its end (its model.pt, hf/ or best/ in train.output_dir):
     the export would replace the weights it started from."""
-    t, out = cfg.train, Path(cfg.train.output_dir)
-    if t.init_from and (written := next((w for w in ("model.pt", "hf", "best") if inside(t.init_from, out / w)), None)):
-        raise ConfigError(f"train.init_from '{t.init_from}' is what this run writes at its end ({out / written}): "
+    t = cfg.train
+    if t.init_from and (written := run_export(t.init_from, Path(t.output_dir))):
+        raise ConfigError(f"train.init_from '{t.init_from}' is what this run writes at its end ({written}): "
                           "start from a copy, or use another train.output_dir")
 
 

@@ -56,6 +56,41 @@ def test_compare_keeps_a_run_folder_of_other_files_and_checks_its_store_and_star
         f"cannot read XE checkpoint (compare key 'xe_checkpoint') '{text}': not a file torch.save wrote (a .pt zip "
         "archive)")
 
+    # the evaluator stage's export as the captioners' start: refused in the runs' configs, before anything trains
+    evaluator = tmp_path / "evaluator.pt"
+    torch.save({"state_dict": {}, "stage": "evaluator", "config": "train:\n  stage: evaluator\n"}, evaluator)
+    assert compare.main(["--config", str(_config(tmp_path, tmp_path, xe_checkpoint=str(evaluator))), *training]) == 2
+    assert _one_error(capsys, "dico_scale.compare: config error: ") == (
+        f"run dico: bad value for config key 'train.init_from': '{evaluator}' was exported by a run of the evaluator "
+        "stage (an evaluator, for evaluator.weights), not a captioner")
+    assert not (tmp_path / "compare" / "compare.json").exists()
+
+
+def test_export_of_a_tag_never_replaces_the_runs_own_export(tiny_xe, tmp_path, capsys):
+    """Its model.pt (read by the next stage's train.init_from and by the resume's finished-run check), best/ and hf/:
+    one line; an empty --out too. Elsewhere the export is laid out as the run's own model.pt (init_from included)."""
+    import shutil
+
+    run = tmp_path / "xe"
+    shutil.copytree(tiny_xe.parent, run)
+    tag, before = run / "checkpoints" / "step_00000002", _digest(run / "model.pt")
+    for out, own in ((run / "model.pt", run / "model.pt"), (run / "best" / "model.pt", run / "best"),
+                     (run / "checkpoints" / ".." / "hf" / "model.pt", run / "hf")):
+        assert export.main(["--checkpoint", str(tag), "--out", str(out)]) == 2
+        assert _one_error(capsys, "dico_scale.export: error: ") == (
+            f"--out '{out}' is the run's own export ({own}), which its resume and the next stage's train.init_from "
+            "read: write it elsewhere")
+    assert _digest(run / "model.pt") == before and not (run / "best").exists()
+    assert export.main(["--checkpoint", str(tag), "--out", ""]) == 2
+    assert _one_error(capsys, "dico_scale.export: error: ") == "--out '' names no file"
+
+    assert export.main(["--checkpoint", str(tag), "--out", str(tmp_path / "step2.pt")]) == 0
+    ours, theirs = (torch.load(p, weights_only=True) for p in (tmp_path / "step2.pt", run / "model.pt"))
+    record = {k: v for k, v in theirs.items() if k != "state_dict"}
+    assert {k: v for k, v in ours.items() if k != "state_dict"} == record
+    assert ours["state_dict"].keys() == theirs["state_dict"].keys()
+    assert all(torch.equal(ours["state_dict"][k], v) for k, v in theirs["state_dict"].items())
+
 
 def test_evaluate_export_and_convert_refuse_an_out_that_replaces_their_input(tmp_path, capsys):
     from dico_scale.models import tiny
