@@ -212,6 +212,7 @@ def _train(cfg: Config, stage, engine, tracker, make_train_loader, make_val_load
                 consecutive_bad += 1
                 tracker.log_metrics({"train/nonfinite_skipped": state.nonfinite_skipped}, step)
                 if consecutive_bad >= t.max_nonfinite_steps:
+                    bar.close()  # the one-line error then starts a line of its own
                     raise NonFiniteLossError(f"{consecutive_bad} non-finite losses in a row at step {step} "
                                              f"(train.max_nonfinite_steps={t.max_nonfinite_steps})")
                 continue

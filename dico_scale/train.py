@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"config error: {e}")
         return exit_codes.CONFIG_ERROR
     from dico_scale.data.pipeline import one_line
-    from dico_scale.errors import CheckpointError, DataError
+    from dico_scale.errors import CheckpointError, DataError, NonFiniteLossError
     from dico_scale.preflight import finished_run, run_preflight
 
     try:
@@ -209,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         return exit_codes.CONFIG_ERROR
     except CheckpointError as e:
         _error(f"checkpoint error: {e}")
+        return exit_codes.FAILED
+    except NonFiniteLossError as e:  # every rank counted the same all-reduced losses: they stop at the same step
+        _error(f"training error: {e}: lower optim.lr, or check the rewards and the data")
+        shutdown()
         return exit_codes.FAILED
     except DataError as e:
         _error(f"data error: {one_line(e)}")

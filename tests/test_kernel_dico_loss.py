@@ -188,6 +188,17 @@ def test_large_tau_times_reward_gap_is_finite():
         _check(*_inputs(32, 8, gen, dtype=dtype, reward_scale=3.0), grad_rtol=1e-3)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_rewards_give_a_non_finite_loss_never_an_error(bad):
+    """An evaluator that returned nan (or a reward weight that overflowed): the loss is not finite on both paths, so
+    the training loop skips the step and counts it (train.max_nonfinite_steps); an all-nan row too."""
+    pi = torch.randn(3, 4, device=DEV, requires_grad=True)
+    r = torch.tensor([[1.0, bad, 0.0, 2.0], [1.0, 2.0, 3.0, 4.0], [bad] * 4], device=DEV)
+    for loss_fn in (dico_loss, dico_loss_triton):
+        loss, _ = loss_fn(pi, torch.zeros_like(pi), r)
+        assert not torch.isfinite(loss), loss_fn
+
+
 def test_large_and_tiny_margins():
     # z = -2000 and z = +2000: log(sigmoid) would be -inf / 0; and z = 40: loss ~ e^-40 must
     # keep its relative precision (log(1 + x) rounds it to zero, log1p does not).

@@ -107,7 +107,7 @@ def test_reward_specs_parse_and_bad_ones_name_the_key():
     assert parse_reward(" 0.5*evaluator + 2 * cider") == [(0.5, "evaluator"), (2.0, "cider")]
     for bad, why in [("clip", "unknown reward 'clip'"), ("cider+cider", "appears twice"), ("", "is not"),
                      ("-1*cider", "must be a finite number > 0"), ("nan*cider", "finite"), ("a*cider", "not a number"),
-                     ("cider+", "is not")]:
+                     ("cider+", "is not"), ("1e308*evaluator", r"at most 3.403e\+38: rewards are float32")]:
         with pytest.raises(RewardSpecError, match=why):
             parse_reward(bad)
     base = ["evaluator.weights=", "captioner.image_encoder_weights=", "train.init_from="]

@@ -15,6 +15,7 @@ REWARDS = {
     "cider": "dico_scale.rewards.cider:CiderReward",  # CIDEr-D, df from the training split's references
 }
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max, without importing torch
 _TERM = re.compile(r"(?:([^*]+?)\s*\*\s*)?([a-z_]+)")
 
 
@@ -35,8 +36,9 @@ def parse_reward(spec: str) -> list[tuple[float, str]]:
             w = float(weight) if weight is not None else 1.0
         except ValueError:
             raise RewardSpecError(f"weight '{weight}' is not a number") from None
-        if not (math.isfinite(w) and w > 0):
-            raise RewardSpecError(f"weight {weight} must be a finite number > 0")
+        if not (math.isfinite(w) and 0 < w <= FLOAT32_MAX):
+            raise RewardSpecError(f"weight {weight} must be a finite number > 0 (at most {FLOAT32_MAX:.4g}: rewards "
+                                  "are float32)")
         if name not in REWARDS:
             raise RewardSpecError(f"unknown reward '{name}' (known: {', '.join(REWARDS)})")
         if name in (n for _, n in terms):

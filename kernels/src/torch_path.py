@@ -74,8 +74,10 @@ def dico_loss(
     # Winner = FIRST max index, stated explicitly rather than relying on argmax's
     # tie behaviour (ties are common with quantised or duplicate captions).
     # Found on the rewards as given, so a downcast cannot create new ties.
+    # A nan reward never wins (an all-nan row: the first); its loss is nan all the same, a step the loop skips.
     idx = torch.arange(k, device=pi.device)
-    is_max = r_raw == r_raw.max(dim=1, keepdim=True).values
+    r_key = r_raw.masked_fill(r_raw.isnan(), float("-inf"))
+    is_max = r_key == r_key.max(dim=1, keepdim=True).values
     win = torch.where(is_max, idx, k).min(dim=1).values  # [B]
     chosen = F.one_hot(win, k).bool()  # [B, k]
 
