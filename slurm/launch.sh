@@ -16,7 +16,9 @@
 #   GPUS_PER_NODE   ranks per node; default: the GPUs Slurm gave the step (SLURM_GPUS_ON_NODE), else
 #                   `nvidia-smi -L | wc -l`, else 1 CPU rank (and DS_ACCELERATOR=cpu)
 #   MASTER_PORT     rendezvous port on the first node; default 15000 + SLURM_JOB_ID % 20000
-#   RESUME          passed as train.resume=$RESUME (default auto, so a requeued job resumes; empty: nothing)
+#   RESUME          passed first as train.resume=$RESUME (default auto; empty: nothing, the config's); a job this
+#                   shell requeued after a preemption restarts with train.resume=auto last (its own
+#                   newest checkpoint), whatever RESUME or the arguments say
 #   PREEMPT_SIGNAL  the signal #SBATCH --signal=B:<SIG>@<secs> sends to this shell (default USR1); the trainer
 #                   gets train.preempt_signal=SIG$PREEMPT_SIGNAL train.requeue_on_preempt=false (this shell requeues)
 #   LOG_DIR         per-node logs, $LOG_DIR/<job name>-<job id>-node<i>-<host>.out (default logs)
@@ -32,6 +34,7 @@ PYTHON=${PYTHON:-python3}
 eval "$(cd "$ROOT" && "$PYTHON" -m dico_scale.exit_codes)"  # OK_EXIT, CONFIG_ERROR_EXIT, PREEMPTED_EXIT, ...
 : "${PREEMPTED_EXIT:?launch.sh: $PYTHON cannot run dico_scale.exit_codes (set PYTHON to the Python with dico_scale)}"
 PREEMPT_SIGNAL=${PREEMPT_SIGNAL:-USR1}
+PREEMPT_SIGNAL=${PREEMPT_SIGNAL^^}
 PREEMPT_SIGNAL=${PREEMPT_SIGNAL#SIG}
 export PREEMPT_SIGNAL PYTHON
 
@@ -79,8 +82,25 @@ if [[ -z ${CONFIG:-} ]]; then
     exit "$CONFIG_ERROR_EXIT"
 fi
 cd "$ROOT"
-if [[ ! -f $CONFIG ]]; then
+if [[ -d $CONFIG ]]; then
+    say "CONFIG=$CONFIG is a folder: name a config file in it (e.g. $CONFIG/dico.yaml)"
+    exit "$CONFIG_ERROR_EXIT"
+elif [[ ! -f $CONFIG ]]; then
     say "CONFIG=$CONFIG: no such file (relative paths are read from $ROOT)"
+    exit "$CONFIG_ERROR_EXIT"
+fi
+# The knobs, now (one line, CONFIG_ERROR): torchrun on each node would fail on them with a traceback, and a bad
+# signal name only once the trap is set
+if [[ -n ${GPUS_PER_NODE:-} ]] && ! [[ $GPUS_PER_NODE =~ ^[1-9][0-9]*$ ]]; then
+    say "GPUS_PER_NODE=$GPUS_PER_NODE is not a number of ranks per node (>= 1; unset: the node's GPUs)"
+    exit "$CONFIG_ERROR_EXIT"
+fi
+if [[ -n ${MASTER_PORT:-} ]] && ! { [[ $MASTER_PORT =~ ^[1-9][0-9]*$ ]] && (( MASTER_PORT <= 65535 )); }; then
+    say "MASTER_PORT=$MASTER_PORT is not a port (1-65535; unset: 15000 + the job id % 20000)"
+    exit "$CONFIG_ERROR_EXIT"
+fi
+if ! kill -l "$PREEMPT_SIGNAL" >/dev/null 2>&1 || [[ $PREEMPT_SIGNAL =~ ^[0-9]+$ ]]; then
+    say "PREEMPT_SIGNAL=$PREEMPT_SIGNAL is not a signal name (USR1, the default; what #SBATCH --signal=B:<SIG> sends)"
     exit "$CONFIG_ERROR_EXIT"
 fi
 export SLURM_JOB_NUM_NODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
@@ -98,6 +118,15 @@ LOG_DIR=$(cd "$LOG_DIR" && pwd)
 overrides=("train.preempt_signal=SIG$PREEMPT_SIGNAL" "train.requeue_on_preempt=false")
 RESUME=${RESUME-auto}
 [[ -n $RESUME ]] && overrides=("train.resume=$RESUME" "${overrides[@]}")
+# Written before this shell requeues a preempted job: its restart continues the job's newest complete checkpoint,
+# after the arguments (a RESUME or train.resume of none, or another folder's tag, would start over, or be refused
+# beside the checkpoints the job wrote)
+REQUEUED="$LOG_DIR/.requeued-$SLURM_JOB_ID"
+last=()
+if [[ -f $REQUEUED ]]; then
+    RESUME=auto
+    last=("train.resume=auto")
+fi
 
 srun_args=(--nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1
            --kill-on-bad-exit=1 --export=ALL --open-mode=append --output="$LOG_DIR/%x-%j-node%n-%N.out")
@@ -109,7 +138,7 @@ srun_args+=("${extra[@]}")
 
 say "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_JOB_NUM_NODES node(s) [$SLURM_JOB_NODELIST]," \
     "rendezvous $MASTER_ADDR:$MASTER_PORT, CONFIG=$CONFIG, node logs $LOG_DIR/${SLURM_JOB_NAME:-job}-$SLURM_JOB_ID-node*.out"
-say "overrides: ${overrides[*]} $*"
+say "overrides: ${overrides[*]} $* ${last[*]}"
 
 srun_pid=
 preempted=0
@@ -121,7 +150,7 @@ forward_signal() {
 trap forward_signal "$PREEMPT_SIGNAL"
 
 # In the background, so that the trap runs while we wait (bash defers traps until a foreground child exits).
-srun "${srun_args[@]}" bash "$ROOT/slurm/launch.sh" --node "${overrides[@]}" "$@" &
+srun "${srun_args[@]}" bash "$ROOT/slurm/launch.sh" --node "${overrides[@]}" "$@" "${last[@]}" &
 srun_pid=$!
 while :; do
     rc=0
@@ -131,11 +160,15 @@ done
 trap - "$PREEMPT_SIGNAL"
 
 if (( rc == PREEMPTED_EXIT )) || (( preempted && rc != 0 )); then
-    # rc 3: the ranks saved a checkpoint and stopped. A failure after the warning signal is treated alike: the job is
-    # about to be killed anyway, and train.resume=auto restarts from the newest *complete* checkpoint.
+    # rc 3: the ranks saved a checkpoint and stopped (srun reports 143 when --kill-on-bad-exit ended one node's task
+    # after the other's exit: its checkpoint was complete by then). A failure after the warning signal is treated
+    # alike: the job is about to be killed anyway, and train.resume=auto restarts from the newest *complete*
+    # checkpoint.
     say "preempted (exit $rc): requeueing job $SLURM_JOB_ID; it resumes from its newest complete checkpoint"
+    touch "$REQUEUED"
     scontrol requeue "$SLURM_JOB_ID"
     exit "$OK_EXIT"
 fi
+rm -f "$REQUEUED"
 say "job step finished with exit code $rc"
 exit "$rc"

@@ -1,4 +1,4 @@
-"""`torchrun` (torch.distributed.run) for the Slurm launcher, with two differences that preemption needs.
+"""`torchrun` (torch.distributed.run) for the Slurm launcher, with three differences that preemption and job logs need.
 
 1. It does not die of the preemption signal ($PREEMPT_SIGNAL, default USR1). Slurm delivers a signal sent to a job
    step to every process of it: the ranks get it directly and checkpoint; torchrun itself must outlive them (its
@@ -9,6 +9,7 @@
    PREEMPTED (3: "preempted, checkpoint saved") wins, so the job is requeued, then DATA_ERROR (4: too much bad
    data); otherwise the code the failed ranks share (CONFIG_ERROR, 2, when every rank refused the same input; ranks
    that torchrun itself stopped with SIGTERM after the first failure do not count), or FAILED.
+3. Stopped by SIGTERM (scancel) or SIGINT, it says so in one line (exit 128 + the signal), not a traceback.
 
 Usage: exactly torchrun's (python slurm/torchrun.py --nnodes ... script.py args).
 """
@@ -16,6 +17,7 @@ import os
 import signal
 import sys
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main
 
@@ -39,3 +41,6 @@ if __name__ == "__main__":
         if code == FAILED:  # the others are the trainer's own ends, each said in its line: no failure banner below it
             print(e.format_msg() if hasattr(e, "format_msg") else str(e), file=sys.stderr, flush=True)
         sys.exit(code)
+    except SignalException as e:  # scancel's SIGTERM (or SIGINT): torchrun stopped its ranks before it raised this
+        print(f"torchrun: stopped by {e.sigval.name}, and its ranks with it", file=sys.stderr, flush=True)
+        sys.exit(128 + e.sigval)

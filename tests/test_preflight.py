@@ -235,6 +235,49 @@ def test_one_exit_code_table_for_the_entry_points_scripts_and_docs():
     assert {v: int(k) for k, v in rows.items()} == exit_codes.TABLE
 
 
+@pytest.mark.parametrize("knob, line", [
+    ({"CONFIG": "configs/demo"}, "CONFIG=configs/demo is a folder: name a config file in it (e.g. "
+                                 "configs/demo/dico.yaml)"),
+    ({"GPUS_PER_NODE": "0"}, "GPUS_PER_NODE=0 is not a number of ranks per node (>= 1; unset: the node's GPUs)"),
+    ({"GPUS_PER_NODE": "abc"}, "GPUS_PER_NODE=abc is not a number of ranks per node"),
+    ({"MASTER_PORT": "abc"}, "MASTER_PORT=abc is not a port (1-65535; unset: 15000 + the job id % 20000)"),
+    ({"MASTER_PORT": "70000"}, "MASTER_PORT=70000 is not a port"),
+    ({"PREEMPT_SIGNAL": "BOGUS"}, "PREEMPT_SIGNAL=BOGUS is not a signal name (USR1, the default; what #SBATCH "
+                                  "--signal=B:<SIG> sends)"),
+    ({"PREEMPT_SIGNAL": "10"}, "PREEMPT_SIGNAL=10 is not a signal name"),
+])
+def test_the_slurm_launcher_refuses_bad_knobs_in_one_line_before_any_node_starts(knob, line):
+    """In the batch shell (a job id is all it reads of the allocation before them): torchrun on every node would
+    fail on them with a traceback, a bad signal name only once its trap was set."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "SLURM_JOB_ID": "7", "CONFIG": "configs/demo/xe.yaml",
+           **knob}
+    proc = subprocess.run(["bash", "slurm/launch.sh"], cwd=REPO, capture_output=True, text=True, env=env, timeout=60)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == exit_codes.CONFIG_ERROR and len(err) == 1 and err[0].startswith(f"launch.sh: {line}"), err
+
+
+@pytest.mark.distributed
+def test_torchrun_stopped_by_sigterm_says_so_in_one_line(tmp_path):
+    """scancel's SIGTERM to the Slurm launcher's torchrun: it stops its ranks and says so; no traceback."""
+    import signal
+    import time
+
+    from helpers import free_port
+
+    script = tmp_path / "wait.py"
+    script.write_text(f"import os, time\nopen('{tmp_path}/ready.' + os.environ['RANK'], 'w').close()\n"
+                      "time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "slurm/torchrun.py", "--nproc_per_node", "2", "--master_port",
+                             str(free_port()), str(script)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while len(list(tmp_path.glob("ready.*"))) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "torchrun: stopped by SIGTERM, and its ranks with it", err[-3000:]
+
+
 def test_leave_runs_the_atexit_handlers_flushes_and_keeps_the_code(tmp_path):
     """The entry points end with exit_codes.leave (no interpreter teardown): what atexit handlers write (the tracker's
     sender), buffered output and the exit code must all survive it."""

@@ -158,14 +158,15 @@ def _restartable(job: int) -> bool:
 
 def test_preempted_job_checkpoints_requeues_and_resumes_on_the_same_run(slurm_cluster, tmp_path):
     """USR1 to a running job: the ranks checkpoint and exit 3, the job is requeued, resumes at the next step and
-    finishes on the same MLflow run."""
+    finishes on the same MLflow run. Submitted with RESUME= (no train.resume: the config's none): the restart
+    continues the checkpoint all the same (with none it was refused beside the checkpoints it wrote)."""
     import sqlite3
     logs, db, out = tmp_path / "logs", tmp_path / "mlflow.db", tmp_path / "xe"
     logs.mkdir()
     overrides = _tiny(tmp_path) + [f"train.output_dir={out}", "train.max_steps=14", "train.save_every=1000",
                                    "train.val_every=0"]
     env = {**os.environ, "CONFIG": "configs/demo/xe.yaml", "LOG_DIR": str(logs), "MASTER_PORT": str(free_port()),
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "RESUME": ""}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "DS_ACCELERATOR"):
         env.pop(k, None)
     proc = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1",
@@ -196,6 +197,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes_on_the_same_run(slurm_cl
     # srun reports 3, or 143 when --kill-on-bad-exit ended the other node's task first (after its checkpoint)
     assert re.search(r"preempted \(exit (3|143)\): requeueing job", batch) and "restart 1" in batch, batch[-3000:]
     assert "job step finished with exit code 0" in batch, batch[-3000:]
+    starts = re.findall(r"^launch\.sh: overrides: (.*)$", batch, re.M)
+    assert len(starts) == 2 and "train.resume" not in starts[0] and starts[1].endswith(" train.resume=auto"), starts
+    assert not (logs / f".requeued-{job}").exists()
     node_text = "".join(p.read_text() for p in logs.glob(f"pre-{job}-node*.out"))
     saved = int(re.search(r"preempted: checkpoint saved at step (\d+)", node_text).group(1))
     assert f"at step {saved}" in node_text.split("resumed from", 1)[1].splitlines()[0]
