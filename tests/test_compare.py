@@ -316,8 +316,9 @@ def test_an_interrupted_compare_resumes_keeping_its_finished_runs_on_its_mlflow_
         except sqlite3.Error:
             return 0
 
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
+    with open(log, "w") as f:  # SIGINT's default action back: pytest-xdist's workers ignore it, and so would compare
+        proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=f, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while losses() < 4 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
