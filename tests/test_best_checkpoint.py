@@ -210,13 +210,20 @@ def test_loop_selects_exports_stops_and_resumes(tmp_path):
 
     # a metric the validation does not log: one line, on every rank at the first validation
     assert r["D"] == "train.select_best: the validation at step 1 logged no val/nope (it logged val/images, val/score)"
-    # ... and a captioner stage's, which says what it logs: in its config, before anything trains
-    assert r["main"] == 2
+    # (a captioner stage's config says what its validation logs: test_bad_selection_settings_fail_with_one_line)
+
+    # a diverged run through train.py's main: train.max_nonfinite_steps ends it with one line, FAILED (exit and run)
+    assert r["main"] == 1
     lines = [l for l in re.split(r"[\r\n]", proc.stderr) if l.startswith("dico_scale:")]
-    assert lines == ["dico_scale: config error: bad value for config key 'train.select_best': 'val/cidr': the xe "
-                     "stage's validation logs no val/cidr here (it logs val/cider, val/images, val/mean_length, "
-                     "val/repetition, val/vocab_size)"], proc.stderr[-3000:]
-    assert not os.path.exists(tmp_path / "main" / "checkpoints")
+    assert lines == ["dico_scale: training error: 2 non-finite losses in a row at step 1 (train.max_nonfinite_steps="
+                     "2): lower optim.lr, or check the rewards and the data"], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("dico-demo").experiment_id],
+                                filter_string=f"params.`train.output_dir` = '{tmp_path}/main'")
+    assert run.info.status == "FAILED"
 
 
 # --- real training runs ----------------------------------------------------------------------------------------------
@@ -354,8 +361,9 @@ def _script(out: str) -> None:
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump(r, f)
     from dico_scale.train import main  # last: its shutdown ends the process group
+    # a real XE run through train.py's main whose learning rate sends its weights to inf
     r["main"] = main(["--config", XE, *BLANK, f"data.root={out}/data", f"tracking.uri={mlflow_uri(f'{out}/mlflow.db')}",
-                      f"train.output_dir={out}/main", *TINY, "train.val_every=1", "train.select_best=val/cidr"])
+                      f"train.output_dir={out}/main", *TINY, "optim.lr=1e30", "train.max_nonfinite_steps=2"])
     with open(os.path.join(out, "result.json"), "w") as f:
         json.dump(r, f)
 
