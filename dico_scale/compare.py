@@ -88,10 +88,11 @@ def load(path: str, args: list[str]) -> tuple[CompareConfig, list[str]]:
         raise ConfigError(str(e).replace("config key 'train.select_best'", "compare key 'select_best'")) from None
     if not c.seeds or min(c.seeds) < 0 or len(set(c.seeds)) < len(c.seeds):
         raise ConfigError(f"bad value for compare key 'seeds': {c.seeds} must be distinct integers >= 0, at least one")
-    if item := setting(list(c.overrides) + training, OWNED):
+    every = list(c.overrides) + training  # every run's training overrides
+    if item := setting(every, OWNED):
         key = item.split("=", 1)[0]
         raise ConfigError(f"'{item}': compare sets each run's {key} {OWNED[key]}, the same for DiCO and SCST")
-    if is_folder(c.xe_checkpoint) and (item := setting(list(c.overrides) + training, FOLDER_KEYS)):
+    if is_folder(c.xe_checkpoint) and (item := setting(every, FOLDER_KEYS)):
         raise ConfigError(f"'{item}': every run starts from the transformers folder xe_checkpoint="
                           f"{c.xe_checkpoint} (its captioner row and folder)")
     for key in ("dico_config", "scst_config"):
@@ -105,7 +106,7 @@ def load(path: str, args: list[str]) -> tuple[CompareConfig, list[str]]:
     if problem := write_problem(c.output_dir):
         raise ConfigError(f"bad value for compare key 'output_dir': '{c.output_dir}' cannot be created or written: "
                           f"{problem}")
-    return c, list(c.overrides) + training
+    return c, every
 
 
 def plan(c: CompareConfig, training: list[str], parent_run_id: str = "", resume: bool = False) -> list[dict]:

@@ -92,7 +92,8 @@ def evaluator_scores(records: list[dict], evaluator, name: str = "evaluator", pr
 
 
 # what caption_metrics logs of every split (val/<name>), then evaluator_score where the stage has an evaluator
-CAPTION_METRICS = ("cider", "images", "mean_length", "vocab_size", "repetition")
+CAPTION_STATS = ("mean_length", "vocab_size", "repetition")  # of metrics.caption_stats
+CAPTION_METRICS = ("cider", "images", *CAPTION_STATS)
 
 
 def caption_metrics(records: list[dict]) -> dict[str, float]:
@@ -100,7 +101,7 @@ def caption_metrics(records: list[dict]) -> dict[str, float]:
     records' "score"; absent when none has one)}: the in-loop validation metrics (logged as val/<name>)."""
     stats = caption_stats([r["caption"] for r in records], ngrams=())
     metrics = {"cider": cider(records), "images": float(len(records)),
-               **{k: float(stats[k]) for k in CAPTION_METRICS[2:]}}
+               **{k: float(stats[k]) for k in CAPTION_STATS}}
     scores = [r["score"] for r in records if r.get("score") is not None]
     if scores:
         metrics["evaluator_score"] = mean(scores)

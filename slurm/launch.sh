@@ -123,10 +123,7 @@ RESUME=${RESUME-auto}
 # beside the checkpoints the job wrote)
 REQUEUED="$LOG_DIR/.requeued-$SLURM_JOB_ID"
 last=()
-if [[ -f $REQUEUED ]]; then
-    RESUME=auto
-    last=("train.resume=auto")
-fi
+[[ -f $REQUEUED ]] && last=("train.resume=auto")
 
 srun_args=(--nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1
            --kill-on-bad-exit=1 --export=ALL --open-mode=append --output="$LOG_DIR/%x-%j-node%n-%N.out")
