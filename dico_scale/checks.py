@@ -191,7 +191,7 @@ def validate(c: Config, training: bool = True) -> None:
         check(not val or os.path.exists(val), key, f"'{val}' does not exist")
     for key, val in [("evaluator.weights", c.evaluator.weights), ("captioner.image_encoder_weights", tower)]:
         if val:  # imported only then: the module imports torch, which a config without weight files need not wait for
-            from .models.weights import sniff_weights_format  # reads headers only: a wrong kind of file fails here
+            from .models.clip_weights import sniff_weights_format  # reads headers only: a wrong kind of file fails here
 
             sniff_weights_format(val, key)
     check_deepspeed_combination(t.deepspeed_config, read_deepspeed_config(t.deepspeed_config))

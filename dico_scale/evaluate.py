@@ -113,7 +113,7 @@ def evaluator_configs(args, cfg) -> dict[str, EvaluatorConfig]:
         if spec:
             model, _, weights = spec.partition(":")
             if weights:  # reads headers only: a file of the wrong kind fails before any model or process group
-                from dico_scale.models.weights import sniff_weights_format
+                from dico_scale.models.clip_weights import sniff_weights_format
                 sniff_weights_format(weights, f"--{metric.replace('clips', 'clip')} weights")
             out[metric] = EvaluatorConfig(model, weights, metric, prefix)
     return out

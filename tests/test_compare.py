@@ -1,5 +1,5 @@
-"""`python -m dico_scale.compare` at a tiny size: DiCO and SCST from the session's XE captioner with 2 CPU ranks each,
-as child runs of one MLflow run, the figure, the held-out table; and its bad-input errors (exit 2, one line)."""
+"""`python -m dico_scale.compare` at a tiny size: DiCO and SCST from the session's XE captioner, per seed, as child
+runs of one MLflow run, the figure, the held-out table; and its bad-input errors (exit 2, one line)."""
 import json
 import os
 import subprocess
@@ -31,8 +31,9 @@ def test_compare_runs_dico_and_scst_per_seed_as_child_runs_and_draws_the_figure(
     db = tmp_path / "mlflow.db"
     from helpers import demo_overrides
     training = [o for o in demo_overrides(chain_dir) if not o.startswith("tracking.uri")]
+    # one rank a run (four runs): compare starts them as the demo starts its 2-rank stages (launch.train_stage)
     proc = subprocess.run([sys.executable, "-m", "dico_scale.compare", "--config",
-                           str(_config(tmp_path, chain_dir, seeds=[0, 1])), "--ranks", "2",
+                           str(_config(tmp_path, chain_dir, seeds=[0, 1])), "--ranks", "1",
                            f"tracking.uri={mlflow_uri(db)}", *training, *weights, *TINY],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     check_ok(proc)

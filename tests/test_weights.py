@@ -22,7 +22,7 @@ from dico_scale.config import CaptionerConfig, Config, ConfigError, EvaluatorCon
 from dico_scale.models import build_captioner
 from dico_scale.models.clip import create_clip
 from dico_scale.models.clip_scorer import ClipScorer, reward
-from dico_scale.models.weights import sniff_weights_format
+from dico_scale.models.clip_weights import sniff_weights_format
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = "test-tiny-quickgelu"  # dico-tiny with QuickGELU, as OpenAI's models (registered from a temporary folder)

@@ -8,7 +8,7 @@ import open_clip
 import torch
 
 from ..errors import ConfigError
-from .weights import load_clip_weights
+from .clip_weights import load_clip_weights
 
 _registered: set[str] = set()
 
@@ -22,7 +22,8 @@ def register_model_configs(folder: str) -> None:
 
 def create_clip(name: str, weights: str = ""):
     """(model, eval preprocess) for an open_clip model name; weights from a local file or folder (any format
-    models/weights.py knows: OpenAI TorchScript, open_clip .bin / .safetensors, PAC-S, Hugging Face CLIP) or random."""
+    models/clip_weights.py knows: OpenAI TorchScript, open_clip .bin / .safetensors, PAC-S, Hugging Face CLIP) or
+    random."""
     if name not in open_clip.list_models():
         raise ConfigError(f"unknown open_clip model '{name}' (not built in, not in the registered config folder)")
     root = logging.getLogger()
