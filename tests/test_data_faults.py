@@ -138,7 +138,7 @@ def test_an_image_the_processor_refuses_is_a_fault_not_a_failed_batch(vlm_folder
     from PIL import Image
 
     from dico_scale.config import load_config
-    from dico_scale.evaluate import EvalCollate
+    from dico_scale.eval_data import EvalCollate
     from dico_scale.models import build_captioner
 
     cfg = load_config(str(REPO / "configs/demo/xe.yaml"), ["evaluator.weights=", "captioner.image_encoder_weights=",
@@ -289,7 +289,7 @@ def test_shard_specs_that_name_no_shard_are_one_line_config_errors(tmp_path):
     faults and exit 4) and a glob (no hint that webdataset does not expand it), for the config and evaluate."""
     from dico_scale.config import ConfigError
     from dico_scale.data.pipeline import check_local_shards
-    from dico_scale.evaluate import check_shards
+    from dico_scale.eval_data import check_shards
 
     folder = tmp_path / "data"
     folder.mkdir()

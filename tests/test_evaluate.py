@@ -239,7 +239,7 @@ def test_split_alone_selects_that_split_and_never_relabels_another():
     """`--split val` evaluated the test split under the name val; now it selects val, and a config split labelled as
     another is refused."""
     from dico_scale.errors import ConfigError
-    from dico_scale.evaluate import shards_arg
+    from dico_scale.eval_data import shards_arg
 
     assert shards_arg("", "") == "test" and shards_arg("", "val") == "val" and shards_arg("", "mine") == "test"
     assert shards_arg("val", "") == "val" and shards_arg("test", "test") == "test"
