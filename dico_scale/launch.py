@@ -12,6 +12,10 @@ import time
 from .config import REPO_ROOT
 from .exit_codes import CONFIG_ERROR, DATA_ERROR
 
+# How the caller's command continues a stage that stopped (`again`), for the trainer to say in place of its own
+# "train.resume=auto": the demo and compare set train.resume themselves and refuse it as an override.
+CONTINUE = "DICO_SCALE_CONTINUE"
+
 
 def demo_config(stage: str) -> str:
     return os.path.join(REPO_ROOT, "configs", "demo", f"{stage}.yaml")
@@ -38,7 +42,8 @@ def train_stage(stage: str, ranks: int, overrides: list[str], config: str | None
     # about it; one the caller set is kept (the ranks take it, engine.cpu_threads). The device is the run's
     # train.device (the trainer picks DeepSpeed's accelerator from it): the demo's configs say cpu, a run of
     # another config on a GPU node trains on its GPUs, one per rank.
-    env = {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // ranks)), **os.environ}
+    env = {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // ranks)), **os.environ,
+           **({CONTINUE: again} if again else {})}
     name = name or stage
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     start = time.time()

@@ -145,8 +145,8 @@ def _run_locked(cfg: Config, device) -> dict:
         tracker.finish("KILLED")  # the requeued job sets it back to RUNNING when it resumes
         summary = {"step": p.step, "val": {}, "preempted": True}
         if rank == 0:
-            print(f"preempted: checkpoint saved at step {p.step}; to continue, run the same command with "
-                  "train.resume=auto", flush=True)
+            print(f"preempted: checkpoint saved at step {p.step}; "
+                  + continue_advice("to continue, run the same command with train.resume=auto"), flush=True)
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -173,6 +173,14 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def continue_advice(own: str) -> str:
+    """How to go on after the run stopped: `own`, unless the demo or compare started it (launch.CONTINUE: their
+    command continues it, and refuses train.resume)."""
+    from dico_scale.launch import CONTINUE
+
+    return os.environ.get(CONTINUE) or own
 
 
 def _error(line: str) -> None:
@@ -220,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             shutdown()
         return exit_codes.DATA_ERROR
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (start-up, export, the tracker's last sends)
-        _error("interrupted (Ctrl-C) outside the training steps; train.resume=auto continues from the newest "
-               "complete checkpoint, if there is one")
+        _error("interrupted (Ctrl-C) outside the training steps; " + continue_advice(
+            "train.resume=auto continues from the newest complete checkpoint, if there is one"))
         return exit_codes.INTERRUPTED
     preempted = summary.get("preempted", False)
     if summary["rank"] == 0 and not preempted:

@@ -2,6 +2,7 @@
 runs of one MLflow run, the figure, the held-out table; and its bad-input errors (exit 2, one line)."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -333,6 +334,9 @@ def test_an_interrupted_compare_resumes_keeping_its_finished_runs_on_its_mlflow_
     text = log.read_text()
     assert "dico_scale.compare: Ctrl-C: waiting for scst's ranks to save a checkpoint and stop" in text, text[-3000:]
     assert "dico_scale.compare: scst stopped; the same command with --resume continues the compare" in text
+    # the rank's own line gives compare's advice: train.resume is compare's to set (refused as an override)
+    assert re.search(r"preempted: checkpoint saved at step \d; the same command with --resume continues the compare",
+                     text), text[-3000:]
     assert list((tmp_path / "compare" / "scst" / "checkpoints").glob("step_*/complete"))
     assert (tmp_path / "compare" / "dico" / "model.pt").exists()
     assert not (tmp_path / "compare" / "summary.json").exists()
