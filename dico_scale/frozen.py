@@ -88,9 +88,19 @@ def check_fingerprints(marker: dict, now: dict[str, dict], tag: Path, log) -> No
             f"existed): the {' and '.join(now)} are not checked against the ones it started from")
         return
     for label, f in now.items():
-        if label not in saved:
+        if (then := _saved(saved, label)) is None:
             log(f"warning: checkpoint {tag} records no fingerprint of the {label}: not checked")
-        elif not same(saved[label], f):
+        elif not same(then, f):
             raise ConfigError(f"train.resume: the {label} differ from the ones checkpoint {tag} started from: now "
-                              f"{_describe(f)}; then {_describe(saved[label])} (restore that file, or set "
+                              f"{_describe(f)}; then {_describe(then)} (restore that file, or set "
                               "train.output_dir to a new folder to start over)")
+
+
+def _saved(saved: dict[str, dict], label: str) -> dict | None:
+    """The checkpoint's fingerprint of `label`'s model, also where it was read through another key then (the DiCO
+    reference from captioner.hf_path, now from train.init_from). A random one under another key is not: checkpoints
+    written before the folder was fingerprinted record a reference started from captioner.hf_path as random."""
+    if label in saved:
+        return saved[label]
+    model = label.split(" (")[0]
+    return next((f for k, f in saved.items() if k.split(" (")[0] == model and not f.get("random")), None)

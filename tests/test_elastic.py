@@ -348,6 +348,11 @@ def test_fingerprints_of_files_folders_and_random_weights(tmp_path):
     assert frozen_model_files(cfg) == {"evaluator weights (evaluator.weights)": ""}
     cfg.train.stage = "xe"
     assert frozen_model_files(cfg) == {}
+    # a Hugging Face row started from its folder: the reference is the folder's weights
+    cfg.train.stage, cfg.captioner.model, cfg.captioner.hf_path = "dico", "hf_vlm", str(folder)
+    assert frozen_model_files(cfg) == {"reference weights (captioner.hf_path)": str(folder)}
+    cfg.train.init_from = str(f)
+    assert frozen_model_files(cfg) == {"reference weights (train.init_from)": str(f)}
 
     lines = []
     now = {"evaluator weights (evaluator.weights)": {"random": True, "seed": 1}}
@@ -360,6 +365,22 @@ def test_fingerprints_of_files_folders_and_random_weights(tmp_path):
     assert str(e.value).startswith("train.resume: the evaluator weights (evaluator.weights) differ from the ones "
                                    "checkpoint t started from: now drawn at random with train.seed=1; then drawn at "
                                    "random with train.seed=0")
+
+    # the reference read from the folder then, from train.init_from now: still the same model, compared
+    then = {"reference weights (captioner.hf_path)": fingerprint(str(folder), 0)}
+    now = {"reference weights (train.init_from)": fingerprint(str(f), 0)}
+    with pytest.raises(ConfigError) as e:
+        check_fingerprints({"frozen_models": then}, now, Path("t"), lines.append)
+    assert f"now {f}: 3000 bytes" in str(e.value) and f"then {folder}: 13 bytes" in str(e.value)
+    check_fingerprints({"frozen_models": then}, {"reference weights (train.init_from)": then[
+        "reference weights (captioner.hf_path)"]}, Path("t"), lines.append)  # the same content: fine
+    # a checkpoint from before folders were fingerprinted recorded such a reference as random: not compared
+    lines.clear()
+    check_fingerprints({"frozen_models": {"reference weights (train.init_from)": {"random": True, "seed": 0}}},
+                       {"reference weights (captioner.hf_path)": fingerprint(str(folder), 0)}, Path("t"),
+                       lines.append)
+    assert lines == ["warning: checkpoint t records no fingerprint of the reference weights (captioner.hf_path): "
+                     "not checked"]
 
 
 def test_a_resume_whose_model_shape_changed_names_the_setting(tmp_path):

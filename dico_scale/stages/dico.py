@@ -11,7 +11,7 @@ import torch
 from ..checks import check, check_placement
 from ..engine import PhaseClock
 from ..kernels import dico_loss
-from ..models import build_captioner
+from ..models import MODELS, build_captioner
 from ..models.captioner import CaptionerModel, disable_dropout
 from ..models.lora import adapters_disabled
 from ..rewards import build_reward
@@ -35,7 +35,10 @@ class DicoStage(CaptionerStage):
 
     @classmethod
     def frozen_files(cls, cfg):
-        """The reference is the captioner of train.init_from, besides the evaluator of the reward."""
+        """The reference is the starting captioner, besides the evaluator of the reward: train.init_from's, else
+        the weights of the row's folder (captioner.hf_path), else drawn at random."""
+        if not cfg.train.init_from and MODELS[cfg.captioner.model].hf:
+            return {"reference weights (captioner.hf_path)": cfg.captioner.hf_path, **super().frozen_files(cfg)}
         return {"reference weights (train.init_from)": cfg.train.init_from, **super().frozen_files(cfg)}
 
     def __init__(self, cfg, device):
