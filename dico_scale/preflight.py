@@ -53,12 +53,17 @@ def run_export(path: str, run_dir: Path) -> Path | None:
 
 
 def check_start_file(cfg: Config) -> None:
-    """train.init_from must not be what this run writes at its end (its model.pt, hf/ or best/ in train.output_dir):
-    the export would replace the weights it started from."""
-    t = cfg.train
-    if t.init_from and (written := run_export(t.init_from, Path(t.output_dir))):
-        raise ConfigError(f"train.init_from '{t.init_from}' is what this run writes at its end ({written}): "
-                          "start from a copy, or use another train.output_dir")
+    """train.init_from, and the folder of a Hugging Face row, must not be what this run writes at its end (its
+    model.pt, hf/ or best/ in train.output_dir): the export would replace the weights it started from."""
+    from .models import MODELS
+
+    starts = {"train.init_from": cfg.train.init_from}
+    if MODELS[cfg.captioner.model].hf:
+        starts["captioner.hf_path"] = cfg.captioner.hf_path
+    for key, path in starts.items():
+        if path and (written := run_export(path, Path(cfg.train.output_dir))):
+            raise ConfigError(f"{key} '{path}' is what this run writes at its end ({written}): start from a copy, "
+                              "or use another train.output_dir")
 
 
 def check_output_dir(path: str) -> None:

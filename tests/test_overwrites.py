@@ -140,6 +140,13 @@ def test_a_run_does_not_start_from_what_it_writes_at_its_end(tmp_path):
                                 "start from a copy, or use another train.output_dir")
     cfg.train.init_from = str(tmp_path / "other" / "model.pt")
     check_start_file(cfg)
+    cfg.train.init_from, cfg.captioner.model, cfg.captioner.hf_path = "", "hf_vlm", str(out / "hf")  # its own hf/
+    with pytest.raises(ConfigError) as e:
+        check_start_file(cfg)
+    assert str(e.value) == (f"captioner.hf_path '{out / 'hf'}' is what this run writes at its end ({out / 'hf'}): "
+                            "start from a copy, or use another train.output_dir")
+    cfg.captioner.hf_path = str(tmp_path / "models" / "smolvlm")
+    check_start_file(cfg)
 
     _start_files(tmp_path)
     out.mkdir()
