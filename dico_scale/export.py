@@ -281,6 +281,33 @@ def merge_adapters(blob: dict, captioner) -> dict:
     return {**blob, "state_dict": merged_state(captioner, blob["state_dict"])}
 
 
+def run_export_problem(out: str, tag: Path) -> str | None:
+    """Why `out` must not be written: it is what a run writes at its end (model.pt, hf/, best/ of a folder holding
+    checkpoints/), which its resume and the next stage's train.init_from read; the tag's own run or another."""
+    for run_dir in Path(out).resolve().parents:
+        if (run_dir / "checkpoints").is_dir() and (own := run_export(out, run_dir)):
+            whose = "the run's own" if tag.parent == run_dir / "checkpoints" else f"the run {run_dir}'s"
+            return (f"'{out}' is {whose} export ({own}), which its resume and the next stage's train.init_from "
+                    "read: write it elsewhere")
+    return None
+
+
+def other_export(hf: Path, out: str) -> str | None:
+    """Why the hf/ beside `out` belongs to another export in that folder (None: none there, or the one `out` holds,
+    which this export replaces with it): two exports into one folder would share one hf/."""
+    run = export_run(hf)
+    if run is None:  # no folder, not ours (foreign_folder), or written before folders recorded their run
+        return None
+    try:
+        here = checkpoint_meta(out) if os.path.exists(out) else None
+    except ConfigError:
+        here = None
+    if here and all(str(here.get(k)) == str(run.get(k)) for k in ("config", "step", "mlflow_run_id")):
+        return None
+    return (f"{hf} is the transformers folder of another export there ({run.get('stage')} step "
+            f"{run.get('step')}), which this one would replace: export into a folder of its own")
+
+
 def hf_folder(blob: dict, out: str) -> Path | None:
     """hf/ beside `out` for a Hugging Face captioner row (as training's own export writes it); None for others."""
     from dico_scale.models import MODELS
@@ -330,9 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.format == "safetensors" and not args.out.endswith(".safetensors"):
             raise ConfigError(f"--out '{args.out}' must end with .safetensors for --format safetensors")
         tag = Path(args.checkpoint).resolve()  # a tag in a run's checkpoints/: before --out's folder is made
-        if tag.is_dir() and tag.parent.name == "checkpoints" and (own := run_export(args.out, tag.parent.parent)):
-            raise ConfigError(f"--out '{args.out}' is the run's own export ({own}), which its resume and the next "
-                              "stage's train.init_from read: write it elsewhere")
+        if problem := run_export_problem(args.out, tag):
+            raise ConfigError(f"--out {problem}")
         if problem := (foreign_folder(args.out) if args.adapters_only else out_file_problem(args.out)):
             raise ConfigError(f"--out {problem}")
         if inside(args.out, args.checkpoint):  # a file of the tag replaced: the checkpoint fails its verification
@@ -344,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.adapters_only and not OmegaConf.create(meta["config"]).get("captioner", {}).get("lora", {}).get("r"):
             raise ConfigError("--adapters-only: the checkpoint holds no LoRA adapters (captioner.lora.r=0)")
         blob = consolidate(args.checkpoint, args.format, meta)  # ZeRO shards consolidated only past the checks
-        if (hf := None if args.adapters_only else hf_folder(blob, args.out)) and (problem := foreign_folder(hf)):
+        if (hf := None if args.adapters_only else hf_folder(blob, args.out)) and (
+                problem := run_export_problem(str(hf), tag) or foreign_folder(hf) or other_export(hf, args.out)):
             raise ConfigError(f"--out {args.out}: a Hugging Face row's export writes hf/ beside it, but {problem}")
         captioner = adapted_captioner(blob)  # built once: for the merge and the hf/ folder, or the adapters
         if args.adapters_only:

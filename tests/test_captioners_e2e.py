@@ -226,6 +226,18 @@ def test_export_never_replaces_a_folder_it_did_not_write(runs, tmp_path, capsys)
     for _ in range(2):
         assert export.main(["--checkpoint", tag, "--out", str(tmp_path / "model.pt")]) == 0
         assert {"config.json", "dico_scale_export.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    # a second export into that folder would take model.pt's hf/; and a run's own folder is its own
+    before = (tmp_path / "hf" / "dico_scale_export.json").read_text()
+    assert export.main(["--checkpoint", tag, "--out", str(tmp_path / "b.pt")]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"{tmp_path / 'hf'} is the transformers folder of another export there (dico step 2), which this one would "
+        "replace: export into a folder of its own")
+    run = runs[1] / "vit-gpt2_xe"
+    assert export.main(["--checkpoint", tag, "--out", str(run / "other.pt")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"but '{run / 'hf'}' is the run {run}'s export ({run / 'hf'}), "
+                                                    "which its resume and the next stage's train.init_from read: "
+                                                    "write it elsewhere")
+    assert (tmp_path / "hf" / "dico_scale_export.json").read_text() == before and not (run / "other.pt").exists()
 
 
 def test_adapters_only_on_a_run_without_lora_is_one_line(runs, tmp_path, capsys):

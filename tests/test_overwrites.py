@@ -81,6 +81,12 @@ def test_export_of_a_tag_never_replaces_the_runs_own_export(tiny_xe, tmp_path, c
             f"--out '{out}' is the run's own export ({own}), which its resume and the next stage's train.init_from "
             "read: write it elsewhere")
     assert _digest(run / "model.pt") == before and not (run / "best").exists()
+    victim = tmp_path / "victim"  # another run's folder: its model.pt is its own too
+    shutil.copytree(tiny_xe.parent, victim)
+    assert export.main(["--checkpoint", str(tag), "--out", str(victim / "model.pt")]) == 2
+    assert _one_error(capsys, "dico_scale.export: error: ") == (
+        f"--out '{victim / 'model.pt'}' is the run {victim}'s export ({victim / 'model.pt'}), which its resume and "
+        "the next stage's train.init_from read: write it elsewhere")
     assert export.main(["--checkpoint", str(tag), "--out", ""]) == 2
     assert _one_error(capsys, "dico_scale.export: error: ") == "--out '' names no file"
 
