@@ -61,7 +61,8 @@ def _truncate(name):
 
 HF_FAULTS = {
     "no tokenizer": (_unlink("tokenizer.json", "tokenizer_config.json"),
-                     "its tokenizer does not load (no tokenizer.json or tokenizer_config.json in it)"),
+                     "its tokenizer does not load (none of tokenizer.json, tokenizer_config.json, vocab.json, "
+                     "vocab.txt, tokenizer.model, spiece.model in it)"),
     "corrupt tokenizer.json": (_write("tokenizer.json", '{"version": '),
                                "its tokenizer does not load (JSONDecodeError"),
     "no image processor": (_unlink("preprocessor_config.json"), "its image processor does not load (no "

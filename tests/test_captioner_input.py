@@ -277,8 +277,8 @@ def test_a_raw_prompt_with_the_placeholder_builds(tmp_path, vlm_folders):
     assert cap.text == "<image>A photo of" and cap.tokenizer.tok.decode([cap.tokenizer.bos]).strip() == "of"
 
 
-def _softcapped_paligemma(vlm_folders, tmp_path, text_config: dict, drop=()):
-    path = _copy(vlm_folders["paligemma"], tmp_path)
+def _softcapped_paligemma(vlm_folders, tmp_path, text_config: dict, drop=(), family="paligemma"):
+    path = _copy(vlm_folders[family], tmp_path)
     config = json.loads((path / "config.json").read_text())
     config["text_config"].update(text_config)
     for key in drop:
@@ -292,8 +292,8 @@ def test_a_text_models_default_softcap_is_read_from_its_resolved_config(tmp_path
     the value out gets it too (the model's forward applies it, so must the log-prob heads)."""
     from dico_scale.models import build_captioner
 
-    path, overrides = _softcapped_paligemma(vlm_folders, tmp_path, {"model_type": "gemma2"},
-                                            drop=("final_logit_softcapping",))
+    path, overrides = _softcapped_paligemma(vlm_folders, tmp_path, {}, drop=("final_logit_softcapping",),
+                                            family="paligemma2")
     assert "final_logit_softcapping" not in (path / "config.json").read_text()
     assert build_captioner(load_config("configs/demo/xe.yaml", BASE[2:] + overrides)).logit_softcap == 30.0
     plain = ["captioner.model=hf_vlm", f"captioner.hf_path={vlm_folders['paligemma']}", "captioner.prompt=<image>x"]

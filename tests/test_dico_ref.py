@@ -98,6 +98,24 @@ def test_tied_head_and_bad_folders(ref, tmp_path):
         build_captioner(cfg_for(folder, "captioner.model=hf_encoder_decoder"))
 
 
+def test_gradient_checkpointing_covers_encoder_and_trainable_tower_and_projection_must_exist(ref, tmp_path):
+    folder, _ = ref
+    m = build_captioner(cfg_for(folder, "captioner.gradient_checkpointing=true", "captioner.freeze="))
+    for part in (m.decoder, m.encoder, m.vision):  # GPT-2, the BERT encoder, the CLIP tower (trainable here)
+        flags = [x.gradient_checkpointing for x in part.modules() if hasattr(x, "gradient_checkpointing")]
+        assert flags and all(flags), type(part).__name__
+    frozen = build_captioner(cfg_for(folder, "captioner.gradient_checkpointing=true"))  # the tower frozen
+    assert not any(getattr(x, "gradient_checkpointing", False) for x in frozen.vision.modules())
+    assert not build_captioner(cfg_for(folder, "captioner.freeze=vision,projection")).proj.weight.requires_grad
+    same = tmp_path / "same_width"  # a tower as wide as the encoder: fed without a projection, none to freeze
+    same.mkdir()
+    config = json.loads((folder / "config.json").read_text())
+    config["encoder"]["vision_encoder"]["hidden_size"] = config["encoder"]["encoder"]["hidden_size"]
+    (same / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"^captioner.freeze: 'projection' names nothing in this reference"):
+        build_captioner(cfg_for(same, "captioner.freeze=vision,projection"))
+
+
 def test_converter_writes_a_model_pt_that_loads_back(ref, tmp_path, capsys):
     folder, _ = ref
     assert convert_main(["dico-ref", str(folder), "--out", str(tmp_path / "model.pt")]) == 0

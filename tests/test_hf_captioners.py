@@ -176,6 +176,58 @@ def test_freeze_parts_and_the_reference_without_tower(folders):
         build_captioner(hf_config(folders["vit-gpt2"], "captioner.freeze=vision,decoder"))
 
 
+def test_a_folder_of_no_tokenizer_or_bad_token_ids_or_a_part_it_lacks_is_one_line(folders, tmp_path):
+    """A BLIP folder without its tokenizer files (AutoTokenizer would build one of the special tokens alone: every
+    word [UNK]), an EOS beyond the vocabulary (an index error at the first step), freeze=projection on a model that has
+    none, gradient checkpointing on BLIP's text decoder (transformers has none): each is a ConfigError naming it."""
+    import shutil
+
+    blip = shutil.copytree(folders["blip"], tmp_path / "blip")
+    for f in blip.glob("tokenizer*"):
+        f.unlink()
+    (blip / "vocab.txt").unlink(missing_ok=True)
+    with pytest.raises(ConfigError) as e:
+        build_captioner(hf_config(str(blip)))
+    assert str(e.value) == (f"captioner.hf_path '{blip}': its tokenizer does not load (none of tokenizer.json, "
+                            "tokenizer_config.json, vocab.json, vocab.txt, tokenizer.model, spiece.model in it)")
+
+    gpt = shutil.copytree(folders["vit-gpt2"], tmp_path / "vit-gpt2")
+    config = json.loads((gpt / "config.json").read_text())
+    (gpt / "config.json").write_text(json.dumps({**config, "eos_token_id": 99999}))
+    with pytest.raises(ConfigError) as e:
+        build_captioner(hf_config(str(gpt)))
+    vocab = config["decoder"]["vocab_size"]
+    assert str(e.value) == (f"captioner.hf_path '{gpt}': its EOS token id 99999 is outside the model's vocabulary "
+                            f"({vocab} tokens): check its config.json and generation_config.json")
+
+    with pytest.raises(ConfigError, match=r"^captioner.freeze: 'projection' names nothing in this "
+                                          r"VisionEncoderDecoderModel"):
+        build_captioner(hf_config(folders["vit-gpt2"], "captioner.freeze=vision,projection"))
+    with pytest.raises(ConfigError, match=r"^captioner.gradient_checkpointing: transformers has none for "
+                                          r"BlipTextLMHeadModel"):
+        build_captioner(hf_config(folders["blip"], "captioner.gradient_checkpointing=true"))
+
+
+def test_gradient_checkpointing_covers_a_trainable_tower_with_the_same_gradients(folders):
+    def grads(*extra):
+        torch.manual_seed(0)
+        cap = build_captioner(hf_config(folders["vit-gpt2"], "captioner.freeze=", *extra)).train()
+        tokens = cap.tokenizer.batch(CAPTIONS, 12)
+        logp = cap(tokens, pixels=pixels(len(CAPTIONS)), output="logprobs", kernel="torch")
+        logp.sum().backward()
+        return cap, logp.detach(), {n: p.grad for n, p in cap.named_parameters() if p.grad is not None}
+
+    cap, plain, g = grads()
+    ckpt, again, g2 = grads("captioner.gradient_checkpointing=true")
+    assert not any(layer.gradient_checkpointing for layer in cap.model.encoder.layers)
+    assert all(layer.gradient_checkpointing for layer in ckpt.model.encoder.layers)  # the trainable tower's
+    assert ckpt.model.decoder.transformer.gradient_checkpointing
+    assert any(n.startswith("model.encoder.") for n in g2) and g.keys() == g2.keys()
+    torch.testing.assert_close(again, plain)
+    for n in g:
+        torch.testing.assert_close(g2[n], g[n], msg=n)
+
+
 def test_save_pretrained_round_trip(folders, tmp_path):
     from transformers import VisionEncoderDecoderModel
 

@@ -378,3 +378,35 @@ def test_the_demos_smolvlm_is_a_smolvlm2_folder(tmp_path):
     assert overrides[0] == "captioner.model=hf_vlm"
     assert json.loads((tmp_path / "smolvlm" / "config.json").read_text())["architectures"] == [
         "SmolVLMForConditionalGeneration"] and folder == str(tmp_path / "smolvlm")
+
+
+def test_a_bad_eos_or_a_missing_weight_is_one_line(vlm_folders, tmp_path):
+    """generation_config.json's eos_token_id beyond the vocabulary failed the first step with an IndexError (caption
+    wrote max_len tokens); the image placeholder as EOS ended no caption; a weight missing from the files was drawn
+    at random."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(vlm_folders["idefics3"], tmp_path / "idefics3")
+    config = json.loads((folder / "config.json").read_text())
+    vocab = config["text_config"]["vocab_size"]
+    gen = json.loads((folder / "generation_config.json").read_text())
+    for eos, why in ((99999, f"is outside the model's vocabulary ({vocab} tokens)"),
+                     (config["image_token_id"], "is the image placeholder token")):
+        (folder / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": eos}))
+        with pytest.raises(ConfigError) as e:
+            captioner(str(folder))
+        assert str(e.value) == (f"captioner.hf_path '{folder}': its EOS token id {eos} {why}: check its config.json "
+                                "and generation_config.json")
+
+    # a weight the files lack: transformers would draw it at random and training go on
+    from safetensors.torch import load_file, save_file
+
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    weights = load_file(folder / "model.safetensors")
+    name = sorted(k for k in weights if "post_layernorm" in k)[0]
+    save_file({k: v for k, v in weights.items() if k != name}, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError) as e:
+        captioner(str(folder))
+    assert str(e.value).startswith(f"captioner.hf_path '{folder}': its weights lack 1 of the model's (transformers "
+                                   "would draw them at random): "), str(e.value)

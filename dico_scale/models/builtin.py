@@ -10,7 +10,7 @@ from transformers import GPT2Config, GPT2Model
 from ..config import CaptionerConfig
 from ..errors import ConfigError
 from ..data.tokenizer import CaptionTokenizer
-from .captioner import CaptionerModel
+from .captioner import CaptionerModel, checkpoint_layers
 from .clip import create_clip, register_model_configs
 
 
@@ -43,8 +43,7 @@ class Captioner(CaptionerModel):
         # GPT2Model, seeing pad ids without an attention mask, would print a false alarm in every run.
         self.gradient_checkpointing = cfg.gradient_checkpointing
         if self.gradient_checkpointing:
-            # non-reentrant: works with ZeRO-3's hooks and with inputs that need no grad (a frozen tower's tokens)
-            self.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpoint_layers(self.decoder)
             if self.image_encoder is not None and not self.frozen_image_encoder:
                 self.image_encoder.set_grad_checkpointing(True)
 

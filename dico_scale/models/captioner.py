@@ -144,6 +144,16 @@ class CaptionerModel(nn.Module):
                                               softcap=self.logit_softcap)
 
 
+def checkpoint_layers(model) -> None:
+    """transformers' activation checkpointing of a model's layers, non-reentrant (ZeRO-3's hooks need it, and inputs
+    that need no grad: a frozen tower's tokens); activation_checkpointing_enable where transformers has it (5.25
+    deprecates the older name with a warning), else gradient_checkpointing_enable."""
+    if enable := getattr(model, "activation_checkpointing_enable", None):
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Zeroes every dropout, including the float rate nn.MultiheadAttention keeps outside any Dropout module and the
     rates Hugging Face attention keeps as floats (`attention_dropout`, `dropout`, `dropout_prob`)."""

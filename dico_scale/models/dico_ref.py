@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..data.tokenizer import CaptionTokenizer
-from .captioner import CaptionerModel
+from .captioner import CaptionerModel, checkpoint_layers
 from .folders import checked_config, from_folder, ref_problem
 
 # the reference's state-dict prefixes -> ours
@@ -61,8 +61,9 @@ class DicoRef(CaptionerModel):
 
             self.preprocess = open_clip.image_transform(vision_cfg.image_size, is_train=False)
             self.vision.requires_grad_(not freeze_vision)
-        if gradient_checkpointing:
-            self.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if gradient_checkpointing:  # the decoder's, the encoder's and a trainable tower's layers
+            for m in (self.decoder, self.encoder) + ((self.vision,) if image_encoder and not freeze_vision else ()):
+                checkpoint_layers(m)
 
     @classmethod
     def build(cls, cfg, image_encoder: bool = True) -> "DicoRef":
@@ -72,6 +73,9 @@ class DicoRef(CaptionerModel):
         config = checked_config(c.hf_path, ref_problem)
         parts = freeze_parts(c.freeze)
         model = cls(config, image_encoder, "vision" in parts, c.gradient_checkpointing)
+        if "projection" in parts and isinstance(model.proj, nn.Identity):
+            raise ConfigError("captioner.freeze: 'projection' names nothing in this reference: its tower's width is "
+                              "the encoder's, which it feeds without one")
         tok = model.tokenizer
         if (vocab := config["decoder"].get("vocab_size")) != tok.vocab_size:
             raise ConfigError(f"captioner.hf_path '{c.hf_path}': decoder vocab_size {vocab} is not the CLIP BPE's "

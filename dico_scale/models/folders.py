@@ -22,6 +22,9 @@ VLM_ARCHITECTURES = ("Idefics3ForConditionalGeneration", "SmolVLMForConditionalG
                      "InternVLForConditionalGeneration",
                      "Gemma3ForConditionalGeneration", "PaliGemmaForConditionalGeneration")
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+# a tokenizer's own files (fast, its config, or a slow tokenizer's vocabulary): a folder with none has no tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model")
 HF_DECODERS = ("gpt2", "bert")  # VisionEncoderDecoderModel decoder model types whose head we can split off
 # captioner.freeze: the vision tower, its projection to the decoder width, the decoder's token and position
 # embeddings (with a tied head, the head too)
@@ -37,12 +40,38 @@ def from_folder(load, path: str, attn_implementation: str = "", what: str = "its
     checked first (check_attention) so that its fault is named as such."""
     if attn_implementation:
         check_attention(path, attn_implementation)
+    if files and Path(path).is_dir() and not any((Path(path) / f).is_file() for f in files):
+        # before the load: AutoTokenizer builds a tokenizer of the special tokens alone from config.json (BLIP's)
+        none = f"no {' or '.join(files)}" if len(files) <= 2 else f"none of {', '.join(files)}"
+        raise ConfigError(f"captioner.hf_path '{path}': {what} ({none} in it)")
     try:
         return load(path, **({"attn_implementation": attn_implementation} if attn_implementation else {}))
     except Exception as e:  # transformers and safetensors raise many types for one cause: the folder's files
-        absent = files and not any((Path(path) / f).is_file() for f in files)
-        why = f"no {' or '.join(files)} in it" if absent else first_line(e)
-        raise ConfigError(f"captioner.hf_path '{path}': {what} ({why})") from None
+        raise ConfigError(f"captioner.hf_path '{path}': {what} ({first_line(e)})") from None
+
+
+def load_model(from_pretrained, path: str, attn_implementation: str = ""):
+    """from_folder of a transformers model whose files hold every weight it has: transformers draws a weight they
+    lack at random, saying so only in a table of its log, and training would go on from it."""
+    model, info = from_folder(lambda p, **kw: from_pretrained(p, output_loading_info=True, **kw), path,
+                              attn_implementation)
+    if missing := sorted(info.get("missing_keys") or ()):
+        raise ConfigError(f"captioner.hf_path '{path}': its weights lack {len(missing)} of the model's (transformers "
+                          f"would draw them at random): {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+    return model
+
+
+def check_token_ids(path: str, vocab: int, ids: dict[str, int], image_tokens: set[int] = frozenset()) -> None:
+    """The special tokens a row reads from the folder's configs (EOS, the decoder start) lie in the output head's
+    vocabulary, and none is an image placeholder: an id beyond it fails the first step's embedding lookup (caption
+    would write max_len tokens), and an EOS that is the image token ends no caption."""
+    for name, token in ids.items():
+        if not 0 <= token < vocab:
+            raise ConfigError(f"captioner.hf_path '{path}': its {name} token id {token} is outside the model's "
+                              f"vocabulary ({vocab} tokens): check its config.json and generation_config.json")
+        if token in image_tokens:
+            raise ConfigError(f"captioner.hf_path '{path}': its {name} token id {token} is the image placeholder "
+                              "token: check its config.json and generation_config.json")
 
 
 def check_attention(path: str, name: str) -> None:

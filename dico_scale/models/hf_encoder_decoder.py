@@ -15,10 +15,11 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..data.tokenizer import TokenLayout
-from .captioner import CaptionerModel
+from .captioner import CaptionerModel, checkpoint_layers
 from .export_folder import write_folder
 from .generation import exported_search
-from .folders import FREEZE_PARTS, PROCESSOR_FILES, checked_config, from_folder, hf_problem
+from .folders import (FREEZE_PARTS, PROCESSOR_FILES, TOKENIZER_FILES, check_token_ids, checked_config,
+                      from_folder, hf_problem, load_model)
 
 class HFTokenizer(TokenLayout):
     """A transformers tokenizer under the trainer's token layout [BOS, w..., EOS, PAD...]: BOS is the decoder's start
@@ -88,11 +89,26 @@ class HFEncoderDecoder(CaptionerModel):
             setattr(model, vision_name, None)  # the frozen reference reads the policy's features
         self.width = self.decoder.config.hidden_size
         self.frozen = freeze
-        for part, modules in self.parts().items():
+        parts = self.parts()
+        if "projection" in freeze and not parts["projection"]:
+            raise ConfigError(f"captioner.freeze: 'projection' names nothing in this {type(model).__name__}: its "
+                              "tower feeds the decoder without one")
+        for part, modules in parts.items():
             for m in modules:
                 m.requires_grad_(part not in freeze)
         if gradient_checkpointing:
-            self.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.checkpoint_activations()
+
+    def checkpoint_activations(self) -> None:
+        """captioner.gradient_checkpointing: the decoder's layers, and a trainable tower's (the encoder of a
+        VisionEncoderDecoderModel), recomputed in backward; non-reentrant, as ZeRO-3's hooks need."""
+        if not self.decoder.supports_gradient_checkpointing:
+            raise ConfigError(f"captioner.gradient_checkpointing: transformers has none for "
+                              f"{type(self.decoder).__name__} (this folder's text decoder): set it to false")
+        checkpoint_layers(self.decoder)
+        for tower in [] if "vision" in self.frozen else self.parts()["vision"]:
+            if tower.supports_gradient_checkpointing:
+                checkpoint_layers(tower)
 
     @classmethod
     def build(cls, cfg, image_encoder: bool = True) -> "HFEncoderDecoder":
@@ -101,7 +117,7 @@ class HFEncoderDecoder(CaptionerModel):
         c = cfg.captioner
         config = checked_config(c.hf_path, hf_problem)
         arch = config["architectures"][0]
-        model = from_folder(getattr(transformers, arch).from_pretrained, c.hf_path, c.attn_implementation)
+        model = load_model(getattr(transformers, arch).from_pretrained, c.hf_path, c.attn_implementation)
         tokenizer = load_tokenizer(c.hf_path, model)
         preprocess = None
         if image_encoder:
@@ -166,8 +182,7 @@ def load_tokenizer(path: str, model) -> HFTokenizer:
     """The folder's tokenizer with the model's BOS (decoder start) and EOS; a tokenizer without EOS is refused."""
     from transformers import AutoTokenizer
 
-    tok = from_folder(AutoTokenizer.from_pretrained, path, what="its tokenizer does not load",
-                      files=("tokenizer.json", "tokenizer_config.json"))
+    tok = from_folder(AutoTokenizer.from_pretrained, path, what="its tokenizer does not load", files=TOKENIZER_FILES)
     if type(model).__name__ == "BlipForConditionalGeneration":
         t = model.config.text_config
         bos, eos = t.bos_token_id, t.sep_token_id
@@ -180,4 +195,5 @@ def load_tokenizer(path: str, model) -> HFTokenizer:
         raise ConfigError(f"captioner.hf_path '{path}': the model config names no decoder start token")
     vocab = model.decoder.get_output_embeddings().out_features if hasattr(model, "decoder") else \
         model.text_decoder.get_output_embeddings().out_features
+    check_token_ids(path, vocab, {"EOS": int(eos), "decoder start": int(bos)})
     return HFTokenizer(tok, int(bos), int(eos), vocab)

@@ -31,7 +31,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from .captioner import CaptionerModel
 from .export_folder import write_folder
 from .generation import exported_search
-from .folders import checked_config, from_folder, logit_softcap, vlm_problem
+from .folders import check_token_ids, checked_config, load_model, logit_softcap, vlm_problem
 from .hf_encoder_decoder import HFTokenizer
 from .vlm_processor import (TEXT_KEYS, VLMImages, VLMPreprocess, answer_lead, answer_turn, checked_images_kwargs,
                             eos_token, load_processor, prompt_ids)
@@ -123,6 +123,12 @@ def towers(model) -> list[torch.nn.Module]:
             if getattr(model.model, n, None) is not None]
 
 
+def image_tokens(config) -> set[int]:
+    """The ids of the model's image (and video) placeholder tokens, under the names its config gives them."""
+    names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+    return {int(t) for t in (getattr(config, n, None) for n in names) if isinstance(t, int)}
+
+
 def text_model(model) -> torch.nn.Module:
     """The language model inside an AutoModelForImageTextToText (Idefics3 / SmolVLM: text_model; the others:
     language_model)."""
@@ -138,9 +144,9 @@ class HFVLM(CaptionerModel):
         self.model, self.processor = model, processor
         self.text, ids = prompt_ids(processor, prompt, path)
         tok, turn = processor.tokenizer, answer_turn(processor, prompt)  # the template rendered once
-        self.tokenizer = HFTokenizer(tok, bos=ids[-1], eos=eos_token(model, tok, turn, path),
-                                     vocab_size=model.get_output_embeddings().out_features,
-                                     lead=answer_lead(turn, self.text))
+        eos, vocab = eos_token(model, tok, turn, path), model.get_output_embeddings().out_features
+        check_token_ids(path, vocab, {"EOS": eos}, image_tokens(model.config))
+        self.tokenizer = HFTokenizer(tok, bos=ids[-1], eos=eos, vocab_size=vocab, lead=answer_lead(turn, self.text))
         self.preprocess = VLMPreprocess(processor, self.text, self.tokenizer.pad,
                                         checked_images_kwargs(processor, images_kwargs or {}))
         for key, value in self.preprocess.images_kwargs.items():  # recorded in exports' hf/ processor too
@@ -167,7 +173,7 @@ class HFVLM(CaptionerModel):
         c = cfg.captioner
         checked_config(c.hf_path, vlm_problem)
         processor = load_processor(c.hf_path)
-        model = from_folder(AutoModelForImageTextToText.from_pretrained, c.hf_path, c.attn_implementation)
+        model = load_model(AutoModelForImageTextToText.from_pretrained, c.hf_path, c.attn_implementation)
         return cls(model, processor, c.prompt, c.hf_path, {p.strip() for p in c.freeze.split(",") if p.strip()},
                    c.gradient_checkpointing, dict(c.images_kwargs))
 
