@@ -189,6 +189,10 @@ def validate(c: Config, training: bool = True) -> None:
     for key, val in [("train.init_from", t.init_from), ("evaluator.weights", c.evaluator.weights),
                      ("captioner.image_encoder_weights", tower), ("train.deepspeed_config", t.deepspeed_config)]:
         check(not val or os.path.exists(val), key, f"'{val}' does not exist")
+    if os.path.isdir(t.init_from):  # imported only then, as below
+        from .models.weights import tag_folder_problem
+
+        check(not (problem := tag_folder_problem(t.init_from)), "train.init_from", f"'{t.init_from}' is {problem}")
     for key, val in [("evaluator.weights", c.evaluator.weights), ("captioner.image_encoder_weights", tower)]:
         if val:  # imported only then: the module imports torch, which a config without weight files need not wait for
             from .models.clip_weights import sniff_weights_format  # reads headers only: a wrong kind of file fails here

@@ -132,6 +132,29 @@ def test_bad_lora_keys_are_one_line(vlm_folders):
         config(vlm_folders["idefics3"], "captioner.lora.r=2", "captioner.lora.dropout=1.0")
 
 
+def test_weights_with_adapters_or_a_folder_that_is_no_tag_as_the_start_are_one_line(vlm_folders, tmp_path):
+    """A LoRA run's weights (adapters beside the base) into a captioner without LoRA named 19 missing keys; an export's
+    hf/, a model folder, peft's adapter folder or another folder as train.init_from, DeepSpeed's own message."""
+    from safetensors.torch import save_file
+
+    cap = adapted(vlm_folders["idefics3"])
+    save_file({k: v.detach().contiguous() for k, v in cap.state_dict().items()}, tmp_path / "lora.safetensors")
+    with pytest.raises(ConfigError) as e:
+        build_captioner(config(vlm_folders["idefics3"]), str(tmp_path / "lora.safetensors"))
+    assert str(e.value) == (f"weights '{tmp_path / 'lora.safetensors'}' hold LoRA adapters (a LoRA run's checkpoint "
+                            "tag): set captioner.lora as that run did, or start from its export (merged)")
+
+    (tmp_path / "adapters").mkdir()
+    (tmp_path / "adapters" / "adapter_config.json").write_text("{}")
+    (tmp_path / "other").mkdir()
+    for folder, what in ((vlm_folders["idefics3"], "a transformers folder (an export's hf/, or a model's own)"),
+                         (tmp_path / "adapters", "peft's adapter folder (export --adapters-only)"),
+                         (tmp_path / "other", "a folder that is not a checkpoint tag (no *_model_states.pt in it)")):
+        with pytest.raises(ConfigError) as e:
+            config(vlm_folders["idefics3"], f"train.init_from={folder}")
+        assert str(e.value).startswith(f"bad value for config key 'train.init_from': '{folder}' is {what}"), e.value
+
+
 def test_names_may_be_a_yaml_list_as_in_peft(vlm_folders, tmp_path):
     """target_modules and modules_to_save as YAML lists (peft's own form), in a file or an override, are the
     comma-separated names; a list of anything but names is one line naming the key."""

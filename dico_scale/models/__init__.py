@@ -56,6 +56,9 @@ def build_captioner(cfg, weights: str | None = None, image_encoder: bool = True)
 
     state = read_weights(weights) if weights else None
     adapted = state is not None and any(".lora_" in k for k in state)  # a LoRA run's checkpoint tag, not an export
+    if adapted and not cfg.captioner.lora.r:
+        raise ConfigError(f"weights '{weights}' hold LoRA adapters (a LoRA run's checkpoint tag): set "
+                          "captioner.lora as that run did, or start from its export (merged)")
     if cfg.captioner.lora.r and adapted:
         add_lora(captioner, cfg.captioner.lora)
     if state is not None:

@@ -56,6 +56,8 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
         if not isinstance(blob, dict) or not isinstance(blob.get("state_dict"), dict):
             raise ConfigError(f"weights '{path}' are not a dico_scale export (model.pt: a dict with 'state_dict')")
         return blob["state_dict"]
+    if problem := tag_folder_problem(path):
+        raise ConfigError(f"weights '{path}' are {problem}")
     try:
         if os.path.isdir(path):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -65,6 +67,21 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
         return load_file(path)
     except Exception as e:
         raise ConfigError(f"cannot read weights '{path}': {first_line(e)}") from None
+
+
+def tag_folder_problem(path: str) -> str | None:
+    """What a folder given as dico_scale weights is instead of a checkpoint tag (DeepSpeed's *_model_states.pt): a
+    transformers folder or peft's adapter folder are read through other keys. None for a tag, or not a folder."""
+    p = Path(path)
+    if not p.is_dir() or any(p.glob("*_model_states.pt")):
+        return None
+    if (p / "adapter_config.json").is_file():
+        return ("peft's adapter folder (export --adapters-only), the adapters alone: start from the run's checkpoint "
+                "tag or its merged export (model.pt)")
+    if (p / "config.json").is_file():
+        return ("a transformers folder (an export's hf/, or a model's own): give it as captioner.hf_path (the row "
+                "of its architecture), or start from the export's model.pt")
+    return "a folder that is not a checkpoint tag (no *_model_states.pt in it)"
 
 
 def check_export_file(path: str, what: str) -> None:
