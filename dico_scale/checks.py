@@ -42,9 +42,11 @@ def _floats_finite(node, prefix: str = "") -> None:
 
 # (key, lowest value, whether the lowest is excluded, highest value or None, whether the highest is excluded)
 RANGES = [
-    ("data.synthetic.seed", 0, False, None, False), ("data.synthetic.n_train", 1, False, None, False),
-    ("data.synthetic.n_val", 0, False, None, False), ("data.synthetic.n_test", 0, False, None, False),
-    ("data.synthetic.image_size", 16, False, None, False), ("data.synthetic.samples_per_shard", 1, False, None, False),
+    # the synthetic generator's own bounds (data/synthetic.py), so that a value beyond them fails here
+    ("data.synthetic.seed", 0, False, 2**63, True), ("data.synthetic.n_train", 1, False, 10**9, False),
+    ("data.synthetic.n_val", 0, False, 10**9, False), ("data.synthetic.n_test", 0, False, 10**9, False),
+    ("data.synthetic.image_size", 32, False, 1024, False),
+    ("data.synthetic.samples_per_shard", 1, False, 10**9, False),
     ("data.samples_per_epoch", 1, False, None, False), ("data.shuffle_buffer", 0, False, None, False),
     ("data.num_workers", 0, False, None, False), ("data.max_caption_tokens", 3, False, None, False),
     ("data.max_skipped_share", 0, False, 1, False), ("data.skipped_share_min_samples", 0, False, None, False),
@@ -64,7 +66,7 @@ RANGES = [
     ("optim.warmup_steps", 0, False, None, False), ("optim.min_lr_ratio", 0, False, 1, False),
     ("optim.grad_clip", 0, False, None, False), ("optim.grad_accum", 1, False, None, False),
     ("train.max_steps", 1, False, None, False), ("train.micro_batch_size", 1, False, None, False),
-    ("train.seed", 0, False, None, False), ("train.log_every", 1, False, None, False),
+    ("train.seed", 0, False, 2**64, True), ("train.log_every", 1, False, None, False),  # torch's seeds: 64 bits
     ("train.val_every", 0, False, None, False), ("train.val_max_images", 0, False, None, False),
     ("train.save_every", 0, False, None, False), ("train.keep_checkpoints", 1, False, None, False),
     ("train.max_nonfinite_steps", 1, False, None, False), ("train.stop_timeout_s", 0, True, None, False),
@@ -165,6 +167,9 @@ def validate(c: Config, training: bool = True) -> None:
           f"{c.captioner.max_positions} < data.max_caption_tokens or generation.max_len + 1")
     check(t.preempt_signal == "" or t.preempt_signal in signal.Signals.__members__, "train.preempt_signal",
           f"'{t.preempt_signal}' is not a signal name such as SIGUSR1")
+    # SIGKILL and SIGSTOP cannot be caught; SIGCHLD comes whenever a child (a data worker) exits
+    check(t.preempt_signal not in ("SIGKILL", "SIGSTOP", "SIGCHLD"), "train.preempt_signal",
+          f"{t.preempt_signal} cannot be a preemption signal (it cannot be caught, or every exiting child sends it)")
     check(t.resume in ("none", "auto") or Path(t.resume).is_dir(), "train.resume",
           f"'{t.resume}' is not none, auto or an existing checkpoint folder")
     check(bool(t.output_dir), "train.output_dir", "empty")
@@ -183,6 +188,10 @@ def validate(c: Config, training: bool = True) -> None:
           f"{t.patience} needs train.select_best (the metric whose improvement it waits for)")
     if training and not d.synthetic.enabled:
         check(bool(d.train_shards), "data.train_shards", "empty (and data.synthetic.enabled is false)")
+    for split in ("train", "val", "test"):  # the synthetic set replaces every split: a shard spec would be ignored
+        check(not (d.synthetic.enabled and getattr(d, f"{split}_shards")), f"data.{split}_shards",
+              "set while data.synthetic.enabled=true, which trains and validates on the generated set instead: set "
+              "data.synthetic.enabled=false to read the shards")
     # a row that does not read the built-in's tower file (a Hugging Face row: its folder's) leaves it unchecked, as
     # configs that extend the demo's and switch the row carry it
     tower = c.captioner.image_encoder_weights if "image_encoder_weights" in MODELS[c.captioner.model].keys else ""

@@ -29,7 +29,7 @@ class SyntheticData:
     n_train: int = 2000  # >= 1
     n_val: int = 100  # >= 0
     n_test: int = 100  # >= 0
-    image_size: int = 64  # >= 16 (the shapes need room)
+    image_size: int = 64  # 32 to 1024 (the shapes need room)
     samples_per_shard: int = 250  # >= 1
 
 

@@ -129,6 +129,17 @@ def test_empty_override_blanks_a_string():
     ("optim.min_lr_ratio=2", "optim.min_lr_ratio"),
     ("tracking.experiment=", "tracking.experiment"),
     ("tracking.finish_wait_s=-1", "tracking.finish_wait_s"),
+    # the bounds the synthetic generator and torch's seeding hold to: refused here, not as a traceback in the ranks
+    ("data.synthetic.image_size=16", "data.synthetic.image_size"),
+    ("data.synthetic.image_size=2000", "data.synthetic.image_size"),
+    ("data.synthetic.n_train=10000000000", "data.synthetic.n_train"),
+    ("data.synthetic.seed=99999999999999999999999", "data.synthetic.seed"),
+    ("train.seed=18446744073709551616", "train.seed"),
+    ("train.preempt_signal=SIGKILL", "train.preempt_signal"),
+    ("train.preempt_signal=SIGCHLD", "train.preempt_signal"),
+    # the synthetic set would replace the shards: a spec given beside it would be ignored
+    ("data.train_shards=/data/train-{0..3}.tar", "data.train_shards"),
+    ("data.test_shards=/data/test.tar", "data.test_shards"),
 ])
 def test_bad_override_is_one_line_naming_the_key(override, key):
     _one_line_error(DEMO / "dico.yaml", BLANK + [override], f"'{key}'")

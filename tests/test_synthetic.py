@@ -153,10 +153,43 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "x.txt").write_text("mine")
-    cases = {"/proc/none": "No such file or directory", str(tmp_path / "a_file"): "Not a directory",
-             str(tmp_path / "foreign"): "exists, is not empty and has no manifest.json; refusing to replace it"}
+    cases = {"/proc/none": "No such file or directory", str(tmp_path / "a_file"): "is a file, not a folder",
+             str(tmp_path / "foreign"): "holds files that are not a synthetic set this generator wrote; refusing to "
+                                        "replace them"}
     for args, message in cases.items():
         assert syn.main(args.split()) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("dico_scale.data.synthetic: error: ") and message in err[0], err
     assert (tmp_path / "foreign" / "x.txt").read_text() == "mine"
+
+
+def test_only_a_set_the_generator_wrote_is_ever_replaced(tmp_path):
+    """A folder with a manifest.json of another kind (write_shards' shards, a web app's), one that is not JSON, or a
+    set of ours beside a user's file, is never replaced by a set made with other arguments: the trainer names
+    data.root in one line, and nothing is deleted."""
+    from dico_scale.config import ConfigError, load_config
+    from dico_scale.data.splits import data_shards
+
+    theirs = {"shards": {"manifest.json": json.dumps({"splits": {"train": {"shards": ["train-000000.tar"]}}}),
+                         "train-000000.tar": "tar"},
+              "app": {"manifest.json": json.dumps({"name": "my web app"}), "thesis.tex": "thesis"},
+              "broken": {"manifest.json": "{broken"}, "list": {"manifest.json": "[1, 2]"}}
+    for name, files in theirs.items():
+        for f, text in files.items():
+            (tmp_path / name).mkdir(exist_ok=True)
+            (tmp_path / name / f).write_text(text)
+    ours = tmp_path / "ours"
+    syn.ensure_synthetic_dataset(ours, **SMALL)
+    (ours / "notes.txt").write_text("mine")
+    for name in [*theirs, "ours"]:
+        before = {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()}
+        cfg = load_config("configs/demo/xe.yaml", [f"data.root={tmp_path / name}", "data.synthetic.n_train=20",
+                                                   "evaluator.weights=", "captioner.image_encoder_weights="])
+        with pytest.raises(ConfigError) as e:
+            data_shards(cfg)
+        assert str(e.value) == (f"bad value for config key 'data.root': '{tmp_path / name}' holds files that are not "
+                                "a synthetic set this generator wrote; refusing to replace them (generate it into a "
+                                "folder of its own)")
+        assert {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()} == before
+    (ours / "notes.txt").unlink()  # its own set alone: replaced by one of the new arguments
+    assert syn.ensure_synthetic_dataset(ours, **{**SMALL, "n_train": 10})["train"] == str(ours / "train-00000.tar")

@@ -3,6 +3,7 @@ missing). Every reader of a split asks here: training, the CIDEr-D reward's docu
 demo and the benchmarks."""
 from __future__ import annotations
 
+from ..errors import ConfigError, first_line
 from .pipeline import check_local_shards
 
 
@@ -12,9 +13,13 @@ def data_shards(cfg) -> dict[str, str]:
         from .synthetic import ensure_synthetic_dataset
 
         s = cfg.data.synthetic
-        return ensure_synthetic_dataset(cfg.data.root, seed=s.seed, n_train=s.n_train, n_val=s.n_val,
-                                        n_test=s.n_test, image_size=s.image_size,
-                                        samples_per_shard=s.samples_per_shard)
+        try:
+            return ensure_synthetic_dataset(cfg.data.root, seed=s.seed, n_train=s.n_train, n_val=s.n_val,
+                                            n_test=s.n_test, image_size=s.image_size,
+                                            samples_per_shard=s.samples_per_shard)
+        except (ValueError, OSError) as e:  # a folder of the user's, a file, one that cannot be written
+            why = e if isinstance(e, ValueError) else first_line(e)
+            raise ConfigError(f"bad value for config key 'data.root': {why}") from None
     return {"train": cfg.data.train_shards, "val": cfg.data.val_shards, "test": cfg.data.test_shards}
 
 

@@ -216,22 +216,48 @@ def write_synthetic_dataset(out_dir: str | Path, *, seed: int = 0, n_train: int 
     return _patterns(out_dir, manifest)
 
 
+def _read_manifest(path: Path) -> dict | None:
+    """The folder's manifest.json as a dict, or None (missing, unreadable, not JSON, not an object)."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _own_dataset(out_dir: Path, manifest: dict | None) -> bool:
+    """Whether out_dir holds a set this generator wrote and nothing else: its manifest (with the arguments it was
+    made with) and the shards that lists. write_shards' manifests record no arguments."""
+    if manifest is None or not isinstance(manifest.get("args"), dict) or not isinstance(manifest.get("splits"), dict):
+        return False
+    try:
+        listed = {"manifest.json", *(shard for split in manifest["splits"].values() for shard in split["shards"])}
+    except (TypeError, KeyError, AttributeError):
+        return False
+    return all(p.name in listed for p in out_dir.iterdir())
+
+
 def ensure_synthetic_dataset(out_dir: str | Path, **kwargs) -> dict[str, str]:
     """Generates the dataset only when out_dir/manifest.json is missing or records different arguments; otherwise
     returns the patterns from the manifest. Generation goes to a temporary sibling folder that is renamed into
-    place, and a file lock beside out_dir makes concurrent callers (e.g. several ranks) wait for one generator."""
+    place, and a file lock beside out_dir makes concurrent callers (e.g. several ranks) wait for one generator. An
+    out_dir that holds anything but a set this generator wrote (a user's shards, their files) is never replaced:
+    ValueError."""
     args = _validate(kwargs)
     out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"'{out_dir}' is a file, not a folder for the synthetic set")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         mpath = out_dir / "manifest.json"
-        if mpath.exists():
-            manifest = json.loads(mpath.read_text())
-            if manifest.get("args") == args:
-                return _patterns(out_dir, manifest)
-        elif out_dir.exists() and any(out_dir.iterdir()):
-            raise ValueError(f"out_dir {out_dir} exists, is not empty and has no manifest.json; refusing to replace it")
+        manifest = _read_manifest(mpath)
+        if manifest is not None and manifest.get("args") == args:
+            return _patterns(out_dir, manifest)
+        if out_dir.exists() and any(out_dir.iterdir()) and not _own_dataset(out_dir, manifest):
+            # a user's folder (their shards, their files): only a set this generator wrote is ever replaced
+            raise ValueError(f"'{out_dir}' holds files that are not a synthetic set this generator wrote; refusing "
+                             "to replace them (generate it into a folder of its own)")
         tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         write_synthetic_dataset(tmp, **args)
