@@ -11,7 +11,8 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .deepspeed_json import PLACEMENTS, check_deepspeed_combination, read_deepspeed_config
+from .deepspeed_json import (PLACEMENTS, check_deepspeed_combination, check_trainer_keys,
+                             read_deepspeed_config)
 from .errors import ConfigError
 from .models import MODELS
 from .models.folders import folder_problem
@@ -207,7 +208,9 @@ def validate(c: Config, training: bool = True) -> None:
             from .models.clip_weights import sniff_weights_format  # reads headers only: a wrong kind of file fails here
 
             sniff_weights_format(val, key)
-    check_deepspeed_combination(t.deepspeed_config, read_deepspeed_config(t.deepspeed_config))
+    ds = read_deepspeed_config(t.deepspeed_config)
+    check_deepspeed_combination(t.deepspeed_config, ds)
+    check_trainer_keys(t.deepspeed_config, ds, t.device)
     # Last: the keys only the run's stage reads are checked by its class (stages/), whose import brings torch.
     stage = stage_class(t.stage)
     stage.check_config(c)

@@ -25,12 +25,12 @@ from .errors import ConfigError  # also imported from here (`from dico_scale.con
 @dataclass
 class SyntheticData:
     enabled: bool = False  # generate the shapes dataset into data.root when it is missing
-    seed: int = 0  # >= 0
-    n_train: int = 2000  # >= 1
-    n_val: int = 100  # >= 0
-    n_test: int = 100  # >= 0
-    image_size: int = 64  # 32 to 1024 (the shapes need room)
-    samples_per_shard: int = 250  # >= 1
+    seed: int = 0  # [0, 2**63)
+    n_train: int = 2000  # [1, 10**9]
+    n_val: int = 100  # [0, 10**9]
+    n_test: int = 100  # [0, 10**9]
+    image_size: int = 64  # [32, 1024] (the shapes need room)
+    samples_per_shard: int = 250  # [1, 10**9]
 
 
 @dataclass
@@ -160,7 +160,7 @@ class TrainConfig:
     output_dir: str = "runs/default"
     max_steps: int = 1000  # >= 1; optimizer steps
     micro_batch_size: int = 16  # >= 1; images per rank per micro step
-    seed: int = 0  # >= 0
+    seed: int = 0  # [0, 2**64): torch's seeds are 64 bits
     log_every: int = 10  # >= 1
     val_every: int = 0  # >= 0; 0: validate only at the end
     validate_at_end: bool = True  # false: no validation after the last step (short runs; evaluate the export instead)

@@ -47,9 +47,14 @@ def read_deepspeed_config(path: str) -> dict:
         if zero.get(key) is not None and not isinstance(zero[key], dict):
             raise ConfigError(f"train.deepspeed_config '{path}': zero_optimization.{key} is {_shown(zero[key])}, "
                               'not a JSON object (e.g. {"device": "cpu"})')
-    declared = zero.get("stage", 0)  # the ZeRO stage the JSON asks for
-    if declared not in (0, 1, 2, 3):
+    declared = zero.get("stage", 0)  # the ZeRO stage the JSON asks for (true == 1 to Python: not a stage)
+    if isinstance(declared, bool) or declared not in (0, 1, 2, 3):
         raise ConfigError(f"train.deepspeed_config '{path}': zero_optimization.stage {declared!r} is not 0, 1, 2 or 3")
+    for key, allowed in (("fp16", (True, False)), ("bf16", (True, False, "auto"))):  # "false" would enable it
+        enabled = (ds.get(key) or {}).get("enabled", False)
+        if isinstance(enabled, str) and enabled not in allowed or not isinstance(enabled, (bool, str)):
+            raise ConfigError(f"train.deepspeed_config '{path}': {key}.enabled is {_shown(enabled)}, not "
+                              + " or ".join(json.dumps(a) for a in allowed))
     return ds
 
 
@@ -78,6 +83,59 @@ def check_deepspeed_combination(path: str, ds: dict) -> None:
     if "optimizer" in ds or "scheduler" in ds:  # engine.build_engine passes its own AdamW and schedule
         raise ConfigError(f"train.deepspeed_config '{path}': remove its '{'optimizer' if 'optimizer' in ds else 'scheduler'}' "
                           "block: the optimizer and schedule come from the optim.* keys")
+
+
+# Keys the trainer sets from its own config (engine.ds_config): a value of the JSON's would be replaced unseen.
+TRAINER_KEYS = {"train_micro_batch_size_per_gpu": "train.micro_batch_size", "gradient_clipping": "optim.grad_clip",
+                "gradient_accumulation_steps": "optim.grad_accum",
+                "train_batch_size": "train.micro_batch_size x optim.grad_accum x the ranks"}
+# Top-level blocks DeepSpeed refuses beside ZeRO or a client optimizer, deep in deepspeed.initialize.
+UNSUPPORTED = {"amp": "apex AMP does not combine with ZeRO (train.precision picks bf16 or fp16)",
+               "sparse_gradients": "sparse gradients do not combine with ZeRO",
+               "compression_training": "DeepSpeed's compression training is not part of this trainer"}
+MONITORS = {"tensorboard": "tensorboard", "wandb": "wandb", "comet": "comet_ml"}  # block: the package it imports
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def check_trainer_keys(path: str, ds: dict, device: str) -> None:
+    """What the JSON may not hold beside this trainer's config (`device`: train.device), each found by DeepSpeed only
+    once the models are built (or silently replaced by ds_config): one ConfigError line naming the key."""
+    import importlib.util
+
+    def fail(why: str):
+        raise ConfigError(f"train.deepspeed_config '{path}': {why}")
+
+    for key, ours in TRAINER_KEYS.items():
+        if key in ds and ds[key] != "auto":
+            fail(f"remove {key} ({_shown(ds[key])}): it comes from {ours}")
+    for key, why in UNSUPPORTED.items():
+        if key in ds:
+            fail(f"remove its '{key}' block: {why}")
+    every = ds.get("steps_per_print", 1)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        fail(f"steps_per_print {_shown(every)} is not a positive integer")
+    dtype = (ds.get("data_types") or {}).get("grad_accum_dtype")
+    if dtype is not None and dtype not in DTYPES:
+        fail(f"data_types.grad_accum_dtype {_shown(dtype)} is not one of {', '.join(DTYPES)}")
+    for block, package in MONITORS.items():
+        if _enabled(ds, block) is True and importlib.util.find_spec(package) is None:
+            fail(f"{block}.enabled needs the {package} package, which is not installed (MLflow tracks the run: "
+                 "tracking.*)")
+    zero = ds.get("zero_optimization") or {}
+    for what in ("optimizer", "param"):
+        block = zero.get(f"offload_{what}") or {}
+        if block.get("device") == "nvme":
+            if not block.get("nvme_path"):
+                fail(f"zero_optimization.offload_{what}: device nvme needs an nvme_path")
+            if device == "cpu" or device == "auto" and not _cuda():
+                fail(f"zero_optimization.offload_{what}: device nvme needs DeepSpeed's async_io op on a GPU node, not "
+                     "this CPU run")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def zero_stage(ds: dict) -> int:

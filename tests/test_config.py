@@ -420,6 +420,23 @@ def test_shipped_deepspeed_configs_load_with_every_stage(ds_file):
      'zero_optimization.offload_optimizer is "cpu", not a JSON object'),
     ({"zero_optimization": {"stage": 2}, "bf16": True}, "bf16 is true, not a JSON object"),
     ({"zero_optimization": None}, "zero_optimization is null, not a JSON object"),
+    # values DeepSpeed took the wrong way (true as stage 1, the string "false" as enabled) or the trainer replaced
+    ({"zero_optimization": {"stage": True}}, "zero_optimization.stage True is not 0, 1, 2 or 3"),
+    ({"bf16": {"enabled": "false"}}, 'bf16.enabled is "false", not true or false or "auto"'),
+    ({"fp16": {"enabled": "auto"}}, 'fp16.enabled is "auto", not true or false'),
+    ({"train_micro_batch_size_per_gpu": 7}, r"remove train_micro_batch_size_per_gpu \(7\): it comes from "
+                                            r"train.micro_batch_size"),
+    ({"gradient_clipping": 0.0}, r"remove gradient_clipping \(0.0\): it comes from optim.grad_clip"),
+    ({"train_batch_size": 999}, "remove train_batch_size"),
+    # what DeepSpeed refuses deep in deepspeed.initialize, after the models are built
+    ({"amp": {"enabled": True}}, "remove its 'amp' block: apex AMP does not combine with ZeRO"),
+    ({"sparse_gradients": True}, "remove its 'sparse_gradients' block"),
+    ({"steps_per_print": 0}, "steps_per_print 0 is not a positive integer"),
+    ({"data_types": {"grad_accum_dtype": "fp8"}}, 'data_types.grad_accum_dtype "fp8" is not one of fp32, fp16, bf16'),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}},
+     "offload_param: device nvme needs an nvme_path"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/nvme"}}},
+     "device nvme needs DeepSpeed's async_io op on a GPU node, not this CPU run"),
 ])
 def test_deepspeed_combinations_that_cannot_work_fail_at_config_time(tmp_path, block, needle):
     import json
@@ -430,6 +447,19 @@ def test_deepspeed_combinations_that_cannot_work_fail_at_config_time(tmp_path, b
         load_config("configs/demo/xe.yaml", [f"train.deepspeed_config={p}", "evaluator.weights=",
                                              "captioner.image_encoder_weights="])
     assert "\n" not in str(e.value) and str(p) in str(e.value)
+
+
+@pytest.mark.parametrize("monitor, package", [("tensorboard", "tensorboard"), ("wandb", "wandb")])
+def test_a_monitor_whose_package_is_missing_is_one_line(tmp_path, monitor, package):
+    import importlib.util
+    import json
+
+    if importlib.util.find_spec(package):
+        pytest.skip(f"{package} is installed here")
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps({monitor: {"enabled": True}}))
+    with pytest.raises(ConfigError, match=f"{monitor}.enabled needs the {package} package, which is not installed"):
+        load_config("configs/demo/xe.yaml", [f"train.deepspeed_config={p}", *BLANK[:2]])
 
 
 def test_offload_block_with_device_none_is_no_offload(tmp_path):

@@ -50,7 +50,7 @@ def test_every_numeric_key_has_a_checked_and_documented_range():
     ("captioner.dropout=1", "'captioner.dropout': 1.0 must lie in [0, 1)"),
     ("captioner.decoder_layers=0", "'captioner.decoder_layers': 0 must be >= 1"),
     ("data.shuffle_buffer=-1", "'data.shuffle_buffer': -1 must be >= 0"),
-    ("data.synthetic.image_size=4", "'data.synthetic.image_size': 4 must be >= 16"),
+    ("data.synthetic.image_size=4", "'data.synthetic.image_size': 4 must lie in [32, 1024]"),
     ("train.stop_timeout_s=0", "'train.stop_timeout_s': 0.0 must lie in (0, inf)"),
     ("tracking.connect_timeout_s=-2", "'tracking.connect_timeout_s': -2.0 must lie in (0, inf)"),
 ])
