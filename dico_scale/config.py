@@ -344,7 +344,7 @@ def _check_text_override(cfg, node, item: str) -> None:
     """A text key whose override value YAML reads as a mapping or a list (`captioner.prompt=Caption: a photo` is
     {'Caption': 'a photo'}): one line saying to quote it, not OmegaConf's 'Cannot convert DictConfig to string'."""
     key = override_key(item)
-    value = OmegaConf.select(node, key, default=None)
+    value = OmegaConf.select(node, key, default=None, throw_on_resolution_failure=False)  # ${...}: the merged config's
     if isinstance(value, (DictConfig, ListConfig)) and isinstance(OmegaConf.select(cfg, key, default=None), str):
         kind = "a mapping" if isinstance(value, DictConfig) else "a list"
         raise ConfigError(f"override '{item}': YAML reads the value as {kind}, not text (quote it: '{key}=\"...\"')")

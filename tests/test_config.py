@@ -71,6 +71,9 @@ def test_coco_configs_load(path):
     assert cfg.data.train_shards.startswith(cfg.data.root + "/")  # ${data.root} interpolated
     over = load_config(str(path), BLANK + ["data.root=/elsewhere"])
     assert over.data.train_shards.startswith("/elsewhere/")
+    # an override's own ${...} reads the merged config (it failed as 'key not found', reading the override alone)
+    over = load_config(str(path), BLANK + ["data.root=/x", "data.val_shards=${data.root}/v.tar"])
+    assert over.data.val_shards == "/x/v.tar"
 
 
 def test_extends_child_over_base_and_overrides_win():
