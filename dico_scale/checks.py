@@ -41,6 +41,7 @@ def _floats_finite(node, prefix: str = "") -> None:
             check(math.isfinite(val), f"{prefix}{f.name}", f"{val} is not a finite number")
 
 
+DAY = 86400  # seconds: the most a wait may be (Python's timeouts overflow on 1e300; 1e-300 s retries spin)
 # (key, lowest value, whether the lowest is excluded, highest value or None, whether the highest is excluded)
 RANGES = [
     # the synthetic generator's own bounds (data/synthetic.py), so that a value beyond them fails here
@@ -70,10 +71,10 @@ RANGES = [
     ("train.seed", 0, False, 2**64, True), ("train.log_every", 1, False, None, False),  # torch's seeds: 64 bits
     ("train.val_every", 0, False, None, False), ("train.val_max_images", 0, False, None, False),
     ("train.save_every", 0, False, None, False), ("train.keep_checkpoints", 1, False, None, False),
-    ("train.max_nonfinite_steps", 1, False, None, False), ("train.stop_timeout_s", 0, True, None, False),
-    ("train.threads", 0, False, None, False), ("tracking.connect_timeout_s", 0, True, None, False),
+    ("train.max_nonfinite_steps", 1, False, None, False), ("train.stop_timeout_s", 0, True, DAY, False),
+    ("train.threads", 0, False, None, False), ("tracking.connect_timeout_s", 0, True, DAY, False),
     ("train.patience", 0, False, None, False), ("tracking.queue_size", 1, False, None, False),
-    ("tracking.retry_every_s", 0, True, None, False), ("tracking.finish_wait_s", 0, False, None, False),
+    ("tracking.retry_every_s", 0.1, False, DAY, False), ("tracking.finish_wait_s", 0, False, DAY, False),
 ]
 
 

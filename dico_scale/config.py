@@ -173,7 +173,7 @@ class TrainConfig:
     preempt_signal: str = "SIGUSR1"  # on it: checkpoint at the next step, exit with code 3 (empty: ignore signals)
     # SIGTERM, and the launcher (deepspeed, torchrun) dying, are handled like preempt_signal; a rank that has not
     # checkpointed and exited stop_timeout_s seconds later exits anyway (exit 1).
-    stop_timeout_s: float = 300.0  # (0, inf)
+    stop_timeout_s: float = 300.0  # (0, 86400]
     requeue_on_preempt: bool = True  # under Slurm, rank 0 then runs `scontrol requeue $SLURM_JOB_ID`
     deepspeed_config: str = "configs/deepspeed/zero2.json"  # zero1 | zero2 | zero3 | zero3_offload_optimizer | ...
     # auto: what the DeepSpeed JSON says (bf16 "auto": on a GPU that has it) | fp32 | bf16 | fp16 (dynamic loss
@@ -199,14 +199,14 @@ class TrackingConfig:
     # An http(s) tracking server is asked for its health before anything is built: a server that does not answer
     # within connect_timeout_s stops the run with one line (exit 2), or, with required=false, disables tracking.
     required: bool = True
-    connect_timeout_s: float = 10.0  # (0, inf)
+    connect_timeout_s: float = 10.0  # (0, 86400]
     # Logging never waits for the store: records queue for a sender thread (at most queue_size; more spill to
     # <output_dir>/mlflow_backlog.jsonl, as does whatever the store refuses), retried every retry_every_s.
     queue_size: int = 10000  # >= 1
-    retry_every_s: float = 30.0  # (0, inf)
+    retry_every_s: float = 30.0  # [0.1, 86400]
     # At the end the sender gets this long to send what is queued; the rest goes to the backlog. A hung server
     # holds the run's exit (and a preempted job's grace period) no longer than this.
-    finish_wait_s: float = 15.0  # [0, inf)
+    finish_wait_s: float = 15.0  # [0, 86400]
     parent_run_id: str = ""  # the run is created as a child of this MLflow run (tag mlflow.parentRunId; compare)
 
 
