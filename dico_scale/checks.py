@@ -7,6 +7,7 @@ import math
 import os
 import re
 import signal
+import sys
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -216,6 +217,36 @@ def validate(c: Config, training: bool = True) -> None:
     stage = stage_class(t.stage)
     stage.check_config(c)
     check_selected_metrics(c, stage.validation_metrics(c))
+    if training:
+        warn_unread_settings(c)
+
+
+def unread_settings(c: Config) -> list[tuple[str, list[str]]]:
+    """(the choice, the keys set away from their defaults that it leaves unread): another stage's section, LoRA's
+    options without LoRA, the cosine floor under a constant schedule."""
+    from .config import Config
+
+    default, out = Config(), []
+    groups = [(f"train.stage={c.train.stage}", spec.section) for spec in STAGES.values()
+              if spec.section and spec.name != c.train.stage]
+    groups.append(("captioner.lora.r=0", "captioner.lora") if not c.captioner.lora.r else None)
+    for choice, section in filter(None, groups):
+        ours, theirs = _get(c, section), _get(default, section)
+        if changed := [f"{section}.{f.name}" for f in fields(ours) if getattr(ours, f.name) != getattr(theirs, f.name)]:
+            out.append((choice, changed))
+    if c.optim.schedule == "constant" and c.optim.min_lr_ratio != default.optim.min_lr_ratio:
+        out.append(("optim.schedule=constant", ["optim.min_lr_ratio"]))
+    return out
+
+
+def warn_unread_settings(c: Config) -> None:
+    """One warning line per choice that leaves set keys unread (a setting is never ignored unsaid), from one rank."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    for choice, keys in unread_settings(c):
+        print(f"dico_scale: warning: {', '.join(keys)} {'is' if len(keys) == 1 else 'are'} set, but {choice} reads "
+              f"{'it' if len(keys) == 1 else 'them'} nowhere: {'it does' if len(keys) == 1 else 'they do'} nothing "
+              "in this run", file=sys.stderr, flush=True)
 
 
 def check_selected_metrics(c: Config, logged: set[str] | None) -> None:
