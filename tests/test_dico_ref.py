@@ -129,3 +129,69 @@ def test_converter_writes_a_model_pt_that_loads_back(ref, tmp_path, capsys):
         assert convert_main(["dico-ref", str(folder), "--out", str(out)]) == 2  # before converting anything
         assert capsys.readouterr().err == f"dico_scale.convert: error: --out '{out}' {needle}" + (
             "\n" if out == tmp_path else " (No such file or directory)\n")
+
+
+def _vision(**kw):
+    return lambda c: c["encoder"]["vision_encoder"].update(kw)
+
+
+def _decoder(**kw):
+    return lambda c: c["decoder"].update(kw)
+
+
+# config.json edits of a hostile user -> the one line's needle (transformers raised AttributeError, TypeError,
+# ValueError or RuntimeError for each, or built a giant model before comparing it with the weights)
+HOSTILE = {
+    "encoder a string": (lambda c: c.update(encoder="oops"), "is not a DiCO reference folder"),
+    "encoder a list": (lambda c: c.update(encoder=[1]), "is not a DiCO reference folder"),
+    "decoder a string": (lambda c: c.update(decoder="gpt2"), "config.json's decoder is \"gpt2\", not a JSON object"),
+    "heads not dividing": (_vision(num_attention_heads=7),
+                           "encoder.vision_encoder.hidden_size 64 is not a multiple of its num_attention_heads 7"),
+    "negative width": (_vision(hidden_size=-4), "encoder.vision_encoder.hidden_size is -4, not a positive integer"),
+    "a string size": (_decoder(vocab_size="49409"), "decoder.vocab_size is \"49409\", not a positive integer"),
+    "zero width": (_decoder(n_embd=0), "decoder.n_embd is 0, not a positive integer"),
+    "a string flag": (_decoder(tie_word_embeddings="no"), "config.json's decoder is not a valid GPT2Config"),
+    "a million layers": (_decoder(n_layer=1_000_000), "decoder.n_layer is 1000000 but its weights hold 2 layers"),
+    "a giant width": (_vision(hidden_size=2 ** 30), "weights do not fit its config.json: shapes vision."),
+}
+
+
+def hostile_copy(folder, tmp_path, edit=lambda c: None, state=None):
+    d = tmp_path / "hostile"
+    d.mkdir()
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (d / "config.json").write_text(json.dumps(config))
+    torch.save(state if state is not None else torch.load(folder / "pytorch_model.bin", weights_only=True),
+               d / "pytorch_model.bin")
+    return d
+
+
+def assert_one_line_everywhere(d, tmp_path, capsys, needle, preflight=True):
+    """The trainer's build (and its preflight) and the converter each give one line naming the folder."""
+    from dico_scale.models.dico_ref import check_folder_weights
+
+    for check in (lambda: build_captioner(cfg_for(d)),) + ((lambda: check_folder_weights(str(d))),) * preflight:
+        with pytest.raises(ConfigError) as e:
+            check()
+        assert needle in str(e.value) and str(d) in str(e.value) and "\n" not in str(e.value)
+    assert convert_main(["dico-ref", str(d), "--out", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dico_scale.convert: error: ") and err.count("\n") == 1 and needle in err
+    assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_a_hostile_config_json_is_one_line(ref, tmp_path, capsys, case):
+    edit, needle = HOSTILE[case]
+    assert_one_line_everywhere(hostile_copy(ref[0], tmp_path, edit), tmp_path, capsys, needle)
+
+
+@pytest.mark.parametrize("case", ["nan", "int64"])
+def test_weights_that_are_not_finite_floats_are_refused(ref, tmp_path, capsys, case):
+    folder, _ = ref
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    bad = {k: torch.full_like(v, float("nan")) if case == "nan" else v.long() for k, v in state.items()}
+    needle = "vision.embeddings.class_embedding " + ("holds nan or inf values" if case == "nan" else "torch.int64")
+    # the preflight reads no values (memory-mapped): nan is the build's to find
+    assert_one_line_everywhere(hostile_copy(folder, tmp_path, state=bad), tmp_path, capsys, needle, case != "nan")

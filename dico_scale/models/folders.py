@@ -101,7 +101,8 @@ def read_config(path: str) -> dict | str:
 
 
 def is_dico_ref(config: dict) -> bool:
-    return config.get("encoder", {}).get("model_type") == "vision-encoder-encoder"
+    enc = config.get("encoder")  # a hostile config.json may hold any JSON there
+    return isinstance(enc, dict) and enc.get("model_type") == "vision-encoder-encoder"
 
 
 def folder_row(config: dict) -> str | None:
@@ -175,12 +176,32 @@ def checked_config(path: str, problem) -> dict:
 
 
 def ref_problem(config: dict, path: str) -> str | None:
-    """dico_ref: the reference fork's vision-encoder-decoder of a clip_vision_model + BERT encoder and GPT-2."""
-    if not is_dico_ref(config) or config["encoder"].get("vision_encoder", {}).get("model_type") != "clip_vision_model":
+    """dico_ref: the reference fork's vision-encoder-decoder of a clip_vision_model + BERT encoder and GPT-2, each a
+    JSON object whose sizes are positive integers and whose heads divide the width (transformers fails deep in its
+    constructors otherwise: a TypeError, a negative dimension)."""
+    vision = config["encoder"].get("vision_encoder") if is_dico_ref(config) else None
+    if not isinstance(vision, dict) or vision.get("model_type") != "clip_vision_model":
         return (f"'{path}' is not a DiCO reference folder (want a vision-encoder-decoder whose encoder is a "
                 "vision-encoder-encoder of a clip_vision_model)")
-    if (dec := config.get("decoder", {}).get("model_type")) != "gpt2":
-        return f"'{path}': the reference's decoder is gpt2, not {dec}"
+    bert, dec = config["encoder"].get("encoder"), config.get("decoder")
+    for name, part in (("encoder.encoder", bert), ("decoder", dec)):
+        if not isinstance(part, dict):
+            return f"'{path}': config.json's {name} is {json.dumps(part)}, not a JSON object"
+    if (kind := dec.get("model_type")) != "gpt2":
+        return f"'{path}': the reference's decoder is gpt2, not {kind}"
+    # (part, its sizes, its width and heads) as transformers' configs name them; a size left out takes its default
+    parts = (("encoder.vision_encoder", vision, ("intermediate_size", "num_hidden_layers", "image_size", "patch_size",
+                                                 "num_channels"), "hidden_size", "num_attention_heads"),
+             ("encoder.encoder", bert, ("intermediate_size", "num_hidden_layers", "max_position_embeddings",
+                                        "vocab_size", "type_vocab_size"), "hidden_size", "num_attention_heads"),
+             ("decoder", dec, ("n_layer", "n_positions", "vocab_size", "n_inner"), "n_embd", "n_head"))
+    for name, part, sizes, width, heads in parts:
+        for key in (width, heads) + sizes:
+            if (v := part.get(key)) is not None and (type(v) is not int or v <= 0):
+                return f"'{path}': config.json's {name}.{key} is {json.dumps(v)}, not a positive integer"
+        if part.get(width) and part.get(heads) and part[width] % part[heads]:
+            return (f"'{path}': config.json's {name}.{width} {part[width]} is not a multiple of its {heads} "
+                    f"{part[heads]}")
     return None
 
 
