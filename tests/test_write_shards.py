@@ -236,6 +236,9 @@ def test_cli_errors(coco, tmp_path, capsys):
     def karpathy(out=tmp_path / "o"):
         return ["karpathy", "--image-root", coco["root"], "--out", str(out), "--no-progress", "--split-file"]
 
+    def jsonl(name):
+        return ["jsonl", "--input", str(tmp_path / name), "--out", str(tmp_path / "o")]
+
     k = karpathy()
     assert "split file not found" in _error(capsys, k + [str(tmp_path / "nope.json")])
     (tmp_path / "bad.json").write_text('{"images": [')
@@ -250,6 +253,15 @@ def test_cli_errors(coco, tmp_path, capsys):
     assert "no images found" in err and str(empty) in err
     (tmp_path / "p.jsonl").write_text('{"image": "a.jpg", "captions": ["x"]}\n{"image": "b.jpg"}\n')
     assert "p.jsonl line 2" in _error(capsys, ["jsonl", "--input", str(tmp_path / "p.jsonl"), "--out", str(empty)])
+    (tmp_path / "bin.jsonl").write_bytes(b'{"image": "a.jpg", "captions": ["x"]}\n\xff\xfe garbage\n')
+    assert "bin.jsonl line 2: not UTF-8 text" in _error(capsys, jsonl("bin.jsonl"))
+    (tmp_path / "null.jsonl").write_text('{"image": "a.jpg", "captions": ["x"], "split": null}\n')
+    assert "null.jsonl line 1: split null must be" in _error(capsys, jsonl("null.jsonl"))  # not a split 'None'
+    for field, value in (("filename", None), ("filepath", 5), ("split", None)):  # os.path's TypeError before
+        entry = {**coco["images"][0], field: value}
+        (tmp_path / "typed.json").write_text(json.dumps({"images": coco["images"][:1] + [entry]}))
+        assert f"typed.json: images[1] {field} is {json.dumps(value)}, not a string" in _error(
+            capsys, k + [str(tmp_path / "typed.json")])
     assert "--out /proc/none cannot be created" in _error(capsys, karpathy("/proc/none") + [coco["file"]])
     write(coco, tmp_path / "done", "--splits", "test")
     assert "--overwrite" in _error(capsys, karpathy(tmp_path / "done") + [coco["file"]])

@@ -57,12 +57,16 @@ def read_karpathy(split_file: str, image_root: str, restval: str = "train") -> l
             ids = [str(s.get("sentid", j)) for j, s in enumerate(sentences)]
         except (KeyError, TypeError, AttributeError) as e:
             raise SourceError(f"{split_file}: images[{i}] lacks filename/split/sentences[].raw ({e!r})") from None
+        folder = img.get("filepath", "")
+        for field, v in (("filename", name), ("filepath", folder), ("split", split)):
+            if not isinstance(v, str):  # null or 5: a TypeError in os.path, or a split named None
+                raise SourceError(f"{split_file}: images[{i}] {field} is {json.dumps(v)}, not a string")
         stem = str(img["cocoid"]) if "cocoid" in img else os.path.splitext(name)[0]
         key = f"{prefix}-{sanitize(stem)}" if prefix else sanitize(stem)
         if split == "restval" and restval == "train":
             split = "train"
         kept = [(c, s) for c, s in zip(captions, ids) if c]
-        items.append(Item(key, os.path.join(image_root, img.get("filepath", ""), name), split,
+        items.append(Item(key, os.path.join(image_root, folder, name), split,
                           [c for c, _ in kept], [s for _, s in kept]))
     return items
 
@@ -72,21 +76,23 @@ def read_jsonl(path: str, image_root: str) -> list[Item]:
     if not os.path.isfile(path):
         raise SourceError(f"input file not found: {path}")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # decoded line by line: a binary file is one line naming where, not a traceback
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise SourceError(f"{path} line {n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
             except json.JSONDecodeError as e:
                 raise SourceError(f"{path} line {n}: not valid JSON: {e}") from None
             caps = row.get("captions") if isinstance(row, dict) else None
             if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(caps, list) \
                     or not all(isinstance(c, str) for c in caps):
                 raise SourceError(f"{path} line {n}: needs 'image' (a path) and 'captions' (a list of strings)")
-            split = str(row.get("split", "train"))
-            if not re.fullmatch(r"[A-Za-z0-9_]+", split):
-                raise SourceError(f"{path} line {n}: split {split!r} must be letters, digits or '_'")
+            split = row.get("split", "train")  # null is no split name (str() made it 'None')
+            if not isinstance(split, str) or not re.fullmatch(r"[A-Za-z0-9_]+", split):
+                raise SourceError(f"{path} line {n}: split {json.dumps(split)} must be letters, digits or '_'")
             ident = str(row["id"]) if "id" in row else os.path.splitext(os.path.basename(row["image"]))[0]
             kept = [(c.strip(), str(j)) for j, c in enumerate(caps) if c.strip()]
             items.append(Item(sanitize(ident), os.path.join(image_root, row["image"]), split,
