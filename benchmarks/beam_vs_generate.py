@@ -11,7 +11,6 @@ floating point rounding breaks another way.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import io
 import json
@@ -21,9 +20,11 @@ import torch
 from PIL import Image
 
 from dico_scale.config import load_config
+from dico_scale.errors import ConfigError, OneLineParser
 from dico_scale.models import build_captioner
 from dico_scale.models.captioner import scored_mask
 from dico_scale.models.generation import beam_search
+from dico_scale.preflight import out_file_problem
 
 
 def images(pattern: str, n: int) -> list[Image.Image]:
@@ -43,7 +44,7 @@ def captions(rows: torch.Tensor, eos: int, first: int) -> list[tuple[int, ...]]:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="beam_vs_generate.py", description=__doc__.splitlines()[0])  # a bad argument: one line
     p.add_argument("--folder", required=True, help="an hf_vlm captioner's folder (an export's hf/)")
     p.add_argument("--shards", required=True, help="glob of tar shards whose images to caption")
     p.add_argument("--images", type=int, default=100)
@@ -53,11 +54,19 @@ def main(argv=None) -> dict:
     p.add_argument("--prompt", help="captioner.prompt (default: the config's; PaliGemma: '<image>caption en')")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
+    if not glob.glob(args.shards):
+        p.error(f"--shards '{args.shards}' matches no file")
+    if args.json and (problem := out_file_problem(args.json)):
+        p.error(f"--json {problem}")
     prompt = [f"captioner.prompt={json.dumps(args.prompt)}"] if args.prompt else []  # quoted: any text is a prompt
-    cfg = load_config("configs/demo/xe.yaml", ["evaluator.weights=", "captioner.image_encoder_weights=",
-                                               "train.init_from=", "captioner.model=hf_vlm",
-                                               f"captioner.hf_path={args.folder}", *prompt])
-    cap, k = build_captioner(cfg).eval(), args.beams
+    try:  # a bad --folder or --prompt: one line, not a traceback
+        cfg = load_config("configs/demo/xe.yaml", ["evaluator.weights=", "captioner.image_encoder_weights=",
+                                                   "train.init_from=", "captioner.model=hf_vlm",
+                                                   f"captioner.hf_path={args.folder}", *prompt])
+        cap = build_captioner(cfg).eval()
+    except ConfigError as e:
+        p.error(str(e).splitlines()[0])
+    k = args.beams
     tok, pre = cap.tokenizer, cap.preprocess
     same = {lp: {"best": 0, "all": 0} for lp in args.length_penalties}
     pictures = images(args.shards, args.images)

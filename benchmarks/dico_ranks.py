@@ -9,7 +9,6 @@ with the ranks' communication in it.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -17,7 +16,9 @@ import sys
 import tempfile
 
 from dico_scale.demo import CAPTIONER_FAMILIES, captioner_overrides
+from dico_scale.errors import OneLineParser
 from dico_scale.launch import train_stage
+from dico_scale.preflight import out_file_problem
 
 
 def row_overrides(workdir: str, captioner: str, ranks: int, batch: int, steps: int, name: str) -> list[str]:
@@ -52,7 +53,7 @@ def logged(db: str, run_name: str, warmup: int) -> dict[str, list[float]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="dico_ranks.py", description=__doc__.split("\n\n")[0])  # a bad argument: one line
     p.add_argument("--captioners", default="builtin,vit-gpt2", help="comma-separated dico_scale.demo --captioner names")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--batch", type=int, default=8, help="images per rank and step (x generation.candidates)")
@@ -63,12 +64,17 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the results here")
     p.add_argument("overrides", nargs="*", help="config key=value overrides for every run")
     a = p.parse_args(argv)
+    for flag, least in (("ranks", 1), ("batch", 1), ("rounds", 1), ("warmup", 0)):  # ZeroDivisionError otherwise
+        if getattr(a, flag) < least:
+            p.error(f"--{flag} {getattr(a, flag)} must be at least {least}")
     if a.steps <= a.warmup:
         p.error(f"--steps {a.steps} must be more than --warmup {a.warmup}")
     rows = a.captioners.split(",")
     unknown = [c for c in rows if c not in ("builtin", *CAPTIONER_FAMILIES)]
     if unknown:
         p.error(f"--captioners: {', '.join(unknown)} not among builtin, {', '.join(CAPTIONER_FAMILIES)}")
+    if a.json and (problem := out_file_problem(a.json)):  # before the runs, not after them
+        p.error(f"--json {problem}")
     workdir = os.path.abspath(a.workdir or tempfile.mkdtemp(prefix="dico_ranks-"))
     per_round: dict[str, list[float]] = {c: [] for c in rows}
     samples: dict[str, dict[str, list[float]]] = {c: {} for c in rows}

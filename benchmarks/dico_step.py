@@ -15,10 +15,10 @@ others every weight the row does not freeze.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -30,7 +30,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from dico_scale.config import load_config  # noqa: E402
 from dico_scale.data.pipeline import Collate  # noqa: E402
+from dico_scale.errors import ConfigError, OneLineParser  # noqa: E402
 from dico_scale.models.clip import register_model_configs  # noqa: E402
+from dico_scale.preflight import out_file_problem  # noqa: E402
 from dico_scale.rewards import parse_reward  # noqa: E402
 from dico_scale.stages import build_stage  # noqa: E402
 
@@ -110,14 +112,18 @@ def references(cfg, n: int) -> list[list[str]]:
     raise SystemExit(f"the training split has fewer than {n} images")
 
 
+def bench_config(config: str, overrides: list[str], kernel: str, batch: int, stage_name: str):
+    return load_config(config, RANDOM_WEIGHTS + overrides + [
+        f"loss.kernel={kernel}", f"train.micro_batch_size={batch}", f"train.stage={stage_name}"])
+
+
 class Bench:
     """One captioner row's DiCO (or SCST) stage, ready to time one training step at a time: rows are interleaved
     step by step so that load from other processes falls on all of them alike."""
 
     def __init__(self, config: str, overrides: list[str], kernel: str, batch: int, device, stage_name: str = "dico",
                  label: str = "builtin"):
-        cfg = load_config(config, RANDOM_WEIGHTS + overrides + [
-            f"loss.kernel={kernel}", f"train.micro_batch_size={batch}", f"train.stage={stage_name}"])
+        cfg = bench_config(config, overrides, kernel, batch, stage_name)
         register_model_configs(cfg.clip_model_configs)
         torch.manual_seed(0)
         self.stage = stage = build_stage(cfg, device)
@@ -184,8 +190,27 @@ def run_interleaved(benches: list[Bench], steps: int, warmup: int) -> list[dict]
     return [b.row() for b in benches]
 
 
+def check_args(p: OneLineParser, a) -> None:
+    """What would fail after models are built (a traceback, or a StatisticsError at the end): one line, exit 2."""
+    from dico_scale.demo import CAPTIONER_FAMILIES
+
+    for flag, least in (("steps", 1), ("warmup", 0), ("batch", 1)):
+        if getattr(a, flag) < least:
+            p.error(f"--{flag} {getattr(a, flag)} must be at least {least}")
+    for c in a.captioners.split(","):
+        name, _, mode = c.partition(":")
+        if mode not in ("", "lora"):
+            p.error(f"--captioners: {c}: the only suffix is :lora")
+        if name not in ("builtin", *CAPTIONER_FAMILIES):
+            p.error(f"--captioners: {name} not among builtin, {', '.join(CAPTIONER_FAMILIES)}")
+    if a.hf_size and not re.fullmatch(r"[1-9]\d*(,[1-9]\d*){3}", a.hf_size):
+        p.error(f"--hf-size {a.hf_size}: want WIDTH,LAYERS,HEADS,IMAGE_SIZE, four positive integers")
+    if a.json and (problem := out_file_problem(a.json)):
+        p.error(f"--json {problem}")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="dico_step.py", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/coco/dico.yaml")
     p.add_argument("--kernels", default="auto,torch", help="comma-separated loss.kernel values to time")
     p.add_argument("--batch", type=int, default=8, help="images per step (x generation.candidates)")
@@ -202,8 +227,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the results here")
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
     a = p.parse_args(argv)
-    if bad := [c for c in a.captioners.split(",") if c.partition(":")[2] not in ("", "lora")]:
-        p.error(f"--captioners: {bad[0]}: the only suffix is :lora")
+    check_args(p, a)
     device = torch.device(a.device)
     from dico_scale.demo import captioner_overrides
 
@@ -218,8 +242,13 @@ def main(argv=None) -> int:
         lora = LORA if mode == "lora" else ["captioner.lora.r=0"]
         return captioner_overrides(name, root, vocab_size=49409, **size) + lora + a.overrides
 
-    benches = [Bench(a.config, overrides(c), k, a.batch, device, a.stage, c) for c in a.captioners.split(",")
-               for k in a.kernels.split(",")]
+    pairs = [(c, k) for c in a.captioners.split(",") for k in a.kernels.split(",")]
+    try:  # each row's config first: a bad --config, key or --kernels entry before any model is built
+        for c, k in pairs:
+            bench_config(a.config, overrides(c), k, a.batch, a.stage)
+        benches = [Bench(a.config, overrides(c), k, a.batch, device, a.stage, c) for c, k in pairs]
+    except ConfigError as e:
+        p.error(str(e).splitlines()[0])
     rows = run_interleaved(benches, a.steps, a.warmup)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {name}; torch {torch.__version__}; config {a.config}; "

@@ -32,7 +32,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from dico_scale.errors import OneLineParser
 from dico_scale.kernels import torch_path
+from dico_scale.preflight import out_file_problem
 
 SHAPES = [(16, 20, 256, 49409), (40, 20, 256, 49409), (8, 20, 256, 151936)]  # N, T, H, V
 SMOKE_SHAPES = [(2, 3, 16, 1000), (4, 5, 16, 3001)]
@@ -142,7 +144,7 @@ def memory_table(shape, rows) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="head_bench.py", description=__doc__.splitlines()[0])  # a bad argument: one line
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default="")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat")
@@ -155,6 +157,10 @@ def main(argv=None) -> int:
     p.add_argument("--shape", nargs=4, type=int, help=argparse.SUPPRESS)
     p.add_argument("--forward-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.repeats < 1:  # a median of no timings otherwise
+        p.error(f"--repeats {args.repeats} must be at least 1")
+    if args.json and (problem := out_file_problem(args.json)):  # before the work, not after it
+        p.error(f"--json {problem}")
     if args.memory_worker:
         print(json.dumps(memory_worker(args.memory_worker, *args.shape, args.dtype, not args.forward_only,
                                        args.softcap)))

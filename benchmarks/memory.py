@@ -191,8 +191,26 @@ def gib(n: float) -> str:
     return human(int(n))
 
 
+def check_measured(p, args) -> None:
+    """The measured run's config and --steps before the 2-rank job: each rank would print its own traceback."""
+    from dico_scale.config import load_config
+    from dico_scale.errors import ConfigError
+
+    if args.steps < 1:
+        p.error(f"--steps {args.steps} must be at least 1")
+    try:
+        for s in args.settings:  # as measure() loads it
+            load_config(args.config, RANDOM_WEIGHTS + [f"train.deepspeed_config={SETTINGS[s]}", "train.stage=dico",
+                                                       "train.output_dir=runs/bench/memory", *args.overrides])
+    except ConfigError as e:
+        p.error(str(e).splitlines()[0])
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from dico_scale.errors import OneLineParser
+    from dico_scale.preflight import out_file_problem
+
+    p = OneLineParser(prog="memory.py", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/demo/dico.yaml")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
@@ -213,6 +231,8 @@ def main(argv=None) -> int:
     if args.worker_out:
         worker(args)
         return 0
+    if args.json and (problem := out_file_problem(args.json)):  # before the work, not after it
+        p.error(f"--json {problem}")
     if args.vlm:
         import vlm_memory  # beside this file
         from dico_scale.activations import run_lora
@@ -233,6 +253,7 @@ def main(argv=None) -> int:
             print(f"memory.py: {e}", file=sys.stderr)
             return 2
         return 0
+    check_measured(p, args)
     os.makedirs("runs/bench", exist_ok=True)
     tmp = os.path.abspath("runs/bench/memory_ranks.json")
     cmd = ["deepspeed", "--num_gpus", "2", os.path.abspath(__file__), "--config", args.config, "--steps",

@@ -14,6 +14,11 @@ def test_head_benchmark_smoke(repo, tmp_path):
     assert all(r["full_s"] > 0 and r["chunked_s"] > 0 for r in rows)
     assert rows[1]["chunked_logits_mib"] < rows[1]["full_logits_mib"]  # 4000 logits a chunk, not 20 x 3001
     assert "chunked MiB" in proc.stdout
+    for path, problem in ((tmp_path, "is a folder; name the file to write"),
+                          ("/proc/nope/x.json", "cannot be written (No such file or directory)")):  # before the work
+        bad = subprocess.run([sys.executable, "benchmarks/head_bench.py", "--smoke", "--json", str(path)], cwd=repo,
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and bad.stderr == f"head_bench.py: error: --json '{path}' {problem}\n"
 
 
 def test_head_memory_benchmark_smoke(repo, tmp_path):

@@ -133,3 +133,9 @@ def test_a_folder_without_a_layer_formula_is_one_line(tmp_path, vlm_folders, cap
     for flag in ("--images", "--candidates", "--caption-tokens", "--lora-r"):  # a batch of nothing projects nothing
         assert memory.main(["--vlm", "--folder", str(vlm_folders["llava"]), flag, "0"]) == 2
         assert capsys.readouterr().err.strip() == f"memory.py: error: {flag} 0 must be at least 1"
+    # the measured run's config, before the 2-rank job starts (each rank printed a traceback)
+    for args, message in ((["--config", str(tmp_path / "none.yaml")], f"config file not found: {tmp_path}/none.yaml"),
+                          (["--json", str(tmp_path)], f"--json '{tmp_path}' is a folder; name the file to write")):
+        with pytest.raises(SystemExit) as e:
+            memory.main(args)
+        assert e.value.code == 2 and capsys.readouterr().err == f"memory.py: error: {message}\n"

@@ -23,6 +23,13 @@ def test_dico_step_benchmark_smoke(repo, tmp_path):
         assert 0 < r["median_reward_s"] < r["median_step_s"] and r["phase_shares"]["reference"] > 0
     assert rows[1]["trainable_params"] == 4 * 2 * 16 * 32  # only the adapters: A and B of q, k, v, o in 1 layer
     assert (tmp_path / "models" / "width32-layers1-heads2-image_size32" / "idefics3" / "config.json").is_file()
+    for args, message in ((["--config", "/nonexistent.yaml"], "config file not found: /nonexistent.yaml"),
+                          (["--captioners", "nosuchrow"], "--captioners: nosuchrow not among builtin"),
+                          (["--steps", "0", "--warmup", "0"], "--steps 0 must be at least 1")):  # before any model
+        bad = subprocess.run([sys.executable, "benchmarks/dico_step.py", "--device", "cpu", *args], cwd=repo,
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and bad.stderr.startswith(f"dico_step.py: error: {message}"), bad.stderr[-2000:]
+        assert bad.stderr.count("\n") == 1
 
 
 def test_dico_ranks_benchmark_smoke(repo, tmp_path):
@@ -46,3 +53,6 @@ def test_dico_ranks_benchmark_smoke(repo, tmp_path):
     bad = subprocess.run([sys.executable, "benchmarks/dico_ranks.py", "--captioners", "builtin,gpt5"], cwd=repo,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--captioners: gpt5 not among builtin, hf_encoder_decoder" in bad.stderr
+    bad = subprocess.run([sys.executable, "benchmarks/dico_ranks.py", "--ranks", "0"], cwd=repo, capture_output=True,
+                         text=True, timeout=60)  # a ZeroDivisionError after the runs before
+    assert bad.returncode == 2 and bad.stderr == "dico_ranks.py: error: --ranks 0 must be at least 1\n"
