@@ -1,6 +1,7 @@
 """Broken Hugging Face folders of the hf_encoder_decoder and dico_ref rows (tiny real folders from
 dico_scale.models.tiny, one file removed, corrupted or truncated): building the captioner (train, caption) and the
 dico-ref converter stop with one ConfigError line naming captioner.hf_path and what is wrong, never a traceback."""
+import json
 import os
 import shutil
 
@@ -82,6 +83,18 @@ def test_a_broken_encoder_decoder_folder_is_one_line_when_training_and_captionin
     Image.new("RGB", (40, 30)).save(tmp_path / "img.png")
     assert caption_main(["--checkpoint", folder, str(tmp_path / "img.png")]) == 2
     one_line(cli_error(capsys.readouterr().err, "dico_scale.caption"), folder, needle)
+
+
+def test_a_config_json_whose_parts_are_not_objects_is_one_line(sound, tmp_path):
+    """Every row's readers take config.json's decoder (encoder, text_config, vision_config) as an object."""
+    def damage(d):
+        (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), "decoder": "gpt2"}))
+
+    folder = broken(sound, "vit-gpt2", tmp_path, damage)
+    with pytest.raises(ConfigError) as e:
+        cfg_for("hf_encoder_decoder", folder)
+    assert str(e.value) == (f"bad value for config key 'captioner.hf_path': '{folder}': config.json's decoder is "
+                            '"gpt2", not a JSON object')
 
 
 def _not_a_state_dict(d):

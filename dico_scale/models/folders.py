@@ -97,7 +97,12 @@ def read_config(path: str) -> dict | str:
         config = json.loads(f.read_text())
     except ValueError as e:
         return f"'{path}': config.json is not JSON ({e})"
-    return config if isinstance(config, dict) else f"'{path}': config.json is not a JSON object"
+    if not isinstance(config, dict):
+        return f"'{path}': config.json is not a JSON object"
+    for part in ("encoder", "decoder", "text_config", "vision_config"):  # each row's readers take them as objects
+        if part in config and not isinstance(config[part], dict):
+            return f"'{path}': config.json's {part} is {json.dumps(config[part])[:40]}, not a JSON object"
+    return config
 
 
 def is_dico_ref(config: dict) -> bool:
