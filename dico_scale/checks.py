@@ -217,16 +217,12 @@ def validate(c: Config, training: bool = True) -> None:
     stage = stage_class(t.stage)
     stage.check_config(c)
     check_selected_metrics(c, stage.validation_metrics(c))
-    if training:
-        warn_unread_settings(c)
 
 
 def unread_settings(c: Config) -> list[tuple[str, list[str]]]:
     """(the choice, the keys set away from their defaults that it leaves unread): another stage's section, LoRA's
     options without LoRA, the cosine floor under a constant schedule."""
-    from .config import Config
-
-    default, out = Config(), []
+    default, out = type(c)(), []  # the schema's defaults
     groups = [(f"train.stage={c.train.stage}", spec.section) for spec in STAGES.values()
               if spec.section and spec.name != c.train.stage]
     groups.append(("captioner.lora.r=0", "captioner.lora") if not c.captioner.lora.r else None)
@@ -240,7 +236,8 @@ def unread_settings(c: Config) -> list[tuple[str, list[str]]]:
 
 
 def warn_unread_settings(c: Config) -> None:
-    """One warning line per choice that leaves set keys unread (a setting is never ignored unsaid), from one rank."""
+    """One warning line per choice that leaves set keys unread (a setting is never ignored unsaid), from one rank of
+    the trainer (compare and the demo load run configs too: their children say it)."""
     if os.environ.get("RANK", "0") != "0":
         return
     for choice, keys in unread_settings(c):

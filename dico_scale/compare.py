@@ -34,6 +34,7 @@ from .config import load_config, load_structured, resolve_path, setting
 from .errors import ConfigError, OneLineParser, first_line
 from .preflight import check_sqlite_store, check_tracking_server, check_vlm_input, out_file_problem, write_problem
 from .rewards import RewardSpecError, parse_reward
+from .stages import stage_overrides
 
 PROG = "dico_scale.compare"
 
@@ -123,7 +124,7 @@ def plan(c: CompareConfig, training: list[str], parent_run_id: str = "", resume:
                          "train.val_max_images=0", f"train.resume={'auto' if resume else 'none'}",
                          f"train.seed={seed}", f"train.output_dir={os.path.join(c.output_dir, name)}",
                          f"{stage}.reward={reward}", f"tracking.run_name={name}",
-                         f"tracking.parent_run_id={parent_run_id}", *training]
+                         f"tracking.parent_run_id={parent_run_id}", *stage_overrides(training, stage)]
             runs.append({"name": name, "method": method, "seed": seed, "stage": stage, "label": label,
                          "overrides": overrides, "config": c.dico_config if stage == "dico" else c.scst_config})
     return runs

@@ -15,7 +15,7 @@ from .config import REPO_ROOT, setting
 from .errors import OneLineParser
 from .launch import demo_config, train_stage
 from .models.tiny_vlm import VLM_FAMILIES, prompt_overrides
-from .stages import STAGES, chain
+from .stages import STAGES, chain, stage_overrides
 
 
 def compare(overrides: list[str]) -> dict:
@@ -148,7 +148,8 @@ def main(argv=None) -> int:
         if args.keep and os.path.isfile(f"runs/demo/{stage}/model.pt"):
             print(f"\n=== {stage}: kept from the earlier demo (runs/demo/{stage}/model.pt)", flush=True)
             continue
-        train_stage(stage, args.ranks, overrides, again="the same command with --keep continues the demo")
+        train_stage(stage, args.ranks, stage_overrides(overrides, stage),
+                    again="the same command with --keep continues the demo")
     results = compare(overrides)
     with open("runs/demo/summary.json", "w") as f:
         json.dump(results, f, indent=1)

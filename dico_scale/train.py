@@ -25,7 +25,11 @@ def parse_args(argv: list[str] | None) -> Config:
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         raise ConfigError(f"unknown command-line argument '{unknown[0]}' (overrides are key=value)")
-    return load_config(args.config, args.overrides)
+    from dico_scale.checks import warn_unread_settings
+
+    cfg = load_config(args.config, args.overrides)
+    warn_unread_settings(cfg)
+    return cfg
 
 
 def run(cfg: Config) -> dict:

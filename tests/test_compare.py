@@ -214,9 +214,10 @@ def test_a_run_that_refuses_its_input_stops_the_compare_with_its_code_and_its_li
 
 
 def test_plan_runs_every_method_once_per_seed_seed_by_seed():
-    one = compare.plan(compare.CompareConfig(output_dir="out"), ["optim.lr=1"])
+    one = compare.plan(compare.CompareConfig(output_dir="out"), ["optim.lr=1", "scst.candidates=2", "dico.beta=0.1"])
     assert [r["name"] for r in one] == ["dico", "scst", "scst_cider"]
-    assert "train.seed=0" in one[0]["overrides"] and one[0]["overrides"][-1] == "optim.lr=1"  # the user's last
+    assert "train.seed=0" in one[0]["overrides"] and one[0]["overrides"][-2:] == ["optim.lr=1", "dico.beta=0.1"]
+    assert one[1]["overrides"][-2:] == ["optim.lr=1", "scst.candidates=2"]  # each run its own stage's keys
     runs = compare.plan(compare.CompareConfig(output_dir="out", seeds=[3, 0], scst_cider=False), [])
     assert [(r["name"], r["method"], r["seed"]) for r in runs] == [
         ("dico_seed3", "dico", 3), ("scst_seed3", "scst", 3), ("dico_seed0", "dico", 0), ("scst_seed0", "scst", 0)]

@@ -659,9 +659,13 @@ def test_the_built_in_tower_file_is_checked_only_where_the_row_reads_it(vlm_fold
 def test_settings_the_run_never_reads_are_named_in_one_warning_each(capsys, monkeypatch):
     """Another stage's keys, LoRA's options without LoRA, the cosine floor under a constant schedule: accepted (a
     shared base config may hold them), but never silently; once, from rank 0."""
+    from dico_scale.train import parse_args  # the trainer's: compare and the demo load run configs too
+
     monkeypatch.delenv("RANK", raising=False)
     over = ["dico.beta=0.5", "dico.tau=10", "captioner.lora.alpha=8", "optim.schedule=constant"]  # xe's: cosine
     load_config(str(DEMO / "xe.yaml"), BLANK + over)
+    assert capsys.readouterr().err == ""
+    parse_args(["--config", str(DEMO / "xe.yaml"), *BLANK, *over])
     assert capsys.readouterr().err.strip().splitlines() == [
         "dico_scale: warning: dico.beta, dico.tau are set, but train.stage=xe reads them nowhere: they do nothing in "
         "this run",
@@ -669,7 +673,8 @@ def test_settings_the_run_never_reads_are_named_in_one_warning_each(capsys, monk
         "this run",
         "dico_scale: warning: optim.min_lr_ratio is set, but optim.schedule=constant reads it nowhere: it does nothing "
         "in this run"]
-    load_config(str(DEMO / "dico.yaml"), BLANK + ["dico.beta=0.5", "optim.schedule=cosine", "optim.min_lr_ratio=0.1"])
+    parse_args(["--config", str(DEMO / "dico.yaml"), *BLANK, "dico.beta=0.5", "optim.schedule=cosine",
+                "optim.min_lr_ratio=0.1"])
     monkeypatch.setenv("RANK", "1")
-    load_config(str(DEMO / "xe.yaml"), BLANK + over)
+    parse_args(["--config", str(DEMO / "xe.yaml"), *BLANK, *over])
     assert capsys.readouterr().err == ""

@@ -142,8 +142,8 @@ def _decoder(**kw):
 # config.json edits of a hostile user -> the one line's needle (transformers raised AttributeError, TypeError,
 # ValueError or RuntimeError for each, or built a giant model before comparing it with the weights)
 HOSTILE = {
-    "encoder a string": (lambda c: c.update(encoder="oops"), "is not a DiCO reference folder"),
-    "encoder a list": (lambda c: c.update(encoder=[1]), "is not a DiCO reference folder"),
+    "encoder a string": (lambda c: c.update(encoder="oops"), "config.json's encoder is \"oops\", not a JSON object"),
+    "encoder a list": (lambda c: c.update(encoder=[1]), "config.json's encoder is [1], not a JSON object"),
     "decoder a string": (lambda c: c.update(decoder="gpt2"), "config.json's decoder is \"gpt2\", not a JSON object"),
     "heads not dividing": (_vision(num_attention_heads=7),
                            "encoder.vision_encoder.hidden_size 64 is not a multiple of its num_attention_heads 7"),

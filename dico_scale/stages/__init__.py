@@ -30,6 +30,13 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in [
 ]}
 
 
+def stage_overrides(overrides: list[str], stage: str) -> list[str]:
+    """The key=value overrides a run of `stage` reads, of those given to every run (compare's, the demo's): another
+    stage's section (scst.* in a dico run) would do nothing there but be warned about (checks.warn_unread_settings)."""
+    others = tuple(f"{s.section}." for s in STAGES.values() if s.section and s.name != stage)
+    return [o for o in overrides if not o.split("=", 1)[0].strip().startswith(others)]
+
+
 def captioner_stages() -> tuple[str, ...]:
     """The stages whose model.pt holds a captioner, read when asked (a row added later counts too)."""
     return tuple(n for n, s in STAGES.items() if s.exports == "captioner")
