@@ -51,7 +51,7 @@ def read_deepspeed_config(path: str) -> dict:
     if isinstance(declared, bool) or declared not in (0, 1, 2, 3):
         raise ConfigError(f"train.deepspeed_config '{path}': zero_optimization.stage {declared!r} is not 0, 1, 2 or 3")
     for key, allowed in (("fp16", (True, False)), ("bf16", (True, False, "auto"))):  # "false" would enable it
-        enabled = (ds.get(key) or {}).get("enabled", False)
+        enabled = _enabled(ds, key)
         if isinstance(enabled, str) and enabled not in allowed or not isinstance(enabled, (bool, str)):
             raise ConfigError(f"train.deepspeed_config '{path}': {key}.enabled is {_shown(enabled)}, not "
                               + " or ".join(json.dumps(a) for a in allowed))

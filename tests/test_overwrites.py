@@ -134,23 +134,23 @@ def test_evaluate_export_and_convert_refuse_an_out_that_replaces_their_input(tmp
 
 
 def test_a_run_does_not_start_from_what_it_writes_at_its_end(tmp_path):
+    def refused(cfg, key: str, start, written) -> None:
+        with pytest.raises(ConfigError) as e:
+            check_start_file(cfg)
+        assert str(e.value) == (f"{key} '{start}' is what this run writes at its end ({written}): start from a copy, "
+                                "or use another train.output_dir")
+
     out = tmp_path / "run"
     for start, written in ((out / "model.pt", "model.pt"), (out / "best" / "model.pt", "best"),
                            (tmp_path / "link" / ".." / "run" / "hf", "hf")):
         cfg = load_config("configs/demo/xe.yaml", ["evaluator.weights=", "captioner.image_encoder_weights=",
                                                    f"train.output_dir={out}"])
         cfg.train.init_from = str(start)
-        with pytest.raises(ConfigError) as e:
-            check_start_file(cfg)
-        assert str(e.value) == (f"train.init_from '{start}' is what this run writes at its end ({out / written}): "
-                                "start from a copy, or use another train.output_dir")
+        refused(cfg, "train.init_from", start, out / written)
     cfg.train.init_from = str(tmp_path / "other" / "model.pt")
     check_start_file(cfg)
     cfg.train.init_from, cfg.captioner.model, cfg.captioner.hf_path = "", "hf_vlm", str(out / "hf")  # its own hf/
-    with pytest.raises(ConfigError) as e:
-        check_start_file(cfg)
-    assert str(e.value) == (f"captioner.hf_path '{out / 'hf'}' is what this run writes at its end ({out / 'hf'}): "
-                            "start from a copy, or use another train.output_dir")
+    refused(cfg, "captioner.hf_path", out / "hf", out / "hf")
     cfg.captioner.hf_path = str(tmp_path / "models" / "smolvlm")
     check_start_file(cfg)
 
