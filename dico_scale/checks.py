@@ -221,7 +221,7 @@ def validate(c: Config, training: bool = True) -> None:
 
 def unread_settings(c: Config) -> list[tuple[str, list[str]]]:
     """(the choice, the keys set away from their defaults that it leaves unread): another stage's section, LoRA's
-    options without LoRA, the cosine floor under a constant schedule."""
+    options without LoRA, the cosine floor under a constant schedule, sampling's options where nothing samples."""
     default, out = type(c)(), []  # the schema's defaults
     groups = [(f"train.stage={c.train.stage}", spec.section) for spec in STAGES.values()
               if spec.section and spec.name != c.train.stage]
@@ -232,7 +232,22 @@ def unread_settings(c: Config) -> list[tuple[str, list[str]]]:
             out.append((choice, changed))
     if c.optim.schedule == "constant" and c.optim.min_lr_ratio != default.optim.min_lr_ratio:
         out.append(("optim.schedule=constant", ["optim.min_lr_ratio"]))
+    choice, unread = _rollout_choice(c)
+    if changed := [f"generation.{k}" for k in unread if getattr(c.generation, k) != getattr(default.generation, k)]:
+        out.append((choice, changed))
     return out
+
+
+def _rollout_choice(c: Config) -> tuple[str, list[str]]:
+    """(the choice, the generation keys it leaves unread): generation.strategy draws only a dico rollout's candidates
+    (scst has scst.strategy), and temperature and top_k shape only sampled ones; validation always searches beams."""
+    stage = c.train.stage
+    key = {"dico": "generation.strategy", "scst": "scst.strategy"}.get(stage)
+    unread = [] if stage == "dico" else ["strategy"]
+    if key is None or _get(c, key) != "sample":
+        unread += ["temperature", "top_k"]
+    return (f"train.stage={stage}" + (f" with {key}={_get(c, key)}" if key and _get(c, key) != "sample" else ""),
+            unread)
 
 
 def warn_unread_settings(c: Config) -> None:

@@ -657,8 +657,9 @@ def test_the_built_in_tower_file_is_checked_only_where_the_row_reads_it(vlm_fold
 
 
 def test_settings_the_run_never_reads_are_named_in_one_warning_each(capsys, monkeypatch):
-    """Another stage's keys, LoRA's options without LoRA, the cosine floor under a constant schedule: accepted (a
-    shared base config may hold them), but never silently; once, from rank 0."""
+    """Another stage's keys, LoRA's options without LoRA, the cosine floor under a constant schedule, sampling's
+    options where nothing samples: accepted (a shared base config may hold them), but never silently; once, from
+    rank 0."""
     from dico_scale.train import parse_args  # the trainer's: compare and the demo load run configs too
 
     monkeypatch.delenv("RANK", raising=False)
@@ -675,6 +676,17 @@ def test_settings_the_run_never_reads_are_named_in_one_warning_each(capsys, monk
         "in this run"]
     parse_args(["--config", str(DEMO / "dico.yaml"), *BLANK, "dico.beta=0.5", "optim.schedule=cosine",
                 "optim.min_lr_ratio=0.1"])
+    # temperature and top_k shape sampled candidates only; generation.strategy draws dico's alone
+    parse_args(["--config", str(DEMO / "dico.yaml"), *BLANK, "generation.temperature=0.7"])
+    parse_args(["--config", str(DEMO / "scst.yaml"), *BLANK, "scst.strategy=beam", "generation.strategy=sample",
+                "generation.top_k=5"])
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "dico_scale: warning: generation.temperature is set, but train.stage=dico with generation.strategy=beam reads "
+        "it nowhere: it does nothing in this run",
+        "dico_scale: warning: generation.strategy, generation.top_k are set, but train.stage=scst with "
+        "scst.strategy=beam reads them nowhere: they do nothing in this run"]
+    parse_args(["--config", str(DEMO / "dico.yaml"), *BLANK, "generation.strategy=sample", "generation.top_k=5"])
+    parse_args(["--config", str(DEMO / "scst.yaml"), *BLANK, "generation.temperature=0.7"])  # scst samples
     monkeypatch.setenv("RANK", "1")
     parse_args(["--config", str(DEMO / "xe.yaml"), *BLANK, *over])
     assert capsys.readouterr().err == ""
