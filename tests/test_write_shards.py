@@ -257,6 +257,9 @@ def test_cli_errors(coco, tmp_path, capsys):
     assert "bin.jsonl line 2: not UTF-8 text" in _error(capsys, jsonl("bin.jsonl"))
     (tmp_path / "null.jsonl").write_text('{"image": "a.jpg", "captions": ["x"], "split": null}\n')
     assert "null.jsonl line 1: split null must be" in _error(capsys, jsonl("null.jsonl"))  # not a split 'None'
+    for ident in ("null", "[1, 2]", "true"):  # not a key 'None', '1_2' or 'True'
+        (tmp_path / "id.jsonl").write_text('{"image": "a.jpg", "captions": ["x"], "id": %s}\n' % ident)
+        assert f"id.jsonl line 1: id {ident} must be a string or an integer" in _error(capsys, jsonl("id.jsonl"))
     for field, value in (("filename", None), ("filepath", 5), ("split", None)):  # os.path's TypeError before
         entry = {**coco["images"][0], field: value}
         (tmp_path / "typed.json").write_text(json.dumps({"images": coco["images"][:1] + [entry]}))
@@ -267,6 +270,18 @@ def test_cli_errors(coco, tmp_path, capsys):
     assert "--overwrite" in _error(capsys, karpathy(tmp_path / "done") + [coco["file"]])
     write(coco, tmp_path / "done", "--splits", "val", "--overwrite")  # replaces the old shards
     assert sorted(os.listdir(tmp_path / "done")) == ["manifest.json", "val-000000.tar"]
+
+
+def test_jsonl_line_endings_and_ids(tmp_path):
+    """Unix, Windows and old-Mac line endings alike; an integer id is the key, a missing one the file name."""
+    from dico_scale.data.sources import read_jsonl
+
+    rows = [b'{"image": "a/cat.jpg", "captions": ["a cat"]}', b'{"image": "b.jpg", "captions": ["b"], "id": 7}',
+            b'{"image": "c.jpg", "captions": [" c ", ""], "id": "x/9"}']
+    for end in (b"\n", b"\r\n", b"\r"):
+        (tmp_path / "p.jsonl").write_bytes(end.join(rows) + end + end)  # a blank last line too
+        items = read_jsonl(str(tmp_path / "p.jsonl"), str(tmp_path))
+        assert [(i.key, i.captions) for i in items] == [("cat", ["a cat"]), ("7", ["b"]), ("x_9", ["c"])], end
 
 
 def test_module_cli(coco, tmp_path):

@@ -77,26 +77,31 @@ def read_jsonl(path: str, image_root: str) -> list[Item]:
         raise SourceError(f"input file not found: {path}")
     items = []
     with open(path, "rb") as f:  # decoded line by line: a binary file is one line naming where, not a traceback
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise SourceError(f"{path} line {n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            except json.JSONDecodeError as e:
-                raise SourceError(f"{path} line {n}: not valid JSON: {e}") from None
-            caps = row.get("captions") if isinstance(row, dict) else None
-            if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(caps, list) \
-                    or not all(isinstance(c, str) for c in caps):
-                raise SourceError(f"{path} line {n}: needs 'image' (a path) and 'captions' (a list of strings)")
-            split = row.get("split", "train")  # null is no split name (str() made it 'None')
-            if not isinstance(split, str) or not re.fullmatch(r"[A-Za-z0-9_]+", split):
-                raise SourceError(f"{path} line {n}: split {json.dumps(split)} must be letters, digits or '_'")
-            ident = str(row["id"]) if "id" in row else os.path.splitext(os.path.basename(row["image"]))[0]
-            kept = [(c.strip(), str(j)) for j, c in enumerate(caps) if c.strip()]
-            items.append(Item(sanitize(ident), os.path.join(image_root, row["image"]), split,
-                              [c for c, _ in kept], [s for _, s in kept]))
+        lines = f.read().splitlines()  # \n, \r\n and old Macs' lone \r
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise SourceError(f"{path} line {n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise SourceError(f"{path} line {n}: not valid JSON: {e}") from None
+        caps = row.get("captions") if isinstance(row, dict) else None
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(caps, list) \
+                or not all(isinstance(c, str) for c in caps):
+            raise SourceError(f"{path} line {n}: needs 'image' (a path) and 'captions' (a list of strings)")
+        split = row.get("split", "train")  # null is no split name (str() made it 'None')
+        if not isinstance(split, str) or not re.fullmatch(r"[A-Za-z0-9_]+", split):
+            raise SourceError(f"{path} line {n}: split {json.dumps(split)} must be letters, digits or '_'")
+        ident = row.get("id", os.path.splitext(os.path.basename(row["image"]))[0])
+        if isinstance(ident, bool) or not isinstance(ident, (str, int)):
+            raise SourceError(f"{path} line {n}: id {json.dumps(ident)} must be a string or an integer (or left "
+                              "out: the image's file name)")
+        ident = str(ident)
+        kept = [(c.strip(), str(j)) for j, c in enumerate(caps) if c.strip()]
+        items.append(Item(sanitize(ident), os.path.join(image_root, row["image"]), split,
+                          [c for c, _ in kept], [s for _, s in kept]))
     return items
 
 
