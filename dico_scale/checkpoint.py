@@ -31,9 +31,19 @@ def tag_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    """Where a run keeps its checkpoint tags: <train.output_dir>/checkpoints/."""
+    return Path(output_dir) / "checkpoints"
+
+
+def run_tags(output_dir: str | Path) -> list[Path]:
+    """The run's complete tags, oldest first (complete_tags of its checkpoints_dir)."""
+    return complete_tags(checkpoints_dir(output_dir))
+
+
 def own_tag(tag: str | Path, output_dir: str | Path) -> bool:
     """Whether a tag lies in the run folder's own checkpoints/ (links and '..' resolved), not another folder's."""
-    return Path(tag).resolve().parent == (Path(output_dir) / "checkpoints").resolve()
+    return Path(tag).resolve().parent == checkpoints_dir(output_dir).resolve()
 
 
 def tag_folders(tag_dir: Path) -> tuple[Path, ...]:

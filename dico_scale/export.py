@@ -48,9 +48,9 @@ def _client_state(tag: Path) -> dict:
 
 def _sibling_run_id(export: Path, step) -> str | None:
     """The run id of the newest complete checkpoint beside an export file, if it is the same step (same run)."""
-    from dico_scale.checkpoint import complete_tags
+    from dico_scale.checkpoint import run_tags
 
-    tags = complete_tags(export.parent / "checkpoints")
+    tags = run_tags(export.parent)
     if not tags:
         return None
     state = _client_state(tags[-1])
@@ -284,9 +284,11 @@ def merge_adapters(blob: dict, captioner) -> dict:
 def run_export_problem(out: str, tag: Path) -> str | None:
     """Why `out` must not be written: it is what a run writes at its end (model.pt, hf/, best/ of a folder holding
     checkpoints/), which its resume and the next stage's train.init_from read; the tag's own run or another."""
+    from dico_scale.checkpoint import checkpoints_dir
+
     for run_dir in Path(out).resolve().parents:
-        if (run_dir / "checkpoints").is_dir() and (own := run_export(out, run_dir)):
-            whose = "the run's own" if tag.parent == run_dir / "checkpoints" else f"the run {run_dir}'s"
+        if checkpoints_dir(run_dir).is_dir() and (own := run_export(out, run_dir)):
+            whose = "the run's own" if tag.parent == checkpoints_dir(run_dir) else f"the run {run_dir}'s"
             return (f"'{out}' is {whose} export ({own}), which its resume and the next stage's train.init_from "
                     "read: write it elsewhere")
     return None

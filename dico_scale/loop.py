@@ -15,7 +15,7 @@ from .config import Config, to_yaml
 from .data.pipeline import KINDS
 from .engine import PhaseClock
 from .errors import DataError, NonFiniteLossError, Preempted
-from .checkpoint import save_checkpoint
+from .checkpoint import checkpoints_dir, save_checkpoint
 from .frozen import KEY as FROZEN_KEY
 from .selection import Selection, SelectionError, reconcile_best, select_best
 from .supervision import StopFlag
@@ -169,7 +169,7 @@ def train_loop(cfg: Config, stage, engine, tracker, make_train_loader, make_val_
 
 def _train(cfg: Config, stage, engine, tracker, make_train_loader, make_val_loader, state: LoopState, stop) -> dict:
     t = cfg.train
-    ckpt_dir = str(Path(t.output_dir) / "checkpoints")
+    ckpt_dir = str(checkpoints_dir(t.output_dir))
     device, rank = next(engine.module.parameters()).device, dist.get_rank()
     step, last_saved, last_val, val_metrics = engine.global_steps, engine.global_steps, -1, {}
     consecutive_bad, window, data, train_metrics = 0, MetricWindow(), DataCounts(), {}

@@ -69,9 +69,11 @@ def check_start_file(cfg: Config) -> None:
 def check_output_dir(path: str) -> None:
     """The run's folder, and its checkpoints/ where one is there already (a file, a link to a scratch volume that is
     not mounted, a read-only mount): every save would fail, the first after the first steps."""
+    from .checkpoint import checkpoints_dir
+
     if problem := write_problem(path):
         raise ConfigError(f"train.output_dir '{path}' cannot be created or written: {problem}")
-    ckpt = Path(path) / "checkpoints"
+    ckpt = checkpoints_dir(path)
     if ckpt.is_symlink() and not ckpt.exists():
         problem = f"a link to '{os.readlink(ckpt)}', which does not exist"
     elif ckpt.exists() and not ckpt.is_dir():
@@ -178,10 +180,10 @@ def finished_run(cfg: Config) -> str | None:
     model.pt exported at that step): what to say instead of building anything. A finished Slurm job resubmitted or
     requeued would otherwise load every model to train no step and export model.pt again. Any other case (a lower
     max_steps, a newer tag that may not verify) goes through the resume as before."""
-    from .checkpoint import complete_tags, tag_name
+    from .checkpoint import run_tags, tag_name
 
     t, out = cfg.train, Path(cfg.train.output_dir)
-    tags = complete_tags(out / "checkpoints") if t.resume == "auto" else []
+    tags = run_tags(out) if t.resume == "auto" else []
     newest_is_last = bool(tags) and tags[-1].name == tag_name(t.max_steps)
     if not newest_is_last or export_record(out / "model.pt").get("step") != t.max_steps:
         return None
@@ -192,10 +194,10 @@ def finished_run(cfg: Config) -> str | None:
 def check_stage(cfg: Config, rank: int) -> None:
     """A run folder belongs to one stage: refuse to resume another stage's checkpoint, or to write checkpoints and
     model.pt into a folder whose newest checkpoint (else its model.pt) is another stage's. Unknown: a warning."""
-    from .checkpoint import MARKER, complete_tags
+    from .checkpoint import MARKER, run_tags
 
     t, out = cfg.train, Path(cfg.train.output_dir)
-    tags = complete_tags(out / "checkpoints")
+    tags = run_tags(out)
     if t.resume not in ("none", "auto") and (Path(t.resume) / MARKER).is_file():
         found = Path(t.resume), tag_stage(Path(t.resume)), f"train.resume={t.resume}: the checkpoint"
     elif tags:
@@ -219,10 +221,10 @@ def check_history(cfg: Config) -> None:
     fresh or from another folder's tag, those after its tag when it resumes an older one of its own. They would
     outlive its own in the pruning (the newest are kept), and a later train.resume=auto (a requeued job's) would
     continue them instead of this run."""
-    from .checkpoint import complete_tags, own_tag
+    from .checkpoint import own_tag, run_tags
 
     t, out = cfg.train, Path(cfg.train.output_dir)
-    tags = complete_tags(out / "checkpoints")
+    tags = run_tags(out)
     if t.resume == "auto" or not tags:
         return
     start = None if t.resume == "none" else Path(t.resume).resolve()
@@ -239,10 +241,10 @@ def check_history(cfg: Config) -> None:
 def check_lone_export(cfg: Config) -> None:
     """A folder with model.pt and no complete checkpoint (a finished run whose checkpoints were removed to save
     space, then its job resubmitted): a run there starts over and would replace that model at its end."""
-    from .checkpoint import complete_tags
+    from .checkpoint import run_tags
 
     out = Path(cfg.train.output_dir)
-    if complete_tags(out / "checkpoints") or not (out / "model.pt").is_file():
+    if run_tags(out) or not (out / "model.pt").is_file():
         return
     step = export_record(out / "model.pt").get("step")
     raise ConfigError(f"train.output_dir '{out}' holds a model.pt{f' of step {step}' if step is not None else ''} "

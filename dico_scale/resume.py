@@ -7,14 +7,13 @@ universal conversion (universal.py); then the load and the data position. Collec
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from .checkpoint import load_checkpoint, read_marker, saved_world_size, select_resume_tag
+from .checkpoint import checkpoints_dir, load_checkpoint, read_marker, saved_world_size, select_resume_tag
 from .config import RENAMED, Config, flatten
 from .deepspeed_json import read_deepspeed_config, zero_stage
 from .errors import AgreedConfigError, ConfigError, first_line
@@ -90,7 +89,7 @@ def plan_resume(cfg: Config, log) -> ResumePlan:
     """The tag (verified), the frozen models and its ZeRO stage checked against it (ConfigError, one line), then its
     universal conversion when the world size differs: nothing is built and the MLflow run is not touched before the
     checks."""
-    tag = select_resume_tag(cfg.train.resume, os.path.join(cfg.train.output_dir, "checkpoints"), log)
+    tag = select_resume_tag(cfg.train.resume, str(checkpoints_dir(cfg.train.output_dir)), log)
     frozen = frozen_fingerprints(cfg, log)
     if tag is None:
         return ResumePlan(None, None, frozen)
