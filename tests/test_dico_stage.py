@@ -94,3 +94,32 @@ def test_triton_kernel_on_cpu_needs_the_interpreter(monkeypatch):
     cfg = load_config("configs/demo/dico.yaml", TINY + ["loss.kernel=triton"])
     with pytest.raises(ConfigError, match="loss.kernel=triton needs CUDA"):
         DicoStage(cfg, torch.device("cpu"))
+
+
+def test_images_whose_rewards_all_tie_add_no_loss(monkeypatch):
+    """An image whose candidates all score the same (every cosine clamped to 0, a CIDEr of 0) has no winner: its row
+    adds nothing, else the first beam would be reinforced for its position; a batch of such rows trains nothing."""
+    from dico_scale.kernels import dico_loss
+
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    cfg = load_config("configs/demo/dico.yaml", TINY + ["loss.kernel=torch"])
+    for rewards, tied in (([[0.0, 0.0], [0.3, 0.1]], 0.5), ([[0.2, 0.2], [0.0, 0.0]], 1.0)):
+        torch.manual_seed(0)
+        stage = DicoStage(cfg, torch.device("cpu"))
+        engine = Local(stage.module)
+        stage.setup(engine)
+        logps, sequence_logprobs = [], stage.rollout.sequence_logprobs  # the policy's, then the reference's
+        monkeypatch.setattr(stage.rollout, "sequence_logprobs", lambda *a: logps.append(sequence_logprobs(*a))
+                            or logps[-1])
+        monkeypatch.setattr(stage, "score_candidates", lambda batch, candidates: torch.tensor(rewards))
+        out = stage.step(engine, {"pixels": pixels})
+        out.loss.backward()
+        grads = [p.grad for p in stage.module.parameters() if p.grad is not None]
+        assert float(out.metrics["dico/tied"]) == tied and len(logps) == 2
+        if tied == 1.0:
+            assert float(out.loss.detach()) == 0.0 and grads and all(float(g.abs().sum()) == 0 for g in grads)
+        else:  # the loss of the other image alone
+            policy, ref = (x.view(2, 2)[1:].detach() for x in logps)
+            want, _ = dico_loss(policy, ref, torch.tensor(rewards[1:]), beta=0.2, tau=300.0)
+            torch.testing.assert_close(out.loss.detach(), want)
+            assert any(float(g.abs().sum()) > 0 for g in grads)

@@ -103,7 +103,15 @@ class DicoStage(CaptionerStage):
             policy_logps = rollout.sequence_logprobs(engine, candidates, visual_tokens).view(B, k)
         with clock("reference"):  # the reference's forward-only path saves nothing
             ref_logps = self.reference_logprobs(candidates, visual_tokens).view(B, k)
-        loss, metrics = dico_loss(policy_logps, ref_logps, rewards, beta=self.cfg.dico.beta, tau=self.cfg.dico.tau,
-                                  kernel=self.kernel)
+        # An image whose k rewards all tie (every cosine clamped to 0, a CIDEr of 0 for all) has no winner: the first
+        # beam would win by its position alone and be reinforced. Such rows add no loss (a NaN row stays, and stops
+        # the step as non-finite); with none left, the loss is zero and only its metrics are logged.
+        spread = ~(rewards == rewards.amax(1, keepdim=True)).all(1)
+        rows = spread if spread.any() else torch.ones_like(spread)
+        loss, metrics = dico_loss(policy_logps[rows], ref_logps[rows], rewards[rows], beta=self.cfg.dico.beta,
+                                  tau=self.cfg.dico.tau, kernel=self.kernel)
+        if not spread.any():
+            loss = loss * 0.0
+        metrics["dico/tied"] = (~spread).float().mean()
         metrics["dico/candidate_len"] = mask.sum(-1).float().mean()
         return StepOutput(loss, {**metrics, **clock.seconds}, images=B, tokens=int(mask.sum()))
