@@ -59,10 +59,12 @@ RANGES = [
     ("captioner.lora.r", 0, False, None, False), ("captioner.lora.alpha", 0, True, None, False),
     ("captioner.lora.dropout", 0, False, 1, True),
     ("generation.candidates", 1, False, None, False), ("generation.max_len", 1, False, None, False),
-    ("generation.temperature", 0, True, None, False), ("generation.top_k", 0, False, None, False),
-    ("generation.length_penalty", -10, False, 10, False), ("generation.repetition_penalty", 0, True, 10, False),
-    ("generation.no_repeat_ngram_size", 0, False, None, False),
-    ("dico.beta", 0, True, None, False), ("dico.tau", 0, False, None, False),
+    ("generation.top_k", 0, False, None, False), ("generation.length_penalty", -10, False, 10, False),
+    ("generation.repetition_penalty", 0, True, 10, False), ("generation.no_repeat_ngram_size", 0, False, None, False),
+    # float32's reach: temperature 1e-40 sampled from inf / inf, beta 1e-39 trained a loss of log 2 with no
+    # gradient, beta or tau 1e39 an inf loss
+    ("generation.temperature", 1e-4, False, 1e4, False),
+    ("dico.beta", 1e-6, False, 1e6, False), ("dico.tau", 0, False, 1e6, False),
     ("scst.candidates", 1, False, None, False),
     ("optim.lr", 0, True, None, False), ("optim.weight_decay", 0, False, None, False),
     ("optim.beta1", 0, False, 1, True), ("optim.beta2", 0, False, 1, True), ("optim.eps", 0, True, None, False),
@@ -233,7 +235,7 @@ def unread_settings(c: Config) -> list[tuple[str, list[str]]]:
     if c.optim.schedule == "constant" and c.optim.min_lr_ratio != default.optim.min_lr_ratio:
         out.append(("optim.schedule=constant", ["optim.min_lr_ratio"]))
     choice, unread = _rollout_choice(c)
-    if changed := [f"generation.{k}" for k in unread if getattr(c.generation, k) != getattr(default.generation, k)]:
+    if changed := [k for k in unread if _get(c, k) != _get(default, k)]:
         out.append((choice, changed))
     return out
 
@@ -243,9 +245,9 @@ def _rollout_choice(c: Config) -> tuple[str, list[str]]:
     (scst has scst.strategy), and temperature and top_k shape only sampled ones; validation always searches beams."""
     stage = c.train.stage
     key = {"dico": "generation.strategy", "scst": "scst.strategy"}.get(stage)
-    unread = [] if stage == "dico" else ["strategy"]
+    unread = [] if stage == "dico" else ["generation.strategy"]
     if key is None or _get(c, key) != "sample":
-        unread += ["temperature", "top_k"]
+        unread += ["generation.temperature", "generation.top_k"]
     return (f"train.stage={stage}" + (f" with {key}={_get(c, key)}" if key and _get(c, key) != "sample" else ""),
             unread)
 

@@ -106,7 +106,7 @@ class GenerationConfig:
     candidates: int = 5  # >= 1 (>= 2 for dico); k per image: beams, or samples (strategy); validation's beam width
     max_len: int = 20  # >= 1; generated tokens after BOS
     strategy: str = "beam"  # beam | sample: how the training stages' rollouts propose candidates
-    temperature: float = 1.0  # (0, inf); sampling only
+    temperature: float = 1.0  # [1e-4, 1e4]; sampling only
     top_k: int = 0  # >= 0; sampling only, 0 = whole vocabulary
     length_penalty: float = 1.0  # [-10, 10]; beam: ended beams rank by log-prob sum / length ** this (generate's)
     early_stopping: str = "false"  # false | true | never; beam: when the search stops before max_len (generate's)
@@ -116,8 +116,8 @@ class GenerationConfig:
 
 @dataclass
 class DicoConfig:
-    beta: float = 0.2  # (0, inf): DPO temperature of the implicit reward
-    tau: float = 300.0  # [0, inf): sharpness of the loser weights softmax(tau * (r_win - r_loser)); 0 = uniform
+    beta: float = 0.2  # [1e-6, 1e6]: DPO temperature of the implicit reward
+    tau: float = 300.0  # [0, 1e6]: sharpness of the loser weights softmax(tau * (r_win - r_loser)); 0 = uniform
     disable_dropout: bool = True  # as TRL's DPO; the DiCO reference code keeps dropout on
     reward_clamp: bool = False  # reward w*max(cos, 0) as CLIP-S / PAC-S; false: w*cos, as the DiCO code
     reference_placement: str = "auto"  # the frozen reference captioner's; see deepspeed_json.PLACEMENTS

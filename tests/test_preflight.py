@@ -40,8 +40,11 @@ def test_every_numeric_key_has_a_checked_and_documented_range():
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("dico.tau=-1", "'dico.tau': -1.0 must be >= 0"),
-    ("dico.beta=0", "'dico.beta': 0.0 must lie in (0, inf)"),
+    ("dico.tau=-1", "'dico.tau': -1.0 must lie in [0, 1000000.0]"),
+    ("dico.tau=1e39", "'dico.tau': 1e+39 must lie in [0, 1000000.0]"),  # inf in float32
+    ("dico.beta=0", "'dico.beta': 0.0 must lie in [1e-06, 1000000.0]"),
+    ("dico.beta=1e-300", "'dico.beta': 1e-300 must lie in [1e-06, 1000000.0]"),  # 0 in float32: no gradient
+    ("generation.temperature=1e-40", "'generation.temperature': 1e-40 must lie in [0.0001, 10000.0]"),
     ("dico.beta=inf", "'dico.beta': inf is not a finite number"),
     ("optim.lr=nan", "'optim.lr': nan is not a finite number"),
     ("optim.beta2=1.0", "'optim.beta2': 1.0 must lie in [0, 1)"),
