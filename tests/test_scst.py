@@ -122,6 +122,9 @@ def test_reward_specs_parse_and_bad_ones_name_the_key():
         assert f"config key '{key}'" in str(e.value) and msg in str(e.value) and "\n" not in str(e.value)
     cfg = load_config(f"{REPO}/configs/demo/scst.yaml", base + ["scst.candidates=1", "scst.baseline=greedy"])
     assert (cfg.train.stage, cfg.scst.candidates, cfg.scst.reward) == ("scst", 1, "evaluator")
+    with pytest.raises(ConfigError, match="scst.candidates.*1 with scst.strategy=beam is the greedy caption itself"):
+        load_config(f"{REPO}/configs/demo/scst.yaml", base + ["scst.candidates=1", "scst.baseline=greedy",
+                                                              "scst.strategy=beam"])  # an advantage of 0, always
 
 
 def test_bad_reward_on_the_command_line_exits_2_with_one_line():

@@ -51,6 +51,8 @@ class ScstStage(CaptionerStage):
         check(s.average in ("token", "sequence"), "scst.average", f"'{s.average}' is not token or sequence")
         check(s.baseline != "mean" or s.candidates >= 2, "scst.candidates",
               f"{s.candidates}: scst.baseline=mean needs at least 2 candidates per image")
+        check(not (s.baseline == "greedy" and s.strategy == "beam" and s.candidates == 1), "scst.candidates",
+              "1 with scst.strategy=beam is the greedy caption itself, scst.baseline=greedy: every advantage is 0")
 
     def __init__(self, cfg, device):
         s = cfg.scst
