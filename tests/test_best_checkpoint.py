@@ -96,7 +96,7 @@ def test_loop_state_carries_the_best_and_the_patience_count():
 
 
 def test_config_parses_the_selection():
-    from dico_scale.config import load_config
+    from dico_scale.config import ConfigError, load_config
     from dico_scale.selection import Selection
     t = load_config(XE, BLANK + ["train.val_every=5", "train.select_best=val/mean_length",
                                  "train.select_floor=val/cider >= 0.25", "train.patience=3"]).train
@@ -104,6 +104,10 @@ def test_config_parses_the_selection():
     t = load_config(str(REPO / "configs" / "demo" / "evaluator.yaml"),
                     ["train.val_every=5", "train.select_best=val/i2t_r1:min"]).train
     assert Selection.from_config(t) == Selection("i2t_r1", "min", None, 0)
+    with pytest.raises(ConfigError, match=r"the evaluator stage's validation logs no val/cider here \(it logs "
+                                          r"val/i2t_r1, val/i2t_r5, val/t2i_r1, val/t2i_r5\)"):  # before any step
+        load_config(str(REPO / "configs" / "demo" / "evaluator.yaml"), ["train.val_every=5",
+                                                                       "train.select_best=val/cider"])
     assert Selection.from_config(load_config(XE, BLANK).train) is None
 
 
@@ -289,6 +293,17 @@ def test_patience_stops_the_run_early_with_exit_0(tmp_path, data_root):
     assert json.loads((out / "best" / "best.json").read_text())["step"] == 2
     import torch
     assert torch.load(out / "model.pt", weights_only=True)["step"] == 4
+
+
+def test_a_run_that_selects_no_validation_says_so(tmp_path, data_root):
+    """A floor that no validation passed (val/images is 4): exit 0, no best/, and a line saying why, not a plain done."""
+    proc = _train(tmp_path, data_root, "train.select_best=val/images:max", "train.select_floor=val/images>=5",
+                  "train.max_steps=2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert ("dico_scale: warning: train.select_best=val/images:max selected no validation (none passed "
+            "train.select_floor=val/images>=5 or its val/images was never a number): there is no best/model.pt, and "
+            "model.pt holds the last step") in proc.stderr.splitlines(), proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "best").exists() and (tmp_path / "run" / "model.pt").is_file()
 
 
 # --- this file as a script: the real loop (one CPU rank, real DeepSpeed engines) with a scripted stage ---------------

@@ -212,6 +212,7 @@ def test_evaluator_stage_recall_is_metrics_recall(checkpoint, tiny_shards, one_r
     stage.setup(engine)
     val, _ = stage.validate(engine, _val_loader(stage, cfg))
     assert stage.module.training and set(val) == {"i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"}  # the names logged today
+    assert set(val) == ContrastiveStage.validation_metrics(cfg)  # what train.select_best is checked against
 
     images, refs, keys = [], [], []
     with torch.no_grad():
@@ -223,3 +224,35 @@ def test_evaluator_stage_recall_is_metrics_recall(checkpoint, tiny_shards, one_r
     assert keys == sorted(keys)
     expected = metrics.recall_at_k(torch.cat(images), metrics.text_features(stage.evaluator, refs), ks=(1, 5))
     assert val == {k.lower(): v for k, v in expected.items()}
+
+
+def test_evaluator_stage_reads_val_max_images_and_refuses_a_batch_of_one(checkpoint, tiny_shards, one_rank_group):
+    """train.val_max_images: the recall of the first images alone; one image per step (across ranks) has no other
+    caption to be told apart from: a loss of 0, refused."""
+    from dico_scale.config import ConfigError
+    from dico_scale.stages.contrastive import ContrastiveStage
+
+    cfg = _config("evaluator", checkpoint["tmp"], tiny_shards, ["train.val_max_images=3", "train.micro_batch_size=2"])
+    stage = ContrastiveStage(cfg, torch.device("cpu"))
+    engine = Engine(stage.module)
+    stage.setup(engine)
+    val, _ = stage.validate(engine, _val_loader(stage, cfg))
+    with torch.no_grad():
+        stage.module.eval()
+        batches = list(_val_loader(stage, cfg))[:2]
+        images = torch.cat([stage.evaluator.image_features(b["pixels"]) for b in batches])[:3]
+        refs = [r[0] for b in batches for r in b["refs"]][:3]
+    expected = metrics.recall_at_k(images, metrics.text_features(stage.evaluator, refs), ks=(1, 5))
+    assert val == {k.lower(): v for k, v in expected.items()}
+    with pytest.raises(ConfigError, match="train.micro_batch_size=1: the evaluator stage's contrastive loss needs at "
+                                          "least 2 images per step across its 1 rank"):
+        ContrastiveStage(_config("evaluator", checkpoint["tmp"], tiny_shards, ["train.micro_batch_size=1"]),
+                         torch.device("cpu"))
+
+
+def test_val_max_images_shares_sum_to_the_limit():
+    from dico_scale.stages.base import val_share
+
+    assert [val_share(7, 2, r) for r in (0, 1)] == [4, 3]  # 7, where each rank took 7 // 2 = 3 before
+    assert [val_share(1, 4, r) for r in range(4)] == [1, 0, 0, 0]  # a rank with none reads nothing
+    assert val_share(0, 2, 1) is None  # no limit

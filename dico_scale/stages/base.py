@@ -79,6 +79,12 @@ class Stage:
         return {}, {}
 
 
+def val_share(limit: int, world: int, rank: int) -> int | None:
+    """This rank's share of train.val_max_images (0: none to read), the shares summing to the limit; None: no
+    limit (the whole val split)."""
+    return limit // world + (rank < limit % world) if limit else None
+
+
 class CaptionerStage(Stage):
     """Shared by xe, dico and scst: the captioner, an optional frozen evaluator, caption validation."""
     reward_key = ""  # the config key of the stage's reward spec (e.g. "dico.reward"); "" = trained without one
@@ -171,13 +177,11 @@ class CaptionerStage(Stage):
         g = self.cfg.generation
         grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
         world, rank = (torch.distributed.get_world_size(), torch.distributed.get_rank()) if grouped else (1, 0)
-        limit = self.cfg.train.val_max_images
-        if limit:
-            limit = max(1, limit // world)
+        share = val_share(self.cfg.train.val_max_images, world, rank)
         evaluators = {"evaluator": self.evaluator} if self.evaluator is not None else {}
         with gathered(engine) as captioner, gathered(self.evaluator_engine):
-            records = gather_records(caption_split(captioner, self.tokenizer, loader, g, self.device, evaluators,
-                                                   limit))
+            records = gather_records(caption_split(captioner, self.tokenizer, loader if share != 0 else [], g,
+                                                   self.device, evaluators, share or 0))
             if rank != 0:
                 return {}, {}
             records = score_records(records, self.evaluator)

@@ -16,9 +16,10 @@ from open_clip.loss import ClipLoss
 
 from .. import metrics
 from ..engine import gathered
+from ..errors import ConfigError
 from ..models.clip_scorer import ClipScorer
 from ..models.weights import load_weights
-from .base import Stage, StepOutput
+from .base import Stage, StepOutput, val_share
 
 
 def hide_clip_loss_deprecation() -> None:
@@ -31,6 +32,7 @@ def hide_clip_loss_deprecation() -> None:
 class ContrastiveStage(Stage):
     name = "evaluator"
     model_name = "evaluator"
+    val_ks = (1, 5)  # validation's recall@k
 
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
@@ -40,8 +42,17 @@ class ContrastiveStage(Stage):
             load_weights(self.module, cfg.train.init_from)
         self.preprocess = self.evaluator.preprocess
         # Features of all ranks enter the loss (gradients through the gather), as open_clip's trainer does.
-        self.loss = ClipLoss(gather_with_grad=True, rank=dist.get_rank(), world_size=dist.get_world_size())
+        world = dist.get_world_size()
+        if cfg.train.micro_batch_size * world < 2:  # one image has no other caption to be told apart from
+            raise ConfigError(f"train.micro_batch_size={cfg.train.micro_batch_size}: the evaluator stage's "
+                              f"contrastive loss needs at least 2 images per step across its {world} rank(s), or it "
+                              "is 0 and trains nothing")
+        self.loss = ClipLoss(gather_with_grad=True, rank=dist.get_rank(), world_size=world)
         hide_clip_loss_deprecation()
+
+    @classmethod
+    def validation_metrics(cls, cfg):
+        return {f"{d}_r{k}" for d in ("i2t", "t2i") for k in cls.val_ks}
 
     def step(self, engine, batch) -> StepOutput:
         pixels = batch["pixels"].to(self.device, self.dtype)
@@ -54,14 +65,19 @@ class ContrastiveStage(Stage):
 
     @torch.no_grad()
     def validate(self, engine, loader):
-        """Ranks read different numbers of val batches: under ZeRO-3 the model is gathered once for it."""
+        """Ranks read different numbers of val batches: under ZeRO-3 the model is gathered once for it. With
+        train.val_max_images each rank takes its share of the first images."""
+        share = val_share(self.cfg.train.val_max_images, dist.get_world_size(), dist.get_rank())
         self.module.eval()
         try:
             with gathered(engine) as clip:
                 feats = []  # (key, normalised image feature, first reference)
-                for batch in loader:
+                for batch in loader if share != 0 else []:
                     img = F.normalize(clip.encode_image(batch["pixels"].to(self.device, self.dtype)).float(), dim=-1)
                     feats += [(k, i.cpu().clone(), refs[0]) for k, i, refs in zip(batch["keys"], img, batch["refs"])]
+                    if share and len(feats) >= share:
+                        feats = feats[:share]
+                        break
                 parts = [None] * dist.get_world_size()
                 dist.all_gather_object(parts, feats)
                 if dist.get_rank() != 0:
@@ -74,4 +90,4 @@ class ContrastiveStage(Stage):
                 texts = metrics.text_features(self.evaluator, [t for _, (_, t) in rows])
         finally:
             self.module.train()
-        return {name.lower(): v for name, v in metrics.recall_at_k(images, texts, ks=(1, 5)).items()}, {}
+        return {name.lower(): v for name, v in metrics.recall_at_k(images, texts, ks=self.val_ks).items()}, {}
