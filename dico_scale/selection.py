@@ -83,6 +83,12 @@ class Selection:
         return (best.get("metric"), best.get("mode", "max")) == (self.name, self.mode) and (
             self.floor is None or (self.floor[0] in metrics and self.passes_floor(metrics)))
 
+    def none_selected_line(self, t) -> str:
+        """Why a run that selects ends without best/: its validations never passed (train.select_floor, a nan)."""
+        floor = f"none passed train.select_floor={t.select_floor} or " if self.floor else ""
+        return (f"warning: train.select_best={t.select_best} selected no validation ({floor}its {self.name} was "
+                "never a number): there is no best/model.pt, and model.pt holds the last step")
+
     def stop_line(self, step: int, best: dict) -> str:
         return (f"early stop at step {step}: no improvement of {self.name} for {self.patience} validations "
                 f"(best {best['value']:.6g} at step {best['step']})")

@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     from dico_scale.data.pipeline import one_line
     from dico_scale.errors import CheckpointError, DataError, NonFiniteLossError
     from dico_scale.preflight import finished_run, run_preflight
+    from dico_scale.selection import Selection
 
     try:
         run_preflight(cfg)  # output directory, tracking server: seconds, before any process group starts
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     preempted = summary.get("preempted", False)
     if summary["rank"] == 0 and not preempted:
         print(f"done: stage={cfg.train.stage} step={summary['step']} val={summary['val']}", flush=True)
+        if (sel := Selection.from_config(cfg.train)) and summary.get("best") is None:
+            print(f"dico_scale: {sel.none_selected_line(cfg.train)}", file=sys.stderr, flush=True)
     shutdown()
     if preempted:
         if summary["rank"] == 0 and cfg.train.requeue_on_preempt:
