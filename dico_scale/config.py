@@ -193,7 +193,7 @@ class TrainConfig:
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/../mlflow.db
+    uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
     experiment: str = "dico-scale"
     run_name: str = ""
     # An http(s) tracking server is asked for its health before anything is built: a server that does not answer
