@@ -271,11 +271,17 @@ def import_deepspeed():
     return importlib.import_module("deepspeed")
 
 
-def build_engine(cfg: Config, module: torch.nn.Module, on_gpu: bool, load_universal: bool = False):
+def build_engine(cfg: Config, module: torch.nn.Module, on_gpu: bool, load_universal: bool = False,
+                 decay_exempt=None):
+    """decay_exempt(name, parameter): whether optim.weight_decay spares it (a group of its own with none)."""
     deepspeed = import_deepspeed()
     hide_deepspeed_deprecation()
     ds = ds_config(cfg, on_gpu, load_universal)
-    params = [p for p in module.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    spared = {n for n, p in named if decay_exempt and decay_exempt(n, p)}
+    params = [p for n, p in named if n not in spared]
+    if spared:
+        params = [{"params": params}, {"params": [p for n, p in named if n in spared], "weight_decay": 0.0}]
     kw = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
               weight_decay=cfg.optim.weight_decay)
     if offloads_optimizer(ds) and on_gpu:  # the optimizer steps on the CPU: DeepSpeed's vectorised Adam

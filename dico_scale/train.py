@@ -101,7 +101,8 @@ def _run_locked(cfg: Config, device) -> dict:
     shards, missing_shards = training_shards(cfg, rank)
     on_gpu = device.type == "cuda"
     stage = build_stage(cfg, device)
-    engine = build_engine(cfg, stage.module, on_gpu=on_gpu, load_universal=plan.universal)
+    engine = build_engine(cfg, stage.module, on_gpu=on_gpu, load_universal=plan.universal,
+                          decay_exempt=stage.decay_exempt)
     frozen = {name: build_frozen(cfg, module, placement, width, on_gpu)
               for name, (module, placement, width) in stage.frozen_models().items()}
     stage.setup(engine, frozen)

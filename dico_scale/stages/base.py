@@ -43,6 +43,10 @@ class Stage:
         self.cfg, self.device = cfg, device
         self.tokenizer = CaptionTokenizer()
 
+    def decay_exempt(self, name: str, param: torch.nn.Parameter) -> bool:
+        """Whether optim.weight_decay spares this trainable parameter (none is spared unless a stage says so)."""
+        return False
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         """Checks of the keys only this stage reads (checks.check: a one-line ConfigError naming the key);

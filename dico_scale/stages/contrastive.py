@@ -50,6 +50,11 @@ class ContrastiveStage(Stage):
         self.loss = ClipLoss(gather_with_grad=True, rank=dist.get_rank(), world_size=world)
         hide_clip_loss_deprecation()
 
+    def decay_exempt(self, name, param):
+        """open_clip's training recipe: no weight decay on gains, biases, embeddings of one dimension and the
+        logit scale (decay shrank the temperature and the LayerNorm gains toward 0)."""
+        return param.ndim < 2 or "logit_scale" in name
+
     @classmethod
     def validation_metrics(cls, cfg):
         return {f"{d}_r{k}" for d in ("i2t", "t2i") for k in cls.val_ks}
