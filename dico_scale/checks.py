@@ -184,8 +184,7 @@ def validate(c: Config, training: bool = True) -> None:
         parse_select_best(t.select_best)
         check(t.val_every > 0, "train.select_best", "needs train.val_every > 0 (with 0 the run validates only at "
               "the end: nothing to select from)")
-        check(bool(d.val_shards) if not d.synthetic.enabled else d.synthetic.n_val > 0, "train.select_best",
-              "needs a val split (data.val_shards, or data.synthetic.n_val > 0)")
+        check(has_val_split(c), "train.select_best", "needs a val split (data.val_shards, or data.synthetic.n_val > 0)")
     if t.select_floor:
         check(bool(t.select_best), "train.select_floor", "needs train.select_best")
         parse_select_floor(t.select_floor)
@@ -223,7 +222,8 @@ def validate(c: Config, training: bool = True) -> None:
 
 def unread_settings(c: Config) -> list[tuple[str, list[str]]]:
     """(the choice, the keys set away from their defaults that it leaves unread): another stage's section, LoRA's
-    options without LoRA, the cosine floor under a constant schedule, sampling's options where nothing samples."""
+    options without LoRA, the cosine floor under a constant schedule, sampling's options where nothing samples,
+    validation's where there is no val split."""
     default, out = type(c)(), []  # the schema's defaults
     groups = [(f"train.stage={c.train.stage}", spec.section) for spec in STAGES.values()
               if spec.section and spec.name != c.train.stage]
@@ -234,10 +234,18 @@ def unread_settings(c: Config) -> list[tuple[str, list[str]]]:
             out.append((choice, changed))
     if c.optim.schedule == "constant" and c.optim.min_lr_ratio != default.optim.min_lr_ratio:
         out.append(("optim.schedule=constant", ["optim.min_lr_ratio"]))
+    if not has_val_split(c) and (changed := [k for k in ("train.val_every", "train.val_max_images",
+                                                           "train.validate_at_end") if _get(c, k) != _get(default, k)]):
+        out.append(("data.synthetic.n_val=0" if c.data.synthetic.enabled else "data.val_shards=''", changed))
     choice, unread = _rollout_choice(c)
     if changed := [k for k in unread if _get(c, k) != _get(default, k)]:
         out.append((choice, changed))
     return out
+
+
+def has_val_split(c: Config) -> bool:
+    d = c.data
+    return bool(d.val_shards) if not d.synthetic.enabled else d.synthetic.n_val > 0
 
 
 def _rollout_choice(c: Config) -> tuple[str, list[str]]:
