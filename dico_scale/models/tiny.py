@@ -3,6 +3,7 @@ tokenizer, image processor), with nothing downloaded: the tokenizer is a byte-le
 `tokenizers` library on the synthetic shapes captions.
 
     python -m dico_scale.models.tiny FAMILY OUT_DIR [--width 32 --layers 2 --heads 2 --image-size 32 --seed 0]
+        [--vocab-size N]   (sizes bounded: MAX_SIZES; the family's own limits: family_problem)
 
 Families: vit-gpt2 (VisionEncoderDecoderModel, GPT-2 style tokenizer: BOS = EOS = <|endoftext|>, no pad token),
 blip (BlipForConditionalGeneration, BERT style specials: [PAD] [SEP] [DEC]), dico-ref (the DiCO reference code's
@@ -23,9 +24,20 @@ from .tiny_vlm import VLM_FAMILIES, write_vlm
 
 FAMILIES = ("vit-gpt2", "blip", "dico-ref", *VLM_FAMILIES)
 SPECIALS = {"vit-gpt2": ["<|endoftext|>"], "blip": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]}
+TOKENIZER_SIZE = 300  # the BPE of vit-gpt2 and blip: the smallest decoder vocabulary they take
+# The CLI's bounds, above the largest model the repository writes (benchmarks/dico_step.py --hf-size 1024,4,16,224,
+# the CLIP BPE's 49,409 tokens): past them the weights alone take gigabytes, and --width or --image-size (its position
+# table) in the ten thousands exhaust the memory.
+MAX_SIZES = {"--width": 1024, "--layers": 8, "--heads": 32, "--image-size": 512, "--vocab-size": 65536}
+# Every family cuts images into 8-pixel patches (Qwen: 4-pixel ones merged 2 x 2); these merge or pool them 2 x 2,
+# so the patch grid's side must be even.
+IMAGE_STEP = {"idefics3": 16, "smolvlm": 16, "internvl": 16, "gemma3": 16}
+# What the head width (--width / --heads) must divide into for the rotary embeddings: Qwen2-VL's and Qwen2.5-VL's
+# sections (eighths and quarters), Qwen3-VL's vision tower (quarters), the other VLMs' text models (halves).
+HEAD_STEP = {"qwen2-vl": 8, "qwen2.5-vl": 8, "qwen3-vl": 4, **{f: 2 for f in VLM_FAMILIES if not f.startswith("qwen")}}
 
 
-def train_tokenizer(family: str, vocab_size: int = 300):
+def train_tokenizer(family: str, vocab_size: int = TOKENIZER_SIZE):
     """A PreTrainedTokenizerFast over a byte-level BPE of the synthetic captions, with the family's special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -35,8 +47,8 @@ def train_tokenizer(family: str, vocab_size: int = 300):
     bpe.decoder = decoders.ByteLevel()
     from ..data.synthetic import caption_corpus
 
-    bpe.train_from_iterator(caption_corpus(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS[family],
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(caption_corpus(), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS[family], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     if family == "vit-gpt2":
         return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                        unk_token="<|endoftext|>")
@@ -123,7 +135,9 @@ def write(family: str, out_dir: str, width: int = 32, layers: int = 2, heads: in
     if family in VLM_FAMILIES:
         return write_vlm(family, out_dir, width, layers, heads, image_size, vocab_size)
     tok = train_tokenizer(family)
-    vocab = max(vocab_size, len(tok))
+    if 0 < vocab_size < len(tok):
+        raise ValueError(f"vocab_size {vocab_size} is below the tokenizer's {len(tok)} tokens")
+    vocab = vocab_size or len(tok)
     model, processor = {"vit-gpt2": vit_gpt2, "blip": blip}[family](tok, width, layers, heads, image_size, vocab)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
@@ -131,22 +145,61 @@ def write(family: str, out_dir: str, width: int = 32, layers: int = 2, heads: in
     return out_dir
 
 
+def family_problem(family: str, width: int, heads: int, image_size: int, vocab_size: int) -> str | None:
+    """Why `family` cannot be built (or trained) at these sizes; None when it can."""
+    if image_size < 8:
+        return f"--image-size {image_size}: {family} cuts images into 8-pixel patches: at least 8"
+    if image_size % IMAGE_STEP.get(family, 1):
+        return f"--image-size {image_size}: {family} merges its 8-pixel patches 2 x 2: a multiple of 16"
+    if (width // heads) % (step := HEAD_STEP.get(family, 1)):
+        return (f"--width {width} / --heads {heads}: {family}'s rotary embeddings split its head width "
+                f"{width // heads}: a multiple of {step}")
+    if family == "gemma3" and heads % max(1, heads // 2):
+        return (f"--heads {heads}: gemma3's heads share {heads // 2} key/value heads, which must divide them "
+                "(an even --heads, or 1 or 3)")
+    return vocab_problem(family, vocab_size)
+
+
+def vocab_problem(family: str, vocab_size: int) -> str | None:
+    if not vocab_size:
+        return None
+    if family == "dico-ref":
+        return (f"--vocab-size {vocab_size}: dico-ref's vocabulary is the CLIP BPE's 49409 tokens (open_clip's "
+                "tokenizer reads it): leave --vocab-size out")
+    if family in VLM_FAMILIES:
+        return (f"--vocab-size {vocab_size}: {family}'s vocabulary is its tokenizer's, trained here on the synthetic "
+                "captions: leave --vocab-size out")
+    if vocab_size < TOKENIZER_SIZE:
+        return (f"--vocab-size {vocab_size}: below the tokenizer's {TOKENIZER_SIZE} tokens, the smallest allowed "
+                "(0: the tokenizer's)")
+    return None
+
+
 def main(argv=None) -> int:
     p = OneLineParser(prog="dico_scale.models.tiny", description=__doc__.split("\n\n")[0])  # argparse refills it
     p.add_argument("family", choices=FAMILIES)
     p.add_argument("out_dir")
-    p.add_argument("--width", type=int, default=32)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--width", type=int, default=32, help=f"at most {MAX_SIZES['--width']}")
+    p.add_argument("--layers", type=int, default=2, help=f"at most {MAX_SIZES['--layers']}")
+    p.add_argument("--heads", type=int, default=2, help=f"at most {MAX_SIZES['--heads']}")
+    p.add_argument("--image-size", type=int, default=32, help=f"at most {MAX_SIZES['--image-size']}")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vocab-size", type=int, default=0, help="decoder vocabulary (default: the tokenizer's)")
+    p.add_argument("--vocab-size", type=int, default=0, help="decoder vocabulary of vit-gpt2 and blip, "
+                   f"{TOKENIZER_SIZE} to {MAX_SIZES['--vocab-size']} (default: the tokenizer's)")
     a = p.parse_args(argv)
     sizes = {"--width": a.width, "--layers": a.layers, "--heads": a.heads, "--image-size": a.image_size}
     if bad := [f"{k} {v}" for k, v in sizes.items() if v < 1] + [f"--vocab-size {a.vocab_size}"] * (a.vocab_size < 0):
         p.error(f"{', '.join(bad)}: sizes are whole numbers >= 1 (--vocab-size: 0 or more)")
+    sizes["--vocab-size"] = a.vocab_size
+    if big := [f"{k} {v}" for k, v in sizes.items() if v > MAX_SIZES[k]]:
+        p.error(f"{', '.join(big)}: a tiny model's sizes are at most "
+                + ", ".join(f"{k} {v}" for k, v in MAX_SIZES.items()))
+    if not 0 <= a.seed < 2 ** 64:
+        p.error(f"--seed {a.seed}: a whole number from 0 to 2**64 - 1")
     if a.width % a.heads:
         p.error(f"--width {a.width} is not a multiple of --heads {a.heads}")
+    if problem := family_problem(a.family, a.width, a.heads, a.image_size, a.vocab_size):
+        p.error(problem)
     if os.path.exists(a.out_dir) and (not os.path.isdir(a.out_dir) or os.listdir(a.out_dir)):
         # save_pretrained would overwrite a real model's files, and prune its weight shards
         p.error(f"{a.out_dir} exists and is not an empty folder: a tiny random model goes into a new one")
