@@ -22,7 +22,7 @@ from dico_scale.config import CaptionerConfig, Config, ConfigError, EvaluatorCon
 from dico_scale.models import build_captioner
 from dico_scale.models.clip import create_clip
 from dico_scale.models.clip_scorer import ClipScorer, reward
-from dico_scale.models.clip_weights import sniff_weights_format
+from dico_scale.models.clip_weights import captioner_export_problem, sniff_weights_format
 
 REPO = Path(__file__).resolve().parent.parent
 NAME = "test-tiny-quickgelu"  # dico-tiny with QuickGELU, as OpenAI's models (registered from a temporary folder)
@@ -284,6 +284,32 @@ def test_config_validation_rejects_an_unknown_file(bad_files):
         assert key in str(ei.value) and bad_files["garbage.pt"] in str(ei.value)
 
 
+def test_a_captioner_export_given_as_clip_weights_is_named_as_such(captioner_pt, tmp_path):
+    """A captioner's model.pt where CLIP weights go: one line naming the key, the stage the export records and what
+    the key takes, at config validation (not '158 problems' once the model is built); an evaluator's export loads."""
+    for key in ("evaluator.weights", "captioner.image_encoder_weights"):
+        with pytest.raises(ConfigError) as ei:
+            load_config(str(REPO / "configs/demo/xe.yaml"), TINY_CAPTIONER + [f"{key}={captioner_pt}"])
+        msg = str(ei.value)
+        one_line(msg)
+        assert msg.startswith(f"{key} '{captioner_pt}': a captioner's export (train.stage=xe), not CLIP weights: "
+                              "give the evaluator stage's model.pt or a PAC-S / open_clip checkpoint"), msg
+    assert "train.stage=xe" in str(pytest.raises(ConfigError, create_clip, "dico-tiny", str(captioner_pt)).value)
+    assert "goes in evaluator.weights" in captioner_export_problem(str(captioner_pt), "train.init_from")
+    with pytest.raises(ConfigError) as ei:  # the evaluator stage starts from it
+        load_config(str(REPO / "configs/demo/evaluator.yaml"), [f"train.init_from={captioner_pt}"])
+    assert f"'train.init_from': '{captioner_pt}' is a captioner's export (train.stage=xe)" in str(ei.value)
+    one_line(str(ei.value))
+
+    cfg = load_config(str(REPO / "configs/demo/evaluator.yaml"), [f"train.output_dir={tmp_path}", "train.init_from="])
+    evaluator = tmp_path / "model.pt"  # engine.export_weights' layout, of the evaluator stage
+    torch.save({"state_dict": create_clip("dico-tiny")[0].state_dict(), "config": to_yaml(cfg), "stage": "evaluator",
+                "step": 1, "mlflow_run_id": None}, evaluator)
+    assert captioner_export_problem(str(evaluator), "evaluator.weights") is None
+    assert sniff_weights_format(str(evaluator), "evaluator.weights") == "torch"
+    create_clip("dico-tiny", str(evaluator))
+
+
 def test_clis_exit_2_with_one_line(bad_files, captioner_pt, tiny_shards, clean_env, tmp_path, capsys):
     from dico_scale import evaluate
 
@@ -405,6 +431,8 @@ def test_safetensors_export_round_trips(captioner_pt, tiny_shards, clean_env, no
     blob = torch.load(captioner_pt, weights_only=True)
     assert (side["config"], side["stage"], side["step"], side["weights"]) == (blob["config"], "xe", 3,
                                                                                "dico.safetensors")
+    as_clip = pytest.raises(ConfigError, sniff_weights_format, str(out), "evaluator.weights")  # the sidecar's stage
+    assert "a captioner's export (train.stage=xe)" in str(as_clip.value)
     capsys.readouterr()
 
     cfg = load_config(str(REPO / "configs/demo/xe.yaml"), TINY_CAPTIONER + [f"train.init_from={out}"])

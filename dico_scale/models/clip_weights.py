@@ -8,8 +8,9 @@
   hf           a Hugging Face CLIPModel folder (config.json + model.safetensors or pytorch_model.bin), converted to
                open_clip's names after its architecture is checked against the open_clip model's config
 
-sniff_weights_format reads only a zip directory, a header or config.json, so config validation can reject a file
-of the wrong kind in seconds, before any process group starts. Every failure is one ConfigError line naming the file.
+sniff_weights_format reads only a zip directory, a header or config.json (and the run a dico_scale export records),
+so config validation can reject a file of the wrong kind in seconds, before any process group starts. Every failure
+is one ConfigError line naming the file.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from dataclasses import fields
 import torch
 
 from ..errors import ConfigError
+from ..stages import captioner_stages
+from .weights import recorded_stage
 
 KNOWN = ("an OpenAI TorchScript archive (ViT-B-32.pt), an open_clip state dict (.bin/.pt/.pth, PAC-S, "
          "dico_scale export), a .safetensors file, or a Hugging Face CLIPModel folder (config.json + "
@@ -39,11 +42,30 @@ def _fail(label: str, path: str, why: str):
 # ---- format recognition ------------------------------------------------------------------------------------------
 
 def sniff_weights_format(path: str, label: str = "CLIP weights") -> str:
-    """'torchscript' | 'torch' | 'safetensors' | 'hf'; a ConfigError naming the file otherwise."""
+    """'torchscript' | 'torch' | 'safetensors' | 'hf'; a ConfigError naming the file otherwise. label: the config key
+    (or CLI option) that gave the file."""
     if not os.path.exists(path):
         _fail(label, path, "does not exist")
-    if os.path.isdir(path):
-        return _sniff_folder(path, label)
+    fmt = "folder" if os.path.isdir(path) else _sniff_file(path, label)
+    # a captioner's export is a torch file like an evaluator's: only the run it records tells them apart
+    if fmt != "torchscript" and (problem := captioner_export_problem(path, label)):
+        _fail(label, path, problem)
+    return _sniff_folder(path, label) if fmt == "folder" else fmt
+
+
+def captioner_export_problem(path: str, key: str) -> str | None:
+    """Why dico_scale weights that record a captioner stage's run (model.pt, a safetensors export, a checkpoint tag)
+    are no CLIP weights for the config key `key`, and what it takes instead; None for any other file."""
+    stage = recorded_stage(path)
+    if stage not in captioner_stages():
+        return None
+    wants = ("the evaluator stage's model.pt (a PAC-S / open_clip checkpoint goes in evaluator.weights)"
+             if key == "train.init_from" else "the evaluator stage's model.pt or a PAC-S / open_clip checkpoint (a "
+             "captioner starts from its export through train.init_from)")
+    return f"a captioner's export (train.stage={stage}), not CLIP weights: give {wants}"
+
+
+def _sniff_file(path: str, label: str) -> str:
     with open(path, "rb") as f:
         head = f.read(8)
     size = os.path.getsize(path)

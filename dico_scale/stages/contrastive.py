@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from .. import metrics
+from ..checks import check
 from ..engine import gathered
 from ..errors import ConfigError
 from ..models.clip_scorer import ClipScorer
@@ -49,6 +50,14 @@ class ContrastiveStage(Stage):
                               "is 0 and trains nothing")
         self.loss = ClipLoss(gather_with_grad=True, rank=dist.get_rank(), world_size=world)
         hide_clip_loss_deprecation()
+
+    @classmethod
+    def check_config(cls, cfg):
+        """train.init_from starts the evaluator: a captioner's export there is named as one, before any rank starts."""
+        from ..models.clip_weights import captioner_export_problem
+
+        if cfg.train.init_from and (problem := captioner_export_problem(cfg.train.init_from, "train.init_from")):
+            check(False, "train.init_from", f"'{cfg.train.init_from}' is {problem}")
 
     def decay_exempt(self, name, param):
         """open_clip's training recipe: no weight decay on gains, biases, embeddings of one dimension and the
