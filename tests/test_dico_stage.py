@@ -123,3 +123,30 @@ def test_images_whose_rewards_all_tie_add_no_loss(monkeypatch):
             want, _ = dico_loss(policy, ref, torch.tensor(rewards[1:]), beta=0.2, tau=300.0)
             torch.testing.assert_close(out.loss.detach(), want)
             assert any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_xe_trains_through_the_head_loss_kernel_names(monkeypatch):
+    """loss.kernel=triton reaches the fused Triton head in XE too (its step passed `fused` alone, so the captioner's
+    default 'auto' kept the gradient pass on the torch head), with the torch head's loss and gradients."""
+    import dico_scale.kernels.fused_linear as fused_linear
+    from dico_scale.stages.xe import XEStage
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    calls, triton_head = [], fused_linear.fused_linear_sequence_logprobs_triton
+    monkeypatch.setattr(fused_linear, "fused_linear_sequence_logprobs_triton",
+                        lambda *a, **kw: calls.append(1) or triton_head(*a, **kw))
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    out = {}
+    for kernel in ("torch", "triton"):
+        torch.manual_seed(0)
+        stage = XEStage(load_config("configs/demo/xe.yaml", TINY + [f"loss.kernel={kernel}"]), torch.device("cpu"))
+        engine = Local(stage.module)
+        stage.setup(engine)
+        t = stage.tokenizer
+        tokens = torch.tensor([[t.bos, 320, 1929, t.eos, t.pad], [t.bos, 320, 3720, 4839, t.eos]])
+        step = stage.step(engine, {"tokens": tokens, "pixels": pixels})
+        step.loss.backward()
+        out[kernel] = step.loss.detach(), stage.module.decoder.wte.weight.grad.clone()
+        assert len(calls) == (kernel == "triton")
+    torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["triton"][1], out["torch"][1], rtol=1e-4, atol=1e-6)
