@@ -271,8 +271,8 @@ BLANK = ["evaluator.weights=", "captioner.image_encoder_weights=", "train.init_f
 
 @pytest.mark.parametrize("override,needle", [
     ("generation.strategy=greedy", "'generation.strategy': 'greedy' is not beam or sample"),
-    ("generation.temperature=0", "'generation.temperature': 0.0 must lie in (0, inf)"),
-    ("generation.temperature=-1", "'generation.temperature': -1.0 must lie in (0, inf)"),
+    ("generation.temperature=0", "'generation.temperature': 0.0 must lie in [0.0001, 10000.0]"),
+    ("generation.temperature=-1", "'generation.temperature': -1.0 must lie in [0.0001, 10000.0]"),
     ("generation.top_k=-1", "'generation.top_k': -1 must be >= 0"),
     ("generation.early_stopping=maybe", "'generation.early_stopping': 'maybe' is not false, true or never"),
     ("generation.early_stopping=1", "'generation.early_stopping': '1' is not false, true or never"),
