@@ -5,8 +5,8 @@ equals torch_path.fused_linear_sequence_logprobs (with softcap: of Gemma 2's sof
 Logits are matmul tiles that live only in registers: the forward keeps an online log-sum-exp
 per row, the backward recomputes them.
 Rows are addressed through index arrays, so compaction (masked-in rows only) and exact
-dedup (bitwise-equal rows computed once) cost no copies of the hidden states. docs/kernels.md
-has the design.
+dedup (bitwise-equal rows computed once) cost no copies of the hidden states (the sync-free path
+without them reads masked rows as zeros, from one copy: _rows). docs/kernels.md has the design.
 """
 
 import os
@@ -18,7 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .logprobs import check_inputs
-from .torch_path import check_softcap
+from .torch_path import check_labels, check_softcap, check_weight, once_differentiable
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Below this many token rows (N*T) "auto" neither compacts nor dedups: no host syncs, so the
@@ -242,11 +242,21 @@ class _Plan:
     inv: Tensor   # [Rt] int64 index into urow
 
 
+def _dedups(R: int, dedup) -> bool:
+    """dedup resolved: "auto" compacts and dedups from DEDUP_MIN_ROWS rows on."""
+    return R >= DEDUP_MIN_ROWS if dedup == "auto" else bool(dedup)
+
+
+def _rows(h2: Tensor, mask: Tensor, dedup: bool) -> Tensor:
+    """The hidden rows the kernels read. The sync-free plan keeps masked rows at weight 0, and 0 * nan is nan: a NaN or
+    inf state there (padding after EOS, a VLM's left padding) would reach the sums and every dW entry, so those rows
+    are read as zeros (one copy of the states, no sync). A dedup plan never reads them."""
+    return h2 if dedup else h2.masked_fill(mask[:, None] == 0, 0)
+
+
 def _plan(h2: Tensor, labels: Tensor, mask: Tensor, dedup) -> _Plan:
     R = h2.shape[0]
-    if dedup == "auto":
-        dedup = R >= DEDUP_MIN_ROWS
-    if not dedup:  # sync-free: every row is its own unique row, masked rows carry weight 0
+    if not _dedups(R, dedup):  # sync-free: every row is its own unique row, masked rows carry weight 0
         idx = torch.arange(R, device=h2.device)
         return _Plan(idx, labels, mask, idx, idx)
     trow = mask.nonzero().squeeze(1)  # compaction: padding costs nothing (host sync)
@@ -329,18 +339,21 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, mask, dedup, softcap):
         N, T, H = hidden.shape
-        h2 = hidden.reshape(N * T, H)
+        h2, dedup = hidden.reshape(N * T, H), _dedups(N * T, dedup)
         plan = _plan(h2, labels, mask, dedup)
-        out, lse, z = _forward(h2, weight, plan, N, T, softcap)
+        out, lse, z = _forward(_rows(h2, mask, dedup), weight, plan, N, T, softcap)
         ctx.save_for_backward(hidden, weight, lse, z, plan.trow, plan.lab, plan.tmask, plan.urow, plan.inv)
-        ctx.softcap = softcap
+        ctx.softcap, ctx.dedup = softcap, dedup
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         hidden, weight, lse, z, *plan = ctx.saved_tensors
         N, T, H = hidden.shape
-        dh, dw = _backward(hidden.reshape(N * T, H), weight, _Plan(*plan), lse, z, grad_out, T, ctx.softcap)
+        plan = _Plan(*plan)  # without dedup its tmask is the whole mask: the same rows zeroed as in the forward
+        h2 = _rows(hidden.reshape(N * T, H), plan.tmask, ctx.dedup)
+        dh, dw = _backward(h2, weight, plan, lse, z, grad_out, T, ctx.softcap)
         return dh.view(N, T, H), dw, None, None, None, None
 
 
@@ -353,13 +366,13 @@ def fused_linear_sequence_logprobs_triton(hidden: Tensor, weight: Tensor, labels
     True or False. Exact either way. Without grad nothing is saved.
     """
     check_inputs(hidden, labels, mask, "hidden")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
-        raise ValueError(f"weight must be [V, {hidden.shape[2]}], got shape {tuple(weight.shape)}")
+    check_weight(weight, hidden.shape[2])
     if weight.dtype != hidden.dtype or weight.device != hidden.device:
         raise ValueError(f"weight must match hidden's dtype and device, got {weight.dtype} on {weight.device}")
     if dedup not in ("auto", True, False):
         raise ValueError(f"dedup must be 'auto', True or False, got {dedup!r}")
     check_softcap(softcap)
+    check_labels(labels, mask, weight.shape[0])  # the kernels would read out of bounds
     softcap = float(softcap or 0.0)  # a constexpr of the kernels: 0.0 is off
     hidden = hidden if hidden.stride(2) == 1 else hidden.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
@@ -368,5 +381,5 @@ def fused_linear_sequence_logprobs_triton(hidden: Tensor, weight: Tensor, labels
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _FusedLinearLogprobs.apply(hidden, weight, lab, msk, dedup, softcap)
     N, T, H = hidden.shape
-    h2 = hidden.reshape(N * T, H)
-    return _forward(h2, weight, _plan(h2, lab, msk, dedup), N, T, softcap)[0]
+    h2, dedup = hidden.reshape(N * T, H), _dedups(N * T, dedup)
+    return _forward(_rows(h2, msk, dedup), weight, _plan(h2, lab, msk, dedup), N, T, softcap)[0]

@@ -12,26 +12,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import torch_path
+
 BLOCK_V = 1024  # columns per step; 4 KiB of fp32 per program, enough to stream at full bandwidth
 
 
 def check_inputs(logits_or_hidden: Tensor, labels: Tensor, mask: Tensor, name: str) -> None:
-    """Shape/dtype checks shared with the fused linear path; one-line ValueErrors."""
-    x = logits_or_hidden
-    if x.dim() != 3:
-        raise ValueError(f"{name} must be [N, T, *], got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"{name} must be float32/float16/bfloat16, got {x.dtype}")
-    if labels.shape != x.shape[:2]:
-        raise ValueError(f"labels must have shape {tuple(x.shape[:2])}, got {tuple(labels.shape)}")
-    if labels.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"labels must be int32/int64, got {labels.dtype}")
-    if mask.shape != x.shape[:2]:
-        raise ValueError(f"mask must have shape {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
-    if mask.is_complex():
-        raise ValueError(f"mask must be bool, integer or real, got {mask.dtype}")
-    if labels.device != x.device or mask.device != x.device:
-        raise ValueError(f"labels and mask must be on {name}'s device {x.device}")
+    """torch_path's input checks, with the dtypes the Triton kernels take (shared with the fused linear path)."""
+    torch_path.check_inputs(logits_or_hidden, labels, mask, name, torch_path.TRITON_FLOATS, torch_path.TRITON_INTS)
 
 
 @triton.jit
@@ -110,6 +98,7 @@ class _SequenceLogprobs(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch_path.once_differentiable
     def backward(ctx, grad_out):
         logits, labels, mask, lse = ctx.saved_tensors
         N, T, V = logits.shape
@@ -133,6 +122,7 @@ def sequence_logprobs_triton(logits: Tensor, labels: Tensor, mask: Tensor) -> Te
     reference model) nothing is saved and the result has no grad_fn.
     """
     check_inputs(logits, labels, mask, "logits")
+    torch_path.check_labels(labels, mask, logits.shape[2])
     lab, msk = prepare_labels_mask(labels, mask)
     if torch.is_grad_enabled() and logits.requires_grad:
         return _SequenceLogprobs.apply(logits, lab, msk)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .torch_path import check_dico_inputs
+from .torch_path import check_dico_inputs, once_differentiable
 
 METRIC_NAMES = (
     "rewards/chosen",
@@ -175,6 +175,7 @@ class _DicoLossFn(torch.autograd.Function):
         return loss, metrics
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, _grad_metrics):
         pi, ref, r = ctx.saved_tensors
         B, K = pi.shape

@@ -4,11 +4,24 @@ The Triton kernels replace these behind the same names and signatures; these
 stay as the CPU path and as the ground truth the kernels are tested against.
 """
 
+import functools
 from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def once_differentiable(backward):
+    """Marks a custom autograd Function's backward as not differentiable itself: a double backward (create_graph=True)
+    raises at once. torch.autograd.function.once_differentiable raises only where the incoming gradient needs grad:
+    otherwise it returns the gradient detached, and a gradient penalty would lose its second-order term silently."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():  # the engine runs backward with grad enabled only under create_graph=True
+            raise RuntimeError(f"{type(ctx).__name__[:-len('Backward')]} has no double backward (create_graph=True)")
+        return backward(ctx, *grads)
+    return wrapper
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -17,26 +30,90 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+# Input dtypes each path takes: the Triton kernels fewer (kernels.triton_takes sends the others to torch under "auto").
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+TRITON_FLOATS = FLOATS[:3]
+INTS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+TRITON_INTS = (torch.int32, torch.int64)
+
+
+def _names(dtypes) -> str:
+    return "/".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def check_inputs(x: Tensor, labels: Tensor, mask: Tensor, name: str, floats=FLOATS, ints=INTS) -> None:
+    """Shape/dtype/device checks of every log-prob entry point (the Triton ones take fewer dtypes); one-line
+    ValueErrors."""
+    if x.dim() != 3 or x.shape[2] == 0:
+        raise ValueError(f"{name} must be [N, T, *] with a last dimension >= 1, got shape {tuple(x.shape)}")
+    if x.dtype not in floats:
+        raise ValueError(f"{name} must be {_names(floats)}, got {x.dtype}")
+    if labels.shape != x.shape[:2]:
+        raise ValueError(f"labels must have shape {tuple(x.shape[:2])}, got {tuple(labels.shape)}")
+    if labels.dtype not in ints:
+        raise ValueError(f"labels must be {_names(ints)}, got {labels.dtype}")
+    if mask.shape != x.shape[:2]:
+        raise ValueError(f"mask must have shape {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+    if mask.is_complex():
+        raise ValueError(f"mask must be bool, integer or real, got {mask.dtype}")
+    if labels.device != x.device or mask.device != x.device:
+        raise ValueError(f"labels and mask must be on {name}'s device {x.device}")
+
+
+def check_weight(weight: Tensor, H: int) -> None:
+    """The output head is [V, H] with V >= 1."""
+    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] == 0:
+        raise ValueError(f"weight must be [V, {H}] with V >= 1, got shape {tuple(weight.shape)}")
+
+
+def check_labels(labels: Tensor, mask: Tensor, V: int) -> None:
+    """Scored labels (mask nonzero) must index the vocabulary [0, V); labels under the mask are never read, so any id
+    (-100, a pad id) is fine there. On CUDA a device-side assert instead of a host sync per call (the sync-free path
+    captures in a CUDA graph), as torch's own gather and cross_entropy check their indices there."""
+    if labels.dtype not in TRITON_INTS:  # V as an int8 wraps: 151936 compares as -128
+        labels = labels.long()
+    bad = ((labels < 0) | (labels >= V)) & (mask != 0)
+    if labels.is_cuda:
+        torch._assert_async(~bad.any(), f"labels must be in [0, {V}) where mask is set")
+    elif bad.any():
+        raise ValueError(f"labels must be in [0, {V}) where mask is set, got {labels[bad][0].item()}")
+
+
 def sequence_logprobs(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
     """Per-sequence sum of masked token log-probabilities.
 
-    logits [N, T, V], labels [N, T] (int64, any valid id where masked),
-    mask [N, T] (bool or float). Returns [N] in float32 (float64 for float64
-    logits); differentiable w.r.t. logits. Fully masked rows give 0.
+    logits [N, T, V] (any float dtype), labels [N, T] (integer; any id where masked), mask [N, T] (bool or float).
+    Returns [N] in float32 (float64 for float64 logits); differentiable w.r.t. logits. Fully masked rows give 0.
+    A masked row reaches neither the result nor the gradient (0 there), even a NaN or all -inf one.
     """
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be [N, T, V], got shape {tuple(logits.shape)}")
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
-    if mask.shape != logits.shape[:2]:
-        raise ValueError(f"mask must have shape {tuple(logits.shape[:2])}, got {tuple(mask.shape)}")
-
+    check_inputs(logits, labels, mask, "logits")
+    check_labels(labels, mask, logits.shape[2])
+    scored = mask != 0
     # One upcast copy (a no-op for fp32/fp64). log p(label) = logit[label] - logsumexp,
     # which avoids materialising a second [N, T, V] tensor for the full log_softmax.
     x = logits.to(_compute_dtype(logits))
-    picked = x.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
-    token_logps = picked - torch.logsumexp(x, dim=-1)
-    return (token_logps * mask.to(x.dtype)).sum(-1)
+    picked = x.gather(-1, labels.masked_fill(~scored, 0).long().unsqueeze(-1)).squeeze(-1)
+    token_logps = picked - _ScoredLogSumExp.apply(x, scored)
+    # A select, not a product: 0 * nan is nan.
+    return torch.where(scored, token_logps * mask.to(x.dtype), 0).sum(-1)
+
+
+class _ScoredLogSumExp(torch.autograd.Function):
+    """logsumexp over the last dimension, its gradient 0 on unscored rows: torch's, exp(x - lse) times the zero
+    gradient, is NaN on a NaN or all -inf row, and would reach whatever made the logits."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scored: Tensor) -> Tensor:
+        lse = torch.logsumexp(x, dim=-1)
+        ctx.save_for_backward(x, lse, scored)
+        return lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, lse, scored = ctx.saved_tensors
+        g = (x - lse[..., None]).exp_().mul_(grad[..., None])
+        return g.masked_fill_(~scored[..., None], 0), None
 
 
 def check_dico_inputs(policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor) -> None:
@@ -68,7 +145,8 @@ def dico_loss(
     dtype = _compute_dtype(policy_logps)
     pi = policy_logps.to(dtype)
     ref = ref_logps.detach().to(dtype)  # frozen reference model: constant
-    r_raw = rewards.detach()
+    # Integer (or bool) rewards compare as float64: exact up to 2^53, so no new ties.
+    r_raw = rewards.detach() if rewards.is_floating_point() else rewards.detach().double()
     k = pi.shape[1]
 
     # Winner = FIRST max index, stated explicitly rather than relying on argmax's
@@ -112,11 +190,18 @@ def dico_loss(
     return loss, metrics
 
 
+# Models cap at 30-50; the Triton head's tanh loses precision as the cap grows (relative error 1e-5 at 1e4, 7e-4 at
+# 1e6), and a cap this large bends no logit anyway.
+MAX_SOFTCAP = 1e4
+
+
 def check_softcap(softcap: float | None) -> None:
-    """A logit softcap is None (off) or a positive finite number; shared with the Triton head."""
+    """A logit softcap is None (off) or a positive number up to MAX_SOFTCAP; shared with the Triton head."""
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
                                 or not 0 < softcap < float("inf")):
         raise ValueError(f"softcap must be None or a positive number, got {softcap!r}")
+    if softcap is not None and softcap > MAX_SOFTCAP:
+        raise ValueError(f"softcap must be at most {MAX_SOFTCAP:g} (models use 30-50), got {softcap!r}")
 
 
 # Elements in one block of the chunked head (64 MiB of fp32): a block of logits holds at most this many, and so
@@ -185,6 +270,7 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
         return picked - lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         h, w, b, labels, lse, probs, label_slope = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -285,14 +371,16 @@ def fused_linear_sequence_logprobs(hidden: Tensor, weight: Tensor, labels: Tenso
     fp64 inputs), as in the Triton kernel: a half-precision head multiplies in its own dtype with fp32 results on CUDA
     and is upcast a vocabulary slice at a time on the CPU, never whole; the gradients come back in the inputs' dtypes.
     """
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be [N, T, H], got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
-        raise ValueError(f"weight must be [V, {hidden.shape[2]}], got shape {tuple(weight.shape)}")
+    check_inputs(hidden, labels, mask, "hidden")
+    check_weight(weight, hidden.shape[2])
     if bias is not None and tuple(bias.shape) != weight.shape[:1]:
         raise ValueError(f"bias must be [{weight.shape[0]}], got shape {tuple(bias.shape)}")
     check_softcap(softcap)
-    scored = mask.bool()
+    if max_chunk_logits is not None and (isinstance(max_chunk_logits, bool) or not isinstance(max_chunk_logits, int)
+                                         or max_chunk_logits < 1):
+        raise ValueError(f"max_chunk_logits must be None or a positive int, got {max_chunk_logits!r}")
+    check_labels(labels, mask, weight.shape[0])
+    scored = mask != 0
     rows = scored.nonzero()[:, 0]  # the sequence of each scored token
     tokens = _ChunkedHeadLogprobs.apply(hidden[scored], weight, bias, labels[scored].long(),
                                         max_chunk_logits or MAX_CHUNK_LOGITS, softcap)
