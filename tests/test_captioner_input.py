@@ -300,14 +300,15 @@ def test_a_text_models_default_softcap_is_read_from_its_resolved_config(tmp_path
     assert build_captioner(load_config("configs/demo/xe.yaml", BASE[2:] + plain)).logit_softcap is None
 
 
-@pytest.mark.parametrize("value", [-1.0, 0, "30"])
-def test_a_softcap_that_is_not_a_positive_number_exits_2_with_one_line(tmp_path, capsys, vlm_folders, value):
+@pytest.mark.parametrize("value,why", [(-1.0, "must be None or a positive number"), (0, "must be None or a positive"),
+                                       ("30", "must be None or a positive"), (1e6, "must be at most 10000")])
+def test_a_softcap_that_is_not_a_positive_number_exits_2_with_one_line(tmp_path, capsys, vlm_folders, value, why):
     """In preflight and wherever the captioner is built (evaluate, caption)."""
     from dico_scale.models import build_captioner
 
     path, overrides = _softcapped_paligemma(vlm_folders, tmp_path, {"final_logit_softcapping": value})
     code, err = run_train(tmp_path, capsys, *overrides)
-    want = f"final_logit_softcapping={value!r} in its text config is not a positive number (or null)"
+    want = f"final_logit_softcapping={value!r} in its text config: {why}"
     assert code == 2 and len(err) == 1 and want in err[0] and str(path) in err[0], err
     with pytest.raises(ConfigError, match=re.escape(want)):
         build_captioner(load_config("configs/demo/xe.yaml", BASE[2:] + overrides))

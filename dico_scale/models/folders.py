@@ -165,9 +165,9 @@ def logit_softcap(config, path: str) -> float | None:
     cap = getattr(config.get_text_config(), "final_logit_softcapping", None)
     try:
         check_softcap(cap)
-    except ValueError:
-        raise ConfigError(f"captioner.hf_path '{path}': final_logit_softcapping={cap!r} in its text config is not a "
-                          "positive number (or null)") from None
+    except ValueError as e:  # "softcap must be ...": the check's own words
+        raise ConfigError(f"captioner.hf_path '{path}': final_logit_softcapping={cap!r} in its text config: "
+                          f"{str(e).removeprefix('softcap ')}") from None
     return None if cap is None else float(cap)
 
 
