@@ -47,6 +47,14 @@ def inside(path: str, other: str) -> bool:
     return p == o or o in p.parents
 
 
+def run_checkpoints_holding(path: str) -> Path | None:
+    """The checkpoints/ folder of a run that `path` is or lies in (links and '..' resolved), or None: one that holds
+    tags, or whose run folder holds a config.yaml."""
+    p = Path(path).resolve()
+    return next((d for d in (p, *p.parents) if d.name == "checkpoints" and d.is_dir()
+                 and ((d.parent / "config.yaml").is_file() or any(d.glob("step_*")))), None)
+
+
 def run_export(path: str, run_dir: Path) -> Path | None:
     """What a run in run_dir writes at its end (model.pt, hf/, best/) that `path` is or lies in, or None."""
     return next((run_dir / w for w in ("model.pt", "hf", "best") if inside(path, run_dir / w)), None)
@@ -71,6 +79,9 @@ def check_output_dir(path: str) -> None:
     not mounted, a read-only mount): every save would fail, the first after the first steps."""
     from .checkpoint import checkpoints_dir
 
+    if holder := run_checkpoints_holding(path):
+        raise ConfigError(f"train.output_dir '{path}' lies in the checkpoints of the run {holder.parent}, whose saves "
+                          "empty and prune the folders there: give the run a folder of its own")
     if problem := write_problem(path):
         raise ConfigError(f"train.output_dir '{path}' cannot be created or written: {problem}")
     ckpt = checkpoints_dir(path)

@@ -151,6 +151,21 @@ def test_output_dir_that_cannot_be_created_fails_before_anything_is_built(tmp_pa
     assert took < 30 and not (tmp_path / "data").exists()  # failed before the data were even generated
 
 
+def test_an_output_dir_inside_another_run_s_checkpoints_is_refused(tmp_path, monkeypatch, capsys):
+    """Its saves empty a tag folder before writing it and prune old ones: a run nested there was deleted unsaid."""
+    ckpt = tmp_path / "base" / "checkpoints"
+    (ckpt / "step_00000003").mkdir(parents=True)
+    for nested in (ckpt / "step_00000003" / "run", ckpt):
+        proc, _ = _train_in_process(tmp_path, monkeypatch, capsys, f"train.output_dir={nested}")
+        assert proc.returncode == exit_codes.CONFIG_ERROR
+        assert _one_error_line(proc) == (f"dico_scale: config error: train.output_dir '{nested}' lies in the "
+                                         f"checkpoints of the run {tmp_path}/base, whose saves empty and prune the "
+                                         "folders there: give the run a folder of its own")
+    (tmp_path / "mine" / "checkpoints").mkdir(parents=True)  # a folder of that name holding no run is anyone's
+    from dico_scale.preflight import run_checkpoints_holding
+    assert run_checkpoints_holding(str(tmp_path / "mine" / "checkpoints" / "run")) is None
+
+
 @pytest.mark.parametrize("what", ["file", "dangling link"])
 def test_a_checkpoints_folder_that_cannot_hold_checkpoints_fails_before_anything_is_built(tmp_path, monkeypatch,
                                                                                           capsys, what):
