@@ -150,9 +150,25 @@ def _validate_captioner(c: Config) -> None:
         check(False, *problem)
 
 
+PATH_KEYS = ("data.root", "data.train_shards", "data.val_shards", "data.test_shards", "captioner.hf_path",
+             "captioner.image_encoder_weights", "evaluator.weights", "train.output_dir", "train.resume",
+             "train.init_from", "train.deepspeed_config", "tracking.uri", "clip_model_configs")
+
+
+def _check_no_tilde(c: Config) -> None:
+    """'~/runs' in YAML or a quoted override reaches us as is: the run wrote a folder named '~' in the working
+    directory (one `rm -rf ~` away from the home folder). Only a shell expands it."""
+    for key in PATH_KEYS:
+        value = str(_get(c, key))
+        check(not (value.startswith("~") or value.startswith("sqlite:///~")), key,
+              f"'{value}': nothing here expands '~' (a shell does, unquoted, at a word's start): write the path out, "
+              f"e.g. {os.path.expanduser('~')}/...")
+
+
 def validate(c: Config, training: bool = True) -> None:
     t, o, d = c.train, c.optim, c.data
     check(t.stage in STAGES, "train.stage", f"'{t.stage}' is not one of {', '.join(STAGES)}")
+    _check_no_tilde(c)
     check(t.device in ("auto", "cpu", "cuda"), "train.device", f"'{t.device}' is not auto, cpu or cuda")
     _floats_finite(c)
     for rng in RANGES:

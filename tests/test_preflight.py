@@ -166,6 +166,15 @@ def test_an_output_dir_inside_another_run_s_checkpoints_is_refused(tmp_path, mon
     assert run_checkpoints_holding(str(tmp_path / "mine" / "checkpoints" / "run")) is None
 
 
+@pytest.mark.parametrize("override", ["train.output_dir=~/out", "data.root=~/data", "tracking.uri=sqlite:///~/m.db"])
+def test_a_path_starting_with_a_tilde_is_refused(override):
+    """Nothing expands it: the run wrote into a folder named '~' in the working directory."""
+    key, value = override.split("=", 1)
+    with pytest.raises(ConfigError) as e:
+        load_config(XE, BLANK + [override])
+    assert f"'{key}': '{value}': nothing here expands '~'" in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("what", ["file", "dangling link"])
 def test_a_checkpoints_folder_that_cannot_hold_checkpoints_fails_before_anything_is_built(tmp_path, monkeypatch,
                                                                                           capsys, what):
