@@ -1,3 +1,4 @@
+import hashlib
 import io, json, multiprocessing as mp, random, re
 
 import numpy as np
@@ -84,17 +85,34 @@ def test_diversity():
         assert syn.render_sample(rng, size)[0].size == (size, size)
 
 
-def test_ensure_reuses_and_regenerates(tmp_path):
+LOCK = f".synthetic-{hashlib.sha1(b'ds').hexdigest()[:16]}.lock"  # beside the set, fixed-length
+
+
+def test_ensure_reuses_and_regenerates(tmp_path, capsys):
     out = tmp_path / "ds"
     p1 = syn.ensure_synthetic_dataset(out, **SMALL)
+    assert capsys.readouterr().err == f"dico_scale: generating the synthetic set in {out}\n"
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    (tmp_path / LOCK).unlink()
     p2 = syn.ensure_synthetic_dataset(out, **SMALL)
     assert p1 == p2 and {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    assert not (tmp_path / LOCK).exists() and capsys.readouterr().err == ""  # a complete set: no lock, no word
     p3 = syn.ensure_synthetic_dataset(out, **{**SMALL, "n_train": 10})
+    assert capsys.readouterr().err == (f"dico_scale: replacing the synthetic set in {out} (n_train "
+                                       f"{SMALL['n_train']} -> 10)\n")
     assert p3["train"] == str(out.resolve() / "train-00000.tar")
     assert len(read_split(p3["train"])) == 10
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "test-00000.tar", "train-00000.tar", "val-00000.tar"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".ds.lock", "ds"]  # no temp folders left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LOCK, "ds"])  # no temp folders left behind
+
+
+def test_set_folder_names_the_shard_patterns_can_carry(tmp_path):
+    """Brace, glob and pipe characters would expand in the patterns built from the folder; a 250-byte name (the lock
+    beside it was '.<name>.lock', past the 255 a file name may have) is fine."""
+    for name in ("br{a,b}", "co::lon", "st*r"):
+        with pytest.raises(ValueError, match="which the shard patterns built from it would expand"):
+            syn.ensure_synthetic_dataset(tmp_path / name / "data", **SMALL)
+    syn.ensure_synthetic_dataset(tmp_path / ("L" * 250), **SMALL)
 
 
 def _counting_write(*args, **kwargs):  # patched in before fork: counts how many processes generate
@@ -124,7 +142,7 @@ def test_ensure_concurrent(tmp_path):
     assert counter.read_text() == "x"  # exactly one process generated, the other waited and reused
     assert results[0] == results[1]
     assert len(read_split(results[0]["train"])) == 300
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".ds.lock", "count", "ds"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LOCK, "count", "ds"])
 
 
 @pytest.mark.parametrize("name,value", [("n_train", -1), ("n_val", -5), ("image_size", 16), ("samples_per_shard", 0),
@@ -193,3 +211,15 @@ def test_only_a_set_the_generator_wrote_is_ever_replaced(tmp_path):
         assert {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()} == before
     (ours / "notes.txt").unlink()  # its own set alone: replaced by one of the new arguments
     assert syn.ensure_synthetic_dataset(ours, **{**SMALL, "n_train": 10})["train"] == str(ours / "train-00000.tar")
+
+
+def test_a_data_root_that_is_a_symlink_loop_is_one_line(tmp_path):
+    from dico_scale.config import ConfigError, load_config
+    from dico_scale.data.splits import data_shards
+
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    cfg = load_config("configs/demo/xe.yaml", ["evaluator.weights=", "captioner.image_encoder_weights=",
+                                               "train.init_from=", f"data.root={tmp_path}/a"])
+    with pytest.raises(ConfigError, match="bad value for config key 'data.root': .*[Ss]ymlink loop"):
+        data_shards(cfg)

@@ -4,7 +4,7 @@ Every image is built from a Scene (1-3 shapes in distinct cells of a 3x3 grid, s
 captions are generated from the same Scene, so they are correct by construction and a captioner has to look at
 the image (colour, shape, size, position, count) to get them right. Deterministic from a seed, byte for byte.
 """
-import fcntl, io, json, math, os, random, shutil, sys, tarfile
+import fcntl, hashlib, io, json, math, os, random, shutil, sys, tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,22 +247,35 @@ def ensure_synthetic_dataset(out_dir: str | Path, **kwargs) -> dict[str, str]:
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"'{out_dir}' is a file, not a folder for the synthetic set")
+    # the shard patterns built from it are brace-expanded and globbed ('::' is webdataset's pipe syntax)
+    if marks := sorted(set(str(out_dir)) & set("{}*?[]")) + ["::"] * ("::" in str(out_dir)):
+        raise ValueError(f"'{out_dir}' holds {' '.join(marks)}, which the shard patterns built from it would expand: "
+                         "give the synthetic set a plain folder name")
+    mpath = out_dir / "manifest.json"
+    manifest = _read_manifest(mpath)
+    if manifest is not None and manifest.get("args") == args:  # complete: no lock (the folder may be read-only)
+        return _patterns(out_dir, manifest)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
+    # a fixed-length lock name: '.<name>.lock' overflowed the 255 bytes a file name may have
+    lock_name = f".synthetic-{hashlib.sha1(out_dir.name.encode()).hexdigest()[:16]}.lock"
+    with open(out_dir.parent / lock_name, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        mpath = out_dir / "manifest.json"
-        manifest = _read_manifest(mpath)
+        manifest = _read_manifest(mpath)  # another process may have written it meanwhile
         if manifest is not None and manifest.get("args") == args:
             return _patterns(out_dir, manifest)
         if out_dir.exists() and any(out_dir.iterdir()) and not _own_dataset(out_dir, manifest):
             # a user's folder (their shards, their files): only a set this generator wrote is ever replaced
             raise ValueError(f"'{out_dir}' holds files that are not a synthetic set this generator wrote; refusing "
                              "to replace them (generate it into a folder of its own)")
-        tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+        changed = {k: (v, args[k]) for k, v in (manifest or {}).get("args", {}).items() if args.get(k) != v}
+        print(f"dico_scale: {'replacing' if manifest else 'generating'} the synthetic set in {out_dir}"
+              + (" (" + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) + ")" if changed else ""),
+              file=sys.stderr, flush=True)
+        tmp = out_dir.parent / f".synthetic-{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         write_synthetic_dataset(tmp, **args)
         if out_dir.exists():  # an older dataset made with other arguments
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+            old = out_dir.parent / f".synthetic-{os.getpid()}.old"
             out_dir.rename(old)
             shutil.rmtree(old)
         tmp.rename(out_dir)
