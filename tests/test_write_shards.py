@@ -272,6 +272,27 @@ def test_cli_errors(coco, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / "done")) == ["manifest.json", "val-000000.tar"]
 
 
+def test_a_second_writer_into_the_same_out_is_refused(coco, tmp_path, capsys):
+    """While a write_shards holds --out, another one is refused in one line (two at once mixed their shards under
+    one manifest); afterwards the folder is free again and holds nothing of the lock."""
+    import fcntl
+
+    out = tmp_path / "o"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # what the first writer holds
+    args = ["karpathy", "--split-file", coco["file"], "--image-root", coco["root"], "--out", str(out), "--no-progress",
+            "--splits", "test"]
+    try:
+        assert f"--out {out} is being written by another write_shards right now" in _error(capsys, args)
+    finally:
+        os.close(fd)
+    assert main(args) == 0
+    assert sorted(os.listdir(out)) == ["manifest.json", "test-000000.tar"]
+    braced = [str(tmp_path / "o{a,b}") if a == str(out) else a for a in args]
+    assert "which the data.*_shards specs naming its shards would expand" in _error(capsys, braced)
+
+
 def test_jsonl_line_endings_and_ids(tmp_path):
     """Unix, Windows and old-Mac line endings alike; an integer id is the key, a missing one the file name."""
     from dico_scale.data.sources import read_jsonl

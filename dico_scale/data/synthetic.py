@@ -237,6 +237,12 @@ def _own_dataset(out_dir: Path, manifest: dict | None) -> bool:
     return all(p.name in listed for p in out_dir.iterdir())
 
 
+def expanding_marks(path: str) -> list[str]:
+    """The characters of a folder that shard specs naming its shards would expand: braces and globs, and '::',
+    webdataset's separator of several specs."""
+    return sorted(set(path) & set("{}*?[]")) + ["::"] * ("::" in path)
+
+
 def ensure_synthetic_dataset(out_dir: str | Path, **kwargs) -> dict[str, str]:
     """Generates the dataset only when out_dir/manifest.json is missing or records different arguments; otherwise
     returns the patterns from the manifest. Generation goes to a temporary sibling folder that is renamed into
@@ -247,8 +253,7 @@ def ensure_synthetic_dataset(out_dir: str | Path, **kwargs) -> dict[str, str]:
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"'{out_dir}' is a file, not a folder for the synthetic set")
-    # the shard patterns built from it are brace-expanded and globbed ('::' is webdataset's pipe syntax)
-    if marks := sorted(set(str(out_dir)) & set("{}*?[]")) + ["::"] * ("::" in str(out_dir)):
+    if marks := expanding_marks(str(out_dir)):
         raise ValueError(f"'{out_dir}' holds {' '.join(marks)}, which the shard patterns built from it would expand: "
                          "give the synthetic set a plain folder name")
     mpath = out_dir / "manifest.json"

@@ -15,6 +15,8 @@ See docs/data.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import functools
 import hashlib
 import io
@@ -31,6 +33,7 @@ from tqdm import tqdm
 
 from ..errors import OneLineParser
 from .images import ImageTooLarge, exif_orientation, open_image, to_rgb
+from .synthetic import expanding_marks
 from .sources import Item, SourceError, check_unique, read_jsonl, read_karpathy, sanitize
 
 SPLIT_ORDER = ("train", "restval", "val", "test")
@@ -149,11 +152,28 @@ def select_splits(items: list[Item], wanted: str | None) -> list[str]:
     return splits
 
 
-def prepare_out(out: str, overwrite: bool):
+@contextlib.contextmanager
+def writing_into(out: str):
+    """--out created and held for this writer alone: a second write_shards into it at the same time mixed both
+    sets' shards under one manifest whose checksums matched neither. The folder itself is locked (flock on its
+    descriptor; released when this process ends, however it ends), so nothing is left in it."""
     try:
         os.makedirs(out, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
         raise SourceError(f"--out {out} cannot be created: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SourceError(f"--out {out} is being written by another write_shards right now: wait for it, or "
+                              "write into another folder") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def prepare_out(out: str, overwrite: bool):
     names = os.listdir(out)
     ours = [n for n in names if SHARD_NAME.fullmatch(n) or n == "manifest.json"]
     if ours and not overwrite:
@@ -196,35 +216,39 @@ def write_shards(items: list[Item], out: str, *, splits: list[str], layout: str 
     if not any(os.path.isfile(it.image) for it in items):
         raise SourceError(f"no images found: none of the {len(items)} image files exist (first: {items[0].image})")
     out = os.path.abspath(out)
-    prepare_out(out, overwrite)
-    sinks = {s: ShardSink(out, s, samples_per_shard, max_shard_size) for s in splits}
-    counts = {s: {"images": 0, "captions": 0, "samples": 0, "skipped": 0} for s in splits}
-    skipped = []
-    bar = tqdm(total=len(items), unit="img", desc=f"writing {out}", disable=not progress)
-    for item, jpg, reason in _encoded(items, max_side, quality, workers):
-        bar.update()
-        c = counts[item.split]
-        if jpg is None:
-            c["skipped"] += 1
-            skipped.append({"key": item.key, "split": item.split, "image": item.image, "reason": reason})
-            continue
-        c["images"] += 1
-        c["captions"] += len(item.captions)
-        for sample in samples_of(item, jpg, layout):
-            sinks[item.split].write(*sample)
-            c["samples"] += 1
-    bar.close()
-    manifest = {"source": source or {}, "options": options or {}, "splits": {}, "skipped": skipped}
-    for s in splits:
-        sinks[s].close()
-        shards = sinks[s].shards
-        manifest["splits"][s] = {**counts[s], "shards": len(shards), "spec": brace_spec([x["name"] for x in shards]),
-                                 "files": shards}
-    tmp = os.path.join(out, ".manifest.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(out, "manifest.json"))  # last: its presence marks a complete output
-    return manifest
+    if marks := expanding_marks(out):
+        raise SourceError(f"--out {out} holds {' '.join(marks)}, which the data.*_shards specs naming its shards "
+                          "would expand: write into a plain folder name")
+    with writing_into(out):
+        prepare_out(out, overwrite)
+        sinks = {s: ShardSink(out, s, samples_per_shard, max_shard_size) for s in splits}
+        counts = {s: {"images": 0, "captions": 0, "samples": 0, "skipped": 0} for s in splits}
+        skipped = []
+        bar = tqdm(total=len(items), unit="img", desc=f"writing {out}", disable=not progress)
+        for item, jpg, reason in _encoded(items, max_side, quality, workers):
+            bar.update()
+            c = counts[item.split]
+            if jpg is None:
+                c["skipped"] += 1
+                skipped.append({"key": item.key, "split": item.split, "image": item.image, "reason": reason})
+                continue
+            c["images"] += 1
+            c["captions"] += len(item.captions)
+            for sample in samples_of(item, jpg, layout):
+                sinks[item.split].write(*sample)
+                c["samples"] += 1
+        bar.close()
+        manifest = {"source": source or {}, "options": options or {}, "splits": {}, "skipped": skipped}
+        for s in splits:
+            sinks[s].close()
+            shards = sinks[s].shards
+            manifest["splits"][s] = {**counts[s], "shards": len(shards),
+                                     "spec": brace_spec([x["name"] for x in shards]), "files": shards}
+        tmp = os.path.join(out, ".manifest.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(tmp, os.path.join(out, "manifest.json"))  # last: its presence marks a complete output
+        return manifest
 
 
 def summary(manifest: dict, out: str) -> str:
