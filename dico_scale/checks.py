@@ -165,6 +165,23 @@ def _check_no_tilde(c: Config) -> None:
               f"e.g. {os.path.expanduser('~')}/...")
 
 
+def read_problem(path: str) -> str | None:
+    """Why a file or folder cannot be read, in words ('does not exist', 'cannot be read (Permission denied)'); None
+    when it can. A folder above it without search permission hides it: 'cannot be reached', not 'does not exist'."""
+    try:
+        if os.path.isdir(path):
+            os.listdir(path)
+        else:
+            open(path, "rb").close()
+    except FileNotFoundError:
+        return "does not exist"
+    except PermissionError as e:
+        return f"cannot be {'read' if os.path.lexists(path) else 'reached'} ({e.strerror})"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    return None
+
+
 def validate(c: Config, training: bool = True) -> None:
     t, o, d = c.train, c.optim, c.data
     check(t.stage in STAGES, "train.stage", f"'{t.stage}' is not one of {', '.join(STAGES)}")
@@ -217,7 +234,8 @@ def validate(c: Config, training: bool = True) -> None:
     tower = c.captioner.image_encoder_weights if "image_encoder_weights" in MODELS[c.captioner.model].keys else ""
     for key, val in [("train.init_from", t.init_from), ("evaluator.weights", c.evaluator.weights),
                      ("captioner.image_encoder_weights", tower), ("train.deepspeed_config", t.deepspeed_config)]:
-        check(not val or os.path.exists(val), key, f"'{val}' does not exist")
+        problem = read_problem(val) if val else None
+        check(problem is None, key, f"'{val}' {problem}")
     if os.path.isdir(t.init_from):  # imported only then, as below
         from .models.weights import tag_folder_problem
 

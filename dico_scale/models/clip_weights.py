@@ -66,8 +66,11 @@ def captioner_export_problem(path: str, key: str) -> str | None:
 
 
 def _sniff_file(path: str, label: str) -> str:
-    with open(path, "rb") as f:
-        head = f.read(8)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:  # no read permission: a traceback from the first open
+        _fail(label, path, f"cannot be read ({e.strerror or e})")
     size = os.path.getsize(path)
     if head.startswith(b"PK\x03\x04"):  # torch.save and torch.jit.save both write zip archives
         try:

@@ -26,8 +26,11 @@ def load_weights(module: torch.nn.Module, path: str) -> None:
 def torch_file_problem(path: str) -> str | None:
     """Why `path` is not a file torch.save wrote (a zip archive, or a pre-1.6 pickle), asked before torch.load: its
     errors on other files ('KeyError: 101', a miniz message, a hint about mmap) name nothing a user can act on."""
-    with open(path, "rb") as f:
-        head = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:  # no read permission: a traceback from the first open
+        return f"cannot be read ({e.strerror or e})"
     if head[:1] == b"\x80":
         return None
     if head != b"PK\x03\x04":
