@@ -298,8 +298,9 @@ def run(args, cfg, meta) -> int:
                                                "caption_prefix": e.caption_prefix}},
               "data": data, "novelty_data": novelty_data, "metrics": metrics, "errors": errors, "notes": notes,
               "captions": per_image}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_finite(result), indent=1))
+    if problem := write_result(out, json.dumps(_finite(result), indent=1)):
+        print(f"dico_scale.evaluate: error: {problem}", file=sys.stderr)
+        return 1
     for k, v in metrics.items():
         print(f"{k}\t{'null' if v is None else round(v, 4) if isinstance(v, float) else v}")
     for k, v in errors.items():
@@ -315,6 +316,21 @@ def run(args, cfg, meta) -> int:
             print(f"dico_scale.evaluate: MLflow logging failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
             return 1
     return 0
+
+
+def write_result(out: Path, text: str) -> str | None:
+    """The result file, written whole or not at all (an earlier result there stays): why it failed, else None."""
+    from dico_scale.checkpoint import describe_save_failure
+
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, out)
+    except OSError as e:  # a full disk
+        tmp.unlink(missing_ok=True)
+        return describe_save_failure(e, out, "result")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a file (deepspeed dico_scale/X.py): our 
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 from dico_scale.config import Config, load_config, setting  # noqa: E402
-from dico_scale.errors import ConfigError, OneLineParser, first_line  # noqa: E402
+from dico_scale.errors import CheckpointError, ConfigError, OneLineParser, first_line  # noqa: E402
 from dico_scale.models.export_folder import EXPORT_MARK, export_run, foreign_folder, sidecar  # noqa: E402
 from dico_scale.preflight import check_vlm_input, inside, out_file_problem, run_export  # noqa: E402
 from dico_scale.stages import captioner_stages  # noqa: E402
@@ -235,10 +235,22 @@ def consolidate(tag_dir: str, fmt: str = "pt", meta: dict | None = None) -> dict
 def write_export(blob: dict, out: str, fmt: str) -> None:
     """model.pt as engine.export_weights writes it, or out.safetensors + out.json; each file written atomically,
     the JSON last (a safetensors export without its JSON is not read)."""
+    from dico_scale.checkpoint import describe_save_failure
+
+    tmp, j = f"{out}.tmp", sidecar(out)
+    try:
+        _write_files(blob, out, fmt, tmp, j)
+    except Exception as e:  # a full disk: torch's writer says 'unexpected pos', safetensors its own words
+        for t in (tmp, f"{j}.tmp"):
+            with contextlib.suppress(OSError):
+                os.remove(t)
+        raise CheckpointError(describe_save_failure(e, Path(out), "export")) from None
+
+
+def _write_files(blob: dict, out: str, fmt: str, tmp: str, j) -> None:
     import torch
 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp"
     if fmt == "pt":
         torch.save(blob, tmp)
         os.replace(tmp, out)
@@ -252,7 +264,6 @@ def write_export(blob: dict, out: str, fmt: str) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # safetensors writes owner-only (0600): readable as model.pt is, by the umask
     os.replace(tmp, out)
-    j = sidecar(out)
     info = {k: blob[k] for k in ("config", "stage", "step", "mlflow_run_id")}
     Path(f"{j}.tmp").write_text(json.dumps({**info, "weights": os.path.basename(out)}, indent=1))
     os.replace(f"{j}.tmp", j)
@@ -382,10 +393,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"dico_scale.export: error: {e}", file=sys.stderr)
         return 2
-    write_export(blob, args.out, args.format)
-    if hf:
-        write_hf_folder(blob, hf, captioner)
-        print(f"wrote {hf}: a transformers save_pretrained folder")
+    try:
+        write_export(blob, args.out, args.format)
+        if hf:
+            write_hf_folder(blob, hf, captioner)
+            print(f"wrote {hf}: a transformers save_pretrained folder")
+    except CheckpointError as e:  # the writing failed (a full disk): the temporary files are gone
+        print(f"dico_scale.export: error: {e}", file=sys.stderr)
+        return 1
     extra = f" + {sidecar(args.out)}" if args.format == "safetensors" else ""
     print(f"wrote {args.out}{extra}: {len(blob['state_dict'])} tensors, stage={blob['stage']} step={blob['step']}")
     return 0

@@ -417,6 +417,51 @@ def test_dico_stage_reward_follows_the_config(clamp, monkeypatch):
 
 # ---- safetensors exports ------------------------------------------------------------------------------------------
 
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(captioner_pt, tiny_shards, clean_env, no_coco, tmp_path,
+                                                            capsys, monkeypatch):
+    """export and evaluate on a full disk: one line (training's words), exit 1, no temporary file, and an earlier
+    result at --out untouched (evaluate truncated it to 0 bytes before)."""
+    import errno
+    import shutil
+
+    import safetensors.torch
+
+    from dico_scale import checkpoint, evaluate, export
+    from dico_scale.errors import CheckpointError
+
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 0))
+
+    def partial(*args, error):  # writes a piece of its file, then fails as a full disk does
+        Path(args[1]).write_bytes(b"PK")
+        raise error
+    monkeypatch.setattr(torch, "save", lambda *a, **k: partial(*a, error=RuntimeError(
+        "[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")))
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: partial(*a, error=OSError(
+        errno.ENOSPC, "No space left on device")))
+    blob = torch.load(captioner_pt, weights_only=True)
+    for fmt, name in (("pt", "x.pt"), ("safetensors", "x.safetensors")):  # export.main reports it as its error line
+        out = tmp_path / "full" / name
+        with pytest.raises(CheckpointError) as e:
+            export.write_export(blob, str(out), fmt)
+        assert str(e.value) == f"export {out}: no space left on device (0 bytes free in {out.parent})"
+        assert os.listdir(out.parent) == []
+    result = tmp_path / "e.json"
+    result.write_text("an earlier result")
+    real_write = Path.write_text
+    def full(self, text, *args, **kwargs):  # the result's file alone meets the full disk
+        if self.parent != tmp_path:
+            return real_write(self, text, *args, **kwargs)
+        real_write(self, text[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", full)
+    argv = ["--checkpoint", str(captioner_pt), "--shards", tiny_shards["test"], "--train-shards", "none",
+            "--no-spice", "--out", str(result)]
+    assert evaluate.main(argv) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (f"dico_scale.evaluate: error: result {result}: no space left "
+                                                        f"on device (0 bytes free in {tmp_path})")
+    assert result.read_text() == "an earlier result" and sorted(os.listdir(tmp_path)) == ["e.json", "full"]
+
+
 def test_safetensors_export_round_trips(captioner_pt, tiny_shards, clean_env, no_coco, tmp_path, capsys):
     from PIL import Image
 
