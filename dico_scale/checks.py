@@ -257,7 +257,7 @@ def validate(c: Config, training: bool = True) -> None:
 def unread_settings(c: Config) -> list[tuple[str, list[str]]]:
     """(the choice, the keys set away from their defaults that it leaves unread): another stage's section, LoRA's
     options without LoRA, the cosine floor under a constant schedule, sampling's options where nothing samples,
-    validation's where there is no val split."""
+    train.val_every where there is no val split."""
     default, out = type(c)(), []  # the schema's defaults
     groups = [(f"train.stage={c.train.stage}", spec.section) for spec in STAGES.values()
               if spec.section and spec.name != c.train.stage]
@@ -268,9 +268,9 @@ def unread_settings(c: Config) -> list[tuple[str, list[str]]]:
             out.append((choice, changed))
     if c.optim.schedule == "constant" and c.optim.min_lr_ratio != default.optim.min_lr_ratio:
         out.append(("optim.schedule=constant", ["optim.min_lr_ratio"]))
-    if not has_val_split(c) and (changed := [k for k in ("train.val_every", "train.val_max_images",
-                                                           "train.validate_at_end") if _get(c, k) != _get(default, k)]):
-        out.append(("data.synthetic.n_val=0" if c.data.synthetic.enabled else "data.val_shards=''", changed))
+    if not has_val_split(c) and c.train.val_every > 0:  # validations asked for (its val_max_images may be a base's)
+        out.append(("data.synthetic.n_val=0" if c.data.synthetic.enabled else "data.val_shards=''",
+                    ["train.val_every"]))
     choice, unread = _rollout_choice(c)
     if changed := [k for k in unread if _get(c, k) != _get(default, k)]:
         out.append((choice, changed))

@@ -689,8 +689,8 @@ def test_settings_the_run_never_reads_are_named_in_one_warning_each(capsys, monk
     parse_args(["--config", str(DEMO / "scst.yaml"), *BLANK, "generation.temperature=0.7"])  # scst samples
     parse_args(["--config", str(DEMO / "xe.yaml"), *BLANK, "data.synthetic.n_val=0", "train.val_every=1"])
     assert capsys.readouterr().err.strip().splitlines() == [
-        "dico_scale: warning: train.val_every, train.val_max_images are set, but data.synthetic.n_val=0 reads them "
-        "nowhere: they do nothing in this run"]  # xe.yaml's val_max_images
+        "dico_scale: warning: train.val_every is set, but data.synthetic.n_val=0 reads it nowhere: it does nothing in "
+        "this run"]
     monkeypatch.setenv("RANK", "1")
     parse_args(["--config", str(DEMO / "xe.yaml"), *BLANK, *over])
     assert capsys.readouterr().err == ""

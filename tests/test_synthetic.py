@@ -91,14 +91,14 @@ LOCK = f".synthetic-{hashlib.sha1(b'ds').hexdigest()[:16]}.lock"  # beside the s
 def test_ensure_reuses_and_regenerates(tmp_path, capsys):
     out = tmp_path / "ds"
     p1 = syn.ensure_synthetic_dataset(out, **SMALL)
-    assert capsys.readouterr().err == f"dico_scale: generating the synthetic set in {out}\n"
+    assert capsys.readouterr().out == f"dico_scale: generating the synthetic set in {out}\n"
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     (tmp_path / LOCK).unlink()
     p2 = syn.ensure_synthetic_dataset(out, **SMALL)
     assert p1 == p2 and {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
-    assert not (tmp_path / LOCK).exists() and capsys.readouterr().err == ""  # a complete set: no lock, no word
+    assert not (tmp_path / LOCK).exists() and capsys.readouterr().out == ""  # a complete set: no lock, no word
     p3 = syn.ensure_synthetic_dataset(out, **{**SMALL, "n_train": 10})
-    assert capsys.readouterr().err == (f"dico_scale: replacing the synthetic set in {out} (n_train "
+    assert capsys.readouterr().out == (f"dico_scale: replacing the synthetic set in {out} (n_train "
                                        f"{SMALL['n_train']} -> 10)\n")
     assert p3["train"] == str(out.resolve() / "train-00000.tar")
     assert len(read_split(p3["train"])) == 10

@@ -4,7 +4,7 @@ Every image is built from a Scene (1-3 shapes in distinct cells of a 3x3 grid, s
 captions are generated from the same Scene, so they are correct by construction and a captioner has to look at
 the image (colour, shape, size, position, count) to get them right. Deterministic from a seed, byte for byte.
 """
-import fcntl, hashlib, io, json, math, os, random, shutil, sys, tarfile
+import fcntl, functools, hashlib, io, json, math, os, random, shutil, sys, tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,7 +243,8 @@ def expanding_marks(path: str) -> list[str]:
     return sorted(set(path) & set("{}*?[]")) + ["::"] * ("::" in path)
 
 
-def ensure_synthetic_dataset(out_dir: str | Path, **kwargs) -> dict[str, str]:
+def ensure_synthetic_dataset(out_dir: str | Path, say=functools.partial(print, flush=True),
+                             **kwargs) -> dict[str, str]:
     """Generates the dataset only when out_dir/manifest.json is missing or records different arguments; otherwise
     returns the patterns from the manifest. Generation goes to a temporary sibling folder that is renamed into
     place, and a file lock beside out_dir makes concurrent callers (e.g. several ranks) wait for one generator. An
@@ -273,9 +274,9 @@ def ensure_synthetic_dataset(out_dir: str | Path, **kwargs) -> dict[str, str]:
             raise ValueError(f"'{out_dir}' holds files that are not a synthetic set this generator wrote; refusing "
                              "to replace them (generate it into a folder of its own)")
         changed = {k: (v, args[k]) for k, v in (manifest or {}).get("args", {}).items() if args.get(k) != v}
-        print(f"dico_scale: {'replacing' if manifest else 'generating'} the synthetic set in {out_dir}"
-              + (" (" + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) + ")" if changed else ""),
-              file=sys.stderr, flush=True)
+        # say: stdout by default, progress as the steps' lines (stderr holds a run's warnings and its error)
+        say(f"dico_scale: {'replacing' if manifest else 'generating'} the synthetic set in {out_dir}"
+            + (" (" + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) + ")" if changed else ""))
         tmp = out_dir.parent / f".synthetic-{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         write_synthetic_dataset(tmp, **args)
@@ -297,7 +298,8 @@ def main(argv=None):
     a = vars(p.parse_args(argv))
     out_dir, force = a.pop("out_dir"), a.pop("force")
     try:
-        patterns = write_synthetic_dataset(out_dir, **a) if force else ensure_synthetic_dataset(out_dir, **a)
+        say = functools.partial(print, file=sys.stderr)  # stdout holds the patterns
+        patterns = write_synthetic_dataset(out_dir, **a) if force else ensure_synthetic_dataset(out_dir, say, **a)
     except (ValueError, OSError) as e:  # a bad size, an out_dir that cannot be written
         print(f"{p.prog}: error: {e if isinstance(e, ValueError) else first_line(e)}", file=sys.stderr)
         return 2
