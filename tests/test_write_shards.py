@@ -5,6 +5,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -18,7 +19,7 @@ from PIL import Image
 
 from dico_scale.data.pipeline import Collate, eval_loader
 from dico_scale.data.tokenizer import CaptionTokenizer
-from dico_scale.data.write_shards import ShardSink, brace_spec, main, parser
+from dico_scale.data.write_shards import LOCK, ShardSink, brace_spec, main, parser
 
 SIZES = [(320, 240), (240, 320), (200, 150), (150, 200), (256, 256), (300, 100),
          (100, 300), (180, 120), (120, 180), (224, 168), (168, 224), (288, 216)]
@@ -107,7 +108,7 @@ def test_image_layout_round_trip(coco, collate, tmp_path):
     first = tar_members(tmp_path / "train-000000.tar")
     assert first["coco-500.jpg"] == (Path(coco["root"]) / coco["images"][0]["filepath"] /
                                      coco["images"][0]["filename"]).read_bytes()
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temporary files left
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".")] == [LOCK]  # no temporary files left
 
 
 def test_caption_layout_restval_separate(coco, collate, tmp_path):
@@ -222,7 +223,7 @@ def test_unfinished_shard_never_has_a_final_name(coco, tmp_path):
     sink.write("k1", b"\xff\xd8 not checked here", b'["a"]')
     assert os.listdir(tmp_path) == [".train-000000.tar.tmp"]  # a crash now leaves only the temporary file
     write(coco, tmp_path, "--splits", "test", "--overwrite")  # a rerun clears it
-    assert sorted(os.listdir(tmp_path)) == ["manifest.json", "test-000000.tar"]
+    assert sorted(os.listdir(tmp_path)) == [LOCK, "manifest.json", "test-000000.tar"]
 
 
 def _error(capsys, args):
@@ -269,28 +270,36 @@ def test_cli_errors(coco, tmp_path, capsys):
     write(coco, tmp_path / "done", "--splits", "test")
     assert "--overwrite" in _error(capsys, karpathy(tmp_path / "done") + [coco["file"]])
     write(coco, tmp_path / "done", "--splits", "val", "--overwrite")  # replaces the old shards
-    assert sorted(os.listdir(tmp_path / "done")) == ["manifest.json", "val-000000.tar"]
+    assert sorted(os.listdir(tmp_path / "done")) == [LOCK, "manifest.json", "val-000000.tar"]
 
 
 def test_a_second_writer_into_the_same_out_is_refused(coco, tmp_path, capsys):
-    """While a write_shards holds --out, another one is refused in one line (two at once mixed their shards under
-    one manifest); afterwards the folder is free again and holds nothing of the lock."""
+    """While a write_shards holds --out, another one is refused in one line naming the holder (two at once mixed
+    their shards under one manifest); afterwards the folder is free again. Odd --out paths are one line too."""
     import fcntl
 
     out = tmp_path / "o"
-    out.mkdir()
-    fd = os.open(out, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # what the first writer holds
     args = ["karpathy", "--split-file", coco["file"], "--image-root", coco["root"], "--out", str(out), "--no-progress",
             "--splits", "test"]
-    try:
-        assert f"--out {out} is being written by another write_shards right now" in _error(capsys, args)
-    finally:
-        os.close(fd)
     assert main(args) == 0
-    assert sorted(os.listdir(out)) == ["manifest.json", "test-000000.tar"]
-    braced = [str(tmp_path / "o{a,b}") if a == str(out) else a for a in args]
-    assert "which the data.*_shards specs naming its shards would expand" in _error(capsys, braced)
+    with open(out / LOCK, "r+") as held:  # what a first writer, still running, holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert (out / LOCK).read_text() == f"pid {os.getpid()} on {socket.gethostname()}"
+        assert _error(capsys, args + ["--overwrite"]) == (
+            f"write_shards: error: --out {out} is being written by another write_shards right now (pid "
+            f"{os.getpid()} on {socket.gethostname()}): wait for it, or write into another folder")
+    assert main(args + ["--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == [LOCK, "manifest.json", "test-000000.tar"]
+
+    def out_error(path):
+        return _error(capsys, [str(path) if a == str(out) else a for a in args])
+
+    assert "which the data.*_shards specs naming its shards would expand" in out_error(tmp_path / "q'o{a,b}")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "file").write_text("")
+    assert out_error(tmp_path / "loop").endswith("cannot be created: it is a symlink that leads nowhere "
+                                                 "(Too many levels of symbolic links)")
+    assert out_error(tmp_path / "file").endswith("cannot be created: it is a file, not a folder")
 
 
 def test_jsonl_line_endings_and_ids(tmp_path):

@@ -17,7 +17,7 @@ def data_shards(cfg) -> dict[str, str]:
             return ensure_synthetic_dataset(cfg.data.root, seed=s.seed, n_train=s.n_train, n_val=s.n_val,
                                             n_test=s.n_test, image_size=s.image_size,
                                             samples_per_shard=s.samples_per_shard)
-        except (ValueError, OSError, RuntimeError) as e:  # a user's folder, a file, unwritable, a symlink loop
+        except (ValueError, OSError) as e:  # a user's folder, a file, a symlink loop, unwritable
             why = e if isinstance(e, ValueError) else first_line(e)
             raise ConfigError(f"bad value for config key 'data.root': {why}") from None
     return {"train": cfg.data.train_shards, "val": cfg.data.val_shards, "test": cfg.data.test_shards}

@@ -187,6 +187,17 @@ def _patterns(out_dir: Path, manifest: dict) -> dict[str, str]:
     return {k: (str(out_dir / v["pattern"]) if v["pattern"] else "") for k, v in manifest["splits"].items()}
 
 
+def _folder(out_dir: str | Path) -> Path:
+    """out_dir made absolute. ValueError for an empty path (it would mean the working directory, whatever that is)
+    and a symlink loop (pathlib's RuntimeError before Python 3.13)."""
+    if not str(out_dir).strip():
+        raise ValueError("no folder given for the synthetic set (an empty path)")
+    try:
+        return Path(out_dir).resolve()
+    except RuntimeError:
+        raise ValueError(f"'{out_dir}' runs into a symlink loop") from None
+
+
 def write_synthetic_dataset(out_dir: str | Path, *, seed: int = 0, n_train: int = 2000, n_val: int = 100,
                             n_test: int = 100, image_size: int = 64, samples_per_shard: int = 250,
                             jpeg_quality: int = 90) -> dict[str, str]:
@@ -194,7 +205,7 @@ def write_synthetic_dataset(out_dir: str | Path, *, seed: int = 0, n_train: int 
     {"train": "/abs/out/train-{00000..00007}.tar", ...}. A split with 0 samples has no shards and pattern ""."""
     args = _validate(dict(seed=seed, n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size,
                           samples_per_shard=samples_per_shard, jpeg_quality=jpeg_quality))
-    out_dir = Path(out_dir).resolve()
+    out_dir = _folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = {"args": args, "splits": {}}
     for split in SPLITS:
@@ -251,7 +262,7 @@ def ensure_synthetic_dataset(out_dir: str | Path, say=functools.partial(print, f
     out_dir that holds anything but a set this generator wrote (a user's shards, their files) is never replaced:
     ValueError."""
     args = _validate(kwargs)
-    out_dir = Path(out_dir).resolve()
+    out_dir = _folder(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"'{out_dir}' is a file, not a folder for the synthetic set")
     if marks := expanding_marks(str(out_dir)):

@@ -9,6 +9,7 @@ Images are stored as upright RGB (or greyscale) JPEGs at most --max-side on the 
 anything else goes through images.to_rgb (alpha over white, EXIF rotation, 16-bit greyscale scaled) and is re-encoded.
 Shards are `<split>-000000.tar, ...`; each is written under a hidden temporary name and renamed when complete.
 `manifest.json`, written last, records the source, options, counts, shards with sha256, and skipped items.
+One writer at a time per --out: it holds `.write_shards.lock` there, and a second one is refused.
 The output depends only on the source and the options, never on --workers (results are consumed in source order).
 See docs/data.md.
 """
@@ -24,6 +25,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import sys
 from multiprocessing import Pool
 
@@ -152,22 +154,45 @@ def select_splits(items: list[Item], wanted: str | None) -> list[str]:
     return splits
 
 
+LOCK = ".write_shards.lock"  # in --out; names the holder. It stays: removing it would race a new holder
+
+
+def _not_a_folder(out: str, e: OSError) -> str:
+    """Why --out cannot be made: makedirs says 'File exists' for a file, a dangling link and a symlink loop alike."""
+    if os.path.lexists(out) and not os.path.isdir(out):
+        try:
+            os.stat(out)
+        except OSError as s:  # a symlink loop, a link to nothing
+            return f"it is a symlink that leads nowhere ({s.strerror})"
+        return "it is a file, not a folder"
+    return e.strerror or str(e)
+
+
 @contextlib.contextmanager
 def writing_into(out: str):
     """--out created and held for this writer alone: a second write_shards into it at the same time mixed both
-    sets' shards under one manifest whose checksums matched neither. The folder itself is locked (flock on its
-    descriptor; released when this process ends, however it ends), so nothing is left in it."""
+    sets' shards under one manifest whose checksums matched neither. An flock on a file in it (not on the folder:
+    NFS locks a folder on one host only, and a file only where it is open for writing), released when this
+    process ends, however it ends."""
     try:
         os.makedirs(out, exist_ok=True)
-        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
-        raise SourceError(f"--out {out} cannot be created: {e.strerror or e}") from None
+        raise SourceError(f"--out {out} cannot be created: {_not_a_folder(out, e)}") from None
+    try:
+        fd = os.open(os.path.join(out, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise SourceError(f"--out {out} cannot be written: {e.strerror or e}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SourceError(f"--out {out} is being written by another write_shards right now: wait for it, or "
-                              "write into another folder") from None
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown holder"
+            raise SourceError(f"--out {out} is being written by another write_shards right now ({holder}): wait "
+                              "for it, or write into another folder") from None
+        except OSError as e:  # a filesystem without flock (Lustre mounted without it)
+            raise SourceError(f"--out {out} cannot be locked for this writer alone: {e.strerror or e}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         yield
     finally:
         os.close(fd)
