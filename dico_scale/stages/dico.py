@@ -107,10 +107,11 @@ class DicoStage(CaptionerStage):
         # beam would win by its position alone and be reinforced. Such rows add no loss (a NaN row stays, and stops
         # the step as non-finite); with none left, the loss is zero and only its metrics are logged.
         spread = ~(rewards == rewards.amax(1, keepdim=True)).all(1)
-        rows = spread if spread.any() else torch.ones_like(spread)
+        any_spread = bool(spread.any())  # one host sync, not two
+        rows = spread if any_spread else torch.ones_like(spread)
         loss, metrics = dico_loss(policy_logps[rows], ref_logps[rows], rewards[rows], beta=self.cfg.dico.beta,
                                   tau=self.cfg.dico.tau, kernel=self.kernel)
-        if not spread.any():
+        if not any_spread:
             loss = loss * 0.0
         metrics["dico/tied"] = (~spread).float().mean()
         metrics["dico/candidate_len"] = mask.sum(-1).float().mean()
